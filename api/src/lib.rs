@@ -1,0 +1,3 @@
+//! The REST service and its CLI. Lands with issue 5.
+
+pub use vmm;

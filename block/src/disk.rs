@@ -1,0 +1,418 @@
+//! Opening a VM disk: a raw image file, a host block device, or a null backend.
+//!
+//! Opening probes what the guest and the engines need to know (capacity, logical and
+//! physical block size, the buffer and offset alignment O_DIRECT demands) and takes an
+//! advisory OFD lock so that a second writer gets a clear error instead of corrupting
+//! the image.
+
+use std::fs::{File, OpenOptions};
+use std::io;
+use std::os::fd::{AsRawFd, RawFd};
+use std::os::unix::fs::{FileTypeExt, OpenOptionsExt};
+use std::path::{Path, PathBuf};
+
+use crate::cache::CacheMode;
+use crate::error::Error;
+
+/// What a disk is backed by.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum BackendKind {
+    /// A regular file holding a raw image.
+    File,
+    /// A host block device.
+    BlockDevice,
+    /// No storage: reads return zeroes, writes are dropped (QEMU's null-co).
+    Null,
+}
+
+/// How to open a disk.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct DiskOptions {
+    /// Image file or block device.
+    pub path: PathBuf,
+    /// Open read-only (writes fail; a shared lock is taken).
+    pub readonly: bool,
+    /// Cache mode.
+    pub cache: CacheMode,
+}
+
+impl DiskOptions {
+    /// Options for a writable disk at `path` with the default cache mode.
+    pub fn new(path: impl Into<PathBuf>) -> Self {
+        DiskOptions {
+            path: path.into(),
+            readonly: false,
+            cache: CacheMode::default(),
+        }
+    }
+}
+
+/// An open disk and its probed geometry. Shared (in an `Arc`) by the queues serving it.
+#[derive(Debug)]
+pub struct Disk {
+    file: Option<File>,
+    path: PathBuf,
+    backend: BackendKind,
+    capacity: u64,
+    logical_block_size: u32,
+    physical_block_size: u32,
+    mem_align: u32,
+    offset_align: u32,
+    readonly: bool,
+    cache: CacheMode,
+}
+
+// ioctl numbers from <linux/fs.h>.
+const BLKSSZGET: libc::c_ulong = 0x1268;
+const BLKPBSZGET: libc::c_ulong = 0x127b;
+const BLKGETSIZE64: libc::c_ulong = 0x8008_1272;
+
+impl Disk {
+    /// Opens the image or block device at `options.path` per its cache mode, probes it and
+    /// locks it (exclusively when writable, shared when read-only).
+    pub fn open(options: &DiskOptions) -> Result<Disk, Error> {
+        let path = options.path.clone();
+        let mut flags = libc::O_CLOEXEC;
+        if options.cache.direct() {
+            flags |= libc::O_DIRECT;
+        }
+        let file = OpenOptions::new()
+            .read(true)
+            .write(!options.readonly)
+            .custom_flags(flags)
+            .open(&path)
+            .map_err(|source| {
+                if source.raw_os_error() == Some(libc::EINVAL) && options.cache.direct() {
+                    Error::DirectNotSupported { path: path.clone() }
+                } else {
+                    Error::Open {
+                        path: path.clone(),
+                        source,
+                    }
+                }
+            })?;
+        let file_type = file
+            .metadata()
+            .map_err(|source| Error::Probe {
+                path: path.clone(),
+                source,
+            })?
+            .file_type();
+        let backend = if file_type.is_file() {
+            BackendKind::File
+        } else if file_type.is_block_device() {
+            BackendKind::BlockDevice
+        } else {
+            return Err(Error::NotADisk { path });
+        };
+        lock(&file, &path, options.readonly)?;
+        let geometry = probe(&file, backend, options.cache.direct()).map_err(|source| {
+            Error::Probe {
+                path: path.clone(),
+                source,
+            }
+        })?;
+        tracing::debug!(
+            path = %path.display(), ?backend, capacity = geometry.capacity,
+            logical = geometry.logical_block_size, mem_align = geometry.mem_align,
+            offset_align = geometry.offset_align, cache = %options.cache, "disk opened"
+        );
+        Ok(Disk {
+            file: Some(file),
+            path,
+            backend,
+            capacity: geometry.capacity,
+            logical_block_size: geometry.logical_block_size,
+            physical_block_size: geometry.physical_block_size,
+            mem_align: geometry.mem_align,
+            offset_align: geometry.offset_align,
+            readonly: options.readonly,
+            cache: options.cache,
+        })
+    }
+
+    /// A null disk of `capacity` bytes: reads return zeroes, writes are dropped.
+    pub fn null(capacity: u64) -> Disk {
+        Disk {
+            file: None,
+            path: PathBuf::from("null"),
+            backend: BackendKind::Null,
+            capacity,
+            logical_block_size: 512,
+            physical_block_size: 512,
+            mem_align: 1,
+            offset_align: 1,
+            readonly: false,
+            cache: CacheMode::Writeback,
+        }
+    }
+
+    /// The file descriptor engines do I/O on (-1 for a null disk).
+    pub fn fd(&self) -> RawFd {
+        self.file.as_ref().map_or(-1, |f| f.as_raw_fd())
+    }
+
+    /// The path the disk was opened from ("null" for a null disk).
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// What backs the disk.
+    pub fn backend(&self) -> BackendKind {
+        self.backend
+    }
+
+    /// Size in bytes.
+    pub fn capacity(&self) -> u64 {
+        self.capacity
+    }
+
+    /// The smallest unit the disk can address (shown to the guest as blk_size).
+    pub fn logical_block_size(&self) -> u32 {
+        self.logical_block_size
+    }
+
+    /// The unit the disk writes atomically (shown to the guest in the topology).
+    pub fn physical_block_size(&self) -> u32 {
+        self.physical_block_size
+    }
+
+    /// Required alignment of buffer addresses (1 when no O_DIRECT).
+    pub fn mem_align(&self) -> u32 {
+        self.mem_align
+    }
+
+    /// Required alignment of offsets and lengths (1 when no O_DIRECT).
+    pub fn offset_align(&self) -> u32 {
+        self.offset_align
+    }
+
+    /// Whether the disk refuses writes.
+    pub fn readonly(&self) -> bool {
+        self.readonly
+    }
+
+    /// The cache mode it was opened with.
+    pub fn cache(&self) -> CacheMode {
+        self.cache
+    }
+
+    /// Whether buffers must respect [`Disk::mem_align`]/[`Disk::offset_align`].
+    pub fn needs_alignment(&self) -> bool {
+        self.mem_align > 1 || self.offset_align > 1
+    }
+}
+
+/// What probing found.
+struct Geometry {
+    capacity: u64,
+    logical_block_size: u32,
+    physical_block_size: u32,
+    mem_align: u32,
+    offset_align: u32,
+}
+
+/// Takes an OFD lock over the whole file: write lock when writable, read lock otherwise.
+/// The lock belongs to the open file description and goes away when the disk is closed.
+fn lock(file: &File, path: &Path, readonly: bool) -> Result<(), Error> {
+    let (kind, how) = if readonly {
+        (libc::F_RDLCK, "shared read lock")
+    } else {
+        (libc::F_WRLCK, "exclusive write lock")
+    };
+    // SAFETY: an all-zero flock is a valid value; the fields that matter are set below.
+    let mut fl: libc::flock = unsafe { std::mem::zeroed() };
+    fl.l_type = kind as libc::c_short;
+    fl.l_whence = libc::SEEK_SET as libc::c_short;
+    fl.l_start = 0;
+    fl.l_len = 0;
+    // SAFETY: fcntl with F_OFD_SETLK reads the flock we pass and nothing else.
+    let rc = unsafe { libc::fcntl(file.as_raw_fd(), libc::F_OFD_SETLK, &fl) };
+    if rc == 0 {
+        return Ok(());
+    }
+    let err = io::Error::last_os_error();
+    match err.raw_os_error() {
+        Some(libc::EAGAIN) | Some(libc::EACCES) => Err(Error::Locked {
+            path: path.to_path_buf(),
+            how,
+        }),
+        _ => Err(Error::Open {
+            path: path.to_path_buf(),
+            source: err,
+        }),
+    }
+}
+
+fn probe(file: &File, backend: BackendKind, direct: bool) -> io::Result<Geometry> {
+    let fd = file.as_raw_fd();
+    let stx = statx(fd)?;
+    let dio = if stx.stx_mask & libc::STATX_DIOALIGN != 0 && stx.stx_dio_offset_align != 0 {
+        Some((stx.stx_dio_mem_align, stx.stx_dio_offset_align))
+    } else {
+        None
+    };
+    match backend {
+        BackendKind::BlockDevice => {
+            let capacity = ioctl_u64(fd, BLKGETSIZE64)?;
+            let logical = ioctl_u32(fd, BLKSSZGET)?;
+            let physical = ioctl_u32(fd, BLKPBSZGET)?.max(logical);
+            let (mem_align, offset_align) = match (direct, dio) {
+                (false, _) => (1, 1),
+                (true, Some((mem, off))) => (mem.max(1), off.max(logical)),
+                (true, None) => (logical, logical),
+            };
+            Ok(Geometry {
+                capacity,
+                logical_block_size: logical,
+                physical_block_size: physical,
+                mem_align,
+                offset_align,
+            })
+        }
+        BackendKind::File | BackendKind::Null => {
+            let (mem_align, offset_align) = match (direct, dio) {
+                (false, _) => (1, 1),
+                (true, Some((mem, off))) => (mem.max(1), off),
+                // Kernels before 6.1 cannot tell; the page size is safe on every filesystem.
+                (true, None) => (4096, 4096),
+            };
+            let logical = offset_align.max(512);
+            let preferred = stx.stx_blksize.clamp(512, 65536);
+            let physical = if preferred.is_power_of_two() {
+                preferred.max(logical)
+            } else {
+                logical
+            };
+            Ok(Geometry {
+                capacity: stx.stx_size,
+                logical_block_size: logical,
+                physical_block_size: physical,
+                mem_align,
+                offset_align,
+            })
+        }
+    }
+}
+
+fn statx(fd: RawFd) -> io::Result<libc::statx> {
+    // SAFETY: all-zero is a valid statx value; the kernel fills it in.
+    let mut stx: libc::statx = unsafe { std::mem::zeroed() };
+    // SAFETY: statx with AT_EMPTY_PATH on a valid fd writes only into `stx`.
+    let rc = unsafe {
+        libc::statx(
+            fd,
+            c"".as_ptr(),
+            libc::AT_EMPTY_PATH,
+            libc::STATX_BASIC_STATS | libc::STATX_DIOALIGN,
+            &mut stx,
+        )
+    };
+    if rc != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(stx)
+}
+
+fn ioctl_u64(fd: RawFd, request: libc::c_ulong) -> io::Result<u64> {
+    let mut value: u64 = 0;
+    // SAFETY: the block-device ioctls used here write one u64 into `value`.
+    let rc = unsafe { libc::ioctl(fd, request as _, &mut value) };
+    if rc != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(value)
+}
+
+fn ioctl_u32(fd: RawFd, request: libc::c_ulong) -> io::Result<u32> {
+    let mut value: libc::c_int = 0;
+    // SAFETY: BLKSSZGET and BLKPBSZGET write one int into `value`.
+    let rc = unsafe { libc::ioctl(fd, request as _, &mut value) };
+    if rc != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    u32::try_from(value).map_err(|_| io::Error::from_raw_os_error(libc::EINVAL))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn image(len: u64) -> tempfile::NamedTempFile {
+        let f = tempfile::NamedTempFile::new_in(env_tmp()).unwrap();
+        f.as_file().set_len(len).unwrap();
+        f
+    }
+
+    fn env_tmp() -> PathBuf {
+        std::env::var_os("BLOCK_TEST_DIR")
+            .map(PathBuf::from)
+            .unwrap_or_else(std::env::temp_dir)
+    }
+
+    #[test]
+    fn probes_a_file_buffered_and_direct() {
+        let img = image(1 << 20);
+        let mut opts = DiskOptions::new(img.path());
+        opts.cache = CacheMode::Writeback;
+        let disk = Disk::open(&opts).unwrap();
+        assert_eq!(disk.capacity(), 1 << 20);
+        assert_eq!(disk.backend(), BackendKind::File);
+        assert_eq!((disk.mem_align(), disk.offset_align()), (1, 1));
+        assert!(disk.logical_block_size() >= 512);
+        assert!(disk.physical_block_size() >= disk.logical_block_size());
+        drop(disk);
+
+        opts.cache = CacheMode::None;
+        let disk = Disk::open(&opts).unwrap();
+        assert!(disk.offset_align() >= 512, "O_DIRECT needs block alignment");
+        assert!(disk.offset_align().is_power_of_two() && disk.mem_align().is_power_of_two());
+        assert_eq!(disk.logical_block_size(), disk.offset_align().max(512));
+        // SAFETY: F_GETFL only reads the descriptor's flags.
+        let flags = unsafe { libc::fcntl(disk.fd(), libc::F_GETFL) };
+        assert_ne!(flags & libc::O_DIRECT, 0, "cache=none opens with O_DIRECT");
+    }
+
+    #[test]
+    fn second_writer_is_refused_readers_share() {
+        let img = image(4096);
+        let opts = DiskOptions::new(img.path());
+        let first = Disk::open(&opts).unwrap();
+        let err = Disk::open(&opts).unwrap_err();
+        assert!(matches!(err, Error::Locked { .. }), "{err}");
+        assert!(err.to_string().contains("locked"), "{err}");
+        let ro = DiskOptions {
+            readonly: true,
+            ..opts.clone()
+        };
+        assert!(matches!(Disk::open(&ro), Err(Error::Locked { .. })));
+        drop(first);
+        let r1 = Disk::open(&ro).unwrap();
+        let r2 = Disk::open(&ro).unwrap();
+        assert!(r1.readonly() && r2.readonly());
+        assert!(matches!(Disk::open(&opts), Err(Error::Locked { .. })));
+    }
+
+    #[test]
+    fn clear_errors_for_missing_and_non_disk_paths() {
+        let err = Disk::open(&DiskOptions::new("/nonexistent/disk.raw")).unwrap_err();
+        assert!(matches!(err, Error::Open { .. }));
+        assert!(err.to_string().contains("/nonexistent/disk.raw"), "{err}");
+        let dir = tempfile::tempdir().unwrap();
+        let err = Disk::open(&DiskOptions {
+            readonly: true,
+            cache: CacheMode::Writeback,
+            path: dir.path().into(),
+        })
+        .unwrap_err();
+        assert!(matches!(err, Error::NotADisk { .. }), "{err}");
+    }
+
+    #[test]
+    fn null_disk_has_no_fd() {
+        let disk = Disk::null(1 << 30);
+        assert_eq!(disk.backend(), BackendKind::Null);
+        assert_eq!(disk.capacity(), 1 << 30);
+        assert_eq!(disk.fd(), -1);
+    }
+}

@@ -1,0 +1,17 @@
+//! Placeholder: being written.
+
+use std::sync::Arc;
+
+use crate::disk::Disk;
+use crate::engine::EngineOptions;
+use crate::error::Error;
+
+/// The threads engine.
+pub struct ThreadsEngine;
+
+impl ThreadsEngine {
+    /// Creates the engine.
+    pub fn new(_disk: Arc<Disk>, _options: &EngineOptions) -> Result<Box<dyn crate::engine::IoEngine>, Error> {
+        Err(Error::InvalidOption("threads engine not built yet".into()))
+    }
+}

@@ -1,0 +1,1 @@
+//! Shared helpers of the process-level tests and benchmarks.

@@ -203,6 +203,21 @@ impl Disk {
     }
 }
 
+impl Drop for Disk {
+    fn drop(&mut self) {
+        // Release the lock explicitly: an io_uring that registered this file closes its
+        // reference asynchronously, and the lock would outlive the disk until then.
+        if let Some(file) = &self.file {
+            // SAFETY: an all-zero flock is valid; we set the fields that matter.
+            let mut fl: libc::flock = unsafe { std::mem::zeroed() };
+            fl.l_type = libc::F_UNLCK as libc::c_short;
+            fl.l_whence = libc::SEEK_SET as libc::c_short;
+            // SAFETY: fcntl with F_OFD_SETLK reads only the flock we pass.
+            unsafe { libc::fcntl(file.as_raw_fd(), libc::F_OFD_SETLK, &fl) };
+        }
+    }
+}
+
 /// What probing found.
 struct Geometry {
     capacity: u64,

@@ -6,6 +6,7 @@
 //! submits them in one batch per pass, and reaps completions when the queue's
 //! [`DiskQueue::completion_fd`] becomes readable.
 
+pub mod bounce;
 pub mod cache;
 pub mod counters;
 pub mod disk;

@@ -1,0 +1,469 @@
+//! [`DiskQueue`]: what a virtqueue's iothread uses to do I/O on a disk.
+//!
+//! It applies the disk's rules before anything reaches an engine: range and read-only
+//! checks, the cache mode (FUA on every write, flushes honoured or completed at once),
+//! O_DIRECT alignment (misaligned guest buffers go through an aligned bounce buffer, never
+//! to EINVAL), and short transfers. It counts every request in the disk's counters.
+//!
+//! Use: queue requests (`read`, `write`, `flush`, `discard`, `write_zeroes`), call
+//! [`DiskQueue::submit`] once per pass, and call [`DiskQueue::reap`] when
+//! [`DiskQueue::completion_fd`] is readable.
+
+use std::os::fd::{AsRawFd, RawFd};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use vmm_sys_util::errno::Error as Errno;
+
+use crate::bounce::{AlignedBuf, zero_from};
+use crate::counters::DiskCounters;
+use crate::disk::{BackendKind, Disk};
+use crate::engine::{EngineOp, EngineOptions, IoEngine, IoVecs, create_engine};
+use crate::error::Error;
+
+/// Most iovecs one request may pass to the kernel; longer lists are bounced.
+const IOV_MAX: usize = 1024;
+
+/// The kind of a block request.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum RequestKind {
+    /// Read data.
+    Read = 0,
+    /// Write data.
+    Write = 1,
+    /// Make written data durable.
+    Flush = 2,
+    /// Deallocate a range.
+    Discard = 3,
+    /// Zero a range.
+    WriteZeroes = 4,
+}
+
+/// A finished request.
+#[derive(Debug, PartialEq, Eq)]
+pub struct Completion {
+    /// The caller's token.
+    pub token: u64,
+    /// What it was.
+    pub kind: RequestKind,
+    /// Bytes read, written, discarded or zeroed (0 for a flush), or the errno.
+    pub result: Result<u64, Errno>,
+}
+
+/// A request between queueing and completion.
+struct Slot {
+    token: u64,
+    kind: RequestKind,
+    len: u64,
+    start: Instant,
+    /// What the engine reads or writes: the guest's iovecs, or one over `bounce`.
+    iovecs: Vec<libc::iovec>,
+    /// The guest's iovecs when `bounce` stands in for them.
+    guest: Vec<libc::iovec>,
+    bounce: Option<AlignedBuf>,
+}
+
+/// One queue's I/O on one disk: an engine plus the rules of the disk and its cache mode.
+pub struct DiskQueue {
+    disk: Arc<Disk>,
+    engine: Box<dyn IoEngine>,
+    counters: Arc<DiskCounters>,
+    slots: Vec<Slot>,
+    free: Vec<usize>,
+    ready: Vec<Completion>,
+    write_cache: bool,
+}
+
+// SAFETY: the raw pointers a DiskQueue holds (iovecs into guest memory and bounce buffers)
+// stay valid per the contracts of `read`/`write`, whichever thread uses the queue; the
+// queue is used by one thread at a time (&mut self everywhere).
+unsafe impl Send for DiskQueue {}
+
+impl DiskQueue {
+    /// A queue on `disk` with an engine per `options`, counting into `counters`.
+    pub fn new(
+        disk: Arc<Disk>,
+        options: &EngineOptions,
+        counters: Arc<DiskCounters>,
+    ) -> Result<DiskQueue, Error> {
+        let engine = create_engine(&disk, options)?;
+        Ok(Self::with_engine(disk, engine, counters))
+    }
+
+    /// A queue over an engine made elsewhere (tests, custom engines).
+    pub fn with_engine(
+        disk: Arc<Disk>,
+        engine: Box<dyn IoEngine>,
+        counters: Arc<DiskCounters>,
+    ) -> DiskQueue {
+        let write_cache = disk.cache().write_cache();
+        DiskQueue {
+            disk,
+            engine,
+            counters,
+            slots: Vec::new(),
+            free: Vec::new(),
+            ready: Vec::new(),
+            write_cache,
+        }
+    }
+
+    /// The disk this queue serves.
+    pub fn disk(&self) -> &Arc<Disk> {
+        &self.disk
+    }
+
+    /// The disk's counters.
+    pub fn counters(&self) -> &Arc<DiskCounters> {
+        &self.counters
+    }
+
+    /// The engine's name.
+    pub fn engine_name(&self) -> &'static str {
+        self.engine.name()
+    }
+
+    /// Whether the guest currently sees a volatile write cache (virtio-blk WCE).
+    pub fn write_cache(&self) -> bool {
+        self.write_cache
+    }
+
+    /// Turns the guest-visible write cache on or off (the guest's writeback config
+    /// byte). With it off, every write is FUA.
+    pub fn set_write_cache(&mut self, enabled: bool) {
+        self.write_cache = enabled;
+    }
+
+    /// Eventfd that is readable when completions wait for [`DiskQueue::reap`].
+    pub fn completion_fd(&self) -> RawFd {
+        self.engine.notifier().as_raw_fd()
+    }
+
+    /// Requests queued and not yet reaped.
+    pub fn in_flight(&self) -> usize {
+        self.engine.in_flight() + self.ready.len()
+    }
+
+    /// Queues a read of `iovecs`' total length from byte `offset`.
+    ///
+    /// # Safety
+    /// The iovecs must describe writable memory that nobody else touches until this
+    /// request's completion has been reaped. The slice itself is copied.
+    pub unsafe fn read(&mut self, token: u64, offset: u64, iovecs: &[libc::iovec]) {
+        // SAFETY: forwarded contract.
+        unsafe { self.queue_data(token, RequestKind::Read, offset, iovecs, false) }
+    }
+
+    /// Queues a write of `iovecs` at byte `offset`; `fua` makes it durable before it
+    /// completes (it always is when the write cache is off).
+    ///
+    /// # Safety
+    /// The iovecs must describe readable memory that stays valid and unchanged until this
+    /// request's completion has been reaped. The slice itself is copied.
+    pub unsafe fn write(&mut self, token: u64, offset: u64, iovecs: &[libc::iovec], fua: bool) {
+        // SAFETY: forwarded contract.
+        unsafe { self.queue_data(token, RequestKind::Write, offset, iovecs, fua) }
+    }
+
+    /// Queues a flush; completes at once when the cache mode ignores flushes.
+    pub fn flush(&mut self, token: u64) {
+        let start = self.start();
+        if !self.disk.cache().flush_honoured() {
+            return self.finish_now(token, RequestKind::Flush, start, Ok(0));
+        }
+        let idx = self.take_slot(token, RequestKind::Flush, 0, start);
+        // SAFETY: a flush carries no buffers.
+        unsafe { self.engine.push(idx as u64, EngineOp::Flush) };
+    }
+
+    /// Queues a discard of `len` bytes at `offset`.
+    pub fn discard(&mut self, token: u64, offset: u64, len: u64) {
+        self.queue_range(token, RequestKind::Discard, offset, len);
+    }
+
+    /// Queues zeroing `len` bytes at `offset`.
+    pub fn write_zeroes(&mut self, token: u64, offset: u64, len: u64) {
+        self.queue_range(token, RequestKind::WriteZeroes, offset, len);
+    }
+
+    /// Submits everything queued since the last call (one syscall per batch).
+    pub fn submit(&mut self) -> Result<(), Error> {
+        self.engine.submit()?;
+        if !self.ready.is_empty() {
+            // Requests finished without the engine: make the completion fd readable.
+            self.engine.notifier().write(1).map_err(|e| Error::Submit {
+                engine: self.engine.name(),
+                source: e.into(),
+            })?;
+        }
+        Ok(())
+    }
+
+    /// Hands every finished request to `done` and returns how many there were. Never
+    /// blocks. Requests that waited for room in the engine are submitted.
+    pub fn reap(&mut self, mut done: impl FnMut(Completion)) -> Result<usize, Error> {
+        let mut reaped = 0;
+        let DiskQueue {
+            engine,
+            slots,
+            free,
+            counters,
+            ready,
+            ..
+        } = self;
+        engine.reap(&mut |tag, result| {
+            let Some(slot) = slots.get_mut(tag as usize) else {
+                tracing::error!(tag, "engine returned an unknown tag");
+                return;
+            };
+            let completion = finish_slot(slot, result, counters);
+            free.push(tag as usize);
+            reaped += 1;
+            done(completion);
+        });
+        for completion in ready.drain(..) {
+            reaped += 1;
+            done(completion);
+        }
+        if reaped > 0 && self.engine.in_flight() > 0 {
+            self.engine.submit()?;
+        }
+        Ok(reaped)
+    }
+
+    /// Waits until every queued request has completed, handing each to `done`; used on
+    /// shutdown and removal so nothing in flight is lost. Gives up after `timeout`.
+    pub fn drain(
+        &mut self,
+        timeout: Duration,
+        mut done: impl FnMut(Completion),
+    ) -> Result<(), Error> {
+        let deadline = Instant::now() + timeout;
+        self.submit()?;
+        while self.in_flight() > 0 {
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                return Err(Error::Submit {
+                    engine: self.engine.name(),
+                    source: std::io::Error::new(
+                        std::io::ErrorKind::TimedOut,
+                        format!("{} requests still in flight", self.in_flight()),
+                    ),
+                });
+            }
+            let mut pfd = libc::pollfd {
+                fd: self.completion_fd(),
+                events: libc::POLLIN,
+                revents: 0,
+            };
+            let ms = left.as_millis().clamp(1, 100) as i32;
+            // SAFETY: poll reads and writes exactly the one pollfd we pass.
+            unsafe { libc::poll(&mut pfd, 1, ms) };
+            self.reap(&mut done)?;
+        }
+        Ok(())
+    }
+
+    fn start(&self) -> Instant {
+        self.counters.record_start();
+        Instant::now()
+    }
+
+    /// # Safety
+    /// As `read`/`write`.
+    unsafe fn queue_data(
+        &mut self,
+        token: u64,
+        kind: RequestKind,
+        offset: u64,
+        iovecs: &[libc::iovec],
+        fua: bool,
+    ) {
+        let start = self.start();
+        let len = iovecs
+            .iter()
+            .try_fold(0u64, |sum, v| sum.checked_add(v.iov_len as u64));
+        let Some(len) = len else {
+            return self.finish_now(token, kind, start, Err(Errno::new(libc::EINVAL)));
+        };
+        if let Err(errno) = self.check(kind, offset, len, self.disk.offset_align()) {
+            return self.finish_now(token, kind, start, Err(errno));
+        }
+        if len == 0 {
+            return self.finish_now(token, kind, start, Ok(0));
+        }
+        let bounce = iovecs.len() > IOV_MAX || !self.buffers_aligned(iovecs);
+        let idx = self.take_slot(token, kind, len, start);
+        let slot = &mut self.slots[idx];
+        if bounce {
+            let align = self.disk.mem_align().max(self.disk.offset_align()) as usize;
+            let Some(mut buf) = AlignedBuf::new(len as usize, align) else {
+                self.free.push(idx);
+                return self.finish_now(token, kind, start, Err(Errno::new(libc::ENOMEM)));
+            };
+            if kind == RequestKind::Write {
+                // SAFETY: the caller vouches the iovecs are readable.
+                unsafe { buf.gather_from(iovecs) };
+            }
+            slot.iovecs.push(buf.iovec());
+            slot.guest.extend_from_slice(iovecs);
+            slot.bounce = Some(buf);
+        } else {
+            slot.iovecs.extend_from_slice(iovecs);
+        }
+        // SAFETY: `slot.iovecs` is not touched again until the slot is finished, and what
+        // it points at is valid per the caller's contract (or is our bounce buffer).
+        let vecs = unsafe { IoVecs::new(slot.iovecs.as_ptr(), slot.iovecs.len()) };
+        let op = match kind {
+            RequestKind::Read => EngineOp::Read {
+                offset,
+                iovecs: vecs,
+            },
+            _ => EngineOp::Write {
+                offset,
+                iovecs: vecs,
+                fua: fua || !self.write_cache,
+            },
+        };
+        // SAFETY: see above; the buffers outlive the op.
+        unsafe { self.engine.push(idx as u64, op) };
+    }
+
+    fn queue_range(&mut self, token: u64, kind: RequestKind, offset: u64, len: u64) {
+        let start = self.start();
+        // Block devices take discard/zeroing in logical blocks; files take any range.
+        let align = match self.disk.backend() {
+            BackendKind::BlockDevice => self.disk.logical_block_size(),
+            _ => 1,
+        };
+        if let Err(errno) = self.check(kind, offset, len, align) {
+            return self.finish_now(token, kind, start, Err(errno));
+        }
+        if len == 0 {
+            return self.finish_now(token, kind, start, Ok(0));
+        }
+        let idx = self.take_slot(token, kind, len, start);
+        let op = match kind {
+            RequestKind::Discard => EngineOp::Discard { offset, len },
+            _ => EngineOp::WriteZeroes { offset, len },
+        };
+        // SAFETY: discard and write-zeroes carry no buffers.
+        unsafe { self.engine.push(idx as u64, op) };
+    }
+
+    /// Read-only, range and offset-alignment checks shared by every data request.
+    fn check(&self, kind: RequestKind, offset: u64, len: u64, align: u32) -> Result<(), Errno> {
+        if kind != RequestKind::Read && self.disk.readonly() {
+            return Err(Errno::new(libc::EROFS));
+        }
+        match offset.checked_add(len) {
+            Some(end) if end <= self.disk.capacity() => {}
+            _ => return Err(Errno::new(libc::EINVAL)),
+        }
+        let align = u64::from(align.max(1));
+        if offset % align != 0 || len % align != 0 {
+            return Err(Errno::new(libc::EINVAL));
+        }
+        Ok(())
+    }
+
+    fn buffers_aligned(&self, iovecs: &[libc::iovec]) -> bool {
+        if !self.disk.needs_alignment() {
+            return true;
+        }
+        let mem = self.disk.mem_align() as usize;
+        let len = self.disk.offset_align() as usize;
+        iovecs
+            .iter()
+            .all(|v| (v.iov_base as usize) % mem == 0 && v.iov_len % len == 0)
+    }
+
+    fn take_slot(&mut self, token: u64, kind: RequestKind, len: u64, start: Instant) -> usize {
+        let idx = self.free.pop().unwrap_or_else(|| {
+            self.slots.push(Slot {
+                token: 0,
+                kind,
+                len: 0,
+                start,
+                iovecs: Vec::new(),
+                guest: Vec::new(),
+                bounce: None,
+            });
+            self.slots.len() - 1
+        });
+        let slot = &mut self.slots[idx];
+        slot.token = token;
+        slot.kind = kind;
+        slot.len = len;
+        slot.start = start;
+        slot.iovecs.clear();
+        slot.guest.clear();
+        slot.bounce = None;
+        idx
+    }
+
+    fn finish_now(
+        &mut self,
+        token: u64,
+        kind: RequestKind,
+        start: Instant,
+        result: Result<u64, Errno>,
+    ) {
+        let latency = start.elapsed().as_nanos() as u64;
+        self.counters
+            .record_completion(kind, result.as_ref().map(|n| *n).map_err(|_| ()), latency);
+        self.ready.push(Completion {
+            token,
+            kind,
+            result,
+        });
+    }
+}
+
+/// Turns an engine result into the request's completion: copies bounced reads back,
+/// zero-fills short reads, fails short writes, and counts it.
+fn finish_slot(slot: &mut Slot, result: i64, counters: &DiskCounters) -> Completion {
+    let result = if result < 0 {
+        Err(Errno::new(i32::try_from(-result).unwrap_or(libc::EIO)))
+    } else {
+        let done = (result as u64).min(slot.len);
+        match slot.kind {
+            RequestKind::Read => {
+                if let Some(buf) = &slot.bounce {
+                    // SAFETY: the guest iovecs are writable until this completion is
+                    // handed back (the `read` contract).
+                    unsafe { buf.scatter_to(&slot.guest, done as usize) };
+                }
+                if done < slot.len {
+                    // Past the end of a file that shrank: the rest reads as zeroes.
+                    let target = if slot.bounce.is_some() {
+                        &slot.guest
+                    } else {
+                        &slot.iovecs
+                    };
+                    // SAFETY: as above.
+                    unsafe { zero_from(target, done as usize) };
+                }
+                Ok(slot.len)
+            }
+            RequestKind::Write if done < slot.len => Err(Errno::new(libc::ENOSPC)),
+            RequestKind::Flush => Ok(0),
+            _ => Ok(slot.len),
+        }
+    };
+    slot.bounce = None;
+    let latency = slot.start.elapsed().as_nanos() as u64;
+    counters.record_completion(
+        slot.kind,
+        result.as_ref().map(|n| *n).map_err(|_| ()),
+        latency,
+    );
+    Completion {
+        token: slot.token,
+        kind: slot.kind,
+        result,
+    }
+}
+
+#[cfg(test)]
+mod tests;

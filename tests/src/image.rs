@@ -1,0 +1,61 @@
+//! Benchmark images: files filled with real (non-zero) data so reads hit the disk.
+
+use std::fs::OpenOptions;
+use std::io::{self, Write};
+use std::path::Path;
+
+/// Parses sizes like `4096`, `64K`, `512M`, `1G` (powers of 1024).
+pub fn parse_size(s: &str) -> Result<u64, String> {
+    let s = s.trim();
+    let (num, mult) = match s.char_indices().last() {
+        Some((i, c)) if c.is_ascii_alphabetic() => {
+            let m = match c.to_ascii_uppercase() {
+                'K' => 1u64 << 10,
+                'M' => 1 << 20,
+                'G' => 1 << 30,
+                'T' => 1 << 40,
+                _ => return Err(format!("unknown size suffix in {s:?}; use K, M, G or T")),
+            };
+            (&s[..i], m)
+        }
+        _ => (s, 1),
+    };
+    let n: u64 = num.parse().map_err(|_| format!("not a size: {s:?}"))?;
+    n.checked_mul(mult).ok_or_else(|| format!("size too large: {s:?}"))
+}
+
+/// Makes sure `path` is a file of at least `size` bytes of written data, writing it with
+/// a progress line on stderr when it is missing or short. Returns true when it wrote.
+pub fn prepare(path: &Path, size: u64) -> io::Result<bool> {
+    if std::fs::metadata(path).is_ok_and(|m| m.len() >= size) {
+        return Ok(false);
+    }
+    let mut file = OpenOptions::new().create(true).write(true).truncate(true).open(path)?;
+    let chunk: Vec<u8> = (0..1 << 20).map(|i: u32| (i.wrapping_mul(2654435761) >> 13) as u8 | 1).collect();
+    let mut done = 0;
+    while done < size {
+        let n = chunk.len().min((size - done) as usize);
+        file.write_all(&chunk[..n])?;
+        done += n as u64;
+        if done % (64 << 20) == 0 || done == size {
+            eprint!("\rpreparing {}: {} / {} MiB", path.display(), done >> 20, size >> 20);
+        }
+    }
+    file.sync_all()?;
+    eprintln!();
+    Ok(true)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sizes() {
+        assert_eq!(parse_size("4096"), Ok(4096));
+        assert_eq!(parse_size("64K"), Ok(65536));
+        assert_eq!(parse_size("1g"), Ok(1 << 30));
+        assert!(parse_size("12Q").is_err());
+        assert!(parse_size("x").is_err());
+    }
+}

@@ -36,8 +36,30 @@ impl AlignedBuf {
     }
 
     /// Start of the buffer.
+    pub fn as_ptr(&self) -> *const u8 {
+        self.ptr
+    }
+
+    /// Start of the buffer, for writing.
     pub fn as_mut_ptr(&mut self) -> *mut u8 {
         self.ptr
+    }
+
+    /// The buffer's bytes, over the requested length.
+    ///
+    /// No I/O op may be writing into the buffer (through an iovec) meanwhile.
+    pub fn as_slice(&self) -> &[u8] {
+        // SAFETY: `ptr` owns at least `len` initialised (zero-filled at allocation) bytes
+        // for the buffer's life; no op writes them meanwhile (see above).
+        unsafe { std::slice::from_raw_parts(self.ptr, self.len) }
+    }
+
+    /// The buffer's bytes, mutably, over the requested length.
+    ///
+    /// No I/O op may be using the buffer (through an iovec) meanwhile.
+    pub fn as_mut_slice(&mut self) -> &mut [u8] {
+        // SAFETY: as `as_slice`, and `&mut self` makes the borrow unique.
+        unsafe { std::slice::from_raw_parts_mut(self.ptr, self.len) }
     }
 
     /// Requested length in bytes.
@@ -128,19 +150,39 @@ mod tests {
     fn aligned_and_round_trips_scatter_gather() {
         let mut buf = AlignedBuf::new(1000, 4096).unwrap();
         assert_eq!(buf.as_mut_ptr() as usize % 4096, 0);
+        assert_eq!(buf.as_ptr(), buf.as_mut_ptr().cast_const());
+        assert_eq!(
+            buf.as_slice(),
+            &[0u8; 1000][..],
+            "zero-filled, requested length"
+        );
         let mut a = vec![1u8; 300];
         let mut b = vec![2u8; 700];
         let src = [
-            libc::iovec { iov_base: a.as_mut_ptr().cast(), iov_len: a.len() },
-            libc::iovec { iov_base: b.as_mut_ptr().cast(), iov_len: b.len() },
+            libc::iovec {
+                iov_base: a.as_mut_ptr().cast(),
+                iov_len: a.len(),
+            },
+            libc::iovec {
+                iov_base: b.as_mut_ptr().cast(),
+                iov_len: b.len(),
+            },
         ];
         // SAFETY: the iovecs describe live vectors.
         unsafe { buf.gather_from(&src) };
         let mut out = vec![0u8; 1000];
-        let dst = [libc::iovec { iov_base: out.as_mut_ptr().cast(), iov_len: out.len() }];
+        let dst = [libc::iovec {
+            iov_base: out.as_mut_ptr().cast(),
+            iov_len: out.len(),
+        }];
         // SAFETY: `out` is live and writable.
         unsafe { buf.scatter_to(&dst, 1000) };
         assert!(out[..300].iter().all(|&x| x == 1) && out[300..].iter().all(|&x| x == 2));
+        assert_eq!(buf.as_slice(), out.as_slice());
+        buf.as_mut_slice().fill(3);
+        // SAFETY: as above.
+        unsafe { buf.scatter_to(&dst, 1000) };
+        assert!(out.iter().all(|&x| x == 3));
     }
 
     #[test]
@@ -150,8 +192,14 @@ mod tests {
         let mut a = vec![7u8; 10];
         let mut b = vec![7u8; 10];
         let dst = [
-            libc::iovec { iov_base: a.as_mut_ptr().cast(), iov_len: 10 },
-            libc::iovec { iov_base: b.as_mut_ptr().cast(), iov_len: 10 },
+            libc::iovec {
+                iov_base: a.as_mut_ptr().cast(),
+                iov_len: 10,
+            },
+            libc::iovec {
+                iov_base: b.as_mut_ptr().cast(),
+                iov_len: 10,
+            },
         ];
         // SAFETY: both vectors are live.
         unsafe { zero_from(&dst, 15) };

@@ -119,7 +119,12 @@ mod tests {
             let json = serde_json::to_string(&mode).unwrap();
             assert_eq!(serde_json::from_str::<CacheMode>(&json).unwrap(), mode);
         }
-        assert!("direct".parse::<CacheMode>().unwrap_err().contains("unknown cache mode"));
+        assert!(
+            "direct"
+                .parse::<CacheMode>()
+                .unwrap_err()
+                .contains("unknown cache mode")
+        );
         assert_eq!(CacheMode::default(), CacheMode::None);
     }
 }

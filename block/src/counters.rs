@@ -176,7 +176,14 @@ mod tests {
         c.record_completion(RequestKind::Read, Ok(4096), 1500);
         c.record_completion(RequestKind::Write, Ok(512), 3_000_000);
         let s = c.snapshot();
-        assert_eq!(s.read, KindSnapshot { ops: 1, bytes: 4096, errors: 0 });
+        assert_eq!(
+            s.read,
+            KindSnapshot {
+                ops: 1,
+                bytes: 4096,
+                errors: 0
+            }
+        );
         assert_eq!(s.write.bytes, 512);
         assert_eq!(s.in_flight, 1);
         c.record_completion(RequestKind::Discard, Err(()), 0);

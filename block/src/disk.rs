@@ -106,12 +106,11 @@ impl Disk {
             return Err(Error::NotADisk { path });
         };
         lock(&file, &path, options.readonly)?;
-        let geometry = probe(&file, backend, options.cache.direct()).map_err(|source| {
-            Error::Probe {
+        let geometry =
+            probe(&file, backend, options.cache.direct()).map_err(|source| Error::Probe {
                 path: path.clone(),
                 source,
-            }
-        })?;
+            })?;
         tracing::debug!(
             path = %path.display(), ?backend, capacity = geometry.capacity,
             logical = geometry.logical_block_size, mem_align = geometry.mem_align,

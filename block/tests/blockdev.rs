@@ -8,7 +8,9 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use block::bounce::AlignedBuf;
-use block::{AioKind, BackendKind, CacheMode, Completion, Disk, DiskOptions, DiskQueue, EngineOptions};
+use block::{
+    AioKind, BackendKind, CacheMode, Completion, Disk, DiskOptions, DiskQueue, EngineOptions,
+};
 
 /// A loop device, detached on drop.
 struct Loop(PathBuf);
@@ -23,7 +25,9 @@ impl Loop {
         if !out.status.success() {
             return Err(String::from_utf8_lossy(&out.stderr).trim().to_string());
         }
-        Ok(Loop(PathBuf::from(String::from_utf8_lossy(&out.stdout).trim())))
+        Ok(Loop(PathBuf::from(
+            String::from_utf8_lossy(&out.stdout).trim(),
+        )))
     }
 }
 
@@ -39,7 +43,11 @@ fn wait(q: &mut DiskQueue, n: usize) -> Vec<Completion> {
     let deadline = Instant::now() + Duration::from_secs(30);
     while out.len() < n {
         assert!(Instant::now() < deadline, "timed out");
-        let mut pfd = libc::pollfd { fd: q.completion_fd(), events: libc::POLLIN, revents: 0 };
+        let mut pfd = libc::pollfd {
+            fd: q.completion_fd(),
+            events: libc::POLLIN,
+            revents: 0,
+        };
         // SAFETY: poll touches only this pollfd.
         unsafe { libc::poll(&mut pfd, 1, 100) };
         q.reap(|c| out.push(c)).unwrap();
@@ -64,16 +72,30 @@ fn loop_device_probe_and_every_engine() {
             if kind == AioKind::Native && !cache.direct() {
                 continue;
             }
-            let disk = Disk::open(&DiskOptions { path: dev.0.clone(), readonly: false, cache }).unwrap();
+            let disk = Disk::open(&DiskOptions {
+                path: dev.0.clone(),
+                readonly: false,
+                cache,
+            })
+            .unwrap();
             assert_eq!(disk.backend(), BackendKind::BlockDevice);
             assert_eq!(disk.capacity(), 4 << 20);
-            assert!(disk.logical_block_size() >= 512 && disk.logical_block_size().is_power_of_two());
+            assert!(
+                disk.logical_block_size() >= 512 && disk.logical_block_size().is_power_of_two()
+            );
             assert!(disk.physical_block_size() >= disk.logical_block_size());
-            let options = EngineOptions { kind, queue_depth: 8, ..Default::default() };
+            let options = EngineOptions {
+                kind,
+                queue_depth: 8,
+                ..Default::default()
+            };
             let mut q = DiskQueue::new(Arc::new(disk), &options, Default::default()).unwrap();
             let mut buf = AlignedBuf::new(8192, 4096).unwrap();
             let mut pattern: Vec<u8> = (0..8192u32).map(|i| (i * 7 + kind as u32) as u8).collect();
-            let src = [libc::iovec { iov_base: pattern.as_mut_ptr().cast(), iov_len: 8192 }];
+            let src = [libc::iovec {
+                iov_base: pattern.as_mut_ptr().cast(),
+                iov_len: 8192,
+            }];
             // SAFETY: `pattern` and `buf` outlive the requests (waited for below).
             unsafe { q.write(1, 1 << 20, &src, false) };
             q.discard(2, 2 << 20, 64 * 1024);
@@ -86,17 +108,22 @@ fn loop_device_probe_and_every_engine() {
             unsafe { q.read(5, 1 << 20, &[buf.iovec()]) };
             assert_eq!(wait(&mut q, 1)[0].result, Ok(8192));
             // SAFETY: the read completed; buf holds 8192 initialised bytes.
-            let got = unsafe { std::slice::from_raw_parts(buf.iovec().iov_base as *const u8, 8192) };
+            let got =
+                unsafe { std::slice::from_raw_parts(buf.iovec().iov_base as *const u8, 8192) };
             assert_eq!(got, &pattern[..], "{kind}/{cache}: data");
             // SAFETY: as above.
             unsafe { q.read(6, 3 << 20, &[buf.iovec()]) };
             assert_eq!(wait(&mut q, 1)[0].result, Ok(8192));
             // SAFETY: as above.
-            let got = unsafe { std::slice::from_raw_parts(buf.iovec().iov_base as *const u8, 8192) };
+            let got =
+                unsafe { std::slice::from_raw_parts(buf.iovec().iov_base as *const u8, 8192) };
             assert!(got.iter().all(|&b| b == 0), "{kind}/{cache}: BLKZEROOUT");
             // A discard not aligned to the logical block size is refused, not passed on.
             q.discard(7, 100, 512);
-            assert_eq!(wait(&mut q, 1)[0].result.as_ref().unwrap_err().errno(), libc::EINVAL);
+            assert_eq!(
+                wait(&mut q, 1)[0].result.as_ref().unwrap_err().errno(),
+                libc::EINVAL
+            );
         }
     }
 }

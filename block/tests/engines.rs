@@ -22,9 +22,18 @@ fn modes(kind: AioKind) -> &'static [CacheMode] {
 }
 
 fn open_queue(path: &Path, cache: CacheMode, kind: AioKind, depth: u32) -> DiskQueue {
-    let disk = Disk::open(&DiskOptions { path: path.into(), readonly: false, cache })
-        .unwrap_or_else(|e| panic!("open {cache}: {e}"));
-    let options = EngineOptions { kind, queue_depth: depth, max_batch: 16, ..Default::default() };
+    let disk = Disk::open(&DiskOptions {
+        path: path.into(),
+        readonly: false,
+        cache,
+    })
+    .unwrap_or_else(|e| panic!("open {cache}: {e}"));
+    let options = EngineOptions {
+        kind,
+        queue_depth: depth,
+        max_batch: 16,
+        ..Default::default()
+    };
     DiskQueue::new(Arc::new(disk), &options, Default::default())
         .unwrap_or_else(|e| panic!("{kind} engine on {cache}: {e}"))
 }
@@ -35,8 +44,16 @@ fn wait(q: &mut DiskQueue, n: usize) -> Vec<Completion> {
     let mut out = Vec::with_capacity(n);
     let deadline = Instant::now() + Duration::from_secs(30);
     while out.len() < n {
-        assert!(Instant::now() < deadline, "timed out: {} of {n} completions", out.len());
-        let mut pfd = libc::pollfd { fd: q.completion_fd(), events: libc::POLLIN, revents: 0 };
+        assert!(
+            Instant::now() < deadline,
+            "timed out: {} of {n} completions",
+            out.len()
+        );
+        let mut pfd = libc::pollfd {
+            fd: q.completion_fd(),
+            events: libc::POLLIN,
+            revents: 0,
+        };
         // SAFETY: poll touches only the pollfd we pass.
         unsafe { libc::poll(&mut pfd, 1, 100) };
         q.reap(|c| out.push(c)).unwrap();
@@ -50,7 +67,13 @@ struct Memory(Vec<u8>);
 impl Memory {
     /// `len` bytes at `at`, split into `segs` iovecs of uneven (but, when `sector_sized`,
     /// 512-multiple) lengths.
-    fn iovecs(&mut self, at: usize, len: usize, segs: usize, sector_sized: bool) -> Vec<libc::iovec> {
+    fn iovecs(
+        &mut self,
+        at: usize,
+        len: usize,
+        segs: usize,
+        sector_sized: bool,
+    ) -> Vec<libc::iovec> {
         let base = self.0[at..].as_mut_ptr();
         let mut out = Vec::new();
         let unit = if sector_sized { 512 } else { 1 };
@@ -58,13 +81,20 @@ impl Memory {
         let mut done = 0;
         for i in 0..segs {
             let left = units - done;
-            let take = if i + 1 == segs { left } else { (left / 2).max(1).min(left) };
+            let take = if i + 1 == segs {
+                left
+            } else {
+                (left / 2).max(1).min(left)
+            };
             if take == 0 {
                 break;
             }
             // SAFETY: at + len stays inside the buffer (callers size it so).
             let p = unsafe { base.add(done * unit) };
-            out.push(libc::iovec { iov_base: p.cast(), iov_len: take * unit });
+            out.push(libc::iovec {
+                iov_base: p.cast(),
+                iov_len: take * unit,
+            });
             done += take;
         }
         out
@@ -99,11 +129,18 @@ fn random_writes_read_back_byte_exact_on_every_engine_and_cache_mode() {
                     let len = sectors * 512;
                     let offset = rng.random_range(0..(SIZE - len) / 512) * 512;
                     // Concurrent writes must not overlap, or the result is undefined.
-                    if used.iter().any(|&(o, l)| offset < o + l && o < offset + len) {
+                    if used
+                        .iter()
+                        .any(|&(o, l)| offset < o + l && o < offset + len)
+                    {
                         continue;
                     }
                     used.push((offset, len));
-                    let misalign = if rng.random_bool(0.3) { rng.random_range(1..64) } else { 0 };
+                    let misalign = if rng.random_bool(0.3) {
+                        rng.random_range(1..64)
+                    } else {
+                        0
+                    };
                     let at = i * slot + misalign;
                     rng.fill(&mut mem.0[at..at + len as usize]);
                     shadow[offset as usize..(offset + len) as usize]
@@ -138,7 +175,10 @@ fn random_writes_read_back_byte_exact_on_every_engine_and_cache_mode() {
                 );
             }
             drop(q);
-            assert!(std::fs::read(&path).unwrap() == shadow, "{kind}/{cache}: file differs");
+            assert!(
+                std::fs::read(&path).unwrap() == shadow,
+                "{kind}/{cache}: file differs"
+            );
         }
     }
 }
@@ -161,9 +201,18 @@ fn discard_and_write_zeroes_read_back_zeroes_on_every_engine() {
             let zero = |r: std::ops::Range<usize>| data[r].iter().all(|&b| b == 0);
             let kept = |r: std::ops::Range<usize>| data[r].iter().all(|&b| b == 0xa5);
             assert!(zero(64 * 1024..192 * 1024), "{kind}/{cache}: discard");
-            assert!(zero(512 * 1024..512 * 1024 + 4608), "{kind}/{cache}: write-zeroes");
-            assert!(kept(0..64 * 1024) && kept(192 * 1024..512 * 1024), "{kind}/{cache}");
-            assert!(kept(512 * 1024 + 4608..1 << 20), "{kind}/{cache}: beyond zeroed range");
+            assert!(
+                zero(512 * 1024..512 * 1024 + 4608),
+                "{kind}/{cache}: write-zeroes"
+            );
+            assert!(
+                kept(0..64 * 1024) && kept(192 * 1024..512 * 1024),
+                "{kind}/{cache}"
+            );
+            assert!(
+                kept(512 * 1024 + 4608..1 << 20),
+                "{kind}/{cache}: beyond zeroed range"
+            );
         }
     }
 }
@@ -185,11 +234,23 @@ fn requests_past_the_end_fail_and_leave_the_file_alone() {
         q.discard(4, (1 << 20) - 512, 1024);
         q.write_zeroes(5, 1 << 21, 512);
         for c in wait(&mut q, 5) {
-            assert_eq!(c.result.unwrap_err().errno(), libc::EINVAL, "{kind}: token {}", c.token);
+            assert_eq!(
+                c.result.unwrap_err().errno(),
+                libc::EINVAL,
+                "{kind}: token {}",
+                c.token
+            );
         }
         drop(q);
-        assert_eq!(std::fs::metadata(&path).unwrap().len(), 1 << 20, "{kind}: file grew");
-        assert!(std::fs::read(&path).unwrap().iter().all(|&b| b == 0), "{kind}: data written");
+        assert_eq!(
+            std::fs::metadata(&path).unwrap().len(),
+            1 << 20,
+            "{kind}: file grew"
+        );
+        assert!(
+            std::fs::read(&path).unwrap().iter().all(|&b| b == 0),
+            "{kind}: data written"
+        );
     }
 }
 
@@ -221,7 +282,13 @@ impl Tmpfs {
         let data = std::ffi::CString::new(format!("size={size}")).unwrap();
         // SAFETY: all pointers are valid NUL-terminated strings for the call's duration.
         let rc = unsafe {
-            libc::mount(c"tmpfs".as_ptr(), target.as_ptr(), c"tmpfs".as_ptr(), 0, data.as_ptr().cast())
+            libc::mount(
+                c"tmpfs".as_ptr(),
+                target.as_ptr(),
+                c"tmpfs".as_ptr(),
+                0,
+                data.as_ptr().cast(),
+            )
         };
         if rc != 0 {
             return Err(std::io::Error::last_os_error().to_string());
@@ -253,7 +320,11 @@ fn full_filesystem_gives_enospc_and_the_engine_keeps_working() {
                 continue;
             }
             let path = image(fs.0.path(), 8 << 20); // sparse: 8 MiB on a 1 MiB filesystem
-            let disk = match Disk::open(&DiskOptions { path: path.clone(), readonly: false, cache }) {
+            let disk = match Disk::open(&DiskOptions {
+                path: path.clone(),
+                readonly: false,
+                cache,
+            }) {
                 Ok(d) => Arc::new(d),
                 Err(block::Error::DirectNotSupported { .. }) => {
                     println!("SKIP {kind}/{cache} on tmpfs: no O_DIRECT");
@@ -262,7 +333,11 @@ fn full_filesystem_gives_enospc_and_the_engine_keeps_working() {
                 }
                 Err(e) => panic!("{e}"),
             };
-            let options = EngineOptions { kind, queue_depth: 16, ..Default::default() };
+            let options = EngineOptions {
+                kind,
+                queue_depth: 16,
+                ..Default::default()
+            };
             let mut q = DiskQueue::new(disk, &options, Default::default()).unwrap();
             let mut mem = Memory(vec![0x3cu8; 256 * 1024 + 4096]);
             let at = 4096 - (mem.0.as_ptr() as usize % 4096);
@@ -291,7 +366,10 @@ fn full_filesystem_gives_enospc_and_the_engine_keeps_working() {
             }
             // SAFETY: as above.
             unsafe { q.write(103, 0, &iovs, false) };
-            assert!(wait(&mut q, 1)[0].result.is_ok(), "{kind}/{cache}: write after discard");
+            assert!(
+                wait(&mut q, 1)[0].result.is_ok(),
+                "{kind}/{cache}: write after discard"
+            );
             assert_eq!(q.counters().snapshot().write.errors, enospc);
             drop(q);
             std::fs::remove_file(&path).unwrap();
@@ -303,10 +381,26 @@ fn full_filesystem_gives_enospc_and_the_engine_keeps_working() {
 fn native_engine_refuses_buffered_cache_modes_clearly() {
     let dir = tempfile::tempdir().unwrap();
     let path = image(dir.path(), 1 << 20);
-    for cache in [CacheMode::Writeback, CacheMode::Writethrough, CacheMode::Unsafe] {
-        let disk = Arc::new(Disk::open(&DiskOptions { path: path.clone(), readonly: false, cache }).unwrap());
-        let options = EngineOptions { kind: AioKind::Native, ..Default::default() };
-        let err = DiskQueue::new(disk, &options, Default::default()).err().expect("must fail");
+    for cache in [
+        CacheMode::Writeback,
+        CacheMode::Writethrough,
+        CacheMode::Unsafe,
+    ] {
+        let disk = Arc::new(
+            Disk::open(&DiskOptions {
+                path: path.clone(),
+                readonly: false,
+                cache,
+            })
+            .unwrap(),
+        );
+        let options = EngineOptions {
+            kind: AioKind::Native,
+            ..Default::default()
+        };
+        let err = DiskQueue::new(disk, &options, Default::default())
+            .err()
+            .expect("must fail");
         assert!(err.to_string().contains("O_DIRECT"), "{err}");
     }
 }
@@ -316,11 +410,24 @@ fn o_direct_flag_follows_the_cache_mode() {
     let dir = tempfile::tempdir().unwrap();
     let path = image(dir.path(), 1 << 20);
     for cache in CacheMode::ALL {
-        let disk = Disk::open(&DiskOptions { path: path.clone(), readonly: false, cache }).unwrap();
+        let disk = Disk::open(&DiskOptions {
+            path: path.clone(),
+            readonly: false,
+            cache,
+        })
+        .unwrap();
         let file = std::fs::File::open("/proc/self/fdinfo/".to_owned() + &disk.fd().to_string());
         let info = std::io::read_to_string(file.unwrap()).unwrap();
-        let flags = info.lines().find_map(|l| l.strip_prefix("flags:")).unwrap().trim();
+        let flags = info
+            .lines()
+            .find_map(|l| l.strip_prefix("flags:"))
+            .unwrap()
+            .trim();
         let flags = u32::from_str_radix(flags, 8).unwrap();
-        assert_eq!(flags & libc::O_DIRECT as u32 != 0, cache.direct(), "{cache}: {info}");
+        assert_eq!(
+            flags & libc::O_DIRECT as u32 != 0,
+            cache.direct(),
+            "{cache}: {info}"
+        );
     }
 }

@@ -35,7 +35,10 @@ pub struct FioJob<'a> {
 
 /// Whether `fio` can be run.
 pub fn available() -> bool {
-    Command::new("fio").arg("--version").output().is_ok_and(|o| o.status.success())
+    Command::new("fio")
+        .arg("--version")
+        .output()
+        .is_ok_and(|o| o.status.success())
 }
 
 /// Runs `job` with O_DIRECT and returns its figures.
@@ -60,9 +63,15 @@ pub fn run(job: &FioJob) -> Result<FioResult, String> {
         .output()
         .map_err(|e| format!("cannot run fio: {e}"))?;
     if !out.status.success() {
-        return Err(format!("fio failed: {}", String::from_utf8_lossy(&out.stderr)));
+        return Err(format!(
+            "fio failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        ));
     }
-    parse(&String::from_utf8_lossy(&out.stdout), job.rw.contains("write"))
+    parse(
+        &String::from_utf8_lossy(&out.stdout),
+        job.rw.contains("write"),
+    )
 }
 
 /// Reads fio's `--output-format=json` text.

@@ -21,7 +21,8 @@ pub fn parse_size(s: &str) -> Result<u64, String> {
         _ => (s, 1),
     };
     let n: u64 = num.parse().map_err(|_| format!("not a size: {s:?}"))?;
-    n.checked_mul(mult).ok_or_else(|| format!("size too large: {s:?}"))
+    n.checked_mul(mult)
+        .ok_or_else(|| format!("size too large: {s:?}"))
 }
 
 /// Makes sure `path` is a file of at least `size` bytes of written data, writing it with
@@ -30,15 +31,26 @@ pub fn prepare(path: &Path, size: u64) -> io::Result<bool> {
     if std::fs::metadata(path).is_ok_and(|m| m.len() >= size) {
         return Ok(false);
     }
-    let mut file = OpenOptions::new().create(true).write(true).truncate(true).open(path)?;
-    let chunk: Vec<u8> = (0..1 << 20).map(|i: u32| (i.wrapping_mul(2654435761) >> 13) as u8 | 1).collect();
+    let mut file = OpenOptions::new()
+        .create(true)
+        .write(true)
+        .truncate(true)
+        .open(path)?;
+    let chunk: Vec<u8> = (0..1 << 20)
+        .map(|i: u32| (i.wrapping_mul(2654435761) >> 13) as u8 | 1)
+        .collect();
     let mut done = 0;
     while done < size {
         let n = chunk.len().min((size - done) as usize);
         file.write_all(&chunk[..n])?;
         done += n as u64;
         if done % (64 << 20) == 0 || done == size {
-            eprint!("\rpreparing {}: {} / {} MiB", path.display(), done >> 20, size >> 20);
+            eprint!(
+                "\rpreparing {}: {} / {} MiB",
+                path.display(),
+                done >> 20,
+                size >> 20
+            );
         }
     }
     file.sync_all()?;

@@ -20,6 +20,8 @@ use crate::error::Error;
 pub mod aio;
 pub mod null;
 pub mod sync_ops;
+#[cfg(test)]
+pub(crate) mod test_util;
 pub mod threads;
 pub mod uring;
 
@@ -148,7 +150,9 @@ impl std::str::FromStr for AioKind {
         [AioKind::IoUring, AioKind::Native, AioKind::Threads]
             .into_iter()
             .find(|k| k.as_str() == s)
-            .ok_or_else(|| format!("unknown aio engine {s:?}; expected io_uring, native or threads"))
+            .ok_or_else(|| {
+                format!("unknown aio engine {s:?}; expected io_uring, native or threads")
+            })
     }
 }
 
@@ -230,7 +234,10 @@ pub trait IoEngine: Send {
 }
 
 /// Creates the engine `options.kind` for `disk` (the null engine for a null disk).
-pub fn create_engine(disk: &Arc<Disk>, options: &EngineOptions) -> Result<Box<dyn IoEngine>, Error> {
+pub fn create_engine(
+    disk: &Arc<Disk>,
+    options: &EngineOptions,
+) -> Result<Box<dyn IoEngine>, Error> {
     options.validate()?;
     if disk.backend() == BackendKind::Null {
         return Ok(Box::new(null::NullEngine::new(options)?));
@@ -245,4 +252,9 @@ pub fn create_engine(disk: &Arc<Disk>, options: &EngineOptions) -> Result<Box<dy
 /// Converts an `io::Error` from a syscall into the negative errno engines report.
 pub(crate) fn neg_errno(err: &std::io::Error) -> i64 {
     -(err.raw_os_error().unwrap_or(libc::EIO) as i64)
+}
+
+/// A nonblocking, close-on-exec eventfd for an engine's completion notifier.
+pub(crate) fn new_notifier() -> std::io::Result<EventFd> {
+    EventFd::new(libc::EFD_NONBLOCK | libc::EFD_CLOEXEC)
 }

@@ -2,7 +2,7 @@
 //! null-co). Reads fill their buffers with zeroes; everything else succeeds. It measures
 //! what the data plane costs by itself.
 
-use vmm_sys_util::eventfd::{EFD_NONBLOCK, EventFd};
+use vmm_sys_util::eventfd::EventFd;
 
 use crate::engine::{EngineOp, EngineOptions, IoEngine};
 use crate::error::Error;
@@ -17,9 +17,9 @@ pub struct NullEngine {
 impl NullEngine {
     /// Creates a null engine.
     pub fn new(options: &EngineOptions) -> Result<Self, Error> {
-        let notifier = EventFd::new(EFD_NONBLOCK).map_err(|e| Error::EngineSetup {
+        let notifier = crate::engine::new_notifier().map_err(|e| Error::EngineSetup {
             engine: "null",
-            source: e.into(),
+            source: e,
         })?;
         let cap = options.queue_depth as usize;
         Ok(NullEngine {
@@ -58,7 +58,7 @@ impl IoEngine for NullEngine {
         self.done.append(&mut self.queued);
         self.notifier.write(1).map_err(|e| Error::Submit {
             engine: "null",
-            source: e.into(),
+            source: e,
         })
     }
 

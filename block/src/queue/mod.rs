@@ -193,7 +193,7 @@ impl DiskQueue {
             // Requests finished without the engine: make the completion fd readable.
             self.engine.notifier().write(1).map_err(|e| Error::Submit {
                 engine: self.engine.name(),
-                source: e.into(),
+                source: e,
             })?;
         }
         Ok(())

@@ -11,8 +11,17 @@ use crate::disk::DiskOptions;
 /// What the engine was asked to do.
 #[derive(Clone, Debug, PartialEq)]
 enum Seen {
-    Read { offset: u64, segs: usize, aligned: bool },
-    Write { offset: u64, segs: usize, aligned: bool, fua: bool },
+    Read {
+        offset: u64,
+        segs: usize,
+        aligned: bool,
+    },
+    Write {
+        offset: u64,
+        segs: usize,
+        aligned: bool,
+        fua: bool,
+    },
     Flush,
     Discard,
     WriteZeroes,
@@ -29,7 +38,9 @@ struct MemEngine {
 }
 
 fn aligned(v: &IoVecs) -> bool {
-    v.as_slice().iter().all(|i| i.iov_base as usize % 512 == 0 && i.iov_len % 512 == 0)
+    v.as_slice()
+        .iter()
+        .all(|i| i.iov_base as usize % 512 == 0 && i.iov_len % 512 == 0)
 }
 
 impl IoEngine for MemEngine {
@@ -42,7 +53,11 @@ impl IoEngine for MemEngine {
         let mut seen = self.seen.lock().unwrap();
         let res = match op {
             EngineOp::Read { offset, iovecs } => {
-                seen.push(Seen::Read { offset, segs: iovecs.count(), aligned: aligned(&iovecs) });
+                seen.push(Seen::Read {
+                    offset,
+                    segs: iovecs.count(),
+                    aligned: aligned(&iovecs),
+                });
                 let mut at = offset as usize;
                 let limit = self.short.map_or(usize::MAX, |s| at + s);
                 let mut n = 0;
@@ -50,14 +65,22 @@ impl IoEngine for MemEngine {
                     let take = v.iov_len.min(limit.saturating_sub(at));
                     // SAFETY: test buffers are live and writable.
                     unsafe {
-                        std::ptr::copy_nonoverlapping(data[at..].as_ptr(), v.iov_base as *mut u8, take)
+                        std::ptr::copy_nonoverlapping(
+                            data[at..].as_ptr(),
+                            v.iov_base as *mut u8,
+                            take,
+                        )
                     };
                     at += take;
                     n += take;
                 }
                 n as i64
             }
-            EngineOp::Write { offset, iovecs, fua } => {
+            EngineOp::Write {
+                offset,
+                iovecs,
+                fua,
+            } => {
                 seen.push(Seen::Write {
                     offset,
                     segs: iovecs.count(),
@@ -129,7 +152,12 @@ const SIZE: usize = 1 << 20;
 fn fixture(cache: CacheMode, readonly: bool, short: Option<usize>) -> Fixture {
     let file = tempfile::NamedTempFile::new().unwrap();
     file.as_file().set_len(SIZE as u64).unwrap();
-    let disk = Disk::open(&DiskOptions { path: file.path().into(), readonly, cache }).unwrap();
+    let disk = Disk::open(&DiskOptions {
+        path: file.path().into(),
+        readonly,
+        cache,
+    })
+    .unwrap();
     let data = Arc::new(Mutex::new(vec![0u8; SIZE]));
     let seen = Arc::new(Mutex::new(Vec::new()));
     let engine = MemEngine {
@@ -141,7 +169,12 @@ fn fixture(cache: CacheMode, readonly: bool, short: Option<usize>) -> Fixture {
         staged: Vec::new(),
     };
     let queue = DiskQueue::with_engine(Arc::new(disk), Box::new(engine), Default::default());
-    Fixture { queue, data, seen, _file: file }
+    Fixture {
+        queue,
+        data,
+        seen,
+        _file: file,
+    }
 }
 
 fn run(q: &mut DiskQueue) -> Vec<Completion> {
@@ -153,7 +186,10 @@ fn run(q: &mut DiskQueue) -> Vec<Completion> {
 }
 
 fn iov(buf: &mut [u8]) -> libc::iovec {
-    libc::iovec { iov_base: buf.as_mut_ptr().cast(), iov_len: buf.len() }
+    libc::iovec {
+        iov_base: buf.as_mut_ptr().cast(),
+        iov_len: buf.len(),
+    }
 }
 
 /// A 4096-aligned heap buffer.
@@ -175,7 +211,11 @@ fn fua_and_flush_follow_the_cache_mode() {
         let seen = f.seen.lock().unwrap().clone();
         let fua = matches!(seen[0], Seen::Write { fua: true, .. });
         assert_eq!(fua, mode.every_write_fua(), "{mode}: every write FUA");
-        assert_eq!(seen.contains(&Seen::Flush), mode.flush_honoured(), "{mode}: flush");
+        assert_eq!(
+            seen.contains(&Seen::Flush),
+            mode.flush_honoured(),
+            "{mode}: flush"
+        );
         assert_eq!(f.queue.write_cache(), mode.write_cache(), "{mode}: WCE");
     }
 }
@@ -188,7 +228,10 @@ fn guest_turning_the_write_cache_off_makes_writes_fua() {
     // SAFETY: buf outlives the request.
     unsafe { f.queue.write(1, 512, &[iov(&mut buf)], false) };
     run(&mut f.queue);
-    assert!(matches!(f.seen.lock().unwrap()[0], Seen::Write { fua: true, .. }));
+    assert!(matches!(
+        f.seen.lock().unwrap()[0],
+        Seen::Write { fua: true, .. }
+    ));
 }
 
 #[test]
@@ -205,7 +248,15 @@ fn readonly_and_out_of_range_requests_fail_without_reaching_the_engine() {
     f.queue.write_zeroes(5, 0, 512);
     f.queue.discard(6, SIZE as u64, 512);
     let done = run(&mut f.queue);
-    let errno = |t: u64| done.iter().find(|c| c.token == t).unwrap().result.as_ref().unwrap_err().errno();
+    let errno = |t: u64| {
+        done.iter()
+            .find(|c| c.token == t)
+            .unwrap()
+            .result
+            .as_ref()
+            .unwrap_err()
+            .errno()
+    };
     assert_eq!(errno(1), libc::EROFS);
     assert_eq!(errno(2), libc::EINVAL);
     assert_eq!(errno(3), libc::EINVAL);
@@ -234,9 +285,20 @@ fn misaligned_buffers_under_o_direct_are_bounced_both_ways() {
     let done = run(&mut f.queue);
     assert_eq!(done[0].result, Ok(1024));
     let seen = f.seen.lock().unwrap().clone();
-    assert_eq!(seen[0], Seen::Write { offset: 4096, segs: 1, aligned: true, fua: false });
+    assert_eq!(
+        seen[0],
+        Seen::Write {
+            offset: 4096,
+            segs: 1,
+            aligned: true,
+            fua: false
+        }
+    );
     let disk = f.data.lock().unwrap()[4096..4096 + 1024].to_vec();
-    assert_eq!(&disk[..700], &(0..700).map(|i| i as u8).collect::<Vec<_>>()[..]);
+    assert_eq!(
+        &disk[..700],
+        &(0..700).map(|i| i as u8).collect::<Vec<_>>()[..]
+    );
     assert!(disk[700..].iter().all(|&x| x == 0xab));
 
     let mut back = vec![0u8; 1030];
@@ -249,7 +311,14 @@ fn misaligned_buffers_under_o_direct_are_bounced_both_ways() {
     let mut got = back[1..501].to_vec();
     got.extend_from_slice(&back[501..501 + 524]);
     assert_eq!(got, disk);
-    assert!(matches!(f.seen.lock().unwrap()[1], Seen::Read { segs: 1, aligned: true, .. }));
+    assert!(matches!(
+        f.seen.lock().unwrap()[1],
+        Seen::Read {
+            segs: 1,
+            aligned: true,
+            ..
+        }
+    ));
 }
 
 #[test]
@@ -260,7 +329,14 @@ fn aligned_buffers_go_straight_through() {
     // SAFETY: both buffers outlive the request.
     unsafe { f.queue.read(1, 0, &[a.iovec(), b.iovec()]) };
     run(&mut f.queue);
-    assert_eq!(f.seen.lock().unwrap()[0], Seen::Read { offset: 0, segs: 2, aligned: true });
+    assert_eq!(
+        f.seen.lock().unwrap()[0],
+        Seen::Read {
+            offset: 0,
+            segs: 2,
+            aligned: true
+        }
+    );
 }
 
 #[test]

@@ -127,10 +127,21 @@ fn run(args: &Args) -> Result<(), String> {
 
 /// Keeps `qd` 4k random reads in flight for the runtime (after a 1 s warm-up).
 fn measure(args: &Args, kind: AioKind, qd: u32) -> Result<Figures, String> {
-    let disk = Disk::open(&DiskOptions { path: args.file.clone(), readonly: true, cache: args.cache })
-        .map_err(|e| e.to_string())?;
-    let options = EngineOptions { kind, queue_depth: qd, max_batch: 32, threads: 4, ..Default::default() };
-    let mut q = DiskQueue::new(Arc::new(disk), &options, Default::default()).map_err(|e| e.to_string())?;
+    let disk = Disk::open(&DiskOptions {
+        path: args.file.clone(),
+        readonly: true,
+        cache: args.cache,
+    })
+    .map_err(|e| e.to_string())?;
+    let options = EngineOptions {
+        kind,
+        queue_depth: qd,
+        max_batch: 32,
+        threads: 4,
+        ..Default::default()
+    };
+    let mut q =
+        DiskQueue::new(Arc::new(disk), &options, Default::default()).map_err(|e| e.to_string())?;
     let blocks = args.size / 4096;
     let mut bufs: Vec<AlignedBuf> = (0..qd)
         .map(|_| AlignedBuf::new(4096, 4096).ok_or("out of memory"))
@@ -156,7 +167,11 @@ fn measure(args: &Args, kind: AioKind, qd: u32) -> Result<Figures, String> {
     let mut measuring_since = None;
     let mut finished = Vec::with_capacity(qd as usize);
     loop {
-        let mut pfd = libc::pollfd { fd: q.completion_fd(), events: libc::POLLIN, revents: 0 };
+        let mut pfd = libc::pollfd {
+            fd: q.completion_fd(),
+            events: libc::POLLIN,
+            revents: 0,
+        };
         // SAFETY: poll touches only this pollfd.
         unsafe { libc::poll(&mut pfd, 1, 100) };
         finished.clear();
@@ -184,9 +199,14 @@ fn measure(args: &Args, kind: AioKind, qd: u32) -> Result<Figures, String> {
         q.submit().map_err(|e| e.to_string())?;
     }
     let elapsed = measuring_since.map_or(0.0, |t| t.elapsed().as_secs_f64());
-    q.drain(Duration::from_secs(10), |_| {}).map_err(|e| e.to_string())?;
+    q.drain(Duration::from_secs(10), |_| {})
+        .map_err(|e| e.to_string())?;
     Ok(Figures {
-        iops: if elapsed > 0.0 { done as f64 / elapsed } else { 0.0 },
+        iops: if elapsed > 0.0 {
+            done as f64 / elapsed
+        } else {
+            0.0
+        },
         p50_us: lat.percentile_us(50.0),
         p99_us: lat.percentile_us(99.0),
     })

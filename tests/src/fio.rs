@@ -3,16 +3,7 @@
 use std::path::Path;
 use std::process::Command;
 
-/// One fio job's result.
-#[derive(Clone, Copy, Debug, PartialEq)]
-pub struct FioResult {
-    /// I/O operations per second.
-    pub iops: f64,
-    /// Median completion latency in microseconds.
-    pub p50_us: f64,
-    /// 99th percentile completion latency in microseconds.
-    pub p99_us: f64,
-}
+pub use crate::latency::Figures as FioResult;
 
 /// A fio random-read job description.
 #[derive(Clone, Debug)]
@@ -31,6 +22,10 @@ pub struct FioJob<'a> {
     pub runtime_s: u64,
     /// Bytes of the file to use.
     pub size: u64,
+    /// Submit the whole queue depth in one call and reap all that completed, as an
+    /// iothread serving a guest's batch does (`iodepth_batch_submit=iodepth`), instead of
+    /// fio's default of submitting each request as soon as one completes.
+    pub batched: bool,
 }
 
 /// Whether `fio` can be run.
@@ -60,6 +55,17 @@ pub fn run(job: &FioJob) -> Result<FioResult, String> {
             "--randrepeat=0",
             "--output-format=json",
         ])
+        .args(
+            job.batched
+                .then(|| {
+                    [
+                        format!("--iodepth_batch_submit={}", job.iodepth),
+                        format!("--iodepth_batch_complete_max={}", job.iodepth),
+                    ]
+                })
+                .into_iter()
+                .flatten(),
+        )
         .output()
         .map_err(|e| format!("cannot run fio: {e}"))?;
     if !out.status.success() {

@@ -1,5 +1,24 @@
 //! Latency samples and their percentiles.
 
+/// What one measurement found.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct Figures {
+    /// I/O operations per second.
+    pub iops: f64,
+    /// Median completion latency in microseconds.
+    pub p50_us: f64,
+    /// 99th percentile completion latency in microseconds.
+    pub p99_us: f64,
+}
+
+impl Figures {
+    /// The run with the median IOPS of `runs` (None when empty).
+    pub fn median(mut runs: Vec<Figures>) -> Option<Figures> {
+        runs.sort_by(|a, b| a.iops.total_cmp(&b.iops));
+        runs.get(runs.len() / 2).copied()
+    }
+}
+
 /// Collected latencies in nanoseconds.
 #[derive(Debug, Default)]
 pub struct Latencies(Vec<u64>);
@@ -39,6 +58,17 @@ impl Latencies {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn median_run() {
+        let f = |iops| Figures {
+            iops,
+            p50_us: iops / 10.0,
+            p99_us: 0.0,
+        };
+        assert_eq!(Figures::median(vec![f(3.0), f(1.0), f(2.0)]), Some(f(2.0)));
+        assert_eq!(Figures::median(vec![]), None);
+    }
 
     #[test]
     fn nearest_rank() {

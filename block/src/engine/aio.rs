@@ -422,6 +422,12 @@ impl IoEngine for AioEngine {
         }
     }
 
+    fn has_completions(&mut self) -> bool {
+        !self.ready.is_empty()
+            || (self.in_kernel > 0 && abi::ring_has_events(self.ctx))
+            || self.pool.as_ref().is_some_and(WorkerPool::has_completions)
+    }
+
     fn notifier(&self) -> &EventFd {
         &self.notifier
     }

@@ -226,6 +226,12 @@ pub trait IoEngine: Send {
     /// where `result` is the byte count on success or a negative errno. Never blocks.
     fn reap(&mut self, done: &mut dyn FnMut(u64, i64));
 
+    /// Whether completions may wait to be reaped, checked without a syscall where the
+    /// interface allows (the io_uring CQ, the Linux AIO ring in user memory). Adaptive
+    /// polling spins on this before sleeping on the notifier. It may say true
+    /// spuriously; it never says false while a completion waits.
+    fn has_completions(&mut self) -> bool;
+
     /// Eventfd that becomes readable when completions wait to be reaped.
     fn notifier(&self) -> &EventFd;
 

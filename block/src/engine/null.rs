@@ -69,6 +69,10 @@ impl IoEngine for NullEngine {
         }
     }
 
+    fn has_completions(&mut self) -> bool {
+        !self.done.is_empty()
+    }
+
     fn notifier(&self) -> &EventFd {
         &self.notifier
     }

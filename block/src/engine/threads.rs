@@ -11,6 +11,7 @@
 //! eventfd as notifier) for ops their kernel interface lacks.
 
 use std::collections::VecDeque;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::thread::JoinHandle;
 
@@ -32,6 +33,8 @@ struct Shared {
     wake: Condvar,
     /// Finished ops waiting to be reaped.
     done: Mutex<Vec<(u64, i64)>>,
+    /// Whether `done` holds anything, readable without the lock.
+    has_done: AtomicBool,
     /// Written when `done` turns non-empty.
     notifier: EventFd,
 }
@@ -85,6 +88,7 @@ impl WorkerPool {
             }),
             wake: Condvar::new(),
             done: Mutex::new(Vec::with_capacity(64)),
+            has_done: AtomicBool::new(false),
             notifier,
         });
         let mut pool = WorkerPool {
@@ -156,11 +160,17 @@ impl WorkerPool {
                 return;
             }
             std::mem::swap(&mut *finished, &mut self.reaped);
+            self.shared.has_done.store(false, Ordering::Relaxed);
         }
         self.outstanding -= self.reaped.len();
         for (tag, result) in self.reaped.drain(..) {
             done(tag, result);
         }
+    }
+
+    /// Whether finished ops wait for [`WorkerPool::reap_completions`] (no lock taken).
+    pub fn has_completions(&self) -> bool {
+        self.shared.has_done.load(Ordering::Acquire)
     }
 
     /// Staged + running + finished-but-unreaped ops.
@@ -215,6 +225,7 @@ fn worker(shared: &Shared) {
             let mut done = lock(&shared.done);
             let was_empty = done.is_empty();
             done.push((tag, result));
+            shared.has_done.store(true, Ordering::Release);
             was_empty
         };
         // Only the first completion after a reap signals: the owner clears the notifier
@@ -267,6 +278,10 @@ impl IoEngine for ThreadsEngine {
         // Clear first: a completion published after this read signals again.
         let _ = self.notifier.read();
         self.pool.reap_completions(done);
+    }
+
+    fn has_completions(&mut self) -> bool {
+        self.pool.has_completions()
     }
 
     fn notifier(&self) -> &EventFd {

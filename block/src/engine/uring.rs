@@ -344,6 +344,12 @@ impl IoEngine for UringEngine {
         }
     }
 
+    fn has_completions(&mut self) -> bool {
+        !self.ready.is_empty()
+            || !self.ring.completion().is_empty()
+            || self.pool.as_ref().is_some_and(WorkerPool::has_completions)
+    }
+
     fn notifier(&self) -> &EventFd {
         &self.notifier
     }

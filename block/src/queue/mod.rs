@@ -139,6 +139,13 @@ impl DiskQueue {
         self.engine.notifier().as_raw_fd()
     }
 
+    /// Whether completions may wait for [`DiskQueue::reap`], checked without a syscall
+    /// where the engine allows; for adaptive polling before sleeping on
+    /// [`DiskQueue::completion_fd`]. Never false while a completion waits.
+    pub fn has_completions(&mut self) -> bool {
+        !self.ready.is_empty() || self.engine.has_completions()
+    }
+
     /// Requests queued and not yet reaped.
     pub fn in_flight(&self) -> usize {
         self.engine.in_flight() + self.ready.len()

@@ -131,6 +131,10 @@ impl IoEngine for MemEngine {
         }
     }
 
+    fn has_completions(&mut self) -> bool {
+        !self.done.is_empty()
+    }
+
     fn notifier(&self) -> &EventFd {
         &self.notifier
     }

@@ -12,7 +12,7 @@ use block::{AioKind, CacheMode, Disk, DiskOptions, DiskQueue, EngineOptions};
 use clap::Parser;
 use tests::fio::{self, FioJob};
 use tests::image::{parse_size, prepare};
-use tests::latency::Latencies;
+use tests::latency::{Figures, Latencies};
 
 #[derive(Parser, Debug)]
 #[command(about = "4k random-read micro-benchmark of each block engine, beside fio")]
@@ -38,15 +38,17 @@ struct Args {
     /// Skip the fio reference runs.
     #[arg(long)]
     no_fio: bool,
+    /// Runs per cell, interleaved (fio, each engine, fio-batch, again...); the table
+    /// shows the median.
+    #[arg(long, default_value_t = 3)]
+    repeat: usize,
+    /// Spin this many microseconds checking for completions before sleeping on the
+    /// completion eventfd (adaptive polling's window; 0 sleeps at once).
+    #[arg(long, default_value_t = 0)]
+    poll_us: u64,
     /// Also write every figure as JSON here.
     #[arg(long)]
     json: Option<PathBuf>,
-}
-
-struct Figures {
-    iops: f64,
-    p50_us: f64,
-    p99_us: f64,
 }
 
 fn main() {
@@ -74,12 +76,24 @@ fn run(args: &Args) -> Result<(), String> {
         args.cache
     );
     println!(
-        "{:<9} {:>4} {:>10} {:>9} {:>9} {:>12} {:>9} {:>9} {:>7}",
-        "engine", "QD", "IOPS", "p50 us", "p99 us", "fio IOPS", "fio p50", "fio p99", "ratio"
+        "{:<9} {:>4} {:>9} {:>8} {:>8} | {:>9} {:>8} {:>6} | {:>9} {:>6}",
+        "engine",
+        "QD",
+        "IOPS",
+        "p50 us",
+        "p99 us",
+        "fio IOPS",
+        "fio p50",
+        "ratio",
+        "fio-batch",
+        "ratio"
     );
     let mut rows = Vec::new();
     for &qd in &args.qd {
-        let reference = if with_fio {
+        let fio_run = |batched: bool| -> Result<Option<fio::FioResult>, String> {
+            if !with_fio || (batched && qd == 1) {
+                return Ok(None);
+            }
             let job = FioJob {
                 file: &args.file,
                 ioengine: "io_uring",
@@ -88,34 +102,64 @@ fn run(args: &Args) -> Result<(), String> {
                 iodepth: qd,
                 runtime_s: args.runtime,
                 size: args.size,
+                batched,
             };
-            Some(fio::run(&job)?)
-        } else {
-            None
+            fio::run(&job).map(Some)
         };
-        for &kind in &args.engines {
-            let f = measure(args, kind, qd)?;
-            let ratio = reference.map(|r| f.iops / r.iops);
+        let (mut streaming_runs, mut batched_runs) = (Vec::new(), Vec::new());
+        let mut engine_runs = vec![Vec::new(); args.engines.len()];
+        let repeat = args.repeat.max(1);
+        let progress = |what: &str, run: usize| {
+            eprint!(
+                "\r\x1b[K  measuring QD{qd} {what}, run {} of {repeat}...",
+                run + 1
+            );
+        };
+        for run in 0..repeat {
+            progress("fio", run);
+            streaming_runs.extend(fio_run(false)?);
+            for (runs, &kind) in engine_runs.iter_mut().zip(&args.engines) {
+                progress(kind.as_str(), run);
+                runs.push(measure(args, kind, qd)?);
+            }
+            progress("fio-batch", run);
+            batched_runs.extend(fio_run(true)?);
+        }
+        eprint!("\r\x1b[K");
+        let streaming = Figures::median(streaming_runs);
+        let batched = Figures::median(batched_runs);
+        let cell =
+            |r: Option<f64>, prec: usize| r.map_or("-".to_string(), |v| format!("{v:.prec$}"));
+        for (runs, &kind) in engine_runs.into_iter().zip(&args.engines) {
+            let f = Figures::median(runs).ok_or("no runs")?;
+            let ratio = streaming.map(|r| f.iops / r.iops);
+            let ratio_batched = batched.map(|r| f.iops / r.iops);
             println!(
-                "{:<9} {:>4} {:>10.0} {:>9.1} {:>9.1} {:>12} {:>9} {:>9} {:>7}",
+                "{:<9} {:>4} {:>9.0} {:>8.1} {:>8.1} | {:>9} {:>8} {:>6} | {:>9} {:>6}",
                 kind.as_str(),
                 qd,
                 f.iops,
                 f.p50_us,
                 f.p99_us,
-                reference.map_or("-".into(), |r| format!("{:.0}", r.iops)),
-                reference.map_or("-".into(), |r| format!("{:.1}", r.p50_us)),
-                reference.map_or("-".into(), |r| format!("{:.1}", r.p99_us)),
-                ratio.map_or("-".into(), |r| format!("{r:.2}")),
+                cell(streaming.map(|r| r.iops), 0),
+                cell(streaming.map(|r| r.p50_us), 1),
+                cell(ratio, 2),
+                cell(batched.map(|r| r.iops), 0),
+                cell(ratio_batched, 2),
             );
             rows.push(serde_json::json!({
                 "engine": kind.as_str(), "qd": qd, "iops": f.iops, "p50_us": f.p50_us,
-                "p99_us": f.p99_us, "fio_iops": reference.map(|r| r.iops),
-                "fio_p50_us": reference.map(|r| r.p50_us), "fio_p99_us": reference.map(|r| r.p99_us),
-                "ratio_to_fio": ratio,
+                "p99_us": f.p99_us,
+                "fio": streaming.map(|r| serde_json::json!({"iops": r.iops, "p50_us": r.p50_us, "p99_us": r.p99_us})),
+                "fio_batched": batched.map(|r| serde_json::json!({"iops": r.iops, "p50_us": r.p50_us, "p99_us": r.p99_us})),
+                "ratio_to_fio": ratio, "ratio_to_fio_batched": ratio_batched,
             }));
         }
     }
+    println!(
+        "fio: fio --ioengine=io_uring --direct=1 (submits each request as one completes); \
+         fio-batch: the same with iodepth_batch_submit=QD (whole batches, as ours)"
+    );
     if let Some(path) = &args.json {
         let doc = serde_json::json!({"workload": "4k randread", "cache": args.cache.as_str(),
             "size": args.size, "runtime_s": args.runtime, "results": rows});
@@ -166,16 +210,25 @@ fn measure(args: &Args, kind: AioKind, qd: u32) -> Result<Figures, String> {
     let mut done = 0u64;
     let mut measuring_since = None;
     let mut finished = Vec::with_capacity(qd as usize);
+    let (mut passes, mut reaped) = (0u64, 0u64);
     loop {
-        let mut pfd = libc::pollfd {
-            fd: q.completion_fd(),
-            events: libc::POLLIN,
-            revents: 0,
-        };
-        // SAFETY: poll touches only this pollfd.
-        unsafe { libc::poll(&mut pfd, 1, 100) };
+        let spin_until = Instant::now() + Duration::from_micros(args.poll_us);
+        while !q.has_completions() && Instant::now() < spin_until {
+            std::hint::spin_loop();
+        }
+        if !q.has_completions() {
+            let mut pfd = libc::pollfd {
+                fd: q.completion_fd(),
+                events: libc::POLLIN,
+                revents: 0,
+            };
+            // SAFETY: poll touches only this pollfd.
+            unsafe { libc::poll(&mut pfd, 1, 100) };
+        }
         finished.clear();
         q.reap(|c| finished.push(c)).map_err(|e| e.to_string())?;
+        passes += 1;
+        reaped += finished.len() as u64;
         let now = Instant::now();
         if now >= end {
             break;
@@ -197,6 +250,12 @@ fn measure(args: &Args, kind: AioKind, qd: u32) -> Result<Figures, String> {
             started[i] = Instant::now();
         }
         q.submit().map_err(|e| e.to_string())?;
+    }
+    if std::env::var_os("ENGINEBENCH_DEBUG").is_some() {
+        eprintln!(
+            "{kind} qd{qd}: {passes} passes, {:.2} completions per pass",
+            reaped as f64 / passes.max(1) as f64
+        );
     }
     let elapsed = measuring_since.map_or(0.0, |t| t.elapsed().as_secs_f64());
     q.drain(Duration::from_secs(10), |_| {})

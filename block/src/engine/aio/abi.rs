@@ -150,3 +150,29 @@ pub fn io_getevents(
     }
     Ok(rc as usize)
 }
+
+/// Magic number of the completion ring the kernel maps at the context's address.
+const AIO_RING_MAGIC: u32 = 0xa10a_10a1;
+
+/// Whether the context's completion ring holds events, read from the ring the kernel
+/// maps into our address space (`struct aio_ring`: id, nr, head, tail, magic, ...), as
+/// QEMU peeks it, without a syscall. Says true when the ring is not one we recognise.
+pub fn ring_has_events(ctx: AioContext) -> bool {
+    if ctx == 0 {
+        return false;
+    }
+    let ring = ctx as *const u32;
+    // SAFETY: a live AIO context id is the address of its ring header, mapped readable
+    // for the context's lifetime (until io_destroy, which only Drop calls); the header's
+    // first five u32 fields are id, nr, head, tail and magic. Reads are volatile or
+    // atomic because the kernel writes `tail` concurrently.
+    unsafe {
+        if std::ptr::read_volatile(ring.add(4)) != AIO_RING_MAGIC {
+            return true;
+        }
+        let head = std::ptr::read_volatile(ring.add(2));
+        let tail = (*(ring.add(3) as *const std::sync::atomic::AtomicU32))
+            .load(std::sync::atomic::Ordering::Acquire);
+        head != tail
+    }
+}

@@ -422,6 +422,10 @@ impl IoEngine for AioEngine {
         }
     }
 
+    fn set_max_batch(&mut self, max_batch: u32) {
+        self.max_batch = (max_batch as usize).clamp(1, self.slab.len());
+    }
+
     fn has_completions(&mut self) -> bool {
         !self.ready.is_empty()
             || (self.in_kernel > 0 && abi::ring_has_events(self.ctx))

@@ -237,6 +237,12 @@ pub trait IoEngine: Send {
 
     /// Ops pushed and not yet reaped (including the backlog).
     fn in_flight(&self) -> usize;
+
+    /// Changes the most ops submitted per syscall (an iothread's `aio_max_batch`, which
+    /// can change at runtime). Engines without batched submission ignore it.
+    fn set_max_batch(&mut self, max_batch: u32) {
+        let _ = max_batch;
+    }
 }
 
 /// Creates the engine `options.kind` for `disk` (the null engine for a null disk).

@@ -344,6 +344,10 @@ impl IoEngine for UringEngine {
         }
     }
 
+    fn set_max_batch(&mut self, max_batch: u32) {
+        self.max_batch = (max_batch as usize).clamp(1, self.capacity);
+    }
+
     fn has_completions(&mut self) -> bool {
         !self.ready.is_empty()
             || !self.ring.completion().is_empty()

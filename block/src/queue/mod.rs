@@ -134,6 +134,11 @@ impl DiskQueue {
         self.write_cache = enabled;
     }
 
+    /// Changes the most requests submitted per syscall (at least 1).
+    pub fn set_max_batch(&mut self, max_batch: u32) {
+        self.engine.set_max_batch(max_batch.max(1));
+    }
+
     /// Eventfd that is readable when completions wait for [`DiskQueue::reap`].
     pub fn completion_fd(&self) -> RawFd {
         self.engine.notifier().as_raw_fd()

@@ -7,8 +7,9 @@ use super::{Decision, Direction, Throttle};
 
 struct Pending<T> {
     item: T,
-    dir: Direction,
-    bytes: u64,
+    /// Direction and size to charge; None for requests that wait their turn but cost
+    /// nothing (a flush must not overtake the writes queued before it).
+    charge: Option<(Direction, u64)>,
     /// When the pen first saw the item (see [`ThrottledQueue::pop_admitted`]).
     seen: Option<Instant>,
 }
@@ -55,8 +56,17 @@ impl<T> ThrottledQueue<T> {
     pub fn push(&mut self, item: T, dir: Direction, bytes: u64) {
         self.items.push_back(Pending {
             item,
-            dir,
-            bytes,
+            charge: Some((dir, bytes)),
+            seen: None,
+        });
+    }
+
+    /// Appends a request that keeps its place in line but is not charged (flushes,
+    /// GET_ID): it leaves as soon as everything before it has.
+    pub fn push_uncharged(&mut self, item: T) {
+        self.items.push_back(Pending {
+            item,
+            charge: None,
             seen: None,
         });
     }
@@ -83,7 +93,11 @@ impl<T> ThrottledQueue<T> {
             self.next_wake = None;
             return None;
         };
-        match throttle.admit(head.dir, head.bytes, now) {
+        let decision = match head.charge {
+            Some((dir, bytes)) => throttle.admit(dir, bytes, now),
+            None => Decision::Go,
+        };
+        match decision {
             Decision::Go => {
                 let p = self.items.pop_front()?;
                 self.stamped -= 1;
@@ -136,5 +150,38 @@ impl<T> ThrottledQueue<T> {
         self.stamped = 0;
         self.next_wake = None;
         self.items.drain(..).map(|p| p.item)
+    }
+}
+
+#[cfg(test)]
+mod uncharged_tests {
+    use std::time::{Duration, Instant};
+
+    use super::*;
+    use crate::throttle::{ThrottleGroup, ThrottleLimits};
+
+    #[test]
+    fn uncharged_items_keep_their_place_and_cost_nothing() {
+        let limits = ThrottleLimits {
+            iops_total: 100,
+            ..Default::default()
+        };
+        let group = ThrottleGroup::new("g", limits).unwrap();
+        let mut throttle = Throttle::new(Some(group.join(std::sync::Arc::new(|| {}))), None);
+        let mut pen = ThrottledQueue::default();
+        let t0 = Instant::now();
+        // Use up the bucket (1 op of room at 100 IOPS with a 10 ms bucket).
+        while throttle.admit(Direction::Write, 4096, t0) == Decision::Go {}
+        pen.push("write", Direction::Write, 4096);
+        pen.push_uncharged("flush");
+        // The flush may not overtake the throttled write.
+        assert_eq!(pen.pop_admitted(&mut throttle, t0), None);
+        let later = t0 + Duration::from_secs(1);
+        assert_eq!(pen.pop_admitted(&mut throttle, later), Some("write"));
+        assert_eq!(pen.pop_admitted(&mut throttle, later), Some("flush"));
+        // Flushes alone pass even while the bucket is empty.
+        while throttle.admit(Direction::Write, 4096, later) == Decision::Go {}
+        pen.push_uncharged("flush2");
+        assert_eq!(pen.pop_admitted(&mut throttle, later), Some("flush2"));
     }
 }

@@ -34,6 +34,11 @@ impl Latencies {
         self.0.push(ns);
     }
 
+    /// Adds every sample of `other`.
+    pub fn extend(&mut self, other: Latencies) {
+        self.0.extend(other.0);
+    }
+
     /// Number of samples.
     pub fn len(&self) -> usize {
         self.0.len()

@@ -1,5 +1,8 @@
 //! Shared helpers of the process-level tests and benchmarks.
 
+pub mod blkio_load;
+pub mod contender;
 pub mod fio;
 pub mod image;
 pub mod latency;
+pub mod linux_guest;

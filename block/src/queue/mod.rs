@@ -373,7 +373,7 @@ impl DiskQueue {
             _ => return Err(Errno::new(libc::EINVAL)),
         }
         let align = u64::from(align.max(1));
-        if offset % align != 0 || len % align != 0 {
+        if !offset.is_multiple_of(align) || !len.is_multiple_of(align) {
             return Err(Errno::new(libc::EINVAL));
         }
         Ok(())
@@ -387,7 +387,7 @@ impl DiskQueue {
         let len = self.disk.offset_align() as usize;
         iovecs
             .iter()
-            .all(|v| (v.iov_base as usize) % mem == 0 && v.iov_len % len == 0)
+            .all(|v| (v.iov_base as usize).is_multiple_of(mem) && v.iov_len % len == 0)
     }
 
     fn take_slot(&mut self, token: u64, kind: RequestKind, len: u64, start: Instant) -> usize {

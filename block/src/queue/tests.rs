@@ -40,7 +40,7 @@ struct MemEngine {
 fn aligned(v: &IoVecs) -> bool {
     v.as_slice()
         .iter()
-        .all(|i| i.iov_base as usize % 512 == 0 && i.iov_len % 512 == 0)
+        .all(|i| (i.iov_base as usize).is_multiple_of(512) && i.iov_len % 512 == 0)
 }
 
 impl IoEngine for MemEngine {

@@ -332,10 +332,10 @@ impl GroupState {
         wakes: &mut Vec<MemberWaker>,
     ) -> Verdict {
         let q = self.queue_of(dir);
-        if let Some(other) = self.queued(m) {
-            if other != q {
-                self.remove_from_turns(m, now, wakes);
-            }
+        if let Some(other) = self.queued(m)
+            && other != q
+        {
+            self.remove_from_turns(m, now, wakes);
         }
         let head = self.queues[q].front().copied();
         if head.is_some() && head != Some(m) && self.owner[q] != Some(m) {

@@ -1,0 +1,364 @@
+//! The JSON settings of disks and iothreads (ARCHITECTURE.md section 7). Field names are
+//! the contract; unknown fields are rejected.
+
+pub mod kv;
+
+use std::path::PathBuf;
+
+use block::throttle::ThrottleLimits;
+use block::{AioKind, CacheMode};
+use serde::{Deserialize, Serialize};
+
+/// Largest queue size a disk may ask for (virtio split rings allow 32768).
+pub const MAX_QUEUE_SIZE: u16 = 1024;
+/// Most queues one disk may have.
+pub const MAX_QUEUES: u16 = 64;
+
+/// One iothread: an epoll loop serving the queues assigned to it.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct IoThreadConfig {
+    /// Name, referenced by disks.
+    pub id: String,
+    /// Longest adaptive-polling window in ns before sleeping (0 disables polling).
+    #[serde(default = "default_poll_max_ns")]
+    pub poll_max_ns: u64,
+    /// Factor the polling window grows by (0 means the default, 2).
+    #[serde(default)]
+    pub poll_grow: u64,
+    /// Divisor the polling window shrinks by (0 means reset to 0).
+    #[serde(default)]
+    pub poll_shrink: u64,
+    /// Most requests submitted to the kernel in one syscall.
+    #[serde(default = "default_aio_max_batch")]
+    pub aio_max_batch: u32,
+    /// Host CPUs the thread is pinned to (empty: not pinned).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub cpu_affinity: Vec<usize>,
+}
+
+fn default_poll_max_ns() -> u64 {
+    32_768
+}
+
+fn default_aio_max_batch() -> u32 {
+    32
+}
+
+impl IoThreadConfig {
+    /// An iothread named `id` with default settings.
+    pub fn new(id: impl Into<String>) -> Self {
+        IoThreadConfig {
+            id: id.into(),
+            poll_max_ns: default_poll_max_ns(),
+            poll_grow: 0,
+            poll_shrink: 0,
+            aio_max_batch: default_aio_max_batch(),
+            cpu_affinity: Vec::new(),
+        }
+    }
+
+    /// Checks ranges and names.
+    pub fn validate(&self) -> Result<(), String> {
+        check_id("iothread", &self.id)?;
+        if self.poll_max_ns > 1_000_000_000 {
+            return Err(format!(
+                "iothread {}: poll_max_ns must be at most 1 s (1000000000)",
+                self.id
+            ));
+        }
+        if !(1..=4096).contains(&self.aio_max_batch) {
+            return Err(format!(
+                "iothread {}: aio_max_batch must be 1..=4096",
+                self.id
+            ));
+        }
+        let cpus = std::thread::available_parallelism().map_or(1024, |n| n.get().max(1024));
+        if let Some(cpu) = self.cpu_affinity.iter().find(|&&c| c >= cpus) {
+            return Err(format!(
+                "iothread {}: cpu_affinity names CPU {cpu}, which does not exist",
+                self.id
+            ));
+        }
+        Ok(())
+    }
+}
+
+/// Queues of a disk served by one iothread (`iothread_vq_mapping`).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct VqMapping {
+    /// The iothread.
+    pub iothread: String,
+    /// Queue indexes it serves.
+    pub vqs: Vec<u16>,
+}
+
+/// What the guest may do with discard requests.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum DiscardMode {
+    /// Discards deallocate (punch holes). The default.
+    #[default]
+    Unmap,
+    /// Discard is not offered to the guest.
+    Ignore,
+}
+
+/// One virtio-blk disk of a VM.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DiskConfig {
+    /// Name, unique in the VM.
+    pub id: String,
+    /// Image file or block device; `null` with `null_size` gives a null backend.
+    pub path: PathBuf,
+    /// Size of a null backend in bytes (only with `path: "null"`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub null_size: Option<u64>,
+    /// Read-only disk.
+    #[serde(default)]
+    pub readonly: bool,
+    /// Cache mode.
+    #[serde(default)]
+    pub cache: CacheMode,
+    /// I/O engine.
+    #[serde(default)]
+    pub aio: AioKind,
+    /// The iothread serving every queue (a dedicated one when neither this nor
+    /// `iothread_vq_mapping` is given).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub iothread: Option<String>,
+    /// Queues spread over iothreads (exclusive with `iothread`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub iothread_vq_mapping: Option<Vec<VqMapping>>,
+    /// Number of virtqueues.
+    #[serde(default = "default_num_queues")]
+    pub num_queues: u16,
+    /// Size of each virtqueue (a power of two).
+    #[serde(default = "default_queue_size")]
+    pub queue_size: u16,
+    /// Discard handling.
+    #[serde(default)]
+    pub discard: DiscardMode,
+    /// This disk's throttle limits.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub throttle: Option<ThrottleLimits>,
+    /// A throttle group shared with other disks.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub throttle_group: Option<String>,
+    /// Serial number returned by GET_ID (at most 20 bytes; defaults to the id).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub serial: Option<String>,
+}
+
+fn default_num_queues() -> u16 {
+    1
+}
+
+fn default_queue_size() -> u16 {
+    256
+}
+
+impl DiskConfig {
+    /// A disk with default settings.
+    pub fn new(id: impl Into<String>, path: impl Into<PathBuf>) -> Self {
+        DiskConfig {
+            id: id.into(),
+            path: path.into(),
+            null_size: None,
+            readonly: false,
+            cache: CacheMode::default(),
+            aio: AioKind::default(),
+            iothread: None,
+            iothread_vq_mapping: None,
+            num_queues: default_num_queues(),
+            queue_size: default_queue_size(),
+            discard: DiscardMode::default(),
+            throttle: None,
+            throttle_group: None,
+            serial: None,
+        }
+    }
+
+    /// The serial reported by GET_ID.
+    pub fn serial(&self) -> &str {
+        self.serial.as_deref().unwrap_or(&self.id)
+    }
+
+    /// Whether the disk is a null backend.
+    pub fn is_null(&self) -> bool {
+        self.path.as_os_str() == "null"
+    }
+
+    /// Checks the settings that need no other object (iothread names are checked by
+    /// whoever knows the iothreads).
+    pub fn validate(&self) -> Result<(), String> {
+        check_id("disk", &self.id)?;
+        let id = &self.id;
+        if !(1..=MAX_QUEUES).contains(&self.num_queues) {
+            return Err(format!("disk {id}: num_queues must be 1..={MAX_QUEUES}"));
+        }
+        if !self.queue_size.is_power_of_two() || !(2..=MAX_QUEUE_SIZE).contains(&self.queue_size) {
+            return Err(format!(
+                "disk {id}: queue_size must be a power of two in 2..={MAX_QUEUE_SIZE}"
+            ));
+        }
+        if self.serial().len() > 20 {
+            return Err(format!("disk {id}: serial is longer than 20 bytes"));
+        }
+        match (self.is_null(), self.null_size) {
+            (true, None) => return Err(format!("disk {id}: path \"null\" needs null_size")),
+            (true, Some(size)) if size == 0 || size % 512 != 0 => {
+                return Err(format!(
+                    "disk {id}: null_size must be a non-zero multiple of 512"
+                ));
+            }
+            (false, Some(_)) => {
+                return Err(format!("disk {id}: null_size is only for path \"null\""));
+            }
+            _ => {}
+        }
+        if let Some(limits) = &self.throttle {
+            limits.validate().map_err(|e| format!("disk {id}: {e}"))?;
+        }
+        if let Some(mapping) = &self.iothread_vq_mapping {
+            if self.iothread.is_some() {
+                return Err(format!(
+                    "disk {id}: iothread and iothread_vq_mapping are exclusive"
+                ));
+            }
+            let mut seen = vec![false; usize::from(self.num_queues)];
+            for m in mapping {
+                for &vq in &m.vqs {
+                    match seen.get_mut(usize::from(vq)) {
+                        None => {
+                            return Err(format!(
+                                "disk {id}: iothread_vq_mapping names queue {vq}, but num_queues is {}",
+                                self.num_queues
+                            ));
+                        }
+                        Some(true) => return Err(format!("disk {id}: queue {vq} is mapped twice")),
+                        Some(s) => *s = true,
+                    }
+                }
+            }
+            if let Some(vq) = seen.iter().position(|s| !s) {
+                return Err(format!(
+                    "disk {id}: queue {vq} is in no iothread_vq_mapping entry"
+                ));
+            }
+        }
+        Ok(())
+    }
+
+    /// Which iothread serves each queue: `Some(name)` for a named iothread, `None` for
+    /// the disk's dedicated one.
+    pub fn queue_iothreads(&self) -> Vec<Option<String>> {
+        let mut out = vec![self.iothread.clone(); usize::from(self.num_queues)];
+        for m in self.iothread_vq_mapping.iter().flatten() {
+            for &vq in &m.vqs {
+                if let Some(slot) = out.get_mut(usize::from(vq)) {
+                    *slot = Some(m.iothread.clone());
+                }
+            }
+        }
+        out
+    }
+}
+
+fn check_id(what: &str, id: &str) -> Result<(), String> {
+    let ok = !id.is_empty()
+        && id.len() <= 64
+        && id
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c));
+    if ok {
+        Ok(())
+    } else {
+        Err(format!(
+            "{what} id {id:?} must be 1-64 characters of A-Z a-z 0-9 - _ ."
+        ))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn defaults_and_round_trip() {
+        let d: DiskConfig = serde_json::from_str(r#"{"id":"disk0","path":"/tmp/a.raw"}"#).unwrap();
+        assert_eq!((d.num_queues, d.queue_size), (1, 256));
+        assert_eq!((d.cache, d.aio), (CacheMode::None, AioKind::IoUring));
+        assert_eq!(d.serial(), "disk0");
+        d.validate().unwrap();
+        let back: DiskConfig = serde_json::from_str(&serde_json::to_string(&d).unwrap()).unwrap();
+        assert_eq!(back, d);
+        let t: IoThreadConfig = serde_json::from_str(r#"{"id":"io0"}"#).unwrap();
+        assert_eq!(t, IoThreadConfig::new("io0"));
+        t.validate().unwrap();
+    }
+
+    #[test]
+    fn rejects_bad_settings_with_clear_messages() {
+        let bad = |json: &str, needle: &str| {
+            let err = match serde_json::from_str::<DiskConfig>(json) {
+                Err(e) => e.to_string(),
+                Ok(d) => d.validate().unwrap_err(),
+            };
+            assert!(err.contains(needle), "{json}: {err}");
+        };
+        bad(r#"{"id":"d","path":"a","bogus":1}"#, "unknown field");
+        bad(r#"{"id":"d","path":"a","queue_size":100}"#, "power of two");
+        bad(r#"{"id":"d","path":"a","num_queues":0}"#, "num_queues");
+        bad(r#"{"id":"d","path":"a","cache":"fast"}"#, "unknown variant");
+        bad(
+            r#"{"id":"d","path":"a","serial":"123456789012345678901"}"#,
+            "serial",
+        );
+        bad(r#"{"id":"d e","path":"a"}"#, "must be 1-64");
+        bad(r#"{"id":"d","path":"null"}"#, "null_size");
+        bad(
+            r#"{"id":"d","path":"a","iothread":"io0","iothread_vq_mapping":[{"iothread":"io1","vqs":[0]}]}"#,
+            "exclusive",
+        );
+        bad(
+            r#"{"id":"d","path":"a","num_queues":2,"iothread_vq_mapping":[{"iothread":"io1","vqs":[0]}]}"#,
+            "queue 1 is in no",
+        );
+        bad(
+            r#"{"id":"d","path":"a","throttle":{"iops_total":10,"iops_read":5}}"#,
+            "iops",
+        );
+        let t = IoThreadConfig {
+            aio_max_batch: 0,
+            ..IoThreadConfig::new("io0")
+        };
+        assert!(t.validate().unwrap_err().contains("aio_max_batch"));
+    }
+
+    #[test]
+    fn queue_to_iothread_mapping() {
+        let mut d = DiskConfig::new("d", "a");
+        d.num_queues = 3;
+        assert_eq!(d.queue_iothreads(), vec![None, None, None]);
+        d.iothread_vq_mapping = Some(vec![
+            VqMapping {
+                iothread: "a".into(),
+                vqs: vec![0, 2],
+            },
+            VqMapping {
+                iothread: "b".into(),
+                vqs: vec![1],
+            },
+        ]);
+        d.validate().unwrap();
+        let names: Vec<_> = d
+            .queue_iothreads()
+            .into_iter()
+            .map(Option::unwrap)
+            .collect();
+        assert_eq!(names, ["a", "b", "a"]);
+    }
+}

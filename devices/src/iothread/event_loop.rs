@@ -1,0 +1,305 @@
+//! The loop of one iothread.
+
+use std::os::fd::{AsRawFd, RawFd};
+use std::sync::atomic::Ordering::Relaxed;
+use std::time::{Duration, Instant};
+
+use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
+
+use super::poll::PollWindow;
+use super::source::{FDS, IoSource};
+use super::{Command, Shared, lock};
+use crate::config::IoThreadConfig;
+use crate::virtio_blk::worker::PassWork;
+
+/// Token of the control eventfd.
+const CONTROL: u64 = u64::MAX;
+
+/// How long a stopping iothread waits for each queue's requests.
+const STOP_DRAIN: Duration = Duration::from_secs(30);
+
+struct Loop<'a> {
+    shared: &'a Shared,
+    epoll: Epoll,
+    sources: Vec<Option<Box<dyn IoSource>>>,
+    touched: Vec<bool>,
+    window: PollWindow,
+    max_batch: u32,
+}
+
+/// Runs until told to stop, then drains every queue.
+pub(super) fn run(shared: &Shared, config: IoThreadConfig) {
+    let _span = tracing::info_span!("iothread", id = %shared.id).entered();
+    record_cpu_clock(shared);
+    apply_affinity(&config);
+    let epoll = match Epoll::new() {
+        Ok(e) => e,
+        Err(e) => {
+            tracing::error!(error = %e, "cannot create epoll; iothread not running");
+            return;
+        }
+    };
+    if let Err(e) = epoll.ctl(
+        ControlOperation::Add,
+        shared.control.as_raw_fd(),
+        EpollEvent::new(EventSet::IN, CONTROL),
+    ) {
+        tracing::error!(error = %e, "cannot watch the control eventfd; iothread not running");
+        return;
+    }
+    let mut l = Loop {
+        shared,
+        epoll,
+        sources: Vec::new(),
+        touched: Vec::new(),
+        window: PollWindow::new(config.poll_max_ns, config.poll_grow, config.poll_shrink),
+        max_batch: config.aio_max_batch,
+    };
+    let mut events = vec![EpollEvent::default(); 64];
+    loop {
+        shared.counters.passes.fetch_add(1, Relaxed);
+        let polled = l.poll();
+        let started = Instant::now();
+        let timeout = if polled { 0 } else { -1 };
+        let n = match l.epoll.wait(timeout, &mut events) {
+            Ok(n) => n,
+            // io_uring task work interrupts waits; that is not an error.
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => 0,
+            Err(e) => {
+                tracing::error!(error = %e, "epoll_wait failed");
+                0
+            }
+        };
+        if !polled {
+            l.window.after_block(started.elapsed().as_nanos() as u64);
+            shared.counters.poll_ns.store(l.window.ns, Relaxed);
+        }
+        if n > 0 {
+            shared.counters.wakeups.fetch_add(1, Relaxed);
+        }
+        let mut stop = false;
+        for ev in &events[..n] {
+            let token = ev.data();
+            if token == CONTROL {
+                stop |= l.control();
+                continue;
+            }
+            let (idx, which) = ((token / FDS as u64) as usize, (token % FDS as u64) as usize);
+            if let Some(Some(source)) = l.sources.get_mut(idx) {
+                let work = source.handle(which);
+                l.count(work);
+                l.touched[idx] = true;
+            }
+        }
+        l.finish_pass();
+        if stop {
+            break;
+        }
+    }
+    l.stop();
+}
+
+impl Loop<'_> {
+    /// Spins up to the polling window looking for work; does it and returns true if found.
+    fn poll(&mut self) -> bool {
+        if self.window.ns == 0 || self.sources.is_empty() {
+            return false;
+        }
+        let deadline = Instant::now() + self.window.window();
+        loop {
+            let mut found = false;
+            for (idx, slot) in self.sources.iter_mut().enumerate() {
+                if let Some(source) = slot
+                    && source.poll_ready()
+                {
+                    let work = source.run_ready();
+                    self.shared
+                        .counters
+                        .requests
+                        .fetch_add(work.popped, Relaxed);
+                    self.shared
+                        .counters
+                        .completions
+                        .fetch_add(work.completed, Relaxed);
+                    self.touched[idx] = true;
+                    found = true;
+                }
+            }
+            if found {
+                self.shared.counters.poll_hits.fetch_add(1, Relaxed);
+                return true;
+            }
+            if Instant::now() >= deadline {
+                return false;
+            }
+            std::hint::spin_loop();
+        }
+    }
+
+    fn count(&self, work: PassWork) {
+        self.shared
+            .counters
+            .requests
+            .fetch_add(work.popped, Relaxed);
+        self.shared
+            .counters
+            .completions
+            .fetch_add(work.completed, Relaxed);
+    }
+
+    /// One interrupt per touched queue per pass.
+    fn finish_pass(&mut self) {
+        for (idx, touched) in self.touched.iter_mut().enumerate() {
+            if std::mem::take(touched)
+                && let Some(Some(source)) = self.sources.get_mut(idx)
+                && source.finish_pass()
+            {
+                self.shared.counters.signals.fetch_add(1, Relaxed);
+            }
+        }
+    }
+
+    /// Runs queued commands; returns true on Stop.
+    fn control(&mut self) -> bool {
+        let _ = self.shared.control.read();
+        let commands: Vec<Command> = lock(&self.shared.commands).drain(..).collect();
+        let mut stop = false;
+        for command in commands {
+            match command {
+                Command::Add(source, reply) => {
+                    let _ = reply.send(self.add(source));
+                }
+                Command::RemoveDevice(device, timeout, reply) => {
+                    let _ = reply.send(self.remove_device(&device, timeout));
+                }
+                Command::Update(config) => self.update(&config),
+                Command::Stop => stop = true,
+            }
+        }
+        stop
+    }
+
+    fn add(&mut self, mut source: Box<dyn IoSource>) -> std::io::Result<()> {
+        source.set_max_batch(self.max_batch);
+        let idx = match self.sources.iter().position(Option::is_none) {
+            Some(idx) => idx,
+            None => {
+                self.sources.push(None);
+                self.touched.push(false);
+                self.sources.len() - 1
+            }
+        };
+        let fds = source.fds();
+        for (which, fd) in fds.iter().enumerate() {
+            let token = (idx * FDS + which) as u64;
+            if let Err(e) = self.epoll.ctl(
+                ControlOperation::Add,
+                *fd,
+                EpollEvent::new(EventSet::IN, token),
+            ) {
+                self.unwatch(&fds[..which]);
+                return Err(e);
+            }
+        }
+        tracing::debug!(
+            disk = source.device(),
+            queue = source.queue(),
+            "queue added"
+        );
+        self.sources[idx] = Some(source);
+        // A kick may have come before we watched the fd.
+        self.touched[idx] = true;
+        if let Some(Some(source)) = self.sources.get_mut(idx) {
+            let work = source.run_ready();
+            self.count(work);
+        }
+        Ok(())
+    }
+
+    fn unwatch(&self, fds: &[RawFd]) {
+        for fd in fds {
+            let _ = self
+                .epoll
+                .ctl(ControlOperation::Delete, *fd, EpollEvent::default());
+        }
+    }
+
+    fn remove_device(&mut self, device: &str, timeout: Duration) -> std::io::Result<usize> {
+        let mut removed = 0;
+        let mut result = Ok(());
+        for idx in 0..self.sources.len() {
+            if self.sources[idx]
+                .as_ref()
+                .is_none_or(|s| s.device() != device)
+            {
+                continue;
+            }
+            if let Some(mut source) = self.sources[idx].take() {
+                self.unwatch(&source.fds());
+                if let Err(e) = source.drain(timeout) {
+                    tracing::error!(disk = device, queue = source.queue(), error = %e, "drain failed");
+                    result = Err(e);
+                }
+                removed += 1;
+            }
+        }
+        result.map(|()| removed)
+    }
+
+    fn update(&mut self, config: &IoThreadConfig) {
+        self.window
+            .configure(config.poll_max_ns, config.poll_grow, config.poll_shrink);
+        self.shared.counters.poll_ns.store(self.window.ns, Relaxed);
+        self.max_batch = config.aio_max_batch;
+        for source in self.sources.iter_mut().flatten() {
+            source.set_max_batch(config.aio_max_batch);
+        }
+        apply_affinity(config);
+        tracing::info!(?config, "iothread settings changed");
+    }
+
+    fn stop(&mut self) {
+        for slot in &mut self.sources {
+            if let Some(mut source) = slot.take()
+                && let Err(e) = source.drain(STOP_DRAIN)
+            {
+                tracing::error!(disk = source.device(), queue = source.queue(), error = %e, "drain on stop");
+            }
+        }
+    }
+}
+
+fn record_cpu_clock(shared: &Shared) {
+    let mut clock: libc::clockid_t = 0;
+    // SAFETY: pthread_getcpuclockid writes one clockid_t for the calling thread.
+    let rc = unsafe { libc::pthread_getcpuclockid(libc::pthread_self(), &mut clock) };
+    if rc == 0 {
+        shared.counters.cpu_clock.store(i64::from(clock), Relaxed);
+    }
+}
+
+/// Pins the calling thread to `config.cpu_affinity` (all CPUs when empty).
+fn apply_affinity(config: &IoThreadConfig) {
+    // SAFETY: an all-zero cpu_set_t is the empty set.
+    let mut set: libc::cpu_set_t = unsafe { std::mem::zeroed() };
+    let cpus: Vec<usize> = if config.cpu_affinity.is_empty() {
+        (0..std::thread::available_parallelism()
+            .map_or(1, |n| n.get())
+            .max(1024)
+            .min(libc::CPU_SETSIZE as usize))
+            .collect()
+    } else {
+        config.cpu_affinity.clone()
+    };
+    for cpu in cpus {
+        if cpu < libc::CPU_SETSIZE as usize {
+            // SAFETY: `cpu` is below CPU_SETSIZE, so CPU_SET stays inside `set`.
+            unsafe { libc::CPU_SET(cpu, &mut set) };
+        }
+    }
+    // SAFETY: sched_setaffinity reads the set we pass; pid 0 is the calling thread.
+    let rc = unsafe { libc::sched_setaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &set) };
+    if rc != 0 && !config.cpu_affinity.is_empty() {
+        tracing::warn!(cpus = ?config.cpu_affinity, error = %std::io::Error::last_os_error(), "cannot set CPU affinity");
+    }
+}

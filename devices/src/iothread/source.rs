@@ -1,0 +1,100 @@
+//! What an iothread serves: queues of devices, behind one object-safe trait.
+
+use std::io;
+use std::os::fd::{AsRawFd, RawFd};
+use std::time::Duration;
+
+use crate::virtio_blk::worker::{LocalQueue, PassWork, QueueWorker};
+
+/// The eventfds of one source, in the order [`IoSource::handle`] numbers them.
+pub const KICK: usize = 0;
+/// Block I/O completions.
+pub const COMPLETION: usize = 1;
+/// Throttle timer.
+pub const TIMER: usize = 2;
+/// Throttle group turn.
+pub const WAKE: usize = 3;
+/// Eventfds per source.
+pub const FDS: usize = 4;
+
+/// One queue served by an iothread.
+pub trait IoSource: Send {
+    /// The device this queue belongs to.
+    fn device(&self) -> &str;
+    /// The queue index within the device.
+    fn queue(&self) -> u16;
+    /// The eventfds to watch, indexed by [`KICK`], [`COMPLETION`], [`TIMER`], [`WAKE`].
+    fn fds(&self) -> [RawFd; FDS];
+    /// Handles a readable eventfd.
+    fn handle(&mut self, which: usize) -> PassWork;
+    /// Whether work waits that can be found without a syscall (for adaptive polling).
+    fn poll_ready(&mut self) -> bool;
+    /// Does whatever work is ready (after [`IoSource::poll_ready`] said so).
+    fn run_ready(&mut self) -> PassWork;
+    /// Interrupts the driver if completions were added and it wants to hear.
+    fn finish_pass(&mut self) -> bool;
+    /// Changes the most requests submitted per syscall.
+    fn set_max_batch(&mut self, max_batch: u32);
+    /// Finishes every request in flight (for removal and shutdown).
+    fn drain(&mut self, timeout: Duration) -> io::Result<()>;
+    /// Requests in flight.
+    fn in_flight(&self) -> usize;
+}
+
+impl IoSource for QueueWorker<LocalQueue> {
+    fn device(&self) -> &str {
+        &self.shared().id
+    }
+
+    fn queue(&self) -> u16 {
+        self.index()
+    }
+
+    fn fds(&self) -> [RawFd; FDS] {
+        let kick = self.host_ref().kick.as_raw_fd();
+        [kick, self.completion_fd(), self.timer_fd(), self.wake_fd()]
+    }
+
+    fn handle(&mut self, which: usize) -> PassWork {
+        match which {
+            KICK => {
+                let _ = self.host_mut().kick.read();
+                self.process_avail()
+            }
+            COMPLETION => self.process_completions(),
+            _ => {
+                self.process_throttled();
+                PassWork::default()
+            }
+        }
+    }
+
+    fn poll_ready(&mut self) -> bool {
+        QueueWorker::poll_ready(self)
+    }
+
+    fn run_ready(&mut self) -> PassWork {
+        let done = self.process_completions();
+        let popped = self.process_avail();
+        PassWork {
+            popped: popped.popped,
+            completed: done.completed + popped.completed,
+        }
+    }
+
+    fn finish_pass(&mut self) -> bool {
+        QueueWorker::finish_pass(self)
+    }
+
+    fn set_max_batch(&mut self, max_batch: u32) {
+        QueueWorker::set_max_batch(self, max_batch);
+    }
+
+    fn drain(&mut self, timeout: Duration) -> io::Result<()> {
+        QueueWorker::drain(self, timeout)
+    }
+
+    fn in_flight(&self) -> usize {
+        QueueWorker::in_flight(self)
+    }
+}

@@ -1,0 +1,315 @@
+//! The `VhostUserBackend` of one virtio-blk disk.
+
+use std::io;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Duration;
+
+use block::throttle::{ThrottleGroup, ThrottleLimits};
+use block::{Disk, DiskCounters, DiskOptions};
+use vhost::vhost_user::message::{VhostUserProtocolFeatures, VhostUserVirtioFeatures};
+use vhost_user_backend::{VhostUserBackend, VringEpollHandler, VringRwLock};
+use vmm_sys_util::epoll::EventSet;
+use vmm_sys_util::event::{
+    EventConsumer, EventFlag, EventNotifier, new_event_consumer_and_notifier,
+};
+
+use super::threads::Thread;
+use super::{BackendConfig, BackendCounters, DiskCountersView};
+use crate::config::{DiscardMode, IoThreadConfig};
+use crate::virtio_blk::GuestMem;
+use crate::virtio_blk::config_space::{ConfigParams, ConfigSpace, device_features};
+use crate::virtio_blk::worker::BlkShared;
+
+/// Largest data segment offered (config `size_max`).
+pub const SIZE_MAX: u32 = 1 << 20;
+/// Largest discard or write-zeroes in sectors (QEMU's BDRV_REQUEST_MAX_SECTORS).
+pub const MAX_DISCARD_SECTORS: u32 = (1 << 22) - 1;
+/// How long stopping a queue waits for its requests.
+pub(super) const DRAIN_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// The library's per-thread epoll handler, as this backend is run (`Arc<Backend>`).
+pub(super) type Handler = VringEpollHandler<Arc<Backend>>;
+
+/// One disk served over vhost-user. Use it as `Arc<Backend>` (the daemon clones it).
+pub struct Backend {
+    pub(super) config: BackendConfig,
+    pub(super) disk: Arc<Disk>,
+    pub(super) counters: Arc<DiskCounters>,
+    pub(super) shared: Arc<BlkShared>,
+    pub(super) group: ThrottleGroup,
+    pub(super) threads: Vec<Thread>,
+    /// Where each queue lives: (thread index, index within the thread).
+    pub(super) placement: Vec<(usize, usize)>,
+    config_space: Mutex<ConfigSpace>,
+    features: u64,
+    acked_features: AtomicU64,
+    event_idx: AtomicBool,
+    sessions: AtomicU64,
+}
+
+pub(super) fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+impl Backend {
+    /// Validates `config` and opens the disk.
+    pub fn new(config: BackendConfig) -> Result<Arc<Backend>, String> {
+        config.validate()?;
+        let d = &config.disk;
+        let disk = if d.is_null() {
+            Disk::null(d.null_size.unwrap_or(0))
+        } else {
+            let options = DiskOptions {
+                path: d.path.clone(),
+                readonly: d.readonly,
+                cache: d.cache,
+            };
+            Disk::open(&options).map_err(|e| format!("disk {}: {e}", d.id))?
+        };
+        let readonly = d.readonly || disk.readonly();
+        let discard = d.discard == DiscardMode::Unmap;
+        let writeback = d.cache.write_cache();
+        let seg_max = u32::from(d.queue_size).saturating_sub(2).max(1);
+        let space = ConfigSpace::new(&ConfigParams {
+            capacity_bytes: disk.capacity(),
+            logical_block_size: disk.logical_block_size(),
+            physical_block_size: disk.physical_block_size(),
+            seg_max,
+            size_max: SIZE_MAX,
+            num_queues: d.num_queues,
+            writeback,
+            max_discard_sectors: if discard && !readonly {
+                MAX_DISCARD_SECTORS
+            } else {
+                0
+            },
+            max_write_zeroes_sectors: if readonly { 0 } else { MAX_DISCARD_SECTORS },
+            write_zeroes_may_unmap: discard && !readonly,
+        });
+        let limits = space.limits(readonly, discard, !readonly);
+        let shared = Arc::new(BlkShared {
+            id: d.id.clone(),
+            serial: d.serial().to_string(),
+            limits,
+            writeback: AtomicBool::new(writeback),
+            invalid_requests: AtomicU64::new(0),
+            signals: AtomicU64::new(0),
+        });
+        let limits = d.throttle.clone().unwrap_or_default();
+        let group =
+            ThrottleGroup::new(d.id.clone(), limits).map_err(|e| format!("disk {}: {e}", d.id))?;
+        let plan = config.thread_plan();
+        let mut placement = vec![(0, 0); usize::from(d.num_queues)];
+        for (t, p) in plan.iter().enumerate() {
+            for (local, &q) in p.queues.iter().enumerate() {
+                if let Some(slot) = placement.get_mut(usize::from(q)) {
+                    *slot = (t, local);
+                }
+            }
+        }
+        let threads = plan.into_iter().map(Thread::new).collect();
+        let features = device_features(readonly, d.num_queues, discard, !readonly);
+        tracing::info!(disk = %d.id, path = %d.path.display(), capacity = disk.capacity(), readonly,
+            cache = %d.cache, aio = %d.aio, queues = d.num_queues, "disk ready");
+        Ok(Arc::new(Backend {
+            disk: Arc::new(disk),
+            counters: Arc::new(DiskCounters::default()),
+            shared,
+            group,
+            threads,
+            placement,
+            config_space: Mutex::new(space),
+            features,
+            acked_features: AtomicU64::new(0),
+            event_idx: AtomicBool::new(false),
+            sessions: AtomicU64::new(0),
+            config,
+        }))
+    }
+
+    /// The configuration it serves.
+    pub fn config(&self) -> &BackendConfig {
+        &self.config
+    }
+
+    /// The disk size in bytes.
+    pub fn capacity(&self) -> u64 {
+        self.disk.capacity()
+    }
+
+    /// The virtio features acked by the current (or last) frontend.
+    pub fn acked_features(&self) -> u64 {
+        self.acked_features.load(Relaxed)
+    }
+
+    /// Whether the current frontend negotiated VIRTIO_RING_F_EVENT_IDX.
+    pub fn event_idx(&self) -> bool {
+        self.event_idx.load(Relaxed)
+    }
+
+    /// The guest's write cache setting (config `wce`).
+    pub fn writeback(&self) -> bool {
+        self.shared.writeback.load(Relaxed)
+    }
+
+    /// Changes the disk's throttle limits while I/O runs (queued requests keep their place).
+    pub fn set_throttle(&self, limits: ThrottleLimits) -> Result<(), String> {
+        self.group.set_limits(limits).map_err(|e| e.to_string())
+    }
+
+    /// Changes an iothread's settings while it runs (applied at its next event).
+    pub fn update_iothread(&self, config: IoThreadConfig) -> Result<(), String> {
+        config.validate()?;
+        let thread = self
+            .threads
+            .iter()
+            .find(|t| t.id() == config.id)
+            .ok_or_else(|| format!("no iothread {}", config.id))?;
+        thread.update(config);
+        Ok(())
+    }
+
+    /// A copy of every counter.
+    pub fn counters(&self) -> BackendCounters {
+        BackendCounters {
+            disk: DiskCountersView {
+                id: self.shared.id.clone(),
+                block: self.counters.snapshot(),
+                invalid_requests: self.shared.invalid_requests.load(Relaxed),
+                signals: self.shared.signals.load(Relaxed),
+            },
+            iothreads: self.threads.iter().map(Thread::counters).collect(),
+            sessions: self.sessions.load(Relaxed),
+        }
+    }
+
+    /// Starts serving a new frontend connection: `mem` is the atomic given to its daemon,
+    /// `handlers` the daemon's per-thread epoll handlers (one per [`Backend::queues_per_thread`]
+    /// entry).
+    pub(super) fn begin_session(&self, mem: &GuestMem, handlers: Vec<Arc<Handler>>) {
+        for (thread, handler) in self.threads.iter().zip(handlers) {
+            thread.begin_session(mem.clone(), handler, self.config.disk.num_queues);
+        }
+    }
+
+    /// Counts a frontend connection accepted.
+    pub(super) fn count_session(&self) -> u64 {
+        self.sessions.fetch_add(1, Relaxed) + 1
+    }
+
+    /// Ends the session: drains and drops every queue worker and forgets the daemon's
+    /// handlers (they hold this backend: the cycle must be broken here).
+    pub(super) fn end_session(&self) {
+        for thread in &self.threads {
+            thread.end_session();
+        }
+    }
+
+    fn stop_queue(&self, queue: u32) {
+        let Some(&(t, local)) = usize::try_from(queue)
+            .ok()
+            .and_then(|q| self.placement.get(q))
+        else {
+            return;
+        };
+        if let Some(thread) = self.threads.get(t) {
+            thread.stop_queue(local);
+        }
+    }
+}
+
+impl VhostUserBackend for Backend {
+    type Bitmap = ();
+    type Vring = VringRwLock<GuestMem>;
+
+    fn num_queues(&self) -> usize {
+        usize::from(self.config.disk.num_queues)
+    }
+
+    fn max_queue_size(&self) -> usize {
+        usize::from(self.config.disk.queue_size)
+    }
+
+    fn features(&self) -> u64 {
+        self.features | VhostUserVirtioFeatures::PROTOCOL_FEATURES.bits()
+    }
+
+    fn acked_features(&self, features: u64) {
+        self.acked_features.store(features, Relaxed);
+    }
+
+    fn protocol_features(&self) -> VhostUserProtocolFeatures {
+        VhostUserProtocolFeatures::MQ
+            | VhostUserProtocolFeatures::CONFIG
+            | VhostUserProtocolFeatures::CONFIGURE_MEM_SLOTS
+            | VhostUserProtocolFeatures::RESET_DEVICE
+    }
+
+    fn reset_device(&self) {
+        for q in 0..self.config.disk.num_queues {
+            self.stop_queue(u32::from(q));
+        }
+    }
+
+    fn set_event_idx(&self, enabled: bool) {
+        self.event_idx.store(enabled, Relaxed);
+    }
+
+    fn get_config(&self, offset: u32, size: u32) -> Vec<u8> {
+        // The library checks offset + size <= 4096.
+        let mut out = vec![0u8; size.min(4096) as usize];
+        lock(&self.config_space).read(u64::from(offset), &mut out);
+        out
+    }
+
+    fn set_config(&self, offset: u32, buf: &[u8]) -> io::Result<()> {
+        if let Some(writeback) = lock(&self.config_space).write(u64::from(offset), buf) {
+            tracing::info!(disk = %self.shared.id, writeback, "guest changed the write cache");
+            self.shared.writeback.store(writeback, Relaxed);
+        }
+        Ok(())
+    }
+
+    fn update_memory(&self, _mem: GuestMem) -> io::Result<()> {
+        // The workers hold the daemon's atomic, which the library has already updated.
+        Ok(())
+    }
+
+    fn queues_per_thread(&self) -> Vec<u64> {
+        self.threads.iter().map(Thread::mask).collect()
+    }
+
+    fn exit_event(&self, _thread_index: usize) -> Option<(EventConsumer, EventNotifier)> {
+        // A fresh pair for every daemon: a signalled one would stop the next daemon's workers.
+        match new_event_consumer_and_notifier(EventFlag::NONBLOCK | EventFlag::CLOEXEC) {
+            Ok(pair) => Some(pair),
+            Err(e) => {
+                tracing::error!(error = %e, "cannot create an exit eventfd");
+                None
+            }
+        }
+    }
+
+    fn stop_vring(&self, queue_index: u32) -> io::Result<()> {
+        self.stop_queue(queue_index);
+        Ok(())
+    }
+
+    fn handle_event(
+        &self,
+        device_event: u16,
+        evset: EventSet,
+        vrings: &[VringRwLock<GuestMem>],
+        thread_id: usize,
+    ) -> io::Result<()> {
+        if !evset.contains(EventSet::IN) {
+            tracing::warn!(device_event, ?evset, "unexpected event set");
+        }
+        if let Some(thread) = self.threads.get(thread_id) {
+            thread.handle_event(self, device_event, vrings);
+        }
+        // An Err would end the library's worker thread and kill its queues silently.
+        Ok(())
+    }
+}

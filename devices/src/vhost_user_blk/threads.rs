@@ -1,0 +1,485 @@
+//! The iothreads of a vhost-user backend: each is one of the library's vring worker
+//! threads (one epoll loop), serving the queues grouped on it. Besides the kicks (which
+//! the library delivers), its epoll watches each worker's completion eventfd, throttle
+//! timerfd and throttle-turn eventfd, registered as listeners with ids above the queue
+//! count. After every event the thread signals each queue it touched at most once, then
+//! polls adaptively before going back to sleep.
+
+use std::os::fd::RawFd;
+use std::sync::atomic::{AtomicI64, AtomicU64, Ordering::Relaxed};
+use std::sync::{Arc, Mutex};
+use std::time::Instant;
+
+use block::throttle::Throttle;
+use block::{DiskQueue, EngineOptions};
+use vhost_user_backend::VringRwLock;
+use vmm_sys_util::epoll::EventSet;
+use vmm_sys_util::eventfd::EventFd;
+
+use super::backend::{Backend, DRAIN_TIMEOUT, Handler, lock};
+use super::host::VringHost;
+use super::{IoThreadCountersView, ThreadPlan};
+use crate::config::IoThreadConfig;
+use crate::iothread::IoThreadCounters;
+use crate::iothread::poll::PollWindow;
+use crate::virtio_blk::GuestMem;
+use crate::virtio_blk::worker::{PassWork, QueueWorker};
+
+/// Listener kinds per worker, in id order.
+const COMPLETION: usize = 0;
+/// Throttle timer.
+const TIMER: usize = 1;
+/// Throttle group turn.
+const WAKE: usize = 2;
+/// Listeners per worker.
+const KINDS: usize = 3;
+
+/// Most polling rounds that find work, per event, before the thread goes back to epoll
+/// (so control messages waiting for the thread's lock get their turn under load).
+const MAX_POLL_ROUNDS: usize = 64;
+
+/// No CPU clock recorded.
+const NO_CLOCK: i64 = i64::MIN;
+
+type Worker = QueueWorker<VringHost>;
+
+#[derive(Default)]
+struct Counters {
+    passes: AtomicU64,
+    wakeups: AtomicU64,
+    poll_hits: AtomicU64,
+    requests: AtomicU64,
+    completions: AtomicU64,
+    signals: AtomicU64,
+    poll_ns: AtomicU64,
+    /// CPU time of the threads of past sessions.
+    cpu_base_ns: AtomicU64,
+    /// CPU clock of the current session's thread ([`NO_CLOCK`] when none).
+    cpu_clock: AtomicI64,
+}
+
+/// The part of a session a thread needs.
+struct Session {
+    handler: Arc<Handler>,
+    mem: GuestMem,
+    /// The thread has recorded its CPU clock and applied its affinity.
+    started: bool,
+    /// The first listener id: num_queues + 1.
+    id_base: u64,
+}
+
+struct State {
+    session: Option<Session>,
+    /// By index within the thread.
+    workers: Vec<Option<Worker>>,
+    touched: Vec<bool>,
+    window: PollWindow,
+    /// When the thread last went to sleep in epoll (start of its polling).
+    sleep_start: Option<Instant>,
+    /// The settings generation applied.
+    generation: u64,
+    max_batch: u32,
+}
+
+/// One iothread of a backend.
+pub(super) struct Thread {
+    id: String,
+    queues: Vec<u16>,
+    config: Mutex<IoThreadConfig>,
+    generation: AtomicU64,
+    counters: Counters,
+    state: Mutex<State>,
+}
+
+impl Thread {
+    pub(super) fn new(plan: ThreadPlan) -> Thread {
+        let c = &plan.config;
+        let n = plan.queues.len();
+        let counters = Counters::default();
+        counters.cpu_clock.store(NO_CLOCK, Relaxed);
+        Thread {
+            id: c.id.clone(),
+            state: Mutex::new(State {
+                session: None,
+                workers: (0..n).map(|_| None).collect(),
+                touched: vec![false; n],
+                window: PollWindow::new(c.poll_max_ns, c.poll_grow, c.poll_shrink),
+                sleep_start: None,
+                generation: 0,
+                max_batch: c.aio_max_batch,
+            }),
+            queues: plan.queues,
+            config: Mutex::new(plan.config),
+            generation: AtomicU64::new(0),
+            counters,
+        }
+    }
+
+    pub(super) fn id(&self) -> &str {
+        &self.id
+    }
+
+    /// The queue bitmask for `queues_per_thread`.
+    pub(super) fn mask(&self) -> u64 {
+        self.queues.iter().fold(0u64, |m, &q| {
+            m | 1u64.checked_shl(u32::from(q)).unwrap_or(0)
+        })
+    }
+
+    pub(super) fn update(&self, config: IoThreadConfig) {
+        *lock(&self.config) = config;
+        self.generation.fetch_add(1, Relaxed);
+    }
+
+    pub(super) fn counters(&self) -> IoThreadCountersView {
+        let c = &self.counters;
+        IoThreadCountersView {
+            id: self.id.clone(),
+            queues: self.queues.clone(),
+            counters: IoThreadCounters {
+                passes: c.passes.load(Relaxed),
+                wakeups: c.wakeups.load(Relaxed),
+                poll_hits: c.poll_hits.load(Relaxed),
+                requests: c.requests.load(Relaxed),
+                completions: c.completions.load(Relaxed),
+                signals: c.signals.load(Relaxed),
+                poll_ns: c.poll_ns.load(Relaxed),
+                cpu_ns: c
+                    .cpu_base_ns
+                    .load(Relaxed)
+                    .saturating_add(clock_ns(c.cpu_clock.load(Relaxed))),
+            },
+        }
+    }
+
+    pub(super) fn begin_session(&self, mem: GuestMem, handler: Arc<Handler>, num_queues: u16) {
+        let mut st = lock(&self.state);
+        st.session = Some(Session {
+            handler,
+            mem,
+            started: false,
+            id_base: u64::from(num_queues) + 1,
+        });
+        st.sleep_start = None;
+    }
+
+    pub(super) fn end_session(&self) {
+        let mut st = lock(&self.state);
+        for local in 0..st.workers.len() {
+            self.remove_worker(&mut st, local);
+        }
+        st.session = None;
+        st.sleep_start = None;
+        // The session's thread is still alive (the daemon has not been dropped yet).
+        let clock = self.counters.cpu_clock.swap(NO_CLOCK, Relaxed);
+        self.counters
+            .cpu_base_ns
+            .fetch_add(clock_ns(clock), Relaxed);
+    }
+
+    /// Drains and drops the worker of queue `local` (GET_VRING_BASE, reset, session end).
+    pub(super) fn stop_queue(&self, local: usize) {
+        let mut st = lock(&self.state);
+        self.remove_worker(&mut st, local);
+    }
+
+    fn remove_worker(&self, st: &mut State, local: usize) {
+        let Some(mut worker) = st.workers.get_mut(local).and_then(Option::take) else {
+            return;
+        };
+        if let Some(session) = &st.session {
+            for (kind, fd) in worker_fds(&worker).into_iter().enumerate() {
+                let _ = session.handler.unregister_listener(
+                    fd,
+                    EventSet::IN,
+                    event_id(session, local, kind),
+                );
+            }
+        }
+        let in_flight = worker.in_flight();
+        if let Err(e) = worker.drain(DRAIN_TIMEOUT) {
+            tracing::error!(disk = %worker.shared().id, queue = worker.index(), error = %e, "drain failed");
+        }
+        tracing::debug!(disk = %worker.shared().id, queue = worker.index(), in_flight, "queue stopped");
+    }
+
+    /// One event of the thread's epoll: a kick (or a vring just enabled), or one of a
+    /// worker's eventfds.
+    pub(super) fn handle_event(
+        &self,
+        backend: &Backend,
+        device_event: u16,
+        vrings: &[VringRwLock<GuestMem>],
+    ) {
+        let mut guard = lock(&self.state);
+        let st = &mut *guard;
+        if let Some(since) = st.sleep_start.take() {
+            st.window.after_block(nanos(since.elapsed()));
+            self.counters.poll_ns.store(st.window.ns, Relaxed);
+        }
+        self.counters.wakeups.fetch_add(1, Relaxed);
+        self.counters.passes.fetch_add(1, Relaxed);
+        self.apply_settings(st);
+        let Some(session) = st.session.as_mut() else {
+            return;
+        };
+        if !session.started {
+            session.started = true;
+            self.counters.cpu_clock.store(current_cpu_clock(), Relaxed);
+            pin(&lock(&self.config).cpu_affinity);
+        }
+        let nq = usize::from(backend.config.disk.num_queues);
+        let d = usize::from(device_event);
+        if let Some(vring) = vrings.get(d) {
+            if st.workers.get(d).is_some_and(Option::is_none)
+                && let Err(e) = self.create_worker(backend, st, d, vring)
+            {
+                tracing::error!(disk = %backend.shared.id, queue = self.queue(d), error = %e,
+                    "cannot start the queue");
+            }
+            if let Some(Some(w)) = st.workers.get_mut(d) {
+                let work = w.process_avail();
+                self.count(work);
+                mark(&mut st.touched, d);
+            }
+        } else if let Some(rel) = d.checked_sub(nq + 1) {
+            let (local, kind) = (rel / KINDS, rel % KINDS);
+            if let Some(Some(w)) = st.workers.get_mut(local) {
+                if kind == COMPLETION {
+                    let work = w.process_completions();
+                    self.count(work);
+                } else {
+                    w.process_throttled();
+                }
+                mark(&mut st.touched, local);
+            }
+        }
+        self.finish_pass(st);
+        // As QEMU counts it, the time before the next event includes the polling.
+        st.sleep_start = Some(self.poll(st));
+    }
+
+    fn queue(&self, local: usize) -> u16 {
+        self.queues.get(local).copied().unwrap_or(u16::MAX)
+    }
+
+    fn create_worker(
+        &self,
+        backend: &Backend,
+        st: &mut State,
+        local: usize,
+        vring: &VringRwLock<GuestMem>,
+    ) -> std::io::Result<()> {
+        let Some(session) = &st.session else {
+            return Ok(());
+        };
+        let d = &backend.config.disk;
+        let wake = Arc::new(EventFd::new(libc::EFD_NONBLOCK | libc::EFD_CLOEXEC)?);
+        let waker_fd = wake.clone();
+        let member = backend.group.join(Arc::new(move || {
+            let _ = waker_fd.write(1);
+        }));
+        let options = EngineOptions {
+            kind: d.aio,
+            queue_depth: u32::from(d.queue_size),
+            max_batch: st.max_batch,
+            ..EngineOptions::default()
+        };
+        let disk = DiskQueue::new(backend.disk.clone(), &options, backend.counters.clone())
+            .map_err(std::io::Error::other)?;
+        let worker = QueueWorker::new(
+            self.queue(local),
+            VringHost::new(vring.clone()),
+            session.mem.clone(),
+            disk,
+            backend.shared.clone(),
+            Throttle::new(Some(member), None),
+            wake,
+        )?;
+        let fds = worker_fds(&worker);
+        for (kind, fd) in fds.iter().enumerate() {
+            if let Err(e) =
+                session
+                    .handler
+                    .register_listener(*fd, EventSet::IN, event_id(session, local, kind))
+            {
+                for (k, fd) in fds.iter().enumerate().take(kind) {
+                    let _ = session.handler.unregister_listener(
+                        *fd,
+                        EventSet::IN,
+                        event_id(session, local, k),
+                    );
+                }
+                return Err(e);
+            }
+        }
+        tracing::debug!(disk = %d.id, queue = self.queue(local), iothread = %self.id, "queue started");
+        if let Some(slot) = st.workers.get_mut(local) {
+            *slot = Some(worker);
+        }
+        Ok(())
+    }
+
+    fn apply_settings(&self, st: &mut State) {
+        let generation = self.generation.load(Relaxed);
+        if generation == st.generation {
+            return;
+        }
+        st.generation = generation;
+        let config = lock(&self.config).clone();
+        st.window
+            .configure(config.poll_max_ns, config.poll_grow, config.poll_shrink);
+        self.counters.poll_ns.store(st.window.ns, Relaxed);
+        st.max_batch = config.aio_max_batch;
+        for w in st.workers.iter_mut().flatten() {
+            w.set_max_batch(config.aio_max_batch);
+        }
+        if let Some(session) = st.session.as_mut() {
+            // Re-pinned at the next event of the session's thread.
+            session.started = false;
+        }
+        tracing::info!(iothread = %self.id, ?config, "iothread settings changed");
+    }
+
+    fn count(&self, work: PassWork) {
+        self.counters.requests.fetch_add(work.popped, Relaxed);
+        self.counters.completions.fetch_add(work.completed, Relaxed);
+    }
+
+    /// At most one interrupt per touched queue.
+    fn finish_pass(&self, st: &mut State) {
+        for (touched, slot) in st.touched.iter_mut().zip(st.workers.iter_mut()) {
+            if std::mem::take(touched)
+                && let Some(w) = slot
+                && w.finish_pass()
+            {
+                self.counters.signals.fetch_add(1, Relaxed);
+            }
+        }
+    }
+
+    /// Spins up to the polling window for new chains or finished I/O; while it finds
+    /// some, does it and polls again (bounded by [`MAX_POLL_ROUNDS`]). Returns when the
+    /// last round, the one that found nothing, started.
+    fn poll(&self, st: &mut State) -> Instant {
+        let mut start = Instant::now();
+        if st.window.ns == 0 {
+            return start;
+        }
+        for _ in 0..MAX_POLL_ROUNDS {
+            start = Instant::now();
+            let deadline = start + st.window.window();
+            let mut found = false;
+            loop {
+                for (local, slot) in st.workers.iter_mut().enumerate() {
+                    let Some(w) = slot else { continue };
+                    if !w.poll_ready() {
+                        continue;
+                    }
+                    let done = w.process_completions();
+                    let popped = if w.host_ref().is_live() {
+                        w.process_avail()
+                    } else {
+                        PassWork::default()
+                    };
+                    let work = PassWork {
+                        popped: popped.popped,
+                        completed: done.completed.saturating_add(popped.completed),
+                    };
+                    if work != PassWork::default() {
+                        self.count(work);
+                        mark(&mut st.touched, local);
+                        found = true;
+                    }
+                }
+                if found || Instant::now() >= deadline {
+                    break;
+                }
+                std::hint::spin_loop();
+            }
+            if !found {
+                return start;
+            }
+            self.counters.poll_hits.fetch_add(1, Relaxed);
+            self.counters.passes.fetch_add(1, Relaxed);
+            self.finish_pass(st);
+        }
+        Instant::now()
+    }
+}
+
+/// The listener id of a worker's eventfd: above the ids the library reserves
+/// (`0..=num_queues`).
+fn event_id(session: &Session, local: usize, kind: usize) -> u64 {
+    session.id_base + (local * KINDS + kind) as u64
+}
+
+/// Notes that queue `local` needs a signal check at the end of the pass.
+fn mark(touched: &mut [bool], local: usize) {
+    if let Some(t) = touched.get_mut(local) {
+        *t = true;
+    }
+}
+
+fn worker_fds(w: &Worker) -> [RawFd; KINDS] {
+    let mut fds = [0; KINDS];
+    fds[COMPLETION] = w.completion_fd();
+    fds[TIMER] = w.timer_fd();
+    fds[WAKE] = w.wake_fd();
+    fds
+}
+
+fn nanos(d: std::time::Duration) -> u64 {
+    u64::try_from(d.as_nanos()).unwrap_or(u64::MAX)
+}
+
+/// The calling thread's CPU clock id ([`NO_CLOCK`] if unknown).
+fn current_cpu_clock() -> i64 {
+    let mut clock: libc::clockid_t = 0;
+    // SAFETY: pthread_getcpuclockid writes one clockid_t for the calling thread.
+    let rc = unsafe { libc::pthread_getcpuclockid(libc::pthread_self(), &mut clock) };
+    if rc == 0 { i64::from(clock) } else { NO_CLOCK }
+}
+
+/// CPU time on the clock `clock` (0 when unknown or the thread is gone).
+fn clock_ns(clock: i64) -> u64 {
+    let Ok(clock) = libc::clockid_t::try_from(clock) else {
+        return 0;
+    };
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: clock_gettime writes one timespec; a stale clock id gives an error, not UB.
+    let rc = unsafe { libc::clock_gettime(clock, &mut ts) };
+    if rc != 0 {
+        return 0;
+    }
+    u64::try_from(ts.tv_sec)
+        .unwrap_or(0)
+        .saturating_mul(1_000_000_000)
+        + u64::try_from(ts.tv_nsec).unwrap_or(0)
+}
+
+/// Pins the calling thread to `cpus` (every CPU when empty).
+fn pin(cpus: &[usize]) {
+    // SAFETY: an all-zero cpu_set_t is the empty set.
+    let mut set: libc::cpu_set_t = unsafe { std::mem::zeroed() };
+    let max = libc::CPU_SETSIZE as usize;
+    let all: Vec<usize>;
+    let list = if cpus.is_empty() {
+        all = (0..max).collect();
+        &all[..]
+    } else {
+        cpus
+    };
+    for &cpu in list.iter().filter(|&&c| c < max) {
+        // SAFETY: `cpu` is below CPU_SETSIZE, so CPU_SET stays inside `set`.
+        unsafe { libc::CPU_SET(cpu, &mut set) };
+    }
+    // SAFETY: sched_setaffinity reads the set we pass; pid 0 is the calling thread.
+    let rc = unsafe { libc::sched_setaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &set) };
+    if rc != 0 && !cpus.is_empty() {
+        tracing::warn!(?cpus, error = %std::io::Error::last_os_error(), "cannot set CPU affinity");
+    }
+}

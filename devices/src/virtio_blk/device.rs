@@ -1,0 +1,278 @@
+//! A virtio-blk device assembled from its [`DiskConfig`]: the open disk, features, config
+//! space, throttle groups, counters, and the workers for its queues. Transports (virtio-pci
+//! under KVM, vhost-user) and tests build on this.
+
+use std::io;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+
+use block::throttle::{Throttle, ThrottleGroup, ThrottleLimits};
+use block::{AioKind, CountersSnapshot, Disk, DiskCounters, DiskOptions, DiskQueue, EngineOptions};
+use serde::Serialize;
+use vmm_sys_util::eventfd::EventFd;
+
+use super::GuestMem;
+use super::config_space::{ConfigParams, ConfigSpace, device_features};
+use super::worker::{BlkShared, QueueHost, QueueWorker};
+use crate::config::{DiscardMode, DiskConfig};
+
+/// Largest data segment the guest may use (config size_max).
+pub const SIZE_MAX: u32 = 1 << 20;
+/// Largest discard or write-zeroes, in sectors (1 GiB).
+pub const MAX_RANGE_SECTORS: u32 = (1 << 30) / 512;
+
+/// Errors of building or changing a device.
+#[derive(Debug, thiserror::Error)]
+pub enum DeviceError {
+    /// The settings are invalid.
+    #[error("{0}")]
+    Config(String),
+    /// The disk could not be opened.
+    #[error(transparent)]
+    Disk(#[from] block::Error),
+    /// A throttle setting is invalid.
+    #[error("disk {disk}: {source}")]
+    Throttle {
+        /// Disk id.
+        disk: String,
+        /// What was wrong.
+        #[source]
+        source: block::throttle::ThrottleError,
+    },
+    /// An eventfd or timerfd could not be created.
+    #[error("disk {disk}: {source}")]
+    Io {
+        /// Disk id.
+        disk: String,
+        /// What the kernel said.
+        #[source]
+        source: io::Error,
+    },
+}
+
+/// The counters of one disk.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize)]
+pub struct BlkCounters {
+    /// Block-layer counters.
+    #[serde(flatten)]
+    pub io: CountersSnapshot,
+    /// Chains rejected as malformed or unsupported.
+    pub invalid_requests: u64,
+    /// Interrupts sent to the driver.
+    pub signals: u64,
+}
+
+/// One virtio-blk disk.
+pub struct BlkDevice {
+    config: DiskConfig,
+    disk: Arc<Disk>,
+    counters: Arc<DiskCounters>,
+    shared: Arc<BlkShared>,
+    config_space: Mutex<ConfigSpace>,
+    features: u64,
+    /// The disk's own limits (a group whose members are its queues; always present so
+    /// limits can be set live, free of cost while empty).
+    own_group: ThrottleGroup,
+    shared_group: Option<ThrottleGroup>,
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+impl BlkDevice {
+    /// Opens the disk of `config` (validated), with `shared_group` when the config names a
+    /// `throttle_group` (the caller resolves the name).
+    pub fn open(
+        config: DiskConfig,
+        shared_group: Option<ThrottleGroup>,
+    ) -> Result<Self, DeviceError> {
+        config.validate().map_err(DeviceError::Config)?;
+        if config.throttle_group.is_some() != shared_group.is_some() {
+            return Err(DeviceError::Config(format!(
+                "disk {}: throttle_group {:?} was not resolved",
+                config.id, config.throttle_group
+            )));
+        }
+        let disk = if config.is_null() {
+            Disk::null(config.null_size.unwrap_or(0))
+        } else {
+            Disk::open(&DiskOptions {
+                path: config.path.clone(),
+                readonly: config.readonly,
+                cache: config.cache,
+            })?
+        };
+        let readonly = config.readonly;
+        let discard = config.discard == DiscardMode::Unmap;
+        let write_zeroes = true;
+        let features = device_features(readonly, config.num_queues, discard, write_zeroes);
+        let writeback = disk.cache().write_cache();
+        let space = ConfigSpace::new(&ConfigParams {
+            capacity_bytes: disk.capacity(),
+            logical_block_size: disk.logical_block_size(),
+            physical_block_size: disk.physical_block_size(),
+            seg_max: u32::from(config.queue_size).saturating_sub(2).max(1),
+            size_max: SIZE_MAX,
+            num_queues: config.num_queues,
+            writeback,
+            max_discard_sectors: if discard { MAX_RANGE_SECTORS } else { 0 },
+            max_write_zeroes_sectors: MAX_RANGE_SECTORS,
+            write_zeroes_may_unmap: discard,
+        });
+        let shared = Arc::new(BlkShared {
+            id: config.id.clone(),
+            serial: config.serial().to_string(),
+            limits: space.limits(readonly, discard, write_zeroes),
+            writeback: AtomicBool::new(writeback),
+            invalid_requests: AtomicU64::new(0),
+            signals: AtomicU64::new(0),
+        });
+        let own_group = ThrottleGroup::new(
+            config.id.clone(),
+            config.throttle.clone().unwrap_or_default(),
+        )
+        .map_err(|source| DeviceError::Throttle {
+            disk: config.id.clone(),
+            source,
+        })?;
+        Ok(BlkDevice {
+            disk: Arc::new(disk),
+            counters: Arc::default(),
+            shared,
+            config_space: Mutex::new(space),
+            features,
+            own_group,
+            shared_group,
+            config,
+        })
+    }
+
+    /// The disk's id.
+    pub fn id(&self) -> &str {
+        &self.config.id
+    }
+
+    /// Its settings (throttle as last set).
+    pub fn config(&self) -> DiskConfig {
+        let mut c = self.config.clone();
+        let limits = self.own_group.limits();
+        c.throttle = limits.is_enabled().then_some(limits);
+        c
+    }
+
+    /// The open disk.
+    pub fn disk(&self) -> &Arc<Disk> {
+        &self.disk
+    }
+
+    /// virtio feature bits offered to the driver.
+    pub fn features(&self) -> u64 {
+        self.features
+    }
+
+    /// State shared with the workers.
+    pub fn shared(&self) -> &Arc<BlkShared> {
+        &self.shared
+    }
+
+    /// Reads the config space (out-of-range bytes read as zero).
+    pub fn read_config(&self, offset: u64, data: &mut [u8]) {
+        lock(&self.config_space).read(offset, data);
+    }
+
+    /// Writes the config space: only the `wce` byte is writable; it switches the write
+    /// cache of every queue.
+    pub fn write_config(&self, offset: u64, data: &[u8]) {
+        if let Some(writeback) = lock(&self.config_space).write(offset, data) {
+            self.shared.writeback.store(writeback, Ordering::Relaxed);
+        }
+    }
+
+    /// The whole config space.
+    pub fn config_bytes(&self) -> Vec<u8> {
+        lock(&self.config_space).as_bytes()
+    }
+
+    /// Engine settings for one queue.
+    pub fn engine_options(&self, max_batch: u32) -> EngineOptions {
+        EngineOptions {
+            kind: self.config.aio,
+            queue_depth: u32::from(self.config.queue_size),
+            max_batch: max_batch.max(1),
+            sqpoll_idle_ms: None,
+            threads: if self.config.aio == AioKind::Threads {
+                4
+            } else {
+                1
+            },
+        }
+    }
+
+    /// A worker for queue `index` served through `host`, with its own engine.
+    pub fn new_worker<Q: QueueHost>(
+        &self,
+        index: u16,
+        host: Q,
+        mem: GuestMem,
+        max_batch: u32,
+    ) -> Result<QueueWorker<Q>, DeviceError> {
+        if index >= self.config.num_queues {
+            return Err(DeviceError::Config(format!(
+                "disk {}: queue {index} does not exist (num_queues {})",
+                self.config.id, self.config.num_queues
+            )));
+        }
+        let io_err = |source| DeviceError::Io {
+            disk: self.config.id.clone(),
+            source,
+        };
+        let queue = DiskQueue::new(
+            self.disk.clone(),
+            &self.engine_options(max_batch),
+            self.counters.clone(),
+        )?;
+        let wake = Arc::new(EventFd::new(libc::EFD_NONBLOCK | libc::EFD_CLOEXEC).map_err(io_err)?);
+        let throttle = self.throttle_for(&wake);
+        QueueWorker::new(index, host, mem, queue, self.shared.clone(), throttle, wake)
+            .map_err(io_err)
+    }
+
+    /// A queue's memberships: the disk's own group and the shared one, both waking `wake`.
+    pub fn throttle_for(&self, wake: &Arc<EventFd>) -> Throttle {
+        let waker = |wake: &Arc<EventFd>| {
+            let wake = wake.clone();
+            Arc::new(move || {
+                let _ = wake.write(1);
+            }) as block::throttle::MemberWaker
+        };
+        Throttle::new(
+            Some(self.own_group.join(waker(wake))),
+            self.shared_group.as_ref().map(|g| g.join(waker(wake))),
+        )
+    }
+
+    /// Changes the disk's limits while it runs (None removes them); queued requests stay.
+    pub fn set_throttle(&self, limits: Option<ThrottleLimits>) -> Result<(), DeviceError> {
+        self.own_group
+            .set_limits(limits.unwrap_or_default())
+            .map_err(|source| DeviceError::Throttle {
+                disk: self.config.id.clone(),
+                source,
+            })
+    }
+
+    /// The shared throttle group, if any.
+    pub fn shared_group(&self) -> Option<&ThrottleGroup> {
+        self.shared_group.as_ref()
+    }
+
+    /// A copy of the disk's counters.
+    pub fn counters(&self) -> BlkCounters {
+        BlkCounters {
+            io: self.counters.snapshot(),
+            invalid_requests: self.shared.invalid_requests.load(Ordering::Relaxed),
+            signals: self.shared.signals.load(Ordering::Relaxed),
+        }
+    }
+}

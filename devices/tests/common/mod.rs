@@ -1,0 +1,184 @@
+//! A virtio-blk device served by real iothreads, driven by the test-side driver.
+
+#![allow(dead_code)]
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use devices::config::{DiskConfig, IoThreadConfig};
+use devices::iothread::IoThread;
+use devices::virtio_blk::device::BlkDevice;
+
+use crate::support::{BlkDriver, BlkDriverConfig, Completion, TestMemory};
+
+/// One disk with a driver per queue.
+pub struct Disk {
+    pub device: Arc<BlkDevice>,
+    pub drivers: Vec<BlkDriver>,
+    pub image: PathBuf,
+}
+
+/// Guest memory, iothreads and disks.
+pub struct Rig {
+    pub mem: TestMemory,
+    pub iothreads: Vec<IoThread>,
+    pub disks: Vec<Disk>,
+    pub dir: tempfile::TempDir,
+}
+
+pub const QD: usize = 32;
+
+pub fn driver_config() -> BlkDriverConfig {
+    BlkDriverConfig {
+        queue_size: 128,
+        max_in_flight: QD,
+        max_data_bytes: 64 * 1024,
+        max_segments: 4,
+        ..BlkDriverConfig::default()
+    }
+}
+
+impl Rig {
+    /// Iothreads named `io0..ioN`; disks from `configs` (paths relative to the temp dir
+    /// are created with `size` bytes of zeroes); each queue handed to the iothread its
+    /// config names (`io0` when none).
+    pub fn new(iothreads: usize, configs: Vec<DiskConfig>, size: u64) -> Rig {
+        let dir = tempfile::tempdir().unwrap();
+        let queues: usize = configs.iter().map(|c| usize::from(c.num_queues)).sum();
+        let mem =
+            TestMemory::new(driver_config().footprint() * (queues as u64 + 1) + (1 << 20)).unwrap();
+        let iothreads: Vec<IoThread> = (0..iothreads)
+            .map(|i| IoThread::spawn(IoThreadConfig::new(format!("io{i}"))).unwrap())
+            .collect();
+        let mut disks = Vec::new();
+        for mut config in configs {
+            let image = dir.path().join(&config.path);
+            if !config.is_null() {
+                std::fs::File::create(&image)
+                    .unwrap()
+                    .set_len(size)
+                    .unwrap();
+                config.path = image.clone();
+            }
+            let device = Arc::new(BlkDevice::open(config.clone(), None).unwrap());
+            let mut drivers = Vec::new();
+            for (q, thread) in config.queue_iothreads().into_iter().enumerate() {
+                let drv = BlkDriver::new(&mem, driver_config()).unwrap();
+                let name = thread.unwrap_or_else(|| "io0".into());
+                let io = iothreads
+                    .iter()
+                    .find(|t| t.id() == name)
+                    .expect("iothread exists");
+                let worker = device
+                    .new_worker(q as u16, drv.local_queue().unwrap(), mem.guest_mem(), 32)
+                    .unwrap();
+                io.add(Box::new(worker)).unwrap();
+                drivers.push(drv);
+            }
+            disks.push(Disk {
+                device,
+                drivers,
+                image,
+            });
+        }
+        Rig {
+            mem,
+            iothreads,
+            disks,
+            dir,
+        }
+    }
+}
+
+/// Keeps QD verified random 4K..64K reads and writes in flight on one driver for `n`
+/// requests, within sectors [first, first + sectors); returns the shadow of what it
+/// wrote (to compare with the image) and the number of completions.
+pub fn mixed_load(
+    drv: &mut BlkDriver,
+    first: u64,
+    sectors: u64,
+    n: usize,
+    seed: u64,
+) -> (Vec<u8>, usize) {
+    use rand::{Rng, SeedableRng};
+    let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+    let mut shadow = vec![0u8; (sectors * 512) as usize];
+    // Sectors with a request in flight, so that no two overlap.
+    let mut busy = vec![false; sectors as usize];
+    let mut pending: std::collections::HashMap<u64, (bool, u64, Vec<u8>)> = Default::default();
+    let (mut issued, mut done) = (0, 0);
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while done < n {
+        assert!(Instant::now() < deadline, "load timed out: {done} of {n}");
+        while issued < n && drv.in_flight() < QD {
+            let len_sectors = rng.random_range(8..=128u64);
+            let start = rng.random_range(0..sectors - len_sectors);
+            let range = start as usize..(start + len_sectors) as usize;
+            if busy[range.clone()].iter().any(|&b| b) {
+                continue;
+            }
+            let segments = rng.random_range(1..=4);
+            if !drv.has_room(crate::support::ReqOptions {
+                segments,
+                indirect: false,
+            }) {
+                break;
+            }
+            let write = rng.random_bool(0.5);
+            let id = if write {
+                let mut data = vec![0u8; (len_sectors * 512) as usize];
+                rng.fill(&mut data[..]);
+                let id = drv.submit_write(first + start, &data, segments).unwrap();
+                pending.insert(id.0, (true, start, data));
+                id
+            } else {
+                let id = drv
+                    .submit_read(first + start, (len_sectors * 512) as u32, segments)
+                    .unwrap();
+                pending.insert(id.0, (false, start, Vec::new()));
+                id
+            };
+            let _ = id;
+            busy[range].iter_mut().for_each(|b| *b = true);
+            issued += 1;
+        }
+        drv.kick().unwrap();
+        for c in drv.wait(Duration::from_secs(10)).unwrap() {
+            let (write, start, data) = pending.remove(&c.id.0).expect("known request");
+            assert_eq!(c.status, 0, "request failed: {c:?}");
+            let off = (start * 512) as usize;
+            if write {
+                shadow[off..off + data.len()].copy_from_slice(&data);
+                busy[start as usize..start as usize + data.len() / 512]
+                    .iter_mut()
+                    .for_each(|b| *b = false);
+            } else {
+                assert_eq!(
+                    c.used_len as usize,
+                    c.data.len() + 1,
+                    "used length of a read"
+                );
+                assert!(
+                    c.data == shadow[off..off + c.data.len()],
+                    "read at sector {start} returned other data"
+                );
+                busy[start as usize..start as usize + c.data.len() / 512]
+                    .iter_mut()
+                    .for_each(|b| *b = false);
+            }
+            done += 1;
+        }
+    }
+    assert!(drv.vq().stats().missed_interrupts == 0, "lost interrupts");
+    (shadow, done)
+}
+
+/// Runs one request to completion.
+pub fn run1(drv: &mut BlkDriver, op: crate::support::BlkOp) -> Completion {
+    let opts = crate::support::ReqOptions {
+        segments: 1,
+        indirect: false,
+    };
+    drv.run(op, opts, Duration::from_secs(10)).unwrap()
+}

@@ -1,0 +1,177 @@
+//! Tests of iothread placement and of settings changed while I/O runs.
+
+use std::time::{Duration, Instant};
+
+use blkio::ReqFlags;
+
+use crate::support::{Client, MIB, Server, comps, image, read_counters, wait_one};
+
+/// `iothread_vq_mapping` (given as JSON): queue 0 on io0, queue 1 on io1; both serve I/O
+/// and each iothread counts only its own queue's requests.
+#[test]
+fn queues_spread_over_two_iothreads() {
+    let (dir, img, expect) = image(4 * MIB);
+    let disk = serde_json::json!({
+        "id": "vd", "path": img, "cache": "writeback", "num_queues": 2,
+        "iothread_vq_mapping": [{"iothread": "io0", "vqs": [0]}, {"iothread": "io1", "vqs": [1]}],
+    })
+    .to_string();
+    let counters = dir.path().join("c.json");
+    let c_arg = counters.to_str().unwrap();
+    let args = [
+        "--disk-json",
+        &disk,
+        "--iothread",
+        "id=io0",
+        "--iothread-json",
+        r#"{"id":"io1","poll_max_ns":0}"#,
+    ];
+    let mut server = Server::start(dir.path(), &[&args[..], &["--counters", c_arg]].concat());
+    let mut c = Client::connect(server.path(), 2, false, MIB).unwrap();
+    for (q, n) in [(0usize, 3u64), (1, 5)] {
+        for i in 0..n {
+            let off = (q * 65536) + i as usize * 4096;
+            let p = c.ptr(off);
+            c.queues[q].read(off as u64, p, 4096, 1, ReqFlags::empty());
+            assert_eq!(wait_one(&mut c.queues[q]), 0);
+            assert!(c.buf()[off..off + 4096] == expect[off..off + 4096]);
+        }
+    }
+    drop(c);
+    assert!(server.stop().success(), "{}", server.log());
+    let v = read_counters(&counters);
+    let threads = v["iothreads"].as_array().unwrap();
+    let got: Vec<_> = threads
+        .iter()
+        .map(|t| {
+            (
+                t["id"].as_str().unwrap(),
+                t["queues"].clone(),
+                t["requests"].as_u64().unwrap(),
+            )
+        })
+        .collect();
+    assert_eq!(
+        got,
+        [
+            ("io0", serde_json::json!([0]), 3),
+            ("io1", serde_json::json!([1]), 5)
+        ],
+        "{v}"
+    );
+    assert_eq!(v["disk"]["id"], "vd");
+    assert_eq!(v["disk"]["read"]["ops"].as_u64(), Some(8));
+}
+
+/// Measures IOPS of a QD8 4 KiB reader on `q` for `secs` (requests stay queued).
+fn measure_iops(q: &mut blkio::Blkioq, base: usize, secs: f64) -> f64 {
+    let mut cs = comps(8);
+    let t0 = Instant::now();
+    let mut n = 0u64;
+    while t0.elapsed().as_secs_f64() < secs {
+        let got = q
+            .do_io(&mut cs, 1, Some(&mut Duration::from_secs(10)), None)
+            .expect("do_io");
+        for c in &cs[..got] {
+            // SAFETY: do_io initialized the first `got` completions.
+            let c = unsafe { c.assume_init_read() };
+            assert_eq!(c.ret, 0);
+            let slot = c.user_data;
+            q.read(
+                (slot * 4096) as u64,
+                (base + slot * 4096) as *mut u8,
+                4096,
+                slot,
+                ReqFlags::empty(),
+            );
+        }
+        n += got as u64;
+    }
+    n as f64 / t0.elapsed().as_secs_f64()
+}
+
+/// The backend run in this process: throttle limits and iothread settings change while
+/// a client keeps 8 requests in flight, without losing any.
+#[test]
+fn limits_and_iothread_settings_change_while_io_runs() {
+    use devices::config::{DiskConfig, IoThreadConfig};
+    use devices::vhost_user_blk::{Backend, BackendConfig, bind, serve};
+
+    let (dir, img, _) = image(4 * MIB);
+    let mut disk = DiskConfig::new("d0", &img);
+    disk.cache = block::CacheMode::Writeback;
+    disk.iothread = Some("io0".into());
+    disk.throttle = Some(block::throttle::ThrottleLimits {
+        iops_total: 100,
+        ..Default::default()
+    });
+    let backend = Backend::new(BackendConfig {
+        disk,
+        iothreads: vec![IoThreadConfig::new("io0")],
+    })
+    .unwrap();
+    let socket = dir.path().join("s.sock");
+    let mut listener = bind(&socket).unwrap();
+    let stop = vmm_sys_util::eventfd::EventFd::new(libc::EFD_NONBLOCK).unwrap();
+    std::thread::scope(|s| {
+        let server = s.spawn(|| serve(&backend, &mut listener, &stop, false));
+        let mut c = Client::connect(socket.to_str().unwrap(), 1, false, MIB).unwrap();
+        let base = c.region.addr;
+        let q = &mut c.queues[0];
+        for slot in 0..8 {
+            q.read(
+                (slot * 4096) as u64,
+                (base + slot * 4096) as *mut u8,
+                4096,
+                slot,
+                ReqFlags::empty(),
+            );
+        }
+        measure_iops(q, base, 0.3);
+        let slow = measure_iops(q, base, 1.0);
+        backend
+            .set_throttle(block::throttle::ThrottleLimits {
+                iops_total: 400,
+                ..Default::default()
+            })
+            .unwrap();
+        measure_iops(q, base, 0.3);
+        let fast = measure_iops(q, base, 1.0);
+        assert!(
+            (85.0..=115.0).contains(&slow),
+            "{slow:.0} IOPS at iops_total=100"
+        );
+        assert!(
+            (340.0..=460.0).contains(&fast),
+            "{fast:.0} IOPS at iops_total=400"
+        );
+
+        let mut t = IoThreadConfig::new("io0");
+        t.poll_max_ns = 0;
+        t.aio_max_batch = 1;
+        backend.update_iothread(t).unwrap();
+        backend.set_throttle(Default::default()).unwrap();
+        let free = measure_iops(q, base, 0.5);
+        assert!(free > 800.0, "{free:.0} IOPS unthrottled");
+        let counters = backend.counters();
+        assert_eq!(
+            counters.iothreads[0].counters.poll_ns, 0,
+            "poll_max_ns=0 applied"
+        );
+        let mut cs = comps(8);
+        let mut left = 8;
+        while left > 0 {
+            left -= q
+                .do_io(&mut cs, 1, Some(&mut Duration::from_secs(10)), None)
+                .unwrap();
+        }
+        drop(c);
+        stop.write(1).unwrap();
+        server.join().unwrap().unwrap();
+    });
+    let c = backend.counters();
+    assert_eq!(c.disk.block.in_flight, 0);
+    assert_eq!(c.disk.block.read.errors, 0);
+    assert!(c.disk.block.throttled_ns > 0);
+    assert_eq!(c.sessions, 1);
+}

@@ -1,0 +1,192 @@
+//! Helpers of the vhost-user-blk tests: the backend process and a libblkio client.
+
+use std::io::Read;
+use std::mem::MaybeUninit;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::time::{Duration, Instant};
+
+use blkio::{Blkio, Blkioq, Completion, MemoryRegion};
+use serde_json::Value;
+
+pub const BIN: &str = env!("CARGO_BIN_EXE_vhost-user-blk");
+pub const MIB: usize = 1 << 20;
+
+/// A backend process; killed when dropped.
+pub struct Server {
+    child: Child,
+    pub socket: PathBuf,
+    log: PathBuf,
+}
+
+impl Server {
+    /// Starts the binary on `dir/s.sock` with `args` and waits until it listens.
+    pub fn start(dir: &Path, args: &[&str]) -> Server {
+        let socket = dir.join("s.sock");
+        let log = dir.join("backend.log");
+        let out = std::fs::File::create(&log).unwrap();
+        let child = Command::new(BIN)
+            .arg("--socket")
+            .arg(&socket)
+            .args(args)
+            .env("RUST_LOG", "debug")
+            .stdin(Stdio::null())
+            .stdout(out.try_clone().unwrap())
+            .stderr(out)
+            .spawn()
+            .unwrap();
+        let mut server = Server { child, socket, log };
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while !server.socket.exists() {
+            if let Ok(Some(status)) = server.child.try_wait() {
+                panic!(
+                    "backend exited ({status}) before listening:\n{}",
+                    server.log()
+                );
+            }
+            assert!(
+                Instant::now() < deadline,
+                "backend not listening:\n{}",
+                server.log()
+            );
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        server
+    }
+
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    pub fn path(&self) -> &str {
+        self.socket.to_str().unwrap()
+    }
+
+    /// SIGTERM, then waits for the exit.
+    pub fn stop(&mut self) -> ExitStatus {
+        let pid = libc::pid_t::try_from(self.child.id()).unwrap();
+        // SAFETY: our own child, not yet reaped.
+        unsafe { libc::kill(pid, libc::SIGTERM) };
+        self.wait_exit(Duration::from_secs(30))
+    }
+
+    pub fn wait_exit(&mut self, timeout: Duration) -> ExitStatus {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Some(status) = self.child.try_wait().unwrap() {
+                return status;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "backend did not exit:\n{}",
+                self.log()
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        if let Ok(None) = self.child.try_wait() {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+    }
+}
+
+/// A connected libblkio instance with its queues and one mapped memory region.
+pub struct Client {
+    pub queues: Vec<Blkioq>,
+    pub region: MemoryRegion,
+    pub b: Blkio,
+}
+
+impl Client {
+    pub fn connect(
+        socket: &str,
+        num_queues: i32,
+        readonly: bool,
+        region_len: usize,
+    ) -> Result<Client, blkio::Error> {
+        let mut b = Blkio::new("virtio-blk-vhost-user")?;
+        b.set_str("path", socket)?;
+        b.set_bool("read-only", readonly)?;
+        b.connect()?;
+        b.set_i32("num-queues", num_queues)?;
+        let queues = b.start()?.queues;
+        let region = b.alloc_mem_region(region_len)?;
+        b.map_mem_region(&region)?;
+        Ok(Client { queues, region, b })
+    }
+
+    /// The region as bytes.
+    pub fn buf(&mut self) -> &mut [u8] {
+        // SAFETY: the region is mapped read-write for `len` bytes while `self` lives; the
+        // backend writes into it only while a request we wait for is in flight.
+        unsafe { std::slice::from_raw_parts_mut(self.region.addr as *mut u8, self.region.len) }
+    }
+
+    pub fn ptr(&self, off: usize) -> *mut u8 {
+        assert!(off < self.region.len);
+        (self.region.addr + off) as *mut u8
+    }
+}
+
+impl Drop for Client {
+    fn drop(&mut self) {
+        // Queues first, then the region, then the instance.
+        self.queues.clear();
+        self.b.unmap_mem_region(&self.region);
+        self.b.free_mem_region(&self.region);
+    }
+}
+
+pub fn comps(n: usize) -> Vec<MaybeUninit<Completion>> {
+    (0..n).map(|_| MaybeUninit::uninit()).collect()
+}
+
+/// Submits what is queued and waits for one completion; returns its `ret`.
+pub fn wait_one(q: &mut Blkioq) -> i32 {
+    let mut c = comps(1);
+    let mut timeout = Duration::from_secs(20);
+    let n = q.do_io(&mut c, 1, Some(&mut timeout), None).expect("do_io");
+    assert_eq!(n, 1);
+    // SAFETY: do_io initialized the first n completions.
+    unsafe { c[0].assume_init_read() }.ret
+}
+
+pub fn xorshift(state: &mut u64) -> u64 {
+    *state ^= *state << 13;
+    *state ^= *state >> 7;
+    *state ^= *state << 17;
+    *state
+}
+
+pub fn fill_random(buf: &mut [u8], seed: u64) {
+    let mut s = seed | 1;
+    for chunk in buf.chunks_mut(8) {
+        let v = xorshift(&mut s).to_le_bytes();
+        chunk.copy_from_slice(&v[..chunk.len()]);
+    }
+}
+
+/// A temp dir on a disk filesystem (O_DIRECT works there) with an image of `size` bytes
+/// holding a known pattern.
+pub fn image(size: usize) -> (tempfile::TempDir, PathBuf, Vec<u8>) {
+    let dir = tempfile::tempdir_in(env!("CARGO_TARGET_TMPDIR")).unwrap();
+    let path = dir.path().join("disk.raw");
+    let mut data = vec![0u8; size];
+    fill_random(&mut data, 0x5eed);
+    std::fs::write(&path, &data).unwrap();
+    (dir, path, data)
+}
+
+pub fn read_counters(path: &Path) -> Value {
+    let mut s = String::new();
+    std::fs::File::open(path)
+        .unwrap()
+        .read_to_string(&mut s)
+        .unwrap();
+    serde_json::from_str(&s).unwrap()
+}

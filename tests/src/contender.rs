@@ -1,0 +1,181 @@
+//! vhost-user-blk backends started as processes for benchmarks and tests: ours
+//! (`vhost-user-blk`) and qemu-storage-daemon.
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+/// A running backend process serving one disk on a Unix socket; killed on drop.
+pub struct Backend {
+    /// Short name for tables.
+    pub name: String,
+    /// The vhost-user socket.
+    pub socket: PathBuf,
+    child: Child,
+}
+
+/// What a backend serves.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Target {
+    /// A raw image file with O_DIRECT and the given engine ("io_uring" or "native").
+    File {
+        /// The image.
+        path: PathBuf,
+        /// The engine.
+        aio: &'static str,
+    },
+    /// A null backend of this size (reads return zeroes).
+    Null {
+        /// Size in bytes.
+        size: u64,
+    },
+}
+
+/// Where `qemu-storage-daemon` is, if installed.
+pub fn qsd_binary() -> Option<PathBuf> {
+    std::env::var_os("PATH").and_then(|paths| {
+        std::env::split_paths(&paths)
+            .map(|p| p.join("qemu-storage-daemon"))
+            .find(|p| p.is_file())
+    })
+}
+
+/// Where our `vhost-user-blk` binary is: beside the running executable (target/*/),
+/// or one level up (target/*/deps for tests).
+pub fn our_binary() -> Option<PathBuf> {
+    let exe = std::env::current_exe().ok()?;
+    let dir = exe.parent()?;
+    [
+        dir.join("vhost-user-blk"),
+        dir.parent()?.join("vhost-user-blk"),
+    ]
+    .into_iter()
+    .find(|p| p.is_file())
+}
+
+impl Backend {
+    /// Starts our backend serving `target` with `queues` queues on `socket`.
+    pub fn ours(
+        binary: &Path,
+        socket: &Path,
+        target: &Target,
+        queues: usize,
+    ) -> Result<Backend, String> {
+        let disk = match target {
+            Target::File { path, aio } => {
+                format!(
+                    "path={},cache=none,aio={aio},num_queues={queues},queue_size=1024",
+                    path.display()
+                )
+            }
+            Target::Null { size } => {
+                format!("path=null,null_size={size},num_queues={queues},queue_size=1024")
+            }
+        };
+        let mut cmd = Command::new(binary);
+        cmd.arg("--socket").arg(socket).arg("--disk").arg(disk);
+        Self::spawn(name_of("ours", target), socket, cmd)
+    }
+
+    /// Starts qemu-storage-daemon serving `target` from one iothread with `queues` queues.
+    pub fn qsd(
+        binary: &Path,
+        socket: &Path,
+        target: &Target,
+        queues: usize,
+    ) -> Result<Backend, String> {
+        let blockdev = match target {
+            Target::File { path, aio } => format!(
+                "driver=file,node-name=disk,filename={},cache.direct=on,aio={aio}",
+                path.display()
+            ),
+            Target::Null { size } => {
+                format!("driver=null-co,node-name=disk,size={size},read-zeroes=on")
+            }
+        };
+        let mut cmd = Command::new(binary);
+        cmd.args(["--blockdev", &blockdev, "--object", "iothread,id=io0", "--export"]).arg(format!(
+            "type=vhost-user-blk,id=exp0,node-name=disk,addr.type=unix,addr.path={},writable=on,iothread=io0,num-queues={queues}",
+            socket.display()
+        ));
+        Self::spawn(name_of("qsd", target), socket, cmd)
+    }
+
+    fn spawn(name: String, socket: &Path, mut cmd: Command) -> Result<Backend, String> {
+        let _ = std::fs::remove_file(socket);
+        let child = cmd
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .map_err(|e| format!("cannot start {name}: {e}"))?;
+        let mut backend = Backend {
+            name,
+            socket: socket.to_path_buf(),
+            child,
+        };
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while !socket.exists() {
+            if let Ok(Some(status)) = backend.child.try_wait() {
+                return Err(format!("{} exited at start: {status}", backend.name));
+            }
+            if Instant::now() > deadline {
+                return Err(format!(
+                    "{} did not create {}",
+                    backend.name,
+                    socket.display()
+                ));
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        Ok(backend)
+    }
+
+    /// The process id (for CPU accounting).
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// CPU time (user + system) the process has used so far, from /proc/<pid>/stat.
+    pub fn cpu_time(&self) -> Duration {
+        cpu_time_of(self.child.id()).unwrap_or_default()
+    }
+}
+
+impl Drop for Backend {
+    fn drop(&mut self) {
+        // SAFETY: kill with SIGTERM on our own child's pid.
+        unsafe { libc::kill(self.child.id() as libc::pid_t, libc::SIGTERM) };
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while Instant::now() < deadline {
+            if let Ok(Some(_)) = self.child.try_wait() {
+                let _ = std::fs::remove_file(&self.socket);
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        let _ = std::fs::remove_file(&self.socket);
+    }
+}
+
+fn name_of(who: &str, target: &Target) -> String {
+    match target {
+        Target::File { aio, .. } => format!("{who} file {aio}"),
+        Target::Null { .. } => format!("{who} null"),
+    }
+}
+
+/// utime + stime of a process, from /proc/<pid>/stat.
+pub fn cpu_time_of(pid: u32) -> Option<Duration> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // Fields after the command name (which may contain spaces) start after the last ')'.
+    let rest = &stat[stat.rfind(')')? + 2..];
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    let utime: u64 = fields.get(11)?.parse().ok()?;
+    let stime: u64 = fields.get(12)?.parse().ok()?;
+    // SAFETY: sysconf has no memory effects.
+    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as u64;
+    Some(Duration::from_nanos((utime + stime) * 1_000_000_000 / hz))
+}

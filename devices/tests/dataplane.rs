@@ -430,3 +430,38 @@ fn null_disk_serves_without_storage() {
     );
     assert!(r.status == 0 && r.data.iter().all(|&b| b == 0));
 }
+
+#[test]
+fn ring_indexes_wrap_at_65535() {
+    use devices::iothread::IoThread;
+    use devices::virtio_blk::device::BlkDevice;
+    use virtio_queue::QueueT;
+
+    let dir = tempfile::tempdir().unwrap();
+    let image = dir.path().join("w.raw");
+    std::fs::File::create(&image)
+        .unwrap()
+        .set_len(4 * MIB)
+        .unwrap();
+    let mut cfg = DiskConfig::new("w", &image);
+    cfg.queue_size = 128;
+    let device = BlkDevice::open(cfg, None).unwrap();
+    let mem = support::TestMemory::new(common::driver_config().footprint() + MIB).unwrap();
+    let mut drv = support::BlkDriver::new(&mem, common::driver_config()).unwrap();
+    // Start just below the wrap: as if 65,500 requests had already gone through.
+    let start = 65_500u16;
+    drv.vq_mut().start_at(start);
+    drv.vq().set_used_idx_raw(start);
+    let mut local = drv.local_queue().unwrap();
+    local.queue.set_next_avail(start);
+    local.queue.set_next_used(start);
+    let io = IoThread::spawn(IoThreadConfig::new("io0")).unwrap();
+    io.add(Box::new(
+        device.new_worker(0, local, mem.guest_mem(), 32).unwrap(),
+    ))
+    .unwrap();
+    let (shadow, done) = mixed_load(&mut drv, 0, 4 * MIB / 512, 300, 5);
+    assert_eq!(done, 300);
+    assert!(drv.vq().ring().used_idx() < start, "the used index wrapped");
+    assert!(std::fs::read(&image).unwrap() == shadow);
+}

@@ -26,8 +26,10 @@ pub struct BootOptions {
     pub script: String,
     /// Extra files put into the guest (path, content).
     pub extra_files: Vec<(String, Vec<u8>)>,
-    /// The disk, or none for a guest without one.
+    /// The disk, or none for a guest without one (the guest's /dev/vda).
     pub disk: Option<GuestDisk>,
+    /// More disks after it (/dev/vdb, /dev/vdc, ...).
+    pub extra_disks: Vec<GuestDisk>,
     /// Guest vCPUs; the guest's blk-mq makes one queue per vCPU, up to `num_queues`.
     pub cpus: u32,
     /// Guest memory in MiB (a shared memfd backend, as vhost-user needs).
@@ -45,6 +47,7 @@ impl BootOptions {
             script: script.into(),
             extra_files: Vec::new(),
             disk: None,
+            extra_disks: Vec::new(),
             cpus: 1,
             memory_mib: 512,
             timeout: Duration::from_secs(120),
@@ -143,16 +146,16 @@ pub fn boot(
                 opts.extra_cmdline
             ),
         ]);
-    if let Some(disk) = &opts.disk {
+    for (i, disk) in opts.disk.iter().chain(&opts.extra_disks).enumerate() {
         cmd.arg("-chardev")
             .arg(format!(
-                "socket,id=vu0,path={}",
+                "socket,id=vu{i},path={}",
                 disk.socket.to_str().ok_or("socket path is not UTF-8")?
             ))
             .args([
                 "-device",
                 &format!(
-                    "vhost-user-blk-pci,chardev=vu0,num-queues={}",
+                    "vhost-user-blk-pci,chardev=vu{i},num-queues={}",
                     disk.num_queues
                 ),
             ]);

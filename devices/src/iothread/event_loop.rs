@@ -30,8 +30,8 @@ struct Loop<'a> {
 /// Runs until told to stop, then drains every queue.
 pub(super) fn run(shared: &Shared, config: IoThreadConfig) {
     let _span = tracing::info_span!("iothread", id = %shared.id).entered();
-    record_cpu_clock(shared);
-    apply_affinity(&config);
+    shared.counters.record_current_thread();
+    super::pin(&config.cpu_affinity);
     let epoll = match Epoll::new() {
         Ok(e) => e,
         Err(e) => {
@@ -254,7 +254,7 @@ impl Loop<'_> {
         for source in self.sources.iter_mut().flatten() {
             source.set_max_batch(config.aio_max_batch);
         }
-        apply_affinity(config);
+        super::pin(&config.cpu_affinity);
         tracing::info!(?config, "iothread settings changed");
     }
 
@@ -266,40 +266,5 @@ impl Loop<'_> {
                 tracing::error!(disk = source.device(), queue = source.queue(), error = %e, "drain on stop");
             }
         }
-    }
-}
-
-fn record_cpu_clock(shared: &Shared) {
-    let mut clock: libc::clockid_t = 0;
-    // SAFETY: pthread_getcpuclockid writes one clockid_t for the calling thread.
-    let rc = unsafe { libc::pthread_getcpuclockid(libc::pthread_self(), &mut clock) };
-    if rc == 0 {
-        shared.counters.cpu_clock.store(i64::from(clock), Relaxed);
-    }
-}
-
-/// Pins the calling thread to `config.cpu_affinity` (all CPUs when empty).
-fn apply_affinity(config: &IoThreadConfig) {
-    // SAFETY: an all-zero cpu_set_t is the empty set.
-    let mut set: libc::cpu_set_t = unsafe { std::mem::zeroed() };
-    let cpus: Vec<usize> = if config.cpu_affinity.is_empty() {
-        (0..std::thread::available_parallelism()
-            .map_or(1, |n| n.get())
-            .max(1024)
-            .min(libc::CPU_SETSIZE as usize))
-            .collect()
-    } else {
-        config.cpu_affinity.clone()
-    };
-    for cpu in cpus {
-        if cpu < libc::CPU_SETSIZE as usize {
-            // SAFETY: `cpu` is below CPU_SETSIZE, so CPU_SET stays inside `set`.
-            unsafe { libc::CPU_SET(cpu, &mut set) };
-        }
-    }
-    // SAFETY: sched_setaffinity reads the set we pass; pid 0 is the calling thread.
-    let rc = unsafe { libc::sched_setaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &set) };
-    if rc != 0 && !config.cpu_affinity.is_empty() {
-        tracing::warn!(cpus = ?config.cpu_affinity, error = %std::io::Error::last_os_error(), "cannot set CPU affinity");
     }
 }

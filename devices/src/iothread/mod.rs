@@ -30,25 +30,29 @@ enum Command {
     Stop,
 }
 
-/// Counters of one iothread, written by its loop.
+/// Counters of one iothread loop (ours, or a vhost-user worker thread), written by the
+/// loop and read by anyone.
 #[derive(Debug)]
-struct Counters {
-    passes: AtomicU64,
-    wakeups: AtomicU64,
-    poll_hits: AtomicU64,
-    requests: AtomicU64,
-    completions: AtomicU64,
-    signals: AtomicU64,
-    poll_ns: AtomicU64,
-    /// The thread's CPU clock id, [`NO_CLOCK`] until the thread has started.
-    cpu_clock: AtomicI64,
+pub(crate) struct LoopCounters {
+    pub(crate) passes: AtomicU64,
+    pub(crate) wakeups: AtomicU64,
+    pub(crate) poll_hits: AtomicU64,
+    pub(crate) requests: AtomicU64,
+    pub(crate) completions: AtomicU64,
+    pub(crate) signals: AtomicU64,
+    pub(crate) poll_ns: AtomicU64,
+    /// CPU time of threads that served this loop before the current one.
+    pub(crate) cpu_base_ns: AtomicU64,
+    /// The current thread's CPU clock id, [`NO_CLOCK`] when none.
+    pub(crate) cpu_clock: AtomicI64,
 }
 
-const NO_CLOCK: i64 = i64::MIN;
+/// No CPU clock recorded.
+pub(crate) const NO_CLOCK: i64 = i64::MIN;
 
-impl Default for Counters {
+impl Default for LoopCounters {
     fn default() -> Self {
-        Counters {
+        LoopCounters {
             passes: AtomicU64::new(0),
             wakeups: AtomicU64::new(0),
             poll_hits: AtomicU64::new(0),
@@ -56,8 +60,39 @@ impl Default for Counters {
             completions: AtomicU64::new(0),
             signals: AtomicU64::new(0),
             poll_ns: AtomicU64::new(0),
+            cpu_base_ns: AtomicU64::new(0),
             cpu_clock: AtomicI64::new(NO_CLOCK),
         }
+    }
+}
+
+impl LoopCounters {
+    /// A copy, with the CPU time of past threads plus the current one.
+    pub(crate) fn snapshot(&self) -> IoThreadCounters {
+        IoThreadCounters {
+            passes: self.passes.load(Relaxed),
+            wakeups: self.wakeups.load(Relaxed),
+            poll_hits: self.poll_hits.load(Relaxed),
+            requests: self.requests.load(Relaxed),
+            completions: self.completions.load(Relaxed),
+            signals: self.signals.load(Relaxed),
+            poll_ns: self.poll_ns.load(Relaxed),
+            cpu_ns: self
+                .cpu_base_ns
+                .load(Relaxed)
+                .saturating_add(thread_cpu_ns(self.cpu_clock.load(Relaxed))),
+        }
+    }
+
+    /// Records the calling thread as the one serving this loop now.
+    pub(crate) fn record_current_thread(&self) {
+        self.cpu_clock.store(current_cpu_clock(), Relaxed);
+    }
+
+    /// Moves the current thread's CPU time into the base (its session is ending).
+    pub(crate) fn retire_thread(&self) {
+        let clock = self.cpu_clock.swap(NO_CLOCK, Relaxed);
+        self.cpu_base_ns.fetch_add(thread_cpu_ns(clock), Relaxed);
     }
 }
 
@@ -67,7 +102,7 @@ struct Shared {
     control: EventFd,
     commands: Mutex<VecDeque<Command>>,
     config: Mutex<IoThreadConfig>,
-    counters: Counters,
+    counters: LoopCounters,
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -110,7 +145,7 @@ impl IoThread {
             control: EventFd::new(libc::EFD_NONBLOCK | libc::EFD_CLOEXEC)?,
             commands: Mutex::new(VecDeque::new()),
             config: Mutex::new(config.clone()),
-            counters: Counters::default(),
+            counters: LoopCounters::default(),
         });
         let for_loop = shared.clone();
         let handle = std::thread::Builder::new()
@@ -162,17 +197,7 @@ impl IoThread {
 
     /// A copy of its counters.
     pub fn counters(&self) -> IoThreadCounters {
-        let c = &self.shared.counters;
-        IoThreadCounters {
-            passes: c.passes.load(Relaxed),
-            wakeups: c.wakeups.load(Relaxed),
-            poll_hits: c.poll_hits.load(Relaxed),
-            requests: c.requests.load(Relaxed),
-            completions: c.completions.load(Relaxed),
-            signals: c.signals.load(Relaxed),
-            poll_ns: c.poll_ns.load(Relaxed),
-            cpu_ns: thread_cpu_ns(c.cpu_clock.load(Relaxed)),
-        }
+        self.shared.counters.snapshot()
     }
 
     fn send(&self, command: Command) -> io::Result<()> {
@@ -195,6 +220,37 @@ impl Drop for IoThread {
         {
             tracing::error!(iothread = %self.shared.id, "iothread panicked");
         }
+    }
+}
+
+/// The calling thread's CPU clock id ([`NO_CLOCK`] if unknown).
+pub(crate) fn current_cpu_clock() -> i64 {
+    let mut clock: libc::clockid_t = 0;
+    // SAFETY: pthread_getcpuclockid writes one clockid_t for the calling thread.
+    let rc = unsafe { libc::pthread_getcpuclockid(libc::pthread_self(), &mut clock) };
+    if rc == 0 { i64::from(clock) } else { NO_CLOCK }
+}
+
+/// Pins the calling thread to `cpus` (every CPU when empty).
+pub(crate) fn pin(cpus: &[usize]) {
+    // SAFETY: an all-zero cpu_set_t is the empty set.
+    let mut set: libc::cpu_set_t = unsafe { std::mem::zeroed() };
+    let max = libc::CPU_SETSIZE as usize;
+    let all: Vec<usize>;
+    let list = if cpus.is_empty() {
+        all = (0..max).collect();
+        &all[..]
+    } else {
+        cpus
+    };
+    for &cpu in list.iter().filter(|&&c| c < max) {
+        // SAFETY: `cpu` is below CPU_SETSIZE, so CPU_SET stays inside `set`.
+        unsafe { libc::CPU_SET(cpu, &mut set) };
+    }
+    // SAFETY: sched_setaffinity reads the set we pass; pid 0 is the calling thread.
+    let rc = unsafe { libc::sched_setaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &set) };
+    if rc != 0 && !cpus.is_empty() {
+        tracing::warn!(?cpus, error = %io::Error::last_os_error(), "cannot set CPU affinity");
     }
 }
 

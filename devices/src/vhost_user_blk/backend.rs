@@ -5,8 +5,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
-use block::throttle::{ThrottleGroup, ThrottleLimits};
-use block::{Disk, DiskCounters, DiskOptions};
+use block::throttle::ThrottleLimits;
 use vhost::vhost_user::message::{VhostUserProtocolFeatures, VhostUserVirtioFeatures};
 use vhost_user_backend::{VhostUserBackend, VringEpollHandler, VringRwLock};
 use vmm_sys_util::epoll::EventSet;
@@ -16,15 +15,10 @@ use vmm_sys_util::event::{
 
 use super::threads::Thread;
 use super::{BackendConfig, BackendCounters, DiskCountersView};
-use crate::config::{DiscardMode, IoThreadConfig};
+use crate::config::IoThreadConfig;
 use crate::virtio_blk::GuestMem;
-use crate::virtio_blk::config_space::{ConfigParams, ConfigSpace, device_features};
-use crate::virtio_blk::worker::BlkShared;
+use crate::virtio_blk::device::{BlkDevice, DeviceError};
 
-/// Largest data segment offered (config `size_max`).
-pub const SIZE_MAX: u32 = 1 << 20;
-/// Largest discard or write-zeroes in sectors (QEMU's BDRV_REQUEST_MAX_SECTORS).
-pub const MAX_DISCARD_SECTORS: u32 = (1 << 22) - 1;
 /// How long stopping a queue waits for its requests.
 pub(super) const DRAIN_TIMEOUT: Duration = Duration::from_secs(30);
 
@@ -34,15 +28,11 @@ pub(super) type Handler = VringEpollHandler<Arc<Backend>>;
 /// One disk served over vhost-user. Use it as `Arc<Backend>` (the daemon clones it).
 pub struct Backend {
     pub(super) config: BackendConfig,
-    pub(super) disk: Arc<Disk>,
-    pub(super) counters: Arc<DiskCounters>,
-    pub(super) shared: Arc<BlkShared>,
-    pub(super) group: ThrottleGroup,
+    /// The disk, its config space, throttle group and counters; it makes the workers.
+    pub(super) device: BlkDevice,
     pub(super) threads: Vec<Thread>,
     /// Where each queue lives: (thread index, index within the thread).
     pub(super) placement: Vec<(usize, usize)>,
-    config_space: Mutex<ConfigSpace>,
-    features: u64,
     acked_features: AtomicU64,
     event_idx: AtomicBool,
     sessions: AtomicU64,
@@ -57,48 +47,10 @@ impl Backend {
     pub fn new(config: BackendConfig) -> Result<Arc<Backend>, String> {
         config.validate()?;
         let d = &config.disk;
-        let disk = if d.is_null() {
-            Disk::null(d.null_size.unwrap_or(0))
-        } else {
-            let options = DiskOptions {
-                path: d.path.clone(),
-                readonly: d.readonly,
-                cache: d.cache,
-            };
-            Disk::open(&options).map_err(|e| format!("disk {}: {e}", d.id))?
-        };
-        let readonly = d.readonly || disk.readonly();
-        let discard = d.discard == DiscardMode::Unmap;
-        let writeback = d.cache.write_cache();
-        let seg_max = u32::from(d.queue_size).saturating_sub(2).max(1);
-        let space = ConfigSpace::new(&ConfigParams {
-            capacity_bytes: disk.capacity(),
-            logical_block_size: disk.logical_block_size(),
-            physical_block_size: disk.physical_block_size(),
-            seg_max,
-            size_max: SIZE_MAX,
-            num_queues: d.num_queues,
-            writeback,
-            max_discard_sectors: if discard && !readonly {
-                MAX_DISCARD_SECTORS
-            } else {
-                0
-            },
-            max_write_zeroes_sectors: if readonly { 0 } else { MAX_DISCARD_SECTORS },
-            write_zeroes_may_unmap: discard && !readonly,
-        });
-        let limits = space.limits(readonly, discard, !readonly);
-        let shared = Arc::new(BlkShared {
-            id: d.id.clone(),
-            serial: d.serial().to_string(),
-            limits,
-            writeback: AtomicBool::new(writeback),
-            invalid_requests: AtomicU64::new(0),
-            signals: AtomicU64::new(0),
-        });
-        let limits = d.throttle.clone().unwrap_or_default();
-        let group =
-            ThrottleGroup::new(d.id.clone(), limits).map_err(|e| format!("disk {}: {e}", d.id))?;
+        let device = BlkDevice::open(d.clone(), None).map_err(|e| match e {
+            DeviceError::Disk(_) => format!("disk {}: {e}", d.id),
+            e => e.to_string(),
+        })?;
         let plan = config.thread_plan();
         let mut placement = vec![(0, 0); usize::from(d.num_queues)];
         for (t, p) in plan.iter().enumerate() {
@@ -109,18 +61,14 @@ impl Backend {
             }
         }
         let threads = plan.into_iter().map(Thread::new).collect();
-        let features = device_features(readonly, d.num_queues, discard, !readonly);
-        tracing::info!(disk = %d.id, path = %d.path.display(), capacity = disk.capacity(), readonly,
-            cache = %d.cache, aio = %d.aio, queues = d.num_queues, "disk ready");
+        let disk = device.disk();
+        tracing::info!(disk = %d.id, path = %d.path.display(), capacity = disk.capacity(),
+            readonly = device.shared().limits.readonly, cache = %d.cache, aio = %d.aio,
+            queues = d.num_queues, "disk ready");
         Ok(Arc::new(Backend {
-            disk: Arc::new(disk),
-            counters: Arc::new(DiskCounters::default()),
-            shared,
-            group,
+            device,
             threads,
             placement,
-            config_space: Mutex::new(space),
-            features,
             acked_features: AtomicU64::new(0),
             event_idx: AtomicBool::new(false),
             sessions: AtomicU64::new(0),
@@ -133,9 +81,9 @@ impl Backend {
         &self.config
     }
 
-    /// The disk size in bytes.
-    pub fn capacity(&self) -> u64 {
-        self.disk.capacity()
+    /// The device it serves (disk, config space, throttle, counters).
+    pub fn device(&self) -> &BlkDevice {
+        &self.device
     }
 
     /// The virtio features acked by the current (or last) frontend.
@@ -148,14 +96,11 @@ impl Backend {
         self.event_idx.load(Relaxed)
     }
 
-    /// The guest's write cache setting (config `wce`).
-    pub fn writeback(&self) -> bool {
-        self.shared.writeback.load(Relaxed)
-    }
-
     /// Changes the disk's throttle limits while I/O runs (queued requests keep their place).
     pub fn set_throttle(&self, limits: ThrottleLimits) -> Result<(), String> {
-        self.group.set_limits(limits).map_err(|e| e.to_string())
+        self.device
+            .set_throttle(Some(limits))
+            .map_err(|e| e.to_string())
     }
 
     /// Changes an iothread's settings while it runs (applied at its next event).
@@ -174,10 +119,8 @@ impl Backend {
     pub fn counters(&self) -> BackendCounters {
         BackendCounters {
             disk: DiskCountersView {
-                id: self.shared.id.clone(),
-                block: self.counters.snapshot(),
-                invalid_requests: self.shared.invalid_requests.load(Relaxed),
-                signals: self.shared.signals.load(Relaxed),
+                id: self.device.id().to_string(),
+                counters: self.device.counters(),
             },
             iothreads: self.threads.iter().map(Thread::counters).collect(),
             sessions: self.sessions.load(Relaxed),
@@ -232,7 +175,7 @@ impl VhostUserBackend for Backend {
     }
 
     fn features(&self) -> u64 {
-        self.features | VhostUserVirtioFeatures::PROTOCOL_FEATURES.bits()
+        self.device.features() | VhostUserVirtioFeatures::PROTOCOL_FEATURES.bits()
     }
 
     fn acked_features(&self, features: u64) {
@@ -259,15 +202,12 @@ impl VhostUserBackend for Backend {
     fn get_config(&self, offset: u32, size: u32) -> Vec<u8> {
         // The library checks offset + size <= 4096.
         let mut out = vec![0u8; size.min(4096) as usize];
-        lock(&self.config_space).read(u64::from(offset), &mut out);
+        self.device.read_config(u64::from(offset), &mut out);
         out
     }
 
     fn set_config(&self, offset: u32, buf: &[u8]) -> io::Result<()> {
-        if let Some(writeback) = lock(&self.config_space).write(u64::from(offset), buf) {
-            tracing::info!(disk = %self.shared.id, writeback, "guest changed the write cache");
-            self.shared.writeback.store(writeback, Relaxed);
-        }
+        self.device.write_config(u64::from(offset), buf);
         Ok(())
     }
 

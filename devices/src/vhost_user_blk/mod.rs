@@ -3,7 +3,9 @@
 //! under KVM: every queue is a [`crate::virtio_blk::worker::QueueWorker`] over the
 //! frontend's vring ([`VringHost`]).
 //!
-//! - [`Backend`]: implements `VhostUserBackend`. Its iothreads are the library's vring
+//! - [`Backend`]: implements `VhostUserBackend` over a
+//!   [`BlkDevice`](crate::virtio_blk::device::BlkDevice) (disk, features, config space,
+//!   throttle, counters, workers). Its iothreads are the library's vring
 //!   worker threads: queues are grouped by iothread (`iothread`, `iothread_vq_mapping`,
 //!   or one dedicated thread for the disk), and each thread's epoll also watches its
 //!   workers' completion, throttle-timer and throttle-turn eventfds. Adaptive polling
@@ -25,6 +27,7 @@ pub use serve::{bind, serve};
 
 use crate::config::{DiskConfig, IoThreadConfig};
 use crate::iothread::IoThreadCounters;
+use crate::virtio_blk::device::BlkCounters;
 
 /// What one `vhost-user-blk` process serves: one disk and the iothreads it names.
 #[derive(Clone, Debug, PartialEq)]
@@ -119,13 +122,9 @@ impl BackendConfig {
 pub struct DiskCountersView {
     /// The disk id.
     pub id: String,
-    /// The block layer's counters.
+    /// Its counters.
     #[serde(flatten)]
-    pub block: block::CountersSnapshot,
-    /// Chains rejected as malformed or unsupported.
-    pub invalid_requests: u64,
-    /// Interrupts sent to the frontend.
-    pub signals: u64,
+    pub counters: BlkCounters,
 }
 
 /// Counters of one iothread of a backend.

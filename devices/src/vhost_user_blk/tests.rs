@@ -138,13 +138,13 @@ mod backend {
     #[test]
     fn wce_write_switches_the_write_cache() {
         let b = backend(null_disk(1 << 20), &[]);
-        assert!(b.writeback(), "a null disk shows a write cache");
+        assert!(b.device().writeback(), "a null disk shows a write cache");
         let wce = usize::try_from(WCE_OFFSET).unwrap();
         b.set_config(WCE_OFFSET as u32, &[0]).unwrap();
-        assert!(!b.writeback());
+        assert!(!b.device().writeback());
         assert_eq!(b.get_config(0, 96)[wce], 0);
         b.set_config(WCE_OFFSET as u32, &[1]).unwrap();
-        assert!(b.writeback());
+        assert!(b.device().writeback());
         // Other writes are ignored, never an error (an Err would end the session).
         b.set_config(0, &[9, 9, 9, 9]).unwrap();
         assert_eq!(le_u64(&b.get_config(0, 8)), 2048);
@@ -204,8 +204,8 @@ mod backend {
             f & (1 << VIRTIO_BLK_F_DISCARD | 1 << VIRTIO_BLK_F_WRITE_ZEROES),
             0
         );
-        assert!(b.shared.limits.readonly);
-        assert_eq!(b.capacity(), 1 << 20);
+        assert!(b.device().shared().limits.readonly);
+        assert_eq!(b.device().disk().capacity(), 1 << 20);
     }
 
     #[test]

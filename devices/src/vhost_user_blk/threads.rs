@@ -6,22 +6,19 @@
 //! polls adaptively before going back to sleep.
 
 use std::os::fd::RawFd;
-use std::sync::atomic::{AtomicI64, AtomicU64, Ordering::Relaxed};
+use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
-use block::throttle::Throttle;
-use block::{DiskQueue, EngineOptions};
 use vhost_user_backend::VringRwLock;
 use vmm_sys_util::epoll::EventSet;
-use vmm_sys_util::eventfd::EventFd;
 
 use super::backend::{Backend, DRAIN_TIMEOUT, Handler, lock};
 use super::host::VringHost;
 use super::{IoThreadCountersView, ThreadPlan};
 use crate::config::IoThreadConfig;
-use crate::iothread::IoThreadCounters;
 use crate::iothread::poll::PollWindow;
+use crate::iothread::{LoopCounters, pin};
 use crate::virtio_blk::GuestMem;
 use crate::virtio_blk::worker::{PassWork, QueueWorker};
 
@@ -38,25 +35,7 @@ const KINDS: usize = 3;
 /// (so control messages waiting for the thread's lock get their turn under load).
 const MAX_POLL_ROUNDS: usize = 64;
 
-/// No CPU clock recorded.
-const NO_CLOCK: i64 = i64::MIN;
-
 type Worker = QueueWorker<VringHost>;
-
-#[derive(Default)]
-struct Counters {
-    passes: AtomicU64,
-    wakeups: AtomicU64,
-    poll_hits: AtomicU64,
-    requests: AtomicU64,
-    completions: AtomicU64,
-    signals: AtomicU64,
-    poll_ns: AtomicU64,
-    /// CPU time of the threads of past sessions.
-    cpu_base_ns: AtomicU64,
-    /// CPU clock of the current session's thread ([`NO_CLOCK`] when none).
-    cpu_clock: AtomicI64,
-}
 
 /// The part of a session a thread needs.
 struct Session {
@@ -87,7 +66,7 @@ pub(super) struct Thread {
     queues: Vec<u16>,
     config: Mutex<IoThreadConfig>,
     generation: AtomicU64,
-    counters: Counters,
+    counters: LoopCounters,
     state: Mutex<State>,
 }
 
@@ -95,8 +74,7 @@ impl Thread {
     pub(super) fn new(plan: ThreadPlan) -> Thread {
         let c = &plan.config;
         let n = plan.queues.len();
-        let counters = Counters::default();
-        counters.cpu_clock.store(NO_CLOCK, Relaxed);
+        let counters = LoopCounters::default();
         Thread {
             id: c.id.clone(),
             state: Mutex::new(State {
@@ -132,23 +110,10 @@ impl Thread {
     }
 
     pub(super) fn counters(&self) -> IoThreadCountersView {
-        let c = &self.counters;
         IoThreadCountersView {
             id: self.id.clone(),
             queues: self.queues.clone(),
-            counters: IoThreadCounters {
-                passes: c.passes.load(Relaxed),
-                wakeups: c.wakeups.load(Relaxed),
-                poll_hits: c.poll_hits.load(Relaxed),
-                requests: c.requests.load(Relaxed),
-                completions: c.completions.load(Relaxed),
-                signals: c.signals.load(Relaxed),
-                poll_ns: c.poll_ns.load(Relaxed),
-                cpu_ns: c
-                    .cpu_base_ns
-                    .load(Relaxed)
-                    .saturating_add(clock_ns(c.cpu_clock.load(Relaxed))),
-            },
+            counters: self.counters.snapshot(),
         }
     }
 
@@ -171,10 +136,7 @@ impl Thread {
         st.session = None;
         st.sleep_start = None;
         // The session's thread is still alive (the daemon has not been dropped yet).
-        let clock = self.counters.cpu_clock.swap(NO_CLOCK, Relaxed);
-        self.counters
-            .cpu_base_ns
-            .fetch_add(clock_ns(clock), Relaxed);
+        self.counters.retire_thread();
     }
 
     /// Drains and drops the worker of queue `local` (GET_VRING_BASE, reset, session end).
@@ -225,7 +187,7 @@ impl Thread {
         };
         if !session.started {
             session.started = true;
-            self.counters.cpu_clock.store(current_cpu_clock(), Relaxed);
+            self.counters.record_current_thread();
             pin(&lock(&self.config).cpu_affinity);
         }
         let nq = usize::from(backend.config.disk.num_queues);
@@ -234,7 +196,7 @@ impl Thread {
             if st.workers.get(d).is_some_and(Option::is_none)
                 && let Err(e) = self.create_worker(backend, st, d, vring)
             {
-                tracing::error!(disk = %backend.shared.id, queue = self.queue(d), error = %e,
+                tracing::error!(disk = %backend.device.id(), queue = self.queue(d), error = %e,
                     "cannot start the queue");
             }
             if let Some(Some(w)) = st.workers.get_mut(d) {
@@ -273,29 +235,15 @@ impl Thread {
         let Some(session) = &st.session else {
             return Ok(());
         };
-        let d = &backend.config.disk;
-        let wake = Arc::new(EventFd::new(libc::EFD_NONBLOCK | libc::EFD_CLOEXEC)?);
-        let waker_fd = wake.clone();
-        let member = backend.group.join(Arc::new(move || {
-            let _ = waker_fd.write(1);
-        }));
-        let options = EngineOptions {
-            kind: d.aio,
-            queue_depth: u32::from(d.queue_size),
-            max_batch: st.max_batch,
-            ..EngineOptions::default()
-        };
-        let disk = DiskQueue::new(backend.disk.clone(), &options, backend.counters.clone())
+        let worker = backend
+            .device
+            .new_worker(
+                self.queue(local),
+                VringHost::new(vring.clone()),
+                session.mem.clone(),
+                st.max_batch,
+            )
             .map_err(std::io::Error::other)?;
-        let worker = QueueWorker::new(
-            self.queue(local),
-            VringHost::new(vring.clone()),
-            session.mem.clone(),
-            disk,
-            backend.shared.clone(),
-            Throttle::new(Some(member), None),
-            wake,
-        )?;
         let fds = worker_fds(&worker);
         for (kind, fd) in fds.iter().enumerate() {
             if let Err(e) =
@@ -313,7 +261,7 @@ impl Thread {
                 return Err(e);
             }
         }
-        tracing::debug!(disk = %d.id, queue = self.queue(local), iothread = %self.id, "queue started");
+        tracing::debug!(disk = %backend.device.id(), queue = self.queue(local), iothread = %self.id, "queue started");
         if let Some(slot) = st.workers.get_mut(local) {
             *slot = Some(worker);
         }
@@ -431,55 +379,4 @@ fn worker_fds(w: &Worker) -> [RawFd; KINDS] {
 
 fn nanos(d: std::time::Duration) -> u64 {
     u64::try_from(d.as_nanos()).unwrap_or(u64::MAX)
-}
-
-/// The calling thread's CPU clock id ([`NO_CLOCK`] if unknown).
-fn current_cpu_clock() -> i64 {
-    let mut clock: libc::clockid_t = 0;
-    // SAFETY: pthread_getcpuclockid writes one clockid_t for the calling thread.
-    let rc = unsafe { libc::pthread_getcpuclockid(libc::pthread_self(), &mut clock) };
-    if rc == 0 { i64::from(clock) } else { NO_CLOCK }
-}
-
-/// CPU time on the clock `clock` (0 when unknown or the thread is gone).
-fn clock_ns(clock: i64) -> u64 {
-    let Ok(clock) = libc::clockid_t::try_from(clock) else {
-        return 0;
-    };
-    let mut ts = libc::timespec {
-        tv_sec: 0,
-        tv_nsec: 0,
-    };
-    // SAFETY: clock_gettime writes one timespec; a stale clock id gives an error, not UB.
-    let rc = unsafe { libc::clock_gettime(clock, &mut ts) };
-    if rc != 0 {
-        return 0;
-    }
-    u64::try_from(ts.tv_sec)
-        .unwrap_or(0)
-        .saturating_mul(1_000_000_000)
-        + u64::try_from(ts.tv_nsec).unwrap_or(0)
-}
-
-/// Pins the calling thread to `cpus` (every CPU when empty).
-fn pin(cpus: &[usize]) {
-    // SAFETY: an all-zero cpu_set_t is the empty set.
-    let mut set: libc::cpu_set_t = unsafe { std::mem::zeroed() };
-    let max = libc::CPU_SETSIZE as usize;
-    let all: Vec<usize>;
-    let list = if cpus.is_empty() {
-        all = (0..max).collect();
-        &all[..]
-    } else {
-        cpus
-    };
-    for &cpu in list.iter().filter(|&&c| c < max) {
-        // SAFETY: `cpu` is below CPU_SETSIZE, so CPU_SET stays inside `set`.
-        unsafe { libc::CPU_SET(cpu, &mut set) };
-    }
-    // SAFETY: sched_setaffinity reads the set we pass; pid 0 is the calling thread.
-    let rc = unsafe { libc::sched_setaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &set) };
-    if rc != 0 && !cpus.is_empty() {
-        tracing::warn!(?cpus, error = %std::io::Error::last_os_error(), "cannot set CPU affinity");
-    }
 }

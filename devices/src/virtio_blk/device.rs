@@ -103,11 +103,13 @@ impl BlkDevice {
                 cache: config.cache,
             })?
         };
-        let readonly = config.readonly;
-        let discard = config.discard == DiscardMode::Unmap;
-        let write_zeroes = true;
+        let readonly = config.readonly || disk.readonly();
+        // Discard and write-zeroes are offered (features, config limits) only when writable.
+        let discard = config.discard == DiscardMode::Unmap && !readonly;
+        let write_zeroes = !readonly;
         let features = device_features(readonly, config.num_queues, discard, write_zeroes);
         let writeback = disk.cache().write_cache();
+        let range_max = |offered: bool| if offered { MAX_RANGE_SECTORS } else { 0 };
         let space = ConfigSpace::new(&ConfigParams {
             capacity_bytes: disk.capacity(),
             logical_block_size: disk.logical_block_size(),
@@ -116,8 +118,8 @@ impl BlkDevice {
             size_max: SIZE_MAX,
             num_queues: config.num_queues,
             writeback,
-            max_discard_sectors: if discard { MAX_RANGE_SECTORS } else { 0 },
-            max_write_zeroes_sectors: MAX_RANGE_SECTORS,
+            max_discard_sectors: range_max(discard),
+            max_write_zeroes_sectors: range_max(write_zeroes),
             write_zeroes_may_unmap: discard,
         });
         let shared = Arc::new(BlkShared {
@@ -185,8 +187,14 @@ impl BlkDevice {
     /// cache of every queue.
     pub fn write_config(&self, offset: u64, data: &[u8]) {
         if let Some(writeback) = lock(&self.config_space).write(offset, data) {
+            tracing::info!(disk = %self.config.id, writeback, "the driver changed the write cache");
             self.shared.writeback.store(writeback, Ordering::Relaxed);
         }
+    }
+
+    /// Whether the write cache is enabled (config `wce`, as the driver last set it).
+    pub fn writeback(&self) -> bool {
+        self.shared.writeback.load(Ordering::Relaxed)
     }
 
     /// The whole config space.

@@ -170,8 +170,8 @@ fn limits_and_iothread_settings_change_while_io_runs() {
         server.join().unwrap().unwrap();
     });
     let c = backend.counters();
-    assert_eq!(c.disk.block.in_flight, 0);
-    assert_eq!(c.disk.block.read.errors, 0);
-    assert!(c.disk.block.throttled_ns > 0);
+    assert_eq!(c.disk.counters.io.in_flight, 0);
+    assert_eq!(c.disk.counters.io.read.errors, 0);
+    assert!(c.disk.counters.io.throttled_ns > 0);
     assert_eq!(c.sessions, 1);
 }

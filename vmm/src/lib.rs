@@ -1,4 +1,11 @@
-//! One VM on KVM: memory, vCPUs, boot and device wiring. Lands with issue 4.
+//! One VM on KVM: configuration, guest memory, vCPUs, boot, ACPI, PCI and device wiring.
+
+pub mod acpi;
+pub mod bus;
+pub mod config;
+pub mod kvm;
+pub mod memory;
+pub mod serial;
 
 pub use devices;
 

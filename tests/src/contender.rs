@@ -60,6 +60,7 @@ impl Backend {
         socket: &Path,
         target: &Target,
         queues: usize,
+        iothread: Option<&str>,
     ) -> Result<Backend, String> {
         let disk = match target {
             Target::File { path, aio } => {
@@ -74,6 +75,9 @@ impl Backend {
         };
         let mut cmd = Command::new(binary);
         cmd.arg("--socket").arg(socket).arg("--disk").arg(disk);
+        if let Some(settings) = iothread {
+            cmd.arg("--iothread").arg(format!("id=io0,{settings}"));
+        }
         Self::spawn(name_of("ours", target), socket, cmd)
     }
 

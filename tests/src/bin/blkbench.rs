@@ -31,6 +31,9 @@ struct Args {
     /// Queue depths.
     #[arg(long, value_delimiter = ',', default_value = "1,32")]
     qd: Vec<usize>,
+    /// Settings of our iothread, e.g. `poll_max_ns=0` (key=value,...).
+    #[arg(long)]
+    iothread: Option<String>,
     /// Skip the null backends.
     #[arg(long)]
     no_null: bool,
@@ -106,7 +109,7 @@ fn run(args: &Args) -> Result<(), String> {
                 );
                 let sock = dir.path().join("ours.sock");
                 mine.push(measure(
-                    Backend::ours(&ours, &sock, target, 1)?,
+                    Backend::ours(&ours, &sock, target, 1, args.iothread.as_deref())?,
                     workload,
                     args,
                 )?);

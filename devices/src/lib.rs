@@ -9,7 +9,9 @@
 
 pub mod config;
 pub mod iothread;
+pub mod pci;
 pub mod vhost_user_blk;
 pub mod virtio_blk;
+pub mod virtio_pci;
 
 pub use block;

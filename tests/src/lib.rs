@@ -6,3 +6,4 @@ pub mod fio;
 pub mod image;
 pub mod latency;
 pub mod linux_guest;
+pub mod test_guest;

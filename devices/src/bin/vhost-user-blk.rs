@@ -29,7 +29,7 @@ struct Args {
     #[arg(long, value_name = "PATH")]
     socket: PathBuf,
     /// The disk as key=value,... (path=, readonly=, cache=, aio=, num_queues=, queue_size=,
-    /// serial=, discard=, iothread=, throttle.<limit>=N, null_size= with path=null, id=).
+    /// serial=, discard=, iothread=, throttle.LIMIT=N, null_size= with path=null, id=).
     #[arg(
         long,
         value_name = "KEY=VALUE,...",

@@ -1,0 +1,408 @@
+//! The VM config: the JSON of ARCHITECTURE.md section 7, shared by the `vmm` binary and
+//! the API. Field names are the contract; unknown fields are rejected. `validate` reports
+//! every problem at once, each naming the field it is about.
+
+use std::collections::{HashMap, HashSet};
+use std::path::{Path, PathBuf};
+
+use block::throttle::ThrottleLimits;
+use devices::config::{DiskConfig, IoThreadConfig};
+use serde::{Deserialize, Serialize};
+
+/// Most vCPUs a VM may have.
+pub const MAX_VCPUS: u16 = 255;
+/// Smallest guest memory, in MiB.
+pub const MIN_MEMORY_MIB: u64 = 64;
+/// Largest guest memory, in MiB (1 TiB).
+pub const MAX_MEMORY_MIB: u64 = 1 << 20;
+
+/// Errors of loading or checking a VM config.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// The config file could not be read.
+    #[error("cannot read {path}: {source}")]
+    Read {
+        /// The file.
+        path: PathBuf,
+        /// Why.
+        source: std::io::Error,
+    },
+    /// The JSON is malformed, has an unknown field, a missing one or a wrong type.
+    #[error("invalid JSON: {0}")]
+    Parse(#[from] serde_json::Error),
+    /// The JSON parsed but some values are invalid; every problem is listed.
+    #[error("invalid VM config: {}", .0.join("; "))]
+    Invalid(Vec<String>),
+}
+
+impl ConfigError {
+    /// Every problem as one line each (one line for read and parse errors).
+    pub fn details(&self) -> Vec<String> {
+        match self {
+            ConfigError::Invalid(problems) => problems.clone(),
+            other => vec![other.to_string()],
+        }
+    }
+}
+
+/// A whole VM.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct VmConfig {
+    /// Name of the VM, unique among the VMs of one service.
+    pub id: String,
+    /// vCPUs.
+    #[serde(default)]
+    pub cpus: CpusConfig,
+    /// Guest RAM.
+    #[serde(default)]
+    pub memory: MemoryConfig,
+    /// What to boot.
+    pub payload: PayloadConfig,
+    /// Where the serial console goes.
+    #[serde(default)]
+    pub serial: SerialConfig,
+    /// Named iothreads that disks refer to.
+    #[serde(default)]
+    pub iothreads: Vec<IoThreadConfig>,
+    /// Throttle budgets shared by several disks.
+    #[serde(default)]
+    pub throttle_groups: Vec<ThrottleGroupConfig>,
+    /// virtio-blk disks.
+    #[serde(default)]
+    pub disks: Vec<DiskConfig>,
+}
+
+/// vCPU settings.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CpusConfig {
+    /// vCPUs started at boot (1..=255).
+    #[serde(default = "default_boot_vcpus")]
+    pub boot_vcpus: u16,
+}
+
+fn default_boot_vcpus() -> u16 {
+    1
+}
+
+impl Default for CpusConfig {
+    fn default() -> Self {
+        CpusConfig {
+            boot_vcpus: default_boot_vcpus(),
+        }
+    }
+}
+
+/// Guest RAM settings.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MemoryConfig {
+    /// Size in MiB (64..=1048576).
+    #[serde(default = "default_size_mib")]
+    pub size_mib: u64,
+    /// Back guest RAM with 2 MiB hugepages (the host must have them reserved).
+    #[serde(default)]
+    pub hugepages: bool,
+}
+
+fn default_size_mib() -> u64 {
+    512
+}
+
+impl Default for MemoryConfig {
+    fn default() -> Self {
+        MemoryConfig {
+            size_mib: default_size_mib(),
+            hugepages: false,
+        }
+    }
+}
+
+impl MemoryConfig {
+    /// Size in bytes.
+    pub fn size_bytes(&self) -> u64 {
+        self.size_mib.saturating_mul(1 << 20)
+    }
+}
+
+/// The kernel to boot, its initramfs and command line.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PayloadConfig {
+    /// A `bzImage` or an ELF `vmlinux` (PVH entry), or the test guest's ELF.
+    pub kernel: PathBuf,
+    /// Optional initramfs.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub initramfs: Option<PathBuf>,
+    /// Kernel command line.
+    #[serde(default)]
+    pub cmdline: String,
+}
+
+/// Where serial output goes.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum SerialMode {
+    /// Appended to the file at `path` (created or truncated).
+    File,
+    /// Sent to the one client connected to the Unix socket at `path`.
+    Socket,
+    /// The VMM's standard output.
+    Stdout,
+    /// Dropped. The default.
+    #[default]
+    Null,
+}
+
+/// Serial console settings.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SerialConfig {
+    /// Where output goes.
+    #[serde(default)]
+    pub mode: SerialMode,
+    /// File or socket path (`file` and `socket` modes only).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub path: Option<PathBuf>,
+}
+
+/// A named throttle budget shared by the disks that name it in `throttle_group`.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ThrottleGroupConfig {
+    /// Name, referenced by disks.
+    pub id: String,
+    /// The shared limits.
+    pub limits: ThrottleLimits,
+}
+
+impl VmConfig {
+    /// Parses and validates a JSON config.
+    pub fn from_json(json: &str) -> Result<Self, ConfigError> {
+        let config: VmConfig = serde_json::from_str(json)?;
+        config.validate()?;
+        Ok(config)
+    }
+
+    /// Reads, parses and validates a JSON config file.
+    pub fn from_file(path: &Path) -> Result<Self, ConfigError> {
+        let json = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.to_path_buf(),
+            source,
+        })?;
+        Self::from_json(&json)
+    }
+
+    /// Checks every value and cross-reference; `Err(Invalid)` lists all problems.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        let problems = self.problems();
+        if problems.is_empty() {
+            Ok(())
+        } else {
+            Err(ConfigError::Invalid(problems))
+        }
+    }
+
+    /// Every problem of the config, one message each naming its field (empty when valid).
+    pub fn problems(&self) -> Vec<String> {
+        let mut p = Vec::new();
+        if let Err(e) = check_id(&self.id) {
+            p.push(format!("id: {e}"));
+        }
+        let vcpus = self.cpus.boot_vcpus;
+        if !(1..=MAX_VCPUS).contains(&vcpus) {
+            p.push(format!(
+                "cpus.boot_vcpus must be 1..={MAX_VCPUS} (got {vcpus})"
+            ));
+        }
+        self.check_memory(&mut p);
+        self.check_payload(&mut p);
+        self.check_serial(&mut p);
+        let iothreads = self.check_iothreads(&mut p);
+        let groups = self.check_throttle_groups(&mut p);
+        self.check_disks(&iothreads, &groups, &mut p);
+        p
+    }
+
+    fn check_memory(&self, p: &mut Vec<String>) {
+        let mib = self.memory.size_mib;
+        if !(MIN_MEMORY_MIB..=MAX_MEMORY_MIB).contains(&mib) {
+            p.push(format!(
+                "memory.size_mib must be {MIN_MEMORY_MIB}..={MAX_MEMORY_MIB} (got {mib})"
+            ));
+        } else if self.memory.hugepages && !mib.is_multiple_of(2) {
+            p.push(format!(
+                "memory.size_mib must be a multiple of 2 with hugepages (2 MiB pages; got {mib})"
+            ));
+        }
+    }
+
+    fn check_payload(&self, p: &mut Vec<String>) {
+        check_file("payload.kernel", &self.payload.kernel, p);
+        if let Some(initramfs) = &self.payload.initramfs {
+            check_file("payload.initramfs", initramfs, p);
+        }
+        if self.payload.cmdline.contains('\0') {
+            p.push("payload.cmdline must not contain a NUL byte".to_string());
+        }
+    }
+
+    fn check_serial(&self, p: &mut Vec<String>) {
+        let needs_path = matches!(self.serial.mode, SerialMode::File | SerialMode::Socket);
+        let mode = match self.serial.mode {
+            SerialMode::File => "file",
+            SerialMode::Socket => "socket",
+            SerialMode::Stdout => "stdout",
+            SerialMode::Null => "null",
+        };
+        match (&self.serial.path, needs_path) {
+            (None, true) => p.push(format!(
+                "serial.path is required when serial.mode is {mode}"
+            )),
+            (Some(_), false) => p.push(format!(
+                "serial.path is only for modes file and socket (serial.mode is {mode})"
+            )),
+            (Some(path), true) if path.as_os_str().is_empty() => {
+                p.push("serial.path must not be empty".to_string())
+            }
+            _ => {}
+        }
+    }
+
+    /// Checks the iothreads; returns their names.
+    fn check_iothreads(&self, p: &mut Vec<String>) -> HashSet<&str> {
+        let mut names = HashSet::new();
+        for (i, t) in self.iothreads.iter().enumerate() {
+            if let Err(e) = t.validate() {
+                p.push(format!("iothreads[{i}]: {e}"));
+            }
+            if !names.insert(t.id.as_str()) {
+                p.push(format!(
+                    "iothreads[{i}].id {:?} is used by another iothread",
+                    t.id
+                ));
+            }
+        }
+        names
+    }
+
+    /// Checks the throttle groups; returns their names.
+    fn check_throttle_groups(&self, p: &mut Vec<String>) -> HashSet<&str> {
+        let mut names = HashSet::new();
+        for (i, g) in self.throttle_groups.iter().enumerate() {
+            if let Err(e) = check_id(&g.id) {
+                p.push(format!("throttle_groups[{i}].id: {e}"));
+            }
+            if !names.insert(g.id.as_str()) {
+                p.push(format!(
+                    "throttle_groups[{i}].id {:?} is used by another throttle group",
+                    g.id
+                ));
+            }
+            if let Err(e) = g.limits.validate() {
+                p.push(format!("throttle_groups[{i}].limits ({}): {e}", g.id));
+            }
+        }
+        names
+    }
+
+    fn check_disks(&self, iothreads: &HashSet<&str>, groups: &HashSet<&str>, p: &mut Vec<String>) {
+        let mut ids = HashSet::new();
+        let mut paths: HashMap<&Path, (usize, bool)> = HashMap::new();
+        for (i, d) in self.disks.iter().enumerate() {
+            let at = format!("disks[{i}] ({})", d.id);
+            if let Err(e) = d.validate() {
+                p.push(format!("disks[{i}]: {e}"));
+            }
+            if !ids.insert(d.id.as_str()) {
+                p.push(format!("disks[{i}].id {:?} is used by another disk", d.id));
+            }
+            if let Some(t) = &d.iothread
+                && !iothreads.contains(t.as_str())
+            {
+                p.push(format!(
+                    "{at}.iothread names {t:?}, which is not in iothreads"
+                ));
+            }
+            for (j, m) in d.iothread_vq_mapping.iter().flatten().enumerate() {
+                if !iothreads.contains(m.iothread.as_str()) {
+                    p.push(format!(
+                        "{at}.iothread_vq_mapping[{j}].iothread names {:?}, which is not in iothreads",
+                        m.iothread
+                    ));
+                }
+            }
+            if let Some(g) = &d.throttle_group
+                && !groups.contains(g.as_str())
+            {
+                p.push(format!(
+                    "{at}.throttle_group names {g:?}, which is not in throttle_groups"
+                ));
+            }
+            if !d.is_null() {
+                if let Some(&(j, ro)) = paths.get(d.path.as_path())
+                    && !(ro && d.readonly)
+                {
+                    p.push(format!(
+                        "{at}.path {} is also the image of disks[{j}]; an image may be shared only read-only",
+                        d.path.display()
+                    ));
+                }
+                paths.entry(d.path.as_path()).or_insert((i, d.readonly));
+            }
+        }
+    }
+
+    /// One line describing the VM, for logs and the binary's `config ok` message.
+    pub fn summary(&self) -> String {
+        let serial = match (&self.serial.mode, &self.serial.path) {
+            (SerialMode::File, Some(path)) => format!("file {}", path.display()),
+            (SerialMode::Socket, Some(path)) => format!("socket {}", path.display()),
+            (SerialMode::Stdout, _) => "stdout".to_string(),
+            _ => "null".to_string(),
+        };
+        format!(
+            "vm {}: {} vCPU(s), {} MiB{}, kernel {}, {} disk(s), {} iothread(s), {} throttle group(s), serial {serial}",
+            self.id,
+            self.cpus.boot_vcpus,
+            self.memory.size_mib,
+            if self.memory.hugepages {
+                " (hugepages)"
+            } else {
+                ""
+            },
+            self.payload.kernel.display(),
+            self.disks.len(),
+            self.iothreads.len(),
+            self.throttle_groups.len(),
+        )
+    }
+}
+
+fn check_file(field: &str, path: &Path, p: &mut Vec<String>) {
+    match std::fs::metadata(path) {
+        Ok(m) if m.is_file() => {}
+        Ok(_) => p.push(format!("{field}: {} is not a regular file", path.display())),
+        Err(e) => p.push(format!("{field}: {}: {e}", path.display())),
+    }
+}
+
+/// Checks a VM or throttle group name: 1-64 characters of `A-Z a-z 0-9 - _ .`.
+pub fn check_id(id: &str) -> Result<(), String> {
+    let ok = !id.is_empty()
+        && id.len() <= 64
+        && id
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c));
+    if ok {
+        Ok(())
+    } else {
+        Err(format!(
+            "{id:?} must be 1-64 characters of A-Z a-z 0-9 - _ ."
+        ))
+    }
+}
+
+#[cfg(test)]
+mod tests;

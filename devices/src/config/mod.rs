@@ -267,7 +267,9 @@ impl DiskConfig {
     }
 }
 
-fn check_id(what: &str, id: &str) -> Result<(), String> {
+/// Checks a name (of a disk, iothread, VM or throttle group): 1-64 characters of
+/// `A-Z a-z 0-9 - _ .`; the message starts with `what`.
+pub fn check_id(what: &str, id: &str) -> Result<(), String> {
     let ok = !id.is_empty()
         && id.len() <= 64
         && id

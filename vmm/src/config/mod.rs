@@ -207,7 +207,7 @@ impl VmConfig {
     /// Every problem of the config, one message each naming its field (empty when valid).
     pub fn problems(&self) -> Vec<String> {
         let mut p = Vec::new();
-        if let Err(e) = check_id(&self.id) {
+        if let Err(e) = devices::config::check_id("VM", &self.id) {
             p.push(format!("id: {e}"));
         }
         let vcpus = self.cpus.boot_vcpus;
@@ -291,7 +291,7 @@ impl VmConfig {
     fn check_throttle_groups(&self, p: &mut Vec<String>) -> HashSet<&str> {
         let mut names = HashSet::new();
         for (i, g) in self.throttle_groups.iter().enumerate() {
-            if let Err(e) = check_id(&g.id) {
+            if let Err(e) = devices::config::check_id("throttle group", &g.id) {
                 p.push(format!("throttle_groups[{i}].id: {e}"));
             }
             if !names.insert(g.id.as_str()) {
@@ -385,22 +385,6 @@ fn check_file(field: &str, path: &Path, p: &mut Vec<String>) {
         Ok(m) if m.is_file() => {}
         Ok(_) => p.push(format!("{field}: {} is not a regular file", path.display())),
         Err(e) => p.push(format!("{field}: {}: {e}", path.display())),
-    }
-}
-
-/// Checks a VM or throttle group name: 1-64 characters of `A-Z a-z 0-9 - _ .`.
-pub fn check_id(id: &str) -> Result<(), String> {
-    let ok = !id.is_empty()
-        && id.len() <= 64
-        && id
-            .chars()
-            .all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c));
-    if ok {
-        Ok(())
-    } else {
-        Err(format!(
-            "{id:?} must be 1-64 characters of A-Z a-z 0-9 - _ ."
-        ))
     }
 }
 

@@ -310,7 +310,9 @@ fn full_filesystem_gives_enospc_and_the_engine_keeps_working() {
     let fs = match Tmpfs::mount("1m") {
         Ok(fs) => fs,
         Err(e) => {
-            println!("SKIP full_filesystem test: cannot mount a tmpfs here ({e})");
+            skip(&format!(
+                "SKIP: full_filesystem test: cannot mount a tmpfs here ({e})"
+            ));
             return;
         }
     };
@@ -327,7 +329,7 @@ fn full_filesystem_gives_enospc_and_the_engine_keeps_working() {
             }) {
                 Ok(d) => Arc::new(d),
                 Err(block::Error::DirectNotSupported { .. }) => {
-                    println!("SKIP {kind}/{cache} on tmpfs: no O_DIRECT");
+                    skip(&format!("SKIP: {kind}/{cache} on tmpfs: no O_DIRECT"));
                     std::fs::remove_file(&path).unwrap();
                     continue;
                 }
@@ -430,4 +432,10 @@ fn o_direct_flag_follows_the_cache_mode() {
             "{cache}: {info}"
         );
     }
+}
+
+/// Prints a skip reason past libtest's output capture, so the test log shows it.
+fn skip(reason: &str) {
+    use std::io::Write;
+    let _ = writeln!(std::io::stdout(), "{reason}");
 }

@@ -167,6 +167,11 @@ fn clean(path: &str) -> io::Result<String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    /// Prints a skip reason past libtest's output capture, so the test log shows it.
+    fn skip(reason: &str) {
+        use std::io::Write;
+        let _ = writeln!(std::io::stdout(), "{reason}");
+    }
     use std::process::{Command, Stdio};
 
     #[test]
@@ -185,7 +190,7 @@ mod tests {
             .stdout(Stdio::piped())
             .spawn()
         else {
-            println!("SKIP cpio listing check: no cpio tool");
+            skip("SKIP: cpio listing check: no cpio tool");
             return;
         };
         child.stdin.take().unwrap().write_all(&bytes).unwrap();

@@ -1,3 +1,13 @@
-//! The REST service and its CLI. Lands with issue 5.
+//! The REST service (`vmmd`) and its CLI (`vmctl`): ARCHITECTURE.md section 7.
+//!
+//! The service is written against [`backend::VmmBackend`]; [`fake::FakeVmm`] is an
+//! in-memory test double of it (`vmmd --fake`). [`client`] is the Unix-socket HTTP
+//! client shared by `vmctl` and the tests.
+
+pub mod backend;
+pub mod client;
+pub mod fake;
+pub mod metrics;
+pub mod server;
 
 pub use vmm;

@@ -7,3 +7,4 @@ pub mod image;
 pub mod latency;
 pub mod linux_guest;
 pub mod test_guest;
+pub mod vmlinux;

@@ -1,11 +1,13 @@
 //! One VM on KVM: configuration, guest memory, vCPUs, boot, ACPI, PCI and device wiring.
 
 pub mod acpi;
+pub mod boot;
 pub mod bus;
 pub mod config;
 pub mod kvm;
 pub mod memory;
 pub mod serial;
+pub mod vm;
 
 pub use devices;
 

@@ -71,13 +71,15 @@ fn check_accepts_a_valid_config() {
 }
 
 #[test]
-fn without_check_booting_is_reported_unavailable() {
+fn a_kernel_that_cannot_be_loaded_fails_clearly() {
+    // The config is valid, but its "kernel" is not a bootable image.
     let s = setup();
     let path = write_config(s.dir.path(), "vm.json", &good_json(&s));
     let out = vmm(&["--config", path.to_str().unwrap()]);
-    assert_eq!(out.status.code(), Some(1));
+    let stderr = text(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
     assert!(text(&out.stdout).contains("config ok"));
-    assert!(text(&out.stderr).contains("booting is not built yet"));
+    assert!(stderr.contains("error: cannot create the VM"), "{stderr}");
 }
 
 #[test]

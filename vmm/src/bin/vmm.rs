@@ -10,6 +10,7 @@ use std::process::ExitCode;
 
 use clap::Parser;
 use vmm::config::VmConfig;
+use vmm::vm::{Vm, VmExit};
 
 /// Runs one VM from a JSON config file.
 #[derive(Debug, Parser)]
@@ -53,10 +54,38 @@ fn main() -> ExitCode {
     run(config)
 }
 
-/// Boots the VM and waits for it to end.
+/// Boots the VM and waits for it to end; a guest reset boots it again from the config.
 fn run(config: VmConfig) -> ExitCode {
-    // The KVM wiring (vmm::kvm, device manager, lifecycle) is not yet connected here.
-    tracing::debug!(id = %config.id, "boot requested");
-    eprintln!("error: booting is not built yet in this vmm; use --check to validate only");
+    loop {
+        let mut vm = match Vm::create(config.clone()) {
+            Ok(vm) => vm,
+            Err(e) => return fail("cannot create the VM", &e),
+        };
+        if let Err(e) = vm.boot() {
+            return fail("cannot boot the VM", &e);
+        }
+        let exit = vm.wait();
+        vm.shutdown();
+        drop(vm);
+        match exit {
+            VmExit::Poweroff | VmExit::Stopped => {
+                tracing::info!(id = %config.id, "VM powered off");
+                return ExitCode::SUCCESS;
+            }
+            VmExit::Reset => {
+                tracing::info!(id = %config.id, "guest reset: rebooting");
+            }
+            VmExit::Error(e) => {
+                let _ = writeln!(std::io::stderr(), "error: VM {} failed: {e}", config.id);
+                return ExitCode::FAILURE;
+            }
+        }
+    }
+}
+
+/// Prints `what` and `e` (whose message carries its causes) on stderr; returns the
+/// failure status.
+fn fail(what: &str, e: &dyn std::error::Error) -> ExitCode {
+    let _ = writeln!(std::io::stderr(), "error: {what}: {e}");
     ExitCode::FAILURE
 }

@@ -1,0 +1,242 @@
+//! What the REST service needs from a VMM: the [`VmmBackend`] trait, the types its
+//! operations take and return, and [`ApiError`], whose kind is the HTTP status class.
+
+use std::collections::BTreeMap;
+
+use block::throttle::ThrottleLimits;
+use devices::config::{DiskConfig, IoThreadConfig};
+use devices::iothread::IoThreadCounters;
+use devices::virtio_blk::device::BlkCounters;
+use serde::{Deserialize, Serialize};
+use utoipa::ToSchema;
+use vmm::config::VmConfig;
+
+/// The HTTP class of an [`ApiError`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ErrorKind {
+    /// 400: the input is invalid.
+    BadRequest,
+    /// 404: unknown VM, device or route.
+    NotFound,
+    /// 405: the route exists with another method.
+    MethodNotAllowed,
+    /// 409: duplicate id, wrong state, image locked.
+    Conflict,
+    /// 413: the body is larger than the service accepts.
+    PayloadTooLarge,
+    /// 500: the VMM failed.
+    Internal,
+}
+
+impl ErrorKind {
+    /// The HTTP status code.
+    pub fn status(self) -> u16 {
+        match self {
+            ErrorKind::BadRequest => 400,
+            ErrorKind::NotFound => 404,
+            ErrorKind::MethodNotAllowed => 405,
+            ErrorKind::Conflict => 409,
+            ErrorKind::PayloadTooLarge => 413,
+            ErrorKind::Internal => 500,
+        }
+    }
+}
+
+/// An error of a VMM operation, as the service reports it.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+#[error("{message}")]
+pub struct ApiError {
+    /// The HTTP class.
+    pub kind: ErrorKind,
+    /// One line saying what went wrong.
+    pub message: String,
+    /// Every individual problem (may be empty).
+    pub details: Vec<String>,
+}
+
+impl ApiError {
+    /// An error of `kind` without details.
+    pub fn new(kind: ErrorKind, message: impl Into<String>) -> Self {
+        ApiError {
+            kind,
+            message: message.into(),
+            details: Vec::new(),
+        }
+    }
+
+    /// 400.
+    pub fn bad_request(message: impl Into<String>) -> Self {
+        Self::new(ErrorKind::BadRequest, message)
+    }
+
+    /// 404.
+    pub fn not_found(message: impl Into<String>) -> Self {
+        Self::new(ErrorKind::NotFound, message)
+    }
+
+    /// 409.
+    pub fn conflict(message: impl Into<String>) -> Self {
+        Self::new(ErrorKind::Conflict, message)
+    }
+
+    /// 500.
+    pub fn internal(message: impl Into<String>) -> Self {
+        Self::new(ErrorKind::Internal, message)
+    }
+
+    /// The same error with `details`.
+    pub fn with_details(mut self, details: Vec<String>) -> Self {
+        self.details = details;
+        self
+    }
+
+    /// The JSON body.
+    pub fn body(&self) -> ErrorBody {
+        ErrorBody {
+            error: self.message.clone(),
+            details: self.details.clone(),
+        }
+    }
+}
+
+/// The body of every error response.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct ErrorBody {
+    /// One line saying what went wrong.
+    pub error: String,
+    /// Every individual problem (may be empty).
+    pub details: Vec<String>,
+}
+
+/// The state of a VM.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub enum VmState {
+    /// Created, not booted yet.
+    Created,
+    /// vCPUs running.
+    Running,
+    /// vCPUs stopped, devices quiesced.
+    Paused,
+    /// Shut down (by the API or the guest); may be booted again or deleted.
+    Shutdown,
+}
+
+impl std::fmt::Display for VmState {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let s = match self {
+            VmState::Created => "Created",
+            VmState::Running => "Running",
+            VmState::Paused => "Paused",
+            VmState::Shutdown => "Shutdown",
+        };
+        f.write_str(s)
+    }
+}
+
+/// A VM's config and state (`GET vm.info`).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, ToSchema)]
+pub struct VmInfo {
+    /// The config as created, with disks added and removed since.
+    #[schema(value_type = Object)]
+    pub config: VmConfig,
+    /// The state.
+    pub state: VmState,
+}
+
+/// One line of `GET vms`.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct VmSummary {
+    /// The VM id.
+    pub id: String,
+    /// The state.
+    pub state: VmState,
+    /// vCPUs.
+    pub vcpus: u16,
+    /// Guest RAM in MiB.
+    pub memory_mib: u64,
+    /// Number of disks.
+    pub disks: usize,
+}
+
+/// The counters of one VM (`GET vm.counters`).
+#[derive(Clone, Debug, Default, Serialize, ToSchema)]
+pub struct VmCounters {
+    /// Per disk id.
+    #[schema(value_type = Object)]
+    pub disks: BTreeMap<String, BlkCounters>,
+    /// Per iothread id (dedicated iothreads are named after their disk).
+    #[schema(value_type = Object)]
+    pub iothreads: BTreeMap<String, IoThreadCounters>,
+}
+
+/// `PUT vm.update-disk`: live, cache-independent settings of one disk.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct UpdateDisk {
+    /// The disk id.
+    pub id: String,
+    /// New limits of the disk itself (replacing the old ones; `{}` removes them).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schema(value_type = Option<Object>)]
+    pub throttle: Option<ThrottleLimits>,
+    /// New throttle group (one of the VM's `throttle_groups`; `""` leaves any group).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub throttle_group: Option<String>,
+}
+
+/// `PUT vm.remove-device`.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct RemoveDevice {
+    /// The device (disk) id.
+    pub id: String,
+}
+
+/// `GET vmm.ping`.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct PingResponse {
+    /// The service's version.
+    pub version: String,
+    /// The backend: `kvm` or `fake`.
+    pub backend: String,
+    /// Process id of the service.
+    pub pid: u32,
+}
+
+/// The operations behind the endpoints. Calls may block (they do VM work); the service
+/// runs them off its async runtime. Every `id` is a VM id already resolved by the
+/// service.
+pub trait VmmBackend: Send + Sync + 'static {
+    /// Short name for `vmm.ping` (`kvm`, `fake`).
+    fn name(&self) -> &'static str;
+    /// Creates a VM (state `Created`).
+    fn create(&self, config: VmConfig) -> Result<(), ApiError>;
+    /// Boots a created or shut-down VM.
+    fn boot(&self, id: &str) -> Result<(), ApiError>;
+    /// Pauses a running VM.
+    fn pause(&self, id: &str) -> Result<(), ApiError>;
+    /// Resumes a paused VM.
+    fn resume(&self, id: &str) -> Result<(), ApiError>;
+    /// Shuts down a running or paused VM (disk I/O drained).
+    fn shutdown(&self, id: &str) -> Result<(), ApiError>;
+    /// Reboots a running VM.
+    fn reboot(&self, id: &str) -> Result<(), ApiError>;
+    /// Shuts down (if needed) and forgets a VM.
+    fn delete(&self, id: &str) -> Result<(), ApiError>;
+    /// Config and state.
+    fn info(&self, id: &str) -> Result<VmInfo, ApiError>;
+    /// Every VM, sorted by id.
+    fn list(&self) -> Vec<VmSummary>;
+    /// Disk and iothread counters.
+    fn counters(&self, id: &str) -> Result<VmCounters, ApiError>;
+    /// Adds a disk (with its iothread) to a VM.
+    fn add_disk(&self, id: &str, disk: DiskConfig) -> Result<(), ApiError>;
+    /// Removes a device (a disk) after draining it.
+    fn remove_device(&self, id: &str, device_id: &str) -> Result<(), ApiError>;
+    /// Changes a disk's throttle limits or group.
+    fn update_disk(&self, id: &str, update: UpdateDisk) -> Result<(), ApiError>;
+    /// Changes a named iothread's polling, batching and affinity settings.
+    fn update_iothread(&self, id: &str, iothread: IoThreadConfig) -> Result<(), ApiError>;
+    /// Shuts down every VM before the service exits.
+    fn shutdown_vmm(&self) -> Result<(), ApiError>;
+}

@@ -1,0 +1,361 @@
+//! `vmctl`: the command-line client of `vmmd`. Human tables by default, `--json` for the
+//! service's JSON; a non-zero exit with the service's message on error.
+
+use std::io::Read;
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use api::client::Client;
+use clap::{CommandFactory, Parser, Subcommand};
+use devices::config::kv::{DISK_HINTS, Hints, IOTHREAD_HINTS, parse_kv_with};
+use serde_json::Value;
+
+/// Manage the VMs of a vmmd service.
+#[derive(Parser, Debug)]
+#[command(version, about)]
+struct Cli {
+    /// The service's socket [default: $XDG_RUNTIME_DIR/vmmd.sock or /run/vmmd.sock].
+    #[arg(long, global = true)]
+    api_socket: Option<PathBuf>,
+    /// The VM (optional when the service has exactly one).
+    #[arg(long, global = true)]
+    id: Option<String>,
+    /// Print the service's JSON instead of tables.
+    #[arg(long, global = true)]
+    json: bool,
+    #[command(subcommand)]
+    command: Cmd,
+}
+
+#[derive(Subcommand, Debug)]
+enum Cmd {
+    /// Create a VM from a JSON config file (`-` reads standard input).
+    Create {
+        /// The config file, or `-`.
+        file: String,
+    },
+    /// Boot the VM.
+    Boot,
+    /// Show the VM's config and state.
+    Info,
+    /// List the VMs.
+    List,
+    /// Show the VM's disk and iothread counters.
+    Counters,
+    /// Add a disk: `key=value,...` (e.g. `id=d1,path=a.raw,iothread=io0`) or JSON.
+    AddDisk {
+        /// The disk.
+        spec: String,
+    },
+    /// Remove a device (disk) by id.
+    RemoveDevice {
+        /// The device id.
+        device: String,
+    },
+    /// Change a disk's throttle live: `id=d0,throttle.iops_total=500` or JSON.
+    UpdateDisk {
+        /// The update.
+        spec: String,
+    },
+    /// Change an iothread live: `id=io0,poll_max_ns=0,cpu_affinity=1:2` or JSON.
+    UpdateIothread {
+        /// The iothread settings.
+        spec: String,
+    },
+    /// Pause the VM.
+    Pause,
+    /// Resume the VM.
+    Resume,
+    /// Shut the VM down.
+    Shutdown,
+    /// Reboot the VM.
+    Reboot,
+    /// Delete the VM.
+    Delete,
+    /// Check the service is up.
+    Ping,
+    /// Shut down every VM and the service.
+    ShutdownVmm,
+    /// Print shell completions.
+    Completions {
+        /// The shell.
+        shell: clap_complete::Shell,
+    },
+}
+
+/// A failure to report: the message and its details.
+struct Failure(String, Vec<String>);
+
+impl<E: std::fmt::Display> From<E> for Failure {
+    fn from(e: E) -> Self {
+        Failure(e.to_string(), Vec::new())
+    }
+}
+
+fn default_socket() -> PathBuf {
+    match std::env::var_os("XDG_RUNTIME_DIR") {
+        Some(dir) if !dir.is_empty() => PathBuf::from(dir).join("vmmd.sock"),
+        _ => PathBuf::from("/run/vmmd.sock"),
+    }
+}
+
+/// A `key=value,...` or JSON argument as JSON bytes.
+fn spec_json(spec: &str, hints: &Hints<'_>) -> Result<Vec<u8>, Failure> {
+    let value = if spec.trim_start().starts_with('{') {
+        serde_json::from_str::<Value>(spec).map_err(|e| format!("invalid JSON: {e}"))?
+    } else {
+        Value::Object(parse_kv_with(spec, hints)?)
+    };
+    Ok(serde_json::to_vec(&value)?)
+}
+
+fn query(id: &Option<String>) -> String {
+    match id {
+        // Ids are [A-Za-z0-9._-]; anything else is sent as is and refused by the service.
+        Some(id) => format!(
+            "?id={}",
+            id.replace('%', "%25")
+                .replace('&', "%26")
+                .replace('#', "%23")
+        ),
+        None => String::new(),
+    }
+}
+
+fn table(headers: &[&str], rows: Vec<Vec<String>>) {
+    let mut widths: Vec<usize> = headers.iter().map(|h| h.len()).collect();
+    for r in &rows {
+        for (w, c) in widths.iter_mut().zip(r) {
+            *w = (*w).max(c.len());
+        }
+    }
+    let line = |cells: Vec<String>| {
+        let s: Vec<String> = cells
+            .iter()
+            .zip(&widths)
+            .map(|(c, w)| format!("{c:<w$}"))
+            .collect();
+        println!("{}", s.join("  ").trim_end());
+    };
+    line(headers.iter().map(|h| h.to_string()).collect());
+    for r in rows {
+        line(r);
+    }
+}
+
+fn s(v: &Value) -> String {
+    match v {
+        Value::String(s) => s.clone(),
+        Value::Null => "-".to_string(),
+        other => other.to_string(),
+    }
+}
+
+fn human(cmd: &Cmd, v: &Value) {
+    match cmd {
+        Cmd::List => table(
+            &["ID", "STATE", "VCPUS", "MEMORY_MIB", "DISKS"],
+            v.as_array()
+                .into_iter()
+                .flatten()
+                .map(|vm| {
+                    ["id", "state", "vcpus", "memory_mib", "disks"]
+                        .iter()
+                        .map(|k| s(&vm[k]))
+                        .collect()
+                })
+                .collect(),
+        ),
+        Cmd::Info => {
+            let c = &v["config"];
+            println!(
+                "VM {}: {}, {} vCPU(s), {} MiB, kernel {}",
+                s(&c["id"]),
+                s(&v["state"]),
+                s(&c["cpus"]["boot_vcpus"]),
+                s(&c["memory"]["size_mib"]),
+                s(&c["payload"]["kernel"])
+            );
+            table(
+                &[
+                    "DISK", "PATH", "READONLY", "IOTHREAD", "QUEUES", "THROTTLE", "GROUP",
+                ],
+                c["disks"]
+                    .as_array()
+                    .into_iter()
+                    .flatten()
+                    .map(|d| {
+                        vec![
+                            s(&d["id"]),
+                            s(&d["path"]),
+                            s(&d["readonly"]),
+                            s(&d["iothread"]),
+                            s(&d["num_queues"]),
+                            s(&d["throttle"]),
+                            s(&d["throttle_group"]),
+                        ]
+                    })
+                    .collect(),
+            );
+        }
+        Cmd::Counters => {
+            let map = |m: &Value| m.as_object().cloned().unwrap_or_default();
+            table(
+                &[
+                    "DISK",
+                    "READS",
+                    "READ_BYTES",
+                    "WRITES",
+                    "WRITE_BYTES",
+                    "FLUSHES",
+                    "IN_FLIGHT",
+                    "SIGNALS",
+                ],
+                map(&v["disks"])
+                    .iter()
+                    .map(|(id, d)| {
+                        vec![
+                            id.clone(),
+                            s(&d["read"]["ops"]),
+                            s(&d["read"]["bytes"]),
+                            s(&d["write"]["ops"]),
+                            s(&d["write"]["bytes"]),
+                            s(&d["flush"]["ops"]),
+                            s(&d["in_flight"]),
+                            s(&d["signals"]),
+                        ]
+                    })
+                    .collect(),
+            );
+            println!();
+            table(
+                &[
+                    "IOTHREAD",
+                    "REQUESTS",
+                    "COMPLETIONS",
+                    "WAKEUPS",
+                    "POLL_HITS",
+                    "POLL_NS",
+                    "CPU_NS",
+                ],
+                map(&v["iothreads"])
+                    .iter()
+                    .map(|(id, t)| {
+                        let mut row = vec![id.clone()];
+                        row.extend(
+                            [
+                                "requests",
+                                "completions",
+                                "wakeups",
+                                "poll_hits",
+                                "poll_ns",
+                                "cpu_ns",
+                            ]
+                            .iter()
+                            .map(|k| s(&t[k])),
+                        );
+                        row
+                    })
+                    .collect(),
+            );
+        }
+        Cmd::Ping => println!(
+            "vmmd {} (backend {}, pid {})",
+            s(&v["version"]),
+            s(&v["backend"]),
+            s(&v["pid"])
+        ),
+        _ => {
+            if !v.is_null() {
+                println!("{v}");
+            }
+        }
+    }
+}
+
+fn run(cli: Cli) -> Result<(), Failure> {
+    let q = query(&cli.id);
+    let (method, path, body): (&str, String, Option<Vec<u8>>) = match &cli.command {
+        Cmd::Completions { shell } => {
+            clap_complete::generate(*shell, &mut Cli::command(), "vmctl", &mut std::io::stdout());
+            return Ok(());
+        }
+        Cmd::Create { file } => {
+            let mut text = String::new();
+            if file == "-" {
+                std::io::stdin().read_to_string(&mut text)?;
+            } else {
+                text = std::fs::read_to_string(file).map_err(|e| format!("{file}: {e}"))?;
+            }
+            ("PUT", "vm.create".into(), Some(text.into_bytes()))
+        }
+        Cmd::Boot => ("PUT", format!("vm.boot{q}"), None),
+        Cmd::Info => ("GET", format!("vm.info{q}"), None),
+        Cmd::List => ("GET", "vms".into(), None),
+        Cmd::Counters => ("GET", format!("vm.counters{q}"), None),
+        Cmd::AddDisk { spec } => (
+            "PUT",
+            format!("vm.add-disk{q}"),
+            Some(spec_json(spec, &DISK_HINTS)?),
+        ),
+        Cmd::RemoveDevice { device } => (
+            "PUT",
+            format!("vm.remove-device{q}"),
+            Some(serde_json::to_vec(&serde_json::json!({ "id": device }))?),
+        ),
+        Cmd::UpdateDisk { spec } => (
+            "PUT",
+            format!("vm.update-disk{q}"),
+            Some(spec_json(spec, &DISK_HINTS)?),
+        ),
+        Cmd::UpdateIothread { spec } => (
+            "PUT",
+            format!("vm.update-iothread{q}"),
+            Some(spec_json(spec, &IOTHREAD_HINTS)?),
+        ),
+        Cmd::Pause => ("PUT", format!("vm.pause{q}"), None),
+        Cmd::Resume => ("PUT", format!("vm.resume{q}"), None),
+        Cmd::Shutdown => ("PUT", format!("vm.shutdown{q}"), None),
+        Cmd::Reboot => ("PUT", format!("vm.reboot{q}"), None),
+        Cmd::Delete => ("PUT", format!("vm.delete{q}"), None),
+        Cmd::Ping => ("GET", "vmm.ping".into(), None),
+        Cmd::ShutdownVmm => ("PUT", "vmm.shutdown".into(), None),
+    };
+    let socket = cli.api_socket.clone().unwrap_or_else(default_socket);
+    let reply = Client::new(&socket).request_blocking(method, &format!("/api/v1/{path}"), body)?;
+    let v = reply.json();
+    if !reply.ok() {
+        let message = v["error"].as_str().map_or_else(
+            || format!("HTTP {}: {}", reply.status, reply.text()),
+            |m| format!("{m} (HTTP {})", reply.status),
+        );
+        let details = v["details"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .map(s)
+            .collect();
+        return Err(Failure(message, details));
+    }
+    if cli.json {
+        if !v.is_null() {
+            println!("{}", serde_json::to_string_pretty(&v)?);
+        }
+    } else {
+        human(&cli.command, &v);
+    }
+    Ok(())
+}
+
+fn main() -> ExitCode {
+    match run(Cli::parse()) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(Failure(message, details)) => {
+            eprintln!("vmctl: {message}");
+            for d in details {
+                eprintln!("  - {d}");
+            }
+            ExitCode::FAILURE
+        }
+    }
+}

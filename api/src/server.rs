@@ -1,0 +1,449 @@
+//! The HTTP service: axum handlers for every endpoint of ARCHITECTURE.md section 7, the
+//! OpenAPI description generated from them, and serving on a Unix socket (and optionally
+//! loopback TCP). Handlers run backend calls on the blocking pool, never on the runtime.
+
+use std::sync::Arc;
+
+use axum::Json;
+use axum::body::Bytes;
+use axum::extract::{DefaultBodyLimit, FromRequest, FromRequestParts, Query, Request, State};
+use axum::http::request::Parts;
+use axum::http::{StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use devices::config::{DiskConfig, IoThreadConfig};
+use serde::Deserialize;
+use serde::de::DeserializeOwned;
+use tokio::sync::watch;
+use utoipa::{IntoParams, OpenApi};
+use utoipa_axum::router::OpenApiRouter;
+use utoipa_axum::routes;
+use vmm::config::VmConfig;
+
+use crate::backend::{
+    ApiError, ErrorBody, ErrorKind, PingResponse, RemoveDevice, UpdateDisk, VmCounters, VmInfo,
+    VmState, VmSummary, VmmBackend,
+};
+use crate::metrics;
+
+/// Largest request body accepted (larger: 413).
+pub const MAX_BODY_BYTES: usize = 1 << 20;
+
+/// Shared by every handler.
+#[derive(Clone)]
+pub struct AppState {
+    backend: Arc<dyn VmmBackend>,
+    shutdown: watch::Sender<bool>,
+}
+
+impl AppState {
+    /// State over `backend`; `vmm.shutdown` sets `shutdown` to true.
+    pub fn new(backend: Arc<dyn VmmBackend>, shutdown: watch::Sender<bool>) -> Self {
+        AppState { backend, shutdown }
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        let status =
+            StatusCode::from_u16(self.kind.status()).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
+        if status.is_server_error() {
+            tracing::error!(error = %self.message, details = ?self.details, "request failed");
+        } else {
+            tracing::debug!(status = status.as_u16(), error = %self.message, "request refused");
+        }
+        (status, Json(self.body())).into_response()
+    }
+}
+
+/// A JSON request body: size-limited, any content type, serde errors (unknown fields,
+/// wrong types, malformed JSON) answered 400 with serde's message.
+pub struct JsonBody<T>(pub T);
+
+impl<S: Send + Sync, T: DeserializeOwned> FromRequest<S> for JsonBody<T> {
+    type Rejection = ApiError;
+
+    async fn from_request(req: Request, state: &S) -> Result<Self, ApiError> {
+        let bytes = Bytes::from_request(req, state).await.map_err(|e| {
+            if e.status() == StatusCode::PAYLOAD_TOO_LARGE {
+                ApiError::new(
+                    ErrorKind::PayloadTooLarge,
+                    format!("request body is larger than {MAX_BODY_BYTES} bytes"),
+                )
+            } else {
+                ApiError::bad_request(format!("cannot read the request body: {e}"))
+            }
+        })?;
+        serde_json::from_slice(&bytes).map(JsonBody).map_err(|e| {
+            ApiError::bad_request(format!("invalid JSON body: {e}"))
+                .with_details(vec![e.to_string()])
+        })
+    }
+}
+
+/// `?id=`: which VM (optional when exactly one exists).
+#[derive(Debug, Default, Deserialize, IntoParams)]
+#[serde(deny_unknown_fields)]
+#[into_params(parameter_in = Query)]
+pub struct VmSelector {
+    /// The VM id; may be left out when the service has exactly one VM.
+    pub id: Option<String>,
+}
+
+impl<S: Send + Sync> FromRequestParts<S> for VmSelector {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, state: &S) -> Result<Self, ApiError> {
+        Query::<VmSelector>::from_request_parts(parts, state)
+            .await
+            .map(|Query(s)| s)
+            .map_err(|e| ApiError::bad_request(format!("invalid query: {}", e.body_text())))
+    }
+}
+
+/// The VM a call is about: the named one, or the only one.
+fn resolve(backend: &dyn VmmBackend, selector: Option<String>) -> Result<String, ApiError> {
+    if let Some(id) = selector {
+        return Ok(id);
+    }
+    let vms = backend.list();
+    match vms.as_slice() {
+        [only] => Ok(only.id.clone()),
+        [] => Err(ApiError::not_found("no VM exists")),
+        many => Err(ApiError::bad_request(format!(
+            "{} VMs exist ({}): name one with ?id=",
+            many.len(),
+            many.iter()
+                .map(|v| v.id.as_str())
+                .collect::<Vec<_>>()
+                .join(", ")
+        ))),
+    }
+}
+
+/// Runs `f` on the blocking pool.
+async fn blocking<T: Send + 'static>(
+    state: &AppState,
+    f: impl FnOnce(&dyn VmmBackend) -> Result<T, ApiError> + Send + 'static,
+) -> Result<T, ApiError> {
+    let backend = state.backend.clone();
+    tokio::task::spawn_blocking(move || f(&*backend))
+        .await
+        .map_err(|e| ApiError::internal(format!("VMM operation failed: {e}")))?
+}
+
+/// Runs a VM-scoped call on the blocking pool.
+async fn on_vm<T: Send + 'static>(
+    state: &AppState,
+    selector: VmSelector,
+    f: impl FnOnce(&dyn VmmBackend, &str) -> Result<T, ApiError> + Send + 'static,
+) -> Result<T, ApiError> {
+    blocking(state, move |b| {
+        let id = resolve(b, selector.id)?;
+        f(b, &id)
+    })
+    .await
+}
+
+/// Service liveness and version.
+#[utoipa::path(get, path = "/api/v1/vmm.ping", tag = "vmm",
+    responses((status = 200, description = "The service is up", body = PingResponse)))]
+async fn ping(State(state): State<AppState>) -> Json<PingResponse> {
+    Json(PingResponse {
+        version: env!("CARGO_PKG_VERSION").to_string(),
+        backend: state.backend.name().to_string(),
+        pid: std::process::id(),
+    })
+}
+
+/// Shuts down every VM, then the service.
+#[utoipa::path(put, path = "/api/v1/vmm.shutdown", tag = "vmm",
+    responses((status = 204, description = "Every VM shut down; the service exits"),
+              (status = 500, description = "A VM failed to shut down", body = ErrorBody)))]
+async fn vmm_shutdown(State(state): State<AppState>) -> Result<StatusCode, ApiError> {
+    blocking(&state, |b| b.shutdown_vmm()).await?;
+    state.shutdown.send_replace(true);
+    Ok(StatusCode::NO_CONTENT)
+}
+
+/// Creates a VM from its config (ARCHITECTURE.md section 7).
+#[utoipa::path(put, path = "/api/v1/vm.create", tag = "vm",
+    request_body(content = Object, description = "A VM config", content_type = "application/json"),
+    responses((status = 204, description = "Created"),
+              (status = 400, description = "Invalid config", body = ErrorBody),
+              (status = 409, description = "Duplicate id or image locked", body = ErrorBody),
+              (status = 413, description = "Body too large", body = ErrorBody)))]
+async fn vm_create(
+    State(state): State<AppState>,
+    JsonBody(config): JsonBody<VmConfig>,
+) -> Result<StatusCode, ApiError> {
+    blocking(&state, move |b| b.create(config)).await?;
+    Ok(StatusCode::NO_CONTENT)
+}
+
+macro_rules! vm_action {
+    ($name:ident, $path:literal, $method:ident, $doc:literal) => {
+        #[doc = $doc]
+        #[utoipa::path(put, path = $path, tag = "vm", params(VmSelector),
+                    responses((status = 204, description = "Done"),
+                              (status = 400, description = "Invalid query", body = ErrorBody),
+                              (status = 404, description = "Unknown VM", body = ErrorBody),
+                              (status = 409, description = "Wrong state", body = ErrorBody)))]
+        async fn $name(
+            State(state): State<AppState>,
+            selector: VmSelector,
+        ) -> Result<StatusCode, ApiError> {
+            on_vm(&state, selector, |b, id| b.$method(id)).await?;
+            Ok(StatusCode::NO_CONTENT)
+        }
+    };
+}
+
+vm_action!(
+    vm_boot,
+    "/api/v1/vm.boot",
+    boot,
+    "Boots a created or shut-down VM."
+);
+vm_action!(vm_pause, "/api/v1/vm.pause", pause, "Pauses a running VM.");
+vm_action!(
+    vm_resume,
+    "/api/v1/vm.resume",
+    resume,
+    "Resumes a paused VM."
+);
+vm_action!(
+    vm_shutdown,
+    "/api/v1/vm.shutdown",
+    shutdown,
+    "Shuts down a VM, draining disk I/O."
+);
+vm_action!(
+    vm_reboot,
+    "/api/v1/vm.reboot",
+    reboot,
+    "Reboots a running VM."
+);
+vm_action!(
+    vm_delete,
+    "/api/v1/vm.delete",
+    delete,
+    "Shuts down and forgets a VM."
+);
+
+/// A VM's config and state.
+#[utoipa::path(get, path = "/api/v1/vm.info", tag = "vm", params(VmSelector),
+    responses((status = 200, description = "Config and state", body = VmInfo),
+              (status = 400, description = "Invalid query", body = ErrorBody),
+              (status = 404, description = "Unknown VM", body = ErrorBody)))]
+async fn vm_info(
+    State(state): State<AppState>,
+    selector: VmSelector,
+) -> Result<Json<VmInfo>, ApiError> {
+    on_vm(&state, selector, |b, id| b.info(id)).await.map(Json)
+}
+
+/// A VM's disk and iothread counters.
+#[utoipa::path(get, path = "/api/v1/vm.counters", tag = "vm", params(VmSelector),
+    responses((status = 200, description = "Counters", body = VmCounters),
+              (status = 400, description = "Invalid query", body = ErrorBody),
+              (status = 404, description = "Unknown VM", body = ErrorBody)))]
+async fn vm_counters(
+    State(state): State<AppState>,
+    selector: VmSelector,
+) -> Result<Json<VmCounters>, ApiError> {
+    on_vm(&state, selector, |b, id| b.counters(id))
+        .await
+        .map(Json)
+}
+
+/// Adds a disk (and its iothread); a running guest is told through ACPI.
+#[utoipa::path(put, path = "/api/v1/vm.add-disk", tag = "vm", params(VmSelector),
+    request_body(content = Object, description = "A disk config", content_type = "application/json"),
+    responses((status = 204, description = "Added"),
+              (status = 400, description = "Invalid disk", body = ErrorBody),
+              (status = 404, description = "Unknown VM", body = ErrorBody),
+              (status = 409, description = "Duplicate disk id, image locked or wrong state", body = ErrorBody),
+              (status = 413, description = "Body too large", body = ErrorBody)))]
+async fn vm_add_disk(
+    State(state): State<AppState>,
+    selector: VmSelector,
+    JsonBody(disk): JsonBody<DiskConfig>,
+) -> Result<StatusCode, ApiError> {
+    on_vm(&state, selector, move |b, id| b.add_disk(id, disk)).await?;
+    Ok(StatusCode::NO_CONTENT)
+}
+
+/// Removes a disk after draining it.
+#[utoipa::path(put, path = "/api/v1/vm.remove-device", tag = "vm", params(VmSelector),
+    request_body(content = RemoveDevice, content_type = "application/json"),
+    responses((status = 204, description = "Removed"),
+              (status = 400, description = "Invalid body", body = ErrorBody),
+              (status = 404, description = "Unknown VM or device", body = ErrorBody),
+              (status = 409, description = "Wrong state", body = ErrorBody),
+              (status = 413, description = "Body too large", body = ErrorBody)))]
+async fn vm_remove_device(
+    State(state): State<AppState>,
+    selector: VmSelector,
+    JsonBody(body): JsonBody<RemoveDevice>,
+) -> Result<StatusCode, ApiError> {
+    on_vm(&state, selector, move |b, id| b.remove_device(id, &body.id)).await?;
+    Ok(StatusCode::NO_CONTENT)
+}
+
+/// Changes a disk's throttle limits or group, live.
+#[utoipa::path(put, path = "/api/v1/vm.update-disk", tag = "vm", params(VmSelector),
+    request_body(content = UpdateDisk, content_type = "application/json"),
+    responses((status = 204, description = "Changed"),
+              (status = 400, description = "Invalid settings", body = ErrorBody),
+              (status = 404, description = "Unknown VM or disk", body = ErrorBody),
+              (status = 413, description = "Body too large", body = ErrorBody)))]
+async fn vm_update_disk(
+    State(state): State<AppState>,
+    selector: VmSelector,
+    JsonBody(update): JsonBody<UpdateDisk>,
+) -> Result<StatusCode, ApiError> {
+    on_vm(&state, selector, move |b, id| b.update_disk(id, update)).await?;
+    Ok(StatusCode::NO_CONTENT)
+}
+
+/// Changes a named iothread's polling, batching and CPU affinity, live.
+#[utoipa::path(put, path = "/api/v1/vm.update-iothread", tag = "vm", params(VmSelector),
+    request_body(content = Object, description = "An iothread config", content_type = "application/json"),
+    responses((status = 204, description = "Changed"),
+              (status = 400, description = "Invalid settings", body = ErrorBody),
+              (status = 404, description = "Unknown VM or iothread", body = ErrorBody),
+              (status = 413, description = "Body too large", body = ErrorBody)))]
+async fn vm_update_iothread(
+    State(state): State<AppState>,
+    selector: VmSelector,
+    JsonBody(iothread): JsonBody<IoThreadConfig>,
+) -> Result<StatusCode, ApiError> {
+    on_vm(&state, selector, move |b, id| {
+        b.update_iothread(id, iothread)
+    })
+    .await?;
+    Ok(StatusCode::NO_CONTENT)
+}
+
+/// Every VM with its state.
+#[utoipa::path(get, path = "/api/v1/vms", tag = "vm",
+    responses((status = 200, description = "The VMs, sorted by id", body = Vec<VmSummary>)))]
+async fn vms(State(state): State<AppState>) -> Result<Json<Vec<VmSummary>>, ApiError> {
+    blocking(&state, |b| Ok(b.list())).await.map(Json)
+}
+
+/// Per-disk and per-iothread counters of every VM in Prometheus text format.
+#[utoipa::path(get, path = "/metrics", tag = "vmm",
+    responses((status = 200, description = "Prometheus text exposition format", body = String,
+               content_type = "text/plain; version=0.0.4")))]
+async fn prometheus(State(state): State<AppState>) -> Result<Response, ApiError> {
+    let text = blocking(&state, |b| {
+        let mut all = Vec::new();
+        for vm in b.list() {
+            // A VM deleted meanwhile is simply left out.
+            if let Ok(c) = b.counters(&vm.id) {
+                all.push((vm.id, vm.state, c));
+            }
+        }
+        Ok(metrics::render(&all))
+    })
+    .await?;
+    Ok((
+        [(
+            header::CONTENT_TYPE,
+            "text/plain; version=0.0.4; charset=utf-8",
+        )],
+        text,
+    )
+        .into_response())
+}
+
+async fn not_found(req: Request) -> ApiError {
+    ApiError::not_found(format!("no endpoint {} {}", req.method(), req.uri().path()))
+}
+
+async fn method_not_allowed(req: Request) -> ApiError {
+    ApiError::new(
+        ErrorKind::MethodNotAllowed,
+        format!("{} is not allowed on {}", req.method(), req.uri().path()),
+    )
+}
+
+#[derive(OpenApi)]
+#[openapi(
+    info(
+        title = "vmmd",
+        description = "Manage VMs with virtio-blk disks on iothreads. \
+        VM-scoped calls name the VM with ?id= (optional when exactly one VM exists). \
+        Errors are {\"error\", \"details\"}."
+    ),
+    components(schemas(ErrorBody, VmState))
+)]
+struct ApiDoc;
+
+fn openapi_router() -> OpenApiRouter<AppState> {
+    OpenApiRouter::with_openapi(ApiDoc::openapi())
+        .routes(routes!(ping))
+        .routes(routes!(vmm_shutdown))
+        .routes(routes!(vm_create))
+        .routes(routes!(vm_boot))
+        .routes(routes!(vm_pause))
+        .routes(routes!(vm_resume))
+        .routes(routes!(vm_shutdown))
+        .routes(routes!(vm_reboot))
+        .routes(routes!(vm_delete))
+        .routes(routes!(vm_info))
+        .routes(routes!(vm_counters))
+        .routes(routes!(vm_add_disk))
+        .routes(routes!(vm_remove_device))
+        .routes(routes!(vm_update_disk))
+        .routes(routes!(vm_update_iothread))
+        .routes(routes!(vms))
+        .routes(routes!(prometheus))
+}
+
+/// The service's routes over `state`.
+pub fn router(state: AppState) -> axum::Router {
+    let (router, _) = openapi_router().split_for_parts();
+    router
+        .fallback(not_found)
+        .method_not_allowed_fallback(method_not_allowed)
+        .layer(DefaultBodyLimit::max(MAX_BODY_BYTES))
+        .with_state(state)
+}
+
+/// The OpenAPI description of the service, as YAML (what `openapi.yaml` holds).
+pub fn openapi_yaml() -> Result<String, String> {
+    let (_, mut api) = openapi_router().split_for_parts();
+    api.info.version = env!("CARGO_PKG_VERSION").to_string();
+    api.to_yaml().map_err(|e| e.to_string())
+}
+
+/// Serves `router` on `unix` (and `tcp` if given) until `shutdown` turns true.
+pub async fn serve(
+    router: axum::Router,
+    unix: tokio::net::UnixListener,
+    tcp: Option<tokio::net::TcpListener>,
+    shutdown: watch::Receiver<bool>,
+) -> std::io::Result<()> {
+    let stop = |mut rx: watch::Receiver<bool>| async move {
+        // An error means the sender is gone: stop too.
+        let _ = rx.wait_for(|s| *s).await;
+    };
+    let tcp_task = tcp.map(|listener| {
+        let router = router.clone();
+        let rx = shutdown.clone();
+        tokio::spawn(async move {
+            axum::serve(listener, router)
+                .with_graceful_shutdown(stop(rx))
+                .await
+        })
+    });
+    axum::serve(unix, router)
+        .with_graceful_shutdown(stop(shutdown))
+        .await?;
+    if let Some(task) = tcp_task {
+        task.await.map_err(std::io::Error::other)??;
+    }
+    Ok(())
+}

@@ -137,7 +137,6 @@ impl std::fmt::Display for VmState {
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize, ToSchema)]
 pub struct VmInfo {
     /// The config as created, with disks added and removed since.
-    #[schema(value_type = Object)]
     pub config: VmConfig,
     /// The state.
     pub state: VmState,
@@ -162,10 +161,8 @@ pub struct VmSummary {
 #[derive(Clone, Debug, Default, Serialize, ToSchema)]
 pub struct VmCounters {
     /// Per disk id.
-    #[schema(value_type = Object)]
     pub disks: BTreeMap<String, BlkCounters>,
     /// Per iothread id (dedicated iothreads are named after their disk).
-    #[schema(value_type = Object)]
     pub iothreads: BTreeMap<String, IoThreadCounters>,
 }
 
@@ -177,7 +174,6 @@ pub struct UpdateDisk {
     pub id: String,
     /// New limits of the disk itself (replacing the old ones; `{}` removes them).
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    #[schema(value_type = Option<Object>)]
     pub throttle: Option<ThrottleLimits>,
     /// New throttle group (one of the VM's `throttle_groups`; `""` leaves any group).
     #[serde(default, skip_serializing_if = "Option::is_none")]

@@ -167,7 +167,7 @@ async fn vmm_shutdown(State(state): State<AppState>) -> Result<StatusCode, ApiEr
 
 /// Creates a VM from its config (ARCHITECTURE.md section 7).
 #[utoipa::path(put, path = "/api/v1/vm.create", tag = "vm",
-    request_body(content = Object, description = "A VM config", content_type = "application/json"),
+    request_body(content = VmConfig, description = "A VM config", content_type = "application/json"),
     responses((status = 204, description = "Created"),
               (status = 400, description = "Invalid config", body = ErrorBody),
               (status = 409, description = "Duplicate id or image locked", body = ErrorBody),
@@ -258,7 +258,7 @@ async fn vm_counters(
 
 /// Adds a disk (and its iothread); a running guest is told through ACPI.
 #[utoipa::path(put, path = "/api/v1/vm.add-disk", tag = "vm", params(VmSelector),
-    request_body(content = Object, description = "A disk config", content_type = "application/json"),
+    request_body(content = DiskConfig, description = "A disk config", content_type = "application/json"),
     responses((status = 204, description = "Added"),
               (status = 400, description = "Invalid disk", body = ErrorBody),
               (status = 404, description = "Unknown VM", body = ErrorBody),
@@ -308,7 +308,7 @@ async fn vm_update_disk(
 
 /// Changes a named iothread's polling, batching and CPU affinity, live.
 #[utoipa::path(put, path = "/api/v1/vm.update-iothread", tag = "vm", params(VmSelector),
-    request_body(content = Object, description = "An iothread config", content_type = "application/json"),
+    request_body(content = IoThreadConfig, description = "An iothread config", content_type = "application/json"),
     responses((status = 204, description = "Changed"),
               (status = 400, description = "Invalid settings", body = ErrorBody),
               (status = 404, description = "Unknown VM or iothread", body = ErrorBody),

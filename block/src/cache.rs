@@ -14,6 +14,7 @@ use serde::{Deserialize, Serialize};
 /// | directsync | yes | no | yes | yes |
 /// | unsafe | no | yes | no | no |
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[serde(rename_all = "lowercase")]
 pub enum CacheMode {
     /// O_DIRECT, volatile write cache reported, flushes honoured. The default.

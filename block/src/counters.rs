@@ -99,6 +99,7 @@ fn latency_bucket(ns: u64) -> usize {
 
 /// Ops, bytes and errors of one request kind, as read at one moment.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct KindSnapshot {
     /// Requests completed successfully.
     pub ops: u64,
@@ -110,6 +111,7 @@ pub struct KindSnapshot {
 
 /// The counters of one disk at one moment.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct CountersSnapshot {
     /// Reads.
     pub read: KindSnapshot,

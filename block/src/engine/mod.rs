@@ -115,6 +115,7 @@ pub enum EngineOp {
 
 /// The engine behind a disk, as the `aio` field of a disk config names it.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[serde(rename_all = "snake_case")]
 pub enum AioKind {
     /// io_uring: one `io_uring_enter` per batch. The default.

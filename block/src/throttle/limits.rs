@@ -56,6 +56,7 @@ fn is_zero(v: &u64) -> bool {
 /// after a period of low activity. With `iops_size` set, a request larger than it counts
 /// as `bytes / iops_size` requests.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[serde(default, deny_unknown_fields)]
 pub struct ThrottleLimits {
     /// Bytes per second, reads and writes together.

@@ -16,6 +16,7 @@ pub const MAX_QUEUES: u16 = 64;
 
 /// One iothread: an epoll loop serving the queues assigned to it.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[serde(deny_unknown_fields)]
 pub struct IoThreadConfig {
     /// Name, referenced by disks.
@@ -86,6 +87,7 @@ impl IoThreadConfig {
 
 /// Queues of a disk served by one iothread (`iothread_vq_mapping`).
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[serde(deny_unknown_fields)]
 pub struct VqMapping {
     /// The iothread.
@@ -96,6 +98,7 @@ pub struct VqMapping {
 
 /// What the guest may do with discard requests.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[serde(rename_all = "lowercase")]
 pub enum DiscardMode {
     /// Discards deallocate (punch holes). The default.
@@ -107,11 +110,13 @@ pub enum DiscardMode {
 
 /// One virtio-blk disk of a VM.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[serde(deny_unknown_fields)]
 pub struct DiskConfig {
     /// Name, unique in the VM.
     pub id: String,
     /// Image file or block device; `null` with `null_size` gives a null backend.
+    #[cfg_attr(feature = "openapi", schema(value_type = String))]
     pub path: PathBuf,
     /// Size of a null backend in bytes (only with `path: "null"`).
     #[serde(default, skip_serializing_if = "Option::is_none")]

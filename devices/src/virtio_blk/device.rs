@@ -52,6 +52,7 @@ pub enum DeviceError {
 
 /// The counters of one disk.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct BlkCounters {
     /// Block-layer counters.
     #[serde(flatten)]

@@ -47,6 +47,7 @@ impl ConfigError {
 
 /// A whole VM.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[serde(deny_unknown_fields)]
 pub struct VmConfig {
     /// Name of the VM, unique among the VMs of one service.
@@ -75,6 +76,7 @@ pub struct VmConfig {
 
 /// vCPU settings.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[serde(deny_unknown_fields)]
 pub struct CpusConfig {
     /// vCPUs started at boot (1..=255).
@@ -96,6 +98,7 @@ impl Default for CpusConfig {
 
 /// Guest RAM settings.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[serde(deny_unknown_fields)]
 pub struct MemoryConfig {
     /// Size in MiB (64..=1048576).
@@ -128,12 +131,15 @@ impl MemoryConfig {
 
 /// The kernel to boot, its initramfs and command line.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[serde(deny_unknown_fields)]
 pub struct PayloadConfig {
     /// A `bzImage` or an ELF `vmlinux` (PVH entry), or the test guest's ELF.
+    #[cfg_attr(feature = "openapi", schema(value_type = String))]
     pub kernel: PathBuf,
     /// Optional initramfs.
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[cfg_attr(feature = "openapi", schema(value_type = Option<String>))]
     pub initramfs: Option<PathBuf>,
     /// Kernel command line.
     #[serde(default)]
@@ -142,6 +148,7 @@ pub struct PayloadConfig {
 
 /// Where serial output goes.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[serde(rename_all = "lowercase")]
 pub enum SerialMode {
     /// Appended to the file at `path` (created or truncated).
@@ -157,6 +164,7 @@ pub enum SerialMode {
 
 /// Serial console settings.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[serde(deny_unknown_fields)]
 pub struct SerialConfig {
     /// Where output goes.
@@ -164,11 +172,13 @@ pub struct SerialConfig {
     pub mode: SerialMode,
     /// File or socket path (`file` and `socket` modes only).
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[cfg_attr(feature = "openapi", schema(value_type = Option<String>))]
     pub path: Option<PathBuf>,
 }
 
 /// A named throttle budget shared by the disks that name it in `throttle_group`.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[serde(deny_unknown_fields)]
 pub struct ThrottleGroupConfig {
     /// Name, referenced by disks.

@@ -1,12 +1,14 @@
 //! The REST service (`vmmd`) and its CLI (`vmctl`): ARCHITECTURE.md section 7.
 //!
-//! The service is written against [`backend::VmmBackend`]; [`fake::FakeVmm`] is an
-//! in-memory test double of it (`vmmd --fake`). [`client`] is the Unix-socket HTTP
+//! The service is written against [`backend::VmmBackend`]; [`kvm_backend::KvmBackend`]
+//! runs real VMs on KVM (the default), [`fake::FakeVmm`] is an in-memory test double of
+//! it (`vmmd --fake`). [`client`] is the Unix-socket HTTP
 //! client shared by `vmctl` and the tests.
 
 pub mod backend;
 pub mod client;
 pub mod fake;
+pub mod kvm_backend;
 pub mod metrics;
 pub mod server;
 

@@ -8,6 +8,7 @@ use std::sync::Arc;
 
 use api::backend::VmmBackend;
 use api::fake::FakeVmm;
+use api::kvm_backend::KvmBackend;
 use api::server::{AppState, router, serve};
 use clap::Parser;
 
@@ -23,7 +24,8 @@ struct Args {
     /// (e.g. 127.0.0.1:8080). There is no authentication: any local user can connect.
     #[arg(long)]
     tcp: Option<SocketAddr>,
-    /// Use the in-memory fake VMM (a test double that runs no guest) instead of KVM.
+    /// Use the in-memory fake VMM (a test double that runs no guest) instead of the KVM
+    /// backend (the default).
     #[arg(long)]
     fake: bool,
 }
@@ -42,8 +44,6 @@ enum StartError {
         path: PathBuf,
         source: std::io::Error,
     },
-    #[error("the KVM backend is not wired to the API yet; run with --fake to try the API")]
-    NoKvmBackend,
 }
 
 fn io_err(path: &Path) -> impl FnOnce(std::io::Error) -> StartError + '_ {
@@ -99,7 +99,13 @@ fn run(args: Args) -> Result<(), StartError> {
     let backend: Arc<dyn VmmBackend> = if args.fake {
         Arc::new(FakeVmm::new())
     } else {
-        return Err(StartError::NoKvmBackend);
+        if !vmm::kvm_available() {
+            tracing::warn!(
+                "/dev/kvm cannot be opened: VMs cannot be created (vm.create answers 409); \
+                 run with --fake to try the API without KVM"
+            );
+        }
+        Arc::new(KvmBackend::new())
     };
     let path = args.api_socket.unwrap_or_else(default_socket);
     let unix = bind_socket(&path)?;

@@ -250,3 +250,58 @@ fn raw_desc(d: Desc) -> [u8; 16] {
     raw[14..].copy_from_slice(&d.next.to_le_bytes());
     raw
 }
+
+#[test]
+fn a_corrupt_avail_index_does_not_hang_or_spin_the_iothread() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = common::driver_config();
+    let mem = TestMemory::new(2 * cfg.footprint() + MIB).unwrap();
+    let io = IoThread::spawn(devices::config::IoThreadConfig::new("io0")).unwrap();
+    let open = |id: &str| {
+        let image = dir.path().join(format!("{id}.raw"));
+        std::fs::File::create(&image).unwrap().set_len(MIB).unwrap();
+        let mut c = DiskConfig::new(id, &image);
+        c.queue_size = QSIZE;
+        BlkDevice::open(c, None).unwrap()
+    };
+    let bad = open("bad");
+    let vq = VirtqDriver::new(&mem, QSIZE, true).unwrap();
+    // More entries "available" than the ring holds.
+    vq.ring().set_avail_idx(QSIZE + 7);
+    let local = LocalQueue {
+        queue: vq.device_queue(),
+        kick: vq.device_kick().unwrap(),
+        call: vq.device_call().unwrap(),
+    };
+    io.add(Box::new(
+        bad.new_worker(0, local, mem.guest_mem(), 32).unwrap(),
+    ))
+    .unwrap();
+    vq.kick_fd().write(1).unwrap();
+    // The same iothread still serves another disk promptly.
+    let good = open("good");
+    let mut drv = support::BlkDriver::new(&mem, cfg).unwrap();
+    io.add(Box::new(
+        good.new_worker(0, drv.local_queue().unwrap(), mem.guest_mem(), 32)
+            .unwrap(),
+    ))
+    .unwrap();
+    let c = common::run1(
+        &mut drv,
+        support::BlkOp::Read {
+            sector: 0,
+            len: 4096,
+        },
+    );
+    assert_eq!(c.status, 0);
+    // And it sleeps instead of spinning on the bogus index.
+    let before = io.counters().passes;
+    std::thread::sleep(Duration::from_millis(200));
+    let passes = io.counters().passes - before;
+    assert!(
+        passes < 50,
+        "the iothread spun {passes} passes in 200 ms on a corrupt index"
+    );
+    // Removal does not hang either.
+    assert_eq!(io.remove_device("bad", Duration::from_secs(5)).unwrap(), 1);
+}

@@ -211,7 +211,9 @@ impl<Q: QueueHost> QueueWorker<Q> {
         let guard = self.mem.memory();
         let mem = guard.into_inner();
         let event_idx = self.host.with_queue(|q| q.event_idx_enabled());
+        let mut empty_rounds = 0;
         loop {
+            let popped_before = work.popped;
             if event_idx {
                 let m = mem.clone();
                 let _ = self.host.with_queue(|q| q.disable_notification(&*m));
@@ -245,7 +247,20 @@ impl<Q: QueueHost> QueueWorker<Q> {
             }
             let m = mem.clone();
             match self.host.with_queue(|q| q.enable_notification(&*m)) {
-                Ok(true) => continue,
+                // More chains are said to wait. A round that found none twice in a row
+                // means the avail index is corrupt (more entries than the ring holds,
+                // which virtio-queue refuses to pop): stop instead of spinning forever.
+                Ok(true) if work.popped > popped_before || empty_rounds == 0 => {
+                    if work.popped == popped_before {
+                        empty_rounds += 1;
+                    }
+                    continue;
+                }
+                Ok(true) => {
+                    tracing::warn!(disk = %self.shared.id, queue = self.index,
+                        "avail index out of range; ignoring the queue until the driver fixes it");
+                    break;
+                }
                 _ => break,
             }
         }
@@ -319,9 +334,12 @@ impl<Q: QueueHost> QueueWorker<Q> {
         }
         let guard = self.mem.memory();
         self.host.with_queue(|q| {
+            // A distance beyond the ring size is a corrupt index, not work.
             q.ready()
-                && q.avail_idx(&*guard, Ordering::Acquire)
-                    .is_ok_and(|idx| idx.0 != q.next_avail())
+                && q.avail_idx(&*guard, Ordering::Acquire).is_ok_and(|idx| {
+                    let pending = idx.0.wrapping_sub(q.next_avail());
+                    pending != 0 && pending <= q.size()
+                })
         })
     }
 

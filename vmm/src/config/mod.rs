@@ -11,6 +11,10 @@ use serde::{Deserialize, Serialize};
 
 /// Most vCPUs a VM may have.
 pub const MAX_VCPUS: u16 = 255;
+
+/// Most disks, iothreads and throttle groups one VM may have (each costs threads and
+/// file descriptors on the host).
+pub const MAX_DEVICES: usize = 64;
 /// Smallest guest memory, in MiB.
 pub const MIN_MEMORY_MIB: u64 = 64;
 /// Largest guest memory, in MiB (1 TiB).
@@ -229,6 +233,15 @@ impl VmConfig {
         self.check_memory(&mut p);
         self.check_payload(&mut p);
         self.check_serial(&mut p);
+        for (field, n) in [
+            ("disks", self.disks.len()),
+            ("iothreads", self.iothreads.len()),
+            ("throttle_groups", self.throttle_groups.len()),
+        ] {
+            if n > MAX_DEVICES {
+                p.push(format!("{field}: at most {MAX_DEVICES} per VM (got {n})"));
+            }
+        }
         let iothreads = self.check_iothreads(&mut p);
         let groups = self.check_throttle_groups(&mut p);
         self.check_disks(&iothreads, &groups, &mut p);

@@ -282,3 +282,19 @@ fn every_problem_is_reported() {
     assert_eq!(err.details().len(), 4, "{err}");
     assert!(err.to_string().starts_with("invalid VM config: "));
 }
+
+#[test]
+fn device_counts_are_bounded() {
+    let mut c: VmConfig = serde_json::from_value(serde_json::json!({
+        "id": "vm", "payload": {"kernel": "/bin/sh"}
+    }))
+    .unwrap();
+    c.iothreads = (0..=MAX_DEVICES)
+        .map(|i| devices::config::IoThreadConfig::new(format!("io{i}")))
+        .collect();
+    let problems = c.problems();
+    assert!(
+        problems.iter().any(|p| p.contains("iothreads: at most 64")),
+        "{problems:?}"
+    );
+}

@@ -1,10 +1,9 @@
 //! The kernel loader on real images (no KVM needed): the test guest ELF (PVH), the Debian
 //! cloud kernel's bzImage (Linux 64-bit boot protocol) and the ELF vmlinux extracted from it
-//! (PVH). Each check reads the boot structures back from guest memory.
+//! (PVH). Each check reads the boot structures back from guest memory. Booting these
+//! images on KVM is vmm/tests/linux_boot.rs.
 
 use std::io::Write;
-use std::path::{Path, PathBuf};
-use std::process::Command;
 
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 use vmm::boot::{
@@ -15,10 +14,7 @@ use vmm::config::PayloadConfig;
 use vmm::kvm::EntryMode;
 use vmm::memory::GuestRam;
 
-// Self-contained helper of the `tests` crate, shared by path.
-#[path = "../../tests/src/vmlinux.rs"]
-#[allow(dead_code)]
-mod vmlinux;
+use tests::vmlinux;
 
 const MIB: u64 = 1 << 20;
 
@@ -35,37 +31,6 @@ fn layout(ram: &GuestRam) -> BootLayout {
             (vmm::memory::ECAM_START, vmm::memory::ECAM_SIZE),
         ],
     }
-}
-
-/// Builds the test guest the way `tests::test_guest::build` does (same target dir, so the
-/// two share the cached build).
-fn build_test_guest() -> PathBuf {
-    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
-    let dir = root.join("tests/guest");
-    let target = std::env::var_os("CARGO_TARGET_DIR")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| root.join("target"))
-        .join("guest");
-    let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
-    let out = Command::new(cargo)
-        .current_dir(&dir)
-        .args(["build", "--release", "--manifest-path"])
-        .arg(dir.join("Cargo.toml"))
-        .arg("--target-dir")
-        .arg(&target)
-        .env("CARGO_ENCODED_RUSTFLAGS", "-Crelocation-model=static")
-        .env_remove("RUSTFLAGS")
-        .env_remove("CARGO_BUILD_RUSTFLAGS")
-        .env_remove("CARGO_BUILD_TARGET")
-        .env_remove("CARGO_TARGET_DIR")
-        .output()
-        .expect("cargo runs");
-    assert!(
-        out.status.success(),
-        "building the test guest: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    target.join("release/test-guest")
 }
 
 fn read<T: vm_memory::ByteValued>(mem: &GuestMemoryMmap<()>, addr: u64) -> T {
@@ -145,7 +110,7 @@ fn check_start_info(
 
 #[test]
 fn test_guest_elf_boots_through_pvh() {
-    let elf = build_test_guest();
+    let elf = tests::test_guest::build().unwrap_or_else(|e| panic!("{e}"));
     let ram = GuestRam::new(256 * MIB, false).unwrap();
     let layout = layout(&ram);
     let cmdline = "exit=acpi ms=100";
@@ -316,110 +281,5 @@ fn truncated_vmlinux_is_refused() {
             err.to_string().contains(&f.path().display().to_string()),
             "{err}"
         );
-    }
-}
-
-/// Captures COM1 output; the line status register always reads "transmitter empty".
-#[derive(Default)]
-struct Console(std::sync::Mutex<Vec<u8>>);
-
-impl vmm::kvm::ExitHandler for Console {
-    fn pio_read(&self, _vcpu: u32, port: u16, data: &mut [u8]) {
-        data.fill(if port == 0x3fd { 0x60 } else { 0 });
-    }
-
-    fn pio_write(&self, _vcpu: u32, port: u16, data: &[u8]) -> vmm::kvm::ExitAction {
-        if port == 0x3f8
-            && let Ok(mut out) = self.0.lock()
-        {
-            out.extend_from_slice(data);
-        }
-        vmm::kvm::ExitAction::Continue
-    }
-
-    fn mmio_read(&self, _vcpu: u32, _addr: u64, data: &mut [u8]) {
-        data.fill(0xff);
-    }
-
-    fn mmio_write(&self, _vcpu: u32, _addr: u64, _data: &[u8]) -> vmm::kvm::ExitAction {
-        vmm::kvm::ExitAction::Continue
-    }
-}
-
-/// Boots `kernel` on one vCPU with nothing but a console and waits until the console shows
-/// every one of `want` (or `secs` pass). Returns the console text.
-fn boot_until(kernel: &Path, cmdline: &str, want: &[&str], secs: u64) -> String {
-    use vmm::kvm::{Vcpu, VcpuHandle, Vm};
-    let ram = GuestRam::new(512 * MIB, false).unwrap();
-    let mut layout = layout(&ram);
-    layout.rsdp_addr = 0;
-    let vm = Vm::new().expect("create VM");
-    vm.register_memory(ram.memory()).expect("register memory");
-    let payload = PayloadConfig {
-        kernel: kernel.to_path_buf(),
-        initramfs: None,
-        cmdline: cmdline.into(),
-    };
-    let info = load_kernel(ram.memory(), &payload, &layout).unwrap();
-    Vcpu::write_boot_tables(ram.memory(), info.entry).unwrap();
-    let vcpu = Vcpu::new(&vm, 0, 1).expect("create vCPU");
-    vcpu.configure_boot(info.entry, &info.regs).unwrap();
-    let console = std::sync::Arc::new(Console::default());
-    let handle = VcpuHandle::spawn(vcpu, console.clone(), None).unwrap();
-    let start = std::time::Instant::now();
-    let text = loop {
-        let text = String::from_utf8_lossy(&console.0.lock().unwrap()).into_owned();
-        if want.iter().all(|w| text.contains(w)) || start.elapsed().as_secs() >= secs {
-            break text;
-        }
-        std::thread::sleep(std::time::Duration::from_millis(100));
-    };
-    handle.stop();
-    let reason = handle.join();
-    let _ = writeln!(
-        std::io::stdout(),
-        "{}: {:.1} s, vCPU ended: {reason:?}\n{text}",
-        kernel.display(),
-        start.elapsed().as_secs_f64()
-    );
-    text
-}
-
-#[test]
-fn debian_vmlinux_prints_its_banner_under_kvm() {
-    if !vmm::kvm_available() {
-        return skip("debian_vmlinux_kvm", "/dev/kvm is not available");
-    }
-    let Some(bz) = vmlinux::find_bzimage() else {
-        return skip("debian_vmlinux_kvm", "no Debian cloud kernel");
-    };
-    let elf = match vmlinux::extract(&bz, &vmlinux::default_cache()) {
-        Ok(p) => p,
-        Err(e) => return skip("debian_vmlinux_kvm", &e),
-    };
-    let cmdline = "console=ttyS0 earlyprintk=serial,ttyS0,115200 panic=-1 boot_loader_test";
-    let want = ["Linux version", "Command line: console=ttyS0", "BIOS-e820"];
-    let text = boot_until(&elf, cmdline, &want, 60);
-    for w in want {
-        assert!(text.contains(w), "console lacks {w:?}");
-    }
-}
-
-#[test]
-/// The bzImage path under KVM: passes here, but its LZ4 decompressor runs in emulated
-/// kernel mode, so the banner takes ~95 s (the vmlinux above: ~13 s). Run with --ignored.
-#[ignore = "slow here (~95 s): the bzImage decompressor runs in emulated kernel mode"]
-fn debian_bzimage_under_kvm() {
-    if !vmm::kvm_available() {
-        return skip("debian_bzimage_kvm", "/dev/kvm is not available");
-    }
-    let Some(bz) = vmlinux::find_bzimage() else {
-        return skip("debian_bzimage_kvm", "no Debian cloud kernel");
-    };
-    let cmdline = "console=ttyS0 earlyprintk=serial,ttyS0,115200 panic=-1";
-    let want = ["Linux version", "Command line: console=ttyS0", "BIOS-e820"];
-    let text = boot_until(&bz, cmdline, &want, 100);
-    for w in want {
-        assert!(text.contains(w), "console lacks {w:?}");
     }
 }

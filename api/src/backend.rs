@@ -140,6 +140,10 @@ pub struct VmInfo {
     pub config: VmConfig,
     /// The state.
     pub state: VmState,
+    /// Disks whose removal was asked for on the running VM and that the guest has not
+    /// ejected yet (they are still in `config`).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub pending_removals: Vec<String>,
 }
 
 /// One line of `GET vms`.

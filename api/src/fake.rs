@@ -212,6 +212,7 @@ impl VmmBackend for FakeVmm {
             Ok(VmInfo {
                 config: vm.config.clone(),
                 state: vm.state,
+                pending_removals: Vec::new(),
             })
         })
     }

@@ -9,13 +9,15 @@
 //!   it; a guest-initiated reset re-creates and boots the VM (a reboot);
 //! - boot of a shut-down VM and `vm.reboot` re-create the VM from its config (fresh
 //!   memory, devices and kernel), then start it;
-//! - `vm.add-disk` and `vm.remove-device` work on a VM that is `Created` (its VM is
-//!   re-created with the edited config) or `Shutdown` (the config is edited; the change
-//!   takes effect at the next boot). On a running or paused VM they are refused with 409:
-//!   hot plug (ACPI PCI hotplug) is not built yet;
-//! - `vm.update-disk` changes a disk's own throttle limits live; moving a disk to
-//!   another throttle group is refused with 409 while the VM runs or is paused (not
-//!   supported yet), and done by re-creating the VM when it is `Created`.
+//! - `vm.add-disk` and `vm.remove-device` on a created, running or paused VM change the
+//!   VM at once: a new disk is hot plugged (ACPI: the guest is told and probes it); a
+//!   removal on a running or paused VM asks the guest to eject the disk (ACPI eject
+//!   request), and the disk leaves the VM and its config when the guest ejects it
+//!   (`vm.info` lists it under `pending_removals` until then; a reboot drops it). On a
+//!   shut-down VM only the config changes; the next boot builds it;
+//! - `vm.update-disk` changes a disk's own throttle limits and its throttle group live,
+//!   in any state: a running disk's queues make the group move on their iothreads, keeping
+//!   the requests they hold, in order.
 
 use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -95,6 +97,11 @@ impl Entry {
     /// re-created and booted (up to [`MAX_RESETS`] times in a row).
     fn refresh(&mut self) {
         let Some(vm) = self.vm.as_mut() else { return };
+        let gone = vm.take_ejected();
+        if !gone.is_empty() {
+            tracing::info!(id = %self.config.id, disks = ?gone, "disks ejected by the guest");
+            self.config.disks.retain(|d| !gone.contains(&d.id));
+        }
         if vm.state() != vmm::vm::VmState::Running {
             return;
         }
@@ -146,6 +153,15 @@ impl Entry {
     /// cannot be built, the previous config is rebuilt and the error returned.
     fn recreate(&mut self, config: Option<VmConfig>) -> Result<(), ApiError> {
         let id = self.config.id.clone();
+        // Removals the guest never completed take effect at the rebuild.
+        let pending = self
+            .vm
+            .as_ref()
+            .map(Vm::pending_removals)
+            .unwrap_or_default();
+        if !pending.is_empty() {
+            self.config.disks.retain(|d| !pending.contains(&d.id));
+        }
         let new = config.unwrap_or_else(|| self.config.clone());
         drop(self.vm.take());
         match Vm::create(new.clone()) {
@@ -170,24 +186,45 @@ impl Entry {
         self.vm()?.boot().map_err(|e| vm_error(&id, e))
     }
 
-    /// Applies a config edit: re-creates a `Created` VM with it; a shut-down VM keeps
-    /// its old devices until the next boot re-creates it.
-    fn edit(&mut self, action: &str, config: VmConfig) -> Result<(), ApiError> {
+    /// Adds `disk`: hot plugged into a created, running or paused VM; into the config of
+    /// a shut-down one.
+    fn add_disk(&mut self, disk: DiskConfig) -> Result<(), ApiError> {
+        let mut config = self.config.clone();
+        config.disks.push(disk.clone());
         let problems = config.problems();
         if !problems.is_empty() {
-            return Err(ApiError::bad_request(format!("invalid {action}")).with_details(problems));
+            return Err(ApiError::bad_request("invalid disk").with_details(problems));
         }
+        if self.state() != VmState::Shutdown {
+            let id = self.config.id.clone();
+            self.vm()?
+                .hot_add_disk(disk)
+                .map_err(|e| vm_error(&id, e))?;
+        }
+        self.config = config;
+        Ok(())
+    }
+
+    /// Removes disk `disk`: at once from a created VM or a shut-down VM's config; from a
+    /// running or paused VM once its guest ejects it (ACPI eject request sent now).
+    fn remove_disk(&mut self, disk: &str) -> Result<(), ApiError> {
+        let id = self.config.id.clone();
         match self.state() {
-            VmState::Created => self.recreate(Some(config)),
-            VmState::Shutdown => {
-                self.config = config;
-                Ok(())
+            VmState::Shutdown => {}
+            VmState::Created => {
+                self.vm()?
+                    .request_disk_removal(disk)
+                    .map_err(|e| vm_error(&id, e))?;
             }
-            VmState::Running | VmState::Paused => Err(ApiError::conflict(format!(
-                "cannot {action} on VM {}: hot plug on a running VM is not built yet",
-                self.config.id
-            ))),
+            VmState::Running | VmState::Paused => {
+                return self
+                    .vm()?
+                    .request_disk_removal(disk)
+                    .map_err(|e| vm_error(&id, e));
+            }
         }
+        self.config.disks.retain(|d| d.id != disk);
+        Ok(())
     }
 }
 
@@ -282,9 +319,11 @@ impl VmmBackend for KvmBackend {
 
     fn info(&self, id: &str) -> Result<VmInfo, ApiError> {
         self.with(id, |e| {
+            let state = e.state();
             Ok(VmInfo {
-                state: e.state(),
+                state,
                 config: e.config.clone(),
+                pending_removals: e.vm.as_ref().map(Vm::pending_removals).unwrap_or_default(),
             })
         })
     }
@@ -314,11 +353,11 @@ impl VmmBackend for KvmBackend {
                 return Ok(c);
             };
             let dm = vm.devices();
-            for d in &dm.disks {
-                c.disks.insert(d.blk.id().to_string(), d.blk.counters());
+            for d in dm.disks() {
+                c.disks.insert(d.id().to_string(), d.counters());
             }
-            for (name, t) in dm.iothreads.iter().chain(dm.dedicated.iter()) {
-                c.iothreads.insert(name.clone(), t.counters());
+            for (name, t) in dm.all_iothreads() {
+                c.iothreads.insert(name, t.counters());
             }
             Ok(c)
         })
@@ -332,22 +371,19 @@ impl VmmBackend for KvmBackend {
                     disk.id
                 )));
             }
-            let mut config = e.config.clone();
-            config.disks.push(disk);
-            e.edit("add a disk", config)
+            e.add_disk(disk)
         })
     }
 
     fn remove_device(&self, id: &str, device_id: &str) -> Result<(), ApiError> {
         self.with(id, |e| {
-            let mut config = e.config.clone();
-            config.disks.retain(|d| d.id != device_id);
-            if config.disks.len() == e.config.disks.len() {
+            e.refresh();
+            if !e.config.disks.iter().any(|d| d.id == device_id) {
                 return Err(ApiError::not_found(format!(
                     "VM {id} has no device with id {device_id:?}"
                 )));
             }
-            e.edit("remove a device", config)
+            e.remove_disk(device_id)
         })
     }
 
@@ -367,40 +403,33 @@ impl VmmBackend for KvmBackend {
             if let Some(l) = &limits {
                 disk.throttle = l.clone();
             }
-            let group_change = match update.throttle_group {
-                Some(g) => {
-                    let g = (!g.is_empty()).then_some(g);
-                    let changed = g != disk.throttle_group;
-                    disk.throttle_group = g;
-                    changed
-                }
-                None => false,
-            };
+            // Some(None): leave any group.
+            let group = update.throttle_group.map(|g| (!g.is_empty()).then_some(g));
+            if let Some(g) = &group {
+                disk.throttle_group = g.clone();
+            }
             let problems = config.problems();
             if !problems.is_empty() {
                 return Err(ApiError::bad_request("invalid disk update").with_details(problems));
             }
-            let state = e.state();
-            if group_change {
-                return match state {
-                    VmState::Created => e.recreate(Some(config)),
-                    VmState::Shutdown => {
-                        e.config = config;
-                        Ok(())
-                    }
-                    VmState::Running | VmState::Paused => Err(ApiError::conflict(format!(
-                        "VM {id}: changing the throttle group of disk {} on a running VM \
-                         is not supported yet",
-                        update.id
-                    ))),
-                };
-            }
-            if let (Some(l), Some(vm)) = (limits, e.vm.as_ref())
-                && let Some(d) = vm.devices().disks.iter().find(|d| d.blk.id() == update.id)
+            // A shut-down VM is re-created from the config at its next boot; any other
+            // takes the change at once.
+            if e.state() != VmState::Shutdown
+                && let Some(vm) = e.vm.as_mut()
             {
-                d.blk.set_throttle(l).map_err(|err| {
-                    ApiError::bad_request("invalid disk update").with_details(vec![err.to_string()])
+                let blk = vm.devices().disk(&update.id).ok_or_else(|| {
+                    ApiError::internal(format!("VM {id}: disk {} is not built", update.id))
                 })?;
+                if let Some(l) = limits {
+                    blk.set_throttle(l).map_err(|err| {
+                        ApiError::bad_request("invalid disk update")
+                            .with_details(vec![err.to_string()])
+                    })?;
+                }
+                if let Some(g) = &group {
+                    vm.set_disk_throttle_group(&update.id, g.as_deref())
+                        .map_err(|err| vm_error(id, err))?;
+                }
             }
             e.config = config;
             Ok(())

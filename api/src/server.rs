@@ -273,10 +273,12 @@ async fn vm_add_disk(
     Ok(StatusCode::NO_CONTENT)
 }
 
-/// Removes a disk after draining it.
+/// Removes a disk: at once on a created or shut-down VM; on a running or paused VM the
+/// guest is asked to eject it (ACPI) and the disk is drained and removed when it does
+/// (`vm.info` lists it under `pending_removals` until then).
 #[utoipa::path(put, path = "/api/v1/vm.remove-device", tag = "vm", params(VmSelector),
     request_body(content = RemoveDevice, content_type = "application/json"),
-    responses((status = 204, description = "Removed"),
+    responses((status = 204, description = "Removed, or removal asked of the running guest"),
               (status = 400, description = "Invalid body", body = ErrorBody),
               (status = 404, description = "Unknown VM or device", body = ErrorBody),
               (status = 409, description = "Wrong state", body = ErrorBody),

@@ -5,9 +5,10 @@
 mod common;
 mod support;
 
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
-use block::throttle::ThrottleLimits;
+use block::throttle::{ThrottleGroup, ThrottleLimits};
 use common::{Rig, mixed_load, run1};
 use devices::config::{DiskConfig, IoThreadConfig, VqMapping};
 use support::BlkOp;
@@ -294,6 +295,117 @@ fn throttled_disk_follows_its_limit_and_live_changes() {
     device.set_throttle(None).unwrap();
     let iops = read_rate(drv, 1.0);
     assert!(iops > 1500.0, "unthrottled, measured {iops:.0}");
+}
+
+/// QD32 4 KiB reads until `stop`; returns when each completed, after checking that every
+/// request submitted completed with status OK.
+fn timed_reads(mut drv: support::BlkDriver, stop: &AtomicBool) -> Vec<Instant> {
+    let mut times = Vec::new();
+    let (mut submitted, mut sector) = (0usize, 0);
+    while !stop.load(Ordering::Relaxed) {
+        while drv.in_flight() < common::QD {
+            sector = (sector + 8) % 2048;
+            drv.submit_read(sector, 4096, 1).unwrap();
+            submitted += 1;
+        }
+        drv.kick().unwrap();
+        for c in drv.wait(Duration::from_millis(100)).unwrap() {
+            assert_eq!(c.status, 0);
+            times.push(Instant::now());
+        }
+    }
+    let rest = drv.drain(Duration::from_secs(10)).unwrap();
+    assert!(rest.iter().all(|c| c.status == 0));
+    times.extend(rest.iter().map(|_| Instant::now()));
+    assert_eq!(times.len(), submitted, "every request completed");
+    times
+}
+
+/// Completions per second in `[from, to)` seconds after `t0`.
+fn rate_in(times: &[Instant], t0: Instant, from: f64, to: f64) -> f64 {
+    let (a, b) = (
+        t0 + Duration::from_secs_f64(from),
+        t0 + Duration::from_secs_f64(to),
+    );
+    times.iter().filter(|&&t| t >= a && t < b).count() as f64 / (to - from)
+}
+
+#[test]
+fn disks_move_between_throttle_groups_mid_io() {
+    let iops = |n| ThrottleLimits {
+        iops_total: n,
+        ..Default::default()
+    };
+    let slow = ThrottleGroup::new("slow", iops(300)).unwrap();
+    let fast = ThrottleGroup::new("fast", iops(1200)).unwrap();
+    let b = DiskConfig {
+        iothread: Some("io1".into()),
+        ..disk("b", 1)
+    };
+    let mut rig = Rig::new(2, vec![disk("a", 1), b], 4 * MIB);
+    let devs: Vec<_> = rig.disks.iter().map(|d| d.device.clone()).collect();
+    // Into a group while the queues exist (but before I/O), then while I/O runs (and
+    // requests wait in the throttle): slow -> fast -> none.
+    for d in &devs {
+        d.set_shared_group(Some(slow.clone()));
+    }
+    let stop = AtomicBool::new(false);
+    let t0 = Instant::now();
+    let (times, moved_at) = std::thread::scope(|scope| {
+        let loads: Vec<_> = rig
+            .disks
+            .iter_mut()
+            .map(|d| {
+                let drv = d.drivers.remove(0);
+                let stop = &stop;
+                scope.spawn(move || timed_reads(drv, stop))
+            })
+            .collect();
+        let mut moved_at = Vec::new();
+        for (at, group) in [(1.3, Some(&fast)), (2.6, None)] {
+            std::thread::sleep(
+                (t0 + Duration::from_secs_f64(at)).saturating_duration_since(Instant::now()),
+            );
+            devs[0].set_shared_group(group.cloned());
+            moved_at.push(t0.elapsed().as_secs_f64());
+        }
+        std::thread::sleep(
+            (t0 + Duration::from_secs_f64(3.6)).saturating_duration_since(Instant::now()),
+        );
+        stop.store(true, Ordering::Relaxed);
+        let times: Vec<Vec<Instant>> = loads.into_iter().map(|h| h.join().unwrap()).collect();
+        (times, moved_at)
+    });
+    let (a, b) = (&times[0], &times[1]);
+    let phases = [
+        ("both in slow", 0.3, moved_at[0], [150.0, 150.0]),
+        ("a in fast", moved_at[0] + 0.3, moved_at[1], [1200.0, 300.0]),
+    ];
+    for (what, from, to, want) in phases {
+        let got = [rate_in(a, t0, from, to), rate_in(b, t0, from, to)];
+        println!("{what}: a {:.0} IOPS, b {:.0} IOPS", got[0], got[1]);
+        for (g, w) in got.iter().zip(want) {
+            assert!(
+                (g - w).abs() <= w * 0.12,
+                "{what}: measured {got:?}, want {want:?}"
+            );
+        }
+    }
+    let from = moved_at[1] + 0.3;
+    let (ra, rb) = (rate_in(a, t0, from, 3.6), rate_in(b, t0, from, 3.6));
+    println!("a out of groups: a {ra:.0} IOPS, b {rb:.0} IOPS");
+    assert!(ra > 1500.0, "a unthrottled, measured {ra:.0}");
+    assert!(
+        (rb - 300.0).abs() <= 36.0,
+        "b alone in slow, measured {rb:.0}"
+    );
+    for (d, t) in devs.iter().zip(&times) {
+        let c = d.counters();
+        assert_eq!(c.io.read.ops, t.len() as u64, "{}", d.id());
+        assert_eq!(c.io.in_flight, 0);
+    }
+    assert_eq!(devs[0].config().throttle_group, None);
+    assert_eq!(devs[1].config().throttle_group.as_deref(), Some("slow"));
 }
 
 #[test]

@@ -149,8 +149,23 @@ fn iasl_disassembles_all_tables_without_errors() {
 
     let dsdt = dsl(&all, "dsdt");
     for needle in [
-        "PNP0A08", "PNP0A03", "_S5_", "PNP0501", "PNP0C0C", "PNP0C02", "0x03F8", "0x0CF8", "_BBN",
+        "PNP0A08",
+        "PNP0A03",
+        "_S5_",
+        "PNP0501",
+        "PNP0C0C",
+        "PNP0C02",
+        "0x03F8",
+        "0x0CF8",
+        "_BBN",
         "_SEG",
+        "ACPI0013",
+        "_EVT",
+        "PCNT",
+        "_EJ0",
+        "_SUN",
+        "B0EJ",
+        "0xF0000000",
     ] {
         assert!(dsdt.contains(needle), "DSDT lacks {needle}:\n{dsdt}");
     }
@@ -213,4 +228,92 @@ fn iasl_check_catches_a_corrupt_table() {
         !error_lines(&report).is_empty() || !error_lines(&dsl).is_empty(),
         "a bad checksum went unnoticed:\n{report}\n{dsl}"
     );
+}
+
+/// Test methods that set the hot plug registers the way the VMM's controller would and
+/// run the DSDT's GED event handler and a slot's `_EJ0` (acpiexec simulates the
+/// register block as memory).
+const HOTPLUG_SSDT: &str = r#"
+DefinitionBlock ("", "SSDT", 2, "TEST", "HPTEST", 1)
+{
+    External (\_SB.PCI0.PCIU, FieldUnitObj)
+    External (\_SB.PCI0.PCID, FieldUnitObj)
+    External (\_SB.PCI0.B0EJ, FieldUnitObj)
+    External (\_SB.PCI0.S1F_._EJ0, MethodObj)
+    External (\_SB.PCI0.S05_._EJ0, MethodObj)
+    External (\_SB.GED0._EVT, MethodObj)
+    Method (PLUG, 0, NotSerialized)
+    {
+        \_SB.PCI0.PCIU = 0x08
+        \_SB.PCI0.PCID = 0x00040000
+        \_SB.GED0._EVT (23)
+    }
+    Method (IDLE, 0, NotSerialized)
+    {
+        \_SB.PCI0.PCIU = Zero
+        \_SB.PCI0.PCID = Zero
+        \_SB.GED0._EVT (23)
+    }
+    Method (EJ1F, 0, NotSerialized)
+    {
+        \_SB.PCI0.S1F_._EJ0 (0)
+        Return (\_SB.PCI0.B0EJ)
+    }
+    Method (EJ05, 0, NotSerialized)
+    {
+        \_SB.PCI0.S05_._EJ0 (0)
+        Return (\_SB.PCI0.B0EJ)
+    }
+}
+"#;
+
+#[test]
+fn acpiexec_runs_the_hot_plug_methods() {
+    if skip_if_no_iasl() {
+        return;
+    }
+    let dir = tempfile::tempdir().expect("tempdir");
+    let tables = create_tables(&AcpiParams::default());
+    std::fs::write(dir.path().join("dsdt.aml"), tables.dsdt()).expect("write dsdt");
+    std::fs::write(dir.path().join("test.asl"), HOTPLUG_SSDT).expect("write asl");
+    let o = iasl(dir.path(), &["test.asl"]).expect("iasl present");
+    assert!(o.status.success(), "test SSDT:\n{}", text(&o));
+    let run = |cmd: &str| {
+        let o = Command::new("acpiexec")
+            .args(["-b", cmd, "dsdt.aml", "test.aml"])
+            .current_dir(dir.path())
+            .output()
+            .expect("acpiexec (acpica-tools) runs");
+        let out = text(&o);
+        assert!(o.status.success(), "acpiexec {cmd}:\n{out}");
+        out
+    };
+    let notifies = |out: &str| -> Vec<String> {
+        out.lines()
+            .filter(|l| l.contains("Notify on"))
+            .map(|l| {
+                let name = l.split('[').nth(1).and_then(|r| r.split(']').next());
+                let value = l.split("Value ").nth(1).and_then(|r| r.split(' ').next());
+                format!("{}={}", name.unwrap_or("?"), value.unwrap_or("?"))
+            })
+            .collect()
+    };
+
+    // Slot 3 plugged and slot 18 to eject: one device check, one eject request.
+    let out = run("execute \\PLUG");
+    let mut got = notifies(&out);
+    got.sort();
+    assert_eq!(got, ["S03_=0x01", "S12_=0x03"], "{out}");
+    // Nothing pending: no notification at all.
+    let out = run("execute \\IDLE");
+    assert!(notifies(&out).is_empty(), "{out}");
+    // _EJ0 of slot 31 and slot 5 write their bit to B0EJ.
+    for (method, bit) in [("EJ1F", "0000000080000000"), ("EJ05", "0000000000000020")] {
+        let out = run(&format!("execute \\{method}"));
+        assert!(
+            out.lines()
+                .any(|l| l.contains("[Integer]") && l.contains(bit)),
+            "{method} should leave B0EJ = {bit}:\n{out}"
+        );
+    }
 }

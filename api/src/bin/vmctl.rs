@@ -197,6 +197,15 @@ fn human(cmd: &Cmd, v: &Value) {
                     })
                     .collect(),
             );
+            let pending: Vec<String> = v["pending_removals"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .map(s)
+                .collect();
+            if !pending.is_empty() {
+                println!("waiting for the guest to eject: {}", pending.join(", "));
+            }
         }
         Cmd::Counters => {
             let map = |m: &Value| m.as_object().cloned().unwrap_or_default();

@@ -1,9 +1,11 @@
 //! A queue's throttle: its memberships (its disk's group, an optional shared group) and
 //! the all-or-nothing admission across them.
 
+use std::sync::Arc;
 use std::time::Instant;
 
 use super::group::{GroupMember, MemberWaker, Verdict};
+use super::switch::GroupSwitch;
 use super::{Decision, Direction};
 
 /// The throttle of one disk queue: up to two group memberships. A request is admitted
@@ -13,6 +15,8 @@ use super::{Decision, Direction};
 pub struct Throttle {
     disk: Option<GroupMember>,
     shared: Option<GroupMember>,
+    /// Where the control plane posts shared-group changes for this queue.
+    switch: Option<Arc<GroupSwitch>>,
     /// Wakers to call once the group locks are released (reused, no allocation).
     wakes: WakeList,
 }
@@ -42,20 +46,44 @@ impl Throttle {
         Throttle {
             disk,
             shared,
+            switch: None,
             wakes: WakeList(Vec::with_capacity(8)),
         }
     }
 
-    /// Replaces the disk's own membership (the old one, if any, leaves its group).
-    pub fn set_disk(&mut self, member: Option<GroupMember>) {
-        self.withdraw();
-        self.disk = member;
+    /// This throttle, taking shared-group changes posted in `switch` (applied by
+    /// [`refresh`](Self::refresh), which admission calls).
+    pub fn with_switch(mut self, switch: Arc<GroupSwitch>) -> Self {
+        self.switch = Some(switch);
+        self
     }
 
-    /// Replaces the shared-group membership (the old one, if any, leaves its group).
+    /// Replaces the disk's own membership. The old one, if any, leaves its group: if it
+    /// held or waited for the group's turn, the turn passes on.
+    pub fn set_disk(&mut self, member: Option<GroupMember>) {
+        drop(std::mem::replace(&mut self.disk, member));
+    }
+
+    /// Replaces the shared-group membership. The old one, if any, leaves its group: if it
+    /// held or waited for the group's turn, the turn passes on. The disk membership keeps
+    /// its place.
     pub fn set_shared(&mut self, member: Option<GroupMember>) {
-        self.withdraw();
-        self.shared = member;
+        drop(std::mem::replace(&mut self.shared, member));
+    }
+
+    /// Applies a shared-group change posted in this throttle's [`GroupSwitch`], if any.
+    /// Costs one atomic load when none is posted; [`admit`](Self::admit) and
+    /// [`ThrottledQueue::pop_admitted`](super::ThrottledQueue::pop_admitted) call it, so a
+    /// change takes effect on the queue's own thread before its next request is decided.
+    pub fn refresh(&mut self) {
+        if let Some(member) = self.switch.as_ref().and_then(|s| s.take()) {
+            self.set_shared(member);
+        }
+    }
+
+    /// The shared group's id, if the queue is in one.
+    pub fn shared_group_id(&self) -> Option<&str> {
+        self.shared.as_ref().map(|m| m.group().id())
     }
 
     /// Whether any membership has limits, i.e. whether requests may have to wait.
@@ -68,6 +96,7 @@ impl Throttle {
     /// caller retries at the given instant or when its waker is called, whichever comes
     /// first.
     pub fn admit(&mut self, dir: Direction, bytes: u64, now: Instant) -> Decision {
+        self.refresh();
         let a = active(&self.disk);
         let b = active(&self.shared);
         let decision = match (a, b) {

@@ -14,6 +14,10 @@
 //!   the timer at [`ThrottledQueue::next_wake`]. It repeats this when the timer fires or
 //!   the waker is called.
 //!
+//! - To move a running queue to another shared group, the control plane posts the change
+//!   in the queue's [`GroupSwitch`] (given to [`Throttle::with_switch`]); the queue's
+//!   thread applies it at its next admission and keeps every held request in order.
+//!
 //! Time is always passed in as `now` so the maths can be tested with a simulated clock.
 
 mod admit;
@@ -21,6 +25,7 @@ mod bucket;
 mod group;
 mod limits;
 mod queue;
+mod switch;
 mod timer;
 
 #[cfg(test)]
@@ -33,6 +38,7 @@ pub use admit::Throttle;
 pub use group::{GroupMember, MemberWaker, ThrottleGroup};
 pub use limits::ThrottleLimits;
 pub use queue::ThrottledQueue;
+pub use switch::GroupSwitch;
 pub use timer::ThrottleTimer;
 
 /// Direction of a throttled request. Flushes and other requests that move no data are

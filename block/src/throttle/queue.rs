@@ -73,11 +73,13 @@ impl<T> ThrottledQueue<T> {
 
     /// Returns the oldest request if `throttle` admits it at `now` (it is then charged),
     /// else `None`, recording when to retry ([`next_wake`](Self::next_wake)). Call it
-    /// until it returns `None`.
+    /// until it returns `None`. A shared-group change posted for `throttle` is applied
+    /// first, so the held requests are decided under the new group, in their order.
     ///
     /// Time throttled is measured from the first call that sees a request, so call this
     /// right after pushing.
     pub fn pop_admitted(&mut self, throttle: &mut Throttle, now: Instant) -> Option<T> {
+        throttle.refresh();
         if !throttle.is_enabled() {
             // Unthrottled: nothing waits, nothing to time.
             let p = self.items.pop_front()?;

@@ -9,6 +9,8 @@ use std::time::{Duration, Instant};
 use super::limits::OPS_TOTAL;
 use super::*;
 
+mod switch;
+
 const SEC: Duration = Duration::from_secs(1);
 
 /// A simulated client: one queue with its throttle, retrying exactly at the deadline it

@@ -64,6 +64,12 @@ impl PciBus {
         Ok(free as u8)
     }
 
+    /// The lowest free device number, if any.
+    pub fn free_slot(&self) -> Option<u8> {
+        let slots = self.slots.read().unwrap_or_else(|e| e.into_inner());
+        slots.iter().position(Option::is_none).map(|s| s as u8)
+    }
+
     /// Puts `dev` at device number `slot`.
     pub fn add_device_at(&self, slot: u8, dev: SharedDevice) -> Result<(), PciError> {
         let mut slots = self.slots.write().unwrap_or_else(|e| e.into_inner());

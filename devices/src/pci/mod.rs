@@ -7,6 +7,7 @@
 mod alloc;
 mod bus;
 mod config;
+mod hotplug;
 
 #[cfg(test)]
 mod tests;
@@ -17,6 +18,10 @@ pub use bus::{
 };
 pub use config::{
     BAR0, BarSpec, COMMAND_MEMORY, CONFIG_SPACE_SIZE, NUM_BARS, PciConfiguration, PciHeader,
+};
+pub use hotplug::{
+    EjectFn, HOTPLUG_REGS_SIZE, HotplugController, InterruptFn, REG_B0EJ, REG_PCID, REG_PCIU,
+    REG_PRES,
 };
 
 /// Capability ID of MSI-X.

@@ -4,9 +4,9 @@
 
 use std::io;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{Arc, Mutex, MutexGuard, Weak};
 
-use block::throttle::{Throttle, ThrottleGroup, ThrottleLimits};
+use block::throttle::{GroupSwitch, MemberWaker, Throttle, ThrottleGroup, ThrottleLimits};
 use block::{AioKind, CountersSnapshot, Disk, DiskCounters, DiskOptions, DiskQueue, EngineOptions};
 use serde::Serialize;
 use vmm_sys_util::eventfd::EventFd;
@@ -74,7 +74,22 @@ pub struct BlkDevice {
     /// The disk's own limits (a group whose members are its queues; always present so
     /// limits can be set live, free of cost while empty).
     own_group: ThrottleGroup,
-    shared_group: Option<ThrottleGroup>,
+    group: Mutex<SharedGroup>,
+}
+
+/// The disk's shared throttle group and the mailboxes of its live queues, which are told
+/// when the group changes.
+struct SharedGroup {
+    group: Option<ThrottleGroup>,
+    /// One per queue worker made; dead ones (worker dropped) are pruned as we go.
+    switches: Vec<Weak<GroupSwitch>>,
+}
+
+impl SharedGroup {
+    fn live(&mut self) -> Vec<Arc<GroupSwitch>> {
+        self.switches.retain(|w| w.strong_count() > 0);
+        self.switches.iter().filter_map(Weak::upgrade).collect()
+    }
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -146,7 +161,10 @@ impl BlkDevice {
             config_space: Mutex::new(space),
             features,
             own_group,
-            shared_group,
+            group: Mutex::new(SharedGroup {
+                group: shared_group,
+                switches: Vec::new(),
+            }),
             config,
         })
     }
@@ -156,11 +174,12 @@ impl BlkDevice {
         &self.config.id
     }
 
-    /// Its settings (throttle as last set).
+    /// Its settings (throttle and throttle group as last set).
     pub fn config(&self) -> DiskConfig {
         let mut c = self.config.clone();
         let limits = self.own_group.limits();
         c.throttle = limits.is_enabled().then_some(limits);
+        c.throttle_group = self.shared_group().map(|g| g.id().to_string());
         c
     }
 
@@ -247,18 +266,36 @@ impl BlkDevice {
             .map_err(io_err)
     }
 
-    /// A queue's memberships: the disk's own group and the shared one, both waking `wake`.
+    /// A queue's memberships: the disk's own group and the shared one, both waking `wake`;
+    /// the queue follows later [`set_shared_group`](Self::set_shared_group) calls.
     pub fn throttle_for(&self, wake: &Arc<EventFd>) -> Throttle {
-        let waker = |wake: &Arc<EventFd>| {
-            let wake = wake.clone();
-            Arc::new(move || {
-                let _ = wake.write(1);
-            }) as block::throttle::MemberWaker
+        let wake = wake.clone();
+        let waker: MemberWaker = Arc::new(move || {
+            let _ = wake.write(1);
+        });
+        let switch = GroupSwitch::new(waker.clone());
+        let shared = {
+            let mut sg = lock(&self.group);
+            sg.live();
+            sg.switches.push(Arc::downgrade(&switch));
+            sg.group.as_ref().map(|g| switch.join(g))
         };
-        Throttle::new(
-            Some(self.own_group.join(waker(wake))),
-            self.shared_group.as_ref().map(|g| g.join(waker(wake))),
-        )
+        Throttle::new(Some(self.own_group.join(waker)), shared).with_switch(switch)
+    }
+
+    /// Moves the disk to another shared throttle group (`None`: out of any) while it
+    /// runs. Each queue is woken and makes the move on its own thread before it decides
+    /// its next request; requests it holds stay queued, in order, and are decided under
+    /// the new group. Queues made later start in the new group. If a queue held or waited
+    /// for the old group's turn, the turn passes on to the next member.
+    pub fn set_shared_group(&self, group: Option<ThrottleGroup>) {
+        let mut sg = lock(&self.group);
+        for switch in sg.live() {
+            switch.post(group.as_ref());
+        }
+        tracing::info!(disk = %self.config.id, group = ?group.as_ref().map(ThrottleGroup::id),
+            "throttle group changed");
+        sg.group = group;
     }
 
     /// Changes the disk's limits while it runs (None removes them); queued requests stay.
@@ -272,8 +309,8 @@ impl BlkDevice {
     }
 
     /// The shared throttle group, if any.
-    pub fn shared_group(&self) -> Option<&ThrottleGroup> {
-        self.shared_group.as_ref()
+    pub fn shared_group(&self) -> Option<ThrottleGroup> {
+        lock(&self.group).group.clone()
     }
 
     /// A copy of the disk's counters.

@@ -83,6 +83,14 @@ impl Msix {
         }
     }
 
+    /// Tells the host every vector is gone (hot unplug): MSI-X disabled, no route left.
+    pub fn release_all(&mut self) {
+        self.enabled = false;
+        for v in 0..self.table.len() {
+            self.sync(v);
+        }
+    }
+
     /// Reads the table (out-of-range or entry-straddling accesses read zero).
     pub fn read_table(&self, offset: u64, data: &mut [u8]) {
         data.fill(0);

@@ -260,6 +260,14 @@ impl<D: VirtioDevice> VirtioPciDevice<D> {
         self.registered_base = base;
     }
 
+    /// Takes the function off the machine (hot unplug): stops the device (its queues
+    /// drain), unregisters the notify addresses and releases every MSI-X route.
+    pub fn detach(&mut self) {
+        self.reset();
+        self.register_notify(0);
+        self.msix.release_all();
+    }
+
     /// The device configuration changed: bump the generation and interrupt the driver.
     pub fn signal_config_change(&mut self) {
         self.common.config_generation = self.common.config_generation.wrapping_add(1);

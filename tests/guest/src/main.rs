@@ -7,14 +7,19 @@
 //! `exit=isa|acpi|port:0xNNNN` (how to power off; `isa` = QEMU isa-debug-exit at 0xf4),
 //! `s5=N` (ACPI S5 sleep type, 5), `pci=auto|port|ecam`, `ecam=0xADDR` (else ACPI MCFG),
 //! `ms=N` (length of each IOPS phase, 300), `blocks=N` (pattern blocks per disk, 64),
-//! `span_mib=N` (random-read span, 64), `tsc_khz=N` (else PIT calibration), `seed=N`.
+//! `span_mib=N` (random-read span, 64), `tsc_khz=N` (else PIT calibration), `seed=N`,
+//! `windows=N window_ms=M` (rate windows on disk0 after the pattern checks, see
+//! [`windows`]), `hotplug=N hp_base=0xADDR hp_gsi=N hp_wait_s=N` (handle N hot plug
+//! events at the end, see [`hotplug`]).
 
 #![no_std]
 #![no_main]
 
+mod hotplug;
 mod io;
 mod pci;
 mod virtio;
+mod windows;
 
 use core::arch::{asm, global_asm};
 
@@ -400,9 +405,20 @@ pub extern "C" fn guest_main() -> ! {
         ok &= good;
     }
 
+    let mut rng = seed | 1;
+    if let (count @ 1.., Some(d)) = (args.num("windows", 0), disks[0].as_mut()) {
+        let w = windows::Windows {
+            count,
+            ticks: tsc_hz / 1000 * args.num("window_ms", 500),
+            tsc_hz,
+            timeout,
+            span: span.min(d.capacity),
+        };
+        ok &= windows::run(d, 0, &w, &mut rng);
+    }
+
     // IOPS: random 4 KiB reads at full depth, first polled, then with MSI-X interrupts.
     let ticks = tsc_hz / 1000 * ms;
-    let mut rng = seed | 1;
     for irq in [false, true] {
         let mode = if irq { "irq" } else { "poll" };
         for (i, d) in disks.iter_mut().enumerate() {
@@ -439,6 +455,23 @@ pub extern "C" fn guest_main() -> ! {
             }
         }
     }
+    if let n @ 1.. = args.num("hotplug", 0) {
+        let mut slots = [None; MAX_DISKS];
+        for (s, b) in slots.iter_mut().zip(found.iter()) {
+            *s = b.map(|b| b.dev);
+        }
+        let plan = hotplug::Plan {
+            events: n,
+            base: args.num("hp_base", 0xF000_0000),
+            gsi: args.num("hp_gsi", 23) as u32,
+            wait: tsc_hz * args.num("hp_wait_s", 60),
+            timeout,
+            seed,
+            ms: tsc_hz / 1000,
+        };
+        ok &= hotplug::run(&cfg, &mut slots, &mut disks, &plan);
+    }
+
     // SAFETY: a counter bumped only by the CPL0 stub; read volatile.
     let unexpected = unsafe { core::ptr::read_volatile(&raw const unexpected_irqs) };
     say!("unexpected_irqs={unexpected}");

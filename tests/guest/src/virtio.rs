@@ -75,7 +75,7 @@ impl Queue {
     }
 
     /// Takes a free slot.
-    fn take(&mut self) -> Option<usize> {
+    pub(crate) fn take(&mut self) -> Option<usize> {
         if self.free == 0 {
             return None;
         }
@@ -89,7 +89,7 @@ impl Queue {
         self.slots - self.free.count_ones() as usize
     }
 
-    fn submit(&mut self, s: usize, write: bool, sector: u64) {
+    pub(crate) fn submit(&mut self, s: usize, write: bool, sector: u64) {
         let h = self.hdrs + (s * 16) as u64;
         wr::<u32>(h, if write { T_OUT } else { T_IN });
         wr::<u32>(h + 4, 0);
@@ -105,13 +105,13 @@ impl Queue {
         wr::<u16>(self.avail + 2, self.avail_idx);
     }
 
-    fn kick(&self) {
+    pub(crate) fn kick(&self) {
         compiler_fence(Ordering::SeqCst);
         wr::<u16>(self.notify, self.index);
     }
 
     /// Pops completions: `f(queue, slot, sector, status)`; the slot is free again after.
-    fn reap(&mut self, f: &mut dyn FnMut(&Queue, usize, u64, u8)) -> usize {
+    pub(crate) fn reap(&mut self, f: &mut dyn FnMut(&Queue, usize, u64, u8)) -> usize {
         let used_idx = rd::<u16>(self.used + 2);
         compiler_fence(Ordering::Acquire);
         let mut n = 0;
@@ -146,6 +146,7 @@ pub struct Disk {
     /// The queues.
     pub queues: [Queue; MAX_QUEUES],
     msix_table: u64,
+    common: u64,
 }
 
 fn cap_addr(cfg: &Config, b: Bdf, cap: u16) -> Result<u64, &'static str> {
@@ -259,6 +260,7 @@ impl Disk {
                 lba: [0; SLOTS],
             }),
             msix_table,
+            common,
         };
         for q in 0..nq {
             let g = n * MAX_QUEUES + q;
@@ -270,6 +272,10 @@ impl Disk {
             let size = max.min(QSIZE_MAX);
             wr::<u16>(common + 0x18, size);
             let ring = (&raw mut RINGS) as u64 + (g * 4096) as u64;
+            // A hot plugged disk may reuse the rings of an ejected one: start them clean.
+            for off in (0..4096u64).step_by(8) {
+                wr::<u64>(ring + off, 0);
+            }
             let (desc, avail, used) = (ring, ring + 2048, ring + 2560);
             for (field, addr) in [(0x20u64, desc), (0x28, avail), (0x30, used)] {
                 wr::<u32>(common + field, addr as u32);
@@ -328,6 +334,16 @@ impl Disk {
         }
         wr::<u8>(common + 0x14, 3 | 8 | 4);
         Ok(disk)
+    }
+
+    /// Resets the device (status 0) and waits until it reads back 0: the device has
+    /// stopped using the rings.
+    pub fn reset(&self) {
+        wr::<u8>(self.common + 0x14, 0);
+        let mut spins = 0;
+        while rd::<u8>(self.common + 0x14) != 0 && spins < 1_000_000 {
+            spins += 1;
+        }
     }
 
     /// Masks or unmasks the MSI-X entries of the queues and asks for (or suppresses)

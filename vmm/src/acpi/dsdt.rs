@@ -1,5 +1,6 @@
 //! The DSDT: the PCI host bridge `\_SB.PCI0` (with its resource windows), the ECAM
-//! reservation `\_SB.MBRD`, COM1, the power button and the `\_S5` sleep package.
+//! reservation `\_SB.MBRD`, COM1, the power button, the `\_S5` sleep package and, with
+//! hot plug, the slot objects in `PCI0` and the `GED0` event device ([`super::hotplug`]).
 
 use acpi_tables::Aml;
 use acpi_tables::aml::{
@@ -8,7 +9,17 @@ use acpi_tables::aml::{
 };
 use acpi_tables::sdt::Sdt;
 
+use super::hotplug;
 use super::{AcpiParams, ECAM_SIZE, MmioWindow, OEM_ID, SLP_TYP_S5};
+
+/// Already-encoded AML, placed as is among a scope's children.
+struct RawAml(Vec<u8>);
+
+impl Aml for RawAml {
+    fn to_aml_bytes(&self, sink: &mut dyn acpi_tables::AmlSink) {
+        sink.vec(&self.0);
+    }
+}
 
 /// Legacy COM1 I/O base and IRQ (the serial port the VMM emulates).
 pub const COM1_PORT: u16 = 0x3f8;
@@ -88,9 +99,14 @@ fn sb_scope(p: &AcpiParams, aml: &mut Vec<u8>) {
     crs_items.extend(mmio64.as_ref().map(MemDesc::as_aml));
     let pci_crs_rt = ResourceTemplate::new(crs_items);
     let pci_crs = Name::new(Path::new("_CRS"), &pci_crs_rt);
+    let mut hp_objects = Vec::new();
+    if let Some(hp) = &p.hotplug {
+        hotplug::pci0_objects(hp, &mut hp_objects);
+    }
+    let hp_objects = RawAml(hp_objects);
     let pci0 = Device::new(
         Path::new("PCI0"),
-        vec![&hid_pci, &cid_pci, &seg, &uid, &bbn, &pci_crs],
+        vec![&hid_pci, &cid_pci, &seg, &uid, &bbn, &pci_crs, &hp_objects],
     );
 
     // Motherboard resources: reserving the ECAM window here is what makes Linux trust
@@ -111,7 +127,10 @@ fn sb_scope(p: &AcpiParams, aml: &mut Vec<u8>) {
         (None, Some(d)) => Some(d.as_aml()),
         (None, None) => None,
     };
-    let mb_crs_rt = ResourceTemplate::new(ecam_desc.into_iter().collect());
+    let hp_regs = p.hotplug.as_ref().and_then(hotplug::regs_resource);
+    let mut mb_items: Vec<&dyn Aml> = ecam_desc.into_iter().collect();
+    mb_items.extend(hp_regs.as_ref().map(|r| r as &dyn Aml));
+    let mb_crs_rt = ResourceTemplate::new(mb_items);
     let mb_crs = Name::new(Path::new("_CRS"), &mb_crs_rt);
     let mbrd = Device::new(Path::new("MBRD"), vec![&hid_mb, &uid, &mb_crs]);
 
@@ -126,5 +145,10 @@ fn sb_scope(p: &AcpiParams, aml: &mut Vec<u8>) {
     let hid_pwrb = Name::new(Path::new("_HID"), &EISAName::new("PNP0C0C"));
     let pwrb = Device::new(Path::new("PWRB"), vec![&hid_pwrb, &uid]);
 
-    Scope::new(Path::new("\\_SB_"), vec![&pci0, &mbrd, &com1, &pwrb]).to_aml_bytes(aml);
+    let mut ged = Vec::new();
+    if let Some(hp) = &p.hotplug {
+        hotplug::ged(hp, &mut ged);
+    }
+    let ged = RawAml(ged);
+    Scope::new(Path::new("\\_SB_"), vec![&pci0, &mbrd, &com1, &pwrb, &ged]).to_aml_bytes(aml);
 }

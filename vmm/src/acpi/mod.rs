@@ -11,7 +11,9 @@
 //! - **DSDT**: `\_SB.PCI0` (PNP0A08/PNP0A03, segment 0, buses 0..=255, the 0xCF8..0xCFF
 //!   config ports, I/O 0..0xCF7 and 0xD00..0xFFFF, the 32-bit and 64-bit MMIO windows),
 //!   `\_SB.MBRD` (PNP0C02 reserving the ECAM window), `\_SB.COM1` (PNP0501 at 0x3f8,
-//!   IRQ 4), `\_SB.PWRB` (PNP0C0C) and `\_S5` = {5, 0, 0, 0}.
+//!   IRQ 4), `\_SB.PWRB` (PNP0C0C), `\_S5` = {5, 0, 0, 0} and, with
+//!   [`AcpiParams::hotplug`], ACPI PCI hot plug: slot objects in `PCI0` and a Generic
+//!   Event Device `\_SB.GED0` (see [`HotplugAcpi`]).
 //! - **MADT**: LAPIC at 0xFEE00000, one enabled local APIC per vCPU (APIC ID = index),
 //!   the IOAPIC (ID 0) at 0xFEC00000 with GSI base 0, `PCAT_COMPAT`, a LINT1 NMI, and
 //!   (with [`AcpiParams::irq0_to_gsi2`]) the ISA override IRQ0 -> GSI 2: the PIT must
@@ -28,6 +30,7 @@
 //! `rsdp_paddr` / boot_params `acpi_rsdp_addr`) when the boot protocol has a field.
 
 mod dsdt;
+mod hotplug;
 mod tables;
 #[cfg(test)]
 mod tests;
@@ -38,6 +41,7 @@ use acpi_tables::xsdt::XSDT;
 use vm_memory::{Bytes, GuestAddress, GuestMemory, GuestMemoryError};
 
 pub use dsdt::{COM1_IRQ, COM1_PORT};
+pub use hotplug::{HotplugAcpi, SLOTS as HOTPLUG_SLOTS};
 
 /// OEM ID written in every table.
 pub const OEM_ID: [u8; 6] = *b"RSTVMM";
@@ -113,7 +117,15 @@ pub struct AcpiParams {
     pub sleep_port: u16,
     /// Emit the ISA interrupt source override IRQ0 -> GSI 2 (the PIT on IOAPIC pin 2).
     pub irq0_to_gsi2: bool,
+    /// PCI hot plug through the VMM's controller and a GED (`None`: no hot plug AML).
+    pub hotplug: Option<HotplugAcpi>,
 }
+
+/// Default address of the hot plug controller's registers (platform MMIO).
+pub const DEFAULT_HOTPLUG_BASE: u64 = 0xf000_0000;
+/// Default GSI of the hot plug interrupt: IOAPIC pin 23, one of the pins (16..=23) with
+/// no legacy PIC input, so only the IOAPIC sees it.
+pub const DEFAULT_HOTPLUG_GSI: u32 = 23;
 
 impl Default for AcpiParams {
     /// One vCPU, a 512 MiB 32-bit window at 0xC0000000 (just below the ECAM at
@@ -132,6 +144,10 @@ impl Default for AcpiParams {
             ecam_base: DEFAULT_ECAM_BASE,
             sleep_port: DEFAULT_SLEEP_PORT,
             irq0_to_gsi2: true,
+            hotplug: Some(HotplugAcpi {
+                regs_base: DEFAULT_HOTPLUG_BASE,
+                gsi: DEFAULT_HOTPLUG_GSI,
+            }),
         }
     }
 }

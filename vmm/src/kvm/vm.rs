@@ -48,6 +48,7 @@ pub struct Vm {
     legacy_routes: Vec<kvm_irq_routing_entry>,
     msi_routes: Mutex<BTreeMap<u32, kvm_irq_routing_entry>>,
     next_gsi: Mutex<u32>,
+    free_gsis: Mutex<Vec<u32>>,
     next_slot: Mutex<u32>,
 }
 
@@ -88,6 +89,7 @@ impl Vm {
             legacy_routes: legacy_routes(),
             msi_routes: Mutex::new(BTreeMap::new()),
             next_gsi: Mutex::new(IOAPIC_PINS),
+            free_gsis: Mutex::new(Vec::new()),
             next_slot: Mutex::new(0),
         };
         vm.commit_routes(&vm.lock_routes())?;
@@ -204,6 +206,14 @@ impl Vm {
 
     /// Hands out the next free GSI above the IOAPIC pins, for an MSI route.
     pub fn allocate_gsi(&self) -> Result<u32> {
+        if let Some(g) = self
+            .free_gsis
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .pop()
+        {
+            return Ok(g);
+        }
         let mut next = self.next_gsi.lock().unwrap_or_else(|e| e.into_inner());
         if *next >= MAX_IRQ_ROUTES {
             return Err(KvmError::Invalid("out of GSIs".into()));
@@ -211,6 +221,17 @@ impl Vm {
         let gsi = *next;
         *next += 1;
         Ok(gsi)
+    }
+
+    /// Gives back a GSI from [`Vm::allocate_gsi`] (its route already removed), e.g. when
+    /// a device is unplugged, so hot plug cycles do not run out of GSIs.
+    pub fn release_gsi(&self, gsi: u32) {
+        if (IOAPIC_PINS..MAX_IRQ_ROUTES).contains(&gsi) {
+            let mut free = self.free_gsis.lock().unwrap_or_else(|e| e.into_inner());
+            if !free.contains(&gsi) {
+                free.push(gsi);
+            }
+        }
     }
 
     /// Routes `gsi` to the MSI message (`addr_hi:addr_lo`, `data`) and commits the whole

@@ -1,24 +1,27 @@
 //! The device manager: iothreads, throttle groups, virtio-blk disks on the PCI bus (BARs
-//! in the 32-bit window, notify ioeventfds, MSI-X irqfds), and the serial port.
+//! in the 32-bit window, notify ioeventfds, MSI-X irqfds), the serial port, and PCI hot
+//! plug of disks through the ACPI hot plug controller ([`super::hotplug`]).
 
 use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use block::throttle::ThrottleGroup;
+use devices::config::DiskConfig;
 use devices::iothread::IoThread;
-use devices::pci::{PciAllocator, PciBus};
+use devices::pci::{DEVICES_PER_BUS, HOTPLUG_REGS_SIZE, HotplugController, PciBus};
 use devices::virtio_blk::GuestMem;
 use devices::virtio_blk::device::BlkDevice;
 use devices::virtio_blk::worker::{LocalQueue, QueueWorker};
 use devices::virtio_pci::{BAR_SIZE, BlkQueueSink, VirtioBlk, VirtioPciDevice};
 
 use super::VmError;
+use super::hotplug::{self, DiskSet};
 use super::pci_host::KvmPciHost;
 use crate::bus::{Bus, BusKind};
 use crate::config::VmConfig;
 use crate::kvm::Vm as KvmVm;
-use crate::memory::{PCI_MMIO32_SIZE, PCI_MMIO32_START};
+use crate::memory::{PCI_MMIO32_SIZE, PCI_MMIO32_START, PLATFORM_MMIO_START};
 use crate::serial::{COM1_BASE, COM1_IRQ, COM1_LEN, SerialDevice};
 
 /// How long a disk's queues may take to finish their requests at reset or shutdown.
@@ -39,6 +42,8 @@ pub struct DiskEntry {
     pub bar: u64,
     /// The iothreads serving its queues (distinct).
     iothreads: Vec<Arc<IoThread>>,
+    /// The id of its dedicated iothread, if it has one (stopped when the disk goes).
+    pub(super) dedicated: Option<String>,
 }
 
 impl DiskEntry {
@@ -95,30 +100,49 @@ pub struct DeviceManager {
     pub pci: Arc<PciBus>,
     /// Port I/O devices other than PCI config and the ACPI sleep port (serial).
     pub pio: Bus,
-    /// MMIO devices other than ECAM and PCI BARs.
+    /// MMIO devices other than ECAM and PCI BARs (the hot plug registers).
     pub mmio: Bus,
     /// The serial port on 0x3f8.
     pub serial: Arc<Mutex<SerialDevice>>,
-    /// The disks, in config order.
-    pub disks: Vec<DiskEntry>,
     /// Named iothreads, by id.
     pub iothreads: BTreeMap<String, Arc<IoThread>>,
-    /// Dedicated iothreads of disks that name none, by disk id.
-    pub dedicated: BTreeMap<String, Arc<IoThread>>,
+    /// The VM's throttle groups, by id.
+    pub groups: BTreeMap<String, ThrottleGroup>,
+    /// Disks and dedicated iothreads (changed by hot plug).
+    set: Arc<DiskSet>,
+    /// The hot plug controller the guest's ACPI code talks to.
+    hotplug: Arc<HotplugController>,
+    /// Serialises hot plug requests (slot choice, building, announcing).
+    hotplug_lock: Mutex<()>,
+    kvm: Arc<KvmVm>,
+    mem: GuestMem,
 }
 
 impl std::fmt::Debug for DeviceManager {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("DeviceManager")
-            .field("disks", &self.disks.len())
+            .field("disks", &self.disk_ids())
             .field("iothreads", &self.iothreads.keys().collect::<Vec<_>>())
             .finish_non_exhaustive()
     }
 }
 
+/// Guest-physical address of the hot plug controller's registers.
+pub const HOTPLUG_REGS_BASE: u64 = PLATFORM_MMIO_START;
+/// GSI (IOAPIC pin) of the hot plug interrupt (the ACPI GED's); see
+/// [`crate::acpi::DEFAULT_HOTPLUG_GSI`].
+pub const HOTPLUG_GSI: u32 = crate::acpi::DEFAULT_HOTPLUG_GSI;
+
+/// Where BAR 0 of the function in `slot` goes: one fixed `BAR_SIZE` window per slot, so
+/// a slot freed by hot unplug gives its window to the next device placed there.
+fn bar_for_slot(slot: u8) -> u64 {
+    PCI_MMIO32_START + u64::from(slot) * BAR_SIZE
+}
+
 impl DeviceManager {
     /// Builds the devices of `config` on `kvm` with guest memory `mem`.
     pub fn new(config: &VmConfig, kvm: &Arc<KvmVm>, mem: &GuestMem) -> Result<Self, VmError> {
+        const _: () = assert!(BAR_SIZE * DEVICES_PER_BUS as u64 <= PCI_MMIO32_SIZE);
         let serial = SerialDevice::from_config(&config.serial)?;
         kvm.register_irqfd(serial.irq_evt(), COM1_IRQ)?;
         let serial = Arc::new(Mutex::new(serial));
@@ -141,93 +165,229 @@ impl DeviceManager {
         }
 
         let pci = Arc::new(PciBus::new());
-        let mut alloc = PciAllocator::new(PCI_MMIO32_START, PCI_MMIO32_SIZE);
-        let mut dm = DeviceManager {
+        let set = Arc::new(DiskSet::new(pci.clone()));
+        let hotplug = Arc::new(hotplug::controller(kvm, HOTPLUG_GSI, &set)?);
+        let mmio = Bus::new(BusKind::Mmio);
+        mmio.insert(
+            Arc::new(Mutex::new(hotplug::Registers(hotplug.clone()))),
+            HOTPLUG_REGS_BASE,
+            HOTPLUG_REGS_SIZE,
+        )?;
+        let dm = DeviceManager {
             pci,
             pio,
-            mmio: Bus::new(BusKind::Mmio),
+            mmio,
             serial,
-            disks: Vec::new(),
             iothreads,
-            dedicated: BTreeMap::new(),
+            groups,
+            set,
+            hotplug,
+            hotplug_lock: Mutex::new(()),
+            kvm: kvm.clone(),
+            mem: mem.clone(),
         };
         for disk in &config.disks {
-            let group = match &disk.throttle_group {
-                Some(name) => Some(groups.get(name).cloned().ok_or_else(|| {
-                    VmError::Config(format!("disk {}: unknown throttle group {name}", disk.id))
-                })?),
-                None => None,
-            };
-            let blk =
-                Arc::new(
-                    BlkDevice::open(disk.clone(), group).map_err(|source| VmError::Disk {
-                        id: disk.id.clone(),
-                        source,
-                    })?,
-                );
-            let mut per_queue = Vec::new();
-            let mut distinct: Vec<Arc<IoThread>> = Vec::new();
-            for name in disk.queue_iothreads() {
-                let t = match name {
-                    Some(n) => dm.iothreads.get(&n).cloned().ok_or_else(|| {
-                        VmError::Config(format!("disk {}: unknown iothread {n}", disk.id))
-                    })?,
-                    None => dm.dedicated_for(&disk.id)?,
-                };
-                if !distinct.iter().any(|d| Arc::ptr_eq(d, &t)) {
-                    distinct.push(t.clone());
+            let slot = dm.add_disk(disk)?;
+            dm.hotplug.set_present(slot);
+        }
+        Ok(dm)
+    }
+
+    /// Opens `disk`, puts its virtio-blk function in the lowest free slot and its queues
+    /// on their iothreads; returns the slot.
+    fn add_disk(&self, disk: &DiskConfig) -> Result<u8, VmError> {
+        let fail = |what: &str, e: &dyn std::fmt::Display| {
+            VmError::Device(format!("disk {}: {what}: {e}", disk.id))
+        };
+        let group = match &disk.throttle_group {
+            Some(name) => Some(self.groups.get(name).cloned().ok_or_else(|| {
+                VmError::Config(format!("disk {}: unknown throttle group {name}", disk.id))
+            })?),
+            None => None,
+        };
+        let blk =
+            Arc::new(
+                BlkDevice::open(disk.clone(), group).map_err(|source| VmError::Disk {
+                    id: disk.id.clone(),
+                    source,
+                })?,
+            );
+        let mut per_queue = Vec::new();
+        let mut distinct: Vec<Arc<IoThread>> = Vec::new();
+        let mut dedicated = None;
+        for name in disk.queue_iothreads() {
+            let t = match name {
+                Some(n) => self.iothreads.get(&n).cloned().ok_or_else(|| {
+                    VmError::Config(format!("disk {}: unknown iothread {n}", disk.id))
+                })?,
+                None => {
+                    dedicated = Some(disk.id.clone());
+                    self.set.dedicated_for(&disk.id)?
                 }
-                per_queue.push(t);
+            };
+            if !distinct.iter().any(|d| Arc::ptr_eq(d, &t)) {
+                distinct.push(t.clone());
             }
+            per_queue.push(t);
+        }
+        let result = (|| {
+            let slot = self
+                .pci
+                .free_slot()
+                .ok_or_else(|| fail("PCI", &"every slot of bus 0 is taken"))?;
+            let bar = bar_for_slot(slot);
             let sink = IoThreadSink {
                 disk: disk.id.clone(),
                 per_queue,
                 distinct: distinct.clone(),
             };
-            let bar = alloc
-                .allocate(BAR_SIZE)
-                .map_err(|e| VmError::Config(format!("disk {}: BAR: {e}", disk.id)))?;
-            let host = Arc::new(KvmPciHost::new(kvm.clone()));
+            let host = Arc::new(KvmPciHost::new(self.kvm.clone()));
             let dev = VirtioPciDevice::new(
                 VirtioBlk::with_sink(blk.clone(), Box::new(sink)),
-                mem.clone(),
+                self.mem.clone(),
                 host,
                 bar,
             )
-            .map_err(|e| VmError::Device(format!("disk {}: {e}", disk.id)))?;
+            .map_err(|e| fail("virtio-pci", &e))?;
             let dev = Arc::new(Mutex::new(dev));
-            let slot = dm
-                .pci
-                .add_device(dev.clone())
-                .map_err(|e| VmError::Device(format!("disk {}: PCI: {e}", disk.id)))?;
+            self.pci
+                .add_device_at(slot, dev.clone())
+                .map_err(|e| fail("PCI", &e))?;
             tracing::info!(disk = %disk.id, slot, bar = format_args!("{bar:#x}"), "virtio-blk on PCI");
-            dm.disks.push(DiskEntry {
+            self.set.lock_disks().push(DiskEntry {
                 blk,
                 pci: dev,
                 slot,
                 bar,
                 iothreads: distinct,
+                dedicated: dedicated.clone(),
             });
+            Ok(slot)
+        })();
+        if result.is_err()
+            && let Some(id) = &dedicated
+        {
+            self.set.stop_dedicated(id);
         }
-        Ok(dm)
+        result
     }
 
-    fn dedicated_for(&mut self, disk: &str) -> Result<Arc<IoThread>, VmError> {
-        if let Some(t) = self.dedicated.get(disk) {
-            return Ok(t.clone());
+    /// Hot plug: adds `disk` to the VM and, with `announce` (a guest is running), tells
+    /// the guest through ACPI (the GED interrupt, then `PCIU` names the slot). Returns
+    /// the slot. The caller has validated `disk` against the VM's config.
+    pub fn hot_add_disk(&self, disk: &DiskConfig, announce: bool) -> Result<u8, VmError> {
+        let _serial = self.hotplug_lock.lock().unwrap_or_else(|e| e.into_inner());
+        if self.disk(&disk.id).is_some() {
+            return Err(VmError::Config(format!("disk {} exists already", disk.id)));
         }
-        let c = devices::config::IoThreadConfig::new(disk);
-        let t = Arc::new(IoThread::spawn(c).map_err(|source| VmError::IoThread {
-            id: disk.to_string(),
-            source,
-        })?);
-        self.dedicated.insert(disk.to_string(), t.clone());
-        Ok(t)
+        let slot = self.add_disk(disk)?;
+        if announce {
+            self.hotplug.plug(slot);
+            tracing::info!(disk = %disk.id, slot, "disk hot plugged; guest notified");
+        } else {
+            self.hotplug.set_present(slot);
+        }
+        Ok(slot)
+    }
+
+    /// Hot unplug, first half: asks the guest to eject disk `id` (the GED interrupt, then
+    /// `PCID` names the slot). The disk goes when the guest ejects it (`_EJ0`): it is
+    /// then taken off the bus, drained and closed, and listed by [`Self::take_ejected`].
+    /// Asking again for a disk already asked for sends the request again.
+    pub fn request_eject(&self, id: &str) -> Result<u8, VmError> {
+        let _serial = self.hotplug_lock.lock().unwrap_or_else(|e| e.into_inner());
+        let slot = self
+            .set
+            .lock_disks()
+            .iter()
+            .find(|d| d.blk.id() == id)
+            .map(|d| d.slot)
+            .ok_or_else(|| VmError::Config(format!("no disk {id}")))?;
+        if !self.hotplug.request_eject(slot) {
+            return Err(VmError::Device(format!(
+                "disk {id}: slot {slot} cannot be ejected"
+            )));
+        }
+        tracing::info!(disk = id, slot, "eject requested from the guest");
+        Ok(slot)
+    }
+
+    /// Ids of disks whose eject was asked for and not yet done by the guest.
+    pub fn pending_ejects(&self) -> Vec<String> {
+        let pending = self.hotplug.pending_ejects();
+        self.set
+            .lock_disks()
+            .iter()
+            .filter(|d| pending & (1 << d.slot) != 0)
+            .map(|d| d.blk.id().to_string())
+            .collect()
+    }
+
+    /// Ids of disks the guest ejected since the last call (they are gone).
+    pub fn take_ejected(&self) -> Vec<String> {
+        std::mem::take(&mut *self.set.lock_ejected())
+    }
+
+    /// The disks, in the order they were added.
+    pub fn disks(&self) -> Vec<Arc<BlkDevice>> {
+        self.set
+            .lock_disks()
+            .iter()
+            .map(|d| d.blk.clone())
+            .collect()
+    }
+
+    /// Ids of the disks.
+    pub fn disk_ids(&self) -> Vec<String> {
+        self.set
+            .lock_disks()
+            .iter()
+            .map(|d| d.blk.id().to_string())
+            .collect()
+    }
+
+    /// Disk `id`.
+    pub fn disk(&self, id: &str) -> Option<Arc<BlkDevice>> {
+        self.set
+            .lock_disks()
+            .iter()
+            .find(|d| d.blk.id() == id)
+            .map(|d| d.blk.clone())
+    }
+
+    /// The PCI slot of disk `id`.
+    pub fn disk_slot(&self, id: &str) -> Option<u8> {
+        self.set
+            .lock_disks()
+            .iter()
+            .find(|d| d.blk.id() == id)
+            .map(|d| d.slot)
+    }
+
+    /// Every iothread, named and dedicated (dedicated ones carry their disk's id).
+    pub fn all_iothreads(&self) -> Vec<(String, Arc<IoThread>)> {
+        let mut all: Vec<_> = self
+            .iothreads
+            .iter()
+            .map(|(k, v)| (k.clone(), v.clone()))
+            .collect();
+        all.extend(
+            self.set
+                .lock_dedicated()
+                .iter()
+                .map(|(k, v)| (k.clone(), v.clone())),
+        );
+        all
+    }
+
+    /// The hot plug controller (register block and pending bits).
+    pub fn hotplug(&self) -> &Arc<HotplugController> {
+        &self.hotplug
     }
 
     /// Finishes every disk's requests and takes its queues off the iothreads; returns
     /// how many queues were removed.
     pub fn drain_all(&self) -> usize {
-        self.disks.iter().map(DiskEntry::drain).sum()
+        self.set.lock_disks().iter().map(DiskEntry::drain).sum()
     }
 }

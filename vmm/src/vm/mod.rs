@@ -11,6 +11,7 @@
 
 pub mod device_manager;
 pub mod exit;
+mod hotplug;
 pub mod pci_host;
 
 use std::sync::Arc;
@@ -180,6 +181,10 @@ impl Vm {
             sleep_port: acpi::DEFAULT_SLEEP_PORT,
             // Our GSI routes send GSI 0 to IOAPIC pin 0: no IRQ0 -> GSI 2 override.
             irq0_to_gsi2: false,
+            hotplug: Some(acpi::HotplugAcpi {
+                regs_base: device_manager::HOTPLUG_REGS_BASE,
+                gsi: device_manager::HOTPLUG_GSI,
+            }),
         };
         let tables = acpi::create_tables(&params);
         let layout = tables.write_to_guest(ram.memory(), GuestAddress(acpi::RSDP_REGION_START))?;
@@ -212,7 +217,7 @@ impl Vm {
             acpi::DEFAULT_SLEEP_PORT,
         ));
         let (events_tx, events_rx) = channel();
-        tracing::info!(id = %config.id, vcpus = nr_vcpus, disks = devices.disks.len(), "VM created");
+        tracing::info!(id = %config.id, vcpus = nr_vcpus, disks = devices.disk_ids().len(), "VM created");
         Ok(Vm {
             vcpus: Vec::new(),
             pending,
@@ -303,6 +308,31 @@ impl Vm {
             v.resume();
         }
         self.state = VmState::Running;
+        Ok(())
+    }
+
+    /// Moves disk `disk` to the VM's throttle group `group` (`None`: out of any), in any
+    /// state: running queues make the move on their iothreads without losing or
+    /// reordering held requests (see `BlkDevice::set_shared_group`).
+    pub fn set_disk_throttle_group(
+        &mut self,
+        disk: &str,
+        group: Option<&str>,
+    ) -> Result<(), VmError> {
+        let target = match group {
+            Some(name) => Some(self.devices.groups.get(name).cloned().ok_or_else(|| {
+                VmError::Config(format!("disk {disk}: unknown throttle group {name}"))
+            })?),
+            None => None,
+        };
+        let blk = self
+            .devices
+            .disk(disk)
+            .ok_or_else(|| VmError::Config(format!("no disk {disk}")))?;
+        blk.set_shared_group(target);
+        if let Some(d) = self.config.disks.iter_mut().find(|d| d.id == disk) {
+            d.throttle_group = group.map(str::to_string);
+        }
         Ok(())
     }
 

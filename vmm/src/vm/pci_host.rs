@@ -46,6 +46,19 @@ impl KvmPciHost {
     }
 }
 
+impl Drop for KvmPciHost {
+    /// The function is gone (hot unplug or VM teardown): its routes and GSIs go back.
+    fn drop(&mut self) {
+        let vectors = self.vectors.get_mut().unwrap_or_else(|e| e.into_inner());
+        for gsi in vectors.iter().filter_map(|r| r.gsi) {
+            if let Err(e) = self.vm.remove_msi_route(gsi) {
+                tracing::warn!(gsi, error = %e, "cannot remove an MSI route");
+            }
+            self.vm.release_gsi(gsi);
+        }
+    }
+}
+
 fn to_io(e: crate::kvm::KvmError) -> io::Error {
     io::Error::other(e.to_string())
 }

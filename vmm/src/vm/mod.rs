@@ -30,6 +30,11 @@ use crate::memory::{self, GuestRam};
 pub use device_manager::DeviceManager;
 pub use exit::VmExitHandler;
 
+/// Start of the legacy VGA hole (reserved in the memory map up to [`LEGACY_HOLE_END`]).
+const LEGACY_HOLE_START: u64 = 0xA_0000;
+/// End of the legacy BIOS area (1 MiB).
+const LEGACY_HOLE_END: u64 = 0x10_0000;
+
 /// How long a pause waits for each vCPU to leave the guest.
 pub const PAUSE_TIMEOUT: Duration = Duration::from_secs(5);
 /// Size of the 64-bit PCI window announced to the guest.
@@ -192,11 +197,18 @@ impl Vm {
             ram: ram.regions().to_vec(),
             rsdp_addr: layout.rsdp_addr,
             reserved: vec![
+                // The legacy VGA hole and BIOS area, as on a PC (Linux expects 0xA0000..1 MiB
+                // not to be usable RAM); it holds the ACPI tables.
+                (LEGACY_HOLE_START, LEGACY_HOLE_END - LEGACY_HOLE_START),
                 (
                     acpi::RSDP_REGION_START,
                     acpi::RSDP_REGION_END - acpi::RSDP_REGION_START,
                 ),
                 (memory::ECAM_START, memory::ECAM_SIZE),
+                (
+                    device_manager::HOTPLUG_REGS_BASE,
+                    devices::pci::HOTPLUG_REGS_SIZE,
+                ),
             ],
         };
         let info = boot::load_kernel(ram.memory(), &config.payload, &boot_layout)?;

@@ -164,7 +164,7 @@ impl Entry {
         }
         let new = config.unwrap_or_else(|| self.config.clone());
         drop(self.vm.take());
-        match Vm::create(new.clone()) {
+        match Vm::create_for_reboot(new.clone()) {
             Ok(vm) => {
                 self.vm = Some(vm);
                 self.config = new;
@@ -172,7 +172,7 @@ impl Entry {
             }
             Err(e) => {
                 let err = vm_error(&id, e);
-                match Vm::create(self.config.clone()) {
+                match Vm::create_for_reboot(self.config.clone()) {
                     Ok(vm) => self.vm = Some(vm),
                     Err(e2) => tracing::error!(%id, error = %e2, "cannot rebuild the VM"),
                 }

@@ -23,6 +23,8 @@ const WINDOW: Duration = Duration::from_millis(500);
 const WINDOWS: u32 = 28;
 /// How far the rate the guest measures may be from a limit.
 const RATE_TOLERANCE: f64 = 0.05;
+/// How far below the limit one rate window may fall (host scheduling on a busy machine).
+const WINDOW_TOLERANCE: f64 = 0.15;
 
 struct Service {
     child: Option<Child>,
@@ -332,10 +334,9 @@ fn four_test_guests_through_the_service() {
     });
 
     // Reboot b while its guest runs its first IOPS phase: it comes back running with
-    // fresh counters, and its console starts over with a new boot.
+    // fresh counters, and its console goes on with a second boot after the first.
     wait_console(&s, "b", "disk0.iops_poll=");
     let before = total_ops(&s.counters("b"));
-    let log_before = serial(&s, "b").len();
     s.ok("PUT", "vm.reboot?id=b", None);
     assert_eq!(s.state("b"), "Running");
     let after = total_ops(&s.counters("b"));
@@ -343,11 +344,23 @@ fn four_test_guests_through_the_service() {
         after < before,
         "b's counters after the reboot ({after}) are not fresh (before: {before})"
     );
-    assert!(
-        serial(&s, "b").len() < log_before,
-        "b's console did not restart"
-    );
-    wait_console(&s, "b", "guest=virtio-blk-test");
+    let deadline = Instant::now() + RUN_TIMEOUT;
+    loop {
+        let log = String::from_utf8_lossy(&serial(&s, "b")).into_owned();
+        let boots = log.matches("guest=virtio-blk-test").count();
+        if boots == 2 {
+            assert!(
+                log.find("disk0.iops_poll=") < log.rfind("guest=virtio-blk-test"),
+                "the first boot's output should come before the second boot:\n{log}"
+            );
+            break;
+        }
+        assert!(
+            boots < 2 && Instant::now() < deadline,
+            "b's console should show two boots:\n{log}"
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    }
 
     // Pause t while its guest keeps d0 busy (rate windows): once the requests in flight
     // are done its counters stand still; after resume they grow again.
@@ -477,10 +490,17 @@ fn four_test_guests_through_the_service() {
     }
     for (limit, w) in &measured {
         assert!(w.len() >= 2, "limit {limit}: too few windows {w:?}");
+        // The phase's rate (every window lies after the change) within 5%; single
+        // windows may dip further when a busy 2-core host does not schedule the vCPU,
+        // but never exceed the limit by more than 5%.
+        let mean = w.iter().map(|(_, r)| r).sum::<f64>() / w.len() as f64;
+        assert!(
+            (mean - limit).abs() / limit <= RATE_TOLERANCE,
+            "limit {limit}: the guest measured {mean:.0} IOPS on average (windows {w:?})"
+        );
         for (k, r) in w {
-            let err = (r - limit).abs() / limit;
             assert!(
-                err <= RATE_TOLERANCE,
+                *r <= limit * (1.0 + RATE_TOLERANCE) && *r >= limit * (1.0 - WINDOW_TOLERANCE),
                 "limit {limit}: the guest measured {r} IOPS in window {k} (all: {w:?})"
             );
         }

@@ -144,11 +144,25 @@ pub enum SerialOutput {
 impl SerialOutput {
     /// Opens the output a config names.
     pub fn open(config: &SerialConfig) -> Result<Self, SerialError> {
+        Self::open_with(config, false)
+    }
+
+    /// Like [`SerialOutput::open`]; with `append`, a file output keeps what it holds
+    /// (the console of a VM rebuilt for a reboot goes on after the previous boot's).
+    pub fn open_with(config: &SerialConfig, append: bool) -> Result<Self, SerialError> {
         let path = |mode| config.path.as_deref().ok_or(SerialError::NoPath(mode));
         Ok(match config.mode {
             SerialMode::File => {
                 let path = path("file")?;
-                let file = File::create(path).map_err(|source| SerialError::File {
+                let file = if append {
+                    std::fs::OpenOptions::new()
+                        .create(true)
+                        .append(true)
+                        .open(path)
+                } else {
+                    File::create(path)
+                };
+                let file = file.map_err(|source| SerialError::File {
                     path: path.to_path_buf(),
                     source,
                 })?;
@@ -213,6 +227,11 @@ impl SerialDevice {
     /// A UART with the output a config names.
     pub fn from_config(config: &SerialConfig) -> Result<Self, SerialError> {
         Self::new(SerialOutput::open(config)?)
+    }
+
+    /// Like [`SerialDevice::from_config`], appending to a file output.
+    pub fn from_config_appending(config: &SerialConfig) -> Result<Self, SerialError> {
+        Self::new(SerialOutput::open_with(config, true)?)
     }
 
     /// The interrupt eventfd (IRQ 4), to be registered as an irqfd.

@@ -140,10 +140,20 @@ fn bar_for_slot(slot: u8) -> u64 {
 }
 
 impl DeviceManager {
-    /// Builds the devices of `config` on `kvm` with guest memory `mem`.
-    pub fn new(config: &VmConfig, kvm: &Arc<KvmVm>, mem: &GuestMem) -> Result<Self, VmError> {
+    /// Builds the devices of `config` on `kvm` with guest memory `mem`; with `rebuilt`
+    /// (a reboot) a serial file keeps the previous boot's output.
+    pub fn new(
+        config: &VmConfig,
+        kvm: &Arc<KvmVm>,
+        mem: &GuestMem,
+        rebuilt: bool,
+    ) -> Result<Self, VmError> {
         const _: () = assert!(BAR_SIZE * DEVICES_PER_BUS as u64 <= PCI_MMIO32_SIZE);
-        let serial = SerialDevice::from_config(&config.serial)?;
+        let serial = if rebuilt {
+            SerialDevice::from_config_appending(&config.serial)?
+        } else {
+            SerialDevice::from_config(&config.serial)?
+        };
         kvm.register_irqfd(serial.irq_evt(), COM1_IRQ)?;
         let serial = Arc::new(Mutex::new(serial));
         let pio = Bus::new(BusKind::Pio);

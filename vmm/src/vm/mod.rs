@@ -162,6 +162,16 @@ impl Vm {
     /// Builds the VM of `config`: checks KVM, makes memory, starts iothreads, opens and
     /// places every disk, writes the ACPI tables, loads the kernel and creates the vCPUs.
     pub fn create(config: VmConfig) -> Result<Vm, VmError> {
+        Self::build(config, false)
+    }
+
+    /// Like [`Vm::create`], for a VM rebuilt to reboot: a serial file output goes on
+    /// after the previous boot's console instead of starting empty.
+    pub fn create_for_reboot(config: VmConfig) -> Result<Vm, VmError> {
+        Self::build(config, true)
+    }
+
+    fn build(config: VmConfig, rebuilt: bool) -> Result<Vm, VmError> {
         config
             .validate()
             .map_err(|e| VmError::Config(e.details().join("; ")))?;
@@ -169,7 +179,7 @@ impl Vm {
         let ram = GuestRam::from_config(&config.memory)?;
         kvm.register_memory(ram.memory())?;
         let mem: GuestMem = GuestMemoryAtomic::new(ram.memory().clone());
-        let devices = Arc::new(DeviceManager::new(&config, &kvm, &mem)?);
+        let devices = Arc::new(DeviceManager::new(&config, &kvm, &mem, rebuilt)?);
 
         let nr_vcpus = u32::from(config.cpus.boot_vcpus);
         let params = AcpiParams {

@@ -75,6 +75,10 @@ impl Backend {
         };
         let mut cmd = Command::new(binary);
         cmd.arg("--socket").arg(socket).arg("--disk").arg(disk);
+        // Its per-connection info lines would interleave with the benchmark's output.
+        if std::env::var_os("RUST_LOG").is_none() {
+            cmd.env("RUST_LOG", "warn");
+        }
         if let Some(settings) = iothread {
             cmd.arg("--iothread").arg(format!("id=io0,{settings}"));
         }
@@ -140,7 +144,7 @@ impl Backend {
         self.child.id()
     }
 
-    /// CPU time (user + system) the process has used so far, from /proc/<pid>/stat.
+    /// CPU time (user + system) the process has used so far, from `/proc/<pid>/stat`.
     pub fn cpu_time(&self) -> Duration {
         cpu_time_of(self.child.id()).unwrap_or_default()
     }
@@ -171,7 +175,7 @@ fn name_of(who: &str, target: &Target) -> String {
     }
 }
 
-/// utime + stime of a process, from /proc/<pid>/stat.
+/// utime + stime of a process, from `/proc/<pid>/stat`.
 pub fn cpu_time_of(pid: u32) -> Option<Duration> {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
     // Fields after the command name (which may contain spaces) start after the last ')'.

@@ -1,7 +1,7 @@
 //! Benchmark images: files filled with real (non-zero) data so reads hit the disk.
 
 use std::fs::OpenOptions;
-use std::io::{self, Write};
+use std::io::{self, IsTerminal, Write};
 use std::path::Path;
 
 /// Parses sizes like `4096`, `64K`, `512M`, `1G` (powers of 1024).
@@ -39,12 +39,17 @@ pub fn prepare(path: &Path, size: u64) -> io::Result<bool> {
     let chunk: Vec<u8> = (0..1 << 20)
         .map(|i: u32| (i.wrapping_mul(2654435761) >> 13) as u8 | 1)
         .collect();
+    // On a terminal the line counts up in place; in a log it is written once.
+    let tty = io::stderr().is_terminal();
+    if !tty {
+        eprintln!("preparing {}: {} MiB", path.display(), size >> 20);
+    }
     let mut done = 0;
     while done < size {
         let n = chunk.len().min((size - done) as usize);
         file.write_all(&chunk[..n])?;
         done += n as u64;
-        if done % (64 << 20) == 0 || done == size {
+        if tty && (done.is_multiple_of(64 << 20) || done == size) {
             eprint!(
                 "\rpreparing {}: {} / {} MiB",
                 path.display(),
@@ -54,7 +59,9 @@ pub fn prepare(path: &Path, size: u64) -> io::Result<bool> {
         }
     }
     file.sync_all()?;
-    eprintln!();
+    if tty {
+        eprintln!();
+    }
     Ok(true)
 }
 

@@ -1,5 +1,6 @@
 //! Shared helpers of the process-level tests and benchmarks.
 
+pub mod bench;
 pub mod blkio_load;
 pub mod contender;
 pub mod fio;

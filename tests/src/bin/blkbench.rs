@@ -1,163 +1,323 @@
-//! Side-by-side vhost-user-blk benchmark: our backend and qemu-storage-daemon on the same
-//! file (O_DIRECT) and on a null backend, driven by one libblkio client, runs
-//! interleaved, each cell the median of `--repeat` runs.
+//! Side-by-side vhost-user-blk benchmark: host io_uring on the file (the limit), our
+//! backend and qemu-storage-daemon on the same O_DIRECT file and on null backends, all
+//! driven by one libblkio client, contenders interleaved, each cell the median of
+//! `--repeat` runs. Prints a table, writes every figure as JSON and an SVG chart.
 //!
-//! `cargo build --release --workspace && target/release/blkbench --file /var/tmp/bench.raw --size 1G`
+//! `cargo build --release --workspace && target/release/blkbench --file /var/tmp/blkbench.raw --size 1G`
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
 use std::time::Duration;
 
 use clap::Parser;
-use tests::blkio_load::{self, Workload};
-use tests::contender::{Backend, Target, our_binary, qsd_binary};
+use tests::bench::contenders::{self, Contender, Server, Setup};
+use tests::bench::host::HostInfo;
+use tests::bench::report::{Report, Settings};
+use tests::bench::runner::{self, Plan};
+use tests::bench::workload::{self, NamedWorkload};
+use tests::bench::{chart, host_uring, table};
+use tests::contender::{our_binary, qsd_binary};
 use tests::image::{parse_size, prepare};
-use tests::latency::Figures;
+
+const AFTER_HELP: &str = "\
+Workloads: randread-4k-qd1, randread-4k-qd32, randwrite-4k-qd1, randwrite-4k-qd32, \
+read-128k-qd8, write-128k-qd8, randread-4k-qd32-2q, randread-4k-qd32-4q (or all).
+Contenders: limit (host io_uring on the file, O_DIRECT), ours-io_uring, ours-native, \
+ours-null, qsd-io_uring, qsd-native, qsd-null (or all, ours, qsd).
+--quick: 0.5 s runs after 0.2 s warm-up, 1 run per cell, a 256M file unless --size is \
+given, and the workloads randread-4k-qd1, randread-4k-qd32, randwrite-4k-qd32, \
+read-128k-qd8, randread-4k-qd32-2q; options given explicitly win.
+Exit status: 0 when every cell ran, 1 when something failed, 2 on bad arguments.";
 
 #[derive(Parser, Debug)]
-#[command(about = "vhost-user-blk: ours vs qemu-storage-daemon, measured with libblkio")]
+#[command(
+    about = "vhost-user-blk: ours vs qemu-storage-daemon vs host io_uring, measured with libblkio",
+    after_help = AFTER_HELP
+)]
 struct Args {
-    /// Benchmark image (created and filled when missing or short).
+    /// Benchmark image, on a filesystem with O_DIRECT (not tmpfs); created and filled
+    /// when missing or short, and overwritten by the write workloads.
     #[arg(long, default_value = "/var/tmp/blkbench.raw")]
     file: PathBuf,
-    /// Image size.
-    #[arg(long, default_value = "1G", value_parser = parse_size)]
-    size: u64,
-    /// Seconds measured per run (after a 1 s warm-up).
-    #[arg(long, default_value_t = 4)]
-    runtime: u64,
-    /// Runs per cell (median shown).
-    #[arg(long, default_value_t = 3)]
-    repeat: usize,
-    /// Queue depths.
-    #[arg(long, value_delimiter = ',', default_value = "1,32")]
-    qd: Vec<usize>,
+    /// Image size (and null backend size) [default: 1G, 256M with --quick].
+    #[arg(long, value_parser = parse_size)]
+    size: Option<u64>,
+    /// Seconds measured per run [default: 3, 0.5 with --quick].
+    #[arg(long)]
+    runtime: Option<f64>,
+    /// Seconds of warm-up before each measured window [default: 1, 0.2 with --quick].
+    #[arg(long)]
+    warmup: Option<f64>,
+    /// Runs per cell; the table shows medians [default: 3, 1 with --quick].
+    #[arg(long)]
+    repeat: Option<usize>,
+    /// Workloads to run (comma list; see below) [default: all, a subset with --quick].
+    #[arg(long, value_delimiter = ',')]
+    workloads: Vec<String>,
+    /// Contenders to run (comma list; see below) [default: all].
+    #[arg(long, value_delimiter = ',')]
+    contenders: Vec<String>,
+    /// A short run of every contender on a representative subset, for checks.
+    #[arg(long)]
+    quick: bool,
+    /// Where to write every figure as JSON.
+    #[arg(long, default_value = "target/blkbench/results.json")]
+    json: PathBuf,
+    /// Where to write the SVG chart.
+    #[arg(long, default_value = "target/blkbench/iops.svg")]
+    svg: PathBuf,
+    /// Our vhost-user-blk binary [default: beside blkbench].
+    #[arg(long)]
+    ours: Option<PathBuf>,
+    /// qemu-storage-daemon [default: from PATH].
+    #[arg(long)]
+    qsd: Option<PathBuf>,
     /// Settings of our iothread, e.g. `poll_max_ns=0` (key=value,...).
     #[arg(long)]
     iothread: Option<String>,
-    /// Skip the null backends.
-    #[arg(long)]
-    no_null: bool,
 }
 
-fn main() {
+/// Why the benchmark stopped.
+enum Failure {
+    /// The arguments cannot work (exit 2).
+    Usage(String),
+    /// Something went wrong while running (exit 1).
+    Run(String),
+}
+
+fn main() -> ExitCode {
     let args = Args::parse();
-    if let Err(e) = run(&args) {
-        eprintln!("blkbench: {e}");
-        std::process::exit(1);
+    match run(&args) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(Failure::Usage(e)) => {
+            eprintln!("blkbench: {e}");
+            ExitCode::from(2)
+        }
+        Err(Failure::Run(e)) => {
+            eprintln!("blkbench: {e}");
+            ExitCode::from(1)
+        }
     }
 }
 
-fn run(args: &Args) -> Result<(), String> {
-    let ours = our_binary().ok_or(
-        "vhost-user-blk binary not found beside blkbench: cargo build --release --workspace",
+/// A number of seconds from the command line, checked.
+fn seconds(name: &str, v: f64, min: f64) -> Result<Duration, Failure> {
+    if !v.is_finite() || v < min || v > 3600.0 {
+        return Err(Failure::Usage(format!(
+            "--{name} {v}: give seconds between {min} and 3600"
+        )));
+    }
+    Ok(Duration::from_secs_f64(v))
+}
+
+/// The run's shape, from the arguments and the `--quick` defaults.
+struct Choice {
+    size: u64,
+    runtime: Duration,
+    warmup: Duration,
+    repeat: usize,
+    workloads: Vec<NamedWorkload>,
+    contenders: Vec<Contender>,
+}
+
+fn choose(args: &Args) -> Result<Choice, Failure> {
+    let quick = args.quick;
+    let size = args.size.unwrap_or(if quick { 256 << 20 } else { 1 << 30 });
+    if size < 1 << 20 || !size.is_multiple_of(4096) {
+        return Err(Failure::Usage(format!(
+            "--size {size}: give at least 1M, a multiple of 4K"
+        )));
+    }
+    let runtime = seconds(
+        "runtime",
+        args.runtime.unwrap_or(if quick { 0.5 } else { 3.0 }),
+        0.1,
     )?;
-    let qsd = qsd_binary();
-    if qsd.is_none() {
-        eprintln!(
-            "qemu-storage-daemon not found: apt-get install qemu-utils (Debian) for the peer column"
-        );
+    let warmup = seconds(
+        "warmup",
+        args.warmup.unwrap_or(if quick { 0.2 } else { 1.0 }),
+        0.0,
+    )?;
+    let repeat = args.repeat.unwrap_or(if quick { 1 } else { 3 });
+    if !(1..=100).contains(&repeat) {
+        return Err(Failure::Usage(format!("--repeat {repeat}: give 1 to 100")));
     }
-    prepare(&args.file, args.size).map_err(|e| format!("{}: {e}", args.file.display()))?;
-    let dir = tempfile::tempdir().map_err(|e| e.to_string())?;
-    let mut targets = vec![
-        Target::File {
-            path: args.file.clone(),
-            aio: "io_uring",
-        },
-        Target::File {
-            path: args.file.clone(),
-            aio: "native",
-        },
-    ];
-    if !args.no_null {
-        targets.push(Target::Null { size: args.size });
+    let workloads = if !args.workloads.is_empty() {
+        workload::parse_list(&args.workloads)
+    } else if quick {
+        workload::parse_list(&workload::QUICK.map(String::from))
+    } else {
+        Ok(workload::ALL.to_vec())
     }
-    println!(
-        "4k random read, libblkio virtio-blk-vhost-user client, {} s per run, median of {}",
-        args.runtime, args.repeat
-    );
-    println!(
-        "{:<26} {:>9} {:>8} {:>8} {:>9} | {:>9} {:>8} {:>8} {:>9} | {:>6}",
-        "workload / backend",
-        "ours IOPS",
-        "p50 us",
-        "p99 us",
-        "us CPU/IO",
-        "qsd IOPS",
-        "p50 us",
-        "p99 us",
-        "us CPU/IO",
-        "ratio"
-    );
-    for &qd in &args.qd {
-        let workload = Workload {
-            random: true,
-            write: false,
-            block_size: 4096,
-            iodepth: qd,
-            queues: 1,
-        };
-        for target in &targets {
-            let mut mine = Vec::new();
-            let mut peer = Vec::new();
-            for run in 0..args.repeat.max(1) {
-                eprint!(
-                    "\r\x1b[K  {} {:?} run {}...",
-                    workload.label(),
-                    target,
-                    run + 1
-                );
-                let sock = dir.path().join("ours.sock");
-                mine.push(measure(
-                    Backend::ours(&ours, &sock, target, 1, args.iothread.as_deref())?,
-                    workload,
-                    args,
-                )?);
-                if let Some(q) = &qsd {
-                    let sock = dir.path().join("qsd.sock");
-                    peer.push(measure(Backend::qsd(q, &sock, target, 1)?, workload, args)?);
-                }
-            }
-            eprint!("\r\x1b[K");
-            let m = median(mine);
-            let p = median(peer);
-            let label = match target {
-                Target::File { aio, .. } => format!("QD{qd} file aio={aio}"),
-                Target::Null { .. } => format!("QD{qd} null"),
-            };
-            let cell = |f: Option<(Figures, f64)>| match f {
-                Some((f, cpu)) => format!(
-                    "{:>9.0} {:>8.1} {:>8.1} {:>9.2}",
-                    f.iops, f.p50_us, f.p99_us, cpu
-                ),
-                None => format!("{:>9} {:>8} {:>8} {:>9}", "-", "-", "-", "-"),
-            };
-            let ratio = match (m, p) {
-                (Some((a, _)), Some((b, _))) => format!("{:.2}", a.iops / b.iops),
-                _ => "-".into(),
-            };
-            println!("{label:<26} {} | {} | {ratio:>6}", cell(m), cell(p));
+    .map_err(Failure::Usage)?;
+    let contenders = if args.contenders.is_empty() {
+        contenders::ALL.to_vec()
+    } else {
+        contenders::parse_list(&args.contenders).map_err(Failure::Usage)?
+    };
+    Ok(Choice {
+        size,
+        runtime,
+        warmup,
+        repeat,
+        workloads,
+        contenders,
+    })
+}
+
+/// Our binary (an empty path when no contender of ours runs) and qemu-storage-daemon's,
+/// with the reason each qsd contender is skipped when it is missing.
+type Binaries = (PathBuf, Option<PathBuf>, Vec<(&'static str, String)>);
+
+fn binaries(args: &Args, asked: &[Contender]) -> Result<Binaries, Failure> {
+    let ours = match &args.ours {
+        Some(p) if p.is_file() => p.clone(),
+        Some(p) => {
+            return Err(Failure::Usage(format!(
+                "--ours {}: no such file",
+                p.display()
+            )));
         }
+        None if asked.iter().all(|c| c.server != Server::Ours) => PathBuf::new(),
+        None => our_binary().ok_or_else(|| {
+            Failure::Run(
+                "vhost-user-blk not found beside blkbench: build it with \
+                 `cargo build --release --workspace` (or pass --ours PATH)"
+                    .into(),
+            )
+        })?,
+    };
+    let qsd = match &args.qsd {
+        Some(p) if p.is_file() => Some(p.clone()),
+        Some(p) => {
+            return Err(Failure::Usage(format!(
+                "--qsd {}: no such file",
+                p.display()
+            )));
+        }
+        None => qsd_binary(),
+    };
+    let mut skipped = Vec::new();
+    if qsd.is_none() && asked.iter().any(|c| c.server == Server::Qsd) {
+        eprintln!(
+            "blkbench: qemu-storage-daemon not found in PATH; the qsd columns are skipped. \
+             Install it with `apt-get install qemu-system-x86` (Debian; the binary itself is in \
+             qemu-system-common, not qemu-utils), or pass --qsd PATH."
+        );
+        for c in asked.iter().filter(|c| c.server == Server::Qsd) {
+            skipped.push((c.name, "qemu-storage-daemon not installed".to_string()));
+        }
+    }
+    Ok((ours, qsd, skipped))
+}
+
+fn run(args: &Args) -> Result<(), Failure> {
+    let Choice {
+        size,
+        runtime,
+        warmup,
+        repeat,
+        workloads,
+        contenders: asked,
+    } = choose(args)?;
+    let (ours, qsd, skipped) = binaries(args, &asked)?;
+    let runnable: Vec<_> = asked
+        .iter()
+        .copied()
+        .filter(|c| c.server != Server::Qsd || qsd.is_some())
+        .collect();
+
+    let file_size = prepare_file(&args.file, size, &runnable)?.unwrap_or(size);
+    let sockets = tempfile::Builder::new()
+        .prefix("blkbench-")
+        .tempdir()
+        .map_err(|e| Failure::Run(format!("socket directory: {e}")))?;
+    let setup = Setup {
+        file: args.file.clone(),
+        null_size: size,
+        ours: ours.clone(),
+        qsd: qsd.clone(),
+        iothread: args.iothread.clone(),
+        sockets: sockets.path().to_path_buf(),
+    };
+    let plan = Plan {
+        workloads: workloads.clone(),
+        contenders: runnable,
+        repeat,
+        warmup,
+        runtime,
+    };
+    let host = HostInfo::probe();
+    let cells = runner::run(&plan, &setup);
+    let report = Report {
+        host,
+        settings: Settings {
+            file: args.file.clone(),
+            size: file_size,
+            null_size: size,
+            runtime_s: runtime.as_secs_f64(),
+            warmup_s: warmup.as_secs_f64(),
+            repeat,
+            quick: args.quick,
+            ours,
+            qsd_version: qsd.as_deref().and_then(contenders::qsd_version),
+            qsd,
+            iothread: args.iothread.clone(),
+        },
+        workloads,
+        contenders: asked,
+        skipped,
+        cells,
+    };
+    print!("{}", table::render(&report));
+    write_outputs(&report, &args.json, &args.svg)?;
+    let failed: Vec<String> = report
+        .failed()
+        .map(|c| format!("{} {}", c.workload.name, c.contender.name))
+        .collect();
+    if !failed.is_empty() {
+        return Err(Failure::Run(format!(
+            "{} cell(s) failed: {}",
+            failed.len(),
+            failed.join(", ")
+        )));
     }
     Ok(())
 }
 
-/// One run: IOPS, latency and the backend's CPU microseconds per I/O.
-fn measure(backend: Backend, workload: Workload, args: &Args) -> Result<(Figures, f64), String> {
-    let cpu0 = backend.cpu_time();
-    let f = blkio_load::run(
-        &backend.socket,
-        workload,
-        Duration::from_secs(1),
-        Duration::from_secs(args.runtime),
-    )
-    .map_err(|e| format!("{}: {e}", backend.name))?;
-    let cpu = backend.cpu_time().saturating_sub(cpu0);
-    let ios = f.iops * (args.runtime as f64 + 1.0);
-    Ok((f, cpu.as_secs_f64() * 1e6 / ios.max(1.0)))
+/// Creates or extends the image and checks that it opens with O_DIRECT; returns its
+/// length (None when no contender uses the file).
+fn prepare_file(file: &Path, size: u64, runnable: &[Contender]) -> Result<Option<u64>, Failure> {
+    if !runnable.iter().any(|c| c.is_file()) {
+        return Ok(None);
+    }
+    prepare(file, size).map_err(|e| Failure::Usage(format!("{}: {e}", file.display())))?;
+    let f = host_uring::open_direct(file).map_err(|e| {
+        Failure::Usage(format!(
+            "{}: cannot open with O_DIRECT ({e}); put the file on a disk filesystem, not tmpfs",
+            file.display()
+        ))
+    })?;
+    let len = f
+        .metadata()
+        .map_err(|e| Failure::Run(format!("{}: {e}", file.display())))?
+        .len();
+    Ok(Some(len))
 }
 
-fn median(mut runs: Vec<(Figures, f64)>) -> Option<(Figures, f64)> {
-    runs.sort_by(|a, b| a.0.iops.total_cmp(&b.0.iops));
-    runs.get(runs.len() / 2).copied()
+/// Writes the JSON and the SVG, creating their directories.
+fn write_outputs(report: &Report, json: &Path, svg: &Path) -> Result<(), Failure> {
+    for p in [json, svg] {
+        if let Some(dir) = p.parent().filter(|d| !d.as_os_str().is_empty()) {
+            std::fs::create_dir_all(dir)
+                .map_err(|e| Failure::Run(format!("{}: {e}", dir.display())))?;
+        }
+    }
+    let text = serde_json::to_string_pretty(&report.to_json())
+        .map_err(|e| Failure::Run(format!("JSON: {e}")))?;
+    std::fs::write(json, text + "\n")
+        .map_err(|e| Failure::Run(format!("{}: {e}", json.display())))?;
+    chart::write_svg(report, svg).map_err(Failure::Run)?;
+    eprintln!("blkbench: wrote {} and {}", json.display(), svg.display());
+    Ok(())
 }

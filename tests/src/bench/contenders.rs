@@ -1,0 +1,211 @@
+//! The contenders: host io_uring on the file (the limit), our `vhost-user-blk` and
+//! qemu-storage-daemon, each on the O_DIRECT file with either engine or on a null backend.
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use super::engine::LoadResult;
+use super::host_uring;
+use super::workload::Workload;
+use crate::blkio_load;
+use crate::contender::{Backend, Target};
+
+/// Who serves the I/O.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Server {
+    /// Nobody: the load runs on the host's io_uring directly.
+    Host,
+    /// Our vhost-user-blk backend.
+    Ours,
+    /// qemu-storage-daemon.
+    Qsd,
+}
+
+/// What backs the disk.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Storage {
+    /// The benchmark file with O_DIRECT, through this engine (`io_uring` or `native`).
+    File(&'static str),
+    /// A null backend (reads return zeroes, writes are dropped).
+    Null,
+}
+
+/// One column of the benchmark.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Contender {
+    /// Name used on the command line, in the table, JSON and chart.
+    pub name: &'static str,
+    /// Who serves.
+    pub server: Server,
+    /// What backs the disk.
+    pub storage: Storage,
+}
+
+impl Contender {
+    /// Whether it serves the file (as opposed to a null backend).
+    pub fn is_file(&self) -> bool {
+        matches!(self.storage, Storage::File(_))
+    }
+}
+
+const fn c(name: &'static str, server: Server, storage: Storage) -> Contender {
+    Contender {
+        name,
+        server,
+        storage,
+    }
+}
+
+/// Every contender, in run and table order: ours and qsd alternate so that each pair of
+/// runs sees the same conditions.
+pub const ALL: [Contender; 7] = [
+    c("limit", Server::Host, Storage::File("io_uring")),
+    c("ours-io_uring", Server::Ours, Storage::File("io_uring")),
+    c("qsd-io_uring", Server::Qsd, Storage::File("io_uring")),
+    c("ours-native", Server::Ours, Storage::File("native")),
+    c("qsd-native", Server::Qsd, Storage::File("native")),
+    c("ours-null", Server::Ours, Storage::Null),
+    c("qsd-null", Server::Qsd, Storage::Null),
+];
+
+/// Looks a contender up by name.
+pub fn by_name(name: &str) -> Option<Contender> {
+    ALL.iter().copied().find(|c| c.name == name)
+}
+
+/// Every contender name, comma separated (for help and errors).
+pub fn names_of_all() -> String {
+    ALL.iter().map(|c| c.name).collect::<Vec<_>>().join(", ")
+}
+
+/// Parses a `--contenders` list: names, `all`, `ours` or `qsd` (each of theirs), into
+/// run order without repeats.
+pub fn parse_list(names: &[String]) -> Result<Vec<Contender>, String> {
+    let mut wanted: Vec<&str> = Vec::new();
+    for name in names.iter().map(|s| s.trim()).filter(|s| !s.is_empty()) {
+        let group: Vec<&str> = match name {
+            "all" => ALL.iter().map(|c| c.name).collect(),
+            "ours" => pick(Server::Ours),
+            "qsd" => pick(Server::Qsd),
+            _ => match by_name(name) {
+                Some(c) => vec![c.name],
+                None => {
+                    return Err(format!(
+                        "unknown contender {name:?}; known: all, ours, qsd, {}",
+                        names_of_all()
+                    ));
+                }
+            },
+        };
+        wanted.extend(group);
+    }
+    if wanted.is_empty() {
+        return Err("--contenders names none".into());
+    }
+    Ok(ALL
+        .iter()
+        .copied()
+        .filter(|c| wanted.contains(&c.name))
+        .collect())
+}
+
+fn pick(server: Server) -> Vec<&'static str> {
+    ALL.iter()
+        .filter(|c| c.server == server)
+        .map(|c| c.name)
+        .collect()
+}
+
+/// Everything a run needs to start a contender.
+#[derive(Clone, Debug)]
+pub struct Setup {
+    /// The benchmark file.
+    pub file: PathBuf,
+    /// Size of the null backends in bytes.
+    pub null_size: u64,
+    /// Our `vhost-user-blk` binary.
+    pub ours: PathBuf,
+    /// qemu-storage-daemon, when installed.
+    pub qsd: Option<PathBuf>,
+    /// Settings of our iothread (`key=value,...`), if any.
+    pub iothread: Option<String>,
+    /// Directory for the sockets.
+    pub sockets: PathBuf,
+}
+
+/// Starts `contender` (when it has a server), runs `workload` against it and stops it.
+pub fn measure(
+    contender: &Contender,
+    workload: &Workload,
+    setup: &Setup,
+    warmup: Duration,
+    runtime: Duration,
+) -> Result<LoadResult, String> {
+    let target = match contender.storage {
+        Storage::File(aio) => Target::File {
+            path: setup.file.clone(),
+            aio,
+        },
+        Storage::Null => Target::Null {
+            size: setup.null_size,
+        },
+    };
+    let socket = setup.sockets.join(format!("{}.sock", contender.name));
+    let backend = match contender.server {
+        Server::Host => return host_uring::run(&setup.file, *workload, warmup, runtime),
+        Server::Ours => Backend::ours(
+            &setup.ours,
+            &socket,
+            &target,
+            workload.queues,
+            setup.iothread.as_deref(),
+        )?,
+        Server::Qsd => {
+            let qsd = setup
+                .qsd
+                .as_deref()
+                .ok_or("qemu-storage-daemon is not installed")?;
+            Backend::qsd(qsd, &socket, &target, workload.queues)?
+        }
+    };
+    let pid = backend.pid();
+    blkio_load::run(&backend.socket, *workload, warmup, runtime, &mut || {
+        crate::contender::cpu_time_of(pid)
+    })
+    .map_err(|e| format!("{}: {e}", backend.name))
+}
+
+/// The `--version` line of qemu-storage-daemon, for the record.
+pub fn qsd_version(qsd: &Path) -> Option<String> {
+    let out = std::process::Command::new(qsd)
+        .arg("--version")
+        .output()
+        .ok()?;
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .next()
+        .map(str::to_string)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn groups_expand_in_run_order() {
+        let got = parse_list(&["qsd".into(), "limit".into()]).unwrap();
+        let names: Vec<_> = got.iter().map(|c| c.name).collect();
+        assert_eq!(names, ["limit", "qsd-io_uring", "qsd-native", "qsd-null"]);
+        assert_eq!(parse_list(&["all".into()]).unwrap().len(), ALL.len());
+        assert!(parse_list(&["theirs".into()]).is_err());
+    }
+
+    #[test]
+    fn ours_and_qsd_alternate() {
+        for pair in ALL[1..].chunks(2) {
+            assert_eq!(pair[0].server, Server::Ours);
+            assert_eq!(pair[1].server, Server::Qsd);
+            assert_eq!(pair[0].storage, pair[1].storage);
+        }
+    }
+}

@@ -1,0 +1,366 @@
+//! The results of a benchmark: every run of every cell, the medians, the ratios against
+//! the peers, and the JSON that holds them all.
+
+use std::path::PathBuf;
+
+use serde_json::{Value, json};
+
+use super::contenders::{Contender, Server};
+use super::engine::LoadResult;
+use super::host::HostInfo;
+use super::workload::NamedWorkload;
+
+/// The figures of one run.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct RunRecord {
+    /// I/O operations per second.
+    pub iops: f64,
+    /// Throughput in MiB/s.
+    pub mib_s: f64,
+    /// Median completion latency, microseconds.
+    pub p50_us: f64,
+    /// 99th percentile completion latency, microseconds.
+    pub p99_us: f64,
+    /// CPU microseconds the server process spent per I/O (None without a server).
+    pub cpu_us_per_io: Option<f64>,
+    /// Requests completed in the measured window.
+    pub ios: u64,
+    /// Length of the measured window, seconds.
+    pub seconds: f64,
+}
+
+impl RunRecord {
+    /// The record of one load run with requests of `block_size` bytes.
+    pub fn new(r: &LoadResult, block_size: usize) -> RunRecord {
+        RunRecord {
+            iops: r.figures.iops,
+            mib_s: r.figures.iops * block_size as f64 / (1 << 20) as f64,
+            p50_us: r.figures.p50_us,
+            p99_us: r.figures.p99_us,
+            cpu_us_per_io: r.cpu.map(|c| c.as_secs_f64() * 1e6 / r.ios.max(1) as f64),
+            ios: r.ios,
+            seconds: r.seconds,
+        }
+    }
+}
+
+/// Medians of a cell's runs, each figure on its own.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct Summary {
+    /// Median IOPS.
+    pub iops: f64,
+    /// Median MiB/s.
+    pub mib_s: f64,
+    /// Median of the runs' p50 latencies, microseconds.
+    pub p50_us: f64,
+    /// Median of the runs' p99 latencies, microseconds.
+    pub p99_us: f64,
+    /// Median CPU microseconds per I/O (None without a server).
+    pub cpu_us_per_io: Option<f64>,
+}
+
+/// One workload on one contender.
+#[derive(Clone, Debug)]
+pub struct Cell {
+    /// The workload.
+    pub workload: NamedWorkload,
+    /// The contender.
+    pub contender: Contender,
+    /// Every successful run, in order.
+    pub runs: Vec<RunRecord>,
+    /// What went wrong in the runs that failed.
+    pub errors: Vec<String>,
+}
+
+impl Cell {
+    /// The medians of the runs (None when no run succeeded).
+    pub fn summary(&self) -> Option<Summary> {
+        if self.runs.is_empty() {
+            return None;
+        }
+        let m = |f: fn(&RunRecord) -> f64| median(self.runs.iter().map(f).collect());
+        let cpu: Vec<f64> = self.runs.iter().filter_map(|r| r.cpu_us_per_io).collect();
+        Some(Summary {
+            iops: m(|r| r.iops)?,
+            mib_s: m(|r| r.mib_s)?,
+            p50_us: m(|r| r.p50_us)?,
+            p99_us: m(|r| r.p99_us)?,
+            cpu_us_per_io: median(cpu),
+        })
+    }
+}
+
+/// The median (mean of the middle two for an even count); None when empty.
+pub fn median(mut v: Vec<f64>) -> Option<f64> {
+    if v.is_empty() {
+        return None;
+    }
+    v.sort_by(f64::total_cmp);
+    let n = v.len();
+    Some(if n % 2 == 1 {
+        v[n / 2]
+    } else {
+        (v[n / 2 - 1] + v[n / 2]) / 2.0
+    })
+}
+
+/// Which peer a ratio compares against.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum PeerKind {
+    /// qemu-storage-daemon (its best engine on the file, null-co on null).
+    Qsd,
+    /// Host io_uring on the file.
+    Limit,
+}
+
+impl PeerKind {
+    /// `qsd` or `limit`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            PeerKind::Qsd => "qsd",
+            PeerKind::Limit => "limit",
+        }
+    }
+}
+
+/// Ours against a peer on one workload, from the medians.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Ratio {
+    /// Workload name.
+    pub workload: &'static str,
+    /// Our contender.
+    pub ours: &'static str,
+    /// The peer contender.
+    pub peer: &'static str,
+    /// What kind of peer.
+    pub kind: PeerKind,
+    /// Our median IOPS over the peer's (above 1: we are faster).
+    pub iops: f64,
+    /// Our median p50 latency over the peer's (below 1: we answer sooner).
+    pub p50: f64,
+}
+
+/// Every ratio the cells allow: each of our file contenders against qsd's best file
+/// contender (by median IOPS) and against the limit, and ours-null against qsd-null.
+pub fn ratios(cells: &[Cell]) -> Vec<Ratio> {
+    let mut out = Vec::new();
+    let mut workloads: Vec<&'static str> = Vec::new();
+    for c in cells {
+        if !workloads.contains(&c.workload.name) {
+            workloads.push(c.workload.name);
+        }
+    }
+    for w in workloads {
+        let here: Vec<(&Cell, Summary)> = cells
+            .iter()
+            .filter(|c| c.workload.name == w)
+            .filter_map(|c| c.summary().map(|s| (c, s)))
+            .collect();
+        let best = |file: bool, server: Server| {
+            here.iter()
+                .filter(|(c, _)| c.contender.server == server && c.contender.is_file() == file)
+                .max_by(|a, b| a.1.iops.total_cmp(&b.1.iops))
+        };
+        for (ours, s) in here
+            .iter()
+            .filter(|(c, _)| c.contender.server == Server::Ours)
+        {
+            let file = ours.contender.is_file();
+            let mut peers = vec![(PeerKind::Qsd, best(file, Server::Qsd))];
+            if file {
+                peers.push((PeerKind::Limit, best(true, Server::Host)));
+            }
+            for (kind, peer) in peers {
+                if let Some((p, ps)) = peer {
+                    out.push(Ratio {
+                        workload: w,
+                        ours: ours.contender.name,
+                        peer: p.contender.name,
+                        kind,
+                        iops: s.iops / ps.iops,
+                        p50: s.p50_us / ps.p50_us,
+                    });
+                }
+            }
+        }
+    }
+    out
+}
+
+/// How the benchmark was run.
+#[derive(Clone, Debug)]
+pub struct Settings {
+    /// The benchmark file.
+    pub file: PathBuf,
+    /// Its length in bytes.
+    pub size: u64,
+    /// Size of the null backends in bytes.
+    pub null_size: u64,
+    /// Measured seconds per run.
+    pub runtime_s: f64,
+    /// Warm-up seconds before each measured window.
+    pub warmup_s: f64,
+    /// Runs per cell.
+    pub repeat: usize,
+    /// Whether `--quick` chose the defaults.
+    pub quick: bool,
+    /// Our binary.
+    pub ours: PathBuf,
+    /// qemu-storage-daemon, when found.
+    pub qsd: Option<PathBuf>,
+    /// Its version line.
+    pub qsd_version: Option<String>,
+    /// Settings of our iothread.
+    pub iothread: Option<String>,
+}
+
+/// Everything one benchmark produced.
+#[derive(Clone, Debug)]
+pub struct Report {
+    /// The host.
+    pub host: HostInfo,
+    /// How it ran.
+    pub settings: Settings,
+    /// The workloads measured, in order.
+    pub workloads: Vec<NamedWorkload>,
+    /// The contenders asked for, in order (skipped ones included).
+    pub contenders: Vec<Contender>,
+    /// Contenders not run, with the reason.
+    pub skipped: Vec<(&'static str, String)>,
+    /// Every cell, workload-major in table order.
+    pub cells: Vec<Cell>,
+}
+
+impl Report {
+    /// The cells that have no successful run.
+    pub fn failed(&self) -> impl Iterator<Item = &Cell> {
+        self.cells.iter().filter(|c| c.runs.is_empty())
+    }
+
+    /// Every figure as JSON.
+    pub fn to_json(&self) -> Value {
+        let s = &self.settings;
+        let summary = |x: Option<Summary>| match x {
+            Some(m) => json!({
+                "iops": m.iops, "mib_s": m.mib_s, "p50_us": m.p50_us, "p99_us": m.p99_us,
+                "cpu_us_per_io": m.cpu_us_per_io,
+            }),
+            None => Value::Null,
+        };
+        let cells: Vec<Value> = self
+            .cells
+            .iter()
+            .map(|c| {
+                json!({
+                    "workload": c.workload.name,
+                    "contender": c.contender.name,
+                    "storage": if c.contender.is_file() { "file" } else { "null" },
+                    "median": summary(c.summary()),
+                    "runs": c.runs.iter().map(|r| json!({
+                        "iops": r.iops, "mib_s": r.mib_s, "p50_us": r.p50_us,
+                        "p99_us": r.p99_us, "cpu_us_per_io": r.cpu_us_per_io,
+                        "ios": r.ios, "seconds": r.seconds,
+                    })).collect::<Vec<_>>(),
+                    "errors": c.errors,
+                })
+            })
+            .collect();
+        json!({
+            "tool": "blkbench",
+            "host": {
+                "kernel": self.host.kernel, "cpu_model": self.host.cpu_model,
+                "nproc": self.host.nproc, "date": self.host.date,
+            },
+            "settings": {
+                "file": s.file, "size": s.size, "null_size": s.null_size,
+                "runtime_s": s.runtime_s,
+                "warmup_s": s.warmup_s, "repeat": s.repeat, "quick": s.quick,
+                "ours": s.ours, "qsd": s.qsd, "qsd_version": s.qsd_version,
+                "iothread": s.iothread, "client": "libblkio virtio-blk-vhost-user",
+                "median": "each figure's median over the runs",
+            },
+            "workloads": self.workloads.iter().map(|w| json!({
+                "name": w.name, "label": w.workload.label(), "random": w.workload.random,
+                "write": w.workload.write, "block_size": w.workload.block_size,
+                "iodepth": w.workload.iodepth, "queues": w.workload.queues,
+            })).collect::<Vec<_>>(),
+            "contenders": self.contenders.iter().map(|c| c.name).collect::<Vec<_>>(),
+            "skipped": self.skipped.iter().map(|(c, why)| json!({"contender": c, "reason": why}))
+                .collect::<Vec<_>>(),
+            "cells": cells,
+            "ratios": ratios(&self.cells).iter().map(|r| json!({
+                "workload": r.workload, "ours": r.ours, "peer": r.peer, "kind": r.kind.as_str(),
+                "iops": r.iops, "p50": r.p50,
+            })).collect::<Vec<_>>(),
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::bench::{contenders, workload};
+
+    fn cell(w: &str, c: &str, iops: &[f64]) -> Cell {
+        Cell {
+            workload: workload::by_name(w).unwrap(),
+            contender: contenders::by_name(c).unwrap(),
+            runs: iops
+                .iter()
+                .map(|&iops| RunRecord {
+                    iops,
+                    mib_s: iops / 256.0,
+                    p50_us: 1e6 / iops,
+                    p99_us: 2e6 / iops,
+                    cpu_us_per_io: Some(1.0),
+                    ios: iops as u64,
+                    seconds: 1.0,
+                })
+                .collect(),
+            errors: Vec::new(),
+        }
+    }
+
+    #[test]
+    fn medians() {
+        assert_eq!(median(vec![3.0, 1.0, 2.0]), Some(2.0));
+        assert_eq!(median(vec![4.0, 1.0, 2.0, 3.0]), Some(2.5));
+        assert_eq!(median(vec![]), None);
+        let s = cell("randread-4k-qd1", "limit", &[10.0, 30.0, 20.0])
+            .summary()
+            .unwrap();
+        assert_eq!(s.iops, 20.0);
+        assert_eq!(s.p50_us, 1e6 / 20.0);
+    }
+
+    #[test]
+    fn ratios_pick_the_best_qsd_engine_and_the_limit() {
+        let w = "randread-4k-qd32";
+        let cells = vec![
+            cell(w, "limit", &[200.0]),
+            cell(w, "ours-io_uring", &[100.0]),
+            cell(w, "qsd-io_uring", &[40.0]),
+            cell(w, "qsd-native", &[50.0]),
+            cell(w, "ours-null", &[300.0]),
+            cell(w, "qsd-null", &[100.0]),
+        ];
+        let r = ratios(&cells);
+        let find = |ours: &str, kind| r.iter().find(|x| x.ours == ours && x.kind == kind);
+        let q = find("ours-io_uring", PeerKind::Qsd).unwrap();
+        assert_eq!((q.peer, q.iops, q.p50), ("qsd-native", 2.0, 0.5));
+        let l = find("ours-io_uring", PeerKind::Limit).unwrap();
+        assert_eq!((l.peer, l.iops), ("limit", 0.5));
+        let n = find("ours-null", PeerKind::Qsd).unwrap();
+        assert_eq!((n.peer, n.iops), ("qsd-null", 3.0));
+        assert!(find("ours-null", PeerKind::Limit).is_none());
+        assert_eq!(r.len(), 3);
+    }
+
+    #[test]
+    fn failed_cells_have_no_median_and_no_ratio() {
+        let w = "randread-4k-qd1";
+        let cells = vec![cell(w, "ours-native", &[]), cell(w, "qsd-native", &[5.0])];
+        assert!(cells[0].summary().is_none());
+        assert!(ratios(&cells).is_empty());
+    }
+}

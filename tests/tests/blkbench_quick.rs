@@ -1,0 +1,272 @@
+//! `blkbench --quick` as a user runs it: every contender on the quick workloads, on a
+//! small image, checked for structure and sanity (not speed): every cell present, the
+//! figures consistent with each other, the ratios with the figures, the chart drawn.
+//! Needs the `vhost-user-blk` binary beside `blkbench` (both are built by
+//! `cargo test --workspace --all-targets`).
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+use serde_json::Value;
+use tests::bench::{contenders, workload};
+use tests::contender::qsd_binary;
+
+const BIN: &str = env!("CARGO_BIN_EXE_blkbench");
+
+/// The backend binary blkbench will look for; a clear failure when it is not built.
+fn require_backend() {
+    let ours = Path::new(BIN).with_file_name("vhost-user-blk");
+    assert!(
+        ours.is_file(),
+        "{} is missing: build it with `cargo build -p devices --bin vhost-user-blk` \
+         (cargo test --workspace --all-targets does)",
+        ours.display()
+    );
+}
+
+/// A scratch directory on a disk filesystem (O_DIRECT does not work on tmpfs).
+fn scratch() -> tempfile::TempDir {
+    tempfile::Builder::new()
+        .prefix("blkbench-quick-")
+        .tempdir_in("/var/tmp")
+        .expect("tempdir in /var/tmp")
+}
+
+fn run(args: &[&str], path_env: Option<&Path>) -> Output {
+    let mut cmd = Command::new(BIN);
+    cmd.args(args);
+    if let Some(p) = path_env {
+        cmd.env("PATH", p);
+    }
+    let out = cmd.output().expect("start blkbench");
+    println!("{}", String::from_utf8_lossy(&out.stdout));
+    out
+}
+
+fn stderr(out: &Output) -> String {
+    String::from_utf8_lossy(&out.stderr).into_owned()
+}
+
+fn f(v: &Value, key: &str) -> f64 {
+    v[key]
+        .as_f64()
+        .unwrap_or_else(|| panic!("{key} missing in {v}"))
+}
+
+fn close(a: f64, b: f64) -> bool {
+    (a - b).abs() <= 1e-9 * a.abs().max(b.abs()).max(1.0)
+}
+
+fn outputs(dir: &Path) -> (PathBuf, PathBuf) {
+    (dir.join("out/results.json"), dir.join("out/iops.svg"))
+}
+
+#[test]
+fn quick_run_has_every_cell_consistent_figures_and_a_chart() {
+    require_backend();
+    let dir = scratch();
+    let file = dir.path().join("bench.raw");
+    let (json, svg) = outputs(dir.path());
+    let out = run(
+        &[
+            "--quick",
+            "--size",
+            "64M",
+            "--file",
+            file.to_str().unwrap(),
+            "--json",
+            json.to_str().unwrap(),
+            "--svg",
+            svg.to_str().unwrap(),
+        ],
+        None,
+    );
+    let err = stderr(&out);
+    assert!(out.status.success(), "blkbench failed: {err}");
+    let table = String::from_utf8_lossy(&out.stdout).into_owned();
+    let r: Value = serde_json::from_str(&std::fs::read_to_string(&json).unwrap()).unwrap();
+
+    // Host and settings.
+    for key in ["kernel", "cpu_model", "date"] {
+        assert!(
+            !r["host"][key].as_str().unwrap_or("").is_empty(),
+            "host.{key}"
+        );
+    }
+    assert!(r["host"]["nproc"].as_u64().unwrap_or(0) >= 1);
+    assert_eq!(r["settings"]["quick"], true);
+    let repeat = r["settings"]["repeat"].as_u64().unwrap() as usize;
+
+    // Which contenders must be there.
+    let have_qsd = qsd_binary().is_some();
+    let expected: Vec<&str> = contenders::ALL
+        .iter()
+        .filter(|c| have_qsd || c.server != contenders::Server::Qsd)
+        .map(|c| c.name)
+        .collect();
+    let skipped: Vec<&str> = r["skipped"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|s| s["contender"].as_str().unwrap())
+        .collect();
+    if have_qsd {
+        assert!(skipped.is_empty(), "skipped {skipped:?}");
+    } else {
+        println!("qemu-storage-daemon not installed: the qsd cells are absent");
+        assert_eq!(skipped, ["qsd-io_uring", "qsd-native", "qsd-null"]);
+        assert!(err.contains("apt-get install"), "no install hint: {err}");
+    }
+
+    // Every requested cell, each run sane, medians consistent with the runs.
+    let cells = r["cells"].as_array().unwrap();
+    assert_eq!(cells.len(), workload::QUICK.len() * expected.len());
+    let mut median = std::collections::HashMap::new();
+    for w in workload::QUICK {
+        let bs = workload::by_name(w).unwrap().workload.block_size as f64;
+        assert!(table.contains(&workload::by_name(w).unwrap().workload.label()));
+        for &c in &expected {
+            let cell = cells
+                .iter()
+                .find(|x| x["workload"] == w && x["contender"] == c)
+                .unwrap_or_else(|| panic!("cell {w} {c} missing"));
+            assert!(table.contains(c), "{c} not in the table");
+            assert_eq!(cell["errors"].as_array().unwrap().len(), 0, "{cell}");
+            let runs = cell["runs"].as_array().unwrap();
+            assert_eq!(runs.len(), repeat, "{w} {c}");
+            for run in runs {
+                let iops = f(run, "iops");
+                assert!(iops > 0.0, "{w} {c}: {run}");
+                assert!(f(run, "p50_us") > 0.0 && f(run, "p50_us") <= f(run, "p99_us"));
+                assert!(close(iops, f(run, "ios") / f(run, "seconds")));
+                assert!(close(f(run, "mib_s"), iops * bs / 1048576.0));
+                match c {
+                    "limit" => assert!(run["cpu_us_per_io"].is_null()),
+                    _ => assert!(f(run, "cpu_us_per_io") >= 0.0),
+                }
+            }
+            let m = &cell["median"];
+            assert!(
+                f(m, "iops") > 0.0 && f(m, "p50_us") <= f(m, "p99_us"),
+                "{m}"
+            );
+            if repeat == 1 {
+                assert!(close(f(m, "iops"), f(&runs[0], "iops")));
+            }
+            median.insert((w, c), (f(m, "iops"), f(m, "p50_us")));
+        }
+    }
+
+    // Ratios: ours against qsd's best file engine (or qsd-null) and against the limit.
+    let ratios = r["ratios"].as_array().unwrap();
+    let mut want = 0;
+    for w in workload::QUICK {
+        let best = |names: &[&'static str]| {
+            names
+                .iter()
+                .filter_map(|n| median.get(&(w, *n)).map(|m| (*n, *m)))
+                .max_by(|a, b| a.1.0.total_cmp(&b.1.0))
+        };
+        for (ours, peers) in [
+            (
+                "ours-io_uring",
+                vec![
+                    ("qsd", best(&["qsd-io_uring", "qsd-native"])),
+                    ("limit", best(&["limit"])),
+                ],
+            ),
+            (
+                "ours-native",
+                vec![
+                    ("qsd", best(&["qsd-io_uring", "qsd-native"])),
+                    ("limit", best(&["limit"])),
+                ],
+            ),
+            ("ours-null", vec![("qsd", best(&["qsd-null"]))]),
+        ] {
+            let mine = median[&(w, ours)];
+            for (kind, peer) in peers {
+                let Some((peer, theirs)) = peer else { continue };
+                want += 1;
+                let r = ratios
+                    .iter()
+                    .find(|x| x["workload"] == w && x["ours"] == ours && x["kind"] == kind)
+                    .unwrap_or_else(|| panic!("no {kind} ratio for {w} {ours}"));
+                assert_eq!(r["peer"], peer, "{r}");
+                assert!(close(f(r, "iops"), mine.0 / theirs.0), "{r}");
+                assert!(close(f(r, "p50"), mine.1 / theirs.1), "{r}");
+            }
+        }
+    }
+    assert_eq!(ratios.len(), want);
+
+    // The chart names every contender.
+    let chart = std::fs::read_to_string(&svg).unwrap();
+    assert!(chart.starts_with("<svg") || chart.starts_with("<?xml"));
+    assert!(chart.trim_end().ends_with("</svg>"));
+    for c in &expected {
+        assert!(chart.contains(c), "{c} not in the chart");
+    }
+}
+
+#[test]
+fn without_qsd_its_cells_are_skipped_with_an_install_hint() {
+    require_backend();
+    let dir = scratch();
+    let empty = dir.path().join("empty-path");
+    std::fs::create_dir(&empty).unwrap();
+    let (json, svg) = outputs(dir.path());
+    let out = run(
+        &[
+            "--contenders",
+            "ours-null,qsd-null",
+            "--workloads",
+            "randread-4k-qd1",
+            "--runtime",
+            "0.2",
+            "--warmup",
+            "0",
+            "--repeat",
+            "1",
+            "--size",
+            "16M",
+            "--file",
+            dir.path().join("unused.raw").to_str().unwrap(),
+            "--json",
+            json.to_str().unwrap(),
+            "--svg",
+            svg.to_str().unwrap(),
+        ],
+        Some(&empty),
+    );
+    let err = stderr(&out);
+    assert!(out.status.success(), "blkbench failed: {err}");
+    assert!(err.contains("apt-get install qemu-system-x86"), "{err}");
+    let r: Value = serde_json::from_str(&std::fs::read_to_string(&json).unwrap()).unwrap();
+    assert_eq!(r["skipped"][0]["contender"], "qsd-null");
+    let cells = r["cells"].as_array().unwrap();
+    assert_eq!(cells.len(), 1);
+    assert_eq!(cells[0]["contender"], "ours-null");
+    assert!(f(&cells[0]["median"], "iops") > 0.0);
+    assert_eq!(r["ratios"].as_array().unwrap().len(), 0);
+    assert!(
+        !dir.path().join("unused.raw").exists(),
+        "no file contender, no image"
+    );
+}
+
+#[test]
+fn bad_arguments_exit_2_with_a_message() {
+    for (args, says) in [
+        (&["--workloads", "randread-3k"][..], "unknown workload"),
+        (&["--contenders", "spdk"][..], "unknown contender"),
+        (&["--runtime", "0"][..], "--runtime"),
+        (&["--repeat", "0"][..], "--repeat"),
+        (&["--size", "12Q"][..], "size"),
+        (&["--qsd", "/nonexistent/qsd"][..], "no such file"),
+    ] {
+        let out = Command::new(BIN).args(args).output().unwrap();
+        assert_eq!(out.status.code(), Some(2), "{args:?}: {}", stderr(&out));
+        assert!(stderr(&out).contains(says), "{args:?}: {}", stderr(&out));
+    }
+}

@@ -2,7 +2,8 @@
 //!
 //! One [`Vm`] per id, each behind its own lock so a slow call on one VM (a shutdown that
 //! drains disk I/O) does not hold up the others; the map of VMs has a lock of its own,
-//! held while a VM is created so ids and image locks are checked atomically.
+//! held only to look VMs up: a VM being created is published under its own (held)
+//! lock, so calls naming it wait for the build and calls on other VMs do not.
 //!
 //! States and statuses follow [`crate::fake::FakeVmm`]. What differs, on purpose:
 //! - a VM whose guest powered off is seen as `Shutdown` at the next call that looks at
@@ -43,6 +44,9 @@ struct Entry {
     vm: Option<Vm>,
     /// Guest resets turned into reboots since the last boot through the API.
     resets: u32,
+    /// Taken out of the service (deleted, or its creation failed): calls that were
+    /// waiting for it answer 404.
+    removed: bool,
 }
 
 type Shared = Arc<Mutex<Entry>>;
@@ -84,15 +88,6 @@ fn vm_error(id: &str, e: VmError) -> ApiError {
 }
 
 impl Entry {
-    fn build(config: VmConfig) -> Result<Entry, ApiError> {
-        let vm = Vm::create(config.clone()).map_err(|e| vm_error(&config.id, e))?;
-        Ok(Entry {
-            config,
-            vm: Some(vm),
-            resets: 0,
-        })
-    }
-
     /// Notices a guest that ended the VM: poweroff or failure -> `Shutdown`; reset ->
     /// re-created and booted (up to [`MAX_RESETS`] times in a row).
     fn refresh(&mut self) {
@@ -241,6 +236,9 @@ impl KvmBackend {
     ) -> Result<T, ApiError> {
         let entry = lock(&self.vms).get(id).cloned().ok_or_else(|| no_vm(id))?;
         let mut guard = lock(&entry);
+        if guard.removed {
+            return Err(no_vm(id));
+        }
         f(&mut guard)
     }
 }
@@ -252,20 +250,43 @@ impl VmmBackend for KvmBackend {
 
     fn create(&self, config: VmConfig) -> Result<(), ApiError> {
         let problems = config.problems();
-        let mut vms = lock(&self.vms);
-        if vms.contains_key(&config.id) {
-            return Err(ApiError::conflict(format!(
-                "a VM with id {:?} already exists",
-                config.id
-            )));
-        }
-        if !problems.is_empty() {
-            return Err(ApiError::bad_request("invalid VM config").with_details(problems));
-        }
         let id = config.id.clone();
-        let entry = Entry::build(config)?;
-        vms.insert(id, Arc::new(Mutex::new(entry)));
-        Ok(())
+        // The VM is built outside the map's lock (opening images and KVM take a while):
+        // its entry is published first, locked, so calls naming it wait for the build.
+        let shared: Shared = Arc::new(Mutex::new(Entry {
+            config: config.clone(),
+            vm: None,
+            resets: 0,
+            removed: false,
+        }));
+        let mut entry = lock(&shared);
+        {
+            let mut vms = lock(&self.vms);
+            if vms.contains_key(&id) {
+                return Err(ApiError::conflict(format!(
+                    "a VM with id {id:?} already exists"
+                )));
+            }
+            if !problems.is_empty() {
+                return Err(ApiError::bad_request("invalid VM config").with_details(problems));
+            }
+            vms.insert(id.clone(), shared.clone());
+        }
+        match Vm::create(config) {
+            Ok(vm) => {
+                entry.vm = Some(vm);
+                Ok(())
+            }
+            Err(e) => {
+                entry.removed = true;
+                drop(entry);
+                let mut vms = lock(&self.vms);
+                if vms.get(&id).is_some_and(|s| Arc::ptr_eq(s, &shared)) {
+                    vms.remove(&id);
+                }
+                Err(vm_error(&id, e))
+            }
+        }
     }
 
     fn boot(&self, id: &str) -> Result<(), ApiError> {
@@ -313,6 +334,7 @@ impl VmmBackend for KvmBackend {
         let entry = lock(&self.vms).remove(id).ok_or_else(|| no_vm(id))?;
         // Shut down and drop outside the map's lock (draining may take a while).
         let mut e = lock(&entry);
+        e.removed = true;
         drop(e.vm.take());
         Ok(())
     }
@@ -332,15 +354,18 @@ impl VmmBackend for KvmBackend {
         let entries: Vec<Shared> = lock(&self.vms).values().cloned().collect();
         entries
             .iter()
-            .map(|entry| {
+            .filter_map(|entry| {
                 let mut e = lock(entry);
-                VmSummary {
+                if e.removed {
+                    return None;
+                }
+                Some(VmSummary {
                     id: e.config.id.clone(),
                     state: e.state(),
                     vcpus: e.config.cpus.boot_vcpus,
                     memory_mib: e.config.memory.size_mib,
                     disks: e.config.disks.len(),
-                }
+                })
             })
             .collect()
     }

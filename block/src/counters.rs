@@ -1,6 +1,8 @@
-//! Per-disk I/O counters, updated on the hot path with relaxed atomics (no lock).
+//! Per-disk I/O counters, updated on the hot path without locks: each queue writes its own
+//! [`QueueCounters`] (plain stores), summed with the disk's into a snapshot.
 
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+use std::sync::{Arc, Mutex, MutexGuard};
 
 use serde::Serialize;
 
@@ -17,9 +19,11 @@ struct KindCounters {
     errors: AtomicU64,
 }
 
-/// Counters of one disk, shared by all its queues (which may run on different threads).
+/// One set of counters. [`DiskCounters`] has one updated by anyone (atomic adds) and one
+/// per [`QueueCounters`], each updated by its queue's thread alone (plain stores, no
+/// locked instructions on the I/O path, no cache line shared between queues).
 #[derive(Debug)]
-pub struct DiskCounters {
+struct Counts {
     kinds: [KindCounters; 5],
     submitted: AtomicU64,
     completed: AtomicU64,
@@ -27,9 +31,9 @@ pub struct DiskCounters {
     latency: [AtomicU64; LATENCY_BUCKETS],
 }
 
-impl Default for DiskCounters {
+impl Default for Counts {
     fn default() -> Self {
-        DiskCounters {
+        Counts {
             kinds: Default::default(),
             submitted: AtomicU64::new(0),
             completed: AtomicU64::new(0),
@@ -39,46 +43,161 @@ impl Default for DiskCounters {
     }
 }
 
+/// Adds `n` to a counter: an atomic add when several threads may write it, a load and a
+/// store when only one does (`owned`).
+fn bump(c: &AtomicU64, n: u64, owned: bool) {
+    if owned {
+        c.store(c.load(Relaxed).wrapping_add(n), Relaxed);
+    } else {
+        c.fetch_add(n, Relaxed);
+    }
+}
+
+impl Counts {
+    fn record_start(&self, owned: bool) {
+        bump(&self.submitted, 1, owned);
+    }
+
+    fn record_completion(
+        &self,
+        kind: RequestKind,
+        result: Result<u64, ()>,
+        latency_ns: u64,
+        owned: bool,
+    ) {
+        let k = &self.kinds[kind as usize];
+        match result {
+            Ok(bytes) => {
+                bump(&k.ops, 1, owned);
+                bump(&k.bytes, bytes, owned);
+            }
+            Err(()) => bump(&k.errors, 1, owned),
+        }
+        bump(&self.latency[latency_bucket(latency_ns)], 1, owned);
+        bump(&self.completed, 1, owned);
+    }
+
+    /// Adds every counter of `self` into `into` (atomic adds).
+    fn add_to(&self, into: &Counts) {
+        for (a, b) in self.kinds.iter().zip(&into.kinds) {
+            b.ops.fetch_add(a.ops.load(Relaxed), Relaxed);
+            b.bytes.fetch_add(a.bytes.load(Relaxed), Relaxed);
+            b.errors.fetch_add(a.errors.load(Relaxed), Relaxed);
+        }
+        into.submitted
+            .fetch_add(self.submitted.load(Relaxed), Relaxed);
+        into.completed
+            .fetch_add(self.completed.load(Relaxed), Relaxed);
+        into.throttled_ns
+            .fetch_add(self.throttled_ns.load(Relaxed), Relaxed);
+        for (a, b) in self.latency.iter().zip(&into.latency) {
+            b.fetch_add(a.load(Relaxed), Relaxed);
+        }
+    }
+}
+
+/// Counters of one disk, shared by all its queues (which may run on different threads).
+#[derive(Debug, Default)]
+pub struct DiskCounters {
+    counts: Counts,
+    /// The counters of live queues, summed into snapshots.
+    queues: Mutex<Vec<Arc<Counts>>>,
+}
+
+/// The counters one queue of a disk writes, from one thread at a time; they count in the
+/// disk's [`DiskCounters`] (and are folded into it when dropped).
+#[derive(Debug)]
+pub(crate) struct QueueCounters {
+    disk: Arc<DiskCounters>,
+    counts: Arc<Counts>,
+}
+
+impl QueueCounters {
+    /// Counters of a new queue of `disk`.
+    pub(crate) fn new(disk: Arc<DiskCounters>) -> Self {
+        let counts = Arc::new(Counts::default());
+        lock(&disk.queues).push(counts.clone());
+        QueueCounters { disk, counts }
+    }
+
+    /// The disk's counters.
+    pub(crate) fn disk(&self) -> &Arc<DiskCounters> {
+        &self.disk
+    }
+
+    /// Counts a request entering the disk.
+    pub(crate) fn record_start(&self) {
+        self.counts.record_start(true);
+    }
+
+    /// As [`DiskCounters::record_completion`].
+    pub(crate) fn record_completion(
+        &self,
+        kind: RequestKind,
+        result: Result<u64, ()>,
+        latency_ns: u64,
+    ) {
+        self.counts
+            .record_completion(kind, result, latency_ns, true);
+    }
+
+    /// Adds time requests spent waiting for the throttle.
+    pub(crate) fn add_throttled_ns(&self, ns: u64) {
+        bump(&self.counts.throttled_ns, ns, true);
+    }
+}
+
+impl Drop for QueueCounters {
+    fn drop(&mut self) {
+        let mut queues = lock(&self.disk.queues);
+        queues.retain(|c| !Arc::ptr_eq(c, &self.counts));
+        // Under the lock, so no snapshot sees the counts twice or not at all.
+        self.counts.add_to(&self.disk.counts);
+    }
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
 impl DiskCounters {
     /// Counts a request entering the disk.
     pub fn record_start(&self) {
-        self.submitted.fetch_add(1, Relaxed);
+        self.counts.record_start(false);
     }
 
     /// Counts a finished request: `bytes` moved on success, an error otherwise, and its
     /// latency in nanoseconds.
     pub fn record_completion(&self, kind: RequestKind, result: Result<u64, ()>, latency_ns: u64) {
-        let k = &self.kinds[kind as usize];
-        match result {
-            Ok(bytes) => {
-                k.ops.fetch_add(1, Relaxed);
-                k.bytes.fetch_add(bytes, Relaxed);
-            }
-            Err(()) => {
-                k.errors.fetch_add(1, Relaxed);
-            }
-        }
-        self.latency[latency_bucket(latency_ns)].fetch_add(1, Relaxed);
-        self.completed.fetch_add(1, Relaxed);
+        self.counts
+            .record_completion(kind, result, latency_ns, false);
     }
 
     /// Adds time requests spent waiting for the throttle.
     pub fn add_throttled_ns(&self, ns: u64) {
-        self.throttled_ns.fetch_add(ns, Relaxed);
+        self.counts.throttled_ns.fetch_add(ns, Relaxed);
     }
 
-    /// A copy of every counter.
+    /// A copy of every counter (the disk's plus its live queues').
     pub fn snapshot(&self) -> CountersSnapshot {
+        let total = Counts::default();
+        {
+            let queues = lock(&self.queues);
+            self.counts.add_to(&total);
+            for q in queues.iter() {
+                q.add_to(&total);
+            }
+        }
         let kind = |k: RequestKind| {
-            let c = &self.kinds[k as usize];
+            let c = &total.kinds[k as usize];
             KindSnapshot {
                 ops: c.ops.load(Relaxed),
                 bytes: c.bytes.load(Relaxed),
                 errors: c.errors.load(Relaxed),
             }
         };
-        let completed = self.completed.load(Relaxed);
-        let submitted = self.submitted.load(Relaxed);
+        let completed = total.completed.load(Relaxed);
+        let submitted = total.submitted.load(Relaxed);
         CountersSnapshot {
             read: kind(RequestKind::Read),
             write: kind(RequestKind::Write),
@@ -86,8 +205,8 @@ impl DiskCounters {
             discard: kind(RequestKind::Discard),
             write_zeroes: kind(RequestKind::WriteZeroes),
             in_flight: submitted.saturating_sub(completed),
-            throttled_ns: self.throttled_ns.load(Relaxed),
-            latency_log2_ns: self.latency.iter().map(|b| b.load(Relaxed)).collect(),
+            throttled_ns: total.throttled_ns.load(Relaxed),
+            latency_log2_ns: total.latency.iter().map(|b| b.load(Relaxed)).collect(),
         }
     }
 }
@@ -222,5 +341,33 @@ mod tests {
         assert_eq!(s.read.ops, 40_000);
         assert_eq!(s.read.bytes, 40_000);
         assert_eq!(s.in_flight, 0);
+    }
+
+    #[test]
+    fn queue_counters_count_in_the_disk_while_live_and_after_drop() {
+        let disk = std::sync::Arc::new(DiskCounters::default());
+        let q1 = QueueCounters::new(disk.clone());
+        let q2 = QueueCounters::new(disk.clone());
+        q1.record_start();
+        q1.record_completion(RequestKind::Read, Ok(4096), 1500);
+        q2.record_start();
+        q2.record_start();
+        q2.record_completion(RequestKind::Write, Err(()), 3_000_000);
+        q2.add_throttled_ns(7);
+        disk.record_start();
+        let s = disk.snapshot();
+        assert_eq!(s.read.bytes, 4096);
+        assert_eq!(s.write.errors, 1);
+        assert_eq!(s.in_flight, 2);
+        assert_eq!(s.throttled_ns, 7);
+        assert_eq!(s.latency_log2_ns[10], 1);
+        drop(q2);
+        drop(q1);
+        assert_eq!(
+            disk.snapshot(),
+            s,
+            "dropped queues keep counting in the disk"
+        );
+        assert!(lock(&disk.queues).is_empty());
     }
 }

@@ -390,6 +390,10 @@ impl IoEngine for AioEngine {
 
     fn reap(&mut self, done: &mut dyn FnMut(u64, i64)) {
         let _ = self.notifier.read();
+        self.reap_ready(done);
+    }
+
+    fn reap_ready(&mut self, done: &mut dyn FnMut(u64, i64)) {
         let zero = libc::timespec {
             tv_sec: 0,
             tv_nsec: 0,

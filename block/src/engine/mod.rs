@@ -227,6 +227,22 @@ pub trait IoEngine: Send {
     /// where `result` is the byte count on success or a negative errno. Never blocks.
     fn reap(&mut self, done: &mut dyn FnMut(u64, i64));
 
+    /// As [`IoEngine::reap`] but leaves the notifier alone where the engine allows: for
+    /// callers that poll [`IoEngine::has_completions`] or watch the notifier
+    /// edge-triggered, so a pass costs no `read` of the eventfd. The default clears it.
+    fn reap_ready(&mut self, done: &mut dyn FnMut(u64, i64)) {
+        self.reap(done);
+    }
+
+    /// Whether the caller may sleep on the notifier (`true`, the default) or promises to
+    /// check [`IoEngine::has_completions`] after every `submit` and before it sleeps
+    /// (`false`). While `false`, engines may skip signalling the notifier for completions
+    /// they make during `push`/`submit` (the null engine, ops failed at once); the kernel's
+    /// asynchronous completions are always signalled.
+    fn set_notify(&mut self, enabled: bool) {
+        let _ = enabled;
+    }
+
     /// Whether completions may wait to be reaped, checked without a syscall where the
     /// interface allows (the io_uring CQ, the Linux AIO ring in user memory). Adaptive
     /// polling spins on this before sleeping on the notifier. It may say true

@@ -280,6 +280,12 @@ impl IoEngine for ThreadsEngine {
         self.pool.reap_completions(done);
     }
 
+    fn reap_ready(&mut self, done: &mut dyn FnMut(u64, i64)) {
+        // A worker signals when it finds the finished list empty, which it is after this:
+        // an edge-triggered watcher sees every later completion.
+        self.pool.reap_completions(done);
+    }
+
     fn has_completions(&mut self) -> bool {
         self.pool.has_completions()
     }

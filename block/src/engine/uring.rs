@@ -250,6 +250,25 @@ impl UringEngine {
         }
     }
 
+    /// Runs the task work that holds completions back (see [`build_ring`]): one
+    /// `io_uring_enter` with GETEVENTS, which also submits SQEs a refused submit left.
+    fn run_task_work(&mut self) {
+        match self.ring.submitter().submit_and_wait(0) {
+            Ok(_) => self.stats.enters += 1,
+            Err(err)
+                if matches!(
+                    err.raw_os_error(),
+                    Some(libc::EAGAIN | libc::EBUSY | libc::EINTR)
+                ) =>
+            {
+                self.stats.enters += 1;
+                // Come back for them: the flag stays set.
+                let _ = self.notifier.write(1);
+            }
+            Err(err) => tracing::warn!(%err, "io_uring: cannot run completion task work"),
+        }
+    }
+
     /// Hands `pool_staged` to the fallback pool, creating it on first use. If it cannot be
     /// created, the ops complete with the setup error's errno.
     fn hand_to_pool(&mut self) {
@@ -316,6 +335,15 @@ impl IoEngine for UringEngine {
 
     fn reap(&mut self, done: &mut dyn FnMut(u64, i64)) {
         let _ = self.notifier.read();
+        self.reap_ready(done);
+    }
+
+    fn reap_ready(&mut self, done: &mut dyn FnMut(u64, i64)) {
+        if self.ring.submission().taskrun() {
+            // Completions wait as task work (COOP_TASKRUN sends no IPI to a busy thread):
+            // an enter with GETEVENTS runs it and posts their CQEs.
+            self.run_task_work();
+        }
         let mut retries = false;
         for cqe in self.ring.completion() {
             let index = cqe.user_data() as usize;
@@ -351,6 +379,7 @@ impl IoEngine for UringEngine {
     fn has_completions(&mut self) -> bool {
         !self.ready.is_empty()
             || !self.ring.completion().is_empty()
+            || self.ring.submission().taskrun()
             || self.pool.as_ref().is_some_and(WorkerPool::has_completions)
     }
 
@@ -394,10 +423,14 @@ impl Drop for UringEngine {
     }
 }
 
-/// Builds the ring: `queue_depth` SQ entries (CQ twice that), SQPOLL if asked, and
-/// SUBMIT_ALL (a bad SQE does not stop the batch) where the kernel knows it.
+/// Builds the ring: `queue_depth` SQ entries (CQ twice that), SQPOLL if asked, and where
+/// the kernel knows them SUBMIT_ALL (a bad SQE does not stop the batch) and
+/// COOP_TASKRUN + TASKRUN_FLAG: a completion is not pushed into a thread busy in user space
+/// with an interrupt; the ring's TASKRUN flag shows it instead, and
+/// [`IoEngine::has_completions`] / [`IoEngine::reap_ready`] look at that flag. A sleeping
+/// thread is still woken and its eventfd signalled as without the flags.
 fn build_ring(options: &EngineOptions) -> io::Result<IoUring> {
-    let build = |submit_all: bool| {
+    let build = |submit_all: bool, coop: bool| {
         let mut builder = IoUring::builder();
         if let Some(idle_ms) = options.sqpoll_idle_ms {
             builder.setup_sqpoll(idle_ms);
@@ -405,12 +438,20 @@ fn build_ring(options: &EngineOptions) -> io::Result<IoUring> {
         if submit_all {
             builder.setup_submit_all();
         }
+        if coop {
+            builder.setup_coop_taskrun().setup_taskrun_flag();
+        }
         builder.build(options.queue_depth)
     };
-    match build(true) {
-        Err(err) if err.raw_os_error() == Some(libc::EINVAL) => build(false),
-        other => other,
+    let einval =
+        |r: &io::Result<IoUring>| matches!(r, Err(e) if e.raw_os_error() == Some(libc::EINVAL));
+    for (submit_all, coop) in [(true, true), (true, false), (false, false)] {
+        let ring = build(submit_all, coop);
+        if !einval(&ring) || !submit_all && !coop {
+            return ring;
+        }
     }
+    build(false, false)
 }
 
 /// The SQE for `op` on a regular file (block-device discard/write-zeroes go to the pool).

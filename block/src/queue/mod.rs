@@ -16,7 +16,7 @@ use std::time::{Duration, Instant};
 use vmm_sys_util::errno::Error as Errno;
 
 use crate::bounce::{AlignedBuf, zero_from};
-use crate::counters::DiskCounters;
+use crate::counters::{DiskCounters, QueueCounters};
 use crate::disk::{BackendKind, Disk};
 use crate::engine::{EngineOp, EngineOptions, IoEngine, IoVecs, create_engine};
 use crate::error::Error;
@@ -67,11 +67,18 @@ struct Slot {
 pub struct DiskQueue {
     disk: Arc<Disk>,
     engine: Box<dyn IoEngine>,
-    counters: Arc<DiskCounters>,
+    counters: QueueCounters,
     slots: Vec<Slot>,
     free: Vec<usize>,
     ready: Vec<Completion>,
     write_cache: bool,
+    /// The caller sleeps on the completion fd (see [`DiskQueue::set_notify`]).
+    notify: bool,
+    /// The time stamped on requests queued and reaped, set once per pass by the caller
+    /// ([`DiskQueue::set_clock`]); `None`: read the clock per request.
+    clock: Option<Instant>,
+    /// Moving average of the engine's completion latency in ns (weight 1/8 per request).
+    latency_avg_ns: u64,
 }
 
 // SAFETY: the raw pointers a DiskQueue holds (iovecs into guest memory and bounce buffers)
@@ -100,11 +107,14 @@ impl DiskQueue {
         DiskQueue {
             disk,
             engine,
-            counters,
+            counters: QueueCounters::new(counters),
             slots: Vec::new(),
             free: Vec::new(),
             ready: Vec::new(),
             write_cache,
+            notify: true,
+            clock: None,
+            latency_avg_ns: 0,
         }
     }
 
@@ -115,7 +125,12 @@ impl DiskQueue {
 
     /// The disk's counters.
     pub fn counters(&self) -> &Arc<DiskCounters> {
-        &self.counters
+        self.counters.disk()
+    }
+
+    /// Adds time requests of this queue spent waiting for the throttle.
+    pub fn add_throttled_ns(&self, ns: u64) {
+        self.counters.add_throttled_ns(ns);
     }
 
     /// The engine's name.
@@ -137,6 +152,34 @@ impl DiskQueue {
     /// Changes the most requests submitted per syscall (at least 1).
     pub fn set_max_batch(&mut self, max_batch: u32) {
         self.engine.set_max_batch(max_batch.max(1));
+    }
+
+    /// Stamps requests queued and completions reaped with `now` (latency counters) until
+    /// the next call, instead of reading the clock for each: an iothread reads it once per
+    /// pass. `None` goes back to one reading per request.
+    pub fn set_clock(&mut self, now: Option<Instant>) {
+        self.clock = now;
+    }
+
+    /// `false`: the caller promises to check [`DiskQueue::has_completions`] after every
+    /// [`DiskQueue::submit`] and before it sleeps, and to set `true` before sleeping on
+    /// [`DiskQueue::completion_fd`]; meanwhile completions made without the kernel (the null
+    /// engine, requests failed at once) skip the eventfd write.
+    pub fn set_notify(&mut self, enabled: bool) {
+        self.notify = enabled;
+        self.engine.set_notify(enabled);
+    }
+
+    /// Moving average of how long the engine took per request lately (queueing to
+    /// reaping, in ns; each completion weighs 1/8).
+    pub fn recent_latency_ns(&self) -> u64 {
+        self.latency_avg_ns
+    }
+
+    /// Makes [`DiskQueue::completion_fd`] readable, so that a caller sleeping on it comes
+    /// back (e.g. for work it chose to leave for later).
+    pub fn wake(&self) {
+        let _ = self.engine.notifier().write(1);
     }
 
     /// Eventfd that is readable when completions wait for [`DiskQueue::reap`].
@@ -201,7 +244,7 @@ impl DiskQueue {
     /// Submits everything queued since the last call (one syscall per batch).
     pub fn submit(&mut self) -> Result<(), Error> {
         self.engine.submit()?;
-        if !self.ready.is_empty() {
+        if self.notify && !self.ready.is_empty() {
             // Requests finished without the engine: make the completion fd readable.
             self.engine.notifier().write(1).map_err(|e| Error::Submit {
                 engine: self.engine.name(),
@@ -211,24 +254,37 @@ impl DiskQueue {
         Ok(())
     }
 
-    /// Hands every finished request to `done` and returns how many there were. Never
-    /// blocks. Requests that waited for room in the engine are submitted.
-    pub fn reap(&mut self, mut done: impl FnMut(Completion)) -> Result<usize, Error> {
+    /// Clears the completion fd, hands every finished request to `done` and returns how
+    /// many there were. Never blocks. Requests that waited for room in the engine are
+    /// submitted.
+    pub fn reap(&mut self, done: impl FnMut(Completion)) -> Result<usize, Error> {
+        let _ = self.engine.notifier().read();
+        self.reap_ready(done)
+    }
+
+    /// As [`DiskQueue::reap`] without reading the completion fd: for callers that poll
+    /// [`DiskQueue::has_completions`] or watch the fd edge-triggered (one syscall less per
+    /// pass).
+    pub fn reap_ready(&mut self, mut done: impl FnMut(Completion)) -> Result<usize, Error> {
         let mut reaped = 0;
+        let now = self.clock.unwrap_or_else(Instant::now);
         let DiskQueue {
             engine,
             slots,
             free,
             counters,
             ready,
+            latency_avg_ns,
             ..
         } = self;
-        engine.reap(&mut |tag, result| {
+        engine.reap_ready(&mut |tag, result| {
             let Some(slot) = slots.get_mut(tag as usize) else {
                 tracing::error!(tag, "engine returned an unknown tag");
                 return;
             };
-            let completion = finish_slot(slot, result, counters);
+            let latency = now.saturating_duration_since(slot.start).as_nanos() as u64;
+            *latency_avg_ns = (*latency_avg_ns * 7 + latency) / 8;
+            let completion = finish_slot(slot, result, counters, latency);
             free.push(tag as usize);
             reaped += 1;
             done(completion);
@@ -278,7 +334,7 @@ impl DiskQueue {
 
     fn start(&self) -> Instant {
         self.counters.record_start();
-        Instant::now()
+        self.clock.unwrap_or_else(Instant::now)
     }
 
     /// # Safety
@@ -421,7 +477,8 @@ impl DiskQueue {
         start: Instant,
         result: Result<u64, Errno>,
     ) {
-        let latency = start.elapsed().as_nanos() as u64;
+        let now = self.clock.unwrap_or_else(Instant::now);
+        let latency = now.saturating_duration_since(start).as_nanos() as u64;
         self.counters
             .record_completion(kind, result.as_ref().map(|n| *n).map_err(|_| ()), latency);
         self.ready.push(Completion {
@@ -434,7 +491,7 @@ impl DiskQueue {
 
 /// Turns an engine result into the request's completion: copies bounced reads back,
 /// zero-fills short reads, fails short writes, and counts it.
-fn finish_slot(slot: &mut Slot, result: i64, counters: &DiskCounters) -> Completion {
+fn finish_slot(slot: &mut Slot, result: i64, counters: &QueueCounters, latency: u64) -> Completion {
     let result = if result < 0 {
         Err(Errno::new(i32::try_from(-result).unwrap_or(libc::EIO)))
     } else {
@@ -464,7 +521,6 @@ fn finish_slot(slot: &mut Slot, result: i64, counters: &DiskCounters) -> Complet
         }
     };
     slot.bounce = None;
-    let latency = slot.start.elapsed().as_nanos() as u64;
     counters.record_completion(
         slot.kind,
         result.as_ref().map(|n| *n).map_err(|_| ()),

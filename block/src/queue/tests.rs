@@ -1,5 +1,6 @@
 //! DiskQueue rules checked against a memory-backed engine that records what reaches it.
 
+use std::os::fd::RawFd;
 use std::sync::{Arc, Mutex};
 
 use vmm_sys_util::eventfd::{EFD_NONBLOCK, EventFd};
@@ -126,6 +127,10 @@ impl IoEngine for MemEngine {
 
     fn reap(&mut self, done: &mut dyn FnMut(u64, i64)) {
         let _ = self.notifier.read();
+        self.reap_ready(done);
+    }
+
+    fn reap_ready(&mut self, done: &mut dyn FnMut(u64, i64)) {
         for (t, r) in self.done.drain(..) {
             done(t, r);
         }
@@ -404,4 +409,69 @@ fn drain_waits_for_everything() {
     let mut n = 0;
     f.queue.drain(Duration::from_secs(5), |_| n += 1).unwrap();
     assert_eq!(n, 10);
+}
+
+/// Whether `fd` is readable now.
+fn readable(fd: RawFd) -> bool {
+    let mut pfd = libc::pollfd {
+        fd,
+        events: libc::POLLIN,
+        revents: 0,
+    };
+    // SAFETY: poll reads and writes only the pollfd we pass.
+    unsafe { libc::poll(&mut pfd, 1, 0) == 1 }
+}
+
+#[test]
+fn one_clock_reading_per_pass_stamps_latency_and_reap_ready_keeps_the_fd() {
+    let mut f = fixture(CacheMode::Writeback, false, None);
+    let t0 = Instant::now();
+    f.queue.set_clock(Some(t0));
+    let mut buf = vec![0u8; 512];
+    // SAFETY: buf outlives the request.
+    unsafe { f.queue.read(1, 0, &[iov(&mut buf)]) };
+    f.queue.submit().unwrap();
+    f.queue.set_clock(Some(t0 + Duration::from_nanos(5000)));
+    let mut done = Vec::new();
+    assert_eq!(f.queue.reap_ready(|c| done.push(c)).unwrap(), 1);
+    let s = f.queue.counters().snapshot();
+    assert_eq!(s.latency_log2_ns[12], 1, "5 us from the two readings");
+    assert_eq!(f.queue.recent_latency_ns(), 5000 / 8);
+    assert!(
+        readable(f.queue.completion_fd()),
+        "reap_ready reads no eventfd"
+    );
+    assert_eq!(f.queue.reap(|_| panic!("nothing left")).unwrap(), 0);
+    assert!(!readable(f.queue.completion_fd()), "reap clears it");
+}
+
+#[test]
+fn without_notify_requests_failed_at_once_skip_the_eventfd() {
+    let mut f = fixture(CacheMode::Writeback, true, None);
+    let mut buf = vec![0u8; 512];
+    f.queue.set_notify(false);
+    // SAFETY: buf outlives the request (which fails: read-only disk).
+    unsafe { f.queue.write(1, 0, &[iov(&mut buf)], false) };
+    f.queue.submit().unwrap();
+    assert!(f.queue.has_completions());
+    assert!(
+        !readable(f.queue.completion_fd()),
+        "the caller polls instead"
+    );
+    f.queue.set_notify(true);
+    // SAFETY: as above.
+    unsafe { f.queue.write(2, 0, &[iov(&mut buf)], false) };
+    f.queue.submit().unwrap();
+    assert!(
+        readable(f.queue.completion_fd()),
+        "a sleeping caller is woken"
+    );
+    let mut n = 0;
+    f.queue
+        .reap(|c| {
+            assert!(c.result.is_err());
+            n += 1
+        })
+        .unwrap();
+    assert_eq!(n, 2);
 }

@@ -25,12 +25,21 @@ pub trait IoSource: Send {
     fn queue(&self) -> u16;
     /// The eventfds to watch, indexed by [`KICK`], [`COMPLETION`], [`TIMER`], [`WAKE`].
     fn fds(&self) -> [RawFd; FDS];
-    /// Handles a readable eventfd.
+    /// Handles a readable eventfd. [`KICK`] and [`COMPLETION`] are watched
+    /// edge-triggered and never read; [`TIMER`] and [`WAKE`] level-triggered and read.
     fn handle(&mut self, which: usize) -> PassWork;
     /// Whether work waits that can be found without a syscall (for adaptive polling).
     fn poll_ready(&mut self) -> bool;
     /// Does whatever work is ready (after [`IoSource::poll_ready`] said so).
     fn run_ready(&mut self) -> PassWork;
+    /// Turns kicks and completion signals on before the thread sleeps (they are off while
+    /// it is awake); true when work is already visible, so the thread must not sleep.
+    fn arm(&mut self) -> bool;
+    /// Makes the completion fd fire, so the loop comes back to this source from epoll.
+    fn wake(&mut self);
+    /// Whether spinning for this source may pay off: no block I/O in flight and recent
+    /// requests no slower than `cap_ns` (see [`super::poll`]).
+    fn spin_worthy(&self, cap_ns: u64) -> bool;
     /// Interrupts the driver if completions were added and it wants to hear.
     fn finish_pass(&mut self) -> bool;
     /// Changes the most requests submitted per syscall.
@@ -57,11 +66,7 @@ impl IoSource for QueueWorker<LocalQueue> {
 
     fn handle(&mut self, which: usize) -> PassWork {
         match which {
-            KICK => {
-                let _ = self.host_mut().kick.read();
-                self.process_avail()
-            }
-            COMPLETION => self.process_completions(),
+            KICK | COMPLETION => self.run_pass(),
             _ => {
                 self.process_throttled();
                 PassWork::default()
@@ -74,12 +79,19 @@ impl IoSource for QueueWorker<LocalQueue> {
     }
 
     fn run_ready(&mut self) -> PassWork {
-        let done = self.process_completions();
-        let popped = self.process_avail();
-        PassWork {
-            popped: popped.popped,
-            completed: done.completed + popped.completed,
-        }
+        self.run_pass()
+    }
+
+    fn arm(&mut self) -> bool {
+        QueueWorker::arm(self)
+    }
+
+    fn wake(&mut self) {
+        self.wake_self();
+    }
+
+    fn spin_worthy(&self, cap_ns: u64) -> bool {
+        QueueWorker::spin_worthy(self, cap_ns)
     }
 
     fn finish_pass(&mut self) -> bool {

@@ -2,13 +2,15 @@
 //! threads (one epoll loop), serving the queues grouped on it. Besides the kicks (which
 //! the library delivers), its epoll watches each worker's completion eventfd, throttle
 //! timerfd and throttle-turn eventfd, registered as listeners with ids above the queue
-//! count. After every event the thread signals each queue it touched at most once, then
-//! polls adaptively before going back to sleep.
+//! count (the completion eventfd edge-triggered: it is never read). After every event
+//! the thread signals each queue it touched at most once, polls adaptively (for drivers
+//! only, see [`crate::iothread::poll`]), then turns the drivers' kicks and the engines'
+//! eventfds back on and looks once more before going back to sleep.
 
 use std::os::fd::RawFd;
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::sync::{Arc, Mutex};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use vhost_user_backend::VringRwLock;
 use vmm_sys_util::epoll::EventSet;
@@ -34,6 +36,9 @@ const KINDS: usize = 3;
 /// Most polling rounds that find work, per event, before the thread goes back to epoll
 /// (so control messages waiting for the thread's lock get their turn under load).
 const MAX_POLL_ROUNDS: usize = 64;
+
+/// Spins between two readings of the clock while polling.
+const CLOCK_EVERY: u32 = 4;
 
 type Worker = QueueWorker<VringHost>;
 
@@ -153,7 +158,7 @@ impl Thread {
             for (kind, fd) in worker_fds(&worker).into_iter().enumerate() {
                 let _ = session.handler.unregister_listener(
                     fd,
-                    EventSet::IN,
+                    listen_set(kind),
                     event_id(session, local, kind),
                 );
             }
@@ -200,7 +205,7 @@ impl Thread {
                     "cannot start the queue");
             }
             if let Some(Some(w)) = st.workers.get_mut(d) {
-                let work = w.process_avail();
+                let work = w.run_pass();
                 self.count(work);
                 mark(&mut st.touched, d);
             }
@@ -208,7 +213,7 @@ impl Thread {
             let (local, kind) = (rel / KINDS, rel % KINDS);
             if let Some(Some(w)) = st.workers.get_mut(local) {
                 if kind == COMPLETION {
-                    let work = w.process_completions();
+                    let work = w.run_pass();
                     self.count(work);
                 } else {
                     w.process_throttled();
@@ -218,7 +223,7 @@ impl Thread {
         }
         self.finish_pass(st);
         // As QEMU counts it, the time before the next event includes the polling.
-        st.sleep_start = Some(self.poll(st));
+        st.sleep_start = self.poll(st);
     }
 
     fn queue(&self, local: usize) -> u16 {
@@ -246,15 +251,15 @@ impl Thread {
             .map_err(std::io::Error::other)?;
         let fds = worker_fds(&worker);
         for (kind, fd) in fds.iter().enumerate() {
-            if let Err(e) =
-                session
-                    .handler
-                    .register_listener(*fd, EventSet::IN, event_id(session, local, kind))
-            {
+            if let Err(e) = session.handler.register_listener(
+                *fd,
+                listen_set(kind),
+                event_id(session, local, kind),
+            ) {
                 for (k, fd) in fds.iter().enumerate().take(kind) {
                     let _ = session.handler.unregister_listener(
                         *fd,
-                        EventSet::IN,
+                        listen_set(k),
                         event_id(session, local, k),
                     );
                 }
@@ -307,59 +312,117 @@ impl Thread {
     }
 
     /// Spins up to the polling window for new chains or finished I/O; while it finds
-    /// some, does it and polls again (bounded by [`MAX_POLL_ROUNDS`]). Returns when the
-    /// last round, the one that found nothing, started.
-    fn poll(&self, st: &mut State) -> Instant {
-        let mut start = Instant::now();
-        if st.window.ns == 0 {
-            return start;
-        }
+    /// some, does it and polls again (bounded by [`MAX_POLL_ROUNDS`]). It spins only for
+    /// drivers, never for a disk (see [`crate::iothread::poll`]). Then turns kicks and
+    /// completion signals back on for the sleep in epoll (work found meanwhile is done
+    /// first). Returns when the last round, the one that found nothing, started, if that
+    /// round waited for a driver (the sleep then measures what the window adapts to).
+    fn poll(&self, st: &mut State) -> Option<Instant> {
         for _ in 0..MAX_POLL_ROUNDS {
-            start = Instant::now();
-            let deadline = start + st.window.window();
-            let mut found = false;
-            loop {
-                for (local, slot) in st.workers.iter_mut().enumerate() {
-                    let Some(w) = slot else { continue };
-                    if !w.poll_ready() {
-                        continue;
-                    }
-                    let done = w.process_completions();
-                    let popped = if w.host_ref().is_live() {
-                        w.process_avail()
-                    } else {
-                        PassWork::default()
-                    };
-                    let work = PassWork {
-                        popped: popped.popped,
-                        completed: done.completed.saturating_add(popped.completed),
-                    };
-                    if work != PassWork::default() {
-                        self.count(work);
-                        mark(&mut st.touched, local);
-                        found = true;
-                    }
-                }
-                if found || Instant::now() >= deadline {
-                    break;
-                }
-                std::hint::spin_loop();
-            }
-            if !found {
-                return start;
+            let start = Instant::now();
+            let busy = !spin_worthy(st);
+            let budget = if busy {
+                Duration::ZERO
+            } else {
+                st.window.spin_budget()
+            };
+            let found = !budget.is_zero() && self.poll_round(st, start + budget);
+            if found {
+                st.window.after_hit(nanos(start.elapsed()));
+                self.counters.poll_ns.store(st.window.ns, Relaxed);
+            } else if !self.arm(st, st.window.max_ns == 0) {
+                // Without polling, work that came while the thread was awake went through
+                // epoll like any other (`arm` deferred it).
+                return (!busy).then_some(start);
             }
             self.counters.poll_hits.fetch_add(1, Relaxed);
             self.counters.passes.fetch_add(1, Relaxed);
             self.finish_pass(st);
         }
-        Instant::now()
+        // Still busy: arm for epoll anyway (it must not sleep through a kick that is not
+        // sent), and come back at once for whatever waits.
+        self.arm(st, true);
+        None
     }
+
+    /// Spins until `deadline` or until a worker has work, which it does. True if found.
+    fn poll_round(&self, st: &mut State, deadline: Instant) -> bool {
+        let mut spin = 0u32;
+        loop {
+            spin = spin.wrapping_add(1);
+            let mut found = false;
+            for (local, slot) in st.workers.iter_mut().enumerate() {
+                let Some(w) = slot else { continue };
+                if w.poll_ready() && self.run(w) {
+                    mark(&mut st.touched, local);
+                    found = true;
+                }
+            }
+            // The clock costs about as much as a look at the rings: read it every few.
+            if found || (spin.is_multiple_of(CLOCK_EVERY) && Instant::now() >= deadline) {
+                return found;
+            }
+            std::hint::spin_loop();
+        }
+    }
+
+    /// Arms every worker for the sleep in epoll and does the work some already have
+    /// (true if any). With `defer` a worker with work is not run but wakes its own
+    /// completion fd, so the thread comes back to it from the library's epoll.
+    fn arm(&self, st: &mut State, defer: bool) -> bool {
+        let mut found = false;
+        for (local, slot) in st.workers.iter_mut().enumerate() {
+            let Some(w) = slot else { continue };
+            if !w.arm() {
+                continue;
+            }
+            if defer {
+                w.wake_self();
+            } else if self.run(w) {
+                mark(&mut st.touched, local);
+                found = true;
+            }
+        }
+        found
+    }
+
+    /// One pass of a worker whose ring is live; true if it did anything.
+    fn run(&self, w: &mut Worker) -> bool {
+        let work = if w.host_ref().is_live() {
+            w.run_pass()
+        } else {
+            w.process_completions()
+        };
+        if work == PassWork::default() {
+            return false;
+        }
+        self.count(work);
+        true
+    }
+}
+
+/// Whether spinning may pay off for every worker of the thread (no block I/O in
+/// flight, no slow disk: see [`crate::iothread::poll`]).
+fn spin_worthy(st: &State) -> bool {
+    let cap = st.window.max_ns;
+    st.workers.iter().flatten().all(|w| w.spin_worthy(cap))
 }
 
 /// The listener id of a worker's eventfd: above the ids the library reserves
 /// (`0..=num_queues`).
 fn event_id(session: &Session, local: usize, kind: usize) -> u64 {
     session.id_base + (local * KINDS + kind) as u64
+}
+
+/// How a worker's eventfd of `kind` is watched: the completion fd edge-triggered (it is
+/// never read: [`QueueWorker::run_pass`] reaps without a syscall), the throttle fds
+/// level-triggered (read when handled).
+fn listen_set(kind: usize) -> EventSet {
+    if kind == COMPLETION {
+        EventSet::IN | EventSet::EDGE_TRIGGERED
+    } else {
+        EventSet::IN
+    }
 }
 
 /// Notes that queue `local` needs a signal check at the end of the pass.

@@ -4,10 +4,19 @@
 //! The worker does not know who delivers kicks and interrupts: a [`QueueHost`] gives it
 //! the virtqueue and a way to signal the driver. Under KVM and in tests that is a
 //! [`LocalQueue`] (the queue plus an irqfd/call eventfd); under vhost-user it is the
-//! frontend's vring. The iothread calls [`QueueWorker::process_avail`] on a kick,
-//! [`QueueWorker::process_completions`] when [`QueueWorker::completion_fd`] is readable,
+//! frontend's vring. An iothread calls [`QueueWorker::run_pass`] when the kick or
+//! [`QueueWorker::completion_fd`] fires (both may be watched edge-triggered: neither is
+//! read on this path) or when polling finds work ([`QueueWorker::poll_ready`]),
 //! [`QueueWorker::process_throttled`] when the throttle timer or wake eventfd fires, and
 //! [`QueueWorker::finish_pass`] once per pass to send at most one interrupt.
+//!
+//! While the thread is awake the driver's kicks and the engine's eventfd writes are
+//! suppressed (the thread looks at the rings itself); [`QueueWorker::arm`] turns them
+//! back on right before it sleeps and says whether work slipped in meanwhile.
+//!
+//! Per pass the worker reads the clock once, takes the virtqueue (a lock under
+//! vhost-user) once to pop every chain and once to publish every used entry, and makes
+//! no allocation once its buffers have grown to the queue's depth.
 
 use std::io;
 use std::os::fd::{AsRawFd, RawFd};
@@ -15,14 +24,20 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
-use block::throttle::{Direction, Throttle, ThrottleTimer, ThrottledQueue};
+use block::throttle::{Throttle, ThrottleTimer, ThrottledQueue};
 use block::{Completion, DiskQueue};
 use virtio_queue::{Queue, QueueT};
 use vm_memory::GuestAddressSpace;
 use vmm_sys_util::eventfd::EventFd;
 
-use super::request::{self, Limits, Op, Request};
-use super::{GuestMem, GuestMemMmap, status};
+use super::request::{Limits, Rejected, Request};
+use super::{GuestMem, GuestMemMmap};
+
+mod ring;
+#[cfg(test)]
+mod tests;
+
+use ring::avail_pending;
 
 /// Access to one virtqueue and to the driver's notification, whoever owns them.
 pub trait QueueHost: Send {
@@ -91,6 +106,13 @@ pub struct PassWork {
     pub completed: u64,
 }
 
+impl PassWork {
+    fn add(&mut self, other: PassWork) {
+        self.popped += other.popped;
+        self.completed += other.completed;
+    }
+}
+
 /// Processes one virtqueue of one virtio-blk disk.
 pub struct QueueWorker<Q: QueueHost> {
     index: u16,
@@ -101,14 +123,25 @@ pub struct QueueWorker<Q: QueueHost> {
     throttle: Throttle,
     pen: ThrottledQueue<usize>,
     timer: ThrottleTimer,
+    /// The deadline the throttle timer is armed for (None: disarmed or expired).
+    timer_at: Option<Instant>,
     wake: Arc<EventFd>,
     slots: Vec<Option<Slot>>,
     free: Vec<usize>,
     spare_iovecs: Vec<Vec<libc::iovec>>,
     completions: Vec<Completion>,
+    /// Chains parsed under the queue lock, handled after it (a reused buffer).
+    parsed: Vec<Result<Request, Rejected>>,
+    /// Used entries (head, length) published under one queue lock (a reused buffer).
+    used: Vec<(u16, u32)>,
     max_slots: usize,
+    /// The driver wants to hear about used entries published in this pass.
     needs_signal: bool,
     stopping: bool,
+    /// Kicks and engine eventfd writes are on ([`QueueWorker::arm`]).
+    armed: bool,
+    /// The pass's clock reading.
+    now: Instant,
 }
 
 // SAFETY: the raw iovec pointers held in slots point into guest memory kept alive by the
@@ -129,8 +162,7 @@ impl<Q: QueueHost> QueueWorker<Q> {
     ) -> io::Result<Self> {
         let timer = ThrottleTimer::new().map_err(io::Error::other)?;
         let mut host = host;
-        let queue_size = host.with_queue(|q| q.max_size());
-        let max_slots = usize::from(queue_size.max(1)) * SLOTS_PER_ENTRY;
+        let queue_size = usize::from(host.with_queue(|q| q.max_size()).max(1));
         Ok(QueueWorker {
             index,
             host,
@@ -138,16 +170,21 @@ impl<Q: QueueHost> QueueWorker<Q> {
             disk,
             shared,
             throttle,
-            pen: ThrottledQueue::with_capacity(usize::from(queue_size)),
+            pen: ThrottledQueue::with_capacity(queue_size),
             timer,
+            timer_at: None,
             wake,
             slots: Vec::new(),
             free: Vec::new(),
             spare_iovecs: Vec::new(),
-            completions: Vec::with_capacity(usize::from(queue_size)),
-            max_slots,
+            completions: Vec::with_capacity(queue_size),
+            parsed: Vec::with_capacity(queue_size),
+            used: Vec::with_capacity(queue_size),
+            max_slots: queue_size * SLOTS_PER_ENTRY,
             needs_signal: false,
             stopping: false,
+            armed: true,
+            now: Instant::now(),
         })
     }
 
@@ -191,6 +228,13 @@ impl<Q: QueueHost> QueueWorker<Q> {
         self.slots.len() - self.free.len()
     }
 
+    /// Whether spinning for this queue's next event may pay off (see
+    /// [`crate::iothread::poll`]): no block I/O in flight, and its requests lately took
+    /// no longer than `cap_ns`.
+    pub fn spin_worthy(&self, cap_ns: u64) -> bool {
+        self.disk.in_flight() == 0 && self.disk.recent_latency_ns() <= cap_ns
+    }
+
     /// Changes the most requests submitted per syscall.
     pub fn set_max_batch(&mut self, max_batch: u32) {
         self.disk.set_max_batch(max_batch);
@@ -202,117 +246,50 @@ impl<Q: QueueHost> QueueWorker<Q> {
         self.throttle = throttle;
     }
 
-    /// Pops every available chain, validates it and starts what the throttle allows.
-    pub fn process_avail(&mut self) -> PassWork {
-        let mut work = PassWork::default();
-        if self.stopping {
-            return work;
+    /// One pass over the queue: completes finished I/O, pops every available chain and
+    /// starts what the throttle allows, then completes what finished at once. Reads no
+    /// eventfd: the caller watches the kick and completion fds edge-triggered (or reads
+    /// them itself).
+    pub fn run_pass(&mut self) -> PassWork {
+        self.tick();
+        let mut work = self.complete_ready(false);
+        let popped = self.pop_avail();
+        work.add(popped);
+        if popped.popped > 0 && self.disk.has_completions() {
+            // Finished during the submit (null engine, requests failed at once).
+            work.add(self.complete_ready(false));
         }
-        let guard = self.mem.memory();
-        let mem = guard.into_inner();
-        let event_idx = self.host.with_queue(|q| q.event_idx_enabled());
-        let mut empty_rounds = 0;
-        loop {
-            let popped_before = work.popped;
-            if event_idx {
-                let m = mem.clone();
-                let _ = self.host.with_queue(|q| q.disable_notification(&*m));
-            }
-            loop {
-                if self.in_flight() >= self.max_slots {
-                    break;
-                }
-                let m = mem.clone();
-                let Some(chain) = self.host.with_queue(|q| q.pop_descriptor_chain(m)) else {
-                    break;
-                };
-                work.popped += 1;
-                let iovecs = self.spare_iovecs.pop().unwrap_or_default();
-                match request::parse(chain, &self.shared.limits, iovecs) {
-                    Ok(req) => self.accept(req, mem.clone()),
-                    Err(rejected) => {
-                        self.shared.invalid_requests.fetch_add(1, Ordering::Relaxed);
-                        tracing::debug!(disk = %self.shared.id, queue = self.index,
-                            reason = rejected.reason, "rejected request");
-                        let written = rejected
-                            .status
-                            .is_some_and(|addr| request::write_status(&mem, addr, rejected.code));
-                        self.add_used(&mem, rejected.head, u32::from(written));
-                        work.completed += 1;
-                    }
-                }
-            }
-            if !event_idx || self.in_flight() >= self.max_slots {
-                break;
-            }
-            let m = mem.clone();
-            match self.host.with_queue(|q| q.enable_notification(&*m)) {
-                // More chains are said to wait. A round that found none twice in a row
-                // means the avail index is corrupt (more entries than the ring holds,
-                // which virtio-queue refuses to pop): stop instead of spinning forever.
-                Ok(true) if work.popped > popped_before || empty_rounds == 0 => {
-                    if work.popped == popped_before {
-                        empty_rounds += 1;
-                    }
-                    continue;
-                }
-                Ok(true) => {
-                    tracing::warn!(disk = %self.shared.id, queue = self.index,
-                        "avail index out of range; ignoring the queue until the driver fixes it");
-                    break;
-                }
-                _ => break,
-            }
-        }
-        self.start_admitted();
         work
     }
 
-    /// Reaps finished block I/O and completes the requests.
+    /// Pops every available chain, validates it and starts what the throttle allows.
+    pub fn process_avail(&mut self) -> PassWork {
+        self.tick();
+        self.pop_avail()
+    }
+
+    /// Clears the completion eventfd, reaps finished block I/O and completes the requests.
     pub fn process_completions(&mut self) -> PassWork {
-        let mut completions = std::mem::take(&mut self.completions);
-        if let Err(e) = self.disk.reap(|c| completions.push(c)) {
-            tracing::error!(disk = %self.shared.id, queue = self.index, error = %e, "reaping failed");
-        }
-        let mut work = PassWork::default();
-        for c in completions.drain(..) {
-            let code = match &c.result {
-                Ok(_) => status::OK,
-                Err(e) if e.errno() == libc::EOPNOTSUPP => status::UNSUPP,
-                Err(e) => {
-                    tracing::debug!(disk = %self.shared.id, queue = self.index, error = %e, "I/O error");
-                    status::IOERR
-                }
-            };
-            self.complete(c.token as usize, code);
-            work.completed += 1;
-        }
-        self.completions = completions;
-        // Completions may have been queued behind a full engine; resubmit if so.
-        self.start_admitted();
-        work
+        self.tick();
+        self.complete_ready(true)
     }
 
     /// Starts throttled requests whose time has come (timer or group turn).
     pub fn process_throttled(&mut self) {
+        self.tick();
         let _ = self.timer.clear();
+        // The expiry is consumed: arm again even for the same deadline.
+        self.timer_at = None;
         let _ = self.wake.read();
         self.start_admitted();
+        let mem = self.mem.memory();
+        self.flush_used(&mem);
     }
 
-    /// Sends one interrupt if anything was completed since the last call and the driver
-    /// wants one (EVENT_IDX). Returns whether it signalled.
+    /// Sends one interrupt if used entries were published since the last call and the
+    /// driver wants one (EVENT_IDX). Returns whether it signalled.
     pub fn finish_pass(&mut self) -> bool {
-        if !self.needs_signal {
-            return false;
-        }
-        self.needs_signal = false;
-        let guard = self.mem.memory();
-        let wanted = self
-            .host
-            .with_queue(|q| q.needs_notification(&*guard))
-            .unwrap_or(true);
-        if !wanted {
+        if !std::mem::take(&mut self.needs_signal) {
             return false;
         }
         if let Err(e) = self.host.signal() {
@@ -333,14 +310,33 @@ impl<Q: QueueHost> QueueWorker<Q> {
             return false;
         }
         let guard = self.mem.memory();
-        self.host.with_queue(|q| {
-            // A distance beyond the ring size is a corrupt index, not work.
-            q.ready()
-                && q.avail_idx(&*guard, Ordering::Acquire).is_ok_and(|idx| {
-                    let pending = idx.0.wrapping_sub(q.next_avail());
-                    pending != 0 && pending <= q.size()
-                })
-        })
+        self.host.with_queue(|q| avail_pending(q, &guard))
+    }
+
+    /// Prepares for the thread to sleep: turns the driver's kicks and the engine's
+    /// eventfd writes back on, then looks again. True when work is already visible (run a
+    /// pass instead of sleeping); false when the kick or completion fd will fire for
+    /// whatever comes next.
+    pub fn arm(&mut self) -> bool {
+        if !self.armed {
+            self.armed = true;
+            self.disk.set_notify(true);
+            if !self.stopping {
+                let guard = self.mem.memory();
+                // Publishes avail_event (or clears NO_NOTIFY), then a full fence.
+                let _ = self.host.with_queue(|q| {
+                    // A queue that is not ready may have no rings to write into.
+                    q.ready().then(|| q.enable_notification(&*guard))
+                });
+            }
+        }
+        self.poll_ready()
+    }
+
+    /// Makes [`QueueWorker::completion_fd`] fire, so the thread comes back to this queue
+    /// (work it saw but leaves for after its epoll).
+    pub fn wake_self(&mut self) {
+        self.disk.wake();
     }
 
     /// Stops taking new chains, starts everything waiting for the throttle (draining
@@ -348,6 +344,8 @@ impl<Q: QueueHost> QueueWorker<Q> {
     /// nothing in flight is lost. Signals the driver at the end.
     pub fn drain(&mut self, timeout: Duration) -> io::Result<()> {
         self.stopping = true;
+        self.tick();
+        self.disk.set_notify(true);
         self.throttle.withdraw();
         let mut unthrottled = Throttle::default();
         while let Some(idx) = self.pen.pop_admitted(&mut unthrottled, Instant::now()) {
@@ -355,6 +353,8 @@ impl<Q: QueueHost> QueueWorker<Q> {
         }
         let deadline = Instant::now() + timeout;
         self.submit();
+        let mem = self.mem.memory();
+        self.flush_used(&mem);
         while self.in_flight() > 0 {
             if Instant::now() >= deadline {
                 return Err(io::Error::new(
@@ -380,129 +380,10 @@ impl<Q: QueueHost> QueueWorker<Q> {
         self.stopping = false;
     }
 
-    fn accept(&mut self, req: Request, mem: Arc<GuestMemMmap>) {
-        let charge = match req.op {
-            Op::Read => Some((Direction::Read, req.data_len)),
-            Op::Write => Some((Direction::Write, req.data_len)),
-            Op::Discard { num_sectors, .. } | Op::WriteZeroes { num_sectors, .. } => Some((
-                Direction::Write,
-                u64::from(num_sectors) * super::SECTOR_SIZE,
-            )),
-            Op::Flush | Op::GetId => None,
-        };
-        let idx = match self.free.pop() {
-            Some(idx) => {
-                self.slots[idx] = Some(Slot { req, mem });
-                idx
-            }
-            None => {
-                self.slots.push(Some(Slot { req, mem }));
-                self.slots.len() - 1
-            }
-        };
-        match charge {
-            Some((dir, bytes)) => self.pen.push(idx, dir, bytes),
-            None => self.pen.push_uncharged(idx),
-        }
-    }
-
-    /// Moves admitted requests from the throttle pen to the block layer, submits, and
-    /// arms the timer for the rest.
-    fn start_admitted(&mut self) {
-        let writeback = self.shared.writeback.load(Ordering::Relaxed);
-        if self.disk.write_cache() != writeback {
-            self.disk.set_write_cache(writeback);
-        }
-        let now = Instant::now();
-        while let Some(idx) = self.pen.pop_admitted(&mut self.throttle, now) {
-            self.start(idx);
-        }
-        self.disk
-            .counters()
-            .add_throttled_ns(self.pen.take_throttled_ns());
-        self.submit();
-        let armed = match self.pen.next_wake() {
-            Some(at) if !self.pen.is_empty() => self.timer.arm_at(at),
-            _ => self.timer.disarm(),
-        };
-        if let Err(e) = armed {
-            tracing::error!(disk = %self.shared.id, queue = self.index, error = %e, "throttle timer");
-        }
-    }
-
-    fn submit(&mut self) {
-        if let Err(e) = self.disk.submit() {
-            tracing::error!(disk = %self.shared.id, queue = self.index, error = %e, "submit failed");
-        }
-    }
-
-    /// Hands one request to the block layer (GET_ID completes here).
-    fn start(&mut self, idx: usize) {
-        let Some(Some(slot)) = self.slots.get(idx) else {
-            return;
-        };
-        let token = idx as u64;
-        let offset = slot.req.sector.saturating_mul(super::SECTOR_SIZE);
-        let sector_bytes = |sector: u64| sector.saturating_mul(super::SECTOR_SIZE);
-        match slot.req.op {
-            // SAFETY: the iovecs point into guest memory kept mapped by `slot.mem` until
-            // the completion is reaped; the guest owns the buffers until we complete.
-            Op::Read => unsafe { self.disk.read(token, offset, &slot.req.iovecs) },
-            // SAFETY: as above.
-            Op::Write => unsafe { self.disk.write(token, offset, &slot.req.iovecs, false) },
-            Op::Flush => self.disk.flush(token),
-            Op::Discard {
-                sector,
-                num_sectors,
-            } => self.disk.discard(
-                token,
-                sector_bytes(sector),
-                sector_bytes(u64::from(num_sectors)),
-            ),
-            Op::WriteZeroes {
-                sector,
-                num_sectors,
-                ..
-            } => self.disk.write_zeroes(
-                token,
-                sector_bytes(sector),
-                sector_bytes(u64::from(num_sectors)),
-            ),
-            Op::GetId => {
-                request::write_id(&slot.req.iovecs, &self.shared.serial);
-                self.complete(idx, status::OK);
-            }
-        }
-    }
-
-    /// Writes the status, returns the chain to the used ring and frees the slot.
-    fn complete(&mut self, idx: usize, code: u8) {
-        let Some(slot) = self.slots.get_mut(idx).and_then(Option::take) else {
-            tracing::error!(disk = %self.shared.id, queue = self.index, idx, "completion for a free slot");
-            return;
-        };
-        self.free.push(idx);
-        let Slot { mut req, mem } = slot;
-        let written = request::write_status(&mem, req.status, code);
-        let len = if !written {
-            0
-        } else if code == status::OK {
-            request::used_len(&req)
-        } else {
-            1
-        };
-        self.add_used(&mem, req.head, len);
-        req.iovecs.clear();
-        self.spare_iovecs.push(std::mem::take(&mut req.iovecs));
-    }
-
-    fn add_used(&mut self, mem: &GuestMemMmap, head: u16, len: u32) {
-        match self.host.with_queue(|q| q.add_used(mem, head, len)) {
-            Ok(()) => self.needs_signal = true,
-            Err(e) => {
-                tracing::warn!(disk = %self.shared.id, queue = self.index, head, error = %e, "add_used failed")
-            }
-        }
+    /// Reads the clock for this pass; the disk stamps requests with it.
+    fn tick(&mut self) {
+        self.now = Instant::now();
+        self.disk.set_clock(Some(self.now));
     }
 }
 

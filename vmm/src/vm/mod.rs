@@ -215,10 +215,6 @@ impl Vm {
                     acpi::RSDP_REGION_END - acpi::RSDP_REGION_START,
                 ),
                 (memory::ECAM_START, memory::ECAM_SIZE),
-                (
-                    device_manager::HOTPLUG_REGS_BASE,
-                    devices::pci::HOTPLUG_REGS_SIZE,
-                ),
             ],
         };
         let info = boot::load_kernel(ram.memory(), &config.payload, &boot_layout)?;

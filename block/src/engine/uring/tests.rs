@@ -18,6 +18,7 @@ use crate::engine::test_util::{
 };
 
 mod fallback;
+mod polled;
 
 /// Splits `buf[..]` into 1..=4 iovecs at random multiples of `unit`.
 fn split(buf: &AlignedBuf, unit: usize, rng: &mut StdRng) -> Vec<libc::iovec> {

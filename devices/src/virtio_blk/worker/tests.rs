@@ -1,0 +1,211 @@
+//! The worker against rings built with virtio-queue's `MockSplitQueue`: notification
+//! suppression while awake, arming before sleep, batched used entries.
+
+use std::io::Write;
+
+use virtio_bindings::bindings::virtio_blk::VIRTIO_BLK_T_IN;
+use virtio_bindings::bindings::virtio_ring::{VRING_DESC_F_NEXT, VRING_DESC_F_WRITE};
+use virtio_queue::desc::RawDescriptor;
+use virtio_queue::desc::split::Descriptor as SplitDescriptor;
+use virtio_queue::mock::MockSplitQueue;
+use vm_memory::{Bytes, GuestAddress, GuestMemoryAtomic, GuestMemoryMmap};
+
+use super::*;
+use crate::config::DiskConfig;
+use crate::virtio_blk::device::BlkDevice;
+
+const QSIZE: u16 = 16;
+/// Chains' buffers start here, above the rings.
+const BUFS: u64 = 0x1_0000;
+
+/// Guest memory, a queue laid out in it, and a worker over a disk.
+struct Rig {
+    mem: GuestMem,
+    _device: BlkDevice,
+    worker: QueueWorker<LocalQueue>,
+    used: u64,
+    avail: u64,
+    published: u16,
+}
+
+impl Rig {
+    fn new(event_idx: bool, config: DiskConfig) -> Rig {
+        let mem = GuestMemoryAtomic::new(
+            GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 0x10_0000)]).unwrap(),
+        );
+        let guard = mem.memory();
+        let vq = MockSplitQueue::new(&*guard, QSIZE);
+        let mut queue: Queue = vq.create_queue().unwrap();
+        queue.set_event_idx(event_idx);
+        let (used, avail) = (vq.used_addr().0, vq.avail_addr().0);
+        let device = BlkDevice::open(config, None).unwrap();
+        let host = LocalQueue {
+            queue,
+            kick: EventFd::new(libc::EFD_NONBLOCK).unwrap(),
+            call: EventFd::new(libc::EFD_NONBLOCK).unwrap(),
+        };
+        let worker = device.new_worker(0, host, mem.clone(), 32).unwrap();
+        drop(guard);
+        Rig {
+            mem,
+            _device: device,
+            worker,
+            used,
+            avail,
+            published: 0,
+        }
+    }
+
+    fn null(event_idx: bool) -> Rig {
+        let mut c = DiskConfig::new("d", "null");
+        c.null_size = Some(1 << 20);
+        Rig::new(event_idx, c)
+    }
+
+    /// Publishes a 512-byte read of sector `n` as the next avail entry.
+    fn publish_read(&mut self) {
+        let n = self.published;
+        let base = BUFS + u64::from(n) * 0x1000;
+        let m = self.mem.memory();
+        let mut header = [0u8; 16];
+        header[..4].copy_from_slice(&VIRTIO_BLK_T_IN.to_le_bytes());
+        header[8..].copy_from_slice(&u64::from(n).to_le_bytes());
+        m.write_slice(&header, GuestAddress(base)).unwrap();
+        let first = (n * 3) % QSIZE;
+        let descs = [
+            (base, 16, VRING_DESC_F_NEXT as u16, first + 1),
+            (
+                base + 0x100,
+                512,
+                (VRING_DESC_F_NEXT | VRING_DESC_F_WRITE) as u16,
+                first + 2,
+            ),
+            (base + 0x400, 1, VRING_DESC_F_WRITE as u16, 0),
+        ];
+        for (i, (addr, len, flags, next)) in descs.into_iter().enumerate() {
+            let raw = RawDescriptor::from(SplitDescriptor::new(addr, len, flags, next));
+            m.write_obj(raw, GuestAddress(u64::from(first + i as u16) * 16))
+                .unwrap();
+        }
+        let slot = self.avail + 4 + 2 * u64::from(n % QSIZE);
+        m.write_obj(first, GuestAddress(slot)).unwrap();
+        self.published += 1;
+        m.write_obj(self.published, GuestAddress(self.avail + 2))
+            .unwrap();
+    }
+
+    fn read_u16(&self, addr: u64) -> u16 {
+        self.mem.memory().read_obj(GuestAddress(addr)).unwrap()
+    }
+
+    fn used_idx(&self) -> u16 {
+        self.read_u16(self.used + 2)
+    }
+
+    fn used_flags(&self) -> u16 {
+        self.read_u16(self.used)
+    }
+
+    /// avail_event: after the used ring's elements.
+    fn avail_event(&self) -> u16 {
+        self.read_u16(self.used + 4 + 8 * u64::from(QSIZE))
+    }
+
+    /// Whether a driver publishing one more chain now must kick (virtio 1.2 2.7.10).
+    fn driver_must_kick(&self) -> bool {
+        let (new, old) = (self.published.wrapping_add(1), self.published);
+        new.wrapping_sub(self.avail_event()).wrapping_sub(1) < new.wrapping_sub(old)
+    }
+}
+
+#[test]
+fn with_event_idx_kicks_are_off_while_awake_and_on_once_armed() {
+    let mut r = Rig::null(true);
+    r.publish_read();
+    let work = r.worker.run_pass();
+    assert_eq!(
+        work,
+        PassWork {
+            popped: 1,
+            completed: 1
+        }
+    );
+    assert_eq!(r.used_idx(), 1, "completed at once by the null disk");
+    assert!(!r.driver_must_kick(), "the thread is awake: no kick wanted");
+    assert!(!r.worker.arm(), "nothing waits");
+    assert!(r.driver_must_kick(), "about to sleep: the next chain kicks");
+    // Woken by something else (a completion): awake again, so no kick wanted.
+    assert_eq!(r.worker.run_pass(), PassWork::default());
+    assert!(!r.driver_must_kick(), "awake again: kicks off");
+    assert!(!r.worker.arm());
+    r.publish_read();
+    assert!(r.worker.arm(), "a chain published before the sleep is seen");
+    assert_eq!(r.worker.run_pass().popped, 1);
+    assert!(!r.driver_must_kick());
+}
+
+#[test]
+fn without_event_idx_no_notify_is_set_while_awake_and_cleared_when_armed() {
+    let mut r = Rig::null(false);
+    r.publish_read();
+    r.worker.run_pass();
+    assert_eq!(r.used_flags(), 1, "VRING_USED_F_NO_NOTIFY while awake");
+    assert!(!r.worker.arm());
+    assert_eq!(r.used_flags(), 0, "kicks on before sleeping");
+}
+
+#[test]
+fn a_pass_publishes_its_used_entries_together_and_signals_once() {
+    let mut r = Rig::null(false);
+    for _ in 0..3 {
+        r.publish_read();
+    }
+    assert_eq!(
+        r.worker.run_pass(),
+        PassWork {
+            popped: 3,
+            completed: 3
+        }
+    );
+    assert_eq!(r.used_idx(), 3);
+    assert!(r.worker.finish_pass(), "the driver asked for interrupts");
+    assert_eq!(r.worker.host_ref().call.read().unwrap(), 1, "one interrupt");
+    assert!(!r.worker.finish_pass(), "nothing new: no second interrupt");
+    for i in 0..3u64 {
+        let status: u8 = r
+            .mem
+            .memory()
+            .read_obj(GuestAddress(BUFS + i * 0x1000 + 0x400))
+            .unwrap();
+        assert_eq!(status, 0, "request {i} OK");
+    }
+}
+
+#[test]
+fn no_spinning_while_io_is_in_flight_or_for_a_slow_disk() {
+    let mut image = tempfile::NamedTempFile::new().unwrap();
+    image.write_all(&[0u8; 1 << 16]).unwrap();
+    let mut c = DiskConfig::new("d", image.path());
+    c.cache = block::CacheMode::Writeback;
+    c.aio = block::AioKind::Threads;
+    let mut r = Rig::new(true, c);
+    assert!(r.worker.spin_worthy(u64::MAX), "idle");
+    r.publish_read();
+    r.worker.run_pass();
+    assert!(!r.worker.spin_worthy(u64::MAX), "a read is in the engine");
+    while r.used_idx() == 0 {
+        let mut pfd = libc::pollfd {
+            fd: r.worker.completion_fd(),
+            events: libc::POLLIN,
+            revents: 0,
+        };
+        // SAFETY: poll reads and writes only the pollfd we pass.
+        unsafe { libc::poll(&mut pfd, 1, 1000) };
+        r.worker.process_completions();
+    }
+    assert!(r.worker.spin_worthy(u64::MAX), "reaped");
+    assert!(
+        !r.worker.spin_worthy(0),
+        "a disk slower than a zero cap is not worth spinning for"
+    );
+}

@@ -227,12 +227,7 @@ impl UringEngine {
                         return Ok(());
                     }
                 }
-                Err(err)
-                    if matches!(
-                        err.raw_os_error(),
-                        Some(libc::EAGAIN | libc::EBUSY | libc::EINTR)
-                    ) =>
-                {
+                Err(err) if is_transient(&err) => {
                     self.stats.enters += 1;
                     // Short of resources: the SQEs stay queued. Wake the caller so that it
                     // reaps and submits again instead of leaving them stranded.
@@ -255,12 +250,7 @@ impl UringEngine {
     fn run_task_work(&mut self) {
         match self.ring.submitter().submit_and_wait(0) {
             Ok(_) => self.stats.enters += 1,
-            Err(err)
-                if matches!(
-                    err.raw_os_error(),
-                    Some(libc::EAGAIN | libc::EBUSY | libc::EINTR)
-                ) =>
-            {
+            Err(err) if is_transient(&err) => {
                 self.stats.enters += 1;
                 // Come back for them: the flag stays set.
                 let _ = self.notifier.write(1);
@@ -514,4 +504,13 @@ fn error_errno(err: &Error) -> i64 {
         Error::EngineSetup { source, .. } | Error::Submit { source, .. } => neg_errno(source),
         _ => -i64::from(libc::EIO),
     }
+}
+
+/// An `io_uring_enter` failure that only means "not now" (short of resources, or a
+/// signal): the SQEs stay queued for the next call.
+fn is_transient(err: &std::io::Error) -> bool {
+    matches!(
+        err.raw_os_error(),
+        Some(libc::EAGAIN | libc::EBUSY | libc::EINTR)
+    )
 }

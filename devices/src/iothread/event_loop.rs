@@ -12,7 +12,7 @@ use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
 
 use super::poll::PollWindow;
 use super::source::{COMPLETION, FDS, IoSource, KICK};
-use super::{Command, Shared, lock};
+use super::{Command, LoopCounters, Shared, lock};
 use crate::config::IoThreadConfig;
 use crate::virtio_blk::worker::PassWork;
 
@@ -147,15 +147,7 @@ impl Loop<'_> {
                 if let Some(source) = slot
                     && source.poll_ready()
                 {
-                    let work = source.run_ready();
-                    self.shared
-                        .counters
-                        .requests
-                        .fetch_add(work.popped, Relaxed);
-                    self.shared
-                        .counters
-                        .completions
-                        .fetch_add(work.completed, Relaxed);
+                    count(&self.shared.counters, source.run_ready());
                     self.touched[idx] = true;
                     found = true;
                 }
@@ -188,15 +180,7 @@ impl Loop<'_> {
                     source.wake();
                     continue;
                 }
-                let work = source.run_ready();
-                self.shared
-                    .counters
-                    .requests
-                    .fetch_add(work.popped, Relaxed);
-                self.shared
-                    .counters
-                    .completions
-                    .fetch_add(work.completed, Relaxed);
+                count(&self.shared.counters, source.run_ready());
                 self.touched[idx] = true;
                 found = true;
             }
@@ -209,14 +193,7 @@ impl Loop<'_> {
     }
 
     fn count(&self, work: PassWork) {
-        self.shared
-            .counters
-            .requests
-            .fetch_add(work.popped, Relaxed);
-        self.shared
-            .counters
-            .completions
-            .fetch_add(work.completed, Relaxed);
+        count(&self.shared.counters, work);
     }
 
     /// One interrupt per touched queue per pass.
@@ -343,4 +320,10 @@ impl Loop<'_> {
             }
         }
     }
+}
+
+/// Adds a pass's requests and completions to the loop's counters.
+fn count(counters: &LoopCounters, work: PassWork) {
+    counters.requests.fetch_add(work.popped, Relaxed);
+    counters.completions.fetch_add(work.completed, Relaxed);
 }

@@ -53,6 +53,15 @@ fn ioapic_route(gsi: u32, vector: u32) {
     wr::<u32>(IOAPIC + 0x10, vector);
 }
 
+/// Function 0 of device `slot` on bus 0.
+fn slot_bdf(slot: u8) -> Bdf {
+    Bdf {
+        bus: 0,
+        dev: slot,
+        func: 0,
+    }
+}
+
 fn word(seed: u64, sector: u64, i: u64) -> u64 {
     (seed ^ 0x9E37_79B9_7F4A_7C15)
         .wrapping_mul(sector + 1)
@@ -100,11 +109,7 @@ fn add(
     slot: u8,
     p: &Plan,
 ) -> bool {
-    let b = Bdf {
-        bus: 0,
-        dev: slot,
-        func: 0,
-    };
+    let b = slot_bdf(slot);
     let id = cfg.read32(b, 0);
     let Some(n) = (0..MAX_DISKS - 1).find(|&i| disks[i].is_none()) else {
         say!("hotplug.added slot={slot} error=no free disk index");
@@ -148,11 +153,7 @@ fn eject(
         slots[n] = None;
     }
     wr::<u32>(p.base + REG_B0EJ, 1 << slot);
-    let b = Bdf {
-        bus: 0,
-        dev: slot,
-        func: 0,
-    };
+    let b = slot_bdf(slot);
     let gone = cfg.read32(b, 0) == u32::MAX;
     say!(
         "hotplug.ejected slot={slot} gone={} irqs={}",

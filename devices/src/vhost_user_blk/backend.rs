@@ -180,6 +180,7 @@ impl VhostUserBackend for Backend {
 
     fn acked_features(&self, features: u64) {
         self.acked_features.store(features, Relaxed);
+        self.device.set_driver_features(features);
     }
 
     fn protocol_features(&self) -> VhostUserProtocolFeatures {

@@ -212,6 +212,23 @@ impl BlkDevice {
         }
     }
 
+    /// The features the driver accepted. A driver without `VIRTIO_BLK_F_FLUSH` cannot ask
+    /// for a flush, so its writes must be durable when they complete: the write cache
+    /// goes off (every write FUA) until a driver that accepts FLUSH comes, which gets the
+    /// config's `wce` back. `cache=unsafe` keeps its cache: the user chose no durability.
+    pub fn set_driver_features(&self, features: u64) {
+        if self.config.cache == block::CacheMode::Unsafe {
+            return;
+        }
+        let flush =
+            features & (1u64 << virtio_bindings::bindings::virtio_blk::VIRTIO_BLK_F_FLUSH) != 0;
+        let writeback = flush && lock(&self.config_space).writeback();
+        if !flush {
+            tracing::info!(disk = %self.config.id, "driver without FLUSH: write cache off");
+        }
+        self.shared.writeback.store(writeback, Ordering::Relaxed);
+    }
+
     /// Whether the write cache is enabled (config `wce`, as the driver last set it).
     pub fn writeback(&self) -> bool {
         self.shared.writeback.load(Ordering::Relaxed)

@@ -90,9 +90,10 @@ impl VirtioDevice for VirtioBlk {
     fn activate(
         &mut self,
         mem: GuestMem,
-        _features: u64,
+        features: u64,
         queues: Vec<ActivatedQueue>,
     ) -> Result<(), VirtioPciError> {
+        self.device.set_driver_features(features);
         let mut workers = Vec::with_capacity(queues.len());
         for q in queues {
             let host = LocalQueue {

@@ -209,3 +209,32 @@ fn no_spinning_while_io_is_in_flight_or_for_a_slow_disk() {
         "a disk slower than a zero cap is not worth spinning for"
     );
 }
+
+#[test]
+fn a_driver_without_flush_gets_durable_writes() {
+    use virtio_bindings::bindings::virtio_blk::VIRTIO_BLK_F_FLUSH;
+    let flush = 1u64 << VIRTIO_BLK_F_FLUSH;
+    let mut c = DiskConfig::new("d", "null");
+    c.null_size = Some(1 << 20);
+    let device = BlkDevice::open(c.clone(), None).unwrap();
+    assert!(device.writeback(), "cache=none shows a write cache");
+    device.set_driver_features(device.features() & !flush);
+    assert!(!device.writeback(), "no FLUSH: every write must be durable");
+    device.set_driver_features(device.features());
+    assert!(device.writeback(), "FLUSH again: the cache comes back");
+    // The driver turned the cache off itself (wce = 0): FLUSH does not turn it on.
+    device.write_config(
+        std::mem::offset_of!(
+            virtio_bindings::bindings::virtio_blk::virtio_blk_config,
+            wce
+        ) as u64,
+        &[0],
+    );
+    device.set_driver_features(device.features());
+    assert!(!device.writeback());
+    // cache=unsafe keeps its cache whatever the driver does.
+    c.cache = block::CacheMode::Unsafe;
+    let unsafe_dev = BlkDevice::open(c, None).unwrap();
+    unsafe_dev.set_driver_features(0);
+    assert!(unsafe_dev.writeback());
+}

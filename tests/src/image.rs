@@ -65,6 +65,16 @@ pub fn prepare(path: &Path, size: u64) -> io::Result<bool> {
     Ok(true)
 }
 
+/// A sparse image `dir/name` of `mib` MiB (reads as zeros until written), for tests.
+/// Panics with the path on failure: a test cannot go on without it.
+pub fn sparse(dir: &Path, name: &str, mib: u64) -> std::path::PathBuf {
+    let p = dir.join(name);
+    std::fs::File::create(&p)
+        .and_then(|f| f.set_len(mib << 20))
+        .unwrap_or_else(|e| panic!("{}: {e}", p.display()));
+    p
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -20,13 +20,7 @@ fn skip_without_qemu(test: &str) -> bool {
     true
 }
 
-fn image(dir: &Path, name: &str, mib: u64) -> std::path::PathBuf {
-    let p = dir.join(name);
-    let f = std::fs::File::create(&p).unwrap_or_else(|e| panic!("{}: {e}", p.display()));
-    f.set_len(mib << 20)
-        .unwrap_or_else(|e| panic!("{}: {e}", p.display()));
-    p
-}
+use tests::image::sparse as image;
 
 fn boot(opts: &QemuOptions) -> GuestRun {
     let elf = test_guest::build().unwrap_or_else(|e| panic!("{e}"));

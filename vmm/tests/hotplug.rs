@@ -6,7 +6,7 @@
 //! Skips, saying why, when `/dev/kvm` is missing.
 
 use std::io::Write;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::time::{Duration, Instant};
 
 use devices::config::DiskConfig;
@@ -16,13 +16,7 @@ use vmm::vm::{Vm, VmExit};
 
 const WAIT: Duration = Duration::from_secs(60);
 
-fn image(dir: &Path, name: &str, mib: u64) -> PathBuf {
-    let p = dir.join(name);
-    let f = std::fs::File::create(&p).unwrap_or_else(|e| panic!("{}: {e}", p.display()));
-    f.set_len(mib << 20)
-        .unwrap_or_else(|e| panic!("{}: {e}", p.display()));
-    p
-}
+use tests::image::sparse as image;
 
 fn console(dir: &Path) -> String {
     std::fs::read_to_string(dir.join("serial.log")).unwrap_or_default()

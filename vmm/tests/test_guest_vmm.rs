@@ -5,7 +5,7 @@
 //! Skips, saying why, when `/dev/kvm` is missing.
 
 use std::io::{Read, Write};
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
@@ -26,13 +26,7 @@ fn skip_without_kvm(test: &str) -> bool {
     true
 }
 
-fn image(dir: &Path, name: &str, mib: u64) -> PathBuf {
-    let p = dir.join(name);
-    let f = std::fs::File::create(&p).unwrap_or_else(|e| panic!("{}: {e}", p.display()));
-    f.set_len(mib << 20)
-        .unwrap_or_else(|e| panic!("{}: {e}", p.display()));
-    p
-}
+use tests::image::sparse as image;
 
 /// A VM config for the test guest with `cmdline` and `disks` (JSON objects), the serial
 /// console in `dir/serial.log`.

@@ -62,13 +62,6 @@ fn slot_bdf(slot: u8) -> Bdf {
     }
 }
 
-fn word(seed: u64, sector: u64, i: u64) -> u64 {
-    (seed ^ 0x9E37_79B9_7F4A_7C15)
-        .wrapping_mul(sector + 1)
-        .rotate_left((i % 63) as u32)
-        ^ i
-}
-
 /// Writes 16 blocks spread over the disk and reads them back.
 fn verify(d: &mut Disk, seed: u64, timeout: u64) -> bool {
     let per = (BLOCK / 512) as u64;
@@ -81,7 +74,7 @@ fn verify(d: &mut Disk, seed: u64, timeout: u64) -> bool {
         &mut (0..count).map(|k| k * stride),
         &mut |buf, sector| {
             for i in 0..words {
-                wr::<u64>(buf + 8 * i, word(seed, sector, i));
+                wr::<u64>(buf + 8 * i, crate::pattern_word(seed, sector, i));
             }
         },
         &mut |_, _, st| errors += (st != 0) as u64,
@@ -93,7 +86,7 @@ fn verify(d: &mut Disk, seed: u64, timeout: u64) -> bool {
         &mut (0..count).map(|k| k * stride),
         &mut |_, _| {},
         &mut |buf, sector, st| {
-            if st != 0 || (0..words).any(|i| rd::<u64>(buf + 8 * i) != word(seed, sector, i)) {
+            if st != 0 || (0..words).any(|i| rd::<u64>(buf + 8 * i) != crate::pattern_word(seed, sector, i)) {
                 bad += 1;
             }
         },

@@ -213,8 +213,8 @@ impl Thread {
             let (local, kind) = (rel / KINDS, rel % KINDS);
             if let Some(Some(w)) = st.workers.get_mut(local) {
                 if kind == COMPLETION {
-                    let work = w.run_pass();
-                    self.count(work);
+                    // A disabled ring only finishes what it started.
+                    self.run(w);
                 } else {
                     w.process_throttled();
                 }

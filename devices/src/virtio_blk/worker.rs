@@ -378,6 +378,9 @@ impl<Q: QueueHost> QueueWorker<Q> {
     /// Accepts taking new chains again after a drain.
     pub fn resume(&mut self) {
         self.stopping = false;
+        // Kicks may have been left suppressed by `arm` while stopping: the next `arm`
+        // turns them back on.
+        self.armed = false;
     }
 
     /// Reads the clock for this pass; the disk stamps requests with it.

@@ -100,11 +100,15 @@ impl<Q: QueueHost> QueueWorker<Q> {
                 work.completed += 1;
             }
             if !self.pen.is_empty() {
-                // Throttled requests may go now that others finished.
+                // Throttled requests may go now that others finished (this submits).
                 self.start_admitted();
             }
             self.flush_used(&mem);
         }
+        // An engine the kernel refused (EAGAIN, a full ring) keeps the requests and wakes
+        // us to submit them again, maybe with nothing to reap: submit on every call. With
+        // nothing queued this returns at once, without a syscall.
+        self.submit();
         self.completions = completions;
         work
     }

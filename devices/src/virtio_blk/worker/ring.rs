@@ -251,8 +251,10 @@ impl<Q: QueueHost> QueueWorker<Q> {
             for (head, len) in used.drain(..) {
                 match q.add_used(mem, head, len) {
                     Ok(()) => added = true,
+                    // A head the guest made up (past the ring) cannot be returned to
+                    // the used ring. Debug level, so a guest cannot flood the log.
                     Err(e) => {
-                        tracing::warn!(%disk, queue, head, error = %e, "add_used failed")
+                        tracing::debug!(%disk, queue, head, error = %e, "add_used failed")
                     }
                 }
             }

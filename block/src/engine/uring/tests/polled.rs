@@ -18,6 +18,7 @@ fn a_caller_spinning_in_user_space_finds_its_completions() {
     let bufs: Vec<AlignedBuf> = (0..8).map(|_| aligned(4096)).collect();
     let iovs: Vec<[libc::iovec; 1]> = bufs.iter().map(|b| [iovec(b, 0..4096)]).collect();
     let mut held_back = 0;
+    let mut brought_in = 0;
     let deadline = Instant::now() + Duration::from_secs(60);
     for round in 0..ROUNDS {
         for (i, iov) in iovs.iter().enumerate() {
@@ -54,10 +55,12 @@ fn a_caller_spinning_in_user_space_finds_its_completions() {
                 eng.reap_ready(&mut |tag, result| {
                     assert!(got.insert(tag, result).is_none(), "tag {tag} twice");
                 });
-                assert!(
-                    !waiting || got.len() > before,
-                    "reap_ready ran the task work"
-                );
+                // The enter that runs the task work may be refused for now (EAGAIN,
+                // EINTR: the engine then wakes its notifier and the next call retries),
+                // and the flag may be up for other task work, so not every look pays.
+                if waiting && got.len() > before {
+                    brought_in += 1;
+                }
             }
             std::hint::spin_loop();
         }
@@ -65,7 +68,13 @@ fn a_caller_spinning_in_user_space_finds_its_completions() {
         assert!(bufs.iter().all(|b| b.as_slice().iter().all(|&x| x == 5)));
         assert_eq!(eng.in_flight(), 0);
     }
-    eprintln!("completions seen held back as task work: {held_back}");
+    eprintln!(
+        "completions seen held back as task work: {held_back}, brought in by reap_ready: {brought_in}"
+    );
+    assert!(
+        held_back == 0 || brought_in > 0,
+        "reap_ready never ran the task work ({held_back} times held back)"
+    );
     // reap_ready left the eventfd as the kernel signalled it; reap clears it.
     if poll_in(eng.notifier(), 0) == 1 {
         eng.reap(&mut |_, _| panic!("nothing left"));

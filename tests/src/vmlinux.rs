@@ -69,7 +69,11 @@ pub fn extract(bzimage: &Path, cache: &Path) -> Result<PathBuf, String> {
     let lz4 = find_program("lz4").ok_or("lz4 missing (apt-get install lz4)")?;
     std::fs::create_dir_all(cache).map_err(|e| format!("{}: {e}", cache.display()))?;
     let data = std::fs::read(bzimage).map_err(|e| format!("{}: {e}", bzimage.display()))?;
-    let tmp = cache.join(format!(".{name}.{}.tmp", std::process::id()));
+    // Unique per process and per call: tests in one process extract concurrently, and a
+    // shared temporary file would be truncated under another thread's reader.
+    static CALLS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+    let call = CALLS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let tmp = cache.join(format!(".{name}.{}.{call}.tmp", std::process::id()));
     let mut last_err = format!(
         "{}: no LZ4 legacy stream (magic 02 21 4c 18) found",
         bzimage.display()

@@ -4,7 +4,7 @@
 use std::collections::BTreeMap;
 
 use block::throttle::ThrottleLimits;
-use devices::config::{DiskConfig, IoThreadConfig};
+use devices::config::{DiskConfig, IoThreadUpdate};
 use devices::iothread::IoThreadCounters;
 use devices::virtio_blk::device::BlkCounters;
 use serde::{Deserialize, Serialize};
@@ -16,6 +16,8 @@ use vmm::config::VmConfig;
 pub enum ErrorKind {
     /// 400: the input is invalid.
     BadRequest,
+    /// 403: a path outside the directories the service may use (`--allowed-dir`).
+    Forbidden,
     /// 404: unknown VM, device or route.
     NotFound,
     /// 405: the route exists with another method.
@@ -26,6 +28,9 @@ pub enum ErrorKind {
     PayloadTooLarge,
     /// 500: the VMM failed.
     Internal,
+    /// 503: the host lacks a resource for now (file descriptors, memory, hugepages), or
+    /// the service is shutting down.
+    Unavailable,
 }
 
 impl ErrorKind {
@@ -33,11 +38,13 @@ impl ErrorKind {
     pub fn status(self) -> u16 {
         match self {
             ErrorKind::BadRequest => 400,
+            ErrorKind::Forbidden => 403,
             ErrorKind::NotFound => 404,
             ErrorKind::MethodNotAllowed => 405,
             ErrorKind::Conflict => 409,
             ErrorKind::PayloadTooLarge => 413,
             ErrorKind::Internal => 500,
+            ErrorKind::Unavailable => 503,
         }
     }
 }
@@ -77,6 +84,16 @@ impl ApiError {
     /// 409.
     pub fn conflict(message: impl Into<String>) -> Self {
         Self::new(ErrorKind::Conflict, message)
+    }
+
+    /// 403.
+    pub fn forbidden(message: impl Into<String>) -> Self {
+        Self::new(ErrorKind::Forbidden, message)
+    }
+
+    /// 503.
+    pub fn unavailable(message: impl Into<String>) -> Self {
+        Self::new(ErrorKind::Unavailable, message)
     }
 
     /// 500.
@@ -166,7 +183,7 @@ pub struct VmSummary {
 pub struct VmCounters {
     /// Per disk id.
     pub disks: BTreeMap<String, BlkCounters>,
-    /// Per iothread id (dedicated iothreads are named after their disk).
+    /// Per iothread id; a disk's dedicated iothread is `dedicated:<disk id>`.
     pub iothreads: BTreeMap<String, IoThreadCounters>,
 }
 
@@ -229,14 +246,60 @@ pub trait VmmBackend: Send + Sync + 'static {
     fn list(&self) -> Vec<VmSummary>;
     /// Disk and iothread counters.
     fn counters(&self, id: &str) -> Result<VmCounters, ApiError>;
+    /// Every VM's state and counters (`/metrics`), without waiting long for a busy VM.
+    fn all_counters(&self) -> Vec<(String, VmState, VmCounters)> {
+        self.list()
+            .into_iter()
+            .filter_map(|vm| Some((vm.id.clone(), vm.state, self.counters(&vm.id).ok()?)))
+            .collect()
+    }
     /// Adds a disk (with its iothread) to a VM.
     fn add_disk(&self, id: &str, disk: DiskConfig) -> Result<(), ApiError>;
     /// Removes a device (a disk) after draining it.
     fn remove_device(&self, id: &str, device_id: &str) -> Result<(), ApiError>;
     /// Changes a disk's throttle limits or group.
     fn update_disk(&self, id: &str, update: UpdateDisk) -> Result<(), ApiError>;
-    /// Changes a named iothread's polling, batching and affinity settings.
-    fn update_iothread(&self, id: &str, iothread: IoThreadConfig) -> Result<(), ApiError>;
+    /// Changes a named iothread's polling, batching and affinity settings: the fields
+    /// `update` carries, the others stay.
+    fn update_iothread(&self, id: &str, update: IoThreadUpdate) -> Result<(), ApiError>;
     /// Shuts down every VM before the service exits.
     fn shutdown_vmm(&self) -> Result<(), ApiError>;
+}
+
+/// The settings a named iothread of `config` (VM `vm`) gets from `update`: its current
+/// ones with the fields `update` carries replaced, validated. 404 for an unknown iothread
+/// (a dedicated one is named in the message: it cannot be changed), 400 for invalid
+/// settings.
+pub fn merged_iothread(
+    vm: &str,
+    config: &VmConfig,
+    update: &IoThreadUpdate,
+) -> Result<devices::config::IoThreadConfig, ApiError> {
+    let Some(current) = config.iothreads.iter().find(|t| t.id == update.id) else {
+        let dedicated = devices::config::dedicated_iothread_disk(&update.id)
+            .or_else(|| {
+                config
+                    .disks
+                    .iter()
+                    .find(|d| d.id == update.id && d.queue_iothreads().contains(&None))
+                    .map(|d| d.id.as_str())
+            })
+            .filter(|disk| config.disks.iter().any(|d| d.id == *disk));
+        return Err(match dedicated {
+            Some(disk) => ApiError::not_found(format!(
+                "VM {vm} has no iothread with id {:?}: {} is the dedicated iothread of disk {disk}, \
+                 which has default settings and cannot be changed; to tune it, declare a named \
+                 iothread in `iothreads` and set the disk's `iothread` to it",
+                update.id,
+                devices::config::dedicated_iothread_name(disk),
+            )),
+            None => ApiError::not_found(format!("VM {vm} has no iothread with id {:?}", update.id)),
+        });
+    };
+    let mut merged = current.clone();
+    merged.merge(update);
+    merged
+        .validate()
+        .map_err(|e| ApiError::bad_request("invalid iothread").with_details(vec![e]))?;
+    Ok(merged)
 }

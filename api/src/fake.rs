@@ -7,12 +7,14 @@ use std::collections::BTreeMap;
 use std::path::Path;
 use std::sync::{Mutex, MutexGuard};
 
-use devices::config::{DiskConfig, IoThreadConfig};
+use devices::config::{DiskConfig, IoThreadUpdate};
 use devices::iothread::IoThreadCounters;
 use devices::virtio_blk::device::BlkCounters;
 use vmm::config::VmConfig;
 
-use crate::backend::{ApiError, UpdateDisk, VmCounters, VmInfo, VmState, VmSummary, VmmBackend};
+use crate::backend::{
+    ApiError, UpdateDisk, VmCounters, VmInfo, VmState, VmSummary, VmmBackend, merged_iothread,
+};
 
 /// Requests a running fake VM "completes" per disk each time its counters are read.
 const FAKE_OPS_PER_READ: u64 = 100;
@@ -125,8 +127,10 @@ fn fresh_counters(config: &VmConfig) -> VmCounters {
     for d in &config.disks {
         c.disks.insert(d.id.clone(), BlkCounters::default());
         if d.iothread.is_none() && d.iothread_vq_mapping.is_none() {
-            c.iothreads
-                .insert(d.id.clone(), IoThreadCounters::default());
+            c.iothreads.insert(
+                devices::config::dedicated_iothread_name(&d.id),
+                IoThreadCounters::default(),
+            );
         }
     }
     for t in &config.iothreads {
@@ -300,7 +304,9 @@ impl VmmBackend for FakeVmm {
                 )));
             }
             vm.counters.disks.remove(device_id);
-            vm.counters.iothreads.remove(device_id);
+            vm.counters
+                .iothreads
+                .remove(&devices::config::dedicated_iothread_name(device_id));
             Ok(())
         })
     }
@@ -330,23 +336,12 @@ impl VmmBackend for FakeVmm {
         })
     }
 
-    fn update_iothread(&self, id: &str, iothread: IoThreadConfig) -> Result<(), ApiError> {
+    fn update_iothread(&self, id: &str, update: IoThreadUpdate) -> Result<(), ApiError> {
         self.with_vm(id, |vm, _| {
-            let slot = vm
-                .config
-                .iothreads
-                .iter_mut()
-                .find(|t| t.id == iothread.id)
-                .ok_or_else(|| {
-                    ApiError::not_found(format!(
-                        "VM {id} has no iothread with id {:?}",
-                        iothread.id
-                    ))
-                })?;
-            iothread
-                .validate()
-                .map_err(|e| ApiError::bad_request("invalid iothread").with_details(vec![e]))?;
-            *slot = iothread;
+            let merged = merged_iothread(id, &vm.config, &update)?;
+            if let Some(slot) = vm.config.iothreads.iter_mut().find(|t| t.id == merged.id) {
+                *slot = merged;
+            }
             Ok(())
         })
     }

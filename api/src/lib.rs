@@ -10,6 +10,7 @@ pub mod client;
 pub mod fake;
 pub mod kvm_backend;
 pub mod metrics;
+pub mod paths;
 pub mod server;
 
 pub use vmm;

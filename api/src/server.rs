@@ -10,7 +10,7 @@ use axum::extract::{DefaultBodyLimit, FromRequest, FromRequestParts, Query, Requ
 use axum::http::request::Parts;
 use axum::http::{StatusCode, header};
 use axum::response::{IntoResponse, Response};
-use devices::config::{DiskConfig, IoThreadConfig};
+use devices::config::{DiskConfig, IoThreadUpdate};
 use serde::Deserialize;
 use serde::de::DeserializeOwned;
 use tokio::sync::watch;
@@ -24,6 +24,7 @@ use crate::backend::{
     VmState, VmSummary, VmmBackend,
 };
 use crate::metrics;
+use crate::paths::PathRules;
 
 /// Largest request body accepted (larger: 413).
 pub const MAX_BODY_BYTES: usize = 1 << 20;
@@ -33,12 +34,24 @@ pub const MAX_BODY_BYTES: usize = 1 << 20;
 pub struct AppState {
     backend: Arc<dyn VmmBackend>,
     shutdown: watch::Sender<bool>,
+    rules: Arc<PathRules>,
 }
 
 impl AppState {
-    /// State over `backend`; `vmm.shutdown` sets `shutdown` to true.
+    /// State over `backend`; `vmm.shutdown` sets `shutdown` to true. Any host path is
+    /// accepted (see [`AppState::with_rules`]).
     pub fn new(backend: Arc<dyn VmmBackend>, shutdown: watch::Sender<bool>) -> Self {
-        AppState { backend, shutdown }
+        AppState {
+            backend,
+            shutdown,
+            rules: Arc::new(PathRules::default()),
+        }
+    }
+
+    /// The same state, checking client paths against `rules`.
+    pub fn with_rules(mut self, rules: PathRules) -> Self {
+        self.rules = Arc::new(rules);
+        self
     }
 }
 
@@ -46,7 +59,9 @@ impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
         let status =
             StatusCode::from_u16(self.kind.status()).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
-        if status.is_server_error() {
+        if status == StatusCode::SERVICE_UNAVAILABLE {
+            tracing::warn!(error = %self.message, details = ?self.details, "host limit reached");
+        } else if status.is_server_error() {
             tracing::error!(error = %self.message, details = ?self.details, "request failed");
         } else {
             tracing::debug!(status = status.as_u16(), error = %self.message, "request refused");
@@ -169,14 +184,21 @@ async fn vmm_shutdown(State(state): State<AppState>) -> Result<StatusCode, ApiEr
 #[utoipa::path(put, path = "/api/v1/vm.create", tag = "vm",
     request_body(content = VmConfig, description = "A VM config", content_type = "application/json"),
     responses((status = 204, description = "Created"),
-              (status = 400, description = "Invalid config", body = ErrorBody),
-              (status = 409, description = "Duplicate id or image locked", body = ErrorBody),
-              (status = 413, description = "Body too large", body = ErrorBody)))]
+              (status = 400, description = "Invalid config: a field, a missing file, more disks than PCI slots (31)", body = ErrorBody),
+              (status = 403, description = "A path outside the directories the service may use (vmmd --allowed-dir)", body = ErrorBody),
+              (status = 409, description = "Duplicate id; an image, serial output or socket in use by another VM or program", body = ErrorBody),
+              (status = 413, description = "Body too large", body = ErrorBody),
+              (status = 503, description = "The host lacks a resource for now (file descriptors, memory, hugepages) or the service is shutting down", body = ErrorBody)))]
 async fn vm_create(
     State(state): State<AppState>,
-    JsonBody(config): JsonBody<VmConfig>,
+    JsonBody(mut config): JsonBody<VmConfig>,
 ) -> Result<StatusCode, ApiError> {
-    blocking(&state, move |b| b.create(config)).await?;
+    let rules = state.rules.clone();
+    blocking(&state, move |b| {
+        rules.check_vm(&mut config)?;
+        b.create(config)
+    })
+    .await?;
     Ok(StatusCode::NO_CONTENT)
 }
 
@@ -187,7 +209,8 @@ macro_rules! vm_action {
                     responses((status = 204, description = "Done"),
                               (status = 400, description = "Invalid query", body = ErrorBody),
                               (status = 404, description = "Unknown VM", body = ErrorBody),
-                              (status = 409, description = "Wrong state", body = ErrorBody)))]
+                              (status = 409, description = "Wrong state", body = ErrorBody),
+                              (status = 503, description = "The host lacks a resource to rebuild the VM", body = ErrorBody)))]
         async fn $name(
             State(state): State<AppState>,
             selector: VmSelector,
@@ -256,20 +279,28 @@ async fn vm_counters(
         .map(Json)
 }
 
-/// Adds a disk (and its iothread); a running guest is told through ACPI.
+/// Adds a disk (and its iothread); a running guest is told through ACPI. The image is
+/// opened (and so checked) in every state, also on a shut-down VM.
 #[utoipa::path(put, path = "/api/v1/vm.add-disk", tag = "vm", params(VmSelector),
     request_body(content = DiskConfig, description = "A disk config", content_type = "application/json"),
     responses((status = 204, description = "Added"),
-              (status = 400, description = "Invalid disk", body = ErrorBody),
+              (status = 400, description = "Invalid disk: a field, a missing or unusable image, no free PCI slot (31 disks)", body = ErrorBody),
+              (status = 403, description = "A path outside the directories the service may use (vmmd --allowed-dir)", body = ErrorBody),
               (status = 404, description = "Unknown VM", body = ErrorBody),
-              (status = 409, description = "Duplicate disk id, image locked or wrong state", body = ErrorBody),
-              (status = 413, description = "Body too large", body = ErrorBody)))]
+              (status = 409, description = "Duplicate disk id, image in use or wrong state", body = ErrorBody),
+              (status = 413, description = "Body too large", body = ErrorBody),
+              (status = 503, description = "The host lacks a resource for now (file descriptors, memory)", body = ErrorBody)))]
 async fn vm_add_disk(
     State(state): State<AppState>,
     selector: VmSelector,
-    JsonBody(disk): JsonBody<DiskConfig>,
+    JsonBody(mut disk): JsonBody<DiskConfig>,
 ) -> Result<StatusCode, ApiError> {
-    on_vm(&state, selector, move |b, id| b.add_disk(id, disk)).await?;
+    let rules = state.rules.clone();
+    on_vm(&state, selector, move |b, id| {
+        rules.check_disk(&mut disk)?;
+        b.add_disk(id, disk)
+    })
+    .await?;
     Ok(StatusCode::NO_CONTENT)
 }
 
@@ -308,22 +339,20 @@ async fn vm_update_disk(
     Ok(StatusCode::NO_CONTENT)
 }
 
-/// Changes a named iothread's polling, batching and CPU affinity, live.
+/// Changes a named iothread's polling, batching and CPU affinity, live. Only the fields
+/// sent change; the others keep their values (`cpu_affinity: []` unpins).
 #[utoipa::path(put, path = "/api/v1/vm.update-iothread", tag = "vm", params(VmSelector),
-    request_body(content = IoThreadConfig, description = "An iothread config", content_type = "application/json"),
+    request_body(content = IoThreadUpdate, description = "The iothread's id and the settings to change", content_type = "application/json"),
     responses((status = 204, description = "Changed"),
-              (status = 400, description = "Invalid settings", body = ErrorBody),
-              (status = 404, description = "Unknown VM or iothread", body = ErrorBody),
+              (status = 400, description = "Invalid settings (e.g. a CPU the host does not offer)", body = ErrorBody),
+              (status = 404, description = "Unknown VM or iothread (a disk's dedicated iothread cannot be changed)", body = ErrorBody),
               (status = 413, description = "Body too large", body = ErrorBody)))]
 async fn vm_update_iothread(
     State(state): State<AppState>,
     selector: VmSelector,
-    JsonBody(iothread): JsonBody<IoThreadConfig>,
+    JsonBody(update): JsonBody<IoThreadUpdate>,
 ) -> Result<StatusCode, ApiError> {
-    on_vm(&state, selector, move |b, id| {
-        b.update_iothread(id, iothread)
-    })
-    .await?;
+    on_vm(&state, selector, move |b, id| b.update_iothread(id, update)).await?;
     Ok(StatusCode::NO_CONTENT)
 }
 
@@ -339,17 +368,7 @@ async fn vms(State(state): State<AppState>) -> Result<Json<Vec<VmSummary>>, ApiE
     responses((status = 200, description = "Prometheus text exposition format", body = String,
                content_type = "text/plain; version=0.0.4")))]
 async fn prometheus(State(state): State<AppState>) -> Result<Response, ApiError> {
-    let text = blocking(&state, |b| {
-        let mut all = Vec::new();
-        for vm in b.list() {
-            // A VM deleted meanwhile is simply left out.
-            if let Ok(c) = b.counters(&vm.id) {
-                all.push((vm.id, vm.state, c));
-            }
-        }
-        Ok(metrics::render(&all))
-    })
-    .await?;
+    let text = blocking(&state, |b| Ok(metrics::render(&b.all_counters()))).await?;
     Ok((
         [(
             header::CONTENT_TYPE,

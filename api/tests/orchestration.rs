@@ -405,7 +405,7 @@ fn four_test_guests_through_the_service() {
     assert_eq!(info["config"]["disks"].as_array().map(Vec::len), Some(3));
     let c = s.counters("c");
     assert!(ops(&c, "d2") >= 32, "d2 counters: {c}");
-    assert!(c["iothreads"].get("d2").is_some(), "{c}");
+    assert!(c["iothreads"].get("dedicated:d2").is_some(), "{c}");
     let out = Command::new(env!("CARGO_BIN_EXE_vmctl"))
         .arg("--api-socket")
         .arg(&s.socket)
@@ -433,7 +433,7 @@ fn four_test_guests_through_the_service() {
     }
     let c = s.counters("c");
     assert!(
-        c["disks"].get("d2").is_none() && c["iothreads"].get("d2").is_none(),
+        c["disks"].get("d2").is_none() && c["iothreads"].get("dedicated:d2").is_none(),
         "{c}"
     );
     // Its image is free again: another VM may use it.

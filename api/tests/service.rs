@@ -186,7 +186,7 @@ fn lifecycle_of_several_vms() {
     assert!(reads(&c2) > reads(&c1), "{c1} {c2}");
     assert!(c2["iothreads"]["shared"]["requests"].is_u64(), "{c2}");
     assert!(
-        c2["iothreads"]["d1"].is_object(),
+        c2["iothreads"]["dedicated:d1"].is_object(),
         "dedicated iothread: {c2}"
     );
     let metrics = s

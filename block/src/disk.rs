@@ -5,14 +5,15 @@
 //! advisory OFD lock so that a second writer gets a clear error instead of corrupting
 //! the image.
 
-use std::fs::{File, OpenOptions};
+use std::fs::File;
 use std::io;
 use std::os::fd::{AsRawFd, RawFd};
-use std::os::unix::fs::{FileTypeExt, OpenOptionsExt};
+use std::os::unix::fs::FileTypeExt;
 use std::path::{Path, PathBuf};
 
 use crate::cache::CacheMode;
 use crate::error::Error;
+use crate::host_file::{self, OpenFlags};
 
 /// What a disk is backed by.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -72,25 +73,35 @@ impl Disk {
     /// locks it (exclusively when writable, shared when read-only).
     pub fn open(options: &DiskOptions) -> Result<Disk, Error> {
         let path = options.path.clone();
-        let mut flags = libc::O_CLOEXEC;
+        // Look before opening: a FIFO, socket or character device is refused without
+        // being opened (opening some devices has side effects).
+        if let Ok(m) = std::fs::metadata(&path) {
+            let t = m.file_type();
+            if !t.is_file() && !t.is_block_device() {
+                let kind = host_file::kind(&t);
+                return Err(Error::NotADisk { path, kind });
+            }
+        }
+        let mut flags = if options.readonly {
+            libc::O_RDONLY
+        } else {
+            libc::O_RDWR
+        };
         if options.cache.direct() {
             flags |= libc::O_DIRECT;
         }
-        let file = OpenOptions::new()
-            .read(true)
-            .write(!options.readonly)
-            .custom_flags(flags)
-            .open(&path)
-            .map_err(|source| {
-                if source.raw_os_error() == Some(libc::EINVAL) && options.cache.direct() {
-                    Error::DirectNotSupported { path: path.clone() }
-                } else {
-                    Error::Open {
-                        path: path.clone(),
-                        source,
-                    }
+        let file = host_file::open(&path, OpenFlags { flags, mode: 0 }).map_err(|source| {
+            if host_file::is_symlink_refusal(&source) {
+                Error::SymlinkRefused { path: path.clone() }
+            } else if source.raw_os_error() == Some(libc::EINVAL) && options.cache.direct() {
+                Error::DirectNotSupported { path: path.clone() }
+            } else {
+                Error::Open {
+                    path: path.clone(),
+                    source,
                 }
-            })?;
+            }
+        })?;
         let file_type = file
             .metadata()
             .map_err(|source| Error::Probe {
@@ -103,7 +114,8 @@ impl Disk {
         } else if file_type.is_block_device() {
             BackendKind::BlockDevice
         } else {
-            return Err(Error::NotADisk { path });
+            let kind = host_file::kind(&file_type);
+            return Err(Error::NotADisk { path, kind });
         };
         lock(&file, &path, options.readonly)?;
         let geometry =
@@ -420,6 +432,37 @@ mod tests {
         })
         .unwrap_err();
         assert!(matches!(err, Error::NotADisk { .. }), "{err}");
+    }
+
+    #[test]
+    fn devices_and_fifos_are_not_disks_whatever_the_cache_mode() {
+        // /dev/zero refuses O_DIRECT; the message must be about what it is, not about
+        // O_DIRECT support of a filesystem.
+        for cache in [CacheMode::None, CacheMode::Writeback] {
+            let err = Disk::open(&DiskOptions {
+                path: "/dev/zero".into(),
+                readonly: false,
+                cache,
+            })
+            .unwrap_err();
+            assert!(matches!(err, Error::NotADisk { .. }), "{err}");
+            assert!(err.to_string().contains("a character device"), "{err}");
+        }
+        // A FIFO is refused at once instead of blocking the caller in open().
+        let dir = tempfile::tempdir().unwrap();
+        let fifo = dir.path().join("fifo");
+        let c = std::ffi::CString::new(fifo.to_str().unwrap()).unwrap();
+        // SAFETY: mkfifo reads the NUL-terminated path.
+        assert_eq!(unsafe { libc::mkfifo(c.as_ptr(), 0o600) }, 0);
+        for readonly in [true, false] {
+            let err = Disk::open(&DiskOptions {
+                path: fifo.clone(),
+                readonly,
+                cache: CacheMode::Writeback,
+            })
+            .unwrap_err();
+            assert!(err.to_string().contains("a FIFO"), "{err}");
+        }
     }
 
     #[test]

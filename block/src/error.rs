@@ -27,11 +27,22 @@ pub enum Error {
         /// Path given for the disk.
         path: PathBuf,
     },
+    /// The path has a symbolic link, and this process forbids following them
+    /// ([`crate::host_file::forbid_symlinks`]).
+    #[error(
+        "disk {path}: the path has a symbolic link, which this service does not follow (vmmd --allowed-dir); name the file itself"
+    )]
+    SymlinkRefused {
+        /// Path given for the disk.
+        path: PathBuf,
+    },
     /// The path is neither a regular file nor a block device.
-    #[error("disk {path} is neither a regular file nor a block device")]
+    #[error("disk {path} is {kind}, not a regular file or a block device")]
     NotADisk {
         /// Path given for the disk.
         path: PathBuf,
+        /// What it is ("a character device", "a directory", ...).
+        kind: &'static str,
     },
     /// Another process (or another disk of ours) holds a conflicting lock on the image.
     #[error(

@@ -12,6 +12,7 @@ pub mod counters;
 pub mod disk;
 pub mod engine;
 mod error;
+pub mod host_file;
 pub mod queue;
 pub mod throttle;
 

@@ -4,6 +4,7 @@
 
 use std::fs::File;
 use std::io::{self, Write};
+use std::os::fd::{AsRawFd, FromRawFd};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
 
@@ -34,6 +35,38 @@ pub enum SerialError {
         path: PathBuf,
         /// Why.
         source: io::Error,
+    },
+    /// The path is not a regular file (a FIFO, a device, a directory).
+    #[error("serial.path {path} is {kind}; serial output goes to a regular file (or a new one)")]
+    NotRegular {
+        /// The path.
+        path: PathBuf,
+        /// What it is.
+        kind: &'static str,
+    },
+    /// The file is a disk image someone has open (it holds an image lock).
+    #[error(
+        "serial.path {path} is in use as a disk image (it is locked); serial output must go to a file of its own"
+    )]
+    InUseAsImage {
+        /// The path.
+        path: PathBuf,
+    },
+    /// A live socket is at the path: another VM's console, or some other service.
+    #[error(
+        "serial.path {path}: a process is listening on this socket (another VM's console or a service); it is left alone"
+    )]
+    SocketInUse {
+        /// The socket path.
+        path: PathBuf,
+    },
+    /// Something other than a socket is at the path.
+    #[error("serial.path {path} exists and is {kind}, not a socket; it is left alone")]
+    NotSocket {
+        /// The path.
+        path: PathBuf,
+        /// What it is.
+        kind: &'static str,
     },
     /// The socket could not be bound.
     #[error("serial.path {path}: cannot listen: {source}")]
@@ -66,23 +99,48 @@ impl Trigger for IrqTrigger {
 pub struct SocketOutput {
     listener: UnixListener,
     path: PathBuf,
+    /// Device and inode of the socket file we bound: only that file is removed at the end.
+    inode: (u64, u64),
     client: Option<UnixStream>,
 }
 
 impl SocketOutput {
-    /// Listens on `path` (a stale socket file there is replaced).
-    pub fn bind(path: &Path) -> io::Result<Self> {
-        use std::os::unix::fs::FileTypeExt;
-        if let Ok(m) = std::fs::symlink_metadata(path)
-            && m.file_type().is_socket()
-        {
-            std::fs::remove_file(path)?;
+    /// Listens on `path`. Something already there is replaced only when it is a stale
+    /// socket (nobody listens on it); a live socket (another VM's console, a service's
+    /// API socket) or any other file is an error and stays untouched.
+    pub fn bind(path: &Path) -> Result<Self, SerialError> {
+        use std::os::unix::fs::{FileTypeExt, MetadataExt};
+        let io = |source| SerialError::Socket {
+            path: path.to_path_buf(),
+            source,
+        };
+        if let Ok(m) = std::fs::symlink_metadata(path) {
+            let t = m.file_type();
+            if !t.is_socket() {
+                return Err(SerialError::NotSocket {
+                    path: path.to_path_buf(),
+                    kind: block::host_file::kind(&t),
+                });
+            }
+            if someone_listens(path) {
+                return Err(SerialError::SocketInUse {
+                    path: path.to_path_buf(),
+                });
+            }
+            tracing::info!(path = %path.display(), "removing a stale serial socket");
+            match std::fs::remove_file(path) {
+                Ok(()) => {}
+                Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+                Err(e) => return Err(io(e)),
+            }
         }
-        let listener = UnixListener::bind(path)?;
-        listener.set_nonblocking(true)?;
+        let listener = UnixListener::bind(path).map_err(io)?;
+        listener.set_nonblocking(true).map_err(io)?;
+        let m = std::fs::symlink_metadata(path).map_err(io)?;
         Ok(SocketOutput {
             listener,
             path: path.to_path_buf(),
+            inode: (m.dev(), m.ino()),
             client: None,
         })
     }
@@ -103,8 +161,61 @@ impl SocketOutput {
 
 impl Drop for SocketOutput {
     fn drop(&mut self) {
-        let _ = std::fs::remove_file(&self.path);
+        // Only our own socket file: another may have taken the path since.
+        use std::os::unix::fs::MetadataExt;
+        if let Ok(m) = std::fs::symlink_metadata(&self.path)
+            && (m.dev(), m.ino()) == self.inode
+        {
+            let _ = std::fs::remove_file(&self.path);
+        }
     }
+}
+
+/// Whether a process accepts connections on the Unix socket at `path`. The probe never
+/// blocks (a full backlog counts as listening) and is closed at once.
+fn someone_listens(path: &Path) -> bool {
+    use std::os::unix::ffi::OsStrExt;
+    let bytes = path.as_os_str().as_bytes();
+    // SAFETY: an all-zero sockaddr_un is valid; family and path are set below.
+    let mut addr: libc::sockaddr_un = unsafe { std::mem::zeroed() };
+    if bytes.len() >= addr.sun_path.len() {
+        return false;
+    }
+    addr.sun_family = libc::AF_UNIX as libc::sa_family_t;
+    for (d, s) in addr.sun_path.iter_mut().zip(bytes) {
+        *d = *s as libc::c_char;
+    }
+    // SAFETY: socket() has no memory preconditions; it returns a new fd or -1.
+    let fd = unsafe {
+        libc::socket(
+            libc::AF_UNIX,
+            libc::SOCK_STREAM | libc::SOCK_NONBLOCK | libc::SOCK_CLOEXEC,
+            0,
+        )
+    };
+    if fd < 0 {
+        // Cannot tell: treat as live, so nothing is removed.
+        return true;
+    }
+    // SAFETY: `fd` is ours; `owned` closes it on every path.
+    let owned = unsafe { std::os::fd::OwnedFd::from_raw_fd(fd) };
+    // SAFETY: connect reads the sockaddr_un of the size we pass.
+    let rc = unsafe {
+        libc::connect(
+            owned.as_raw_fd(),
+            (&addr as *const libc::sockaddr_un).cast(),
+            std::mem::size_of::<libc::sockaddr_un>() as libc::socklen_t,
+        )
+    };
+    if rc == 0 {
+        return true;
+    }
+    // Refused: nobody listens (a stale socket). Anything else (a full backlog, no
+    // permission) is not known to be stale.
+    !matches!(
+        io::Error::last_os_error().raw_os_error(),
+        Some(libc::ECONNREFUSED) | Some(libc::ENOENT)
+    )
 }
 
 impl Write for SocketOutput {
@@ -131,8 +242,8 @@ impl Write for SocketOutput {
 /// Where the UART's bytes go.
 #[derive(Debug)]
 pub enum SerialOutput {
-    /// A file.
-    File(File),
+    /// A file (appended to), and its path.
+    File(File, PathBuf),
     /// A Unix socket's client.
     Socket(SocketOutput),
     /// The VMM's stdout.
@@ -142,50 +253,69 @@ pub enum SerialOutput {
 }
 
 impl SerialOutput {
-    /// Opens the output a config names.
+    /// Opens the output a config names. A file is opened for appending and not
+    /// truncated here ([`SerialOutput::start_fresh`] does that once the whole VM is
+    /// built): a VM refused later must not have emptied anything. The file must be a
+    /// regular file (or is created) that is not a disk image in use.
     pub fn open(config: &SerialConfig) -> Result<Self, SerialError> {
-        Self::open_with(config, false)
-    }
-
-    /// Like [`SerialOutput::open`]; with `append`, a file output keeps what it holds
-    /// (the console of a VM rebuilt for a reboot goes on after the previous boot's).
-    pub fn open_with(config: &SerialConfig, append: bool) -> Result<Self, SerialError> {
         let path = |mode| config.path.as_deref().ok_or(SerialError::NoPath(mode));
         Ok(match config.mode {
             SerialMode::File => {
                 let path = path("file")?;
-                let file = if append {
-                    std::fs::OpenOptions::new()
-                        .create(true)
-                        .append(true)
-                        .open(path)
-                } else {
-                    File::create(path)
+                let file_err = |source| SerialError::File {
+                    path: path.to_path_buf(),
+                    source,
                 };
-                let file = file.map_err(|source| SerialError::File {
-                    path: path.to_path_buf(),
-                    source,
-                })?;
-                SerialOutput::File(file)
+                let file = block::host_file::open(
+                    path,
+                    block::host_file::OpenFlags {
+                        flags: libc::O_WRONLY | libc::O_CREAT | libc::O_APPEND,
+                        mode: 0o640,
+                    },
+                )
+                .map_err(file_err)?;
+                let t = file.metadata().map_err(file_err)?.file_type();
+                if !t.is_file() {
+                    return Err(SerialError::NotRegular {
+                        path: path.to_path_buf(),
+                        kind: block::host_file::kind(&t),
+                    });
+                }
+                if block::host_file::locked_by_other(&file).map_err(file_err)? {
+                    return Err(SerialError::InUseAsImage {
+                        path: path.to_path_buf(),
+                    });
+                }
+                SerialOutput::File(file, path.to_path_buf())
             }
-            SerialMode::Socket => {
-                let path = path("socket")?;
-                let socket = SocketOutput::bind(path).map_err(|source| SerialError::Socket {
-                    path: path.to_path_buf(),
-                    source,
-                })?;
-                SerialOutput::Socket(socket)
-            }
+            SerialMode::Socket => SerialOutput::Socket(SocketOutput::bind(path("socket")?)?),
             SerialMode::Stdout => SerialOutput::Stdout,
             SerialMode::Null => SerialOutput::Null,
         })
+    }
+
+    /// Empties a file output (a VM's first boot starts a new console log), unless the
+    /// file became a disk image in use since it was opened; other outputs are left as
+    /// they are.
+    pub fn start_fresh(&mut self) -> Result<(), SerialError> {
+        let SerialOutput::File(file, path) = self else {
+            return Ok(());
+        };
+        let file_err = |source| SerialError::File {
+            path: path.clone(),
+            source,
+        };
+        if block::host_file::locked_by_other(file).map_err(file_err)? {
+            return Err(SerialError::InUseAsImage { path: path.clone() });
+        }
+        file.set_len(0).map_err(file_err)
     }
 }
 
 impl Write for SerialOutput {
     fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
         match self {
-            SerialOutput::File(f) => f.write(buf),
+            SerialOutput::File(f, _) => f.write(buf),
             SerialOutput::Socket(s) => s.write(buf),
             SerialOutput::Stdout => io::stdout().write(buf),
             SerialOutput::Null => Ok(buf.len()),
@@ -194,7 +324,7 @@ impl Write for SerialOutput {
 
     fn flush(&mut self) -> io::Result<()> {
         match self {
-            SerialOutput::File(f) => f.flush(),
+            SerialOutput::File(f, _) => f.flush(),
             SerialOutput::Socket(s) => s.flush(),
             SerialOutput::Stdout => io::stdout().flush(),
             SerialOutput::Null => Ok(()),
@@ -224,14 +354,15 @@ impl SerialDevice {
         })
     }
 
-    /// A UART with the output a config names.
+    /// A UART with the output a config names (a file output is appended to until
+    /// [`SerialDevice::start_fresh`]).
     pub fn from_config(config: &SerialConfig) -> Result<Self, SerialError> {
         Self::new(SerialOutput::open(config)?)
     }
 
-    /// Like [`SerialDevice::from_config`], appending to a file output.
-    pub fn from_config_appending(config: &SerialConfig) -> Result<Self, SerialError> {
-        Self::new(SerialOutput::open_with(config, true)?)
+    /// Empties a file output: see [`SerialOutput::start_fresh`].
+    pub fn start_fresh(&mut self) -> Result<(), SerialError> {
+        self.uart.writer_mut().start_fresh()
     }
 
     /// The interrupt eventfd (IRQ 4), to be registered as an irqfd.
@@ -370,5 +501,92 @@ mod tests {
             err.contains("serial.path /nonexistent/dir/serial.log"),
             "{err}"
         );
+    }
+
+    fn file_config(path: &Path) -> SerialConfig {
+        SerialConfig {
+            mode: SerialMode::File,
+            path: Some(path.to_path_buf()),
+        }
+    }
+
+    #[test]
+    fn a_file_is_emptied_only_by_start_fresh() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("console.log");
+        std::fs::write(&path, b"previous boot\n").unwrap();
+        let mut s = SerialDevice::from_config(&file_config(&path)).unwrap();
+        assert_eq!(std::fs::read(&path).unwrap(), b"previous boot\n");
+        s.write(COM1_BASE, THR, b"a");
+        assert_eq!(std::fs::read(&path).unwrap(), b"previous boot\na");
+        s.start_fresh().unwrap();
+        s.write(COM1_BASE, THR, b"b");
+        assert_eq!(std::fs::read(&path).unwrap(), b"b");
+    }
+
+    #[test]
+    fn an_image_in_use_is_never_a_serial_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let img = dir.path().join("disk.raw");
+        std::fs::write(&img, vec![7u8; 8192]).unwrap();
+        let disk = block::Disk::open(&block::DiskOptions::new(&img)).unwrap();
+        let err = SerialOutput::open(&file_config(&img)).unwrap_err();
+        assert!(matches!(err, SerialError::InUseAsImage { .. }), "{err}");
+        // Opened before the image was: start_fresh still refuses to empty it.
+        drop(disk);
+        let mut out = SerialOutput::open(&file_config(&img)).unwrap();
+        let disk = block::Disk::open(&block::DiskOptions::new(&img)).unwrap();
+        assert!(matches!(
+            out.start_fresh(),
+            Err(SerialError::InUseAsImage { .. })
+        ));
+        drop(disk);
+        assert_eq!(std::fs::read(&img).unwrap(), vec![7u8; 8192]);
+        // Not a regular file.
+        let err = SerialOutput::open(&file_config(Path::new("/dev/null"))).unwrap_err();
+        assert!(err.to_string().contains("a character device"), "{err}");
+    }
+
+    #[test]
+    fn only_a_stale_socket_is_replaced() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("console.sock");
+        let config = SerialConfig {
+            mode: SerialMode::Socket,
+            path: Some(path.clone()),
+        };
+        // A live listener (another VM, a service's API socket) stays.
+        let live = UnixListener::bind(&path).unwrap();
+        let err = SerialOutput::open(&config).unwrap_err();
+        assert!(matches!(err, SerialError::SocketInUse { .. }), "{err}");
+        assert!(
+            UnixStream::connect(&path).is_ok(),
+            "the live socket survives"
+        );
+        // Once nobody listens, the stale socket is replaced.
+        drop(live);
+        let first = SerialOutput::open(&config).unwrap();
+        // A second VM naming the same path is refused; the first keeps its socket.
+        assert!(matches!(
+            SerialOutput::open(&config),
+            Err(SerialError::SocketInUse { .. })
+        ));
+        assert!(UnixStream::connect(&path).is_ok());
+        // A path taken over by another socket is not removed when the first goes.
+        std::fs::remove_file(&path).unwrap();
+        let other = UnixListener::bind(&path).unwrap();
+        drop(first);
+        assert!(path.exists(), "another's socket is left alone");
+        drop(other);
+        // Not a socket: left alone.
+        let file = dir.path().join("file");
+        std::fs::write(&file, b"keep").unwrap();
+        let err = SerialOutput::open(&SerialConfig {
+            mode: SerialMode::Socket,
+            path: Some(file.clone()),
+        })
+        .unwrap_err();
+        assert!(matches!(err, SerialError::NotSocket { .. }), "{err}");
+        assert_eq!(std::fs::read(&file).unwrap(), b"keep");
     }
 }

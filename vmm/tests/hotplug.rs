@@ -117,7 +117,7 @@ fn disks_hot_plugged_and_ejected_while_the_guest_runs() {
         irqs1 >= 1,
         "no hot plug interrupt reached the guest: {added}"
     );
-    assert!(threads(&vm).contains(&"d1".to_string()));
+    assert!(threads(&vm).contains(&"dedicated:d1".to_string()));
     let c1 = vm.devices().disk("d1").map(|x| x.counters());
     assert!(
         c1.as_ref()
@@ -173,7 +173,7 @@ fn disks_hot_plugged_and_ejected_while_the_guest_runs() {
     );
     assert_eq!(vm.take_ejected(), ["d1"]);
     assert!(
-        !threads(&vm).contains(&"d1".to_string()),
+        !threads(&vm).contains(&"dedicated:d1".to_string()),
         "{:?}",
         threads(&vm)
     );

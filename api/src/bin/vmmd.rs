@@ -28,7 +28,16 @@ struct Args {
     /// backend (the default).
     #[arg(long)]
     fake: bool,
+    /// A directory whose files clients may name (images, kernels, initramfs, serial
+    /// output); repeatable. Given once or more, any other path is refused with 403, paths
+    /// are stored resolved, and no symbolic link is followed when opening them.
+    #[arg(long = "allowed-dir", value_name = "DIR")]
+    allowed_dirs: Vec<PathBuf>,
 }
+
+/// How long the service waits, once told to stop, for requests still running (one may be
+/// stuck on a hung mount) before it exits without them.
+const GRACE: std::time::Duration = std::time::Duration::from_secs(1);
 
 /// Errors of starting the service.
 #[derive(Debug, thiserror::Error)]
@@ -39,6 +48,8 @@ enum StartError {
     InUse { path: PathBuf },
     #[error("{path}: exists and is not a socket")]
     NotSocket { path: PathBuf },
+    #[error("{0}")]
+    AllowedDir(String),
     #[error("{path}: {source}")]
     Io {
         path: PathBuf,
@@ -109,6 +120,17 @@ fn run(args: Args) -> Result<(), StartError> {
     };
     let path = args.api_socket.unwrap_or_else(default_socket);
     let unix = bind_socket(&path)?;
+    let rules = api::paths::PathRules::new(&args.allowed_dirs, std::slice::from_ref(&path))
+        .map_err(StartError::AllowedDir)?;
+    if rules.restricted() {
+        block::host_file::forbid_symlinks();
+        tracing::info!(dirs = ?rules.allowed(), "client paths restricted to the allowed directories");
+    } else if !args.fake && running_as_root() {
+        tracing::warn!(
+            "running as root without --allowed-dir: any client of the API socket can attach \
+             any host file (e.g. /etc/shadow) to a VM; restrict paths with --allowed-dir DIR"
+        );
+    }
     let tcp = match args.tcp {
         Some(addr) => Some(
             std::net::TcpListener::bind(addr).map_err(|source| StartError::Io {
@@ -151,14 +173,34 @@ fn run(args: Args) -> Result<(), StartError> {
             signals.send_replace(true);
         });
         tracing::info!(socket = %path.display(), tcp = ?args.tcp, backend = backend.name(), "serving");
-        serve(router(AppState::new(backend.clone(), tx)), unix, tcp, rx).await?;
-        // Shutting down on a signal: stop the VMs too.
+        let state = AppState::new(backend.clone(), tx).with_rules(rules);
+        let mut stopped = rx.clone();
+        let server = serve(router(state), unix, tcp, rx);
+        tokio::pin!(server);
+        tokio::select! {
+            r = &mut server => r?,
+            () = async {
+                let _ = stopped.wait_for(|s| *s).await;
+                tokio::time::sleep(GRACE).await;
+            } => tracing::warn!("requests still running after {GRACE:?}; exiting without them"),
+        }
+        // Shutting down on a signal: stop the VMs too (a VM still busy after a short wait,
+        // such as one being built, is not waited for).
         let b = backend.clone();
         let _ = tokio::task::spawn_blocking(move || b.shutdown_vmm()).await;
         Ok::<(), std::io::Error>(())
     });
+    // Blocking calls stuck in the kernel (an open() on a hung mount) must not keep the
+    // process alive.
+    rt.shutdown_timeout(std::time::Duration::from_millis(100));
     let _ = std::fs::remove_file(&path);
     result.map_err(io_err(&path))
+}
+
+/// Whether the service runs as root.
+fn running_as_root() -> bool {
+    // SAFETY: geteuid has no preconditions and cannot fail.
+    unsafe { libc::geteuid() == 0 }
 }
 
 fn main() -> ExitCode {

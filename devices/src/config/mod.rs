@@ -74,15 +74,107 @@ impl IoThreadConfig {
                 self.id
             ));
         }
-        let cpus = std::thread::available_parallelism().map_or(1024, |n| n.get().max(1024));
-        if let Some(cpu) = self.cpu_affinity.iter().find(|&&c| c >= cpus) {
-            return Err(format!(
-                "iothread {}: cpu_affinity names CPU {cpu}, which does not exist",
-                self.id
-            ));
+        if !self.cpu_affinity.is_empty() {
+            let usable = usable_cpus();
+            if let Some(cpu) = self.cpu_affinity.iter().find(|c| !usable.contains(c)) {
+                return Err(format!(
+                    "iothread {}: cpu_affinity names CPU {cpu}, which this host does not let \
+                     the service use (usable CPUs: {})",
+                    self.id,
+                    cpu_list(&usable)
+                ));
+            }
         }
         Ok(())
     }
+
+    /// Applies `update`: the fields it carries replace this config's, the others stay.
+    pub fn merge(&mut self, update: &IoThreadUpdate) {
+        if let Some(v) = update.poll_max_ns {
+            self.poll_max_ns = v;
+        }
+        if let Some(v) = update.poll_grow {
+            self.poll_grow = v;
+        }
+        if let Some(v) = update.poll_shrink {
+            self.poll_shrink = v;
+        }
+        if let Some(v) = update.aio_max_batch {
+            self.aio_max_batch = v;
+        }
+        if let Some(v) = &update.cpu_affinity {
+            self.cpu_affinity = v.clone();
+        }
+    }
+}
+
+/// A live change of an iothread (`vm.update-iothread`, `iothread.update`): only the
+/// fields sent change; the others keep their current values. `cpu_affinity: []` unpins.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+#[serde(deny_unknown_fields)]
+pub struct IoThreadUpdate {
+    /// The iothread's id.
+    pub id: String,
+    /// New longest polling window in ns (0 disables polling).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub poll_max_ns: Option<u64>,
+    /// New grow factor (0: the default, 2).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub poll_grow: Option<u64>,
+    /// New shrink divisor (0: reset to 0).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub poll_shrink: Option<u64>,
+    /// New batch limit.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub aio_max_batch: Option<u32>,
+    /// New host CPUs (`[]`: not pinned).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cpu_affinity: Option<Vec<usize>>,
+}
+
+/// The host CPUs this process may run threads on (its affinity mask, which a cgroup
+/// cpuset or `taskset` narrows); every CPU below 1024 when it cannot be read.
+pub fn usable_cpus() -> Vec<usize> {
+    // SAFETY: an all-zero cpu_set_t is the empty set.
+    let mut set: libc::cpu_set_t = unsafe { std::mem::zeroed() };
+    // SAFETY: getpid has no preconditions; sched_getaffinity writes at most the size we
+    // pass into `set`. The process's (main thread's) mask, not a pinned caller's.
+    let rc = unsafe {
+        libc::sched_getaffinity(
+            libc::getpid(),
+            std::mem::size_of::<libc::cpu_set_t>(),
+            &mut set,
+        )
+    };
+    if rc != 0 {
+        return (0..1024).collect();
+    }
+    (0..libc::CPU_SETSIZE as usize)
+        // SAFETY: `c` is below CPU_SETSIZE, so CPU_ISSET stays inside `set`.
+        .filter(|&c| unsafe { libc::CPU_ISSET(c, &set) })
+        .collect()
+}
+
+/// `0-3,6` for [0, 1, 2, 3, 6].
+fn cpu_list(cpus: &[usize]) -> String {
+    let mut out: Vec<String> = Vec::new();
+    let mut i = 0;
+    while i < cpus.len() {
+        let start = cpus[i];
+        let mut end = start;
+        while i + 1 < cpus.len() && cpus[i + 1] == end + 1 {
+            i += 1;
+            end = cpus[i];
+        }
+        out.push(if start == end {
+            start.to_string()
+        } else {
+            format!("{start}-{end}")
+        });
+        i += 1;
+    }
+    out.join(",")
 }
 
 /// Queues of a disk served by one iothread (`iothread_vq_mapping`).
@@ -209,6 +301,12 @@ impl DiskConfig {
                 "disk {id}: queue_size must be a power of two in 2..={MAX_QUEUE_SIZE}"
             ));
         }
+        if self.aio == AioKind::Native && !self.cache.direct() && !self.is_null() {
+            return Err(format!(
+                "disk {id}: aio=native needs O_DIRECT: use cache=none or cache=directsync (cache={} was given)",
+                self.cache
+            ));
+        }
         if self.serial().len() > 20 {
             return Err(format!("disk {id}: serial is longer than 20 bytes"));
         }
@@ -272,6 +370,18 @@ impl DiskConfig {
     }
 }
 
+/// How counters and messages name the dedicated iothread of a disk (one that names no
+/// iothread): `dedicated:<disk id>`. The colon cannot appear in an iothread id, so it is
+/// never mistaken for a named iothread.
+pub fn dedicated_iothread_name(disk: &str) -> String {
+    format!("dedicated:{disk}")
+}
+
+/// The disk whose dedicated iothread `name` is ([`dedicated_iothread_name`]), if it is one.
+pub fn dedicated_iothread_disk(name: &str) -> Option<&str> {
+    name.strip_prefix("dedicated:")
+}
+
 /// Checks a name (of a disk, iothread, VM or throttle group): 1-64 characters of
 /// `A-Z a-z 0-9 - _ .`; the message starts with `what`.
 pub fn check_id(what: &str, id: &str) -> Result<(), String> {
@@ -327,6 +437,10 @@ mod tests {
         bad(r#"{"id":"d e","path":"a"}"#, "must be 1-64");
         bad(r#"{"id":"d","path":"null"}"#, "null_size");
         bad(
+            r#"{"id":"d","path":"a","aio":"native","cache":"writeback"}"#,
+            "aio=native needs O_DIRECT",
+        );
+        bad(
             r#"{"id":"d","path":"a","iothread":"io0","iothread_vq_mapping":[{"iothread":"io1","vqs":[0]}]}"#,
             "exclusive",
         );
@@ -343,6 +457,46 @@ mod tests {
             ..IoThreadConfig::new("io0")
         };
         assert!(t.validate().unwrap_err().contains("aio_max_batch"));
+    }
+
+    #[test]
+    fn cpu_affinity_is_checked_against_the_hosts_cpus() {
+        let usable = usable_cpus();
+        assert!(!usable.is_empty());
+        let mut t = IoThreadConfig::new("io0");
+        t.cpu_affinity = vec![usable[0]];
+        t.validate().unwrap();
+        // One past the highest CPU the process may use: on a 2-CPU host, CPU 2 (and 100).
+        for cpu in [usable[usable.len() - 1] + 1, 100] {
+            t.cpu_affinity = vec![usable[0], cpu];
+            let err = t.validate().unwrap_err();
+            assert!(err.contains(&format!("CPU {cpu}")), "{err}");
+            assert!(err.contains("usable CPUs: "), "{err}");
+        }
+        assert_eq!(cpu_list(&[0, 1, 2, 3, 6, 8, 9]), "0-3,6,8-9");
+    }
+
+    #[test]
+    fn an_update_changes_only_what_it_carries() {
+        let mut t = IoThreadConfig::new("io0");
+        t.poll_max_ns = 0;
+        t.cpu_affinity = vec![0];
+        t.aio_max_batch = 8;
+        let u: IoThreadUpdate = serde_json::from_str(r#"{"id":"io0","poll_grow":4}"#).unwrap();
+        t.merge(&u);
+        assert_eq!(
+            (
+                t.poll_max_ns,
+                t.poll_grow,
+                t.aio_max_batch,
+                t.cpu_affinity.clone()
+            ),
+            (0, 4, 8, vec![0])
+        );
+        let u: IoThreadUpdate = serde_json::from_str(r#"{"id":"io0","cpu_affinity":[]}"#).unwrap();
+        t.merge(&u);
+        assert!(t.cpu_affinity.is_empty());
+        assert!(serde_json::from_str::<IoThreadUpdate>(r#"{"id":"io0","bogus":1}"#).is_err());
     }
 
     #[test]

@@ -10,7 +10,7 @@ use std::process::ExitCode;
 
 use clap::Parser;
 use vmm::config::VmConfig;
-use vmm::vm::{Vm, VmExit};
+use vmm::vm::{ResetGuard, Vm, VmExit};
 
 /// Runs one VM from a JSON config file.
 #[derive(Debug, Parser)]
@@ -54,10 +54,19 @@ fn main() -> ExitCode {
     run(config)
 }
 
-/// Boots the VM and waits for it to end; a guest reset boots it again from the config.
+/// Boots the VM and waits for it to end; a guest reset boots it again from the config
+/// (its console goes on in the same serial file), unless the guest resets too often
+/// ([`ResetGuard`]).
 fn run(config: VmConfig) -> ExitCode {
+    let mut guard = ResetGuard::default();
+    let mut rebooting = false;
     loop {
-        let mut vm = match Vm::create(config.clone()) {
+        let built = if rebooting {
+            Vm::create_for_reboot(config.clone())
+        } else {
+            Vm::create(config.clone())
+        };
+        let mut vm = match built {
             Ok(vm) => vm,
             Err(e) => return fail("cannot create the VM", &e),
         };
@@ -72,8 +81,19 @@ fn run(config: VmConfig) -> ExitCode {
                 tracing::info!(id = %config.id, "VM powered off");
                 return ExitCode::SUCCESS;
             }
-            VmExit::Reset => {
+            VmExit::Reset if guard.allow(std::time::Instant::now()) => {
                 tracing::info!(id = %config.id, "guest reset: rebooting");
+                rebooting = true;
+            }
+            VmExit::Reset => {
+                let _ = writeln!(
+                    std::io::stderr(),
+                    "error: VM {} reset {} times within {} s: left shut down",
+                    config.id,
+                    vmm::vm::reset_guard::MAX_RESETS,
+                    vmm::vm::reset_guard::RESET_WINDOW.as_secs()
+                );
+                return ExitCode::FAILURE;
             }
             VmExit::Error(e) => {
                 let _ = writeln!(std::io::stderr(), "error: VM {} failed: {e}", config.id);

@@ -188,7 +188,7 @@ pub fn load_kernel(
     layout: &BootLayout,
 ) -> Result<BootInfo, BootError> {
     let path = payload.kernel.as_path();
-    let mut kernel = File::open(path).map_err(io_err("payload.kernel", path))?;
+    let mut kernel = open_payload_file("payload.kernel", path)?;
     let memmap = memory_map(layout)?;
     check_low_memory(mem)?;
     let format = detect_format(&mut kernel, path)?;
@@ -320,7 +320,7 @@ fn load_initramfs(
     let Some(path) = payload.initramfs.as_deref() else {
         return Ok(None);
     };
-    let mut file = File::open(path).map_err(io_err("payload.initramfs", path))?;
+    let mut file = open_payload_file("payload.initramfs", path)?;
     let size = file
         .seek(SeekFrom::End(0))
         .and_then(|s| file.rewind().map(|()| s))
@@ -400,6 +400,21 @@ fn read_up_to(file: &mut File, buf: &mut [u8]) -> std::io::Result<usize> {
         }
     }
     Ok(n)
+}
+
+/// Opens a kernel or initramfs: a regular file, never a FIFO or device that could block
+/// or feed endless data (and through no symlink when the service forbids them).
+fn open_payload_file(what: &'static str, path: &Path) -> Result<File, BootError> {
+    let file = block::host_file::open(path, block::host_file::OpenFlags::READ)
+        .map_err(io_err(what, path))?;
+    let t = file.metadata().map_err(io_err(what, path))?.file_type();
+    if !t.is_file() {
+        let kind = block::host_file::kind(&t);
+        return Err(io_err(what, path)(std::io::Error::other(format!(
+            "it is {kind}, not a regular file"
+        ))));
+    }
+    Ok(file)
 }
 
 fn io_err(what: &'static str, path: &Path) -> impl FnOnce(std::io::Error) -> BootError {

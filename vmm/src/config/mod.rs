@@ -12,9 +12,12 @@ use serde::{Deserialize, Serialize};
 /// Most vCPUs a VM may have.
 pub const MAX_VCPUS: u16 = 255;
 
-/// Most disks, iothreads and throttle groups one VM may have (each costs threads and
-/// file descriptors on the host).
+/// Most iothreads and throttle groups one VM may have (each costs threads and file
+/// descriptors on the host).
 pub const MAX_DEVICES: usize = 64;
+/// Most disks one VM may have: each is a function of PCI bus 0, whose 32 device slots
+/// include the host bridge.
+pub const MAX_DISKS: usize = devices::pci::DEVICES_PER_BUS - 1;
 /// Smallest guest memory, in MiB.
 pub const MIN_MEMORY_MIB: u64 = 64;
 /// Largest guest memory, in MiB (1 TiB).
@@ -233,8 +236,13 @@ impl VmConfig {
         self.check_memory(&mut p);
         self.check_payload(&mut p);
         self.check_serial(&mut p);
+        if self.disks.len() > MAX_DISKS {
+            p.push(format!(
+                "disks: at most {MAX_DISKS} per VM (one per slot of PCI bus 0; got {})",
+                self.disks.len()
+            ));
+        }
         for (field, n) in [
-            ("disks", self.disks.len()),
             ("iothreads", self.iothreads.len()),
             ("throttle_groups", self.throttle_groups.len()),
         ] {
@@ -289,6 +297,49 @@ impl VmConfig {
             (Some(path), true) if path.as_os_str().is_empty() => {
                 p.push("serial.path must not be empty".to_string())
             }
+            (Some(path), true) => self.check_serial_path(path, p),
+            _ => {}
+        }
+    }
+
+    /// What is at a serial path must suit the mode: a file output is a regular file (or
+    /// is created), never one of this VM's images; a socket replaces only a socket.
+    fn check_serial_path(&self, path: &Path, p: &mut Vec<String>) {
+        use std::os::unix::fs::FileTypeExt;
+        let Ok(m) = std::fs::symlink_metadata(path).and_then(|m| {
+            if m.file_type().is_symlink() {
+                std::fs::metadata(path)
+            } else {
+                Ok(m)
+            }
+        }) else {
+            return;
+        };
+        let t = m.file_type();
+        let kind = block::host_file::kind(&t);
+        match self.serial.mode {
+            SerialMode::File if !t.is_file() => p.push(format!(
+                "serial.path {} is {kind}; serial output goes to a regular file (or a new one)",
+                path.display()
+            )),
+            SerialMode::File => {
+                if let Some((i, d)) = self
+                    .disks
+                    .iter()
+                    .enumerate()
+                    .find(|(_, d)| !d.is_null() && same_file(&d.path, path))
+                {
+                    p.push(format!(
+                        "serial.path {} is the image of disks[{i}] ({}); serial output must go to a file of its own",
+                        path.display(),
+                        d.id
+                    ));
+                }
+            }
+            SerialMode::Socket if !t.is_socket() => p.push(format!(
+                "serial.path {} exists and is {kind}, not a socket; name a new path or a stale socket",
+                path.display()
+            )),
             _ => {}
         }
     }
@@ -332,7 +383,7 @@ impl VmConfig {
 
     fn check_disks(&self, iothreads: &HashSet<&str>, groups: &HashSet<&str>, p: &mut Vec<String>) {
         let mut ids = HashSet::new();
-        let mut paths: HashMap<&Path, (usize, bool)> = HashMap::new();
+        let mut paths: HashMap<FileKey, (usize, bool)> = HashMap::new();
         for (i, d) in self.disks.iter().enumerate() {
             let at = format!("disks[{i}] ({})", d.id);
             if let Err(e) = d.validate() {
@@ -364,15 +415,24 @@ impl VmConfig {
                 ));
             }
             if !d.is_null() {
-                if let Some(&(j, ro)) = paths.get(d.path.as_path())
+                // One image reached through a symlink or a hard link is the same image.
+                let resolved = FileKey::of(&d.path);
+                if let Some(&(j, ro)) = paths.get(&resolved)
                     && !(ro && d.readonly)
                 {
+                    let other = &self.disks[j];
+                    let through = if other.path == d.path {
+                        String::new()
+                    } else {
+                        format!(" (reached as {})", other.path.display())
+                    };
                     p.push(format!(
-                        "{at}.path {} is also the image of disks[{j}]; an image may be shared only read-only",
-                        d.path.display()
+                        "{at}.path {} is the same image as disks[{j}] ({}){through} of this VM; an image may be shared only read-only",
+                        d.path.display(),
+                        other.id
                     ));
                 }
-                paths.entry(d.path.as_path()).or_insert((i, d.readonly));
+                paths.entry(resolved).or_insert((i, d.readonly));
             }
         }
     }
@@ -401,6 +461,36 @@ impl VmConfig {
             self.throttle_groups.len(),
         )
     }
+}
+
+/// `path` resolved (symlinks, `..`), or as given when it cannot be (it does not exist).
+pub fn resolve(path: &Path) -> PathBuf {
+    std::fs::canonicalize(path).unwrap_or_else(|_| path.to_path_buf())
+}
+
+/// What identifies a file: its inode when it exists, else its resolved path.
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub enum FileKey {
+    /// Device and inode number.
+    Inode(u64, u64),
+    /// The path, resolved as far as it can be.
+    Path(PathBuf),
+}
+
+impl FileKey {
+    /// The key of `path` (symlinks followed).
+    pub fn of(path: &Path) -> FileKey {
+        use std::os::unix::fs::MetadataExt;
+        match std::fs::metadata(path) {
+            Ok(m) => FileKey::Inode(m.dev(), m.ino()),
+            Err(_) => FileKey::Path(resolve(path)),
+        }
+    }
+}
+
+/// Whether `a` and `b` name one file (through symlinks or hard links).
+pub fn same_file(a: &Path, b: &Path) -> bool {
+    FileKey::of(a) == FileKey::of(b)
 }
 
 fn check_file(field: &str, path: &Path, p: &mut Vec<String>) {

@@ -298,3 +298,79 @@ fn device_counts_are_bounded() {
         "{problems:?}"
     );
 }
+
+#[test]
+fn disks_are_bounded_by_the_pci_slots() {
+    let f = files();
+    let mut c = minimal(&f);
+    c.disks = (0..MAX_DISKS)
+        .map(|i| {
+            let mut d = DiskConfig::new(format!("d{i}"), "null");
+            d.null_size = Some(1 << 20);
+            d
+        })
+        .collect();
+    assert!(c.problems().is_empty(), "{:?}", c.problems());
+    let mut extra = DiskConfig::new("one-more", "null");
+    extra.null_size = Some(1 << 20);
+    c.disks.push(extra);
+    one_problem(&c, &["disks: at most 31 per VM", "PCI bus 0", "got 32"]);
+}
+
+#[test]
+fn one_image_through_a_symlink_or_hard_link_is_the_same_image() {
+    let f = files();
+    let dir = tempfile::tempdir().unwrap();
+    let img = dir.path().join("a.raw");
+    std::fs::write(&img, vec![0u8; 4096]).unwrap();
+    let sym = dir.path().join("sym.raw");
+    std::os::unix::fs::symlink(&img, &sym).unwrap();
+    let hard = dir.path().join("hard.raw");
+    std::fs::hard_link(&img, &hard).unwrap();
+    for other in [&sym, &hard] {
+        let mut c = minimal(&f);
+        c.disks = vec![DiskConfig::new("d0", &img), DiskConfig::new("d1", other)];
+        let sym_name = other.display().to_string();
+        one_problem(
+            &c,
+            &[
+                &format!("disks[1] (d1).path {sym_name} is the same image as disks[0] (d0)"),
+                "of this VM",
+                "reached as",
+            ],
+        );
+        // Read-only on both sides may share.
+        c.disks.iter_mut().for_each(|d| d.readonly = true);
+        assert!(c.problems().is_empty(), "{:?}", c.problems());
+    }
+}
+
+#[test]
+fn serial_paths_must_suit_their_mode() {
+    let f = files();
+    let dir = tempfile::tempdir().unwrap();
+    let img = dir.path().join("a.raw");
+    std::fs::write(&img, vec![0u8; 4096]).unwrap();
+    let link = dir.path().join("link");
+    std::os::unix::fs::symlink(&img, &link).unwrap();
+    let mut c = minimal(&f);
+    c.disks = vec![DiskConfig::new("d0", &img)];
+    c.serial = SerialConfig {
+        mode: SerialMode::File,
+        path: Some(link.clone()),
+    };
+    one_problem(&c, &["is the image of disks[0] (d0)", "a file of its own"]);
+    c.serial.path = Some("/dev/null".into());
+    one_problem(
+        &c,
+        &[
+            "serial.path /dev/null is a character device",
+            "regular file",
+        ],
+    );
+    c.serial.path = Some(dir.path().join("new.log"));
+    assert!(c.problems().is_empty(), "{:?}", c.problems());
+    c.serial.mode = SerialMode::Socket;
+    c.serial.path = Some(img.clone());
+    one_problem(&c, &["is a regular file, not a socket"]);
+}

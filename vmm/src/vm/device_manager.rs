@@ -65,6 +65,26 @@ fn drain_disk(disk: &str, threads: &[Arc<IoThread>]) -> usize {
     removed
 }
 
+/// Opens `disk`'s image the way the VM will (cache mode, read-only, lock) and closes it
+/// again: the checks a disk added to a VM that is not running gets, so that it fails now
+/// as it would on a running VM, not at the next boot.
+pub fn probe_disk(disk: &DiskConfig) -> Result<(), VmError> {
+    if disk.is_null() {
+        return Ok(());
+    }
+    let options = block::DiskOptions {
+        path: disk.path.clone(),
+        readonly: disk.readonly,
+        cache: disk.cache,
+    };
+    block::Disk::open(&options)
+        .map(drop)
+        .map_err(|e| VmError::Disk {
+            id: disk.id.clone(),
+            source: devices::virtio_blk::device::DeviceError::Disk(e),
+        })
+}
+
 /// Gives a disk's workers to the iothreads its config names (per queue) and takes them
 /// back when the driver resets the device.
 struct IoThreadSink {
@@ -140,20 +160,11 @@ fn bar_for_slot(slot: u8) -> u64 {
 }
 
 impl DeviceManager {
-    /// Builds the devices of `config` on `kvm` with guest memory `mem`; with `rebuilt`
-    /// (a reboot) a serial file keeps the previous boot's output.
-    pub fn new(
-        config: &VmConfig,
-        kvm: &Arc<KvmVm>,
-        mem: &GuestMem,
-        rebuilt: bool,
-    ) -> Result<Self, VmError> {
+    /// Builds the devices of `config` on `kvm` with guest memory `mem`. A serial file is
+    /// appended to; the VM empties it once it is wholly built (see `Vm::create`).
+    pub fn new(config: &VmConfig, kvm: &Arc<KvmVm>, mem: &GuestMem) -> Result<Self, VmError> {
         const _: () = assert!(BAR_SIZE * DEVICES_PER_BUS as u64 <= PCI_MMIO32_SIZE);
-        let serial = if rebuilt {
-            SerialDevice::from_config_appending(&config.serial)?
-        } else {
-            SerialDevice::from_config(&config.serial)?
-        };
+        let serial = SerialDevice::from_config(&config.serial)?;
         kvm.register_irqfd(serial.irq_evt(), COM1_IRQ)?;
         let serial = Arc::new(Mutex::new(serial));
         let pio = Bus::new(BusKind::Pio);
@@ -374,7 +385,8 @@ impl DeviceManager {
             .map(|d| d.slot)
     }
 
-    /// Every iothread, named and dedicated (dedicated ones carry their disk's id).
+    /// Every iothread, named and dedicated (dedicated ones as
+    /// [`devices::config::dedicated_iothread_name`] of their disk).
     pub fn all_iothreads(&self) -> Vec<(String, Arc<IoThread>)> {
         let mut all: Vec<_> = self
             .iothreads
@@ -385,7 +397,7 @@ impl DeviceManager {
             self.set
                 .lock_dedicated()
                 .iter()
-                .map(|(k, v)| (k.clone(), v.clone())),
+                .map(|(disk, v)| (devices::config::dedicated_iothread_name(disk), v.clone())),
         );
         all
     }

@@ -13,6 +13,7 @@ pub mod device_manager;
 pub mod exit;
 mod hotplug;
 pub mod pci_host;
+pub mod reset_guard;
 
 use std::sync::Arc;
 use std::sync::mpsc::{Receiver, RecvTimeoutError, Sender, channel};
@@ -29,6 +30,7 @@ use crate::memory::{self, GuestRam};
 
 pub use device_manager::DeviceManager;
 pub use exit::VmExitHandler;
+pub use reset_guard::ResetGuard;
 
 /// Start of the legacy VGA hole (reserved in the memory map up to [`LEGACY_HOLE_END`]).
 const LEGACY_HOLE_START: u64 = 0xA_0000;
@@ -179,7 +181,7 @@ impl Vm {
         let ram = GuestRam::from_config(&config.memory)?;
         kvm.register_memory(ram.memory())?;
         let mem: GuestMem = GuestMemoryAtomic::new(ram.memory().clone());
-        let devices = Arc::new(DeviceManager::new(&config, &kvm, &mem, rebuilt)?);
+        let devices = Arc::new(DeviceManager::new(&config, &kvm, &mem)?);
 
         let nr_vcpus = u32::from(config.cpus.boot_vcpus);
         let params = AcpiParams {
@@ -234,6 +236,15 @@ impl Vm {
             memory::ECAM_SIZE,
             acpi::DEFAULT_SLEEP_PORT,
         ));
+        // Only now, with everything else built, may a new console log replace the old
+        // one: a VM refused on the way has emptied nothing.
+        if !rebuilt {
+            devices
+                .serial
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .start_fresh()?;
+        }
         let (events_tx, events_rx) = channel();
         tracing::info!(id = %config.id, vcpus = nr_vcpus, disks = devices.disk_ids().len(), "VM created");
         Ok(Vm {

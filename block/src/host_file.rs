@@ -1,0 +1,229 @@
+//! Opening the host files a client names (disk images, kernels, initramfs, serial
+//! output): never blocking on a FIFO or a device that waits for a peer, never becoming the
+//! controlling terminal, and never through a symbolic link once the process forbids them
+//! (`vmmd --allowed-dir`: its paths were checked resolved, so a link found at open time was
+//! put there after the check and would change the answer).
+
+use std::ffi::CString;
+use std::fs::File;
+use std::io;
+use std::os::fd::{AsRawFd, FromRawFd};
+use std::os::unix::ffi::OsStrExt;
+use std::path::Path;
+use std::sync::atomic::{AtomicBool, Ordering};
+
+/// Set once by [`forbid_symlinks`]; never cleared.
+static NO_SYMLINKS: AtomicBool = AtomicBool::new(false);
+
+/// From now on every [`open`] of this process refuses a path with a symbolic link in any
+/// component (`openat2` with `RESOLVE_NO_SYMLINKS`). Process-wide and one way, like a
+/// sandbox rule: `vmmd --allowed-dir` calls it at start.
+pub fn forbid_symlinks() {
+    NO_SYMLINKS.store(true, Ordering::SeqCst);
+}
+
+/// Whether [`forbid_symlinks`] was called.
+pub fn symlinks_forbidden() -> bool {
+    NO_SYMLINKS.load(Ordering::SeqCst)
+}
+
+/// How to open a file: `libc::O_RDONLY`, `O_WRONLY` or `O_RDWR` plus `O_CREAT`,
+/// `O_APPEND`, `O_DIRECT` as needed (`O_CLOEXEC`, `O_NOCTTY` are always added).
+#[derive(Clone, Copy, Debug)]
+pub struct OpenFlags {
+    /// open(2) flags.
+    pub flags: libc::c_int,
+    /// Mode of a created file.
+    pub mode: libc::mode_t,
+}
+
+impl OpenFlags {
+    /// Read-only.
+    pub const READ: OpenFlags = OpenFlags {
+        flags: libc::O_RDONLY,
+        mode: 0,
+    };
+}
+
+/// Opens `path` without blocking on FIFOs or devices that wait for a peer (`O_NONBLOCK`
+/// at open, cleared right after so I/O on the file blocks as usual) and, when the process
+/// forbids them ([`forbid_symlinks`]), without following any symbolic link (`ELOOP`).
+pub fn open(path: &Path, how: OpenFlags) -> io::Result<File> {
+    open_with(path, how, symlinks_forbidden())
+}
+
+/// [`open`] with the symlink rule given explicitly.
+pub fn open_with(path: &Path, how: OpenFlags, no_symlinks: bool) -> io::Result<File> {
+    let c = CString::new(path.as_os_str().as_bytes())
+        .map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "path contains a NUL byte"))?;
+    let flags = how.flags | libc::O_CLOEXEC | libc::O_NOCTTY | libc::O_NONBLOCK;
+    let fd = if no_symlinks {
+        // SAFETY: open_how is plain integers; all-zero is valid (libc marks it
+        // non-exhaustive, so it is built field by field).
+        let mut open_how: libc::open_how = unsafe { std::mem::zeroed() };
+        open_how.flags = flags as u64;
+        if flags & libc::O_CREAT != 0 {
+            open_how.mode = u64::from(how.mode);
+        }
+        open_how.resolve = libc::RESOLVE_NO_SYMLINKS | libc::RESOLVE_NO_MAGICLINKS;
+        // SAFETY: openat2 reads the NUL-terminated path and the open_how of the size we
+        // pass; it returns a new descriptor or -1.
+        unsafe {
+            libc::syscall(
+                libc::SYS_openat2,
+                libc::AT_FDCWD,
+                c.as_ptr(),
+                &open_how as *const libc::open_how,
+                std::mem::size_of::<libc::open_how>(),
+            ) as libc::c_int
+        }
+    } else {
+        // SAFETY: open reads the NUL-terminated path; it returns a new descriptor or -1.
+        unsafe { libc::open(c.as_ptr(), flags, libc::c_uint::from(how.mode)) }
+    };
+    if fd < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: `fd` was just returned by open/openat2 and is owned by nobody else.
+    let file = unsafe { File::from_raw_fd(fd) };
+    // SAFETY: F_GETFL/F_SETFL only read and change the status flags of our descriptor.
+    unsafe {
+        let fl = libc::fcntl(file.as_raw_fd(), libc::F_GETFL);
+        if fl < 0 || libc::fcntl(file.as_raw_fd(), libc::F_SETFL, fl & !libc::O_NONBLOCK) < 0 {
+            return Err(io::Error::last_os_error());
+        }
+    }
+    Ok(file)
+}
+
+/// What a file is, for messages: "a regular file", "a character device", ...
+pub fn kind(t: &std::fs::FileType) -> &'static str {
+    use std::os::unix::fs::FileTypeExt;
+    if t.is_file() {
+        "a regular file"
+    } else if t.is_dir() {
+        "a directory"
+    } else if t.is_block_device() {
+        "a block device"
+    } else if t.is_char_device() {
+        "a character device"
+    } else if t.is_fifo() {
+        "a FIFO"
+    } else if t.is_socket() {
+        "a socket"
+    } else {
+        "a symbolic link"
+    }
+}
+
+/// Whether an error of [`open`] was a symbolic link refused because of [`forbid_symlinks`].
+pub fn is_symlink_refusal(e: &io::Error) -> bool {
+    symlinks_forbidden() && e.raw_os_error() == Some(libc::ELOOP)
+}
+
+/// Whether another open file description (of any process, or another of ours) holds a
+/// lock on part of `file` that a whole-file write lock would conflict with: a disk image
+/// in use (disks take OFD locks when opened).
+pub fn locked_by_other(file: &File) -> io::Result<bool> {
+    // SAFETY: an all-zero flock is a valid value; the fields that matter are set below.
+    let mut fl: libc::flock = unsafe { std::mem::zeroed() };
+    fl.l_type = libc::F_WRLCK as libc::c_short;
+    fl.l_whence = libc::SEEK_SET as libc::c_short;
+    // SAFETY: F_OFD_GETLK reads and writes only the flock we pass.
+    let rc = unsafe { libc::fcntl(file.as_raw_fd(), libc::F_OFD_GETLK, &mut fl) };
+    if rc != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(fl.l_type != libc::F_UNLCK as libc::c_short)
+}
+
+#[cfg(test)]
+mod tests {
+    use std::io::Write;
+    use std::time::{Duration, Instant};
+
+    use super::*;
+
+    #[test]
+    fn a_fifo_opens_at_once_for_reading_and_fails_for_writing() {
+        let dir = tempfile::tempdir().unwrap();
+        let fifo = dir.path().join("fifo");
+        let c = CString::new(fifo.as_os_str().as_bytes()).unwrap();
+        // SAFETY: mkfifo reads the NUL-terminated path.
+        assert_eq!(unsafe { libc::mkfifo(c.as_ptr(), 0o600) }, 0);
+        let t = Instant::now();
+        let f = open(&fifo, OpenFlags::READ).unwrap();
+        assert!(!f.metadata().unwrap().is_file());
+        drop(f);
+        // No writer and no reader: a blocking open would wait forever.
+        let err = open(
+            &fifo,
+            OpenFlags {
+                flags: libc::O_WRONLY,
+                mode: 0,
+            },
+        )
+        .unwrap_err();
+        assert_eq!(err.raw_os_error(), Some(libc::ENXIO), "{err}");
+        assert!(t.elapsed() < Duration::from_secs(2));
+    }
+
+    #[test]
+    fn nonblock_is_cleared_after_open() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("f");
+        let mut f = open(
+            &p,
+            OpenFlags {
+                flags: libc::O_WRONLY | libc::O_CREAT,
+                mode: 0o600,
+            },
+        )
+        .unwrap();
+        f.write_all(b"x").unwrap();
+        // SAFETY: F_GETFL only reads the flags.
+        let fl = unsafe { libc::fcntl(f.as_raw_fd(), libc::F_GETFL) };
+        assert_eq!(fl & libc::O_NONBLOCK, 0);
+        assert_ne!(fl & libc::O_CLOEXEC, -1);
+    }
+
+    #[test]
+    fn symlinks_refused_only_when_asked() {
+        let dir = tempfile::tempdir().unwrap();
+        let real = dir.path().join("real");
+        std::fs::write(&real, b"data").unwrap();
+        let link = dir.path().join("link");
+        std::os::unix::fs::symlink(&real, &link).unwrap();
+        let sub = dir.path().join("sub");
+        std::os::unix::fs::symlink(dir.path(), &sub).unwrap();
+        assert!(open_with(&link, OpenFlags::READ, false).is_ok());
+        assert!(open_with(&real, OpenFlags::READ, true).is_ok());
+        for p in [link, sub.join("real")] {
+            let err = open_with(&p, OpenFlags::READ, true).unwrap_err();
+            assert_eq!(
+                err.raw_os_error(),
+                Some(libc::ELOOP),
+                "{}: {err}",
+                p.display()
+            );
+        }
+    }
+
+    #[test]
+    fn an_image_lock_is_seen() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("img");
+        std::fs::write(&p, vec![0u8; 4096]).unwrap();
+        let probe = open(&p, OpenFlags::READ).unwrap();
+        assert!(!locked_by_other(&probe).unwrap());
+        let disk = crate::Disk::open(&crate::DiskOptions {
+            path: p.clone(),
+            readonly: true,
+            cache: crate::CacheMode::Writeback,
+        })
+        .unwrap();
+        assert!(locked_by_other(&probe).unwrap(), "a read-only disk's lock");
+        drop(disk);
+        assert!(!locked_by_other(&probe).unwrap());
+    }
+}

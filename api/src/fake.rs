@@ -4,13 +4,12 @@
 //! Used by the API tests and by `vmmd --fake` to try the API without KVM.
 
 use std::collections::BTreeMap;
-use std::path::Path;
 use std::sync::{Mutex, MutexGuard};
 
 use devices::config::{DiskConfig, IoThreadUpdate};
 use devices::iothread::IoThreadCounters;
 use devices::virtio_blk::device::BlkCounters;
-use vmm::config::VmConfig;
+use vmm::config::{VmConfig, same_file};
 
 use crate::backend::{
     ApiError, UpdateDisk, VmCounters, VmInfo, VmState, VmSummary, VmmBackend, merged_iothread,
@@ -109,13 +108,6 @@ fn image_problems<'a>(
         }
     }
     (missing, locked)
-}
-
-fn same_file(a: &Path, b: &Path) -> bool {
-    match (std::fs::canonicalize(a), std::fs::canonicalize(b)) {
-        (Ok(a), Ok(b)) => a == b,
-        _ => a == b,
-    }
 }
 
 fn invalid(problems: Vec<String>) -> ApiError {
@@ -357,6 +349,8 @@ impl VmmBackend for FakeVmm {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::path::Path;
+
     use crate::backend::ErrorKind;
 
     fn config(dir: &Path, id: &str) -> VmConfig {

@@ -282,12 +282,12 @@ fn four_test_guests_through_the_service() {
         s.ok("PUT", "vm.create", Some(&body));
         assert_eq!(s.state(id), "Created");
     }
-    // An image in use by another VM is refused with 409.
+    // An image in use by another VM is refused with 409 naming that VM.
     let mut clash = vm_json(&s, &elf, "x", 300, tsc, false);
     clash["disks"][0]["path"] = json!(s.dir.path().join("a-0.raw"));
     let r = s.req("PUT", "vm.create", Some(&clash));
     assert_eq!(r.status, 409, "{}", r.text());
-    assert!(r.text().contains("lock"), "{}", r.text());
+    assert!(r.text().contains("in use by VM a (disk d0"), "{}", r.text());
 
     // Add and remove a disk on a created VM ("e", never booted).
     let e = vm_json(&s, &elf, "e", 300, tsc, false);

@@ -57,7 +57,8 @@ enum Cmd {
         /// The update.
         spec: String,
     },
-    /// Change an iothread live: `id=io0,poll_max_ns=0,cpu_affinity=1:2` or JSON.
+    /// Change an iothread live: `id=io0,poll_max_ns=0,cpu_affinity=1:2` or JSON; only the
+    /// fields given change (`cpu_affinity=` unpins).
     UpdateIothread {
         /// The iothread settings.
         spec: String,

@@ -38,26 +38,23 @@ struct Loop<'a> {
     max_batch: u32,
 }
 
-/// Runs until told to stop, then drains every queue.
-pub(super) fn run(shared: &Shared, config: IoThreadConfig) {
-    let _span = tracing::info_span!("iothread", id = %shared.id).entered();
-    shared.counters.record_current_thread();
-    super::pin(&config.cpu_affinity);
-    let epoll = match Epoll::new() {
-        Ok(e) => e,
-        Err(e) => {
-            tracing::error!(error = %e, "cannot create epoll; iothread not running");
-            return;
-        }
-    };
-    if let Err(e) = epoll.ctl(
+/// The loop's epoll, watching the control eventfd: made by the spawning thread, so that
+/// a host that cannot give one (no file descriptors left) fails the spawn, not the loop.
+pub(super) fn epoll_for(shared: &Shared) -> std::io::Result<Epoll> {
+    let epoll = Epoll::new()?;
+    epoll.ctl(
         ControlOperation::Add,
         shared.control.as_raw_fd(),
         EpollEvent::new(EventSet::IN, CONTROL),
-    ) {
-        tracing::error!(error = %e, "cannot watch the control eventfd; iothread not running");
-        return;
-    }
+    )?;
+    Ok(epoll)
+}
+
+/// Runs on `epoll` (from [`epoll_for`]) until told to stop, then drains every queue.
+pub(super) fn run(shared: &Shared, config: IoThreadConfig, epoll: Epoll) {
+    let _span = tracing::info_span!("iothread", id = %shared.id).entered();
+    shared.counters.record_current_thread();
+    super::pin(&config.cpu_affinity);
     let mut l = Loop {
         shared,
         epoll,

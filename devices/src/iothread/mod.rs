@@ -148,10 +148,11 @@ impl IoThread {
             config: Mutex::new(config.clone()),
             counters: LoopCounters::default(),
         });
+        let epoll = event_loop::epoll_for(&shared)?;
         let for_loop = shared.clone();
         let handle = std::thread::Builder::new()
             .name(format!("iothread-{}", config.id))
-            .spawn(move || event_loop::run(&for_loop, config))?;
+            .spawn(move || event_loop::run(&for_loop, config, epoll))?;
         Ok(IoThread {
             shared,
             handle: Some(handle),

@@ -496,7 +496,11 @@ pub fn same_file(a: &Path, b: &Path) -> bool {
 fn check_file(field: &str, path: &Path, p: &mut Vec<String>) {
     match std::fs::metadata(path) {
         Ok(m) if m.is_file() => {}
-        Ok(_) => p.push(format!("{field}: {} is not a regular file", path.display())),
+        Ok(m) => p.push(format!(
+            "{field}: {} is {}, not a regular file",
+            path.display(),
+            block::host_file::kind(&m.file_type())
+        )),
         Err(e) => p.push(format!("{field}: {}: {e}", path.display())),
     }
 }

@@ -217,8 +217,9 @@ impl DeviceManager {
     /// Opens `disk`, puts its virtio-blk function in the lowest free slot and its queues
     /// on their iothreads; returns the slot.
     fn add_disk(&self, disk: &DiskConfig) -> Result<u8, VmError> {
-        let fail = |what: &str, e: &dyn std::fmt::Display| {
-            VmError::Device(format!("disk {}: {what}: {e}", disk.id))
+        let fail = |what: &str, e: Box<dyn std::error::Error + Send + Sync>| VmError::DeviceSetup {
+            what: format!("disk {}: {what}", disk.id),
+            source: e,
         };
         let group = match &disk.throttle_group {
             Some(name) => Some(self.groups.get(name).cloned().ok_or_else(|| {
@@ -255,7 +256,7 @@ impl DeviceManager {
             let slot = self
                 .pci
                 .free_slot()
-                .ok_or_else(|| fail("PCI", &"every slot of bus 0 is taken"))?;
+                .ok_or_else(|| fail("PCI", "every slot of bus 0 is taken".into()))?;
             let bar = bar_for_slot(slot);
             let sink = IoThreadSink {
                 disk: disk.id.clone(),
@@ -269,11 +270,11 @@ impl DeviceManager {
                 host,
                 bar,
             )
-            .map_err(|e| fail("virtio-pci", &e))?;
+            .map_err(|e| fail("virtio-pci", Box::new(e)))?;
             let dev = Arc::new(Mutex::new(dev));
             self.pci
                 .add_device_at(slot, dev.clone())
-                .map_err(|e| fail("PCI", &e))?;
+                .map_err(|e| fail("PCI", Box::new(e)))?;
             tracing::info!(disk = %disk.id, slot, bar = format_args!("{bar:#x}"), "virtio-blk on PCI");
             self.set.lock_disks().push(DiskEntry {
                 blk,

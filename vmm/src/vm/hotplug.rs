@@ -102,8 +102,10 @@ pub(super) fn controller(
     gsi: u32,
     set: &Arc<DiskSet>,
 ) -> Result<HotplugController, VmError> {
-    let irq = EventFd::new(EFD_NONBLOCK)
-        .map_err(|e| VmError::Device(format!("hot plug interrupt eventfd: {e}")))?;
+    let irq = EventFd::new(EFD_NONBLOCK).map_err(|e| VmError::DeviceSetup {
+        what: "hot plug interrupt eventfd".into(),
+        source: Box::new(e),
+    })?;
     kvm.register_irqfd(&irq, gsi)?;
     let weak: Weak<DiskSet> = Arc::downgrade(set);
     Ok(HotplugController::new(

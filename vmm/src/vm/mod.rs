@@ -81,6 +81,15 @@ pub enum VmError {
     /// A device could not be built.
     #[error("device: {0}")]
     Device(String),
+    /// A device could not be built for a reason the host gave (`source`).
+    #[error("device: {what}: {source}")]
+    DeviceSetup {
+        /// Which device and step.
+        what: String,
+        /// Why.
+        #[source]
+        source: Box<dyn std::error::Error + Send + Sync>,
+    },
     /// The ACPI tables could not be written.
     #[error(transparent)]
     Acpi(#[from] acpi::AcpiError),

@@ -1,0 +1,167 @@
+//! A `vmmd` started for one test on a temporary socket, and helpers to drive it.
+
+#![allow(dead_code)]
+
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use api::client::{Client, Reply};
+use serde_json::{Value, json};
+
+/// A running `vmmd` (killed when dropped) and its temporary directory.
+pub struct Service {
+    pub child: Option<Child>,
+    pub dir: tempfile::TempDir,
+    pub socket: PathBuf,
+    pub client: Client,
+}
+
+impl Service {
+    /// `vmmd` on the real backend with extra `args`.
+    pub fn start(args: &[&str]) -> Service {
+        Self::start_with(args, |_| {})
+    }
+
+    /// Like [`Service::start`], letting `setup` change the command (limits, stderr).
+    pub fn start_with(args: &[&str], setup: impl FnOnce(&mut Command)) -> Service {
+        let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
+        let socket = dir.path().join("vmmd.sock");
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_vmmd"));
+        cmd.arg("--api-socket")
+            .arg(&socket)
+            .args(args)
+            .env("RUST_LOG", "warn")
+            .stdin(Stdio::null());
+        setup(&mut cmd);
+        let child = cmd.spawn().unwrap_or_else(|e| panic!("vmmd: {e}"));
+        let client = Client::new(&socket);
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while client
+            .request_blocking("GET", "/api/v1/vmm.ping", None)
+            .is_err()
+        {
+            assert!(Instant::now() < deadline, "vmmd did not start");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        Service {
+            child: Some(child),
+            dir,
+            socket,
+            client,
+        }
+    }
+
+    /// The service's pid.
+    pub fn pid(&self) -> u32 {
+        self.child.as_ref().map_or(0, Child::id)
+    }
+
+    /// `path` in the test's directory.
+    pub fn path(&self, name: &str) -> PathBuf {
+        self.dir.path().join(name)
+    }
+
+    /// A request to `/api/v1/<path>`.
+    pub fn req(&self, method: &str, path: &str, body: Option<&Value>) -> Reply {
+        self.client
+            .request_blocking(
+                method,
+                &format!("/api/v1/{path}"),
+                body.map(|b| b.to_string().into_bytes()),
+            )
+            .unwrap_or_else(|e| panic!("{method} {path}: {e}"))
+    }
+
+    /// A request that must succeed.
+    pub fn ok(&self, method: &str, path: &str, body: Option<&Value>) -> Reply {
+        let r = self.req(method, path, body);
+        assert!(r.ok(), "{method} {path}: {} {}", r.status, r.text());
+        r
+    }
+
+    /// VM `id`'s state.
+    pub fn state(&self, id: &str) -> String {
+        let r = self.ok("GET", &format!("vm.info?id={id}"), None);
+        r.json()["state"].as_str().unwrap_or_default().to_string()
+    }
+
+    /// An image of `mib` MiB filled with a pattern (so that zeroing it shows).
+    pub fn image(&self, name: &str, mib: usize) -> PathBuf {
+        let p = self.path(name);
+        let data: Vec<u8> = (0..mib << 20).map(|i| (i % 251) as u8).collect();
+        let mut f = std::fs::File::create(&p).unwrap_or_else(|e| panic!("{}: {e}", p.display()));
+        f.write_all(&data).unwrap_or_else(|e| panic!("{e}"));
+        p
+    }
+}
+
+impl Drop for Service {
+    fn drop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+/// Asserts `reply` has `status` and its error text contains every needle.
+#[track_caller]
+pub fn expect(reply: &Reply, status: u16, needles: &[&str]) {
+    let text = reply.text();
+    assert_eq!(reply.status, status, "{text}");
+    for n in needles {
+        assert!(text.contains(n), "{text:?} lacks {n:?}");
+    }
+}
+
+/// Whether KVM tests can run here; prints a SKIP line for `test` when not.
+pub fn kvm_or_skip(test: &str) -> bool {
+    if vmm::kvm_available() {
+        return true;
+    }
+    let _ = writeln!(
+        std::io::stdout(),
+        "SKIP {test}: /dev/kvm is missing or not accessible"
+    );
+    false
+}
+
+/// The test guest's ELF (built once per process).
+pub fn guest() -> PathBuf {
+    tests::test_guest::build().unwrap_or_else(|e| panic!("{e}"))
+}
+
+/// The host's TSC frequency as KVM reports it (the test guest needs it).
+pub fn tsc_khz() -> u32 {
+    let vm = vmm::kvm::Vm::new().unwrap_or_else(|e| panic!("{e}"));
+    let vcpu = vmm::kvm::Vcpu::new(&vm, 0, 1).unwrap_or_else(|e| panic!("{e}"));
+    vcpu.fd()
+        .get_tsc_khz()
+        .unwrap_or_else(|e| panic!("KVM_GET_TSC_KHZ: {e}"))
+}
+
+/// A test-guest VM `id` (64 MiB, one vCPU) with `disks`, powering off through ACPI after
+/// two IOPS phases of 2 s per disk.
+pub fn guest_vm(elf: &Path, id: &str, disks: Value) -> Value {
+    let cmdline = format!("exit=acpi pci=auto tsc_khz={} ms=2000", tsc_khz());
+    json!({
+        "id": id,
+        "memory": {"size_mib": 64},
+        "payload": {"kernel": elf, "cmdline": cmdline},
+        "disks": disks
+    })
+}
+
+/// Waits until `pid` has exited, up to `limit`; returns whether it did.
+pub fn wait_exit(child: &mut Child, limit: Duration) -> bool {
+    let deadline = Instant::now() + limit;
+    while Instant::now() < deadline {
+        if matches!(child.try_wait(), Ok(Some(_))) {
+            return true;
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    false
+}

@@ -201,6 +201,51 @@ pub struct UpdateDisk {
     pub throttle_group: Option<String>,
 }
 
+/// What a [`UpdateDisk`] changes: `Some(None)` removes the limits or leaves the group.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct DiskChange {
+    /// New limits of the disk itself.
+    pub throttle: Option<Option<ThrottleLimits>>,
+    /// New throttle group.
+    pub throttle_group: Option<Option<String>>,
+}
+
+impl UpdateDisk {
+    /// The config of VM `vm` with this update applied to its disk, validated (404 for an
+    /// unknown disk, 400 for an invalid result), and what changed.
+    pub fn apply(&self, vm: &str, config: &VmConfig) -> Result<(VmConfig, DiskChange), ApiError> {
+        let mut config = config.clone();
+        let disk = config
+            .disks
+            .iter_mut()
+            .find(|d| d.id == self.id)
+            .ok_or_else(|| {
+                ApiError::not_found(format!("VM {vm} has no disk with id {:?}", self.id))
+            })?;
+        let change = DiskChange {
+            throttle: self
+                .throttle
+                .clone()
+                .map(|l| (l != ThrottleLimits::default()).then_some(l)),
+            throttle_group: self
+                .throttle_group
+                .clone()
+                .map(|g| (!g.is_empty()).then_some(g)),
+        };
+        if let Some(l) = &change.throttle {
+            disk.throttle = l.clone();
+        }
+        if let Some(g) = &change.throttle_group {
+            disk.throttle_group = g.clone();
+        }
+        let problems = config.problems();
+        if !problems.is_empty() {
+            return Err(ApiError::bad_request("invalid disk update").with_details(problems));
+        }
+        Ok((config, change))
+    }
+}
+
 /// `PUT vm.remove-device`.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]

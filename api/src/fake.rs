@@ -305,25 +305,7 @@ impl VmmBackend for FakeVmm {
 
     fn update_disk(&self, id: &str, update: UpdateDisk) -> Result<(), ApiError> {
         self.with_vm(id, |vm, _| {
-            let mut config = vm.config.clone();
-            let disk = config
-                .disks
-                .iter_mut()
-                .find(|d| d.id == update.id)
-                .ok_or_else(|| {
-                    ApiError::not_found(format!("VM {id} has no disk with id {:?}", update.id))
-                })?;
-            if let Some(limits) = update.throttle {
-                disk.throttle = (limits != Default::default()).then_some(limits);
-            }
-            if let Some(group) = update.throttle_group {
-                disk.throttle_group = (!group.is_empty()).then_some(group);
-            }
-            let problems = config.problems();
-            if !problems.is_empty() {
-                return Err(ApiError::bad_request("invalid disk update").with_details(problems));
-            }
-            vm.config = config;
+            vm.config = update.apply(id, &vm.config)?.0;
             Ok(())
         })
     }

@@ -8,12 +8,14 @@
 //! Skips, saying why, when `/dev/kvm` is missing.
 
 use std::io::Write;
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command};
+use std::path::Path;
+use std::process::Command;
 use std::time::{Duration, Instant};
 
-use api::client::{Client, Reply};
+mod support;
+
 use serde_json::{Value, json};
+use support::Service;
 
 /// How long the guests may take to power off.
 const RUN_TIMEOUT: Duration = Duration::from_secs(180);
@@ -26,99 +28,11 @@ const RATE_TOLERANCE: f64 = 0.05;
 /// How far below the limit one rate window may fall (host scheduling on a busy machine).
 const WINDOW_TOLERANCE: f64 = 0.15;
 
-struct Service {
-    child: Option<Child>,
-    dir: tempfile::TempDir,
-    socket: PathBuf,
-    client: Client,
-}
-
-impl Service {
-    fn start() -> Service {
-        let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
-        let socket = dir.path().join("vmmd.sock");
-        let child = Command::new(env!("CARGO_BIN_EXE_vmmd"))
-            .arg("--api-socket")
-            .arg(&socket)
-            .env("RUST_LOG", "warn")
-            .spawn()
-            .unwrap_or_else(|e| panic!("vmmd: {e}"));
-        let client = Client::new(&socket);
-        let deadline = Instant::now() + Duration::from_secs(10);
-        while client
-            .request_blocking("GET", "/api/v1/vmm.ping", None)
-            .is_err()
-        {
-            assert!(Instant::now() < deadline, "vmmd did not start");
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        Service {
-            child: Some(child),
-            dir,
-            socket,
-            client,
-        }
-    }
-
-    fn pid(&self) -> u32 {
-        self.child.as_ref().map_or(0, Child::id)
-    }
-
-    fn req(&self, method: &str, path: &str, body: Option<&Value>) -> Reply {
-        self.client
-            .request_blocking(
-                method,
-                &format!("/api/v1/{path}"),
-                body.map(|b| b.to_string().into_bytes()),
-            )
-            .unwrap_or_else(|e| panic!("{method} {path}: {e}"))
-    }
-
-    fn ok(&self, method: &str, path: &str, body: Option<&Value>) -> Reply {
-        let r = self.req(method, path, body);
-        assert!(r.ok(), "{method} {path}: {} {}", r.status, r.text());
-        r
-    }
-
-    fn state(&self, id: &str) -> String {
-        let r = self.ok("GET", &format!("vm.info?id={id}"), None);
-        r.json()["state"].as_str().unwrap_or_default().to_string()
-    }
-
-    fn counters(&self, id: &str) -> Value {
-        self.ok("GET", &format!("vm.counters?id={id}"), None).json()
-    }
-
-    fn image(&self, name: &str, mib: u64) -> PathBuf {
-        let p = self.dir.path().join(name);
-        let f = std::fs::File::create(&p).unwrap_or_else(|e| panic!("{}: {e}", p.display()));
-        f.set_len(mib << 20).unwrap_or_else(|e| panic!("{e}"));
-        p
-    }
-}
-
-impl Drop for Service {
-    fn drop(&mut self) {
-        if let Some(mut c) = self.child.take() {
-            let _ = c.kill();
-            let _ = c.wait();
-        }
-    }
-}
-
-fn host_tsc_khz() -> u32 {
-    let vm = vmm::kvm::Vm::new().unwrap_or_else(|e| panic!("{e}"));
-    let vcpu = vmm::kvm::Vcpu::new(&vm, 0, 1).unwrap_or_else(|e| panic!("{e}"));
-    vcpu.fd()
-        .get_tsc_khz()
-        .unwrap_or_else(|e| panic!("KVM_GET_TSC_KHZ: {e}"))
-}
-
 /// A test-guest VM with two disks: `d0` on the VM's shared iothread `sh`, `d1` on a
 /// dedicated one (or also on `sh` when `both_shared`).
 fn vm_json(s: &Service, elf: &Path, id: &str, ms: u32, tsc: u32, both_shared: bool) -> Value {
-    let d0 = s.image(&format!("{id}-0.raw"), 16);
-    let d1 = s.image(&format!("{id}-1.raw"), 16);
+    let d0 = s.sparse_image(&format!("{id}-0.raw"), 16);
+    let d1 = s.sparse_image(&format!("{id}-1.raw"), 16);
     let mut d1_json = json!({"id": "d1", "path": d1, "cache": "writeback"});
     if both_shared {
         d1_json["iothread"] = json!("sh");
@@ -248,8 +162,8 @@ fn four_test_guests_through_the_service() {
         return;
     }
     let elf = tests::test_guest::build().unwrap_or_else(|e| panic!("{e}"));
-    let tsc = host_tsc_khz();
-    let s = Service::start();
+    let tsc = support::tsc_khz();
+    let s = Service::start(&[]);
     let pid = s.pid();
     let base_fds = fd_count(pid);
     assert!(vmm_threads(pid).is_empty());
@@ -292,7 +206,7 @@ fn four_test_guests_through_the_service() {
     // Add and remove a disk on a created VM ("e", never booted).
     let e = vm_json(&s, &elf, "e", 300, tsc, false);
     s.ok("PUT", "vm.create", Some(&e));
-    let extra = s.image("e-2.raw", 4);
+    let extra = s.sparse_image("e-2.raw", 4);
     s.ok(
         "PUT",
         "vm.add-disk?id=e",
@@ -390,7 +304,7 @@ fn four_test_guests_through_the_service() {
     // (it verifies I/O on it), then vmctl removes it: the guest ejects it and it leaves
     // the VM, its config, its counters and its dedicated iothread.
     wait_console(&s, "c", "hotplug.ready=1");
-    let hot = s.image("c-2.raw", 8);
+    let hot = s.sparse_image("c-2.raw", 8);
     s.ok(
         "PUT",
         "vm.add-disk?id=c",

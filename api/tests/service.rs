@@ -2,100 +2,35 @@
 //! `vmctl`.
 
 use std::os::unix::fs::PermissionsExt;
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Output};
+use std::path::Path;
+use std::process::Command;
 use std::time::{Duration, Instant};
 
-use api::client::{Client, Reply};
+use api::client::Reply;
+
+mod support;
+
 use serde_json::{Value, json};
+use support::Service;
 
-struct Service {
-    child: Child,
-    dir: tempfile::TempDir,
-    socket: PathBuf,
-    client: Client,
+/// `vmmd --fake` on a temporary socket, with a kernel file in its directory.
+fn start() -> Service {
+    let s = Service::start(&["--fake"]);
+    std::fs::write(s.path("kernel"), b"kernel").unwrap();
+    s
 }
 
-impl Service {
-    fn start() -> Service {
-        let dir = tempfile::tempdir().unwrap();
-        let socket = dir.path().join("vmmd.sock");
-        let child = Command::new(env!("CARGO_BIN_EXE_vmmd"))
-            .args(["--fake", "--api-socket"])
-            .arg(&socket)
-            .env("RUST_LOG", "warn")
-            .spawn()
-            .unwrap();
-        let client = Client::new(&socket);
-        let deadline = Instant::now() + Duration::from_secs(10);
-        while client
-            .request_blocking("GET", "/api/v1/vmm.ping", None)
-            .is_err()
-        {
-            assert!(Instant::now() < deadline, "vmmd did not start");
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        std::fs::write(dir.path().join("kernel"), b"kernel").unwrap();
-        Service {
-            child,
-            dir,
-            socket,
-            client,
-        }
-    }
-
-    fn path(&self, name: &str) -> PathBuf {
-        self.dir.path().join(name)
-    }
-
-    /// An image file of 1 MiB.
-    fn image(&self, name: &str) -> PathBuf {
-        let p = self.path(name);
-        std::fs::write(&p, vec![0u8; 1 << 20]).unwrap();
-        p
-    }
-
-    fn vm(&self, id: &str) -> Value {
-        json!({
-            "id": id,
-            "payload": {"kernel": self.path("kernel")},
-            "iothreads": [{"id": "shared"}],
-            "disks": [
-                {"id": "d0", "path": self.image(&format!("{id}-0.raw")), "iothread": "shared"},
-                {"id": "d1", "path": self.image(&format!("{id}-1.raw"))}
-            ]
-        })
-    }
-
-    fn req(&self, method: &str, path: &str, body: Option<&str>) -> Reply {
-        self.client
-            .request_blocking(
-                method,
-                &format!("/api/v1/{path}"),
-                body.map(|b| b.as_bytes().to_vec()),
-            )
-            .unwrap()
-    }
-
-    fn put(&self, path: &str, body: &Value) -> Reply {
-        self.req("PUT", path, Some(&body.to_string()))
-    }
-
-    fn vmctl(&self, args: &[&str]) -> Output {
-        Command::new(env!("CARGO_BIN_EXE_vmctl"))
-            .arg("--api-socket")
-            .arg(&self.socket)
-            .args(args)
-            .output()
-            .unwrap()
-    }
-}
-
-impl Drop for Service {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
+/// A VM config with two 1 MiB disks (one on the shared iothread, one on its own).
+fn vm_json(s: &Service, id: &str) -> Value {
+    json!({
+        "id": id,
+        "payload": {"kernel": s.path("kernel")},
+        "iothreads": [{"id": "shared"}],
+        "disks": [
+            {"id": "d0", "path": s.image(&format!("{id}-0.raw"), 1), "iothread": "shared"},
+            {"id": "d1", "path": s.image(&format!("{id}-1.raw"), 1)}
+        ]
+    })
 }
 
 /// Asserts `reply` has `status` and, for errors, the error body with `needle` in it.
@@ -144,44 +79,44 @@ fn expect(reply: &Reply, status: u16, needle: &str) {
 }
 
 fn state(s: &Service, id: &str) -> String {
-    let r = s.req("GET", &format!("vm.info?id={id}"), None);
+    let r = s.raw("GET", &format!("vm.info?id={id}"), None);
     expect(&r, 200, "");
     r.json()["state"].as_str().unwrap().to_string()
 }
 
 #[test]
 fn socket_is_0600() {
-    let s = Service::start();
+    let s = start();
     let mode = std::fs::metadata(&s.socket).unwrap().permissions().mode();
     assert_eq!(mode & 0o777, 0o600);
-    let r = s.req("GET", "vmm.ping", None);
+    let r = s.raw("GET", "vmm.ping", None);
     expect(&r, 200, "");
     assert_eq!(r.json()["backend"], "fake");
 }
 
 #[test]
 fn lifecycle_of_several_vms() {
-    let s = Service::start();
+    let s = start();
     for id in ["a", "b", "c", "d"] {
-        expect(&s.put("vm.create", &s.vm(id)), 204, "");
+        expect(&s.put("vm.create", &vm_json(&s, id)), 204, "");
     }
-    let list = s.req("GET", "vms", None).json();
+    let list = s.raw("GET", "vms", None).json();
     assert_eq!(list.as_array().unwrap().len(), 4);
     // Several VMs: the id is required.
-    expect(&s.req("PUT", "vm.boot", None), 400, "?id=");
+    expect(&s.raw("PUT", "vm.boot", None), 400, "?id=");
     for id in ["a", "b", "c", "d"] {
-        expect(&s.req("PUT", &format!("vm.boot?id={id}"), None), 204, "");
+        expect(&s.raw("PUT", &format!("vm.boot?id={id}"), None), 204, "");
         assert_eq!(state(&s, id), "Running");
     }
-    expect(&s.req("PUT", "vm.pause?id=a", None), 204, "");
+    expect(&s.raw("PUT", "vm.pause?id=a", None), 204, "");
     assert_eq!(state(&s, "a"), "Paused");
-    expect(&s.req("PUT", "vm.pause?id=a", None), 409, "Paused");
-    expect(&s.req("PUT", "vm.resume?id=a", None), 204, "");
-    expect(&s.req("PUT", "vm.reboot?id=a", None), 204, "");
-    expect(&s.req("PUT", "vm.resume?id=a", None), 409, "Running");
+    expect(&s.raw("PUT", "vm.pause?id=a", None), 409, "Paused");
+    expect(&s.raw("PUT", "vm.resume?id=a", None), 204, "");
+    expect(&s.raw("PUT", "vm.reboot?id=a", None), 204, "");
+    expect(&s.raw("PUT", "vm.resume?id=a", None), 409, "Running");
     // Counters grow while running.
-    let c1 = s.req("GET", "vm.counters?id=b", None).json();
-    let c2 = s.req("GET", "vm.counters?id=b", None).json();
+    let c1 = s.raw("GET", "vm.counters?id=b", None).json();
+    let c2 = s.raw("GET", "vm.counters?id=b", None).json();
     let reads = |c: &Value| c["disks"]["d0"]["read"]["ops"].as_u64().unwrap();
     assert!(reads(&c2) > reads(&c1), "{c1} {c2}");
     assert!(c2["iothreads"]["shared"]["requests"].is_u64(), "{c2}");
@@ -204,37 +139,37 @@ fn lifecycle_of_several_vms() {
     );
     for id in ["a", "b", "c", "d"] {
         expect(
-            &s.req("PUT", &format!("vm.shutdown?id={id}"), None),
+            &s.raw("PUT", &format!("vm.shutdown?id={id}"), None),
             204,
             "",
         );
         assert_eq!(state(&s, id), "Shutdown");
         expect(
-            &s.req("PUT", &format!("vm.shutdown?id={id}"), None),
+            &s.raw("PUT", &format!("vm.shutdown?id={id}"), None),
             409,
             "Shutdown",
         );
-        expect(&s.req("PUT", &format!("vm.delete?id={id}"), None), 204, "");
+        expect(&s.raw("PUT", &format!("vm.delete?id={id}"), None), 204, "");
     }
-    assert_eq!(s.req("GET", "vms", None).json(), json!([]));
-    expect(&s.req("GET", "vm.info", None), 404, "no VM");
+    assert_eq!(s.raw("GET", "vms", None).json(), json!([]));
+    expect(&s.raw("GET", "vm.info", None), 404, "no VM");
 }
 
 #[test]
 fn live_changes() {
-    let s = Service::start();
-    expect(&s.put("vm.create", &s.vm("a")), 204, "");
+    let s = start();
+    expect(&s.put("vm.create", &vm_json(&s, "a")), 204, "");
     // Exactly one VM: the id may be left out.
-    let disk = json!({"id": "d2", "path": s.image("extra.raw"), "iothread": "shared"});
+    let disk = json!({"id": "d2", "path": s.image("extra.raw", 1), "iothread": "shared"});
     expect(&s.put("vm.add-disk", &disk), 204, "");
     expect(&s.put("vm.add-disk", &disk), 409, "already has a disk");
-    let info = s.req("GET", "vm.info", None).json();
+    let info = s.raw("GET", "vm.info", None).json();
     assert_eq!(info["config"]["disks"].as_array().unwrap().len(), 3);
     expect(&s.put("vm.remove-device", &json!({"id": "d2"})), 204, "");
     expect(&s.put("vm.remove-device", &json!({"id": "d2"})), 404, "d2");
     let upd = json!({"id": "d0", "throttle": {"iops_total": 500}});
     expect(&s.put("vm.update-disk", &upd), 204, "");
-    let info = s.req("GET", "vm.info", None).json();
+    let info = s.raw("GET", "vm.info", None).json();
     assert_eq!(info["config"]["disks"][0]["throttle"]["iops_total"], 500);
     expect(
         &s.put("vm.update-disk", &json!({"id": "zz", "throttle": {}})),
@@ -251,7 +186,7 @@ fn live_changes() {
     );
     let t = json!({"id": "shared", "poll_max_ns": 0, "cpu_affinity": [0]});
     expect(&s.put("vm.update-iothread", &t), 204, "");
-    let info = s.req("GET", "vm.info", None).json();
+    let info = s.raw("GET", "vm.info", None).json();
     assert_eq!(info["config"]["iothreads"][0]["poll_max_ns"], 0);
     expect(
         &s.put("vm.update-iothread", &json!({"id": "nope"})),
@@ -270,14 +205,14 @@ fn live_changes() {
 
 #[test]
 fn bad_input_is_refused_and_service_keeps_serving() {
-    let s = Service::start();
-    let vm = s.vm("a");
+    let s = start();
+    let vm = vm_json(&s, "a");
     expect(
-        &s.req("PUT", "vm.create", Some("{\"id\": ")),
+        &s.raw("PUT", "vm.create", Some("{\"id\": ")),
         400,
         "invalid JSON",
     );
-    expect(&s.req("PUT", "vm.create", Some("")), 400, "invalid JSON");
+    expect(&s.raw("PUT", "vm.create", Some("")), 400, "invalid JSON");
     let mut wrong = vm.clone();
     wrong["cpus"] = json!({"boot_vcpus": "two"});
     expect(&s.put("vm.create", &wrong), 400, "invalid type");
@@ -304,37 +239,37 @@ fn bad_input_is_refused_and_service_keeps_serving() {
     expect(&s.put("vm.create", &vm), 204, "");
     expect(&s.put("vm.create", &vm), 409, "already exists");
     // Another VM on a's writable image: locked.
-    let mut locked = s.vm("b");
+    let mut locked = vm_json(&s, "b");
     locked["disks"][1]["path"] = vm["disks"][1]["path"].clone();
     expect(&s.put("vm.create", &locked), 409, "locked");
-    expect(&s.req("PUT", "vm.boot?id=zz", None), 404, "zz");
+    expect(&s.raw("PUT", "vm.boot?id=zz", None), 404, "zz");
     expect(
-        &s.req("GET", "vm.info?id=a&x=1", None),
+        &s.raw("GET", "vm.info?id=a&x=1", None),
         400,
         "unknown field",
     );
-    expect(&s.req("PUT", "vm.resume?id=a", None), 409, "Created");
+    expect(&s.raw("PUT", "vm.resume?id=a", None), 409, "Created");
     expect(
         &s.put("vm.add-disk?id=a", &json!({"id": "d9"})),
         400,
         "missing field `path`",
     );
-    expect(&s.req("GET", "nothing", None), 404, "no endpoint");
-    expect(&s.req("POST", "vm.boot", None), 405, "not allowed");
+    expect(&s.raw("GET", "nothing", None), 404, "no endpoint");
+    expect(&s.raw("POST", "vm.boot", None), 405, "not allowed");
     let big = format!("{{\"id\": \"{}\"}}", "x".repeat(2 << 20));
     let (status, text) = oversized_request(&s.socket, "/api/v1/vm.create", big.as_bytes());
     assert_eq!(status, 413, "{text}");
     assert!(text.contains("larger than"), "{text}");
     // Still serving.
-    expect(&s.req("PUT", "vm.boot", None), 204, "");
+    expect(&s.raw("PUT", "vm.boot", None), 204, "");
     assert_eq!(state(&s, "a"), "Running");
 }
 
 #[test]
 fn vmctl_drives_the_service() {
-    let mut s = Service::start();
+    let mut s = start();
     let cfg = s.path("vm.json");
-    std::fs::write(&cfg, s.vm("a").to_string()).unwrap();
+    std::fs::write(&cfg, vm_json(&s, "a").to_string()).unwrap();
     let ok = |args: &[&str]| {
         let o = s.vmctl(args);
         assert!(
@@ -351,7 +286,7 @@ fn vmctl_drives_the_service() {
     assert!(list.contains("ID") && list.contains("Running"), "{list}");
     let info: Value = serde_json::from_str(&ok(&["--json", "info", "--id", "a"])).unwrap();
     assert_eq!(info["state"], "Running");
-    let extra = s.image("extra.raw");
+    let extra = s.image("extra.raw", 1);
     ok(&[
         "add-disk",
         &format!("id=d2,path={},iothread=shared", extra.display()),
@@ -377,7 +312,7 @@ fn vmctl_drives_the_service() {
     ok(&["shutdown-vmm"]);
     let deadline = Instant::now() + Duration::from_secs(10);
     let status = loop {
-        if let Some(status) = s.child.try_wait().unwrap() {
+        if let Some(status) = s.child.as_mut().unwrap().try_wait().unwrap() {
             break status;
         }
         assert!(
@@ -404,8 +339,8 @@ fn tcp_only_on_loopback() {
 
 #[test]
 fn concurrent_info_requests() {
-    let s = Service::start();
-    expect(&s.put("vm.create", &s.vm("a")), 204, "");
+    let s = start();
+    expect(&s.put("vm.create", &vm_json(&s, "a")), 204, "");
     let clients = 8;
     let per_client = 125;
     let mut latencies: Vec<Duration> = std::thread::scope(|scope| {

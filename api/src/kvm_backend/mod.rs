@@ -375,29 +375,7 @@ impl VmmBackend for KvmBackend {
 
     fn update_disk(&self, id: &str, update: UpdateDisk) -> Result<(), ApiError> {
         self.with(id, |e| {
-            let mut config = e.config.clone();
-            let disk = config
-                .disks
-                .iter_mut()
-                .find(|d| d.id == update.id)
-                .ok_or_else(|| {
-                    ApiError::not_found(format!("VM {id} has no disk with id {:?}", update.id))
-                })?;
-            let limits = update
-                .throttle
-                .map(|l| (l != Default::default()).then_some(l));
-            if let Some(l) = &limits {
-                disk.throttle = l.clone();
-            }
-            // Some(None): leave any group.
-            let group = update.throttle_group.map(|g| (!g.is_empty()).then_some(g));
-            if let Some(g) = &group {
-                disk.throttle_group = g.clone();
-            }
-            let problems = config.problems();
-            if !problems.is_empty() {
-                return Err(ApiError::bad_request("invalid disk update").with_details(problems));
-            }
+            let (config, change) = update.apply(id, &e.config)?;
             // A shut-down VM is re-created from the config at its next boot; any other
             // takes the change at once.
             if e.state() != VmState::Shutdown
@@ -406,13 +384,13 @@ impl VmmBackend for KvmBackend {
                 let blk = vm.devices().disk(&update.id).ok_or_else(|| {
                     ApiError::internal(format!("VM {id}: disk {} is not built", update.id))
                 })?;
-                if let Some(l) = limits {
+                if let Some(l) = change.throttle {
                     blk.set_throttle(l).map_err(|err| {
                         ApiError::bad_request("invalid disk update")
                             .with_details(vec![err.to_string()])
                     })?;
                 }
-                if let Some(g) = &group {
+                if let Some(g) = &change.throttle_group {
                     vm.set_disk_throttle_group(&update.id, g.as_deref())
                         .map_err(|err| vm_error(id, err))?;
                 }

@@ -87,6 +87,45 @@ impl Service {
         r.json()["state"].as_str().unwrap_or_default().to_string()
     }
 
+    /// VM `id`'s counters.
+    pub fn counters(&self, id: &str) -> Value {
+        self.ok("GET", &format!("vm.counters?id={id}"), None).json()
+    }
+
+    /// A sparse image of `mib` MiB.
+    pub fn sparse_image(&self, name: &str, mib: u64) -> PathBuf {
+        let p = self.path(name);
+        let f = std::fs::File::create(&p).unwrap_or_else(|e| panic!("{}: {e}", p.display()));
+        f.set_len(mib << 20).unwrap_or_else(|e| panic!("{e}"));
+        p
+    }
+
+    /// A request with a raw body (possibly invalid JSON).
+    pub fn raw(&self, method: &str, path: &str, body: Option<&str>) -> Reply {
+        self.client
+            .request_blocking(
+                method,
+                &format!("/api/v1/{path}"),
+                body.map(|b| b.as_bytes().to_vec()),
+            )
+            .unwrap_or_else(|e| panic!("{method} {path}: {e}"))
+    }
+
+    /// `PUT <path>` with `body`.
+    pub fn put(&self, path: &str, body: &Value) -> Reply {
+        self.req("PUT", path, Some(body))
+    }
+
+    /// Runs `vmctl` against the service.
+    pub fn vmctl(&self, args: &[&str]) -> std::process::Output {
+        Command::new(env!("CARGO_BIN_EXE_vmctl"))
+            .arg("--api-socket")
+            .arg(&self.socket)
+            .args(args)
+            .output()
+            .unwrap_or_else(|e| panic!("vmctl: {e}"))
+    }
+
     /// An image of `mib` MiB filled with a pattern (so that zeroing it shows).
     pub fn image(&self, name: &str, mib: usize) -> PathBuf {
         let p = self.path(name);

@@ -31,9 +31,9 @@ fn mkfifo(path: &Path) {
     assert_eq!(unsafe { libc::mkfifo(c.as_ptr(), 0o600) }, 0, "mkfifo");
 }
 
-/// 1. A create that names a running VM's image (directly, through a symlink or a hard
-/// link) as its serial output is refused, and the image is untouched; so is any log file
-/// named by a create refused for another reason.
+/// Issue item 1: A create that names a running VM's image (directly, through a symlink or a
+/// hard link) as its serial output is refused, and the image is untouched; so is any log
+/// file named by a create refused for another reason.
 #[test]
 fn a_rejected_create_destroys_nothing() {
     if !kvm_or_skip("a_rejected_create_destroys_nothing") {
@@ -96,8 +96,8 @@ fn a_rejected_create_destroys_nothing() {
     assert_eq!(s.state("a"), "Running");
 }
 
-/// 2. A serial socket never deletes the service's API socket or another VM's console; a
-/// stale socket is replaced; a VM's socket goes with the VM.
+/// Issue item 2: A serial socket never deletes the service's API socket or another VM's
+/// console; a stale socket is replaced; a VM's socket goes with the VM.
 #[test]
 fn sockets_of_the_service_and_of_other_vms_survive() {
     if !kvm_or_skip("sockets_of_the_service_and_of_other_vms_survive") {
@@ -139,8 +139,9 @@ fn sockets_of_the_service_and_of_other_vms_survive() {
     assert!(s.socket.exists());
 }
 
-/// 3. A create stuck on a path that would block in open() (a FIFO) holds up neither
-/// listing, `/metrics`, calls on other VMs nor SIGTERM; and a FIFO is refused at once.
+/// Issue item 3: A create stuck on a path that would block in open() (a FIFO) holds up
+/// neither listing, `/metrics`, calls on other VMs nor SIGTERM; and a FIFO is refused at
+/// once.
 #[test]
 fn a_create_on_a_fifo_hangs_nothing() {
     if !kvm_or_skip("a_create_on_a_fifo_hangs_nothing") {
@@ -233,9 +234,9 @@ fn a_create_on_a_fifo_hangs_nothing() {
     assert!(t.elapsed() < Duration::from_secs(2));
 }
 
-/// 4. The client's and the host's limits: more disks than PCI slots (400 naming the
-/// limit, at create and at hot plug), hugepages the host lacks (503), running out of file
-/// descriptors (503); the service keeps serving.
+/// Issue item 4: The client's and the host's limits: more disks than PCI slots (400 naming
+/// the limit, at create and at hot plug), hugepages the host lacks (503), running out of
+/// file descriptors (503); the service keeps serving.
 #[test]
 fn limits_are_4xx_or_503_not_500() {
     if !kvm_or_skip("limits_are_4xx_or_503_not_500") {
@@ -296,8 +297,8 @@ fn limits_are_4xx_or_503_not_500() {
     tight.ok("PUT", "vm.create", Some(&guest_vm(&elf, "ok", small)));
 }
 
-/// 5. `vm.add-disk` checks the image the same way in every state: a missing image or a
-/// device that is no disk is refused on a created, a running and a shut-down VM.
+/// Issue item 5: `vm.add-disk` checks the image the same way in every state: a missing
+/// image or a device that is no disk is refused on a created, a running and a shut-down VM.
 #[test]
 fn add_disk_checks_alike_in_every_state() {
     if !kvm_or_skip("add_disk_checks_alike_in_every_state") {
@@ -343,8 +344,8 @@ fn add_disk_checks_alike_in_every_state() {
     assert!(c["disks"]["d1"].is_object(), "{c}");
 }
 
-/// 6 and 7. `vm.update-iothread` changes only the fields sent; a CPU the host does not
-/// have is refused at create and at update.
+/// Issue items 6 and 7: `vm.update-iothread` changes only the fields sent; a CPU the host
+/// does not have is refused at create and at update.
 #[test]
 fn iothread_updates_merge_and_cpus_are_checked() {
     if !kvm_or_skip("iothread_updates_merge_and_cpus_are_checked") {
@@ -398,8 +399,8 @@ fn iothread_updates_merge_and_cpus_are_checked() {
     assert_eq!(t["poll_grow"], 4);
 }
 
-/// 8. Messages say what happened: one image twice through a symlink is this VM's own
-/// doing; /dev/zero is a character device, not an O_DIRECT problem; a dedicated
+/// Issue item 8: Messages say what happened: one image twice through a symlink is this VM's
+/// own doing; /dev/zero is a character device, not an O_DIRECT problem; a dedicated
 /// iothread has a name of its own and says why it cannot be changed.
 #[test]
 fn messages_say_what_happened() {
@@ -459,8 +460,8 @@ fn messages_say_what_happened() {
     expect(&r, 409, &["outside this service"]);
 }
 
-/// 9. `--allowed-dir`: paths outside, symlinks that escape and `..` are refused with 403
-/// naming the path and the rule; paths inside are stored resolved.
+/// Issue item 9: `--allowed-dir`: paths outside, symlinks that escape and `..` are refused
+/// with 403 naming the path and the rule; paths inside are stored resolved.
 #[test]
 fn allowed_dirs_confine_client_paths() {
     if !kvm_or_skip("allowed_dirs_confine_client_paths") {

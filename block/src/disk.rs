@@ -241,31 +241,20 @@ struct Geometry {
 /// Takes an OFD lock over the whole file: write lock when writable, read lock otherwise.
 /// The lock belongs to the open file description and goes away when the disk is closed.
 fn lock(file: &File, path: &Path, readonly: bool) -> Result<(), Error> {
-    let (kind, how) = if readonly {
-        (libc::F_RDLCK, "shared read lock")
+    let how = if readonly {
+        "shared read lock"
     } else {
-        (libc::F_WRLCK, "exclusive write lock")
+        "exclusive write lock"
     };
-    // SAFETY: an all-zero flock is a valid value; the fields that matter are set below.
-    let mut fl: libc::flock = unsafe { std::mem::zeroed() };
-    fl.l_type = kind as libc::c_short;
-    fl.l_whence = libc::SEEK_SET as libc::c_short;
-    fl.l_start = 0;
-    fl.l_len = 0;
-    // SAFETY: fcntl with F_OFD_SETLK reads the flock we pass and nothing else.
-    let rc = unsafe { libc::fcntl(file.as_raw_fd(), libc::F_OFD_SETLK, &fl) };
-    if rc == 0 {
-        return Ok(());
-    }
-    let err = io::Error::last_os_error();
-    match err.raw_os_error() {
-        Some(libc::EAGAIN) | Some(libc::EACCES) => Err(Error::Locked {
+    match host_file::try_lock(file, !readonly) {
+        Ok(true) => Ok(()),
+        Ok(false) => Err(Error::Locked {
             path: path.to_path_buf(),
             how,
         }),
-        _ => Err(Error::Open {
+        Err(source) => Err(Error::Open {
             path: path.to_path_buf(),
-            source: err,
+            source,
         }),
     }
 }

@@ -121,6 +121,30 @@ pub fn is_symlink_refusal(e: &io::Error) -> bool {
     symlinks_forbidden() && e.raw_os_error() == Some(libc::ELOOP)
 }
 
+/// Takes an OFD lock on the whole of `file` without waiting, exclusive (a write lock) or
+/// shared (a read lock); `false` when another open file description holds a conflicting
+/// lock. The lock lasts as long as the file is open.
+pub fn try_lock(file: &File, exclusive: bool) -> io::Result<bool> {
+    // SAFETY: an all-zero flock is a valid value; the fields that matter are set below.
+    let mut fl: libc::flock = unsafe { std::mem::zeroed() };
+    fl.l_type = if exclusive {
+        libc::F_WRLCK
+    } else {
+        libc::F_RDLCK
+    } as libc::c_short;
+    fl.l_whence = libc::SEEK_SET as libc::c_short;
+    // SAFETY: F_OFD_SETLK reads only the flock we pass.
+    let rc = unsafe { libc::fcntl(file.as_raw_fd(), libc::F_OFD_SETLK, &fl) };
+    if rc == 0 {
+        return Ok(true);
+    }
+    let e = io::Error::last_os_error();
+    match e.raw_os_error() {
+        Some(libc::EAGAIN) | Some(libc::EACCES) => Ok(false),
+        _ => Err(e),
+    }
+}
+
 /// Whether another open file description (of any process, or another of ours) holds a
 /// lock on part of `file` that a whole-file write lock would conflict with: a disk image
 /// in use (disks take OFD locks when opened).

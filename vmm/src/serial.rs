@@ -44,11 +44,11 @@ pub enum SerialError {
         /// What it is.
         kind: &'static str,
     },
-    /// The file is a disk image someone has open (it holds an image lock).
+    /// The file is locked: a disk image someone has open, or another VM's console.
     #[error(
-        "serial.path {path} is in use as a disk image (it is locked); serial output must go to a file of its own"
+        "serial.path {path} is in use (locked) as a disk image or another VM's console; serial output must go to a file of its own"
     )]
-    InUseAsImage {
+    InUse {
         /// The path.
         path: PathBuf,
     },
@@ -256,7 +256,8 @@ impl SerialOutput {
     /// Opens the output a config names. A file is opened for appending and not
     /// truncated here ([`SerialOutput::start_fresh`] does that once the whole VM is
     /// built): a VM refused later must not have emptied anything. The file must be a
-    /// regular file (or is created) that is not a disk image in use.
+    /// regular file (or is created) that is not a disk image or console in use; the
+    /// output holds an exclusive OFD lock on it for as long as it is open.
     pub fn open(config: &SerialConfig) -> Result<Self, SerialError> {
         let path = |mode| config.path.as_deref().ok_or(SerialError::NoPath(mode));
         Ok(match config.mode {
@@ -281,8 +282,10 @@ impl SerialOutput {
                         kind: block::host_file::kind(&t),
                     });
                 }
-                if block::host_file::locked_by_other(&file).map_err(file_err)? {
-                    return Err(SerialError::InUseAsImage {
+                // The console holds the file as a writable image would: no disk (of any
+                // VM or program that locks images) and no other console can take it.
+                if !block::host_file::try_lock(&file, true).map_err(file_err)? {
+                    return Err(SerialError::InUse {
                         path: path.to_path_buf(),
                     });
                 }
@@ -294,9 +297,9 @@ impl SerialOutput {
         })
     }
 
-    /// Empties a file output (a VM's first boot starts a new console log), unless the
-    /// file became a disk image in use since it was opened; other outputs are left as
-    /// they are.
+    /// Empties a file output (a VM's first boot starts a new console log); other outputs
+    /// are left as they are. The file is still checked for another user's lock (its own
+    /// lock never conflicts with itself).
     pub fn start_fresh(&mut self) -> Result<(), SerialError> {
         let SerialOutput::File(file, path) = self else {
             return Ok(());
@@ -306,7 +309,7 @@ impl SerialOutput {
             source,
         };
         if block::host_file::locked_by_other(file).map_err(file_err)? {
-            return Err(SerialError::InUseAsImage { path: path.clone() });
+            return Err(SerialError::InUse { path: path.clone() });
         }
         file.set_len(0).map_err(file_err)
     }
@@ -531,17 +534,27 @@ mod tests {
         std::fs::write(&img, vec![7u8; 8192]).unwrap();
         let disk = block::Disk::open(&block::DiskOptions::new(&img)).unwrap();
         let err = SerialOutput::open(&file_config(&img)).unwrap_err();
-        assert!(matches!(err, SerialError::InUseAsImage { .. }), "{err}");
-        // Opened before the image was: start_fresh still refuses to empty it.
+        assert!(matches!(err, SerialError::InUse { .. }), "{err}");
+        // Opened first, the console holds the file: no disk and no second console can
+        // take it, read-only or not.
         drop(disk);
         let mut out = SerialOutput::open(&file_config(&img)).unwrap();
-        let disk = block::Disk::open(&block::DiskOptions::new(&img)).unwrap();
+        for readonly in [false, true] {
+            let err = block::Disk::open(&block::DiskOptions {
+                readonly,
+                ..block::DiskOptions::new(&img)
+            })
+            .unwrap_err();
+            assert!(matches!(err, block::Error::Locked { .. }), "{err}");
+        }
         assert!(matches!(
-            out.start_fresh(),
-            Err(SerialError::InUseAsImage { .. })
+            SerialOutput::open(&file_config(&img)),
+            Err(SerialError::InUse { .. })
         ));
-        drop(disk);
         assert_eq!(std::fs::read(&img).unwrap(), vec![7u8; 8192]);
+        out.start_fresh().unwrap();
+        drop(out);
+        assert!(block::Disk::open(&block::DiskOptions::new(&img)).is_ok());
         // Not a regular file.
         let err = SerialOutput::open(&file_config(Path::new("/dev/null"))).unwrap_err();
         assert!(err.to_string().contains("a character device"), "{err}");

@@ -272,7 +272,10 @@ fn second_vm_on_the_same_writable_image_is_refused() {
     let img = image(dir.path(), "d0.raw", 16);
     let config = guest_config(dir.path(), "", "", &[disk("d0", &img, "")]);
     let first = Vm::create(config.clone()).unwrap_or_else(|e| panic!("first VM: {e}"));
-    match Vm::create(config.clone()) {
+    // Its own console (the first VM's console file is locked as well).
+    let mut second = config.clone();
+    second.serial.path = Some(dir.path().join("second.log"));
+    match Vm::create(second) {
         Err(e @ VmError::Disk { .. }) => {
             let msg = e.to_string();
             assert!(msg.contains("lock"), "{msg}");

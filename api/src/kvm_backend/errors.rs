@@ -58,7 +58,7 @@ pub(crate) fn vm_error(id: &str, e: VmError) -> ApiError {
         VmError::Config(_) | VmError::Boot(_) => {
             Some(ApiError::bad_request("invalid VM config").with_details(vec![msg.clone()]))
         }
-        VmError::Serial(SerialError::InUseAsImage { .. } | SerialError::SocketInUse { .. }) => {
+        VmError::Serial(SerialError::InUse { .. } | SerialError::SocketInUse { .. }) => {
             Some(ApiError::conflict(msg.clone()))
         }
         VmError::Serial(_) if !matches!(e, VmError::Serial(SerialError::EventFd(_))) => {

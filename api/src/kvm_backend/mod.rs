@@ -213,6 +213,9 @@ impl VmmBackend for KvmBackend {
                 removed: false,
             }),
         });
+        // Looking at files may block (a hung mount): never under the map's lock. Two
+        // creates racing past this check still meet the image and serial-file locks.
+        conflicts::vm_conflicts(&config, &self.other_configs(&id))?;
         let mut entry = lock(&slot.entry);
         {
             let mut vms = lock(&self.vms);
@@ -221,13 +224,6 @@ impl VmmBackend for KvmBackend {
                     "a VM with id {id:?} already exists"
                 )));
             }
-            let others: Vec<VmConfig> = vms
-                .values()
-                .map(|s| lock(&s.view).clone())
-                .filter(|v| !v.removed)
-                .map(|v| v.config)
-                .collect();
-            conflicts::vm_conflicts(&config, &others)?;
             vms.insert(id.clone(), slot.clone());
         }
         let built = Vm::create(config);

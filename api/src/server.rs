@@ -101,6 +101,7 @@ impl<S: Send + Sync, T: DeserializeOwned> FromRequest<S> for JsonBody<T> {
 #[into_params(parameter_in = Query)]
 pub struct VmSelector {
     /// The VM id; may be left out when the service has exactly one VM.
+    #[param(example = "ex")]
     pub id: Option<String>,
 }
 
@@ -182,7 +183,33 @@ async fn vmm_shutdown(State(state): State<AppState>) -> Result<StatusCode, ApiEr
 
 /// Creates a VM from its config (ARCHITECTURE.md section 7).
 #[utoipa::path(put, path = "/api/v1/vm.create", tag = "vm",
-    request_body(content = VmConfig, description = "A VM config", content_type = "application/json"),
+    request_body(content = VmConfig, description = "A VM config. The examples boot the test guest \
+        (`tests/guest`); their paths (kernel `/tmp/vmm-example/guest.elf`, images \
+        `/tmp/vmm-example/disk*.raw`) are example paths, which `scripts/schemathesis.sh` creates.",
+        content_type = "application/json",
+        examples(
+            ("test_guest" = (summary = "The test guest with one disk on a named iothread",
+                value = json!({"id": "ex", "memory": {"size_mib": 64},
+                    "payload": {"kernel": "/tmp/vmm-example/guest.elf",
+                                "cmdline": "exit=acpi pci=auto ms=300"},
+                    "iothreads": [{"id": "io0"}],
+                    "disks": [{"id": "d0", "path": "/tmp/vmm-example/disk0.raw", "iothread": "io0"}]}))),
+            ("throttled" = (summary = "Two vCPUs, serial output to a file, a throttle group, a null disk with two queues on one iothread",
+                value = json!({"id": "ex-full", "cpus": {"boot_vcpus": 2}, "memory": {"size_mib": 64},
+                    "payload": {"kernel": "/tmp/vmm-example/guest.elf",
+                                "cmdline": "exit=acpi pci=auto ms=100"},
+                    "serial": {"mode": "file", "path": "/tmp/vmm-example/ex-full.serial"},
+                    "iothreads": [{"id": "io0", "poll_max_ns": 0}],
+                    "throttle_groups": [{"id": "g0", "limits": {"iops_total": 2000}}],
+                    "disks": [{"id": "d0", "path": "/tmp/vmm-example/disk1.raw", "iothread": "io0",
+                               "throttle": {"bps_total": 10485760}, "throttle_group": "g0"},
+                              {"id": "n0", "path": "null", "null_size": 1048576, "num_queues": 2,
+                               "iothread_vq_mapping": [{"iothread": "io0", "vqs": [0, 1]}]}]}))),
+            ("null_disk" = (summary = "The test guest with a null disk only",
+                value = json!({"id": "ex-null", "memory": {"size_mib": 64},
+                    "payload": {"kernel": "/tmp/vmm-example/guest.elf", "cmdline": "exit=acpi ms=50"},
+                    "disks": [{"id": "n0", "path": "null", "null_size": 1048576}]})))
+        )),
     responses((status = 204, description = "Created"),
               (status = 400, description = "Invalid config: a field, a missing file, more disks than PCI slots (31)", body = ErrorBody),
               (status = 403, description = "A path outside the directories the service may use (vmmd --allowed-dir)", body = ErrorBody),
@@ -282,7 +309,18 @@ async fn vm_counters(
 /// Adds a disk (and its iothread); a running guest is told through ACPI. The image is
 /// opened (and so checked) in every state, also on a shut-down VM.
 #[utoipa::path(put, path = "/api/v1/vm.add-disk", tag = "vm", params(VmSelector),
-    request_body(content = DiskConfig, description = "A disk config", content_type = "application/json"),
+    request_body(content = DiskConfig, description = "A disk config. The image paths of the \
+        examples are example paths under `/tmp/vmm-example`, which `scripts/schemathesis.sh` creates.",
+        content_type = "application/json",
+        examples(
+            ("image" = (summary = "A raw image on its own iothread",
+                value = json!({"id": "d1", "path": "/tmp/vmm-example/disk2.raw"}))),
+            ("throttled" = (summary = "A read-only image on the named iothread io0, throttled",
+                value = json!({"id": "d2", "path": "/tmp/vmm-example/disk3.raw", "readonly": true,
+                    "iothread": "io0", "throttle": {"iops_total": 500}}))),
+            ("null" = (summary = "A 4 MiB null disk with two queues",
+                value = json!({"id": "n1", "path": "null", "null_size": 4194304, "num_queues": 2})))
+        )),
     responses((status = 204, description = "Added"),
               (status = 400, description = "Invalid disk: a field, a missing or unusable image, no free PCI slot (31 disks)", body = ErrorBody),
               (status = 403, description = "A path outside the directories the service may use (vmmd --allowed-dir)", body = ErrorBody),
@@ -308,7 +346,11 @@ async fn vm_add_disk(
 /// guest is asked to eject it (ACPI) and the disk is drained and removed when it does
 /// (`vm.info` lists it under `pending_removals` until then).
 #[utoipa::path(put, path = "/api/v1/vm.remove-device", tag = "vm", params(VmSelector),
-    request_body(content = RemoveDevice, content_type = "application/json"),
+    request_body(content = RemoveDevice, description = "The disk to remove", content_type = "application/json",
+        examples(
+            ("image" = (summary = "The disk added by the add-disk example", value = json!({"id": "d1"}))),
+            ("null" = (summary = "The null disk added by the add-disk example", value = json!({"id": "n1"})))
+        )),
     responses((status = 204, description = "Removed, or removal asked of the running guest"),
               (status = 400, description = "Invalid body", body = ErrorBody),
               (status = 404, description = "Unknown VM or device", body = ErrorBody),
@@ -325,7 +367,14 @@ async fn vm_remove_device(
 
 /// Changes a disk's throttle limits or group, live.
 #[utoipa::path(put, path = "/api/v1/vm.update-disk", tag = "vm", params(VmSelector),
-    request_body(content = UpdateDisk, content_type = "application/json"),
+    request_body(content = UpdateDisk, description = "The disk and its new settings", content_type = "application/json",
+        examples(
+            ("limits" = (summary = "New limits: 500 requests/s, bursts of 1000 for 2 s",
+                value = json!({"id": "d0", "throttle": {"iops_total": 500, "iops_total_max": 1000,
+                    "iops_total_max_length": 2}}))),
+            ("unthrottle" = (summary = "No limits of its own any more", value = json!({"id": "d0", "throttle": {}}))),
+            ("leave_group" = (summary = "Out of its throttle group", value = json!({"id": "d0", "throttle_group": ""})))
+        )),
     responses((status = 204, description = "Changed"),
               (status = 400, description = "Invalid settings", body = ErrorBody),
               (status = 404, description = "Unknown VM or disk", body = ErrorBody),
@@ -342,7 +391,14 @@ async fn vm_update_disk(
 /// Changes a named iothread's polling, batching and CPU affinity, live. Only the fields
 /// sent change; the others keep their values (`cpu_affinity: []` unpins).
 #[utoipa::path(put, path = "/api/v1/vm.update-iothread", tag = "vm", params(VmSelector),
-    request_body(content = IoThreadUpdate, description = "The iothread's id and the settings to change", content_type = "application/json"),
+    request_body(content = IoThreadUpdate, description = "The iothread's id and the settings to change", content_type = "application/json",
+        examples(
+            ("polling" = (summary = "No polling, smaller batches",
+                value = json!({"id": "io0", "poll_max_ns": 0, "aio_max_batch": 16}))),
+            ("adaptive" = (summary = "Adaptive polling up to 64 us, not pinned",
+                value = json!({"id": "io0", "poll_max_ns": 65536, "poll_grow": 2, "poll_shrink": 2,
+                    "cpu_affinity": []})))
+        )),
     responses((status = 204, description = "Changed"),
               (status = 400, description = "Invalid settings (e.g. a CPU the host does not offer)", body = ErrorBody),
               (status = 404, description = "Unknown VM or iothread (a disk's dedicated iothread cannot be changed)", body = ErrorBody),
@@ -433,11 +489,171 @@ pub fn router(state: AppState) -> axum::Router {
         .with_state(state)
 }
 
+/// OpenAPI links (for clients, and for schemathesis' stateful phase, which follows them):
+/// after a VM call answers `status`, the calls that may follow on the same VM, by operation
+/// id. The VM is the `id` of the created config for `vm_create`, else the call's `?id=`. A
+/// target ending in `*` also gets `{"id": <the added disk's id>}` as its body.
+const VM_LINKS: &[(&str, &str, &[&str])] = &[
+    (
+        "vm_create",
+        "204",
+        &[
+            "vm_info",
+            "vm_counters",
+            "vm_boot",
+            "vm_add_disk",
+            "vm_update_disk",
+            "vm_update_iothread",
+            "vm_remove_device",
+            "vm_delete",
+        ],
+    ),
+    // The id may be taken: that VM can be looked at or deleted.
+    ("vm_create", "409", &["vm_info", "vm_delete"]),
+    (
+        "vm_boot",
+        "204",
+        &[
+            "vm_info",
+            "vm_counters",
+            "vm_pause",
+            "vm_reboot",
+            "vm_shutdown",
+            "vm_add_disk",
+            "vm_update_disk",
+            "vm_update_iothread",
+            "vm_remove_device",
+        ],
+    ),
+    (
+        "vm_pause",
+        "204",
+        &[
+            "vm_info",
+            "vm_resume",
+            "vm_shutdown",
+            "vm_add_disk",
+            "vm_update_disk",
+            "vm_remove_device",
+        ],
+    ),
+    (
+        "vm_resume",
+        "204",
+        &["vm_info", "vm_pause", "vm_reboot", "vm_shutdown"],
+    ),
+    (
+        "vm_reboot",
+        "204",
+        &["vm_info", "vm_counters", "vm_shutdown"],
+    ),
+    (
+        "vm_shutdown",
+        "204",
+        &[
+            "vm_info",
+            "vm_boot",
+            "vm_delete",
+            "vm_add_disk",
+            "vm_update_disk",
+            "vm_remove_device",
+        ],
+    ),
+    (
+        "vm_add_disk",
+        "204",
+        &[
+            "vm_info",
+            "vm_counters",
+            "vm_update_disk*",
+            "vm_remove_device*",
+        ],
+    ),
+];
+
+/// Adds [`VM_LINKS`] to the responses of `api`'s PUT operations.
+fn add_links(api: &mut utoipa::openapi::OpenApi) {
+    use utoipa::openapi::RefOr;
+    use utoipa::openapi::link::Link;
+
+    for item in api.paths.paths.values_mut() {
+        let Some(op) = item.put.as_mut() else {
+            continue;
+        };
+        let Some(source) = op.operation_id.clone() else {
+            continue;
+        };
+        let vm = if source == "vm_create" {
+            "$request.body#/id"
+        } else {
+            "$request.query.id"
+        };
+        for (_, status, targets) in VM_LINKS.iter().filter(|(s, _, _)| *s == source) {
+            let Some(RefOr::T(response)) = op.responses.responses.get_mut(*status) else {
+                continue;
+            };
+            for target in *targets {
+                let (target, with_disk) = match target.strip_suffix('*') {
+                    Some(t) => (t, true),
+                    None => (*target, false),
+                };
+                let mut link = Link::builder()
+                    .operation_id(target)
+                    .parameter("id", vm)
+                    .description(if with_disk {
+                        "The same VM and disk"
+                    } else {
+                        "The same VM"
+                    });
+                if with_disk {
+                    link = link.request_body(Some(serde_json::json!({"id": "$request.body#/id"})));
+                }
+                let name = target.strip_prefix("vm_").unwrap_or(target);
+                response
+                    .links
+                    .insert(name.to_string(), RefOr::T(link.build()));
+            }
+        }
+    }
+}
+
 /// The OpenAPI description of the service, as YAML (what `openapi.yaml` holds).
 pub fn openapi_yaml() -> Result<String, String> {
     let (_, mut api) = openapi_router().split_for_parts();
     api.info.version = env!("CARGO_PKG_VERSION").to_string();
-    api.to_yaml().map_err(|e| e.to_string())
+    add_links(&mut api);
+    api.to_yaml()
+        .map(|yaml| camel_case_links(&yaml))
+        .map_err(|e| e.to_string())
+}
+
+/// utoipa 5.5 writes a Link's `operationId` and `requestBody` in snake case (its `Link`
+/// lacks serde's `rename_all = "camelCase"`); renames those keys inside `links:` maps.
+fn camel_case_links(yaml: &str) -> String {
+    let indent = |l: &str| l.len() - l.trim_start().len();
+    let mut out = String::with_capacity(yaml.len());
+    let mut links_at: Option<usize> = None;
+    for line in yaml.lines() {
+        if links_at.is_some_and(|at| !line.trim().is_empty() && indent(line) <= at) {
+            links_at = None;
+        }
+        let mut line = line.to_string();
+        if links_at.is_some() {
+            for (snake, camel) in [
+                ("operation_id:", "operationId:"),
+                ("request_body:", "requestBody:"),
+            ] {
+                if line.trim_start().starts_with(snake) {
+                    line = line.replacen(snake, camel, 1);
+                }
+            }
+        } else if line.trim() == "links:" {
+            links_at = Some(indent(&line));
+        }
+        out.push_str(&line);
+        out.push('\n');
+    }
+    out
 }
 
 /// Serves `router` on `unix` (and `tcp` if given) until `shutdown` turns true.

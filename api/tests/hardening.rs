@@ -254,15 +254,23 @@ fn limits_are_4xx_or_503_not_500() {
     let r = s.req("PUT", "vm.add-disk?id=many", Some(&null(31)));
     expect(&r, 400, &["at most 31"]);
 
-    let free = std::fs::read_to_string("/sys/kernel/mm/hugepages/hugepages-2048kB/free_hugepages")
-        .ok()
-        .and_then(|t| t.trim().parse::<u64>().ok())
-        .unwrap_or(0);
-    if free < 32 {
-        let mut h = guest_vm(&elf, "huge", json!([]));
-        h["memory"]["hugepages"] = json!(true);
+    // Hugepages: more than the host reserves in all is invalid (400); reserved but taken
+    // by another VM is the host's limit of the moment (503).
+    let mut h = guest_vm(&elf, "huge", json!([]));
+    h["memory"]["hugepages"] = json!(true);
+    if vmm::memory::reserved_hugepages() < 32 {
         let r = s.req("PUT", "vm.create", Some(&h));
-        expect(&r, 503, &["hugepages"]);
+        expect(&r, 400, &["memory.hugepages", "reserves", "32 needed"]);
+    }
+    match Hugepages::reserve(32) {
+        Some(_reserved) => {
+            s.ok("PUT", "vm.create", Some(&h));
+            h["id"] = json!("huge2");
+            let r = s.req("PUT", "vm.create", Some(&h));
+            expect(&r, 503, &["hugepages are in use", "0 free 2 MiB hugepages"]);
+            s.ok("PUT", "vm.delete?id=huge", None);
+        }
+        None => println!("SKIP hugepages in use (503): cannot reserve hugepages here"),
     }
     s.ok("GET", "vmm.ping", None);
 
@@ -295,6 +303,30 @@ fn limits_are_4xx_or_503_not_500() {
     // Once the failed VM's descriptors are released, a small VM fits.
     let small = json!([{"id": "d0", "path": tight.path("0.raw")}]);
     tight.ok("PUT", "vm.create", Some(&guest_vm(&elf, "ok", small)));
+}
+
+/// 2 MiB hugepages reserved for a test (as root), given back when dropped.
+struct Hugepages {
+    before: String,
+}
+
+impl Hugepages {
+    const KNOB: &str = "/proc/sys/vm/nr_hugepages";
+
+    /// Reserves `n` more hugepages, or `None` when this host does not let us.
+    fn reserve(n: u64) -> Option<Hugepages> {
+        let before = std::fs::read_to_string(Self::KNOB).ok()?;
+        let want = before.trim().parse::<u64>().ok()? + n;
+        std::fs::write(Self::KNOB, want.to_string()).ok()?;
+        let guard = Hugepages { before };
+        (vmm::memory::reserved_hugepages() >= want).then_some(guard)
+    }
+}
+
+impl Drop for Hugepages {
+    fn drop(&mut self) {
+        let _ = std::fs::write(Self::KNOB, self.before.trim());
+    }
 }
 
 /// Issue item 5: `vm.add-disk` checks the image the same way in every state: a missing

@@ -245,6 +245,15 @@ impl GuestRam {
     }
 }
 
+/// Where the kernel reports the 2 MiB hugepages reserved in all (free or in use).
+const RESERVED_HUGEPAGES: &str = "/sys/kernel/mm/hugepages/hugepages-2048kB/nr_hugepages";
+
+/// 2 MiB hugepages the host has reserved in all, free or in use (0 when it has none or
+/// cannot say): more than this no VM can ever get.
+pub fn reserved_hugepages() -> u64 {
+    free_hugepages(Path::new(RESERVED_HUGEPAGES))
+}
+
 /// Free 2 MiB hugepages as the kernel reports them in `path` (0 when unreadable).
 fn free_hugepages(path: &Path) -> u64 {
     std::fs::read_to_string(path)

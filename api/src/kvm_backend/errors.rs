@@ -94,9 +94,10 @@ pub(crate) fn vm_error(id: &str, e: VmError) -> ApiError {
         (Some(c), None) => c,
         (_, Some(h)) => h.with_details(vec![msg]),
         (None, None) => match &e {
-            VmError::Memory(vmm::memory::MemoryError::NoHugepages { .. }) => {
-                ApiError::unavailable(msg)
-            }
+            VmError::Memory(vmm::memory::MemoryError::NoHugepages { .. }) => ApiError::unavailable(
+                format!("VM {id}: the host's reserved hugepages are in use; try again later"),
+            )
+            .with_details(vec![msg]),
             VmError::Kvm(
                 vmm::kvm::KvmError::Open { .. }
                 | vmm::kvm::KvmError::ApiVersion(_)

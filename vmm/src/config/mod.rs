@@ -266,6 +266,18 @@ impl VmConfig {
             p.push(format!(
                 "memory.size_mib must be a multiple of 2 with hugepages (2 MiB pages; got {mib})"
             ));
+        } else if self.memory.hugepages {
+            // Fewer reserved in all than needed can never work (only an administrator can
+            // change it): invalid here. Reserved but taken by others is a host limit of
+            // the moment, found when the memory is made.
+            let (needed, reserved) = (mib / 2, crate::memory::reserved_hugepages());
+            if reserved < needed {
+                p.push(format!(
+                    "memory.hugepages: this host reserves {reserved} 2 MiB hugepages in all, \
+                     {needed} needed (an administrator reserves them: echo N > \
+                     /proc/sys/vm/nr_hugepages)"
+                ));
+            }
         }
     }
 

@@ -152,6 +152,20 @@ fn memory_errors() {
     c.memory.size_mib = 513;
     c.memory.hugepages = true;
     one_problem(&c, &["memory.size_mib", "multiple of 2", "hugepages"]);
+    // More hugepages than the host reserves in all can never be had.
+    c.memory.size_mib = 1 << 20;
+    let reserved = crate::memory::reserved_hugepages();
+    assert!(
+        reserved < 1 << 19,
+        "a host with 1 TiB of hugepages reserved"
+    );
+    one_problem(
+        &c,
+        &[
+            "memory.hugepages",
+            &format!("reserves {reserved} 2 MiB hugepages in all, 524288 needed"),
+        ],
+    );
 }
 
 #[test]

@@ -65,13 +65,7 @@ impl Service {
 
     /// A request to `/api/v1/<path>`.
     pub fn req(&self, method: &str, path: &str, body: Option<&Value>) -> Reply {
-        self.client
-            .request_blocking(
-                method,
-                &format!("/api/v1/{path}"),
-                body.map(|b| b.to_string().into_bytes()),
-            )
-            .unwrap_or_else(|e| panic!("{method} {path}: {e}"))
+        self.raw(method, path, body.map(Value::to_string).as_deref())
     }
 
     /// A request that must succeed.

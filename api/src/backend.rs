@@ -312,39 +312,36 @@ pub trait VmmBackend: Send + Sync + 'static {
 }
 
 /// The settings a named iothread of `config` (VM `vm`) gets from `update`: its current
-/// ones with the fields `update` carries replaced, validated. 404 for an unknown iothread
-/// (a dedicated one is named in the message: it cannot be changed), 400 for invalid
-/// settings.
+/// ones with the fields `update` carries replaced, validated, with its index in
+/// `config.iothreads`. 404 for an unknown iothread (a disk's dedicated one, named by
+/// [`devices::config::dedicated_iothread_name`] or by the disk's id, says why it cannot be
+/// changed), 400 for invalid settings.
 pub fn merged_iothread(
     vm: &str,
     config: &VmConfig,
     update: &IoThreadUpdate,
-) -> Result<devices::config::IoThreadConfig, ApiError> {
-    let Some(current) = config.iothreads.iter().find(|t| t.id == update.id) else {
-        let dedicated = devices::config::dedicated_iothread_disk(&update.id)
-            .or_else(|| {
-                config
-                    .disks
-                    .iter()
-                    .find(|d| d.id == update.id && d.queue_iothreads().contains(&None))
-                    .map(|d| d.id.as_str())
-            })
-            .filter(|disk| config.disks.iter().any(|d| d.id == *disk));
-        return Err(match dedicated {
-            Some(disk) => ApiError::not_found(format!(
-                "VM {vm} has no iothread with id {:?}: {} is the dedicated iothread of disk {disk}, \
-                 which has default settings and cannot be changed; to tune it, declare a named \
-                 iothread in `iothreads` and set the disk's `iothread` to it",
-                update.id,
+) -> Result<(usize, devices::config::IoThreadConfig), ApiError> {
+    let Some(index) = config.iothreads.iter().position(|t| t.id == update.id) else {
+        let disk = devices::config::dedicated_iothread_disk(&update.id).unwrap_or(&update.id);
+        let dedicated = config
+            .disks
+            .iter()
+            .any(|d| d.id == disk && d.queue_iothreads().contains(&None));
+        let mut msg = format!("VM {vm} has no iothread with id {:?}", update.id);
+        if dedicated {
+            msg += &format!(
+                ": {} is the dedicated iothread of disk {disk}, which has default settings \
+                 and cannot be changed; to tune it, declare a named iothread in `iothreads` \
+                 and set the disk's `iothread` to it",
                 devices::config::dedicated_iothread_name(disk),
-            )),
-            None => ApiError::not_found(format!("VM {vm} has no iothread with id {:?}", update.id)),
-        });
+            );
+        }
+        return Err(ApiError::not_found(msg));
     };
-    let mut merged = current.clone();
+    let mut merged = config.iothreads[index].clone();
     merged.merge(update);
     merged
         .validate()
         .map_err(|e| ApiError::bad_request("invalid iothread").with_details(vec![e]))?;
-    Ok(merged)
+    Ok((index, merged))
 }

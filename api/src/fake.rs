@@ -312,10 +312,8 @@ impl VmmBackend for FakeVmm {
 
     fn update_iothread(&self, id: &str, update: IoThreadUpdate) -> Result<(), ApiError> {
         self.with_vm(id, |vm, _| {
-            let merged = merged_iothread(id, &vm.config, &update)?;
-            if let Some(slot) = vm.config.iothreads.iter_mut().find(|t| t.id == merged.id) {
-                *slot = merged;
-            }
+            let (index, merged) = merged_iothread(id, &vm.config, &update)?;
+            vm.config.iothreads[index] = merged;
             Ok(())
         })
     }

@@ -145,22 +145,6 @@ pub fn try_lock(file: &File, exclusive: bool) -> io::Result<bool> {
     }
 }
 
-/// Whether another open file description (of any process, or another of ours) holds a
-/// lock on part of `file` that a whole-file write lock would conflict with: a disk image
-/// in use (disks take OFD locks when opened).
-pub fn locked_by_other(file: &File) -> io::Result<bool> {
-    // SAFETY: an all-zero flock is a valid value; the fields that matter are set below.
-    let mut fl: libc::flock = unsafe { std::mem::zeroed() };
-    fl.l_type = libc::F_WRLCK as libc::c_short;
-    fl.l_whence = libc::SEEK_SET as libc::c_short;
-    // SAFETY: F_OFD_GETLK reads and writes only the flock we pass.
-    let rc = unsafe { libc::fcntl(file.as_raw_fd(), libc::F_OFD_GETLK, &mut fl) };
-    if rc != 0 {
-        return Err(io::Error::last_os_error());
-    }
-    Ok(fl.l_type != libc::F_UNLCK as libc::c_short)
-}
-
 #[cfg(test)]
 mod tests {
     use std::io::Write;
@@ -238,16 +222,23 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let p = dir.path().join("img");
         std::fs::write(&p, vec![0u8; 4096]).unwrap();
-        let probe = open(&p, OpenFlags::READ).unwrap();
-        assert!(!locked_by_other(&probe).unwrap());
+        // Each look is a fresh open file description, as another process's would be.
+        let rw = OpenFlags {
+            flags: libc::O_RDWR,
+            mode: 0,
+        };
+        let free = || try_lock(&open(&p, rw).unwrap(), true).unwrap();
+        assert!(free());
         let disk = crate::Disk::open(&crate::DiskOptions {
             path: p.clone(),
             readonly: true,
             cache: crate::CacheMode::Writeback,
         })
         .unwrap();
-        assert!(locked_by_other(&probe).unwrap(), "a read-only disk's lock");
+        assert!(!free(), "a read-only disk's lock");
+        // Shared locks share; the exclusive one is refused.
+        assert!(try_lock(&open(&p, OpenFlags::READ).unwrap(), false).unwrap());
         drop(disk);
-        assert!(!locked_by_other(&probe).unwrap());
+        assert!(free());
     }
 }

@@ -164,7 +164,7 @@ impl GuestRam {
         }
         if hugepages {
             let needed = size / HUGEPAGE_SIZE;
-            let free = free_hugepages(Path::new(FREE_HUGEPAGES));
+            let free = read_count(Path::new(FREE_HUGEPAGES));
             if free < needed {
                 return Err(MemoryError::NoHugepages { needed, free });
             }
@@ -251,11 +251,11 @@ const RESERVED_HUGEPAGES: &str = "/sys/kernel/mm/hugepages/hugepages-2048kB/nr_h
 /// 2 MiB hugepages the host has reserved in all, free or in use (0 when it has none or
 /// cannot say): more than this no VM can ever get.
 pub fn reserved_hugepages() -> u64 {
-    free_hugepages(Path::new(RESERVED_HUGEPAGES))
+    read_count(Path::new(RESERVED_HUGEPAGES))
 }
 
-/// Free 2 MiB hugepages as the kernel reports them in `path` (0 when unreadable).
-fn free_hugepages(path: &Path) -> u64 {
+/// A count the kernel reports in `path` (0 when unreadable).
+fn read_count(path: &Path) -> u64 {
     std::fs::read_to_string(path)
         .ok()
         .and_then(|s| s.trim().parse().ok())
@@ -289,7 +289,7 @@ fn create_memfd(size: u64, hugepages: bool) -> Result<File, MemoryError> {
         if unsafe { libc::fallocate(file.as_raw_fd(), 0, 0, len) } != 0 {
             let source = std::io::Error::last_os_error();
             if source.raw_os_error() == Some(libc::ENOSPC) {
-                let free = free_hugepages(Path::new(FREE_HUGEPAGES));
+                let free = read_count(Path::new(FREE_HUGEPAGES));
                 return Err(MemoryError::NoHugepages {
                     needed: size / HUGEPAGE_SIZE,
                     free,
@@ -408,7 +408,7 @@ mod tests {
 
     #[test]
     fn hugepages_beyond_what_the_host_has_is_a_clear_error() {
-        let free = free_hugepages(Path::new(FREE_HUGEPAGES));
+        let free = read_count(Path::new(FREE_HUGEPAGES));
         let err = GuestRam::new((free + 1) * HUGEPAGE_SIZE, true).unwrap_err();
         assert!(matches!(err, MemoryError::NoHugepages { .. }), "{err}");
         let msg = err.to_string();
@@ -416,6 +416,6 @@ mod tests {
             msg.contains("memory.hugepages") && msg.contains("nr_hugepages"),
             "{msg}"
         );
-        assert_eq!(free_hugepages(Path::new("/nonexistent")), 0);
+        assert_eq!(read_count(Path::new("/nonexistent")), 0);
     }
 }

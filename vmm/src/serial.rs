@@ -298,20 +298,16 @@ impl SerialOutput {
     }
 
     /// Empties a file output (a VM's first boot starts a new console log); other outputs
-    /// are left as they are. The file is still checked for another user's lock (its own
-    /// lock never conflicts with itself).
+    /// are left as they are. The output holds the file's exclusive lock since it was
+    /// opened, so no image can have taken the file meanwhile.
     pub fn start_fresh(&mut self) -> Result<(), SerialError> {
         let SerialOutput::File(file, path) = self else {
             return Ok(());
         };
-        let file_err = |source| SerialError::File {
+        file.set_len(0).map_err(|source| SerialError::File {
             path: path.clone(),
             source,
-        };
-        if block::host_file::locked_by_other(file).map_err(file_err)? {
-            return Err(SerialError::InUse { path: path.clone() });
-        }
-        file.set_len(0).map_err(file_err)
+        })
     }
 }
 

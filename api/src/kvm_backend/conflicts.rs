@@ -1,121 +1,68 @@
-//! What one VM's config may not take from another VM of the service: a writable image
-//! (or any image, for a writable disk), an image as serial output, another VM's serial
-//! output. Checked before a VM is built, and used to say who holds an image when the
-//! image lock refuses it.
+//! Who in the service holds a file that a VM could not take. The locks themselves decide
+//! (images and serial files carry OFD locks, a serial socket is refused while someone
+//! listens on it): race-free and also against programs outside the service. This only
+//! turns such a refusal into a message naming the VM and disk or console that holds the
+//! file.
 
 use std::path::Path;
 
-use devices::config::DiskConfig;
+use devices::virtio_blk::device::DeviceError;
 use vmm::config::{SerialMode, VmConfig, same_file};
+use vmm::serial::SerialError;
+use vmm::vm::VmError;
 
 use crate::backend::ApiError;
 
-/// Who uses an image: the VM, the disk and whether it is writable.
-pub(super) struct ImageUser {
-    pub(super) vm: String,
-    pub(super) disk: String,
-    pub(super) writable: bool,
-}
-
-/// The first disk of `others` whose image is `path` and that cannot share it with a disk
-/// opened `readonly` (writable on either side).
-pub(super) fn image_user<'a>(
-    others: impl IntoIterator<Item = &'a VmConfig>,
-    path: &Path,
-    readonly: bool,
-) -> Option<ImageUser> {
-    others.into_iter().find_map(|vm| {
-        vm.disks
+/// What of `others` uses `path`: "VM a (disk d0, writable)" or "the serial output of VM
+/// b".
+fn holder(others: &[VmConfig], path: &Path) -> Option<String> {
+    others.iter().find_map(|vm| {
+        if let Some(d) = vm
+            .disks
             .iter()
-            .find(|d| {
-                let shareable = d.readonly && readonly;
-                !d.is_null() && !shareable && same_file(&d.path, path)
-            })
-            .map(|d| ImageUser {
-                vm: vm.id.clone(),
-                disk: d.id.clone(),
-                writable: !d.readonly,
-            })
+            .find(|d| !d.is_null() && same_file(&d.path, path))
+        {
+            let how = if d.readonly { "read-only" } else { "writable" };
+            return Some(format!("VM {} (disk {}, {how})", vm.id, d.id));
+        }
+        let serial = matches!(vm.serial.mode, SerialMode::File | SerialMode::Socket);
+        vm.serial
+            .path
+            .as_deref()
+            .filter(|p| serial && (*p == path || same_file(p, path)))
+            .map(|_| format!("the serial output of VM {}", vm.id))
     })
 }
 
-/// 409 for `disk` of VM `id` when another VM of the service holds its image or writes
-/// its serial output there.
-pub(super) fn disk_conflict<'a>(
-    id: &str,
-    disk: &DiskConfig,
-    others: impl IntoIterator<Item = &'a VmConfig> + Clone,
-) -> Result<(), ApiError> {
-    if disk.is_null() {
-        return Ok(());
-    }
-    if let Some(other) = others.clone().into_iter().find(|o| {
-        o.serial.mode == SerialMode::File
-            && o.serial
-                .path
-                .as_deref()
-                .is_some_and(|p| same_file(p, &disk.path))
-    }) {
-        return Err(ApiError::conflict(format!(
-            "VM {id}: image {} of disk {} is the serial output of VM {}",
-            disk.path.display(),
-            disk.id,
-            other.id
-        )));
-    }
-    match image_user(others, &disk.path, disk.readonly) {
-        Some(u) => Err(ApiError::conflict(format!(
-            "VM {id}: image {} of disk {} is in use by VM {} (disk {}{}); a writable image can be open only once",
-            disk.path.display(),
-            disk.id,
-            u.vm,
-            u.disk,
-            if u.writable {
-                ", writable"
-            } else {
-                ", read-only"
-            }
-        ))),
-        None => Ok(()),
-    }
-}
-
-/// 409 when `config`'s serial output is another VM's image or serial output, or one of
-/// its disks is another VM's image.
-pub(super) fn vm_conflicts<'a>(
-    config: &VmConfig,
-    others: impl IntoIterator<Item = &'a VmConfig> + Clone,
-) -> Result<(), ApiError> {
-    let id = &config.id;
-    if let (SerialMode::File | SerialMode::Socket, Some(path)) =
-        (config.serial.mode, &config.serial.path)
-    {
-        for other in others.clone() {
-            if let Some(d) = other
-                .disks
-                .iter()
-                .find(|d| !d.is_null() && same_file(&d.path, path))
-            {
-                return Err(ApiError::conflict(format!(
-                    "VM {id}: serial.path {} is the image of disk {} of VM {}; serial output must go to a file of its own",
-                    path.display(),
-                    d.id,
-                    other.id
-                )));
-            }
-            if let Some(p) = &other.serial.path
-                && (p == path || same_file(p, path))
-            {
-                return Err(ApiError::conflict(format!(
-                    "VM {id}: serial.path {} is the serial output of VM {}",
-                    path.display(),
-                    other.id
-                )));
-            }
+/// The 409 for `e` on VM `id` when it is a file another user holds, naming that user
+/// among `others`; `None` for any other error.
+pub(super) fn explain(id: &str, e: &VmError, others: &[VmConfig]) -> Option<ApiError> {
+    let (what, path, locked) = match e {
+        VmError::Disk {
+            id: disk,
+            source: DeviceError::Disk(block::Error::Locked { path, .. }),
+        } => (
+            format!("image {} of disk {disk}", path.display()),
+            path,
+            true,
+        ),
+        VmError::Serial(SerialError::InUse { path }) => {
+            (format!("serial.path {}", path.display()), path, true)
         }
+        VmError::Serial(SerialError::SocketInUse { path }) => {
+            (format!("serial.path {}", path.display()), path, false)
+        }
+        _ => return None,
+    };
+    match holder(others, path) {
+        Some(h) => Some(ApiError::conflict(format!(
+            "VM {id}: {what} is in use by {h}"
+        ))),
+        // A socket's own message already says that a process listens there.
+        None if !locked => None,
+        None => Some(ApiError::conflict(format!(
+            "VM {id}: {what} is held by a program outside this service (no VM here uses \
+             it); a writable image or a console file can be open only once"
+        ))),
     }
-    for d in &config.disks {
-        disk_conflict(id, d, others.clone())?;
-    }
-    Ok(())
 }

@@ -170,14 +170,12 @@ impl Entry {
         config
             .validate()
             .map_err(|e| vmm::vm::VmError::Config(e.details().join("; ")))?;
-        match self.state() {
-            VmState::Shutdown => vmm::vm::device_manager::probe_disk(&disk)?,
-            _ => match self.vm.as_mut() {
-                Some(vm) => {
-                    vm.hot_add_disk(disk)?;
-                }
-                None => vmm::vm::device_manager::probe_disk(&disk)?,
-            },
+        let state = self.state();
+        match self.vm.as_mut() {
+            Some(vm) if state != VmState::Shutdown => {
+                vm.hot_add_disk(disk)?;
+            }
+            _ => vmm::vm::device_manager::probe_disk(&disk)?,
         }
         self.config = config;
         Ok(())

@@ -38,10 +38,9 @@ pub(crate) fn host_limit(context: &str, errno: i32) -> Option<ApiError> {
         libc::ENOSPC => "the host ran out of a kernel resource (ENOSPC)",
         _ => return None,
     };
-    Some(
-        ApiError::unavailable(format!("{context}: {what}; try again later"))
-            .with_details(vec![what.to_string()]),
-    )
+    Some(ApiError::unavailable(format!(
+        "{context}: {what}; try again later"
+    )))
 }
 
 /// The API error of a failed VM build or VM operation on VM `id`.
@@ -61,7 +60,8 @@ pub(crate) fn vm_error(id: &str, e: VmError) -> ApiError {
         VmError::Serial(SerialError::InUse { .. } | SerialError::SocketInUse { .. }) => {
             Some(ApiError::conflict(msg.clone()))
         }
-        VmError::Serial(_) if !matches!(e, VmError::Serial(SerialError::EventFd(_))) => {
+        VmError::Serial(SerialError::EventFd(_)) => None,
+        VmError::Serial(_) => {
             Some(ApiError::bad_request("invalid serial output").with_details(vec![msg.clone()]))
         }
         VmError::Disk {

@@ -35,7 +35,6 @@ use std::sync::{Arc, Mutex, MutexGuard, TryLockError};
 use std::time::{Duration, Instant};
 
 use devices::config::{DiskConfig, IoThreadUpdate};
-use devices::virtio_blk::device::DeviceError;
 use vmm::config::VmConfig;
 use vmm::vm::{Vm, VmError};
 
@@ -121,9 +120,10 @@ impl KvmBackend {
     fn other_configs(&self, except: &str) -> Vec<VmConfig> {
         self.slots()
             .iter()
-            .map(|s| lock(&s.view).clone())
-            .filter(|v| !v.removed && v.config.id != except)
-            .map(|v| v.config)
+            .filter_map(|s| {
+                let v = lock(&s.view);
+                (!v.removed && v.config.id != except).then(|| v.config.clone())
+            })
             .collect()
     }
 
@@ -161,30 +161,10 @@ impl KvmBackend {
             .collect()
     }
 
-    /// The API error of a failed build or hot plug on VM `id`; an image lock is
-    /// explained by the VM of the service that holds it, when one does.
+    /// The API error of a failed build or hot plug on VM `id`: a file another user holds
+    /// is explained by the VM of the service that holds it, when one does.
     fn explain(&self, id: &str, e: VmError) -> ApiError {
-        if let VmError::Disk {
-            id: disk,
-            source: DeviceError::Disk(block::Error::Locked { path, .. }),
-        } = &e
-        {
-            let others = self.other_configs(id);
-            return match conflicts::image_user(&others, path, false) {
-                Some(u) => ApiError::conflict(format!(
-                    "VM {id}: image {} of disk {disk} is in use by VM {} (disk {})",
-                    path.display(),
-                    u.vm,
-                    u.disk
-                )),
-                None => ApiError::conflict(format!(
-                    "VM {id}: image {} of disk {disk} is locked by a program outside this \
-                     service (no VM here uses it); a writable image can be open only once",
-                    path.display()
-                )),
-            };
-        }
-        vm_error(id, e)
+        conflicts::explain(id, &e, &self.other_configs(id)).unwrap_or_else(|| vm_error(id, e))
     }
 }
 
@@ -213,9 +193,6 @@ impl VmmBackend for KvmBackend {
                 removed: false,
             }),
         });
-        // Looking at files may block (a hung mount): never under the map's lock. Two
-        // creates racing past this check still meet the image and serial-file locks.
-        conflicts::vm_conflicts(&config, &self.other_configs(&id))?;
         let mut entry = lock(&slot.entry);
         {
             let mut vms = lock(&self.vms);
@@ -345,7 +322,6 @@ impl VmmBackend for KvmBackend {
     }
 
     fn add_disk(&self, id: &str, disk: DiskConfig) -> Result<(), ApiError> {
-        conflicts::disk_conflict(id, &disk, &self.other_configs(id))?;
         self.with(id, |e| {
             if e.config.disks.iter().any(|d| d.id == disk.id) {
                 return Err(ApiError::conflict(format!(
@@ -398,7 +374,7 @@ impl VmmBackend for KvmBackend {
 
     fn update_iothread(&self, id: &str, update: IoThreadUpdate) -> Result<(), ApiError> {
         self.with(id, |e| {
-            let merged = merged_iothread(id, &e.config, &update)?;
+            let (index, merged) = merged_iothread(id, &e.config, &update)?;
             if let Some(t) =
                 e.vm.as_ref()
                     .and_then(|vm| vm.devices().iothreads.get(&merged.id))
@@ -407,9 +383,7 @@ impl VmmBackend for KvmBackend {
                     ApiError::bad_request("invalid iothread").with_details(vec![err])
                 })?;
             }
-            if let Some(slot) = e.config.iothreads.iter_mut().find(|t| t.id == merged.id) {
-                *slot = merged;
-            }
+            e.config.iothreads[index] = merged;
             Ok(())
         })
     }

@@ -76,7 +76,12 @@ impl IoThreadConfig {
         }
         if !self.cpu_affinity.is_empty() {
             let usable = usable_cpus();
-            if let Some(cpu) = self.cpu_affinity.iter().find(|c| !usable.contains(c)) {
+            // `usable` is sorted; the list is the client's, of any length.
+            if let Some(cpu) = self
+                .cpu_affinity
+                .iter()
+                .find(|c| usable.binary_search(c).is_err())
+            {
                 return Err(format!(
                     "iothread {}: cpu_affinity names CPU {cpu}, which this host does not let \
                      the service use (usable CPUs: {})",
@@ -134,7 +139,7 @@ pub struct IoThreadUpdate {
 }
 
 /// The host CPUs this process may run threads on (its affinity mask, which a cgroup
-/// cpuset or `taskset` narrows); every CPU below 1024 when it cannot be read.
+/// cpuset or `taskset` narrows), ascending; every CPU below 1024 when it cannot be read.
 pub fn usable_cpus() -> Vec<usize> {
     // SAFETY: an all-zero cpu_set_t is the empty set.
     let mut set: libc::cpu_set_t = unsafe { std::mem::zeroed() };

@@ -318,13 +318,7 @@ impl VmConfig {
     /// is created), never one of this VM's images; a socket replaces only a socket.
     fn check_serial_path(&self, path: &Path, p: &mut Vec<String>) {
         use std::os::unix::fs::FileTypeExt;
-        let Ok(m) = std::fs::symlink_metadata(path).and_then(|m| {
-            if m.file_type().is_symlink() {
-                std::fs::metadata(path)
-            } else {
-                Ok(m)
-            }
-        }) else {
+        let Ok(m) = std::fs::metadata(path) else {
             return;
         };
         let t = m.file_type();

@@ -58,7 +58,8 @@ impl ResetGuard {
     }
 
     /// Resets counted in the window ending at `now`.
-    pub fn recent(&self, now: Instant) -> usize {
+    #[cfg(test)]
+    fn recent(&self, now: Instant) -> usize {
         self.recent
             .iter()
             .filter(|&&t| now.saturating_duration_since(t) < self.window)

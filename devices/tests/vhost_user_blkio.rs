@@ -538,7 +538,7 @@ fn stopping_drains_requests_held_by_the_throttle() {
     while done < N {
         done += c.queues[0]
             .do_io(&mut cs[done..], 1, Some(&mut Duration::from_secs(10)), None)
-            .expect("requests lost at stop");
+            .unwrap_or_else(|e| panic!("requests lost at stop: {e}\n{}", server.log()));
     }
     assert!(
         t0.elapsed() < Duration::from_secs(5),

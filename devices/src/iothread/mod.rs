@@ -4,12 +4,13 @@
 //! Settings change at runtime through the control eventfd.
 
 mod event_loop;
+pub(crate) mod loop_core;
 pub mod poll;
 pub mod source;
 
 use std::collections::VecDeque;
 use std::io;
-use std::sync::atomic::{AtomicI64, AtomicU64, Ordering::Relaxed};
+use std::sync::atomic::{AtomicI32, AtomicI64, AtomicU64, Ordering::Relaxed};
 use std::sync::mpsc::{self, SyncSender};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::thread::JoinHandle;
@@ -45,6 +46,8 @@ pub(crate) struct LoopCounters {
     pub(crate) cpu_base_ns: AtomicU64,
     /// The current thread's CPU clock id, [`NO_CLOCK`] when none.
     pub(crate) cpu_clock: AtomicI64,
+    /// The current thread's kernel id (0: none).
+    pub(crate) tid: AtomicI32,
 }
 
 /// No CPU clock recorded.
@@ -62,6 +65,7 @@ impl Default for LoopCounters {
             poll_ns: AtomicU64::new(0),
             cpu_base_ns: AtomicU64::new(0),
             cpu_clock: AtomicI64::new(NO_CLOCK),
+            tid: AtomicI32::new(0),
         }
     }
 }
@@ -87,10 +91,18 @@ impl LoopCounters {
     /// Records the calling thread as the one serving this loop now.
     pub(crate) fn record_current_thread(&self) {
         self.cpu_clock.store(current_cpu_clock(), Relaxed);
+        // SAFETY: gettid has no preconditions.
+        self.tid.store(unsafe { libc::gettid() }, Relaxed);
+    }
+
+    /// The kernel id of the thread serving the loop now, if one does.
+    pub(crate) fn thread_id(&self) -> Option<i32> {
+        Some(self.tid.load(Relaxed)).filter(|&t| t != 0)
     }
 
     /// Moves the current thread's CPU time into the base (its session is ending).
     pub(crate) fn retire_thread(&self) {
+        self.tid.store(0, Relaxed);
         let clock = self.cpu_clock.swap(NO_CLOCK, Relaxed);
         self.cpu_base_ns.fetch_add(thread_cpu_ns(clock), Relaxed);
     }
@@ -102,7 +114,7 @@ struct Shared {
     control: EventFd,
     commands: Mutex<VecDeque<Command>>,
     config: Mutex<IoThreadConfig>,
-    counters: LoopCounters,
+    counters: Arc<LoopCounters>,
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -146,7 +158,7 @@ impl IoThread {
             control: EventFd::new(libc::EFD_NONBLOCK | libc::EFD_CLOEXEC)?,
             commands: Mutex::new(VecDeque::new()),
             config: Mutex::new(config.clone()),
-            counters: LoopCounters::default(),
+            counters: Arc::new(LoopCounters::default()),
         });
         let epoll = event_loop::epoll_for(&shared)?;
         let for_loop = shared.clone();
@@ -195,6 +207,11 @@ impl IoThread {
         *lock(&self.shared.config) = config.clone();
         self.send(Command::Update(config))
             .map_err(|e| e.to_string())
+    }
+
+    /// The kernel id of its thread (for `taskset`, `perf`, or checking its pinning).
+    pub fn thread_id(&self) -> Option<i32> {
+        self.shared.counters.thread_id()
     }
 
     /// A copy of its counters.

@@ -1,12 +1,15 @@
 //! What an iothread serves: queues of devices, behind one object-safe trait.
 
 use std::io;
-use std::os::fd::{AsRawFd, RawFd};
+use std::os::fd::RawFd;
 use std::time::Duration;
 
-use crate::virtio_blk::worker::{LocalQueue, PassWork, QueueWorker};
+use vmm_sys_util::epoll::EventSet;
 
-/// The eventfds of one source, in the order [`IoSource::handle`] numbers them.
+use crate::virtio_blk::worker::{PassWork, QueueHost, QueueWorker};
+
+/// The eventfds of one source, in the order [`IoSource::handle`] numbers them: the
+/// driver's kicks.
 pub const KICK: usize = 0;
 /// Block I/O completions.
 pub const COMPLETION: usize = 1;
@@ -17,16 +20,26 @@ pub const WAKE: usize = 3;
 /// Eventfds per source.
 pub const FDS: usize = 4;
 
+/// How the eventfd `which` of a source is watched: kicks and completions
+/// edge-triggered (they are never read: a pass looks at the rings without a syscall),
+/// the throttle fds level-triggered (read when handled).
+pub fn event_set(which: usize) -> EventSet {
+    match which {
+        KICK | COMPLETION => EventSet::IN | EventSet::EDGE_TRIGGERED,
+        _ => EventSet::IN,
+    }
+}
+
 /// One queue served by an iothread.
 pub trait IoSource: Send {
     /// The device this queue belongs to.
     fn device(&self) -> &str;
     /// The queue index within the device.
     fn queue(&self) -> u16;
-    /// The eventfds to watch, indexed by [`KICK`], [`COMPLETION`], [`TIMER`], [`WAKE`].
-    fn fds(&self) -> [RawFd; FDS];
-    /// Handles a readable eventfd. [`KICK`] and [`COMPLETION`] are watched
-    /// edge-triggered and never read; [`TIMER`] and [`WAKE`] level-triggered and read.
+    /// The eventfds to watch, indexed by [`KICK`], [`COMPLETION`], [`TIMER`], [`WAKE`]
+    /// (None: delivered by someone else, as a vhost-user library delivers kicks).
+    fn fds(&self) -> [Option<RawFd>; FDS];
+    /// Handles a readable eventfd (see [`event_set`] for which are read).
     fn handle(&mut self, which: usize) -> PassWork;
     /// Whether work waits that can be found without a syscall (for adaptive polling).
     fn poll_ready(&mut self) -> bool;
@@ -50,7 +63,7 @@ pub trait IoSource: Send {
     fn in_flight(&self) -> usize;
 }
 
-impl IoSource for QueueWorker<LocalQueue> {
+impl<Q: QueueHost> IoSource for QueueWorker<Q> {
     fn device(&self) -> &str {
         &self.shared().id
     }
@@ -59,14 +72,20 @@ impl IoSource for QueueWorker<LocalQueue> {
         self.index()
     }
 
-    fn fds(&self) -> [RawFd; FDS] {
-        let kick = self.host_ref().kick.as_raw_fd();
-        [kick, self.completion_fd(), self.timer_fd(), self.wake_fd()]
+    fn fds(&self) -> [Option<RawFd>; FDS] {
+        [
+            self.host_ref().kick_fd(),
+            Some(self.completion_fd()),
+            Some(self.timer_fd()),
+            Some(self.wake_fd()),
+        ]
     }
 
     fn handle(&mut self, which: usize) -> PassWork {
         match which {
-            KICK | COMPLETION => self.run_pass(),
+            // A kick is the driver saying chains wait.
+            KICK => self.run_pass(),
+            COMPLETION => self.run_ready(),
             _ => {
                 self.process_throttled();
                 PassWork::default()
@@ -79,7 +98,12 @@ impl IoSource for QueueWorker<LocalQueue> {
     }
 
     fn run_ready(&mut self) -> PassWork {
-        self.run_pass()
+        if self.host_ref().is_live() {
+            self.run_pass()
+        } else {
+            // A disabled ring only finishes what it started.
+            self.process_completions()
+        }
     }
 
     fn arm(&mut self) -> bool {

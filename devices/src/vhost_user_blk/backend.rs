@@ -3,7 +3,6 @@
 use std::io;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed};
 use std::sync::{Arc, Mutex, MutexGuard};
-use std::time::Duration;
 
 use block::throttle::ThrottleLimits;
 use vhost::vhost_user::message::{VhostUserProtocolFeatures, VhostUserVirtioFeatures};
@@ -18,9 +17,6 @@ use super::{BackendConfig, BackendCounters, DiskCountersView};
 use crate::config::IoThreadConfig;
 use crate::virtio_blk::GuestMem;
 use crate::virtio_blk::device::{BlkDevice, DeviceError};
-
-/// How long stopping a queue waits for its requests.
-pub(super) const DRAIN_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// The library's per-thread epoll handler, as this backend is run (`Arc<Backend>`).
 pub(super) type Handler = VringEpollHandler<Arc<Backend>>;
@@ -60,7 +56,11 @@ impl Backend {
                 }
             }
         }
-        let threads = plan.into_iter().map(Thread::new).collect();
+        let threads = plan
+            .into_iter()
+            .map(Thread::new)
+            .collect::<io::Result<Vec<_>>>()
+            .map_err(|e| format!("cannot create an iothread: {e}"))?;
         let disk = device.disk();
         tracing::info!(disk = %d.id, path = %d.path.display(), capacity = disk.capacity(),
             readonly = device.shared().limits.readonly, cache = %d.cache, aio = %d.aio,
@@ -103,7 +103,7 @@ impl Backend {
             .map_err(|e| e.to_string())
     }
 
-    /// Changes an iothread's settings while it runs (applied at its next event).
+    /// Changes an iothread's settings while it runs (applied at once, even when idle).
     pub fn update_iothread(&self, config: IoThreadConfig) -> Result<(), String> {
         config.validate()?;
         let thread = self
@@ -113,6 +113,12 @@ impl Backend {
             .ok_or_else(|| format!("no iothread {}", config.id))?;
         thread.update(config);
         Ok(())
+    }
+
+    /// The kernel id of the thread serving iothread `id` now (None: no frontend, or no
+    /// such iothread).
+    pub fn iothread_thread_id(&self, id: &str) -> Option<i32> {
+        self.threads.iter().find(|t| t.id() == id)?.thread_id()
     }
 
     /// A copy of every counter.
@@ -130,10 +136,15 @@ impl Backend {
     /// Starts serving a new frontend connection: `mem` is the atomic given to its daemon,
     /// `handlers` the daemon's per-thread epoll handlers (one per [`Backend::queues_per_thread`]
     /// entry).
-    pub(super) fn begin_session(&self, mem: &GuestMem, handlers: Vec<Arc<Handler>>) {
+    pub(super) fn begin_session(
+        &self,
+        mem: &GuestMem,
+        handlers: Vec<Arc<Handler>>,
+    ) -> io::Result<()> {
         for (thread, handler) in self.threads.iter().zip(handlers) {
-            thread.begin_session(mem.clone(), handler, self.config.disk.num_queues);
+            thread.begin_session(mem.clone(), handler, self.config.disk.num_queues)?;
         }
+        Ok(())
     }
 
     /// Counts a frontend connection accepted.
@@ -184,7 +195,11 @@ impl VhostUserBackend for Backend {
     }
 
     fn protocol_features(&self) -> VhostUserProtocolFeatures {
+        // REPLY_ACK: a frontend that asks waits until a memory region is mapped here,
+        // so its first kick cannot find buffers outside the map (without it, a frontend
+        // may kick before this side has processed ADD_MEM_REG).
         VhostUserProtocolFeatures::MQ
+            | VhostUserProtocolFeatures::REPLY_ACK
             | VhostUserProtocolFeatures::CONFIG
             | VhostUserProtocolFeatures::CONFIGURE_MEM_SLOTS
             | VhostUserProtocolFeatures::RESET_DEVICE

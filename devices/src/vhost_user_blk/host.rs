@@ -19,12 +19,6 @@ impl VringHost {
     pub fn new(vring: VringRwLock<GuestMem>) -> Self {
         VringHost(vring)
     }
-
-    /// Whether the frontend has enabled the ring (SET_VRING_ENABLE) and it is ready.
-    pub fn is_live(&self) -> bool {
-        let state = self.0.get_ref();
-        state.is_enabled() && state.get_queue().ready()
-    }
 }
 
 impl QueueHost for VringHost {
@@ -37,5 +31,11 @@ impl QueueHost for VringHost {
         // Without a call fd (between GET_VRING_BASE and the next SET_VRING_CALL) this is
         // a silent Ok.
         self.0.signal_used_queue()
+    }
+
+    /// Whether the frontend has enabled the ring (SET_VRING_ENABLE) and it is ready.
+    fn is_live(&self) -> bool {
+        let state = self.0.get_ref();
+        state.is_enabled() && state.get_queue().ready()
     }
 }

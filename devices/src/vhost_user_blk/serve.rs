@@ -119,7 +119,12 @@ pub fn serve(
             VhostUserDaemon::new("vhost-user-blk".into(), backend.clone(), mem.clone()).map_err(
                 |e| io::Error::other(format!("cannot create the vhost-user daemon: {e}")),
             )?;
-        backend.begin_session(&mem, daemon.get_epoll_handlers());
+        if let Err(e) = backend.begin_session(&mem, daemon.get_epoll_handlers()) {
+            backend.end_session();
+            return Err(io::Error::other(format!(
+                "cannot watch the iothreads' control eventfds: {e}"
+            )));
+        }
         if let Err(e) = daemon.start(listener) {
             tracing::warn!(error = %e, "accepting a frontend failed");
             backend.end_session();

@@ -1,44 +1,28 @@
-//! The iothreads of a vhost-user backend: each is one of the library's vring worker
-//! threads (one epoll loop), serving the queues grouped on it. Besides the kicks (which
-//! the library delivers), its epoll watches each worker's completion eventfd, throttle
-//! timerfd and throttle-turn eventfd, registered as listeners with ids above the queue
-//! count (the completion eventfd edge-triggered: it is never read). After every event
-//! the thread signals each queue it touched at most once, polls adaptively (for drivers
-//! only, see [`crate::iothread::poll`]), then turns the drivers' kicks and the engines'
-//! eventfds back on and looks once more before going back to sleep.
+//! The vhost-user backend's adapter to the iothread [`Core`]: each iothread is one of the
+//! library's vring worker threads (one epoll loop) serving the queues grouped on it. The
+//! library delivers the kicks; each worker's completion, throttle-timer and
+//! throttle-turn eventfds and the thread's control eventfd are registered in the same
+//! epoll as listeners with ids above the queue count (the library reserves
+//! `0..=num_queues`). After every event the core finishes the pass and polls, then the
+//! thread goes back to the library's epoll.
 
-use std::os::fd::RawFd;
-use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+use std::os::fd::AsRawFd;
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use vhost_user_backend::VringRwLock;
 use vmm_sys_util::epoll::EventSet;
+use vmm_sys_util::eventfd::EventFd;
 
-use super::backend::{Backend, DRAIN_TIMEOUT, Handler, lock};
+use super::backend::{Backend, Handler, lock};
 use super::host::VringHost;
 use super::{IoThreadCountersView, ThreadPlan};
 use crate::config::IoThreadConfig;
-use crate::iothread::poll::PollWindow;
-use crate::iothread::{LoopCounters, pin};
+use crate::iothread::LoopCounters;
+use crate::iothread::loop_core::{Core, drain};
+use crate::iothread::source::{FDS, IoSource, KICK, event_set};
 use crate::virtio_blk::GuestMem;
-use crate::virtio_blk::worker::{PassWork, QueueWorker};
-
-/// Listener kinds per worker, in id order.
-const COMPLETION: usize = 0;
-/// Throttle timer.
-const TIMER: usize = 1;
-/// Throttle group turn.
-const WAKE: usize = 2;
-/// Listeners per worker.
-const KINDS: usize = 3;
-
-/// Most polling rounds that find work, per event, before the thread goes back to epoll
-/// (so control messages waiting for the thread's lock get their turn under load).
-const MAX_POLL_ROUNDS: usize = 64;
-
-/// Spins between two readings of the clock while polling.
-const CLOCK_EVERY: u32 = 4;
+use crate::virtio_blk::worker::{DRAIN_TIMEOUT, QueueWorker};
 
 type Worker = QueueWorker<VringHost>;
 
@@ -52,17 +36,19 @@ struct Session {
     id_base: u64,
 }
 
+impl Session {
+    /// The listener id of eventfd `which` of the worker in slot `local`.
+    fn event_id(&self, local: usize, which: usize) -> u64 {
+        self.id_base + (local * FDS + which) as u64
+    }
+}
+
 struct State {
     session: Option<Session>,
-    /// By index within the thread.
-    workers: Vec<Option<Worker>>,
-    touched: Vec<bool>,
-    window: PollWindow,
+    /// The queues, by index within the thread.
+    core: Core<Worker>,
     /// When the thread last went to sleep in epoll (start of its polling).
     sleep_start: Option<Instant>,
-    /// The settings generation applied.
-    generation: u64,
-    max_batch: u32,
 }
 
 /// One iothread of a backend.
@@ -70,32 +56,27 @@ pub(super) struct Thread {
     id: String,
     queues: Vec<u16>,
     config: Mutex<IoThreadConfig>,
-    generation: AtomicU64,
-    counters: LoopCounters,
+    /// Written when the settings change: the thread applies them at once, idle or not.
+    control: EventFd,
+    counters: Arc<LoopCounters>,
     state: Mutex<State>,
 }
 
 impl Thread {
-    pub(super) fn new(plan: ThreadPlan) -> Thread {
-        let c = &plan.config;
-        let n = plan.queues.len();
-        let counters = LoopCounters::default();
-        Thread {
-            id: c.id.clone(),
+    pub(super) fn new(plan: ThreadPlan) -> std::io::Result<Thread> {
+        let counters = Arc::new(LoopCounters::default());
+        Ok(Thread {
+            id: plan.config.id.clone(),
             state: Mutex::new(State {
                 session: None,
-                workers: (0..n).map(|_| None).collect(),
-                touched: vec![false; n],
-                window: PollWindow::new(c.poll_max_ns, c.poll_grow, c.poll_shrink),
+                core: Core::new(&plan.config, counters.clone()),
                 sleep_start: None,
-                generation: 0,
-                max_batch: c.aio_max_batch,
             }),
             queues: plan.queues,
             config: Mutex::new(plan.config),
-            generation: AtomicU64::new(0),
+            control: EventFd::new(libc::EFD_NONBLOCK | libc::EFD_CLOEXEC)?,
             counters,
-        }
+        })
     }
 
     pub(super) fn id(&self) -> &str {
@@ -109,9 +90,18 @@ impl Thread {
         })
     }
 
+    /// New settings, applied by the thread as soon as it sees its control eventfd (at the
+    /// next session's start when no frontend is connected).
     pub(super) fn update(&self, config: IoThreadConfig) {
         *lock(&self.config) = config;
-        self.generation.fetch_add(1, Relaxed);
+        if let Err(e) = self.control.write(1) {
+            tracing::error!(iothread = %self.id, error = %e, "cannot signal new settings");
+        }
+    }
+
+    /// The kernel id of the library thread serving this iothread now (in a session).
+    pub(super) fn thread_id(&self) -> Option<i32> {
+        self.counters.thread_id()
     }
 
     pub(super) fn counters(&self) -> IoThreadCountersView {
@@ -122,23 +112,46 @@ impl Thread {
         }
     }
 
-    pub(super) fn begin_session(&self, mem: GuestMem, handler: Arc<Handler>, num_queues: u16) {
-        let mut st = lock(&self.state);
-        st.session = Some(Session {
+    /// The id of the control eventfd's listener: after every worker's.
+    fn control_id(&self, session: &Session) -> u64 {
+        session.event_id(self.queues.len(), 0)
+    }
+
+    pub(super) fn begin_session(
+        &self,
+        mem: GuestMem,
+        handler: Arc<Handler>,
+        num_queues: u16,
+    ) -> std::io::Result<()> {
+        let session = Session {
             handler,
             mem,
             started: false,
             id_base: u64::from(num_queues) + 1,
-        });
+        };
+        let fd = self.control.as_raw_fd();
+        session
+            .handler
+            .register_listener(fd, EventSet::IN, self.control_id(&session))?;
+        let mut st = lock(&self.state);
+        st.session = Some(session);
         st.sleep_start = None;
+        // The thread pins itself and starts counting its CPU time as soon as it runs.
+        self.control.write(1)
     }
 
     pub(super) fn end_session(&self) {
         let mut st = lock(&self.state);
-        for local in 0..st.workers.len() {
+        for local in 0..self.queues.len() {
             self.remove_worker(&mut st, local);
         }
-        st.session = None;
+        if let Some(session) = st.session.take() {
+            let fd = self.control.as_raw_fd();
+            let _ =
+                session
+                    .handler
+                    .unregister_listener(fd, EventSet::IN, self.control_id(&session));
+        }
         st.sleep_start = None;
         // The session's thread is still alive (the daemon has not been dropped yet).
         self.counters.retire_thread();
@@ -151,27 +164,24 @@ impl Thread {
     }
 
     fn remove_worker(&self, st: &mut State, local: usize) {
-        let Some(mut worker) = st.workers.get_mut(local).and_then(Option::take) else {
+        let Some(mut worker) = st.core.take(local) else {
             return;
         };
         if let Some(session) = &st.session {
-            for (kind, fd) in worker_fds(&worker).into_iter().enumerate() {
-                let _ = session.handler.unregister_listener(
-                    fd,
-                    listen_set(kind),
-                    event_id(session, local, kind),
-                );
+            for (which, fd) in worker.fds().into_iter().enumerate() {
+                if let Some(fd) = fd {
+                    let id = session.event_id(local, which);
+                    let _ = session
+                        .handler
+                        .unregister_listener(fd, event_set(which), id);
+                }
             }
         }
-        let in_flight = worker.in_flight();
-        if let Err(e) = worker.drain(DRAIN_TIMEOUT) {
-            tracing::error!(disk = %worker.shared().id, queue = worker.index(), error = %e, "drain failed");
-        }
-        tracing::debug!(disk = %worker.shared().id, queue = worker.index(), in_flight, "queue stopped");
+        let _ = drain(&mut *worker, DRAIN_TIMEOUT);
     }
 
-    /// One event of the thread's epoll: a kick (or a vring just enabled), or one of a
-    /// worker's eventfds.
+    /// One event of the thread's epoll: a kick of queue `local` (or a vring just
+    /// enabled), one of a worker's eventfds, or the control eventfd.
     pub(super) fn handle_event(
         &self,
         backend: &Backend,
@@ -180,57 +190,47 @@ impl Thread {
     ) {
         let mut guard = lock(&self.state);
         let st = &mut *guard;
-        if let Some(since) = st.sleep_start.take() {
-            st.window.after_block(nanos(since.elapsed()));
-            self.counters.poll_ns.store(st.window.ns, Relaxed);
-        }
-        self.counters.wakeups.fetch_add(1, Relaxed);
-        self.counters.passes.fetch_add(1, Relaxed);
-        self.apply_settings(st);
+        st.core.woke(st.sleep_start.take());
         let Some(session) = st.session.as_mut() else {
             return;
         };
         if !session.started {
             session.started = true;
-            self.counters.record_current_thread();
-            pin(&lock(&self.config).cpu_affinity);
+            st.core.enter(&lock(&self.config));
         }
-        let nq = usize::from(backend.config.disk.num_queues);
-        let d = usize::from(device_event);
-        if let Some(vring) = vrings.get(d) {
-            if st.workers.get(d).is_some_and(Option::is_none)
-                && let Err(e) = self.create_worker(backend, st, d, vring)
+        let event = u64::from(device_event);
+        let local = usize::from(device_event);
+        if let Some(vring) = vrings.get(local) {
+            if st.core.get(local).is_none()
+                && let Err(e) = self.start_worker(backend, st, local, vring)
             {
-                tracing::error!(disk = %backend.device.id(), queue = self.queue(d), error = %e,
+                tracing::error!(disk = %backend.device.id(), queue = self.queue(local), error = %e,
                     "cannot start the queue");
             }
-            if let Some(Some(w)) = st.workers.get_mut(d) {
-                let work = w.run_pass();
-                self.count(work);
-                mark(&mut st.touched, d);
-            }
-        } else if let Some(rel) = d.checked_sub(nq + 1) {
-            let (local, kind) = (rel / KINDS, rel % KINDS);
-            if let Some(Some(w)) = st.workers.get_mut(local) {
-                if kind == COMPLETION {
-                    // A disabled ring only finishes what it started.
-                    self.run(w);
-                } else {
-                    w.process_throttled();
-                }
-                mark(&mut st.touched, local);
-            }
+            st.core.handle((local * FDS + KICK) as u64);
+        } else if let Some(session) = &st.session
+            && event == self.control_id(session)
+        {
+            let _ = self.control.read();
+            st.core.configure(&lock(&self.config));
+        } else if let Some(rel) = st
+            .session
+            .as_ref()
+            .and_then(|s| event.checked_sub(s.id_base))
+        {
+            st.core.handle(rel);
         }
-        self.finish_pass(st);
+        st.core.finish_pass();
         // As QEMU counts it, the time before the next event includes the polling.
-        st.sleep_start = self.poll(st);
+        st.sleep_start = st.core.idle();
     }
 
     fn queue(&self, local: usize) -> u16 {
         self.queues.get(local).copied().unwrap_or(u16::MAX)
     }
 
-    fn create_worker(
+    /// Makes the worker of queue `local` and watches its eventfds.
+    fn start_worker(
         &self,
         backend: &Backend,
         st: &mut State,
@@ -246,200 +246,23 @@ impl Thread {
                 self.queue(local),
                 VringHost::new(vring.clone()),
                 session.mem.clone(),
-                st.max_batch,
+                lock(&self.config).aio_max_batch,
             )
             .map_err(std::io::Error::other)?;
-        let fds = worker_fds(&worker);
-        for (kind, fd) in fds.iter().enumerate() {
-            if let Err(e) = session.handler.register_listener(
-                *fd,
-                listen_set(kind),
-                event_id(session, local, kind),
-            ) {
-                for (k, fd) in fds.iter().enumerate().take(kind) {
-                    let _ = session.handler.unregister_listener(
-                        *fd,
-                        listen_set(k),
-                        event_id(session, local, k),
-                    );
+        let mut watched = Vec::with_capacity(FDS);
+        for (which, fd) in worker.fds().into_iter().enumerate() {
+            let Some(fd) = fd else { continue };
+            let (set, id) = (event_set(which), session.event_id(local, which));
+            if let Err(e) = session.handler.register_listener(fd, set, id) {
+                for (fd, set, id) in watched {
+                    let _ = session.handler.unregister_listener(fd, set, id);
                 }
                 return Err(e);
             }
+            watched.push((fd, set, id));
         }
         tracing::debug!(disk = %backend.device.id(), queue = self.queue(local), iothread = %self.id, "queue started");
-        if let Some(slot) = st.workers.get_mut(local) {
-            *slot = Some(worker);
-        }
+        st.core.insert(local, Box::new(worker));
         Ok(())
     }
-
-    fn apply_settings(&self, st: &mut State) {
-        let generation = self.generation.load(Relaxed);
-        if generation == st.generation {
-            return;
-        }
-        st.generation = generation;
-        let config = lock(&self.config).clone();
-        st.window
-            .configure(config.poll_max_ns, config.poll_grow, config.poll_shrink);
-        self.counters.poll_ns.store(st.window.ns, Relaxed);
-        st.max_batch = config.aio_max_batch;
-        for w in st.workers.iter_mut().flatten() {
-            w.set_max_batch(config.aio_max_batch);
-        }
-        if let Some(session) = st.session.as_mut() {
-            // Re-pinned at the next event of the session's thread.
-            session.started = false;
-        }
-        tracing::info!(iothread = %self.id, ?config, "iothread settings changed");
-    }
-
-    fn count(&self, work: PassWork) {
-        self.counters.requests.fetch_add(work.popped, Relaxed);
-        self.counters.completions.fetch_add(work.completed, Relaxed);
-    }
-
-    /// At most one interrupt per touched queue.
-    fn finish_pass(&self, st: &mut State) {
-        for (touched, slot) in st.touched.iter_mut().zip(st.workers.iter_mut()) {
-            if std::mem::take(touched)
-                && let Some(w) = slot
-                && w.finish_pass()
-            {
-                self.counters.signals.fetch_add(1, Relaxed);
-            }
-        }
-    }
-
-    /// Spins up to the polling window for new chains or finished I/O; while it finds
-    /// some, does it and polls again (bounded by [`MAX_POLL_ROUNDS`]). It spins only for
-    /// drivers, never for a disk (see [`crate::iothread::poll`]). Then turns kicks and
-    /// completion signals back on for the sleep in epoll (work found meanwhile is done
-    /// first). Returns when the last round, the one that found nothing, started, if that
-    /// round waited for a driver (the sleep then measures what the window adapts to).
-    fn poll(&self, st: &mut State) -> Option<Instant> {
-        for _ in 0..MAX_POLL_ROUNDS {
-            let start = Instant::now();
-            let busy = !spin_worthy(st);
-            let budget = if busy {
-                Duration::ZERO
-            } else {
-                st.window.spin_budget()
-            };
-            let found = !budget.is_zero() && self.poll_round(st, start + budget);
-            if found {
-                st.window.after_hit(nanos(start.elapsed()));
-                self.counters.poll_ns.store(st.window.ns, Relaxed);
-            } else if !self.arm(st, st.window.max_ns == 0) {
-                // Without polling, work that came while the thread was awake went through
-                // epoll like any other (`arm` deferred it).
-                return (!busy).then_some(start);
-            }
-            self.counters.poll_hits.fetch_add(1, Relaxed);
-            self.counters.passes.fetch_add(1, Relaxed);
-            self.finish_pass(st);
-        }
-        // Still busy: arm for epoll anyway (it must not sleep through a kick that is not
-        // sent), and come back at once for whatever waits.
-        self.arm(st, true);
-        None
-    }
-
-    /// Spins until `deadline` or until a worker has work, which it does. True if found.
-    fn poll_round(&self, st: &mut State, deadline: Instant) -> bool {
-        let mut spin = 0u32;
-        loop {
-            spin = spin.wrapping_add(1);
-            let mut found = false;
-            for (local, slot) in st.workers.iter_mut().enumerate() {
-                let Some(w) = slot else { continue };
-                if w.poll_ready() && self.run(w) {
-                    mark(&mut st.touched, local);
-                    found = true;
-                }
-            }
-            // The clock costs about as much as a look at the rings: read it every few.
-            if found || (spin.is_multiple_of(CLOCK_EVERY) && Instant::now() >= deadline) {
-                return found;
-            }
-            std::hint::spin_loop();
-        }
-    }
-
-    /// Arms every worker for the sleep in epoll and does the work some already have
-    /// (true if any). With `defer` a worker with work is not run but wakes its own
-    /// completion fd, so the thread comes back to it from the library's epoll.
-    fn arm(&self, st: &mut State, defer: bool) -> bool {
-        let mut found = false;
-        for (local, slot) in st.workers.iter_mut().enumerate() {
-            let Some(w) = slot else { continue };
-            if !w.arm() {
-                continue;
-            }
-            if defer {
-                w.wake_self();
-            } else if self.run(w) {
-                mark(&mut st.touched, local);
-                found = true;
-            }
-        }
-        found
-    }
-
-    /// One pass of a worker whose ring is live; true if it did anything.
-    fn run(&self, w: &mut Worker) -> bool {
-        let work = if w.host_ref().is_live() {
-            w.run_pass()
-        } else {
-            w.process_completions()
-        };
-        if work == PassWork::default() {
-            return false;
-        }
-        self.count(work);
-        true
-    }
-}
-
-/// Whether spinning may pay off for every worker of the thread (no block I/O in
-/// flight, no slow disk: see [`crate::iothread::poll`]).
-fn spin_worthy(st: &State) -> bool {
-    let cap = st.window.max_ns;
-    st.workers.iter().flatten().all(|w| w.spin_worthy(cap))
-}
-
-/// The listener id of a worker's eventfd: above the ids the library reserves
-/// (`0..=num_queues`).
-fn event_id(session: &Session, local: usize, kind: usize) -> u64 {
-    session.id_base + (local * KINDS + kind) as u64
-}
-
-/// How a worker's eventfd of `kind` is watched: the completion fd edge-triggered (it is
-/// never read: [`QueueWorker::run_pass`] reaps without a syscall), the throttle fds
-/// level-triggered (read when handled).
-fn listen_set(kind: usize) -> EventSet {
-    if kind == COMPLETION {
-        EventSet::IN | EventSet::EDGE_TRIGGERED
-    } else {
-        EventSet::IN
-    }
-}
-
-/// Notes that queue `local` needs a signal check at the end of the pass.
-fn mark(touched: &mut [bool], local: usize) {
-    if let Some(t) = touched.get_mut(local) {
-        *t = true;
-    }
-}
-
-fn worker_fds(w: &Worker) -> [RawFd; KINDS] {
-    let mut fds = [0; KINDS];
-    fds[COMPLETION] = w.completion_fd();
-    fds[TIMER] = w.timer_fd();
-    fds[WAKE] = w.wake_fd();
-    fds
-}
-
-fn nanos(d: std::time::Duration) -> u64 {
-    u64::try_from(d.as_nanos()).unwrap_or(u64::MAX)
 }

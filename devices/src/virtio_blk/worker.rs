@@ -45,6 +45,16 @@ pub trait QueueHost: Send {
     fn with_queue<R>(&mut self, f: impl FnOnce(&mut Queue) -> R) -> R;
     /// Interrupts the driver: used entries wait.
     fn signal(&mut self) -> io::Result<()>;
+    /// The eventfd the driver's kicks arrive on, when the iothread watches it itself
+    /// (a vhost-user library delivers kicks on its own).
+    fn kick_fd(&self) -> Option<RawFd> {
+        None
+    }
+    /// Whether the driver has the queue enabled, so new chains may be taken (a disabled
+    /// queue only finishes what it started).
+    fn is_live(&self) -> bool {
+        true
+    }
 }
 
 /// A virtqueue owned by this process (KVM, tests) with its kick eventfd (an ioeventfd
@@ -65,6 +75,10 @@ impl QueueHost for LocalQueue {
 
     fn signal(&mut self) -> io::Result<()> {
         self.call.write(1)
+    }
+
+    fn kick_fd(&self) -> Option<RawFd> {
+        Some(self.kick.as_raw_fd())
     }
 }
 
@@ -96,6 +110,9 @@ struct Slot {
 /// How many requests a worker holds at most per queue-size entry (guards against a
 /// driver that republishes heads without waiting for completions).
 const SLOTS_PER_ENTRY: usize = 2;
+
+/// How long stopping a queue (removal, shutdown, session end) waits for its requests.
+pub const DRAIN_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// What one worker did, for the iothread's counters.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -393,7 +410,7 @@ impl<Q: QueueHost> QueueWorker<Q> {
 impl<Q: QueueHost> Drop for QueueWorker<Q> {
     fn drop(&mut self) {
         if self.in_flight() > 0
-            && let Err(e) = self.drain(Duration::from_secs(30))
+            && let Err(e) = self.drain(DRAIN_TIMEOUT)
         {
             tracing::error!(disk = %self.shared.id, queue = self.index, error = %e, "drain on drop");
         }

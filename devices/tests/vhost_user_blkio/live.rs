@@ -175,3 +175,97 @@ fn limits_and_iothread_settings_change_while_io_runs() {
     assert!(c.disk.counters.io.throttled_ns > 0);
     assert_eq!(c.sessions, 1);
 }
+
+/// The CPUs a thread of this process may run on, as `/proc` lists them (`0-1`).
+fn cpus_allowed(tid: i32) -> String {
+    let status = std::fs::read_to_string(format!("/proc/self/task/{tid}/status")).unwrap();
+    let line = status
+        .lines()
+        .find_map(|l| l.strip_prefix("Cpus_allowed_list:"))
+        .unwrap();
+    line.trim().to_string()
+}
+
+/// Waits up to 5 s for `tid`'s CPU list to become `want`; returns the last one seen.
+fn wait_cpus(tid: i32, want: &str) -> String {
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        let got = cpus_allowed(tid);
+        if got == want || Instant::now() >= deadline {
+            return got;
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
+/// A connected frontend that does no I/O: its iothread sleeps in epoll, and a new
+/// `cpu_affinity` still pins it at once (and an empty one unpins it).
+#[test]
+fn cpu_affinity_applies_to_an_idle_iothread() {
+    use devices::config::{DiskConfig, IoThreadConfig, usable_cpus};
+    use devices::vhost_user_blk::{Backend, BackendConfig, bind, serve};
+
+    let cpus = usable_cpus();
+    let (Some(&first), Some(&last)) = (cpus.first(), cpus.last()) else {
+        unreachable!("a process runs on some CPU")
+    };
+    if first == last {
+        eprintln!("SKIP cpu_affinity_applies_to_an_idle_iothread: one usable CPU");
+        return;
+    }
+    let everything = if cpus.len() == last - first + 1 {
+        format!("{first}-{last}")
+    } else {
+        String::new()
+    };
+    let (dir, _img, _) = image(MIB);
+    let mut disk = DiskConfig::new("d0", "null");
+    disk.null_size = Some(MIB as u64);
+    disk.iothread = Some("io0".into());
+    let backend = Backend::new(BackendConfig {
+        disk,
+        iothreads: vec![IoThreadConfig::new("io0")],
+    })
+    .unwrap();
+    let socket = dir.path().join("s.sock");
+    let mut listener = bind(&socket).unwrap();
+    let stop = vmm_sys_util::eventfd::EventFd::new(libc::EFD_NONBLOCK).unwrap();
+    /// Stops the server however the test ends (a failed assert must not hang the scope).
+    struct StopOnDrop<'a>(&'a vmm_sys_util::eventfd::EventFd);
+    impl Drop for StopOnDrop<'_> {
+        fn drop(&mut self) {
+            let _ = self.0.write(1);
+        }
+    }
+    std::thread::scope(|s| {
+        let server = s.spawn(|| serve(&backend, &mut listener, &stop, false));
+        let _stop = StopOnDrop(&stop);
+        let c = Client::connect(socket.to_str().unwrap(), 1, false, MIB).unwrap();
+        // The thread records itself when the session starts, with no I/O.
+        let deadline = Instant::now() + Duration::from_secs(5);
+        let tid = loop {
+            if let Some(tid) = backend.iothread_thread_id("io0") {
+                break tid;
+            }
+            assert!(Instant::now() < deadline, "the iothread never started");
+            std::thread::sleep(Duration::from_millis(10));
+        };
+        let mut t = IoThreadConfig::new("io0");
+        t.cpu_affinity = vec![last];
+        backend.update_iothread(t.clone()).unwrap();
+        assert_eq!(wait_cpus(tid, &last.to_string()), last.to_string());
+        if !everything.is_empty() {
+            t.cpu_affinity = Vec::new();
+            backend.update_iothread(t).unwrap();
+            assert_eq!(wait_cpus(tid, &everything), everything, "unpinned");
+        }
+        let counters = backend.counters();
+        assert_eq!(
+            counters.iothreads[0].counters.requests, 0,
+            "no I/O was done"
+        );
+        drop(c);
+        drop(_stop);
+        server.join().unwrap().unwrap();
+    });
+}

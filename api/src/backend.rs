@@ -211,17 +211,19 @@ pub struct DiskChange {
 }
 
 impl UpdateDisk {
-    /// The config of VM `vm` with this update applied to its disk, validated (404 for an
-    /// unknown disk, 400 for an invalid result), and what changed.
+    /// The config of VM `vm` with this update applied to its disk, and what changed. Only
+    /// the disk is checked again ([`VmConfig::disk_problems`]): 404 for an unknown disk,
+    /// 400 for an invalid result.
     pub fn apply(&self, vm: &str, config: &VmConfig) -> Result<(VmConfig, DiskChange), ApiError> {
         let mut config = config.clone();
-        let disk = config
+        let index = config
             .disks
-            .iter_mut()
-            .find(|d| d.id == self.id)
+            .iter()
+            .position(|d| d.id == self.id)
             .ok_or_else(|| {
                 ApiError::not_found(format!("VM {vm} has no disk with id {:?}", self.id))
             })?;
+        let disk = &mut config.disks[index];
         let change = DiskChange {
             throttle: self
                 .throttle
@@ -238,7 +240,7 @@ impl UpdateDisk {
         if let Some(g) = &change.throttle_group {
             disk.throttle_group = g.clone();
         }
-        let problems = config.problems();
+        let problems = config.disk_problems(index);
         if !problems.is_empty() {
             return Err(ApiError::bad_request("invalid disk update").with_details(problems));
         }

@@ -260,7 +260,8 @@ impl VmmBackend for FakeVmm {
             let mut config = vm.config.clone();
             config.disks.push(disk.clone());
             let index = config.disks.len() - 1;
-            let mut problems = config.problems();
+            // Only the new disk: the VM's other files (its kernel) were checked at create.
+            let mut problems = config.disk_problems(index);
             let (missing, locked) = image_problems(std::iter::once((index, &disk)), others);
             problems.extend(missing);
             if !problems.is_empty() {

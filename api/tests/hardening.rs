@@ -376,6 +376,65 @@ fn add_disk_checks_alike_in_every_state() {
     assert!(c["disks"]["d1"].is_object(), "{c}");
 }
 
+/// Issue 11 item 3: a disk change checks the disk, not the whole VM again: once the VM
+/// runs, its kernel file may go away and throttle changes and hot-plugged disks still
+/// work, on the real backend (the API's check and the VM's own).
+#[test]
+fn disk_changes_work_after_the_kernel_file_is_gone() {
+    if !kvm_or_skip("disk_changes_work_after_the_kernel_file_is_gone") {
+        return;
+    }
+    let s = Service::start(&[]);
+    // A copy of the guest, which this test may delete.
+    let kernel = s.path("guest.elf");
+    std::fs::copy(guest(), &kernel).unwrap_or_else(|e| panic!("{e}"));
+    let img = s.image("a.raw", 4);
+    let mut vm = guest_vm(&kernel, "a", json!([{"id": "d0", "path": img}]));
+    // Long phases: the guest is still running when the disks change.
+    let cmdline = vm["payload"]["cmdline"].as_str().unwrap_or_default();
+    vm["payload"]["cmdline"] = json!(cmdline.replace("ms=2000", "ms=60000"));
+    s.ok("PUT", "vm.create", Some(&vm));
+    s.ok("PUT", "vm.boot?id=a", None);
+    std::fs::remove_file(&kernel).unwrap_or_else(|e| panic!("{e}"));
+    s.ok(
+        "PUT",
+        "vm.update-disk?id=a",
+        Some(&json!({"id": "d0", "throttle": {"iops_total": 500}})),
+    );
+    let extra = s.image("b.raw", 4);
+    s.ok(
+        "PUT",
+        "vm.add-disk?id=a",
+        Some(&json!({"id": "d1", "path": extra})),
+    );
+    assert_eq!(s.state("a"), "Running");
+    let info = s.ok("GET", "vm.info?id=a", None).json();
+    assert_eq!(
+        info["config"]["disks"][0]["throttle"]["iops_total"], 500,
+        "{info}"
+    );
+    let c = s.ok("GET", "vm.counters?id=a", None).json();
+    assert!(c["disks"]["d1"].is_object(), "{c}");
+    // The disk's own checks still hold.
+    expect(
+        &s.req(
+            "PUT",
+            "vm.add-disk?id=a",
+            Some(&json!({"id": "d2", "path": img})),
+        ),
+        400,
+        &["same image as disks[0] (d0)"],
+    );
+    let native = json!({"id": "d2", "path": s.image("c.raw", 4), "aio": "native",
+                        "cache": "writeback"});
+    expect(
+        &s.req("PUT", "vm.add-disk?id=a", Some(&native)),
+        400,
+        &["aio=native needs O_DIRECT", "cache=writeback"],
+    );
+    s.ok("PUT", "vm.shutdown?id=a", None);
+}
+
 /// Issue items 6 and 7: `vm.update-iothread` changes only the fields sent; a CPU the host
 /// does not have is refused at create and at update.
 #[test]

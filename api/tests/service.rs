@@ -33,8 +33,6 @@ fn vm_json(s: &Service, id: &str) -> Value {
     })
 }
 
-/// Asserts `reply` has `status` and, for errors, the error body with `needle` in it.
-#[track_caller]
 /// Sends a request whose body the server refuses before reading it all: the server may
 /// answer and close while the body is still being written, so write from one thread
 /// (ignoring a broken pipe) and read the answer from another.
@@ -64,6 +62,8 @@ fn oversized_request(socket: &std::path::Path, path: &str, body: &[u8]) -> (u16,
     (status, text)
 }
 
+/// Asserts `reply` has `status` and, for errors, the error body with `needle` in it.
+#[track_caller]
 fn expect(reply: &Reply, status: u16, needle: &str) {
     assert_eq!(reply.status, status, "body: {}", reply.text());
     if status >= 400 {
@@ -263,6 +263,99 @@ fn bad_input_is_refused_and_service_keeps_serving() {
     // Still serving.
     expect(&s.raw("PUT", "vm.boot", None), 204, "");
     assert_eq!(state(&s, "a"), "Running");
+}
+
+/// Issue 11 item 3: what the config check refuses, it refuses at `vm.create` and at
+/// `vm.add-disk` alike, with a 400 naming the field: `aio=native` without O_DIRECT, an
+/// iothread named like a disk (a disk's id names its dedicated iothread), a CPU the host
+/// lacks.
+#[test]
+fn config_checks_hold_at_create_and_add_disk() {
+    let s = start();
+    let vm = vm_json(&s, "a");
+    for cache in ["writeback", "writethrough", "unsafe"] {
+        let mut bad = vm.clone();
+        bad["disks"][1]["aio"] = json!("native");
+        bad["disks"][1]["cache"] = json!(cache);
+        let r = s.put("vm.create", &bad);
+        expect(&r, 400, "disks[1]");
+        expect(
+            &r,
+            400,
+            &format!(
+                "aio=native needs O_DIRECT: use cache=none or cache=directsync (cache={cache} was given)"
+            ),
+        );
+    }
+    let mut clash = vm.clone();
+    clash["iothreads"] = json!([{"id": "shared"}, {"id": "d1"}]);
+    let r = s.put("vm.create", &clash);
+    expect(&r, 400, "iothreads[1].id");
+    expect(&r, 400, "is also the id of disk d1 (disks[1])");
+    let mut cpu = vm.clone();
+    cpu["iothreads"][0]["cpu_affinity"] = json!([4095]);
+    expect(&s.put("vm.create", &cpu), 400, "CPU 4095");
+
+    expect(&s.put("vm.create", &vm), 204, "");
+    for cache in ["writeback", "writethrough", "unsafe"] {
+        let disk =
+            json!({"id": "d2", "path": s.image("d2.raw", 1), "aio": "native", "cache": cache});
+        let r = s.put("vm.add-disk?id=a", &disk);
+        expect(&r, 400, "aio=native needs O_DIRECT");
+        expect(&r, 400, &format!("cache={cache}"));
+    }
+    let disk = json!({"id": "shared", "path": s.image("d3.raw", 1)});
+    let r = s.put("vm.add-disk?id=a", &disk);
+    expect(&r, 400, "disks[2].id");
+    expect(&r, 400, "is also the id of iothread shared (iothreads[0])");
+    expect(
+        &s.put(
+            "vm.update-iothread?id=a",
+            &json!({"id": "shared", "cpu_affinity": [4095]}),
+        ),
+        400,
+        "CPU 4095",
+    );
+    let info = s.raw("GET", "vm.info?id=a", None).json();
+    assert_eq!(
+        info["config"]["disks"].as_array().unwrap().len(),
+        2,
+        "{info}"
+    );
+    // Accepted with O_DIRECT.
+    let disk = json!({"id": "d2", "path": s.image("d2.raw", 1), "aio": "native", "cache": "none"});
+    expect(&s.put("vm.add-disk?id=a", &disk), 204, "");
+}
+
+/// Issue 11 item 3: a change of one disk checks that disk, not the whole VM again: with
+/// the kernel file gone after the VM was created, throttle changes and new disks still
+/// work (their own checks still hold).
+#[test]
+fn disk_changes_do_not_recheck_the_kernel() {
+    let s = start();
+    expect(&s.put("vm.create", &vm_json(&s, "a")), 204, "");
+    expect(&s.raw("PUT", "vm.boot?id=a", None), 204, "");
+    std::fs::remove_file(s.path("kernel")).unwrap();
+    let upd = json!({"id": "d0", "throttle": {"iops_total": 500}});
+    expect(&s.put("vm.update-disk?id=a", &upd), 204, "");
+    let disk = json!({"id": "d2", "path": s.image("extra.raw", 1)});
+    expect(&s.put("vm.add-disk?id=a", &disk), 204, "");
+    // The disk's own checks still hold.
+    let bad = json!({"id": "d0", "throttle": {"iops_total": 10, "iops_read": 5}});
+    let r = s.put("vm.update-disk?id=a", &bad);
+    expect(&r, 400, "iops");
+    assert!(!r.text().contains("payload.kernel"), "{}", r.text());
+    let dup = json!({"id": "d3", "path": s.image("a-0.raw", 1)});
+    let r = s.put("vm.add-disk?id=a", &dup);
+    expect(&r, 400, "same image as disks[0] (d0)");
+    assert!(!r.text().contains("payload.kernel"), "{}", r.text());
+    let info = s.raw("GET", "vm.info?id=a", None).json();
+    assert_eq!(info["config"]["disks"][0]["throttle"]["iops_total"], 500);
+    assert_eq!(
+        info["config"]["disks"].as_array().unwrap().len(),
+        3,
+        "{info}"
+    );
 }
 
 #[test]

@@ -18,7 +18,7 @@ fn require_backend() {
     let ours = Path::new(BIN).with_file_name("vhost-user-blk");
     assert!(
         ours.is_file(),
-        "{} is missing: build it with `cargo build -p devices --bin vhost-user-blk` \
+        "{} is missing: build it with `cargo build -p devices-cli --bin vhost-user-blk` \
          (cargo test --workspace --all-targets does)",
         ours.display()
     );

@@ -6,7 +6,6 @@
 
 use std::io::{Read, Write};
 use std::path::Path;
-use std::process::Command;
 use std::time::{Duration, Instant};
 
 use tests::test_guest::{self, parse_report};
@@ -286,33 +285,4 @@ fn second_vm_on_the_same_writable_image_is_refused() {
     drop(first);
     // Once the first VM is gone the image is free again.
     drop(Vm::create(config).unwrap_or_else(|e| panic!("third VM: {e}")));
-}
-
-#[test]
-fn binary_runs_the_guest_and_exits_zero_on_poweroff() {
-    if skip_without_kvm("binary_runs_the_guest_and_exits_zero_on_poweroff") {
-        return;
-    }
-    let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
-    let img = image(dir.path(), "d0.raw", 16);
-    let config = guest_config(dir.path(), "ms=50", "", &[disk("d0", &img, "")]);
-    let json = serde_json::to_string(&config).unwrap_or_else(|e| panic!("{e}"));
-    let path = dir.path().join("vm.json");
-    std::fs::write(&path, json).unwrap_or_else(|e| panic!("{e}"));
-    let out = Command::new(env!("CARGO_BIN_EXE_vmm"))
-        .arg("--config")
-        .arg(&path)
-        .output()
-        .unwrap_or_else(|e| panic!("{e}"));
-    let console = console(dir.path());
-    assert!(
-        out.status.success(),
-        "vmm exited {:?}\nstderr: {}\nconsole:\n{console}",
-        out.status,
-        String::from_utf8_lossy(&out.stderr)
-    );
-    assert_eq!(
-        parse_report(&console).get("result").map(String::as_str),
-        Some("ok")
-    );
 }

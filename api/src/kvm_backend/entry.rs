@@ -163,12 +163,12 @@ impl Entry {
 
     /// Adds `disk`: hot plugged into a created, running or paused VM; into the config of
     /// a shut-down one, after opening its image once, so that it is refused now as it
-    /// would be on a running VM (not at every later boot).
+    /// would be on a running VM (not at every later boot). Only the disk is checked
+    /// ([`VmConfig::with_disk`]), not the files the VM needed to start.
     pub(super) fn add_disk(&mut self, disk: DiskConfig) -> Result<(), vmm::vm::VmError> {
-        let mut config = self.config.clone();
-        config.disks.push(disk.clone());
-        config
-            .validate()
+        let config = self
+            .config
+            .with_disk(disk.clone())
             .map_err(|e| vmm::vm::VmError::Config(e.details().join("; ")))?;
         let state = self.state();
         match self.vm.as_mut() {

@@ -2,12 +2,16 @@
 //! the API. Field names are the contract; unknown fields are rejected. `validate` reports
 //! every problem at once, each naming the field it is about.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashSet;
 use std::path::{Path, PathBuf};
 
 use block::throttle::ThrottleLimits;
 use devices::config::{DiskConfig, IoThreadConfig};
 use serde::{Deserialize, Serialize};
+
+/// Why a disk and an iothread may not share an id.
+const SHARED_ID: &str = "a disk's id also names its dedicated iothread (vm.update-iothread \
+    takes it for `dedicated:<disk id>`), so disks and iothreads need different ids";
 
 /// Most vCPUs a VM may have.
 pub const MAX_VCPUS: u16 = 255;
@@ -236,12 +240,7 @@ impl VmConfig {
         self.check_memory(&mut p);
         self.check_payload(&mut p);
         self.check_serial(&mut p);
-        if self.disks.len() > MAX_DISKS {
-            p.push(format!(
-                "disks: at most {MAX_DISKS} per VM (one per slot of PCI bus 0; got {})",
-                self.disks.len()
-            ));
-        }
+        self.check_disk_count(&mut p);
         for (field, n) in [
             ("iothreads", self.iothreads.len()),
             ("throttle_groups", self.throttle_groups.len()),
@@ -252,8 +251,74 @@ impl VmConfig {
         }
         let iothreads = self.check_iothreads(&mut p);
         let groups = self.check_throttle_groups(&mut p);
-        self.check_disks(&iothreads, &groups, &mut p);
+        let keys = self.image_keys();
+        for i in 0..self.disks.len() {
+            // Each pair of disks once: against the disks before it.
+            self.check_disk(i, 0..i, &iothreads, &groups, &keys, &mut p);
+        }
         p
+    }
+
+    /// Every problem of disk `index` of this config, one message each naming its field:
+    /// its own settings, the iothreads and throttle group it names, its id and image
+    /// against the other disks, the iothreads' ids and the serial file, and the number of
+    /// disks. The rest of the config is not looked at: a change of one disk of a VM that
+    /// exists (`vm.add-disk`, `vm.update-disk`) checks that disk only, so that a file the
+    /// VM needed to start (its kernel) may be gone since. Empty for an `index` out of range.
+    pub fn disk_problems(&self, index: usize) -> Vec<String> {
+        let mut p = Vec::new();
+        if index >= self.disks.len() {
+            return p;
+        }
+        self.check_disk_count(&mut p);
+        let iothreads = self.iothreads.iter().map(|t| t.id.as_str()).collect();
+        let groups = self.throttle_groups.iter().map(|g| g.id.as_str()).collect();
+        let keys = self.image_keys();
+        let others = (0..self.disks.len()).filter(|&j| j != index);
+        self.check_disk(index, others, &iothreads, &groups, &keys, &mut p);
+        if let Some((j, t)) = self
+            .iothreads
+            .iter()
+            .enumerate()
+            .find(|(_, t)| t.id == self.disks[index].id)
+        {
+            p.push(format!(
+                "disks[{index}].id {:?} is also the id of iothread {} (iothreads[{j}]); {SHARED_ID}",
+                t.id, t.id
+            ));
+        }
+        if let Some(serial) = self.serial_file()
+            && self.is_image_of(index, serial)
+        {
+            p.push(format!(
+                "disks[{index}] ({}).path {} is this VM's serial output file (serial.path); a disk needs an image of its own",
+                self.disks[index].id,
+                self.disks[index].path.display()
+            ));
+        }
+        p
+    }
+
+    /// This config with `disk` added, if [`Self::disk_problems`] finds nothing wrong with
+    /// it (the rest of the config is not checked again).
+    pub fn with_disk(&self, disk: DiskConfig) -> Result<VmConfig, ConfigError> {
+        let mut config = self.clone();
+        config.disks.push(disk);
+        let problems = config.disk_problems(config.disks.len() - 1);
+        if problems.is_empty() {
+            Ok(config)
+        } else {
+            Err(ConfigError::Invalid(problems))
+        }
+    }
+
+    fn check_disk_count(&self, p: &mut Vec<String>) {
+        if self.disks.len() > MAX_DISKS {
+            p.push(format!(
+                "disks: at most {MAX_DISKS} per VM (one per slot of PCI bus 0; got {})",
+                self.disks.len()
+            ));
+        }
     }
 
     fn check_memory(&self, p: &mut Vec<String>) {
@@ -333,7 +398,7 @@ impl VmConfig {
                     .disks
                     .iter()
                     .enumerate()
-                    .find(|(_, d)| !d.is_null() && same_file(&d.path, path))
+                    .find(|&(i, _)| self.is_image_of(i, path))
                 {
                     p.push(format!(
                         "serial.path {} is the image of disks[{i}] ({}); serial output must go to a file of its own",
@@ -350,6 +415,21 @@ impl VmConfig {
         }
     }
 
+    /// Whether `path` is the image of disk `i` (through symlinks or hard links).
+    fn is_image_of(&self, i: usize, path: &Path) -> bool {
+        self.disks
+            .get(i)
+            .is_some_and(|d| !d.is_null() && same_file(&d.path, path))
+    }
+
+    /// The serial output file, in file mode.
+    fn serial_file(&self) -> Option<&Path> {
+        match (self.serial.mode, &self.serial.path) {
+            (SerialMode::File, Some(path)) => Some(path),
+            _ => None,
+        }
+    }
+
     /// Checks the iothreads; returns their names.
     fn check_iothreads(&self, p: &mut Vec<String>) -> HashSet<&str> {
         let mut names = HashSet::new();
@@ -361,6 +441,12 @@ impl VmConfig {
                 p.push(format!(
                     "iothreads[{i}].id {:?} is used by another iothread",
                     t.id
+                ));
+            }
+            if let Some(j) = self.disks.iter().position(|d| d.id == t.id) {
+                p.push(format!(
+                    "iothreads[{i}].id {:?} is also the id of disk {} (disks[{j}]); {SHARED_ID}",
+                    t.id, t.id
                 ));
             }
         }
@@ -387,59 +473,75 @@ impl VmConfig {
         names
     }
 
-    fn check_disks(&self, iothreads: &HashSet<&str>, groups: &HashSet<&str>, p: &mut Vec<String>) {
-        let mut ids = HashSet::new();
-        let mut paths: HashMap<FileKey, (usize, bool)> = HashMap::new();
-        for (i, d) in self.disks.iter().enumerate() {
-            let at = format!("disks[{i}] ({})", d.id);
-            if let Err(e) = d.validate() {
-                p.push(format!("disks[{i}]: {e}"));
-            }
-            if !ids.insert(d.id.as_str()) {
-                p.push(format!("disks[{i}].id {:?} is used by another disk", d.id));
-            }
-            if let Some(t) = &d.iothread
-                && !iothreads.contains(t.as_str())
-            {
+    /// What identifies each disk's image (`None` for a null disk).
+    fn image_keys(&self) -> Vec<Option<FileKey>> {
+        self.disks
+            .iter()
+            .map(|d| (!d.is_null()).then(|| FileKey::of(&d.path)))
+            .collect()
+    }
+
+    /// Checks disk `i`: its settings, the names it refers to, and its id and image against
+    /// the disks `others` (`keys` from [`Self::image_keys`]).
+    fn check_disk(
+        &self,
+        i: usize,
+        others: impl Iterator<Item = usize> + Clone,
+        iothreads: &HashSet<&str>,
+        groups: &HashSet<&str>,
+        keys: &[Option<FileKey>],
+        p: &mut Vec<String>,
+    ) {
+        let d = &self.disks[i];
+        let at = format!("disks[{i}] ({})", d.id);
+        if let Err(e) = d.validate() {
+            p.push(format!("disks[{i}]: {e}"));
+        }
+        if others.clone().any(|j| self.disks[j].id == d.id) {
+            p.push(format!("disks[{i}].id {:?} is used by another disk", d.id));
+        }
+        if let Some(t) = &d.iothread
+            && !iothreads.contains(t.as_str())
+        {
+            p.push(format!(
+                "{at}.iothread names {t:?}, which is not in iothreads"
+            ));
+        }
+        for (j, m) in d.iothread_vq_mapping.iter().flatten().enumerate() {
+            if !iothreads.contains(m.iothread.as_str()) {
                 p.push(format!(
-                    "{at}.iothread names {t:?}, which is not in iothreads"
+                    "{at}.iothread_vq_mapping[{j}].iothread names {:?}, which is not in iothreads",
+                    m.iothread
                 ));
             }
-            for (j, m) in d.iothread_vq_mapping.iter().flatten().enumerate() {
-                if !iothreads.contains(m.iothread.as_str()) {
-                    p.push(format!(
-                        "{at}.iothread_vq_mapping[{j}].iothread names {:?}, which is not in iothreads",
-                        m.iothread
-                    ));
-                }
-            }
-            if let Some(g) = &d.throttle_group
-                && !groups.contains(g.as_str())
-            {
-                p.push(format!(
-                    "{at}.throttle_group names {g:?}, which is not in throttle_groups"
-                ));
-            }
-            if !d.is_null() {
-                // One image reached through a symlink or a hard link is the same image.
-                let resolved = FileKey::of(&d.path);
-                if let Some(&(j, ro)) = paths.get(&resolved)
-                    && !(ro && d.readonly)
-                {
-                    let other = &self.disks[j];
-                    let through = if other.path == d.path {
-                        String::new()
-                    } else {
-                        format!(" (reached as {})", other.path.display())
-                    };
-                    p.push(format!(
-                        "{at}.path {} is the same image as disks[{j}] ({}){through} of this VM; an image may be shared only read-only",
-                        d.path.display(),
-                        other.id
-                    ));
-                }
-                paths.entry(resolved).or_insert((i, d.readonly));
-            }
+        }
+        if let Some(g) = &d.throttle_group
+            && !groups.contains(g.as_str())
+        {
+            p.push(format!(
+                "{at}.throttle_group names {g:?}, which is not in throttle_groups"
+            ));
+        }
+        // One image reached through a symlink or a hard link is the same image; it may be
+        // shared only read-only.
+        let Some(key) = &keys[i] else {
+            return;
+        };
+        if let Some(j) = others
+            .clone()
+            .find(|&j| keys[j].as_ref() == Some(key) && !(d.readonly && self.disks[j].readonly))
+        {
+            let other = &self.disks[j];
+            let through = if other.path == d.path {
+                String::new()
+            } else {
+                format!(" (reached as {})", other.path.display())
+            };
+            p.push(format!(
+                "{at}.path {} is the same image as disks[{j}] ({}){through} of this VM; an image may be shared only read-only",
+                d.path.display(),
+                other.id
+            ));
         }
     }
 

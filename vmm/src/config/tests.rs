@@ -388,3 +388,112 @@ fn serial_paths_must_suit_their_mode() {
     c.serial.path = Some(img.clone());
     one_problem(&c, &["is a regular file, not a socket"]);
 }
+
+#[test]
+fn iothreads_and_disks_need_different_ids() {
+    let f = files();
+    let mut c = example(&f);
+    c.iothreads.push(IoThreadConfig::new("disk0"));
+    one_problem(
+        &c,
+        &[
+            "iothreads[1].id \"disk0\" is also the id of disk disk0 (disks[0])",
+            "names its dedicated iothread",
+        ],
+    );
+    // A disk added under an iothread's id.
+    let err = example(&f)
+        .with_disk(DiskConfig::new("io0", "/other.raw"))
+        .unwrap_err();
+    assert_eq!(err.details().len(), 1, "{:?}", err.details());
+    assert!(
+        err.details()[0]
+            .starts_with("disks[1].id \"io0\" is also the id of iothread io0 (iothreads[0])"),
+        "{err}"
+    );
+}
+
+/// Issue 11 item 3: a change of one disk checks that disk (against the other disks, the
+/// iothreads, the groups and the serial file), not the files the VM needed to start.
+#[test]
+fn one_disk_is_checked_without_the_rest_of_the_vm() {
+    let f = files();
+    let dir = tempfile::tempdir().unwrap();
+    let img = dir.path().join("a.raw");
+    std::fs::write(&img, vec![0u8; 4096]).unwrap();
+    let serial = dir.path().join("serial.log");
+    std::fs::write(&serial, b"").unwrap();
+    let mut c = example(&f);
+    c.serial.path = Some(serial.clone());
+    assert!(c.problems().is_empty(), "{:?}", c.problems());
+    std::fs::remove_file(&f.kernel).unwrap();
+    let whole = c.problems();
+    assert!(
+        whole.len() == 1 && whole[0].starts_with("payload.kernel: "),
+        "{whole:?}"
+    );
+    assert_eq!(c.disk_problems(0), Vec::<String>::new());
+    assert_eq!(c.disk_problems(1), Vec::<String>::new(), "out of range");
+    let c = c.with_disk(DiskConfig::new("d1", &img)).unwrap();
+    assert_eq!(c.disks.len(), 2);
+
+    // The new disk's own checks still hold.
+    let problems = |d: DiskConfig| match c.with_disk(d) {
+        Ok(_) => panic!("accepted"),
+        Err(e) => e.details(),
+    };
+    let mut native = DiskConfig::new("d2", "/other.raw");
+    native.aio = block::AioKind::Native;
+    native.cache = block::CacheMode::Writeback;
+    let p = problems(native);
+    assert!(
+        p.len() == 1 && p[0].starts_with("disks[2]: disk d2: aio=native needs O_DIRECT"),
+        "{p:?}"
+    );
+    let p = problems(DiskConfig::new("disk0", "/other.raw"));
+    assert_eq!(p, ["disks[2].id \"disk0\" is used by another disk"]);
+    let p = problems(DiskConfig::new("d3", &img));
+    assert!(
+        p.len() == 1 && p[0].contains("disks[2] (d3).path") && p[0].contains("disks[1] (d1)"),
+        "{p:?}"
+    );
+    let mut orphan = DiskConfig::new("d4", "/other.raw");
+    orphan.iothread = Some("io9".into());
+    orphan.throttle_group = Some("tenant-b".into());
+    let p = problems(orphan);
+    assert!(
+        p.len() == 2 && p[0].contains("\"io9\"") && p[1].contains("\"tenant-b\""),
+        "{p:?}"
+    );
+    let p = problems(DiskConfig::new("d5", &serial));
+    assert!(
+        p.len() == 1 && p[0].contains("is this VM's serial output file"),
+        "{p:?}"
+    );
+    // A disk changed in place is checked against the disks after it too.
+    let mut changed = c.clone();
+    changed.disks[0].path = img.clone();
+    let p = changed.disk_problems(0);
+    assert!(
+        p.len() == 1 && p[0].contains("disks[0] (disk0).path") && p[0].contains("disks[1] (d1)"),
+        "{p:?}"
+    );
+}
+
+#[test]
+fn an_added_disk_counts_against_the_pci_slots() {
+    let f = files();
+    let mut c = minimal(&f);
+    let null = |id: String| {
+        let mut d = DiskConfig::new(id, "null");
+        d.null_size = Some(1 << 20);
+        d
+    };
+    c.disks = (0..MAX_DISKS - 1).map(|i| null(format!("d{i}"))).collect();
+    let c = c.with_disk(null("last".into())).unwrap();
+    let err = c.with_disk(null("one-more".into())).unwrap_err();
+    assert!(
+        err.details()[0].contains("disks: at most 31 per VM"),
+        "{err}"
+    );
+}

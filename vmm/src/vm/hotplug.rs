@@ -148,10 +148,10 @@ impl super::Vm {
                 state: self.state,
             });
         }
-        let mut config = self.config.clone();
-        config.disks.push(disk.clone());
-        config
-            .validate()
+        // The disk is checked against the VM, not the VM again: its kernel may be gone.
+        let config = self
+            .config
+            .with_disk(disk.clone())
             .map_err(|e| VmError::Config(e.details().join("; ")))?;
         let announce = self.state != super::VmState::Created;
         let slot = self.devices.hot_add_disk(&disk, announce)?;

@@ -109,6 +109,38 @@ fn every_invalid_field_is_reported() {
     assert_eq!(stderr.lines().filter(|l| l.starts_with("  - ")).count(), 4);
 }
 
+/// Issue 11 item 3: `--check` refuses what the service refuses: `aio=native` without
+/// O_DIRECT and an iothread named like a disk, each naming its field.
+#[test]
+fn check_refuses_native_aio_without_o_direct_and_iothreads_named_like_disks() {
+    let s = setup();
+    for cache in ["writeback", "writethrough", "unsafe"] {
+        let image = s.dir.path().join("d2.raw");
+        std::fs::write(&image, vec![0u8; 4096]).unwrap();
+        let disk = format!(
+            r#""disks": [
+    {{"id": "d2", "path": {image:?}, "aio": "native", "cache": "{cache}"}},"#
+        );
+        let json = good_json(&s).replace(r#""disks": ["#, &disk);
+        let path = write_config(s.dir.path(), "native.json", &json);
+        let out = vmm(&["--config", path.to_str().unwrap(), "--check"]);
+        let stderr = text(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "{cache}: {stderr}");
+        assert!(
+            stderr.contains(&format!(
+                "disks[0]: disk d2: aio=native needs O_DIRECT: use cache=none or cache=directsync (cache={cache} was given)"
+            )),
+            "{stderr}"
+        );
+    }
+    let json = good_json(&s).replace(r#"{"id": "io1"}"#, r#"{"id": "io1"}, {"id": "d0"}"#);
+    let path = write_config(s.dir.path(), "clash.json", &json);
+    let out = vmm(&["--config", path.to_str().unwrap(), "--check"]);
+    let stderr = text(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{stderr}");
+    assert!(stderr.contains(r#"iothreads[2].id "d0""#), "{stderr}");
+}
+
 #[test]
 fn json_errors_and_missing_files_are_reported() {
     let s = setup();

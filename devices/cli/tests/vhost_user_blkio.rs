@@ -481,6 +481,15 @@ fn bad_socket_path_and_bad_fields_give_clear_errors() {
             "io7 is not declared",
         ),
         ("path", "expected key=value"),
+        // Checked before the image is opened (a missing one would be exit status 1).
+        (
+            "path=/nonexistent/img.raw,aio=native,cache=writeback",
+            "aio=native needs O_DIRECT",
+        ),
+        (
+            "path=/nonexistent/img.raw,aio=native,cache=unsafe",
+            "(cache=unsafe was given)",
+        ),
     ] {
         let (code, err) = run(&["--socket", s, "--disk", disk]);
         assert_eq!(code, Some(2), "{disk}: {err}");

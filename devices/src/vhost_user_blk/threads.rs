@@ -15,12 +15,12 @@ use std::time::{Duration, Instant};
 use vhost_user_backend::VringRwLock;
 use vmm_sys_util::epoll::EventSet;
 
+use super::ThreadPlan;
 use super::backend::{Backend, DRAIN_TIMEOUT, Handler, lock};
 use super::host::VringHost;
-use super::{IoThreadCountersView, ThreadPlan};
 use crate::config::IoThreadConfig;
 use crate::iothread::poll::PollWindow;
-use crate::iothread::{LoopCounters, pin};
+use crate::iothread::{IoThreadCounters, LoopCounters, pin};
 use crate::virtio_blk::GuestMem;
 use crate::virtio_blk::worker::{PassWork, QueueWorker};
 
@@ -114,12 +114,13 @@ impl Thread {
         self.generation.fetch_add(1, Relaxed);
     }
 
-    pub(super) fn counters(&self) -> IoThreadCountersView {
-        IoThreadCountersView {
-            id: self.id.clone(),
-            queues: self.queues.clone(),
-            counters: self.counters.snapshot(),
-        }
+    /// The queues it serves.
+    pub(super) fn queues(&self) -> &[u16] {
+        &self.queues
+    }
+
+    pub(super) fn counters(&self) -> IoThreadCounters {
+        self.counters.snapshot()
     }
 
     pub(super) fn begin_session(&self, mem: GuestMem, handler: Arc<Handler>, num_queues: u16) {

@@ -217,10 +217,4 @@ mod tests {
         assert!(!elf_is_static(&dynamic));
         assert!(!elf_is_static(b"#!/bin/sh"));
     }
-
-    #[test]
-    fn skip_names_the_package() {
-        let s = Skip::missing("fio", "fio");
-        assert_eq!(s.to_string(), "SKIP: fio missing (apt-get install fio)");
-    }
 }

@@ -3,7 +3,7 @@
 //! The service is written against [`backend::VmmBackend`]; [`kvm_backend::KvmBackend`]
 //! runs real VMs on KVM (the default), [`fake::FakeVmm`] is an in-memory test double of
 //! it (`vmmd --fake`). [`client`] is the Unix-socket HTTP
-//! client shared by `vmctl` and the tests.
+//! client shared by `vmctl` and the tests; [`tables`] are `vmctl`'s human tables.
 
 pub mod backend;
 pub mod client;
@@ -12,5 +12,6 @@ pub mod kvm_backend;
 pub mod metrics;
 pub mod paths;
 pub mod server;
+pub mod tables;
 
 pub use vmm;

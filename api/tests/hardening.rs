@@ -15,7 +15,8 @@ use std::time::{Duration, Instant};
 
 use api::client::Client;
 use serde_json::{Value, json};
-use support::{Service, expect, guest, guest_vm, kvm_or_skip, wait_exit};
+use support::{Service, expect, guest, guest_vm, wait_exit};
+use tests::skip::kvm_or_skip;
 
 fn checksum(path: &Path) -> u64 {
     let data = std::fs::read(path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
@@ -270,7 +271,10 @@ fn limits_are_4xx_or_503_not_500() {
             expect(&r, 503, &["hugepages are in use", "0 free 2 MiB hugepages"]);
             s.ok("PUT", "vm.delete?id=huge", None);
         }
-        None => println!("SKIP hugepages in use (503): cannot reserve hugepages here"),
+        None => tests::skip::partial(
+            "limits_are_4xx_or_503_not_500",
+            "hugepages in use (503) not checked: cannot reserve hugepages here",
+        ),
     }
     s.ok("GET", "vmm.ping", None);
 
@@ -631,7 +635,10 @@ fn allowed_dirs_confine_client_paths() {
 fn a_root_service_without_allowed_dirs_warns() {
     // SAFETY: geteuid has no preconditions.
     if unsafe { libc::geteuid() } != 0 {
-        println!("SKIP a_root_service_without_allowed_dirs_warns: not running as root");
+        tests::skip::skip(
+            "a_root_service_without_allowed_dirs_warns",
+            "not running as root",
+        );
         return;
     }
     let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));

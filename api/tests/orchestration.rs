@@ -153,12 +153,7 @@ fn guest_rate_phase(s: &Service, update: &Value) -> Vec<(u64, f64)> {
 
 #[test]
 fn four_test_guests_through_the_service() {
-    if !vmm::kvm_available() {
-        let mut out = std::io::stdout().lock();
-        let _ = writeln!(
-            out,
-            "SKIP four_test_guests_through_the_service: /dev/kvm is missing or not accessible"
-        );
+    if !tests::skip::kvm_or_skip("four_test_guests_through_the_service") {
         return;
     }
     let elf = tests::test_guest::build().unwrap_or_else(|e| panic!("{e}"));

@@ -388,7 +388,23 @@ fn vmctl_drives_the_service() {
     ok(&["update-iothread", "id=shared,poll_max_ns=0,cpu_affinity=0"]);
     let info = ok(&["info"]);
     assert!(info.contains("d2") && info.contains("300"), "{info}");
-    assert!(ok(&["counters"]).contains("READS"));
+    // One row per disk and per iothread, read from the typed vm.counters reply.
+    let table = ok(&["counters"]);
+    let first: Vec<&str> = table
+        .lines()
+        .filter_map(|l| l.split_whitespace().next())
+        .collect();
+    for want in [
+        "DISK",
+        "d0",
+        "d1",
+        "d2",
+        "IOTHREAD",
+        "shared",
+        "dedicated:d1",
+    ] {
+        assert!(first.contains(&want), "no {want} row:\n{table}");
+    }
     ok(&["remove-device", "d2"]);
     ok(&["pause"]);
     let o = s.vmctl(&["pause"]);

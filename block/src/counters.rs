@@ -4,7 +4,7 @@
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::sync::{Arc, Mutex, MutexGuard};
 
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 use crate::queue::RequestKind;
 
@@ -217,7 +217,7 @@ fn latency_bucket(ns: u64) -> usize {
 }
 
 /// Ops, bytes and errors of one request kind, as read at one moment.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct KindSnapshot {
     /// Requests completed successfully.
@@ -229,7 +229,7 @@ pub struct KindSnapshot {
 }
 
 /// The counters of one disk at one moment.
-#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize)]
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct CountersSnapshot {
     /// Reads.

@@ -63,9 +63,10 @@ fn loop_device_probe_and_every_engine() {
     let dev = match Loop::attach(&file) {
         Ok(d) => d,
         Err(e) => {
-            skip(&format!(
-                "SKIP: block device test: cannot attach a loop device ({e})"
-            ));
+            tests::skip::skip(
+                "loop_device_probe_and_every_engine",
+                &format!("cannot attach a loop device ({e})"),
+            );
             return;
         }
     };
@@ -128,10 +129,4 @@ fn loop_device_probe_and_every_engine() {
             );
         }
     }
-}
-
-/// Prints a skip reason past libtest's output capture, so the test log shows it.
-fn skip(reason: &str) {
-    use std::io::Write;
-    let _ = writeln!(std::io::stdout(), "{reason}");
 }

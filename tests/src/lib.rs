@@ -7,5 +7,6 @@ pub mod fio;
 pub mod image;
 pub mod latency;
 pub mod linux_guest;
+pub mod skip;
 pub mod test_guest;
 pub mod vmlinux;

@@ -1,6 +1,7 @@
 //! `blkbench --quick` as a user runs it: every contender on the quick workloads, on a
-//! small image, checked for structure and sanity (not speed): every cell present, the
-//! figures consistent with each other, the ratios with the figures, the chart drawn.
+//! small image, checked from the results JSON it writes (not for speed): every contender
+//! ran every workload without error and moved I/O (non-zero figures), the ratios are
+//! there, the table and the chart name every contender.
 //! Needs the `vhost-user-blk` binary beside `blkbench` (both are built by
 //! `cargo test --workspace --all-targets`).
 
@@ -51,10 +52,6 @@ fn f(v: &Value, key: &str) -> f64 {
     v[key]
         .as_f64()
         .unwrap_or_else(|| panic!("{key} missing in {v}"))
-}
-
-fn close(a: f64, b: f64) -> bool {
-    (a - b).abs() <= 1e-9 * a.abs().max(b.abs()).max(1.0)
 }
 
 fn outputs(dir: &Path) -> (PathBuf, PathBuf) {
@@ -118,12 +115,12 @@ fn quick_run_has_every_cell_consistent_figures_and_a_chart() {
         assert!(err.contains("apt-get install"), "no install hint: {err}");
     }
 
-    // Every requested cell, each run sane, medians consistent with the runs.
+    // Every contender ran every workload: a cell with no error, the runs asked for, each
+    // of which moved I/O (requests completed in a measured window) and so has non-zero
+    // figures; a server contender's CPU time was measured.
     let cells = r["cells"].as_array().unwrap();
     assert_eq!(cells.len(), workload::QUICK.len() * expected.len());
-    let mut median = std::collections::HashMap::new();
     for w in workload::QUICK {
-        let bs = workload::by_name(w).unwrap().workload.block_size as f64;
         assert!(table.contains(&workload::by_name(w).unwrap().workload.label()));
         for &c in &expected {
             let cell = cells
@@ -134,71 +131,45 @@ fn quick_run_has_every_cell_consistent_figures_and_a_chart() {
             assert_eq!(cell["errors"].as_array().unwrap().len(), 0, "{cell}");
             let runs = cell["runs"].as_array().unwrap();
             assert_eq!(runs.len(), repeat, "{w} {c}");
-            for run in runs {
-                let iops = f(run, "iops");
-                assert!(iops > 0.0, "{w} {c}: {run}");
-                assert!(f(run, "p50_us") > 0.0 && f(run, "p50_us") <= f(run, "p99_us"));
-                assert!(close(iops, f(run, "ios") / f(run, "seconds")));
-                assert!(close(f(run, "mib_s"), iops * bs / 1048576.0));
+            for run in runs.iter().chain([&cell["median"]]) {
+                for key in ["iops", "mib_s", "p50_us", "p99_us"] {
+                    assert!(f(run, key) > 0.0, "{w} {c}: {key} in {run}");
+                }
+                assert!(f(run, "p50_us") <= f(run, "p99_us"), "{w} {c}: {run}");
                 match c {
-                    "limit" => assert!(run["cpu_us_per_io"].is_null()),
-                    _ => assert!(f(run, "cpu_us_per_io") >= 0.0),
+                    "limit" => assert!(run["cpu_us_per_io"].is_null(), "{run}"),
+                    _ => assert!(f(run, "cpu_us_per_io") >= 0.0, "{w} {c}: {run}"),
                 }
             }
-            let m = &cell["median"];
-            assert!(
-                f(m, "iops") > 0.0 && f(m, "p50_us") <= f(m, "p99_us"),
-                "{m}"
-            );
-            if repeat == 1 {
-                assert!(close(f(m, "iops"), f(&runs[0], "iops")));
+            for run in runs {
+                assert!(run["ios"].as_u64().unwrap_or(0) > 0, "{w} {c}: {run}");
+                assert!(f(run, "seconds") > 0.0, "{w} {c}: {run}");
             }
-            median.insert((w, c), (f(m, "iops"), f(m, "p50_us")));
         }
     }
 
-    // Ratios: ours against qsd's best file engine (or qsd-null) and against the limit.
+    // Each of our contenders has its ratios against the peers that ran (their arithmetic
+    // is report.rs's unit tests' business), all positive.
     let ratios = r["ratios"].as_array().unwrap();
-    let mut want = 0;
     for w in workload::QUICK {
-        let best = |names: &[&'static str]| {
-            names
-                .iter()
-                .filter_map(|n| median.get(&(w, *n)).map(|m| (*n, *m)))
-                .max_by(|a, b| a.1.0.total_cmp(&b.1.0))
-        };
-        for (ours, peers) in [
-            (
-                "ours-io_uring",
-                vec![
-                    ("qsd", best(&["qsd-io_uring", "qsd-native"])),
-                    ("limit", best(&["limit"])),
-                ],
-            ),
-            (
-                "ours-native",
-                vec![
-                    ("qsd", best(&["qsd-io_uring", "qsd-native"])),
-                    ("limit", best(&["limit"])),
-                ],
-            ),
-            ("ours-null", vec![("qsd", best(&["qsd-null"]))]),
+        for (ours, kinds) in [
+            ("ours-io_uring", &["qsd", "limit"][..]),
+            ("ours-native", &["qsd", "limit"][..]),
+            ("ours-null", &["qsd"][..]),
         ] {
-            let mine = median[&(w, ours)];
-            for (kind, peer) in peers {
-                let Some((peer, theirs)) = peer else { continue };
-                want += 1;
-                let r = ratios
+            for &kind in kinds {
+                let found = ratios
                     .iter()
-                    .find(|x| x["workload"] == w && x["ours"] == ours && x["kind"] == kind)
-                    .unwrap_or_else(|| panic!("no {kind} ratio for {w} {ours}"));
-                assert_eq!(r["peer"], peer, "{r}");
-                assert!(close(f(r, "iops"), mine.0 / theirs.0), "{r}");
-                assert!(close(f(r, "p50"), mine.1 / theirs.1), "{r}");
+                    .find(|x| x["workload"] == w && x["ours"] == ours && x["kind"] == kind);
+                if kind == "qsd" && !have_qsd {
+                    assert!(found.is_none(), "{found:?}");
+                    continue;
+                }
+                let found = found.unwrap_or_else(|| panic!("no {kind} ratio for {w} {ours}"));
+                assert!(f(found, "iops") > 0.0 && f(found, "p50") > 0.0, "{found}");
             }
         }
     }
-    assert_eq!(ratios.len(), want);
 
     // The chart names every contender.
     let chart = std::fs::read_to_string(&svg).unwrap();

@@ -5,9 +5,7 @@
 use std::path::Path;
 use std::time::{Duration, Instant};
 
-use tests::linux_guest::{
-    self, BootOptions, FioVerifyJob, Initramfs, Skip, Tools, VhostUserBackend,
-};
+use tests::linux_guest::{self, BootOptions, FioVerifyJob, Initramfs, Tools, VhostUserBackend};
 
 /// The tools and the (cached) initramfs, or the reason to skip.
 fn setup(test: &str) -> Option<(Tools, Initramfs)> {
@@ -181,15 +179,5 @@ fn fio_verdict_catches_a_corrupted_block() {
         run.script_output.contains("verify"),
         "no verify complaint:\n{}",
         run.report()
-    );
-}
-
-/// The skip reason is the documented one-liner.
-#[test]
-fn skip_reason_format() {
-    let s = Skip("qemu-system-x86_64 missing (apt-get install qemu-system-x86)".into());
-    assert!(
-        s.to_string()
-            .starts_with("SKIP: qemu-system-x86_64 missing")
     );
 }

@@ -2,7 +2,7 @@
 //! PCI enumeration, virtio-blk pattern checks, IOPS polled and with MSI-X interrupts, a
 //! read-only disk refusing writes. Skips, saying why, when qemu-system-x86_64 is missing.
 
-use std::io::{Read, Write};
+use std::io::Read;
 use std::path::Path;
 
 use tests::test_guest::{self, GuestRun, QemuDisk, QemuOptions};
@@ -11,12 +11,10 @@ fn skip_without_qemu(test: &str) -> bool {
     if test_guest::find_qemu().is_some() {
         return false;
     }
-    let mut out = std::io::stdout().lock();
-    let _ = writeln!(
-        out,
-        "SKIP {test}: qemu-system-x86_64 missing (apt-get install qemu-system-x86)"
+    tests::skip::skip(
+        test,
+        "qemu-system-x86_64 missing (apt-get install qemu-system-x86)",
     );
-    let _ = out.flush();
     true
 }
 

@@ -3,7 +3,6 @@
 //! hardware-reduced flag and the sleep registers, the DSDT names the PCI host bridge and
 //! `\_S5`, and the disassembled DSDT compiles back with no error and no warning.
 
-use std::io::Write;
 use std::path::Path;
 use std::process::{Command, Output};
 
@@ -50,11 +49,12 @@ fn disassemble_one(dir: &Path, name: &str, bytes: &[u8]) -> (Output, String) {
     (o, dsl)
 }
 
-fn skip_if_no_iasl() -> bool {
+/// Whether `iasl` is missing; prints test `test`'s `SKIP` line then.
+fn skip_if_no_iasl(test: &str) -> bool {
     if iasl(Path::new("."), &["-v"]).is_none() {
-        let _ = writeln!(
-            std::io::stdout(),
-            "SKIP: iasl not found; `apt-get install acpica-tools` to check the ACPI tables"
+        tests::skip::skip(
+            test,
+            "iasl not found; `apt-get install acpica-tools` to check the ACPI tables",
         );
         return true;
     }
@@ -120,7 +120,7 @@ fn field<'a>(dsl: &'a str, name: &str) -> Vec<&'a str> {
 
 #[test]
 fn iasl_disassembles_all_tables_without_errors() {
-    if skip_if_no_iasl() {
+    if skip_if_no_iasl("iasl_disassembles_all_tables_without_errors") {
         return;
     }
     let params = AcpiParams {
@@ -196,7 +196,7 @@ fn iasl_disassembles_all_tables_without_errors() {
 
 #[test]
 fn iasl_accepts_windows_and_ecam_above_4g() {
-    if skip_if_no_iasl() {
+    if skip_if_no_iasl("iasl_accepts_windows_and_ecam_above_4g") {
         return;
     }
     let params = AcpiParams {
@@ -216,7 +216,7 @@ fn iasl_accepts_windows_and_ecam_above_4g() {
 
 #[test]
 fn iasl_check_catches_a_corrupt_table() {
-    if skip_if_no_iasl() {
+    if skip_if_no_iasl("iasl_check_catches_a_corrupt_table") {
         return;
     }
     let dir = tempfile::tempdir().expect("tempdir");
@@ -269,7 +269,7 @@ DefinitionBlock ("", "SSDT", 2, "TEST", "HPTEST", 1)
 
 #[test]
 fn acpiexec_runs_the_hot_plug_methods() {
-    if skip_if_no_iasl() {
+    if skip_if_no_iasl("acpiexec_runs_the_hot_plug_methods") {
         return;
     }
     let dir = tempfile::tempdir().expect("tempdir");

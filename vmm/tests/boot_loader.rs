@@ -3,8 +3,6 @@
 //! (PVH). Each check reads the boot structures back from guest memory. Booting these
 //! images on KVM is vmm/tests/linux_boot.rs.
 
-use std::io::Write;
-
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 use vmm::boot::{
     BootLayout, CMDLINE_ADDR, E820_RAM, E820_RESERVED, MemmapEntry, PVH_INFO_ADDR,
@@ -18,9 +16,7 @@ use tests::vmlinux;
 
 const MIB: u64 = 1 << 20;
 
-fn skip(test: &str, why: &str) {
-    let _ = writeln!(std::io::stdout(), "SKIP: {test}: {why}");
-}
+use tests::skip::skip;
 
 fn layout(ram: &GuestRam) -> BootLayout {
     BootLayout {
@@ -136,7 +132,7 @@ fn test_guest_elf_boots_through_pvh() {
 fn debian_bzimage_boots_through_the_linux_protocol() {
     let Some(bz) = vmlinux::find_bzimage() else {
         return skip(
-            "debian_bzimage",
+            "debian_bzimage_boots_through_the_linux_protocol",
             "no /boot/vmlinuz-*-cloud-amd64 (apt-get install linux-image-cloud-amd64)",
         );
     };
@@ -220,13 +216,13 @@ fn debian_bzimage_boots_through_the_linux_protocol() {
 fn debian_vmlinux_boots_through_pvh() {
     let Some(bz) = vmlinux::find_bzimage() else {
         return skip(
-            "debian_vmlinux",
+            "debian_vmlinux_boots_through_pvh",
             "no /boot/vmlinuz-*-cloud-amd64 (apt-get install linux-image-cloud-amd64)",
         );
     };
     let elf = match vmlinux::extract(&bz, &vmlinux::default_cache()) {
         Ok(p) => p,
-        Err(e) if e.contains("lz4 missing") => return skip("debian_vmlinux", &e),
+        Err(e) if e.contains("lz4 missing") => return skip("debian_vmlinux_boots_through_pvh", &e),
         Err(e) => panic!("{e}"),
     };
     let entry = vmlinux::pvh_entry(&elf).unwrap();
@@ -260,10 +256,13 @@ fn debian_vmlinux_boots_through_pvh() {
 #[test]
 fn truncated_vmlinux_is_refused() {
     let Some(bz) = vmlinux::find_bzimage() else {
-        return skip("truncated_vmlinux", "no Debian cloud kernel");
+        return skip("truncated_vmlinux_is_refused", "no Debian cloud kernel");
     };
     let Ok(elf) = vmlinux::extract(&bz, &vmlinux::default_cache()) else {
-        return skip("truncated_vmlinux", "vmlinux could not be extracted (lz4?)");
+        return skip(
+            "truncated_vmlinux_is_refused",
+            "vmlinux could not be extracted (lz4?)",
+        );
     };
     let bytes = std::fs::read(&elf).unwrap();
     let ram = GuestRam::new(128 * MIB, false).unwrap();

@@ -10,6 +10,7 @@ use std::path::Path;
 use std::time::{Duration, Instant};
 
 use devices::config::DiskConfig;
+use tests::skip::kvm_or_skip;
 use tests::test_guest::{self, parse_report};
 use vmm::config::VmConfig;
 use vmm::vm::{Vm, VmExit};
@@ -67,11 +68,7 @@ fn unlocked(path: &Path) -> bool {
 
 #[test]
 fn disks_hot_plugged_and_ejected_while_the_guest_runs() {
-    if !vmm::kvm_available() {
-        let _ = writeln!(
-            std::io::stdout(),
-            "SKIP disks_hot_plugged_and_ejected_while_the_guest_runs: /dev/kvm is missing"
-        );
+    if !kvm_or_skip("disks_hot_plugged_and_ejected_while_the_guest_runs") {
         return;
     }
     let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
@@ -189,7 +186,7 @@ fn disks_hot_plugged_and_ejected_while_the_guest_runs() {
 
 #[test]
 fn removal_on_a_created_vm_is_immediate() {
-    if !vmm::kvm_available() {
+    if !kvm_or_skip("removal_on_a_created_vm_is_immediate") {
         return;
     }
     let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));

@@ -1,8 +1,7 @@
 //! KVM core smoke tests: a few hand-assembled 64-bit instructions started directly in
 //! long mode exercise PIO/MMIO exits, ioeventfd, pause/resume and the exit reasons.
-//! Skipped (with a printed reason) when `/dev/kvm` is absent.
+//! Skipped (with a printed reason) when `/dev/kvm` is absent or `VMM_TEST_NO_KVM=1`.
 
-use std::io::Write;
 use std::sync::mpsc::{Receiver, channel};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -23,13 +22,7 @@ const SERIAL_PORT: u16 = 0x3f8;
 const LSR_PORT: u16 = 0x3fd;
 const MMIO_BASE: u64 = 0xd000_0000;
 
-fn kvm_or_skip(test: &str) -> bool {
-    if vmm::kvm_available() {
-        return true;
-    }
-    let _ = writeln!(std::io::stdout(), "SKIP: {test}: /dev/kvm is not available");
-    false
-}
+use tests::skip::{NO_KVM_ENV, kvm_or_skip};
 
 /// Records every exit; reads of the LSR return 'X', MMIO reads return 0xcafebabe.
 #[derive(Default)]
@@ -377,4 +370,46 @@ fn missing_kvm_device_is_a_clear_error() {
     let msg = err.to_string();
     assert!(msg.contains("/nonexistent/kvm"), "{msg}");
     assert!(msg.contains("kvm group"), "{msg}");
+}
+
+/// This binary's own tests run again as `scripts/test-all` runs them, with
+/// `VMM_TEST_NO_KVM=1`: each prints one `SKIP` line past libtest's capture, on a line of
+/// its own with one test thread or several, and `scripts/count-tests` counts it as skipped.
+#[test]
+fn without_kvm_each_test_prints_one_skip_line_and_counts_as_skipped() {
+    let exe = std::env::current_exe().unwrap();
+    let script = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../scripts/count-tests");
+    let kvm_tests = ["serial_mmio_and_poweroff", "stop_while_paused"];
+    for threads in ["1", "2"] {
+        let mut cmd = std::process::Command::new(&exe);
+        cmd.env(NO_KVM_ENV, "1")
+            .env_remove("RUST_TEST_THREADS")
+            .arg(format!("--test-threads={threads}"))
+            .arg("--exact")
+            .args(kvm_tests)
+            .arg("missing_kvm_device_is_a_clear_error");
+        let out = cmd.output().unwrap();
+        let log = String::from_utf8_lossy(&out.stdout).into_owned();
+        assert!(out.status.success(), "{log}");
+        let mut skips: Vec<&str> = log.lines().filter(|l| l.starts_with("SKIP ")).collect();
+        skips.sort_unstable();
+        assert_eq!(
+            skips,
+            kvm_tests.map(|t| format!("SKIP {t}: VMM_TEST_NO_KVM is set")),
+            "--test-threads={threads}:\n{log}"
+        );
+        let path = std::env::temp_dir().join(format!(
+            "kvm-smoke-skips-{}-{threads}.log",
+            std::process::id()
+        ));
+        std::fs::write(&path, &log).unwrap();
+        let counted = std::process::Command::new(&script).arg(&path).output();
+        let _ = std::fs::remove_file(&path);
+        let counted = String::from_utf8_lossy(&counted.unwrap().stdout).into_owned();
+        assert_eq!(
+            counted.lines().last(),
+            Some("tests: 1 passed, 0 failed, 2 skipped"),
+            "--test-threads={threads}:\n{log}\n{counted}"
+        );
+    }
 }

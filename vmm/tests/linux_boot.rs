@@ -12,15 +12,13 @@ use std::time::{Duration, Instant};
 use vmm::config::VmConfig;
 use vmm::vm::Vm;
 
-fn skip(test: &str, why: &str) {
-    let _ = writeln!(std::io::stdout(), "SKIP {test}: {why}");
-}
+use tests::skip::{kvm_or_skip, skip};
 
 #[test]
 fn debian_kernel_prints_banner_cmdline_e820_and_acpi_tables() {
     let test = "debian_kernel_prints_banner_cmdline_e820_and_acpi_tables";
-    if !vmm::kvm_available() {
-        return skip(test, "/dev/kvm is missing or not accessible");
+    if !kvm_or_skip(test) {
+        return;
     }
     let Some(bzimage) = tests::vmlinux::find_bzimage() else {
         return skip(
@@ -45,8 +43,8 @@ fn debian_kernel_prints_banner_cmdline_e820_and_acpi_tables() {
 #[test]
 fn debian_bzimage_prints_banner_cmdline_e820_and_acpi_tables() {
     let test = "debian_bzimage_prints_banner_cmdline_e820_and_acpi_tables";
-    if !vmm::kvm_available() {
-        return skip(test, "/dev/kvm is missing or not accessible");
+    if !kvm_or_skip(test) {
+        return;
     }
     let Some(bzimage) = tests::vmlinux::find_bzimage() else {
         return skip(

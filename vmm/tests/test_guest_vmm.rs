@@ -16,13 +16,7 @@ use vmm::vm::{Vm, VmError, VmExit};
 const RUN_TIMEOUT: Duration = Duration::from_secs(120);
 
 fn skip_without_kvm(test: &str) -> bool {
-    if vmm::kvm_available() {
-        return false;
-    }
-    let mut out = std::io::stdout().lock();
-    let _ = writeln!(out, "SKIP {test}: /dev/kvm is missing or not accessible");
-    let _ = out.flush();
-    true
+    !tests::skip::kvm_or_skip(test)
 }
 
 use tests::image::sparse as image;

@@ -5,9 +5,12 @@ use std::io::Read;
 use std::path::PathBuf;
 use std::process::ExitCode;
 
+use api::backend::VmCounters;
 use api::client::Client;
+use api::tables;
 use clap::{CommandFactory, Parser, Subcommand};
 use devices::config::kv::{DISK_HINTS, Hints, IOTHREAD_HINTS, parse_kv_with};
+use serde::Deserialize;
 use serde_json::Value;
 
 /// Manage the VMs of a vmmd service.
@@ -123,25 +126,9 @@ fn query(id: &Option<String>) -> String {
     }
 }
 
+/// Prints `headers` and `rows` as aligned columns.
 fn table(headers: &[&str], rows: Vec<Vec<String>>) {
-    let mut widths: Vec<usize> = headers.iter().map(|h| h.len()).collect();
-    for r in &rows {
-        for (w, c) in widths.iter_mut().zip(r) {
-            *w = (*w).max(c.len());
-        }
-    }
-    let line = |cells: Vec<String>| {
-        let s: Vec<String> = cells
-            .iter()
-            .zip(&widths)
-            .map(|(c, w)| format!("{c:<w$}"))
-            .collect();
-        println!("{}", s.join("  ").trim_end());
-    };
-    line(headers.iter().map(|h| h.to_string()).collect());
-    for r in rows {
-        line(r);
-    }
+    print!("{}", tables::table(headers, &rows));
 }
 
 fn s(v: &Value) -> String {
@@ -152,7 +139,7 @@ fn s(v: &Value) -> String {
     }
 }
 
-fn human(cmd: &Cmd, v: &Value) {
+fn human(cmd: &Cmd, v: &Value) -> Result<(), Failure> {
     match cmd {
         Cmd::List => table(
             &["ID", "STATE", "VCPUS", "MEMORY_MIB", "DISKS"],
@@ -209,65 +196,9 @@ fn human(cmd: &Cmd, v: &Value) {
             }
         }
         Cmd::Counters => {
-            let map = |m: &Value| m.as_object().cloned().unwrap_or_default();
-            table(
-                &[
-                    "DISK",
-                    "READS",
-                    "READ_BYTES",
-                    "WRITES",
-                    "WRITE_BYTES",
-                    "FLUSHES",
-                    "IN_FLIGHT",
-                    "SIGNALS",
-                ],
-                map(&v["disks"])
-                    .iter()
-                    .map(|(id, d)| {
-                        vec![
-                            id.clone(),
-                            s(&d["read"]["ops"]),
-                            s(&d["read"]["bytes"]),
-                            s(&d["write"]["ops"]),
-                            s(&d["write"]["bytes"]),
-                            s(&d["flush"]["ops"]),
-                            s(&d["in_flight"]),
-                            s(&d["signals"]),
-                        ]
-                    })
-                    .collect(),
-            );
-            println!();
-            table(
-                &[
-                    "IOTHREAD",
-                    "REQUESTS",
-                    "COMPLETIONS",
-                    "WAKEUPS",
-                    "POLL_HITS",
-                    "POLL_NS",
-                    "CPU_NS",
-                ],
-                map(&v["iothreads"])
-                    .iter()
-                    .map(|(id, t)| {
-                        let mut row = vec![id.clone()];
-                        row.extend(
-                            [
-                                "requests",
-                                "completions",
-                                "wakeups",
-                                "poll_hits",
-                                "poll_ns",
-                                "cpu_ns",
-                            ]
-                            .iter()
-                            .map(|k| s(&t[k])),
-                        );
-                        row
-                    })
-                    .collect(),
-            );
+            let counters = VmCounters::deserialize(v)
+                .map_err(|e| format!("unexpected vm.counters reply: {e}"))?;
+            print!("{}", tables::counters(&counters));
         }
         Cmd::Ping => println!(
             "vmmd {} (backend {}, pid {})",
@@ -281,6 +212,7 @@ fn human(cmd: &Cmd, v: &Value) {
             }
         }
     }
+    Ok(())
 }
 
 fn run(cli: Cli) -> Result<(), Failure> {
@@ -352,7 +284,7 @@ fn run(cli: Cli) -> Result<(), Failure> {
             println!("{}", serde_json::to_string_pretty(&v)?);
         }
     } else {
-        human(&cli.command, &v);
+        human(&cli.command, &v)?;
     }
     Ok(())
 }

@@ -149,18 +149,6 @@ pub fn expect(reply: &Reply, status: u16, needles: &[&str]) {
     }
 }
 
-/// Whether KVM tests can run here; prints a SKIP line for `test` when not.
-pub fn kvm_or_skip(test: &str) -> bool {
-    if vmm::kvm_available() {
-        return true;
-    }
-    let _ = writeln!(
-        std::io::stdout(),
-        "SKIP {test}: /dev/kvm is missing or not accessible"
-    );
-    false
-}
-
 /// The test guest's ELF (built once per process).
 pub fn guest() -> PathBuf {
     tests::test_guest::build().unwrap_or_else(|e| panic!("{e}"))

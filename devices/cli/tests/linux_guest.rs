@@ -7,6 +7,7 @@ use std::path::Path;
 use std::process::Command;
 use std::time::Duration;
 
+use devices::vhost_user_blk::BackendCounters;
 use tests::linux_guest::{self, BackendProcess, FioVerifyJob, Initramfs, Tools};
 
 #[test]
@@ -82,30 +83,22 @@ fn fio_verifies_through_our_backend_and_our_counters_saw_it() {
         backend.log()
     );
     let text = std::fs::read_to_string(&counters).expect("counters file");
-    let json: serde_json::Value = serde_json::from_str(&text).unwrap();
-    let disk = &json["disk"];
-    let ops = |kind: &str| disk[kind]["ops"].as_u64().unwrap_or(0);
+    let parsed: BackendCounters =
+        serde_json::from_str(&text).unwrap_or_else(|e| panic!("counters file: {e}\n{text}"));
+    let disk = &parsed.disks["vda"].io;
     assert!(
-        ops("write") >= fio.write_ios,
+        disk.write.ops >= fio.write_ios,
         "our counters saw fewer writes than fio did:\n{text}"
     );
     assert!(
-        ops("read") >= fio.read_ios,
+        disk.read.ops >= fio.read_ios,
         "our counters saw fewer reads than fio did:\n{text}"
     );
-    assert_eq!(
-        disk["write"]["bytes"].as_u64(),
-        Some(ops("write") * 4096),
-        "{text}"
-    );
-    assert_eq!(disk["invalid_requests"].as_u64(), Some(0), "{text}");
-    let threads = json["iothreads"].as_array().expect("iothreads");
-    assert_eq!(threads.len(), 2, "{text}");
-    for t in threads {
-        assert!(
-            t["requests"].as_u64().unwrap_or(0) > 0,
-            "each iothread served its queue:\n{text}"
-        );
+    assert_eq!(disk.write.bytes, disk.write.ops * 4096, "{text}");
+    assert_eq!(parsed.disks["vda"].invalid_requests, 0, "{text}");
+    assert_eq!(parsed.iothreads.len(), 2, "{text}");
+    for t in parsed.iothreads.values() {
+        assert!(t.requests > 0, "each iothread served its queue:\n{text}");
     }
     // The data reached the image: every block fio wrote starts with its header magic.
     let data = std::fs::read(&image).unwrap();

@@ -226,13 +226,10 @@ fn two_queues_in_parallel_verified_against_the_image() {
     let first_bad = on_disk.iter().zip(&expect).position(|(a, b)| a != b);
     assert_eq!(first_bad, None, "image differs");
     let v = read_counters(&counters);
-    assert_eq!(
-        v["disk"]["write"]["ops"].as_u64(),
-        Some(2 * ROUNDS as u64),
-        "{v}"
-    );
-    assert_eq!(v["disk"]["flush"]["ops"].as_u64(), Some(2), "{v}");
-    assert_eq!(v["disk"]["invalid_requests"].as_u64(), Some(0), "{v}");
+    let d = &v.disks["disk0"];
+    assert_eq!(d.io.write.ops, 2 * ROUNDS as u64, "{v:?}");
+    assert_eq!(d.io.flush.ops, 2, "{v:?}");
+    assert_eq!(d.invalid_requests, 0, "{v:?}");
 }
 
 #[test]
@@ -347,8 +344,8 @@ fn frontend_reconnects_and_once_exits_after_one() {
     let mut server = server;
     assert!(server.stop().success());
     let v = read_counters(&counters);
-    assert_eq!(v["sessions"].as_u64(), Some(3), "{v}");
-    assert_eq!(v["disk"]["write"]["ops"].as_u64(), Some(3), "{v}");
+    assert_eq!(v.sessions, 3, "{v:?}");
+    assert_eq!(v.disks["disk0"].io.write.ops, 3, "{v:?}");
     assert!(std::fs::read(&img).unwrap()[..4096].iter().all(|&b| b == 3));
 
     // --once: the process exits by itself when the first frontend goes away.
@@ -395,7 +392,11 @@ fn counters_show_the_io_per_disk_and_iothread() {
     // The file is rewritten every second while running.
     let deadline = Instant::now() + Duration::from_secs(5);
     loop {
-        if counters.exists() && read_counters(&counters)["disk"]["read"]["ops"].as_u64() == Some(10)
+        if counters.exists()
+            && read_counters(&counters)
+                .disks
+                .get("disk0")
+                .is_some_and(|d| d.io.read.ops == 10)
         {
             break;
         }
@@ -405,29 +406,18 @@ fn counters_show_the_io_per_disk_and_iothread() {
     drop(c);
     assert!(server.stop().success());
     let v = read_counters(&counters);
-    let d = &v["disk"];
-    assert_eq!(d["id"], "disk0");
-    assert_eq!(
-        (d["read"]["ops"].as_u64(), d["read"]["bytes"].as_u64()),
-        (Some(10), Some(40960)),
-        "{v}"
-    );
-    assert_eq!(
-        (d["write"]["ops"].as_u64(), d["write"]["bytes"].as_u64()),
-        (Some(1), Some(8192)),
-        "{v}"
-    );
-    assert!(d["signals"].as_u64().unwrap() >= 1, "{v}");
-    let t = &v["iothreads"][0];
-    assert_eq!(t["id"], "io0");
-    assert_eq!(t["requests"].as_u64(), Some(11), "{v}");
-    assert_eq!(
-        t["poll_ns"].as_u64(),
-        Some(0),
-        "poll_max_ns=0 disables polling: {v}"
-    );
-    assert!(t["wakeups"].as_u64().unwrap() >= 11, "{v}");
-    assert!(t["cpu_ns"].as_u64().unwrap() > 0, "{v}");
+    assert_eq!(v.disks.keys().collect::<Vec<_>>(), ["disk0"], "{v:?}");
+    let d = &v.disks["disk0"];
+    assert_eq!((d.io.read.ops, d.io.read.bytes), (10, 40960), "{v:?}");
+    assert_eq!((d.io.write.ops, d.io.write.bytes), (1, 8192), "{v:?}");
+    assert!(d.signals >= 1, "{v:?}");
+    assert_eq!(v.iothreads.keys().collect::<Vec<_>>(), ["io0"], "{v:?}");
+    assert_eq!(v.iothread_queues["io0"], [0], "{v:?}");
+    let t = &v.iothreads["io0"];
+    assert_eq!(t.requests, 11, "{v:?}");
+    assert_eq!(t.poll_ns, 0, "poll_max_ns=0 disables polling: {v:?}");
+    assert!(t.wakeups >= 11, "{v:?}");
+    assert!(t.cpu_ns > 0, "{v:?}");
 }
 
 #[test]

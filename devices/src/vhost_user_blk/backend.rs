@@ -1,5 +1,6 @@
 //! The `VhostUserBackend` of one virtio-blk disk.
 
+use std::collections::BTreeMap;
 use std::io;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed};
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -13,7 +14,7 @@ use vmm_sys_util::event::{
 };
 
 use super::threads::Thread;
-use super::{BackendConfig, BackendCounters, DiskCountersView};
+use super::{BackendConfig, BackendCounters};
 use crate::config::IoThreadConfig;
 use crate::virtio_blk::GuestMem;
 use crate::virtio_blk::device::{BlkDevice, DeviceError};
@@ -124,11 +125,17 @@ impl Backend {
     /// A copy of every counter.
     pub fn counters(&self) -> BackendCounters {
         BackendCounters {
-            disk: DiskCountersView {
-                id: self.device.id().to_string(),
-                counters: self.device.counters(),
-            },
-            iothreads: self.threads.iter().map(Thread::counters).collect(),
+            disks: BTreeMap::from([(self.device.id().to_string(), self.device.counters())]),
+            iothreads: self
+                .threads
+                .iter()
+                .map(|t| (t.id().to_string(), t.counters()))
+                .collect(),
+            iothread_queues: self
+                .threads
+                .iter()
+                .map(|t| (t.id().to_string(), t.queues().to_vec()))
+                .collect(),
             sessions: self.sessions.load(Relaxed),
         }
     }

@@ -12,14 +12,16 @@
 //!   runs at the end of every event.
 //! - [`serve`]: the accept loop, a new daemon per frontend connection (reconnect), stopped
 //!   by an eventfd; in-flight requests are drained before a session ends.
-//! - [`BackendCounters`]: per-disk and per-iothread counters.
+//! - [`BackendCounters`]: per-disk and per-iothread counters, shaped as `vm.counters`.
 
 mod backend;
 mod host;
 mod serve;
 mod threads;
 
-use serde::Serialize;
+use std::collections::BTreeMap;
+
+use serde::{Deserialize, Serialize};
 
 pub use backend::Backend;
 pub use host::VringHost;
@@ -117,35 +119,18 @@ impl BackendConfig {
     }
 }
 
-/// Counters of the disk a backend serves.
-#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize)]
-pub struct DiskCountersView {
-    /// The disk id.
-    pub id: String,
-    /// Its counters.
-    #[serde(flatten)]
-    pub counters: BlkCounters,
-}
-
-/// Counters of one iothread of a backend.
-#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize)]
-pub struct IoThreadCountersView {
-    /// The iothread id.
-    pub id: String,
-    /// The queues it serves.
-    pub queues: Vec<u16>,
-    /// Its counters.
-    #[serde(flatten)]
-    pub counters: IoThreadCounters,
-}
-
-/// Everything a backend counts, as the `--counters` file shows it.
-#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize)]
+/// Everything a backend counts, as the `--counters` file shows it. `disks` and
+/// `iothreads` have the shape and types of `vm.counters` (entries keyed by id, one
+/// [`BlkCounters`] per disk, one [`IoThreadCounters`] per iothread), so one reader parses
+/// both; the other fields exist only here.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct BackendCounters {
-    /// The disk.
-    pub disk: DiskCountersView,
-    /// Its iothreads.
-    pub iothreads: Vec<IoThreadCountersView>,
+    /// The disk served, by id (one entry).
+    pub disks: BTreeMap<String, BlkCounters>,
+    /// Its iothreads, by id.
+    pub iothreads: BTreeMap<String, IoThreadCounters>,
+    /// The virtqueues each iothread serves, by iothread id.
+    pub iothread_queues: BTreeMap<String, Vec<u16>>,
     /// Frontend connections served so far (including the current one).
     pub sessions: u64,
 }

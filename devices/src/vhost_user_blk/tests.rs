@@ -268,9 +268,9 @@ mod backend {
         };
         assert!(b.set_throttle(bad).is_err());
         let c = b.counters();
-        assert_eq!(c.iothreads.len(), 1);
-        assert_eq!(c.iothreads[0].id, "io0");
-        assert_eq!(c.disk.id, "d0");
+        assert_eq!(c.iothreads.keys().collect::<Vec<_>>(), ["io0"]);
+        assert_eq!(c.iothread_queues["io0"], [0]);
+        assert_eq!(c.disks.keys().collect::<Vec<_>>(), ["d0"]);
         assert_eq!(c.sessions, 0);
     }
 }

@@ -14,13 +14,13 @@ use vhost_user_backend::VringRwLock;
 use vmm_sys_util::epoll::EventSet;
 use vmm_sys_util::eventfd::EventFd;
 
+use super::ThreadPlan;
 use super::backend::{Backend, Handler, lock};
 use super::host::VringHost;
-use super::{IoThreadCountersView, ThreadPlan};
 use crate::config::IoThreadConfig;
-use crate::iothread::LoopCounters;
 use crate::iothread::loop_core::{Core, drain};
 use crate::iothread::source::{FDS, IoSource, KICK, event_set};
+use crate::iothread::{IoThreadCounters, LoopCounters};
 use crate::virtio_blk::GuestMem;
 use crate::virtio_blk::worker::{DRAIN_TIMEOUT, QueueWorker};
 
@@ -104,12 +104,13 @@ impl Thread {
         self.counters.thread_id()
     }
 
-    pub(super) fn counters(&self) -> IoThreadCountersView {
-        IoThreadCountersView {
-            id: self.id.clone(),
-            queues: self.queues.clone(),
-            counters: self.counters.snapshot(),
-        }
+    /// The queues it serves.
+    pub(super) fn queues(&self) -> &[u16] {
+        &self.queues
+    }
+
+    pub(super) fn counters(&self) -> IoThreadCounters {
+        self.counters.snapshot()
     }
 
     /// The id of the control eventfd's listener: after every worker's.

@@ -8,7 +8,7 @@ use std::sync::{Arc, Mutex, MutexGuard, Weak};
 
 use block::throttle::{GroupSwitch, MemberWaker, Throttle, ThrottleGroup, ThrottleLimits};
 use block::{AioKind, CountersSnapshot, Disk, DiskCounters, DiskOptions, DiskQueue, EngineOptions};
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 use vmm_sys_util::eventfd::EventFd;
 
 use super::GuestMem;
@@ -51,7 +51,7 @@ pub enum DeviceError {
 }
 
 /// The counters of one disk.
-#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize)]
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct BlkCounters {
     /// Block-layer counters.

@@ -170,7 +170,7 @@ impl Counters {
         let Ok(v) = serde_json::from_str::<serde_json::Value>(&text) else {
             return Counters::default();
         };
-        let d = &v["disk"];
+        let d = the_disk(&v);
         let n = |p: &str, f: &str| d[p][f].as_u64().unwrap_or(0);
         Counters {
             reads: n("read", "ops"),
@@ -184,9 +184,17 @@ impl Counters {
     }
 }
 
+/// The one disk of a vhost-user-blk `--counters` file (`{"disks": {"<id>": {...}}, ...}`).
+fn the_disk(v: &serde_json::Value) -> &serde_json::Value {
+    v["disks"]
+        .as_object()
+        .and_then(|m| m.values().next())
+        .unwrap_or(&serde_json::Value::Null)
+}
+
 /// One disk's final counters in two lines.
 fn summary(id: &str, v: &serde_json::Value) -> String {
-    let d = &v["disk"];
+    let d = the_disk(v);
     let n = |v: &serde_json::Value| v.as_u64().unwrap_or(0);
     let hist: Vec<u64> = d["latency_log2_ns"]
         .as_array()
@@ -216,11 +224,10 @@ fn summary(id: &str, v: &serde_json::Value) -> String {
         n(&d["throttled_ns"]) / 1_000_000,
         n(&d["signals"]),
     );
-    for t in v["iothreads"].as_array().into_iter().flatten() {
+    for (tid, t) in v["iothreads"].as_object().into_iter().flatten() {
         out += &format!(
-            "\n  iothread {}: queues {}, {} requests, {} loop passes, {} wake-ups, {} poll hits, {:.2} s CPU",
-            t["id"].as_str().unwrap_or("?"),
-            t["queues"],
+            "\n  iothread {tid}: queues {}, {} requests, {} loop passes, {} wake-ups, {} poll hits, {:.2} s CPU",
+            v["iothread_queues"][tid],
             n(&t["requests"]),
             n(&t["passes"]),
             n(&t["wakeups"]),

@@ -167,11 +167,6 @@ fn clean(path: &str) -> io::Result<String> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    /// Prints a skip reason past libtest's output capture, so the test log shows it.
-    fn skip(reason: &str) {
-        use std::io::Write;
-        let _ = writeln!(std::io::stdout(), "{reason}");
-    }
     use std::process::{Command, Stdio};
 
     #[test]
@@ -190,7 +185,7 @@ mod tests {
             .stdout(Stdio::piped())
             .spawn()
         else {
-            skip("SKIP: cpio listing check: no cpio tool");
+            crate::skip::skip("archive_lists_with_cpio_tool", "no cpio tool");
             return;
         };
         child.stdin.take().unwrap().write_all(&bytes).unwrap();

@@ -7,7 +7,7 @@ use std::process::{Child, Command, ExitStatus, Stdio};
 use std::time::{Duration, Instant};
 
 use blkio::{Blkio, Blkioq, Completion, MemoryRegion};
-use serde_json::Value;
+use devices::vhost_user_blk::BackendCounters;
 
 pub const BIN: &str = env!("CARGO_BIN_EXE_vhost-user-blk");
 pub const MIB: usize = 1 << 20;
@@ -182,11 +182,13 @@ pub fn image(size: usize) -> (tempfile::TempDir, PathBuf, Vec<u8>) {
     (dir, path, data)
 }
 
-pub fn read_counters(path: &Path) -> Value {
+/// The `--counters` file at `path`, parsed into its typed form (a test fails on any other
+/// shape).
+pub fn read_counters(path: &Path) -> BackendCounters {
     let mut s = String::new();
     std::fs::File::open(path)
         .unwrap()
         .read_to_string(&mut s)
         .unwrap();
-    serde_json::from_str(&s).unwrap()
+    serde_json::from_str(&s).unwrap_or_else(|e| panic!("{}: {e}\n{s}", path.display()))
 }

@@ -1,0 +1,183 @@
+//! `vmctl`'s human tables: aligned columns, and the counters of `vm.counters` read from
+//! the typed [`VmCounters`].
+
+use crate::backend::VmCounters;
+
+/// `headers` and `rows` as left-aligned columns two spaces apart, one line each.
+pub fn table(headers: &[&str], rows: &[Vec<String>]) -> String {
+    let mut widths: Vec<usize> = headers.iter().map(|h| h.len()).collect();
+    for r in rows {
+        for (w, c) in widths.iter_mut().zip(r) {
+            *w = (*w).max(c.len());
+        }
+    }
+    let line = |cells: &[String]| {
+        let s: Vec<String> = cells
+            .iter()
+            .zip(&widths)
+            .map(|(c, w)| format!("{c:<w$}"))
+            .collect();
+        format!("{}\n", s.join("  ").trim_end())
+    };
+    let headers: Vec<String> = headers.iter().map(|h| h.to_string()).collect();
+    let mut out = line(&headers);
+    for r in rows {
+        out += &line(r);
+    }
+    out
+}
+
+/// The disk table and the iothread table of `vmctl counters`, a blank line between.
+pub fn counters(c: &VmCounters) -> String {
+    let disks: Vec<Vec<String>> = c
+        .disks
+        .iter()
+        .map(|(id, d)| {
+            let io = &d.io;
+            [
+                io.read.ops,
+                io.read.bytes,
+                io.write.ops,
+                io.write.bytes,
+                io.flush.ops,
+                io.errors(),
+                io.in_flight,
+                d.signals,
+            ]
+            .iter()
+            .fold(vec![id.clone()], |mut row, n| {
+                row.push(n.to_string());
+                row
+            })
+        })
+        .collect();
+    let iothreads: Vec<Vec<String>> = c
+        .iothreads
+        .iter()
+        .map(|(id, t)| {
+            [
+                t.requests,
+                t.completions,
+                t.wakeups,
+                t.poll_hits,
+                t.poll_ns,
+                t.cpu_ns,
+            ]
+            .iter()
+            .fold(vec![id.clone()], |mut row, n| {
+                row.push(n.to_string());
+                row
+            })
+        })
+        .collect();
+    let mut out = table(
+        &[
+            "DISK",
+            "READS",
+            "READ_BYTES",
+            "WRITES",
+            "WRITE_BYTES",
+            "FLUSHES",
+            "ERRORS",
+            "IN_FLIGHT",
+            "SIGNALS",
+        ],
+        &disks,
+    );
+    out.push('\n');
+    out += &table(
+        &[
+            "IOTHREAD",
+            "REQUESTS",
+            "COMPLETIONS",
+            "WAKEUPS",
+            "POLL_HITS",
+            "POLL_NS",
+            "CPU_NS",
+        ],
+        &iothreads,
+    );
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use devices::iothread::IoThreadCounters;
+    use devices::virtio_blk::device::BlkCounters;
+
+    #[test]
+    fn counters_tables_show_each_disk_and_iothread() {
+        let mut c = VmCounters::default();
+        let mut d = BlkCounters::default();
+        d.io.read.ops = 3;
+        d.io.read.bytes = 12288;
+        d.io.write.ops = 2;
+        d.io.write.bytes = 8192;
+        d.io.flush.ops = 1;
+        d.io.discard.errors = 4;
+        d.io.in_flight = 5;
+        d.signals = 6;
+        c.disks.insert("d0".into(), d);
+        c.disks.insert("d1".into(), BlkCounters::default());
+        c.iothreads.insert(
+            "io0".into(),
+            IoThreadCounters {
+                requests: 7,
+                completions: 8,
+                wakeups: 9,
+                poll_hits: 10,
+                poll_ns: 11,
+                cpu_ns: 12,
+                ..Default::default()
+            },
+        );
+        let text = counters(&c);
+        let rows: Vec<Vec<&str>> = text
+            .lines()
+            .map(|l| l.split_whitespace().collect())
+            .collect();
+        assert_eq!(
+            rows,
+            [
+                vec![
+                    "DISK",
+                    "READS",
+                    "READ_BYTES",
+                    "WRITES",
+                    "WRITE_BYTES",
+                    "FLUSHES",
+                    "ERRORS",
+                    "IN_FLIGHT",
+                    "SIGNALS"
+                ],
+                vec!["d0", "3", "12288", "2", "8192", "1", "4", "5", "6"],
+                vec!["d1", "0", "0", "0", "0", "0", "0", "0", "0"],
+                vec![],
+                vec![
+                    "IOTHREAD",
+                    "REQUESTS",
+                    "COMPLETIONS",
+                    "WAKEUPS",
+                    "POLL_HITS",
+                    "POLL_NS",
+                    "CPU_NS"
+                ],
+                vec!["io0", "7", "8", "9", "10", "11", "12"],
+            ],
+            "{text}"
+        );
+    }
+
+    #[test]
+    fn columns_are_aligned_to_the_widest_cell() {
+        let text = table(
+            &["A", "B"],
+            &[
+                vec!["long-id".into(), "1".into()],
+                vec!["x".into(), "22".into()],
+            ],
+        );
+        assert_eq!(text, "A        B\nlong-id  1\nx        22\n");
+    }
+}

@@ -1,8 +1,8 @@
 //! The io_uring engine: one ring per engine, the disk registered as fixed file 0, an
 //! eventfd registered as the completion notifier, optional SQPOLL.
 //!
-//! [`IoEngine::push`] only stages an op (in a slab slot whose index is the SQE's
-//! `user_data`, so the caller's tag can be any `u64`). [`IoEngine::submit`] moves staged
+//! [`IoEngine::push`] only stages an op; the caller's tag is the SQE's `user_data`, so
+//! no table of the engine's maps one to the other. [`IoEngine::submit`] moves staged
 //! ops into the SQ, at most `max_batch` per `io_uring_enter` and never more than
 //! `queue_depth` in the ring at once; the rest wait in order for a later submit.
 //!
@@ -44,13 +44,6 @@ pub struct UringStats {
     pub fallback_ops: u64,
 }
 
-/// A slab slot: what an SQE's `user_data` stands for.
-#[derive(Clone, Copy)]
-struct Slot {
-    tag: u64,
-    op: EngineOp,
-}
-
 /// The io_uring engine over one disk.
 pub struct UringEngine {
     ring: IoUring,
@@ -62,11 +55,11 @@ pub struct UringEngine {
     capacity: usize,
     /// SQEs per `io_uring_enter` at most.
     max_batch: usize,
-    /// Slab of ops staged or in the ring, indexed by `user_data`; reused via `free`.
-    slots: Vec<Slot>,
-    free: Vec<usize>,
-    /// Slab indices pushed but not yet in the SQ, oldest first (the backlog).
-    staged: VecDeque<usize>,
+    /// Ops pushed but not yet in the SQ, with their tags, oldest first (the backlog).
+    staged: VecDeque<(u64, EngineOp)>,
+    /// Write-zeroes ops in the ring: one the filesystem refuses goes to the pool, which
+    /// needs the op again (rare, so a short list searched by tag).
+    zeroes_in_ring: Vec<(u64, EngineOp)>,
     /// Ops placed in the SQ whose CQE has not been reaped.
     in_ring: usize,
     /// Ops for the fallback pool, handed over at the next submit (or reap, for retries).
@@ -121,9 +114,8 @@ impl UringEngine {
             sqpoll,
             capacity,
             max_batch: (options.max_batch as usize).clamp(1, capacity),
-            slots: Vec::with_capacity(capacity),
-            free: Vec::with_capacity(capacity),
             staged: VecDeque::with_capacity(capacity),
+            zeroes_in_ring: Vec::new(),
             in_ring: 0,
             pool_staged: Vec::new(),
             pool: None,
@@ -143,21 +135,6 @@ impl UringEngine {
             && matches!(op, EngineOp::Discard { .. } | EngineOp::WriteZeroes { .. })
     }
 
-    /// Stores `(tag, op)` in a free slab slot and returns its index.
-    fn alloc_slot(&mut self, tag: u64, op: EngineOp) -> usize {
-        let slot = Slot { tag, op };
-        match self.free.pop() {
-            Some(index) if index < self.slots.len() => {
-                self.slots[index] = slot;
-                index
-            }
-            _ => {
-                self.slots.push(slot);
-                self.slots.len() - 1
-            }
-        }
-    }
-
     /// Moves up to `take` staged ops into the SQ (syncing its tail once); returns how many.
     fn fill_sq(&mut self, take: usize) -> usize {
         if take == 0 {
@@ -166,15 +143,10 @@ impl UringEngine {
         let mut sq = self.ring.submission();
         let mut placed = 0;
         while placed < take {
-            let Some(&index) = self.staged.front() else {
+            let Some(&(tag, op)) = self.staged.front() else {
                 break;
             };
-            let Some(slot) = self.slots.get(index) else {
-                // Cannot happen: staged indices always name slots. Drop it rather than panic.
-                self.staged.pop_front();
-                continue;
-            };
-            let entry = sqe_for(&slot.op).user_data(index as u64);
+            let entry = sqe_for(&op).user_data(tag);
             // SAFETY: the buffers and iovec arrays the entry points at are the caller's,
             // valid until the op's completion is reaped by `push`'s contract; the fd is
             // our registered file, kept open by `self.disk` and the registration.
@@ -182,6 +154,9 @@ impl UringEngine {
                 break;
             }
             self.staged.pop_front();
+            if let EngineOp::WriteZeroes { .. } = op {
+                self.zeroes_in_ring.push((tag, op));
+            }
             placed += 1;
         }
         drop(sq);
@@ -309,8 +284,7 @@ impl IoEngine for UringEngine {
         if self.goes_to_pool(&op) {
             self.pool_staged.push((tag, op));
         } else {
-            let index = self.alloc_slot(tag, op);
-            self.staged.push_back(index);
+            self.staged.push_back((tag, op));
         }
     }
 
@@ -336,18 +310,18 @@ impl IoEngine for UringEngine {
         }
         let mut retries = false;
         for cqe in self.ring.completion() {
-            let index = cqe.user_data() as usize;
-            let Some(&Slot { tag, op }) = self.slots.get(index) else {
-                tracing::error!(index, "io_uring completion for an unknown slot");
-                continue;
-            };
-            self.free.push(index);
+            let tag = cqe.user_data();
             self.in_ring = self.in_ring.saturating_sub(1);
             let result = cqe.result();
-            if result == -libc::EOPNOTSUPP && matches!(op, EngineOp::WriteZeroes { .. }) {
-                self.pool_staged.push((tag, op));
-                retries = true;
-                continue;
+            // Most passes have no write-zeroes in the ring: no search at all.
+            let zeroes = self.zeroes_in_ring.iter().position(|&(t, _)| t == tag);
+            if let Some(pos) = zeroes {
+                let (_, op) = self.zeroes_in_ring.swap_remove(pos);
+                if result == -libc::EOPNOTSUPP {
+                    self.pool_staged.push((tag, op));
+                    retries = true;
+                    continue;
+                }
             }
             done(tag, i64::from(result));
         }

@@ -50,9 +50,13 @@ pub struct Completion {
     pub result: Result<u64, Errno>,
 }
 
-/// A request between queueing and completion.
+/// Most requests a queue tracks: tokens are below this (see [`DiskQueue::read`]).
+pub const MAX_TOKENS: u64 = 1 << 16;
+
+/// The state of the request named by one token, between queueing and completion.
 struct Slot {
-    token: u64,
+    /// A request of this token is with the engine.
+    busy: bool,
     kind: RequestKind,
     len: u64,
     start: Instant,
@@ -68,8 +72,9 @@ pub struct DiskQueue {
     disk: Arc<Disk>,
     engine: Box<dyn IoEngine>,
     counters: QueueCounters,
+    /// By token: the caller's tag is the engine's too, so no table of ours maps one to
+    /// the other.
     slots: Vec<Slot>,
-    free: Vec<usize>,
     ready: Vec<Completion>,
     write_cache: bool,
     /// The caller sleeps on the completion fd (see [`DiskQueue::set_notify`]).
@@ -109,7 +114,6 @@ impl DiskQueue {
             engine,
             counters: QueueCounters::new(counters),
             slots: Vec::new(),
-            free: Vec::new(),
             ready: Vec::new(),
             write_cache,
             notify: true,
@@ -199,7 +203,11 @@ impl DiskQueue {
         self.engine.in_flight() + self.ready.len()
     }
 
-    /// Queues a read of `iovecs`' total length from byte `offset`.
+    /// Queues a read of `iovecs`' total length from byte `offset`. `token` names the
+    /// request until its completion: the caller's own slot index, unique among this
+    /// queue's requests in flight and below [`MAX_TOKENS`] (it passes through to the
+    /// engine as its tag). A token out of range or still in flight fails the request
+    /// (`EINVAL`, `EBUSY`).
     ///
     /// # Safety
     /// The iovecs must describe writable memory that nobody else touches until this
@@ -210,7 +218,8 @@ impl DiskQueue {
     }
 
     /// Queues a write of `iovecs` at byte `offset`; `fua` makes it durable before it
-    /// completes (it always is when the write cache is off).
+    /// completes (it always is when the write cache is off). `token` as for
+    /// [`DiskQueue::read`].
     ///
     /// # Safety
     /// The iovecs must describe readable memory that stays valid and unchanged until this
@@ -226,9 +235,13 @@ impl DiskQueue {
         if !self.disk.cache().flush_honoured() {
             return self.finish_now(token, RequestKind::Flush, start, Ok(0));
         }
-        let idx = self.take_slot(token, RequestKind::Flush, 0, start);
-        // SAFETY: a flush carries no buffers.
-        unsafe { self.engine.push(idx as u64, EngineOp::Flush) };
+        if self
+            .take_slot(token, RequestKind::Flush, 0, start)
+            .is_some()
+        {
+            // SAFETY: a flush carries no buffers.
+            unsafe { self.engine.push(token, EngineOp::Flush) };
+        }
     }
 
     /// Queues a discard of `len` bytes at `offset`.
@@ -271,21 +284,23 @@ impl DiskQueue {
         let DiskQueue {
             engine,
             slots,
-            free,
             counters,
             ready,
             latency_avg_ns,
             ..
         } = self;
         engine.reap_ready(&mut |tag, result| {
-            let Some(slot) = slots.get_mut(tag as usize) else {
+            let Some(slot) = usize::try_from(tag)
+                .ok()
+                .and_then(|t| slots.get_mut(t))
+                .filter(|s| s.busy)
+            else {
                 tracing::error!(tag, "engine returned an unknown tag");
                 return;
             };
             let latency = now.saturating_duration_since(slot.start).as_nanos() as u64;
             *latency_avg_ns = (*latency_avg_ns * 7 + latency) / 8;
-            let completion = finish_slot(slot, result, counters, latency);
-            free.push(tag as usize);
+            let completion = finish_slot(tag, slot, result, counters, latency);
             reaped += 1;
             done(completion);
         });
@@ -361,12 +376,13 @@ impl DiskQueue {
             return self.finish_now(token, kind, start, Ok(0));
         }
         let bounce = iovecs.len() > IOV_MAX || !self.buffers_aligned(iovecs);
-        let idx = self.take_slot(token, kind, len, start);
-        let slot = &mut self.slots[idx];
+        let align = self.disk.mem_align().max(self.disk.offset_align()) as usize;
+        let Some(slot) = self.take_slot(token, kind, len, start) else {
+            return;
+        };
         if bounce {
-            let align = self.disk.mem_align().max(self.disk.offset_align()) as usize;
             let Some(mut buf) = AlignedBuf::new(len as usize, align) else {
-                self.free.push(idx);
+                slot.busy = false;
                 return self.finish_now(token, kind, start, Err(Errno::new(libc::ENOMEM)));
             };
             if kind == RequestKind::Write {
@@ -394,7 +410,7 @@ impl DiskQueue {
             },
         };
         // SAFETY: see above; the buffers outlive the op.
-        unsafe { self.engine.push(idx as u64, op) };
+        unsafe { self.engine.push(token, op) };
     }
 
     fn queue_range(&mut self, token: u64, kind: RequestKind, offset: u64, len: u64) {
@@ -410,13 +426,15 @@ impl DiskQueue {
         if len == 0 {
             return self.finish_now(token, kind, start, Ok(0));
         }
-        let idx = self.take_slot(token, kind, len, start);
+        if self.take_slot(token, kind, len, start).is_none() {
+            return;
+        }
         let op = match kind {
             RequestKind::Discard => EngineOp::Discard { offset, len },
             _ => EngineOp::WriteZeroes { offset, len },
         };
         // SAFETY: discard and write-zeroes carry no buffers.
-        unsafe { self.engine.push(idx as u64, op) };
+        unsafe { self.engine.push(token, op) };
     }
 
     /// Read-only, range and offset-alignment checks shared by every data request.
@@ -446,10 +464,29 @@ impl DiskQueue {
             .all(|v| (v.iov_base as usize).is_multiple_of(mem) && v.iov_len % len == 0)
     }
 
-    fn take_slot(&mut self, token: u64, kind: RequestKind, len: u64, start: Instant) -> usize {
-        let idx = self.free.pop().unwrap_or_else(|| {
+    /// The slot of `token`, made ready for a new request; `None` (the request failed at
+    /// once) when the token is out of range or still in flight.
+    fn take_slot(
+        &mut self,
+        token: u64,
+        kind: RequestKind,
+        len: u64,
+        start: Instant,
+    ) -> Option<&mut Slot> {
+        let idx = usize::try_from(token).ok().filter(|_| token < MAX_TOKENS);
+        let Some(idx) = idx else {
+            tracing::error!(token, "request token out of range");
+            self.finish_now(token, kind, start, Err(Errno::new(libc::EINVAL)));
+            return None;
+        };
+        if self.slots.get(idx).is_some_and(|s| s.busy) {
+            tracing::error!(token, "request token still in flight");
+            self.finish_now(token, kind, start, Err(Errno::new(libc::EBUSY)));
+            return None;
+        }
+        while self.slots.len() <= idx {
             self.slots.push(Slot {
-                token: 0,
+                busy: false,
                 kind,
                 len: 0,
                 start,
@@ -457,17 +494,16 @@ impl DiskQueue {
                 guest: Vec::new(),
                 bounce: None,
             });
-            self.slots.len() - 1
-        });
+        }
         let slot = &mut self.slots[idx];
-        slot.token = token;
+        slot.busy = true;
         slot.kind = kind;
         slot.len = len;
         slot.start = start;
         slot.iovecs.clear();
         slot.guest.clear();
         slot.bounce = None;
-        idx
+        Some(slot)
     }
 
     fn finish_now(
@@ -489,9 +525,15 @@ impl DiskQueue {
     }
 }
 
-/// Turns an engine result into the request's completion: copies bounced reads back,
-/// zero-fills short reads, fails short writes, and counts it.
-fn finish_slot(slot: &mut Slot, result: i64, counters: &QueueCounters, latency: u64) -> Completion {
+/// Turns an engine result into the completion of request `token`: copies bounced reads
+/// back, zero-fills short reads, fails short writes, counts it and frees the slot.
+fn finish_slot(
+    token: u64,
+    slot: &mut Slot,
+    result: i64,
+    counters: &QueueCounters,
+    latency: u64,
+) -> Completion {
     let result = if result < 0 {
         Err(Errno::new(i32::try_from(-result).unwrap_or(libc::EIO)))
     } else {
@@ -521,13 +563,14 @@ fn finish_slot(slot: &mut Slot, result: i64, counters: &QueueCounters, latency: 
         }
     };
     slot.bounce = None;
+    slot.busy = false;
     counters.record_completion(
         slot.kind,
         result.as_ref().map(|n| *n).map_err(|_| ()),
         latency,
     );
     Completion {
-        token: slot.token,
+        token,
         kind: slot.kind,
         result,
     }

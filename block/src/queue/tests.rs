@@ -475,3 +475,38 @@ fn without_notify_requests_failed_at_once_skip_the_eventfd() {
         .unwrap();
     assert_eq!(n, 2);
 }
+
+/// The caller's token names the request down to the engine: one out of range or still
+/// in flight fails that request at once (never a panic, never a mix-up with the other).
+#[test]
+fn tokens_out_of_range_or_in_flight_fail_alone() {
+    let mut f = fixture(CacheMode::Writeback, false, None);
+    let mut a = vec![0u8; 512];
+    let mut b = vec![0u8; 512];
+    // SAFETY: the buffers outlive the requests.
+    unsafe {
+        f.queue.read(7, 0, &[iov(&mut a)]);
+        f.queue.read(7, 512, &[iov(&mut b)]);
+        f.queue.read(MAX_TOKENS, 0, &[iov(&mut b)]);
+    }
+    f.queue.flush(u64::MAX);
+    let mut done = run(&mut f.queue);
+    done.sort_by_key(|c| (c.token, c.result.is_ok()));
+    let got: Vec<_> = done
+        .iter()
+        .map(|c| (c.token, c.result.as_ref().map_err(|e| e.errno()).copied()))
+        .collect();
+    assert_eq!(
+        got,
+        [
+            (7, Err(libc::EBUSY)),
+            (7, Ok(512)),
+            (MAX_TOKENS, Err(libc::EINVAL)),
+            (u64::MAX, Err(libc::EINVAL)),
+        ]
+    );
+    // Once completed, the token is free again.
+    // SAFETY: as above.
+    unsafe { f.queue.read(7, 0, &[iov(&mut a)]) };
+    assert_eq!(run(&mut f.queue)[0].result, Ok(512));
+}

@@ -111,6 +111,11 @@ struct Slot {
 /// driver that republishes heads without waiting for completions).
 const SLOTS_PER_ENTRY: usize = 2;
 
+// A slot's index is the request's token down to the engine: every one must fit.
+const _: () = assert!(
+    crate::config::MAX_QUEUE_SIZE as u64 * SLOTS_PER_ENTRY as u64 <= block::queue::MAX_TOKENS
+);
+
 /// How long stopping a queue (removal, shutdown, session end) waits for its requests.
 pub const DRAIN_TIMEOUT: Duration = Duration::from_secs(30);
 
@@ -143,6 +148,8 @@ pub struct QueueWorker<Q: QueueHost> {
     /// The deadline the throttle timer is armed for (None: disarmed or expired).
     timer_at: Option<Instant>,
     wake: Arc<EventFd>,
+    /// Requests popped and not completed; a slot's index is the request's token in the
+    /// block layer and the engine (one table, one free list for the whole stack).
     slots: Vec<Option<Slot>>,
     free: Vec<usize>,
     spare_iovecs: Vec<Vec<libc::iovec>>,
@@ -155,6 +162,9 @@ pub struct QueueWorker<Q: QueueHost> {
     /// The driver wants to hear about used entries published in this pass.
     needs_signal: bool,
     stopping: bool,
+    /// The avail index was found out of range and said so in the log (once, until the
+    /// driver fixes it: a guest must not flood the log by kicking).
+    corrupt_logged: bool,
     /// Kicks and engine eventfd writes are on ([`QueueWorker::arm`]).
     armed: bool,
     /// The pass's clock reading.
@@ -200,6 +210,7 @@ impl<Q: QueueHost> QueueWorker<Q> {
             max_slots: queue_size * SLOTS_PER_ENTRY,
             needs_signal: false,
             stopping: false,
+            corrupt_logged: false,
             armed: true,
             now: Instant::now(),
         })
@@ -213,11 +224,6 @@ impl<Q: QueueHost> QueueWorker<Q> {
     /// The disk's shared state.
     pub fn shared(&self) -> &Arc<BlkShared> {
         &self.shared
-    }
-
-    /// The virtqueue host (e.g. to reach a [`LocalQueue`]'s fields).
-    pub fn host_mut(&mut self) -> &mut Q {
-        &mut self.host
     }
 
     /// The virtqueue host, shared.
@@ -279,8 +285,10 @@ impl<Q: QueueHost> QueueWorker<Q> {
         work
     }
 
-    /// Pops every available chain, validates it and starts what the throttle allows.
-    pub fn process_avail(&mut self) -> PassWork {
+    /// Pops every available chain, validates it and starts what the throttle allows,
+    /// without reaping (tests that look at a request while it is in the engine).
+    #[cfg(test)]
+    pub(crate) fn process_avail(&mut self) -> PassWork {
         self.tick();
         self.pop_avail()
     }
@@ -390,14 +398,6 @@ impl<Q: QueueHost> QueueWorker<Q> {
         }
         self.finish_pass();
         Ok(())
-    }
-
-    /// Accepts taking new chains again after a drain.
-    pub fn resume(&mut self) {
-        self.stopping = false;
-        // Kicks may have been left suppressed by `arm` while stopping: the next `arm`
-        // turns them back on.
-        self.armed = false;
     }
 
     /// Reads the clock for this pass; the disk stamps requests with it.

@@ -353,7 +353,6 @@ fn backlog_beyond_queue_depth_completes_in_order_of_room() {
                 "{cache}: block {i}"
             );
         }
-        assert_eq!(eng.slots.len(), OPS, "{cache}: slab slots are reused");
     }
 }
 

@@ -44,10 +44,11 @@ impl<Q: QueueHost> QueueWorker<Q> {
             }
             false
         });
-        if corrupt {
+        if corrupt && !self.corrupt_logged {
             tracing::warn!(disk = %self.shared.id, queue = self.index,
                 "avail index out of range; ignoring the queue until the driver fixes it");
         }
+        self.corrupt_logged = corrupt;
         for outcome in parsed.drain(..) {
             work.popped += 1;
             match outcome {

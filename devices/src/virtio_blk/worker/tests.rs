@@ -239,3 +239,51 @@ fn a_driver_without_flush_gets_durable_writes() {
     unsafe_dev.set_driver_features(0);
     assert!(unsafe_dev.writeback());
 }
+
+/// A log sink for one test: what a tracing subscriber wrote.
+#[derive(Clone, Default)]
+struct LogSink(std::sync::Arc<std::sync::Mutex<Vec<u8>>>);
+
+impl std::io::Write for LogSink {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.0.lock().unwrap().extend_from_slice(buf);
+        Ok(buf.len())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+/// A driver that keeps kicking with a corrupt avail index costs one warning, not one
+/// per kick; once it fixes the index and breaks it again, it is said again.
+#[test]
+fn a_corrupt_avail_index_is_logged_once() {
+    let sink = LogSink::default();
+    let writer = sink.clone();
+    let subscriber = tracing_subscriber::fmt()
+        .with_max_level(tracing::Level::WARN)
+        .with_writer(move || writer.clone())
+        .finish();
+    let warnings = || {
+        String::from_utf8_lossy(&sink.0.lock().unwrap())
+            .matches("avail index out of range")
+            .count()
+    };
+    tracing::subscriber::with_default(subscriber, || {
+        let mut r = Rig::null(false);
+        let m = r.mem.memory();
+        let corrupt = QSIZE + 5;
+        m.write_obj(corrupt, GuestAddress(r.avail + 2)).unwrap();
+        for _ in 0..10 {
+            r.worker.run_pass();
+        }
+        assert_eq!(warnings(), 1, "ten kicks, one warning");
+        m.write_obj(0u16, GuestAddress(r.avail + 2)).unwrap();
+        r.worker.run_pass();
+        m.write_obj(corrupt, GuestAddress(r.avail + 2)).unwrap();
+        r.worker.run_pass();
+        r.worker.run_pass();
+        assert_eq!(warnings(), 2, "a new corruption is a new warning");
+    });
+}

@@ -27,6 +27,13 @@ pub fn table(headers: &[&str], rows: &[Vec<String>]) -> String {
     out
 }
 
+/// A table row: `id`, then each number.
+fn row(id: &str, numbers: &[u64]) -> Vec<String> {
+    std::iter::once(id.to_string())
+        .chain(numbers.iter().map(u64::to_string))
+        .collect()
+}
+
 /// The disk table and the iothread table of `vmctl counters`, a blank line between.
 pub fn counters(c: &VmCounters) -> String {
     let disks: Vec<Vec<String>> = c
@@ -34,40 +41,36 @@ pub fn counters(c: &VmCounters) -> String {
         .iter()
         .map(|(id, d)| {
             let io = &d.io;
-            [
-                io.read.ops,
-                io.read.bytes,
-                io.write.ops,
-                io.write.bytes,
-                io.flush.ops,
-                io.errors(),
-                io.in_flight,
-                d.signals,
-            ]
-            .iter()
-            .fold(vec![id.clone()], |mut row, n| {
-                row.push(n.to_string());
-                row
-            })
+            row(
+                id,
+                &[
+                    io.read.ops,
+                    io.read.bytes,
+                    io.write.ops,
+                    io.write.bytes,
+                    io.flush.ops,
+                    io.errors(),
+                    io.in_flight,
+                    d.signals,
+                ],
+            )
         })
         .collect();
     let iothreads: Vec<Vec<String>> = c
         .iothreads
         .iter()
         .map(|(id, t)| {
-            [
-                t.requests,
-                t.completions,
-                t.wakeups,
-                t.poll_hits,
-                t.poll_ns,
-                t.cpu_ns,
-            ]
-            .iter()
-            .fold(vec![id.clone()], |mut row, n| {
-                row.push(n.to_string());
-                row
-            })
+            row(
+                id,
+                &[
+                    t.requests,
+                    t.completions,
+                    t.wakeups,
+                    t.poll_hits,
+                    t.poll_ns,
+                    t.cpu_ns,
+                ],
+            )
         })
         .collect();
     let mut out = table(

@@ -2,6 +2,9 @@
 //! eventfds of the queues assigned to it, with adaptive polling (ARCHITECTURE.md
 //! section 3). Several disks may share one; one disk's queues may be spread over several.
 //! Settings change at runtime through the control eventfd.
+//!
+//! How a pass goes (poll, arm, finish, counters, settings) lives once, in [`loop_core`];
+//! this module's epoll loop and the vhost-user backend's threads are thin adapters to it.
 
 mod event_loop;
 pub(crate) mod loop_core;

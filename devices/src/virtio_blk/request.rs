@@ -536,7 +536,15 @@ pub fn write_status(mem: &GuestMemMmap, addr: GuestAddress, code: u8) -> bool {
 
 /// Copies the zero-padded 20-byte GET_ID answer (the serial, cut to 20 bytes) into the
 /// iovecs of a parsed GET_ID request, stopping when they are full; returns bytes written.
-pub fn write_id(iovecs: &[libc::iovec], serial: &str) -> u32 {
+///
+/// # Safety
+///
+/// Every iovec with a non-null `iov_base` must point to `iov_len` bytes that are valid
+/// for writes for the whole call and that no Rust reference covers meanwhile. The iovecs
+/// of a [`Request`] returned by [`parse`] qualify as long as the guest memory map that
+/// `parse` walked is kept alive (the guest itself may touch the bytes concurrently; the
+/// writes are volatile).
+pub unsafe fn write_id(iovecs: &[libc::iovec], serial: &str) -> u32 {
     let mut id = [0u8; ID_BYTES];
     for (dst, src) in id.iter_mut().zip(serial.as_bytes()) {
         *dst = *src;
@@ -550,10 +558,9 @@ pub fn write_id(iovecs: &[libc::iovec], serial: &str) -> u32 {
         }
         let dst = iov.iov_base.cast::<u8>();
         for (i, byte) in rest.iter().take(n).enumerate() {
-            // SAFETY: the iovecs come from `parse`, which built them from guest memory
-            // slices of at least `iov_len` bytes, and the caller keeps that memory map
-            // alive while the request is in flight; `i < n <= iov_len`. The guest may
-            // touch the bytes concurrently, hence volatile writes.
+            // SAFETY: the caller guarantees `iov_len` writable bytes at `iov_base` (this
+            // function's contract) and `i < n <= iov_len`. The guest may touch the bytes
+            // concurrently, hence volatile writes.
             unsafe { dst.add(i).write_volatile(*byte) };
         }
         written = written.saturating_add(n);

@@ -2,11 +2,12 @@
 //! [`QueueCounters`] (plain stores), summed with the disk's into a snapshot.
 
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{Arc, Mutex};
 
 use serde::{Deserialize, Serialize};
 
 use crate::queue::RequestKind;
+use crate::sync::lock;
 
 /// Buckets of the latency histogram: bucket `i` counts latencies in `[2^i, 2^(i+1))` ns.
 pub const LATENCY_BUCKETS: usize = 40;
@@ -154,10 +155,6 @@ impl Drop for QueueCounters {
         // Under the lock, so no snapshot sees the counts twice or not at all.
         self.counts.add_to(&self.disk.counts);
     }
-}
-
-fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|e| e.into_inner())
 }
 
 impl DiskCounters {

@@ -6,6 +6,8 @@ use std::collections::BTreeMap;
 use std::fmt;
 use std::sync::{Arc, Mutex, RwLock};
 
+use block::sync::{lock, read, write};
+
 /// A device on a bus. `base` is the start of the range it was registered at and `offset`
 /// the distance of the access from it.
 pub trait BusDevice: Send {
@@ -117,11 +119,11 @@ impl Bus {
     fn map(&self) -> std::sync::RwLockReadGuard<'_, BTreeMap<u64, Entry>> {
         // A panic while holding the lock cannot leave the map half-updated (every update
         // is one insert or remove), so a poisoned lock is still consistent.
-        self.ranges.read().unwrap_or_else(|e| e.into_inner())
+        read(&self.ranges)
     }
 
     fn map_mut(&self) -> std::sync::RwLockWriteGuard<'_, BTreeMap<u64, Entry>> {
-        self.ranges.write().unwrap_or_else(|e| e.into_inner())
+        write(&self.ranges)
     }
 
     fn check_free(
@@ -232,11 +234,6 @@ impl Bus {
             None => false,
         }
     }
-}
-
-/// Locks a device, carrying on after a panic of another thread inside it.
-fn lock(device: &SharedDevice) -> std::sync::MutexGuard<'_, dyn BusDevice + 'static> {
-    device.lock().unwrap_or_else(|e| e.into_inner())
 }
 
 #[cfg(test)]

@@ -2,7 +2,9 @@
 //! ECAM, and MMIO routing to BARs.
 
 use std::sync::atomic::{AtomicU32, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard, RwLock};
+use std::sync::{Arc, Mutex, RwLock};
+
+use block::sync::{lock, read, write};
 
 use super::config::{NUM_BARS, PciConfiguration, PciHeader};
 use super::{BarInfo, DEVICES_PER_BUS, PciDevice, PciError};
@@ -13,10 +15,6 @@ struct Slot {
     dev: SharedDevice,
     /// The BARs as last seen, to notice moves and to route MMIO.
     bars: [Option<BarInfo>; NUM_BARS],
-}
-
-fn lock(dev: &SharedDevice) -> MutexGuard<'_, dyn PciDevice + 'static> {
-    dev.lock().unwrap_or_else(|e| e.into_inner())
 }
 
 fn read_bars(dev: &dyn PciDevice) -> [Option<BarInfo>; NUM_BARS] {
@@ -54,7 +52,7 @@ impl PciBus {
 
     /// Puts `dev` in the first free slot; returns its device number.
     pub fn add_device(&self, dev: SharedDevice) -> Result<u8, PciError> {
-        let mut slots = self.slots.write().unwrap_or_else(|e| e.into_inner());
+        let mut slots = write(&self.slots);
         let free = slots
             .iter()
             .position(Option::is_none)
@@ -66,13 +64,13 @@ impl PciBus {
 
     /// The lowest free device number, if any.
     pub fn free_slot(&self) -> Option<u8> {
-        let slots = self.slots.read().unwrap_or_else(|e| e.into_inner());
+        let slots = read(&self.slots);
         slots.iter().position(Option::is_none).map(|s| s as u8)
     }
 
     /// Puts `dev` at device number `slot`.
     pub fn add_device_at(&self, slot: u8, dev: SharedDevice) -> Result<(), PciError> {
-        let mut slots = self.slots.write().unwrap_or_else(|e| e.into_inner());
+        let mut slots = write(&self.slots);
         let entry = slots
             .get_mut(usize::from(slot))
             .filter(|s| s.is_none())
@@ -87,7 +85,7 @@ impl PciBus {
         if slot == 0 {
             return None;
         }
-        let mut slots = self.slots.write().unwrap_or_else(|e| e.into_inner());
+        let mut slots = write(&self.slots);
         slots.get_mut(usize::from(slot))?.take().map(|s| s.dev)
     }
 
@@ -98,7 +96,7 @@ impl PciBus {
         if bus != 0 || function != 0 || !valid_config_access(reg, data.len()) {
             return;
         }
-        let slots = self.slots.read().unwrap_or_else(|e| e.into_inner());
+        let slots = read(&self.slots);
         if let Some(Some(slot)) = slots.get(usize::from(device)) {
             lock(&slot.dev).read_config(reg as u16, data);
         }
@@ -109,7 +107,7 @@ impl PciBus {
         if bus != 0 || function != 0 || !valid_config_access(reg, data.len()) {
             return;
         }
-        let mut slots = self.slots.write().unwrap_or_else(|e| e.into_inner());
+        let mut slots = write(&self.slots);
         let Some(Some(slot)) = slots.get_mut(usize::from(device)) else {
             return;
         };
@@ -133,7 +131,7 @@ impl PciBus {
         len: usize,
         f: impl FnOnce(&mut dyn PciDevice, u8, u64) -> R,
     ) -> Option<R> {
-        let slots = self.slots.read().unwrap_or_else(|e| e.into_inner());
+        let slots = read(&self.slots);
         for slot in slots.iter().flatten() {
             for bar in slot.bars.iter().flatten() {
                 if bar.contains(addr) && (addr - bar.addr).saturating_add(len as u64) <= bar.size {

@@ -4,8 +4,9 @@
 
 use std::io;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard, Weak};
+use std::sync::{Arc, Mutex, Weak};
 
+use block::sync::lock;
 use block::throttle::{GroupSwitch, MemberWaker, Throttle, ThrottleGroup, ThrottleLimits};
 use block::{AioKind, CountersSnapshot, Disk, DiskCounters, DiskOptions, DiskQueue, EngineOptions};
 use serde::{Deserialize, Serialize};
@@ -90,10 +91,6 @@ impl SharedGroup {
         self.switches.retain(|w| w.strong_count() > 0);
         self.switches.iter().filter_map(Weak::upgrade).collect()
     }
-}
-
-fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|e| e.into_inner())
 }
 
 impl BlkDevice {

@@ -248,11 +248,7 @@ impl Vm {
         // Only now, with everything else built, may a new console log replace the old
         // one: a VM refused on the way has emptied nothing.
         if !rebuilt {
-            devices
-                .serial
-                .lock()
-                .unwrap_or_else(|e| e.into_inner())
-                .start_fresh()?;
+            block::sync::lock(&devices.serial).start_fresh()?;
         }
         let (events_tx, events_rx) = channel();
         tracing::info!(id = %config.id, vcpus = nr_vcpus, disks = devices.disk_ids().len(), "VM created");

@@ -143,11 +143,6 @@ impl Backend {
     pub fn pid(&self) -> u32 {
         self.child.id()
     }
-
-    /// CPU time (user + system) the process has used so far, from `/proc/<pid>/stat`.
-    pub fn cpu_time(&self) -> Duration {
-        cpu_time_of(self.child.id()).unwrap_or_default()
-    }
 }
 
 impl Drop for Backend {

@@ -126,13 +126,7 @@ impl Bus {
         write(&self.ranges)
     }
 
-    fn check_free(
-        &self,
-        map: &BTreeMap<u64, Entry>,
-        base: u64,
-        len: u64,
-        ignore: Option<u64>,
-    ) -> Result<(), BusError> {
+    fn check_free(&self, map: &BTreeMap<u64, Entry>, base: u64, len: u64) -> Result<(), BusError> {
         let kind = self.kind;
         let end = match base.checked_add(len) {
             Some(end) if len > 0 => end,
@@ -141,9 +135,6 @@ impl Bus {
         // The only candidates: the last range starting before `end`... and any range
         // starting inside [base, end). Walk back from `end` until ranges end before base.
         for (&other_base, e) in map.range(..end).rev() {
-            if Some(other_base) == ignore {
-                continue;
-            }
             if other_base + e.len <= base {
                 break;
             }
@@ -161,7 +152,7 @@ impl Bus {
     /// Registers `device` for `base..base + len`.
     pub fn insert(&self, device: SharedDevice, base: u64, len: u64) -> Result<(), BusError> {
         let mut map = self.map_mut();
-        self.check_free(&map, base, len, None)?;
+        self.check_free(&map, base, len)?;
         map.insert(base, Entry { len, device });
         Ok(())
     }
@@ -175,29 +166,6 @@ impl Bus {
                 kind: self.kind,
                 base,
             })
-    }
-
-    /// Moves the range starting at `old_base` to `new_base..new_base + len` (a BAR
-    /// reprogrammed by the guest). On error nothing changes.
-    pub fn relocate(&self, old_base: u64, new_base: u64, len: u64) -> Result<(), BusError> {
-        let mut map = self.map_mut();
-        let kind = self.kind;
-        let Some(entry) = map.get(&old_base).cloned() else {
-            return Err(BusError::NotFound {
-                kind,
-                base: old_base,
-            });
-        };
-        self.check_free(&map, new_base, len, Some(old_base))?;
-        map.remove(&old_base);
-        map.insert(
-            new_base,
-            Entry {
-                len,
-                device: entry.device,
-            },
-        );
-        Ok(())
     }
 
     /// The device covering every byte of `addr..addr + size`, with its base.
@@ -320,26 +288,16 @@ mod tests {
     }
 
     #[test]
-    fn relocate_and_remove() {
+    fn remove() {
         let bus = Bus::new(BusKind::Mmio);
         let (p, d) = probe();
-        bus.insert(d, 0x1000, 0x100).unwrap();
+        bus.insert(d, 0x1080, 0x100).unwrap();
         bus.insert(probe().1, 0x5000, 0x100).unwrap();
-        // Moving onto another device fails and changes nothing.
-        assert!(bus.relocate(0x1000, 0x4f80, 0x100).is_err());
-        assert!(bus.write(0x1010, &[7]));
-        // Moving over its own old range is fine.
-        bus.relocate(0x1000, 0x1080, 0x100).unwrap();
-        assert!(!bus.write(0x1010, &[7]));
         assert!(bus.write(0x1090, &[9]));
         assert_eq!(p.lock().unwrap().last, Some((0x1080, 0x10, vec![9])));
-        assert!(matches!(
-            bus.relocate(0x1000, 0x2000, 1),
-            Err(BusError::NotFound { .. })
-        ));
         bus.remove(0x1080).unwrap();
         assert!(!bus.write(0x1090, &[9]));
-        assert!(bus.remove(0x1080).is_err());
+        assert!(matches!(bus.remove(0x1080), Err(BusError::NotFound { .. })));
         assert!(format!("{bus:?}").contains("20480"));
     }
 }

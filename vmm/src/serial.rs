@@ -369,14 +369,6 @@ impl SerialDevice {
         &self.uart.interrupt_evt().0
     }
 
-    /// Queues input bytes for the guest to read; returns how many fit in the FIFO.
-    pub fn enqueue_input(&mut self, input: &[u8]) -> usize {
-        self.uart.enqueue_raw_bytes(input).unwrap_or_else(|e| {
-            tracing::warn!("serial input: {e:?}");
-            0
-        })
-    }
-
     /// The output.
     pub fn output(&self) -> &SerialOutput {
         self.uart.writer()
@@ -449,15 +441,6 @@ mod tests {
         s.write(COM1_BASE, IER, &[0x02]);
         s.write(COM1_BASE, THR, b"a");
         assert!(s.irq_evt().read().unwrap() >= 1);
-    }
-
-    #[test]
-    fn input_is_readable_by_the_guest() {
-        let mut s = SerialDevice::new(SerialOutput::Null).unwrap();
-        assert_eq!(s.enqueue_input(b"ok"), 2);
-        let mut b = [0u8];
-        s.read(COM1_BASE, THR, &mut b);
-        assert_eq!(b, [b'o']);
     }
 
     #[test]

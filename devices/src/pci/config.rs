@@ -192,13 +192,6 @@ impl PciConfiguration {
         u16::from_le_bytes(b)
     }
 
-    /// Reads a little-endian u32 of the conventional space (0 out of range).
-    pub fn read_u32(&self, offset: usize) -> u32 {
-        let mut b = [0u8; 4];
-        self.read(offset as u64, &mut b);
-        u32::from_le_bytes(b)
-    }
-
     /// The command register.
     pub fn command(&self) -> u16 {
         self.read_u16(0x04)

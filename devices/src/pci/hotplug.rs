@@ -122,17 +122,6 @@ impl HotplugController {
         true
     }
 
-    /// The slot left without the guest's help (the VM is being torn down or reset).
-    pub fn forget(&self, slot: u8) {
-        if let Some(b) = Self::bit(slot) {
-            let mut bits = lock(&self.bits);
-            bits.present &= !b;
-            bits.up &= !b;
-            bits.down &= !b;
-            bits.requested &= !b;
-        }
-    }
-
     /// Slots with a device, as a bitmap.
     pub fn present(&self) -> u32 {
         lock(&self.bits).present
@@ -262,16 +251,5 @@ mod tests {
         p.hp.read(REG_PRES, &mut b);
         assert_eq!(b, [0, 0]);
         assert_eq!(rd(&p.hp, 0x100), 0);
-    }
-
-    #[test]
-    fn forget_clears_pending_state() {
-        let p = probe();
-        p.hp.plug(4);
-        p.hp.request_eject(4);
-        p.hp.forget(4);
-        assert_eq!(p.hp.present(), 0);
-        assert_eq!(p.hp.pending_ejects(), 0);
-        assert_eq!(rd(&p.hp, REG_PCIU), 0);
     }
 }

@@ -134,8 +134,9 @@ impl ConfigSpace {
         }
     }
 
-    /// The configuration space bytes.
-    pub fn as_bytes(&self) -> Vec<u8> {
+    /// The configuration space bytes (for the layout tests).
+    #[cfg(test)]
+    fn as_bytes(&self) -> Vec<u8> {
         self.raw.as_slice().to_vec()
     }
 
@@ -171,11 +172,6 @@ impl ConfigSpace {
     /// Disk size in 512-byte sectors.
     pub fn capacity_sectors(&self) -> u64 {
         u64::from_le(self.raw.0.capacity)
-    }
-
-    /// Changes the disk size (a resize; the caller notifies the driver).
-    pub fn set_capacity(&mut self, capacity_bytes: u64) {
-        self.raw.0.capacity = (capacity_bytes / SECTOR_SIZE).to_le();
     }
 
     /// What the request parser accepts for this configuration. DISCARD and WRITE_ZEROES

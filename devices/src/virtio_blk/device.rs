@@ -231,11 +231,6 @@ impl BlkDevice {
         self.shared.writeback.load(Ordering::Relaxed)
     }
 
-    /// The whole config space.
-    pub fn config_bytes(&self) -> Vec<u8> {
-        lock(&self.config_space).as_bytes()
-    }
-
     /// Engine settings for one queue.
     pub fn engine_options(&self, max_batch: u32) -> EngineOptions {
         EngineOptions {

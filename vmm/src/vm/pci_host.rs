@@ -39,12 +39,6 @@ impl KvmPciHost {
             vectors: Mutex::new(Vec::new()),
         }
     }
-
-    /// The GSIs allocated so far, by vector (`None`: never routed).
-    pub fn gsis(&self) -> Vec<Option<u32>> {
-        let v = lock(&self.vectors);
-        v.iter().map(|r| r.gsi).collect()
-    }
 }
 
 impl Drop for KvmPciHost {

@@ -269,6 +269,13 @@ impl CountersSnapshot {
         if total == 0 {
             return None;
         }
+        // A percentile of a count: the f64 product is at least 1 and `as` saturates, and
+        // counts beyond 2^53 lose only low bits that a log2 histogram cannot resolve.
+        #[allow(
+            clippy::cast_precision_loss,
+            clippy::cast_possible_truncation,
+            clippy::cast_sign_loss
+        )]
         let rank = ((p / 100.0) * total as f64).ceil().max(1.0) as u64;
         let mut seen = 0;
         for (i, n) in self.latency_log2_ns.iter().enumerate() {

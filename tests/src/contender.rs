@@ -1,6 +1,9 @@
 //! vhost-user-blk backends started as processes for benchmarks and tests: ours
 //! (`vhost-user-blk`) and qemu-storage-daemon.
 
+// Our own child's pid and the kernel's clock tick rate.
+#![allow(clippy::cast_possible_wrap, clippy::cast_sign_loss)]
+
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};

@@ -181,9 +181,11 @@ fn someone_listens(path: &Path) -> bool {
     if bytes.len() >= addr.sun_path.len() {
         return false;
     }
-    addr.sun_family = libc::AF_UNIX as libc::sa_family_t;
+    #[allow(clippy::cast_possible_truncation)] // AF_UNIX is 1
+    let family = libc::AF_UNIX as libc::sa_family_t;
+    addr.sun_family = family;
     for (d, s) in addr.sun_path.iter_mut().zip(bytes) {
-        *d = *s as libc::c_char;
+        *d = s.cast_signed();
     }
     // SAFETY: socket() has no memory preconditions; it returns a new fd or -1.
     let fd = unsafe {
@@ -204,7 +206,7 @@ fn someone_listens(path: &Path) -> bool {
         libc::connect(
             owned.as_raw_fd(),
             (&addr as *const libc::sockaddr_un).cast(),
-            std::mem::size_of::<libc::sockaddr_un>() as libc::socklen_t,
+            libc::socklen_t::try_from(std::mem::size_of::<libc::sockaddr_un>()).unwrap_or(0),
         )
     };
     if rc == 0 {

@@ -18,7 +18,25 @@ struct Slot {
 }
 
 fn read_bars(dev: &dyn PciDevice) -> [Option<BarInfo>; NUM_BARS] {
-    std::array::from_fn(|i| dev.bar(i as u8))
+    std::array::from_fn(|i| dev.bar(bar_index(i)))
+}
+
+/// A BAR index (below [`NUM_BARS`]) as the `u8` the device API takes.
+#[allow(clippy::cast_possible_truncation)] // i < NUM_BARS (6)
+fn bar_index(i: usize) -> u8 {
+    i as u8
+}
+
+/// A device number (an index into the bus's slots, below [`DEVICES_PER_BUS`]) as a `u8`.
+#[allow(clippy::cast_possible_truncation)] // s < DEVICES_PER_BUS (32)
+fn slot_number(s: usize) -> u8 {
+    s as u8
+}
+
+/// A configuration register offset already checked by [`valid_config_access`].
+#[allow(clippy::cast_possible_truncation)] // reg < 4096
+fn config_reg(reg: u64) -> u16 {
+    reg as u16
 }
 
 /// Whether a configuration access of `len` bytes at `reg` is one the bus serves: 1, 2
@@ -59,13 +77,13 @@ impl PciBus {
             .ok_or(PciError::SlotTaken(DEVICES_PER_BUS))?;
         let bars = read_bars(&*lock(&dev));
         slots[free] = Some(Slot { dev, bars });
-        Ok(free as u8)
+        Ok(slot_number(free))
     }
 
     /// The lowest free device number, if any.
     pub fn free_slot(&self) -> Option<u8> {
         let slots = read(&self.slots);
-        slots.iter().position(Option::is_none).map(|s| s as u8)
+        slots.iter().position(Option::is_none).map(slot_number)
     }
 
     /// Puts `dev` at device number `slot`.
@@ -98,7 +116,7 @@ impl PciBus {
         }
         let slots = read(&self.slots);
         if let Some(Some(slot)) = slots.get(usize::from(device)) {
-            lock(&slot.dev).read_config(reg as u16, data);
+            lock(&slot.dev).read_config(config_reg(reg), data);
         }
     }
 
@@ -112,14 +130,14 @@ impl PciBus {
             return;
         };
         let mut dev = lock(&slot.dev);
-        dev.write_config(reg as u16, data);
+        dev.write_config(config_reg(reg), data);
         for (i, seen) in slot.bars.iter_mut().enumerate() {
-            let now = dev.bar(i as u8);
+            let now = dev.bar(bar_index(i));
             if let (Some(old), Some(new)) = (*seen, now)
                 && old.addr != new.addr
             {
                 tracing::debug!(device, bar = i, old = old.addr, new = new.addr, "BAR moved");
-                dev.bar_moved(i as u8, old.addr, new.addr);
+                dev.bar_moved(bar_index(i), old.addr, new.addr);
             }
             *seen = now;
         }
@@ -220,6 +238,13 @@ pub const CONFIG_IO_PORT: u16 = 0xcf8;
 /// Ports [`PciConfigIo`] covers.
 pub const CONFIG_IO_SIZE: u16 = 8;
 
+/// The bytes of the 4-byte address register that an access of `len` bytes at `offset`
+/// covers, when it lies inside the register.
+fn address_bytes(offset: u64, len: u64) -> Option<std::ops::Range<usize>> {
+    let end = offset.checked_add(len).filter(|&e| offset < 4 && e <= 4)?;
+    Some(usize::try_from(offset).ok()?..usize::try_from(end).ok()?)
+}
+
 impl PciConfigIo {
     /// Config ports over `bus`.
     pub fn new(bus: Arc<PciBus>) -> Self {
@@ -237,21 +262,17 @@ impl PciConfigIo {
             return None;
         }
         let reg = u64::from(a & 0xfc) + (offset - 4);
-        Some((
-            (a >> 16) as u8,
-            ((a >> 11) & 0x1f) as u8,
-            ((a >> 8) & 7) as u8,
-            reg,
-        ))
+        let [_, _, bus, _] = a.to_le_bytes();
+        Some((bus, ((a >> 11) & 0x1f) as u8, ((a >> 8) & 7) as u8, reg))
     }
 
     /// A port read at `offset` (0..8) from 0xCF8.
     pub fn read(&self, offset: u64, data: &mut [u8]) {
         data.fill(0xff);
         let len = data.len() as u64;
-        if offset < 4 && offset + len <= 4 {
+        if let Some(range) = address_bytes(offset, len) {
             let a = self.address.load(Ordering::Relaxed).to_le_bytes();
-            data.copy_from_slice(&a[offset as usize..(offset + len) as usize]);
+            data.copy_from_slice(&a[range]);
         } else if (4..8).contains(&offset)
             && offset + len <= 8
             && let Some((bus, dev, func, reg)) = self.target(offset)
@@ -263,9 +284,9 @@ impl PciConfigIo {
     /// A port write at `offset` (0..8) from 0xCF8.
     pub fn write(&self, offset: u64, data: &[u8]) {
         let len = data.len() as u64;
-        if offset < 4 && offset + len <= 4 {
+        if let Some(range) = address_bytes(offset, len) {
             let mut a = self.address.load(Ordering::Relaxed).to_le_bytes();
-            a[offset as usize..(offset + len) as usize].copy_from_slice(data);
+            a[range].copy_from_slice(data);
             // Reserved bits (30:24 and 1:0) read as zero.
             self.address
                 .store(u32::from_le_bytes(a) & 0x80ff_fffc, Ordering::Relaxed);
@@ -293,8 +314,9 @@ impl PciConfigMmio {
     }
 
     fn decode(offset: u64) -> Option<(u8, u8, u8, u64)> {
+        let bus = (offset >> 20).to_le_bytes()[0];
         (offset < 1 << 28).then_some((
-            (offset >> 20) as u8,
+            bus,
             ((offset >> 15) & 0x1f) as u8,
             ((offset >> 12) & 7) as u8,
             offset & 0xfff,

@@ -224,7 +224,7 @@ impl<'l> Walk<'l> {
             }
             self.decode_header();
             // n <= 16, so it fits u32; the address may still wrap.
-            len = len.saturating_sub(n as u32);
+            len = len.saturating_sub(u32::try_from(n).unwrap_or(u32::MAX));
             if len == 0 {
                 return;
             }
@@ -278,7 +278,8 @@ impl<'l> Walk<'l> {
                     return self.fail(IOERR, "more than one discard/write-zeroes segment");
                 }
                 // have < total <= 16.
-                let Some(dst) = self.segment.get_mut(have as usize..total as usize) else {
+                let range = usize::try_from(have).ok().zip(usize::try_from(total).ok());
+                let Some(dst) = range.and_then(|(from, to)| self.segment.get_mut(from..to)) else {
                     return self.fail(IOERR, "more than one discard/write-zeroes segment");
                 };
                 if mem.read_slice(dst, addr).is_err() {
@@ -566,5 +567,5 @@ pub unsafe fn write_id(iovecs: &[libc::iovec], serial: &str) -> u32 {
         written = written.saturating_add(n);
     }
     // written <= 20.
-    written as u32
+    u32::try_from(written).unwrap_or(u32::MAX)
 }

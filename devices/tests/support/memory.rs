@@ -2,6 +2,8 @@
 //! another process could map the same pages), wrapped as the data plane's [`GuestMem`],
 //! with a bump allocator for rings and buffers.
 
+#![allow(clippy::cast_possible_truncation)] // Test data and figures, not guest input.
+
 use std::fs::File;
 use std::io;
 use std::os::fd::FromRawFd;

@@ -24,6 +24,7 @@ pub const KVM_IDENTITY_MAP_ADDRESS: u64 = 0xfffb_c000;
 /// Number of IOAPIC pins, i.e. legacy GSIs 0..24. MSI GSIs start here.
 pub const IOAPIC_PINS: u32 = 24;
 /// Highest number of routing entries KVM accepts.
+#[allow(clippy::cast_possible_truncation)] // 4096
 pub const MAX_IRQ_ROUTES: u32 = kvm_bindings::KVM_MAX_IRQ_ROUTES as u32;
 
 /// What written value an ioeventfd matches; its width is the access length it matches.
@@ -71,7 +72,9 @@ impl Vm {
         let fd = kvm.create_vm().map_err(ioctl_err("KVM_CREATE_VM"))?;
         fd.set_identity_map_address(KVM_IDENTITY_MAP_ADDRESS)
             .map_err(ioctl_err("KVM_SET_IDENTITY_MAP_ADDR"))?;
-        fd.set_tss_address(KVM_TSS_ADDRESS as usize)
+        #[allow(clippy::cast_possible_truncation)] // below 4 GiB
+        let tss = KVM_TSS_ADDRESS as usize;
+        fd.set_tss_address(tss)
             .map_err(ioctl_err("KVM_SET_TSS_ADDR"))?;
         fd.create_irq_chip()
             .map_err(ioctl_err("KVM_CREATE_IRQCHIP"))?;

@@ -94,9 +94,10 @@ impl VirtioPciHost for KvmPciHost {
                         g
                     }
                 };
-                self.vm
-                    .set_msi_route(gsi, m.addr as u32, (m.addr >> 32) as u32, m.data)
-                    .map_err(to_io)?;
+                // The address's two halves: dropping the other half is the point.
+                #[allow(clippy::cast_possible_truncation)]
+                let (lo, hi) = (m.addr as u32, (m.addr >> 32) as u32);
+                self.vm.set_msi_route(gsi, lo, hi, m.data).map_err(to_io)?;
                 if !route.irqfd {
                     self.vm.register_irqfd(fd, gsi).map_err(to_io)?;
                     route.irqfd = true;

@@ -1,5 +1,7 @@
 //! Request parsing against chains built with virtio-queue's `MockSplitQueue`.
 
+#![allow(clippy::cast_possible_truncation)] // Test data and figures, not guest input.
+
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use virtio_bindings::bindings::virtio_blk::{
@@ -244,10 +246,8 @@ fn get_id_long_and_short_buffers() {
     .unwrap();
     assert_eq!(used_len(&req), 9);
     // SAFETY: as above.
-    assert_eq!(
-        unsafe { write_id(&req.iovecs, "serial-longer-than-twenty") },
-        8
-    );
+    let written = unsafe { write_id(&req.iovecs, "serial-longer-than-twenty") };
+    assert_eq!(written, 8);
     let mut a = [0u8; 4];
     mem.read_slice(&mut a, GuestAddress(DATA)).unwrap();
     assert_eq!(&a, b"ser\xff");

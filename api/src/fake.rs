@@ -4,8 +4,9 @@
 //! Used by the API tests and by `vmmd --fake` to try the API without KVM.
 
 use std::collections::BTreeMap;
-use std::sync::{Mutex, MutexGuard};
+use std::sync::Mutex;
 
+use block::sync::lock;
 use devices::config::{DiskConfig, IoThreadUpdate};
 use devices::iothread::IoThreadCounters;
 use devices::virtio_blk::device::BlkCounters;
@@ -36,16 +37,12 @@ impl FakeVmm {
         Self::default()
     }
 
-    fn lock(&self) -> MutexGuard<'_, BTreeMap<String, FakeVm>> {
-        self.vms.lock().unwrap_or_else(|e| e.into_inner())
-    }
-
     fn with_vm<T>(
         &self,
         id: &str,
         f: impl FnOnce(&mut FakeVm, &BTreeMap<String, FakeVm>) -> Result<T, ApiError>,
     ) -> Result<T, ApiError> {
-        let mut vms = self.lock();
+        let mut vms = lock(&self.vms);
         let mut vm = vms
             .remove(id)
             .ok_or_else(|| ApiError::not_found(format!("no VM with id {id:?}")))?;
@@ -139,7 +136,7 @@ impl VmmBackend for FakeVmm {
 
     fn create(&self, config: VmConfig) -> Result<(), ApiError> {
         let mut problems = config.problems();
-        let mut vms = self.lock();
+        let mut vms = lock(&self.vms);
         if vms.contains_key(&config.id) {
             return Err(ApiError::conflict(format!(
                 "a VM with id {:?} already exists",
@@ -197,7 +194,7 @@ impl VmmBackend for FakeVmm {
     }
 
     fn delete(&self, id: &str) -> Result<(), ApiError> {
-        self.lock()
+        lock(&self.vms)
             .remove(id)
             .map(|_| ())
             .ok_or_else(|| ApiError::not_found(format!("no VM with id {id:?}")))
@@ -214,7 +211,7 @@ impl VmmBackend for FakeVmm {
     }
 
     fn list(&self) -> Vec<VmSummary> {
-        self.lock()
+        lock(&self.vms)
             .values()
             .map(|vm| VmSummary {
                 id: vm.config.id.clone(),
@@ -320,7 +317,7 @@ impl VmmBackend for FakeVmm {
     }
 
     fn shutdown_vmm(&self) -> Result<(), ApiError> {
-        for vm in self.lock().values_mut() {
+        for vm in lock(&self.vms).values_mut() {
             vm.state = VmState::Shutdown;
         }
         Ok(())

@@ -5,6 +5,8 @@
 //! messages, and paths outside `--allowed-dir`.
 //! Skips, saying why, when `/dev/kvm` is missing.
 
+#![allow(clippy::cast_possible_wrap)] // Test data and figures, not guest input.
+
 mod support;
 
 use std::io::Read;

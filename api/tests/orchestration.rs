@@ -7,6 +7,8 @@
 //! iothread thread or file descriptor is left behind; `vmmd` exits 0.
 //! Skips, saying why, when `/dev/kvm` is missing.
 
+#![allow(clippy::cast_precision_loss)] // Test data and figures, not guest input.
+
 use std::io::Write;
 use std::path::Path;
 use std::process::Command;

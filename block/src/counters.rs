@@ -2,11 +2,12 @@
 //! [`QueueCounters`] (plain stores), summed with the disk's into a snapshot.
 
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{Arc, Mutex};
 
 use serde::{Deserialize, Serialize};
 
 use crate::queue::RequestKind;
+use crate::sync::lock;
 
 /// Buckets of the latency histogram: bucket `i` counts latencies in `[2^i, 2^(i+1))` ns.
 pub const LATENCY_BUCKETS: usize = 40;
@@ -156,10 +157,6 @@ impl Drop for QueueCounters {
     }
 }
 
-fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|e| e.into_inner())
-}
-
 impl DiskCounters {
     /// Counts a request entering the disk.
     pub fn record_start(&self) {
@@ -272,6 +269,13 @@ impl CountersSnapshot {
         if total == 0 {
             return None;
         }
+        // A percentile of a count: the f64 product is at least 1 and `as` saturates, and
+        // counts beyond 2^53 lose only low bits that a log2 histogram cannot resolve.
+        #[allow(
+            clippy::cast_precision_loss,
+            clippy::cast_possible_truncation,
+            clippy::cast_sign_loss
+        )]
         let rank = ((p / 100.0) * total as f64).ceil().max(1.0) as u64;
         let mut seen = 0;
         for (i, n) in self.latency_log2_ns.iter().enumerate() {

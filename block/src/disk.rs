@@ -221,8 +221,12 @@ impl Drop for Disk {
         if let Some(file) = &self.file {
             // SAFETY: an all-zero flock is valid; we set the fields that matter.
             let mut fl: libc::flock = unsafe { std::mem::zeroed() };
-            fl.l_type = libc::F_UNLCK as libc::c_short;
-            fl.l_whence = libc::SEEK_SET as libc::c_short;
+            // libc's flock constants are small (0..=2), so they fit a c_short.
+            #[allow(clippy::cast_possible_truncation)]
+            {
+                fl.l_type = libc::F_UNLCK as libc::c_short;
+                fl.l_whence = libc::SEEK_SET as libc::c_short;
+            }
             // SAFETY: fcntl with F_OFD_SETLK reads only the flock we pass.
             unsafe { libc::fcntl(file.as_raw_fd(), libc::F_OFD_SETLK, &fl) };
         }

@@ -61,22 +61,24 @@ pub fn open_with(path: &Path, how: OpenFlags, no_symlinks: bool) -> io::Result<F
         // SAFETY: open_how is plain integers; all-zero is valid (libc marks it
         // non-exhaustive, so it is built field by field).
         let mut open_how: libc::open_how = unsafe { std::mem::zeroed() };
-        open_how.flags = flags as u64;
+        open_how.flags = u64::from(flags.cast_unsigned());
         if flags & libc::O_CREAT != 0 {
             open_how.mode = u64::from(how.mode);
         }
         open_how.resolve = libc::RESOLVE_NO_SYMLINKS | libc::RESOLVE_NO_MAGICLINKS;
         // SAFETY: openat2 reads the NUL-terminated path and the open_how of the size we
         // pass; it returns a new descriptor or -1.
-        unsafe {
+        let rc = unsafe {
             libc::syscall(
                 libc::SYS_openat2,
                 libc::AT_FDCWD,
                 c.as_ptr(),
                 &open_how as *const libc::open_how,
                 std::mem::size_of::<libc::open_how>(),
-            ) as libc::c_int
-        }
+            )
+        };
+        // A descriptor or -1: both fit an int.
+        libc::c_int::try_from(rc).unwrap_or(-1)
     } else {
         // SAFETY: open reads the NUL-terminated path; it returns a new descriptor or -1.
         unsafe { libc::open(c.as_ptr(), flags, libc::c_uint::from(how.mode)) }
@@ -127,12 +129,16 @@ pub fn is_symlink_refusal(e: &io::Error) -> bool {
 pub fn try_lock(file: &File, exclusive: bool) -> io::Result<bool> {
     // SAFETY: an all-zero flock is a valid value; the fields that matter are set below.
     let mut fl: libc::flock = unsafe { std::mem::zeroed() };
-    fl.l_type = if exclusive {
-        libc::F_WRLCK
-    } else {
-        libc::F_RDLCK
-    } as libc::c_short;
-    fl.l_whence = libc::SEEK_SET as libc::c_short;
+    // libc's flock constants are small (0..=2), so they fit a c_short.
+    #[allow(clippy::cast_possible_truncation)]
+    {
+        fl.l_type = if exclusive {
+            libc::F_WRLCK
+        } else {
+            libc::F_RDLCK
+        } as libc::c_short;
+        fl.l_whence = libc::SEEK_SET as libc::c_short;
+    }
     // SAFETY: F_OFD_SETLK reads only the flock we pass.
     let rc = unsafe { libc::fcntl(file.as_raw_fd(), libc::F_OFD_SETLK, &fl) };
     if rc == 0 {

@@ -14,6 +14,7 @@ pub mod engine;
 mod error;
 pub mod host_file;
 pub mod queue;
+pub mod sync;
 pub mod throttle;
 
 pub use cache::CacheMode;

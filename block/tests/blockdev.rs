@@ -2,6 +2,8 @@
 //! block ioctls, and every engine doing reads, writes, BLKDISCARD and BLKZEROOUT on it.
 //! Skips with a printed reason where loop devices cannot be set up.
 
+#![allow(clippy::cast_possible_truncation)] // Test data and figures, not guest input.
+
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::sync::Arc;

@@ -4,6 +4,8 @@
 //! zeroes; flush completes; requests past the end fail; a full filesystem gives ENOSPC
 //! completions and the engine keeps working.
 
+#![allow(clippy::cast_possible_truncation)] // Test data and figures, not guest input.
+
 use std::path::Path;
 use std::sync::Arc;
 use std::time::{Duration, Instant};

@@ -2,6 +2,9 @@
 //! (io_uring/AIO underneath), driven through their kick/call eventfds by a test-side
 //! driver over memfd guest memory. Data is verified against the image files.
 
+// Test data and figures, not guest input.
+#![allow(clippy::cast_possible_truncation, clippy::cast_precision_loss)]
+
 mod common;
 mod support;
 

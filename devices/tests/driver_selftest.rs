@@ -2,6 +2,8 @@
 //! driver are popped by virtio-queue's device-side `Queue` on the same rings, checked
 //! byte by byte, completed with `add_used`, and read back with `poll_used`.
 
+#![allow(clippy::cast_possible_truncation)] // Test data and figures, not guest input.
+
 mod support;
 
 use std::sync::atomic::Ordering;

@@ -5,6 +5,8 @@
 //! with an in-range head to the used ring, must write nothing outside the buffers the
 //! chains name, and must keep serving the good queue.
 
+#![allow(clippy::cast_possible_truncation)] // Test data and figures, not guest input.
+
 mod common;
 mod support;
 

@@ -2,6 +2,13 @@
 //! one client every vhost-user-blk contender is measured with. The loop itself is
 //! [`crate::bench::engine`], shared with the host io_uring reference.
 
+// Benchmark setup: queue depths and libblkio's int-sized counts.
+#![allow(
+    clippy::cast_possible_truncation,
+    clippy::cast_possible_wrap,
+    clippy::cast_sign_loss
+)]
+
 use std::mem::MaybeUninit;
 use std::path::Path;
 use std::time::Duration;

@@ -1,5 +1,7 @@
 //! Benchmark images: files filled with real (non-zero) data so reads hit the disk.
 
+#![allow(clippy::cast_possible_truncation)] // Test image fill: a pattern byte and chunk sizes.
+
 use std::fs::OpenOptions;
 use std::io::{self, IsTerminal, Write};
 use std::path::Path;

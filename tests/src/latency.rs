@@ -1,5 +1,12 @@
 //! Latency samples and their percentiles.
 
+// Percentiles over latency samples far below 2^53.
+#![allow(
+    clippy::cast_possible_truncation,
+    clippy::cast_sign_loss,
+    clippy::cast_precision_loss
+)]
+
 /// What one measurement found.
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub struct Figures {

@@ -10,6 +10,8 @@
 //! let elf = vmlinux::extract(&bz, &target_dir.join("vmlinux"))?;   // cached
 //! ```
 
+#![allow(clippy::cast_possible_truncation)] // Offsets and sizes inside a kernel image of a few MiB.
+
 use std::fs::File;
 use std::io::{Read, Seek, SeekFrom, Write};
 use std::path::{Path, PathBuf};

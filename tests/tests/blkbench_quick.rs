@@ -5,6 +5,8 @@
 //! Needs the `vhost-user-blk` binary beside `blkbench` (both are built by
 //! `cargo test --workspace --all-targets`).
 
+#![allow(clippy::cast_possible_truncation)] // Test data and figures, not guest input.
+
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 

@@ -181,9 +181,11 @@ fn someone_listens(path: &Path) -> bool {
     if bytes.len() >= addr.sun_path.len() {
         return false;
     }
-    addr.sun_family = libc::AF_UNIX as libc::sa_family_t;
+    #[allow(clippy::cast_possible_truncation)] // AF_UNIX is 1
+    let family = libc::AF_UNIX as libc::sa_family_t;
+    addr.sun_family = family;
     for (d, s) in addr.sun_path.iter_mut().zip(bytes) {
-        *d = *s as libc::c_char;
+        *d = s.cast_signed();
     }
     // SAFETY: socket() has no memory preconditions; it returns a new fd or -1.
     let fd = unsafe {
@@ -204,7 +206,7 @@ fn someone_listens(path: &Path) -> bool {
         libc::connect(
             owned.as_raw_fd(),
             (&addr as *const libc::sockaddr_un).cast(),
-            std::mem::size_of::<libc::sockaddr_un>() as libc::socklen_t,
+            libc::socklen_t::try_from(std::mem::size_of::<libc::sockaddr_un>()).unwrap_or(0),
         )
     };
     if rc == 0 {
@@ -369,14 +371,6 @@ impl SerialDevice {
         &self.uart.interrupt_evt().0
     }
 
-    /// Queues input bytes for the guest to read; returns how many fit in the FIFO.
-    pub fn enqueue_input(&mut self, input: &[u8]) -> usize {
-        self.uart.enqueue_raw_bytes(input).unwrap_or_else(|e| {
-            tracing::warn!("serial input: {e:?}");
-            0
-        })
-    }
-
     /// The output.
     pub fn output(&self) -> &SerialOutput {
         self.uart.writer()
@@ -449,15 +443,6 @@ mod tests {
         s.write(COM1_BASE, IER, &[0x02]);
         s.write(COM1_BASE, THR, b"a");
         assert!(s.irq_evt().read().unwrap() >= 1);
-    }
-
-    #[test]
-    fn input_is_readable_by_the_guest() {
-        let mut s = SerialDevice::new(SerialOutput::Null).unwrap();
-        assert_eq!(s.enqueue_input(b"ok"), 2);
-        let mut b = [0u8];
-        s.read(COM1_BASE, THR, &mut b);
-        assert_eq!(b, [b'o']);
     }
 
     #[test]

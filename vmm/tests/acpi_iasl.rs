@@ -3,6 +3,8 @@
 //! hardware-reduced flag and the sleep registers, the DSDT names the PCI host bridge and
 //! `\_S5`, and the disassembled DSDT compiles back with no error and no warning.
 
+#![allow(clippy::cast_possible_truncation)] // Test data and figures, not guest input.
+
 use std::path::Path;
 use std::process::{Command, Output};
 

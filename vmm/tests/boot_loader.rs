@@ -3,6 +3,9 @@
 //! (PVH). Each check reads the boot structures back from guest memory. Booting these
 //! images on KVM is vmm/tests/linux_boot.rs.
 
+// Test data and figures, not guest input.
+#![allow(clippy::cast_possible_truncation, clippy::cast_lossless)]
+
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 use vmm::boot::{
     BootLayout, CMDLINE_ADDR, E820_RAM, E820_RESERVED, MemmapEntry, PVH_INFO_ADDR,

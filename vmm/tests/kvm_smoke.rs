@@ -2,6 +2,8 @@
 //! long mode exercise PIO/MMIO exits, ioeventfd, pause/resume and the exit reasons.
 //! Skipped (with a printed reason) when `/dev/kvm` is absent or `VMM_TEST_NO_KVM=1`.
 
+#![allow(clippy::cast_possible_truncation)] // Test data and figures, not guest input.
+
 use std::sync::mpsc::{Receiver, channel};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;

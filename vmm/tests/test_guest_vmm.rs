@@ -4,6 +4,8 @@
 //! pause/resume during I/O, ACPI poweroff, and the disk lock between two VMs.
 //! Skips, saying why, when `/dev/kvm` is missing.
 
+#![allow(clippy::cast_precision_loss)] // Test data and figures, not guest input.
+
 use std::io::{Read, Write};
 use std::path::Path;
 use std::time::{Duration, Instant};

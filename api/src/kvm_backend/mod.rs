@@ -31,9 +31,10 @@ mod errors;
 
 use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard, TryLockError};
+use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
+use block::sync::{lock, try_lock};
 use devices::config::{DiskConfig, IoThreadUpdate};
 use vmm::config::VmConfig;
 use vmm::vm::{Vm, VmError};
@@ -86,19 +87,16 @@ pub struct KvmBackend {
     stopping: AtomicBool,
 }
 
-fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|e| e.into_inner())
-}
-
 /// Takes `m` if it becomes free before `deadline`.
 fn lock_before<T>(m: &Mutex<T>, deadline: Instant) -> Option<MutexGuard<'_, T>> {
     loop {
-        match m.try_lock() {
-            Ok(g) => return Some(g),
-            Err(TryLockError::Poisoned(e)) => return Some(e.into_inner()),
-            Err(TryLockError::WouldBlock) if Instant::now() >= deadline => return None,
-            Err(TryLockError::WouldBlock) => std::thread::sleep(Duration::from_millis(2)),
+        if let Some(g) = try_lock(m) {
+            return Some(g);
         }
+        if Instant::now() >= deadline {
+            return None;
+        }
+        std::thread::sleep(Duration::from_millis(2));
     }
 }
 

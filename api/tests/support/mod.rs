@@ -1,5 +1,6 @@
 //! A `vmmd` started for one test on a temporary socket, and helpers to drive it.
 
+#![allow(clippy::cast_possible_truncation)] // Test data and figures, not guest input.
 #![allow(dead_code)]
 
 use std::io::Write;

@@ -58,12 +58,6 @@ impl Throttle {
         self
     }
 
-    /// Replaces the disk's own membership. The old one, if any, leaves its group: if it
-    /// held or waited for the group's turn, the turn passes on.
-    pub fn set_disk(&mut self, member: Option<GroupMember>) {
-        drop(std::mem::replace(&mut self.disk, member));
-    }
-
     /// Replaces the shared-group membership. The old one, if any, leaves its group: if it
     /// held or waited for the group's turn, the turn passes on. The disk membership keeps
     /// its place.

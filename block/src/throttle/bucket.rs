@@ -24,6 +24,14 @@ const SLACK: f64 = 0.01;
 /// The longest wait handed out at once; a caller retrying then simply waits again.
 const MAX_WAIT_NS: f64 = 3_600.0 * 1e9;
 
+/// A rate, size or byte count as the bucket arithmetic's f64.
+// Exact below 2^53; beyond, a relative error of 2^-52 is far below what throttling can
+// tell apart.
+#[allow(clippy::cast_precision_loss)]
+fn f64_of(x: u64) -> f64 {
+    x as f64
+}
+
 /// One leaky bucket.
 #[derive(Clone, Debug, Default)]
 struct LeakyBucket {
@@ -91,9 +99,9 @@ impl LeakyBucket {
     /// Takes new settings, keeping the levels but never above the new sizes, so a
     /// tighter limit does not start with a long stall.
     fn configure(&mut self, avg: u64, max: u64, max_length: u64) {
-        self.avg = avg as f64;
-        self.max = max as f64;
-        self.max_length = max_length as f64;
+        self.avg = f64_of(avg);
+        self.max = f64_of(max);
+        self.max_length = f64_of(max_length);
         if !self.enabled() {
             self.level = 0.0;
             self.burst_level = 0.0;
@@ -155,7 +163,7 @@ impl Buckets {
             let spec = limits.bucket(i);
             b.configure(spec.avg, spec.max, spec.effective_length());
         }
-        self.iops_size = limits.iops_size as f64;
+        self.iops_size = f64_of(limits.iops_size);
         self.enabled = limits.is_enabled();
     }
 
@@ -164,7 +172,7 @@ impl Buckets {
     pub fn leak(&mut self, now: Instant) {
         match self.last {
             Some(last) if now > last => {
-                let secs = (now - last).as_nanos() as f64 / 1e9;
+                let secs = (now - last).as_secs_f64();
                 for b in &mut self.buckets {
                     b.leak(secs);
                 }
@@ -188,6 +196,8 @@ impl Buckets {
                 wait = Some(wait.map_or(w, |v| v.max(w)));
             }
         }
+        // `wait_ns` is at least 1 and capped here, so the saturating `as` keeps the value.
+        #[allow(clippy::cast_possible_truncation, clippy::cast_sign_loss)]
         let ns = wait?.min(MAX_WAIT_NS) as u64;
         let base = self.last.unwrap_or(now).max(now);
         Some(
@@ -201,7 +211,7 @@ impl Buckets {
         if !self.enabled {
             return;
         }
-        let bytes_f = bytes as f64;
+        let bytes_f = f64_of(bytes);
         let ops = if self.iops_size > 0.0 && bytes_f > self.iops_size {
             bytes_f / self.iops_size
         } else {

@@ -23,6 +23,7 @@ use std::time::{Duration, Instant};
 use super::bucket::Buckets;
 use super::limits::ThrottleLimits;
 use super::{Direction, ThrottleError};
+use crate::sync::lock;
 
 /// How a group wakes a member whose turn has come: called without the group's lock
 /// held, it should make the member's thread retry (e.g. write an eventfd it polls).
@@ -83,11 +84,6 @@ pub(crate) struct GroupState {
     split: bool,
 }
 
-fn lock(shared: &Shared) -> MutexGuard<'_, GroupState> {
-    // A panic while holding the lock leaves consistent-enough state: keep going.
-    shared.state.lock().unwrap_or_else(|e| e.into_inner())
-}
-
 /// Whether per-direction limits are set, so reads and writes take turns separately.
 fn is_split(limits: &ThrottleLimits) -> bool {
     limits.bps_read != 0 || limits.bps_write != 0 || limits.iops_read != 0 || limits.iops_write != 0
@@ -121,7 +117,7 @@ impl ThrottleGroup {
 
     /// The current limits.
     pub fn limits(&self) -> ThrottleLimits {
-        lock(&self.0).limits.clone()
+        lock(&self.0.state).limits.clone()
     }
 
     /// Whether any limit is set.
@@ -137,7 +133,7 @@ impl ThrottleGroup {
         let now = Instant::now();
         let mut wakes = Vec::new();
         {
-            let mut st = lock(&self.0);
+            let mut st = lock(&self.0.state);
             st.buckets.configure(&limits, Some(now));
             let split = is_split(&limits);
             let enabled = st.buckets.enabled();
@@ -174,7 +170,7 @@ impl ThrottleGroup {
 
     /// Adds a member; `waker` is called when the member should retry.
     pub fn join(&self, waker: MemberWaker) -> GroupMember {
-        let mut st = lock(&self.0);
+        let mut st = lock(&self.0.state);
         let slot = Slot {
             waker,
             queued: None,
@@ -208,7 +204,7 @@ impl ThrottleGroup {
 
     /// Locks the group's state.
     pub(crate) fn state(&self) -> MutexGuard<'_, GroupState> {
-        lock(&self.0)
+        lock(&self.0.state)
     }
 
     /// Whether both handles name the same group.
@@ -250,7 +246,7 @@ impl Drop for GroupMember {
     fn drop(&mut self) {
         let mut wakes = Vec::new();
         {
-            let mut st = lock(&self.group.0);
+            let mut st = lock(&self.group.0.state);
             st.remove_from_turns(self.slot, Instant::now(), &mut wakes);
             for o in &mut st.owner {
                 if *o == Some(self.slot) {

@@ -8,9 +8,10 @@
 //! requests, oldest first, under the new group.
 
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{Arc, Mutex};
 
 use super::group::{GroupMember, MemberWaker, ThrottleGroup};
+use crate::sync::lock;
 
 /// A queue's mailbox for shared-group changes, shared by the control plane (which posts)
 /// and the queue's thread (which applies). Posting again before the queue looked replaces
@@ -31,10 +32,6 @@ impl std::fmt::Debug for GroupSwitch {
             .field("posted", &self.posted.load(Ordering::Relaxed))
             .finish_non_exhaustive()
     }
-}
-
-fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|e| e.into_inner())
 }
 
 impl GroupSwitch {

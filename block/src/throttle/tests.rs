@@ -1,6 +1,9 @@
 //! Simulated-clock tests of buckets, groups and the holding pen, and one real-threads
 //! test with timerfds and eventfds.
 
+// Test data and figures, not guest input.
+#![allow(clippy::cast_possible_truncation, clippy::cast_precision_loss)]
+
 use std::os::fd::AsRawFd;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};

@@ -3,6 +3,8 @@
 //! (`--verify=crc32c`, two jobs on two vCPUs, so two virtqueues) go through our data
 //! plane. Skips, saying why, only when QEMU, the kernel, busybox-static or fio is missing.
 
+#![allow(clippy::cast_possible_truncation)] // Test data and figures, not guest input.
+
 use std::path::Path;
 use std::process::Command;
 use std::time::Duration;

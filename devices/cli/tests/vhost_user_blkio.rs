@@ -2,6 +2,9 @@
 //! `virtio-blk-vhost-user` driver (the `blkio` crate). Each test starts its own backend
 //! process on its own socket and image.
 
+// Test data and figures, not guest input.
+#![allow(clippy::cast_possible_truncation, clippy::cast_precision_loss)]
+
 #[path = "vhost_user_blkio/support.rs"]
 mod support;
 

@@ -42,11 +42,6 @@ pub const IOTHREAD_HINTS: Hints<'static> = Hints {
     lists: &["cpu_affinity"],
 };
 
-/// Parses `key=value,...` with typing guessed from the values alone.
-pub fn parse_kv(s: &str) -> Result<Map<String, Value>, String> {
-    parse_kv_with(s, &Hints::default())
-}
-
 /// Parses `key=value,...`, typing the keys named in `hints` as they say.
 pub fn parse_kv_with(s: &str, hints: &Hints<'_>) -> Result<Map<String, Value>, String> {
     let mut out = Map::new();
@@ -156,6 +151,11 @@ mod tests {
 
     use super::*;
     use crate::config::{DiskConfig, IoThreadConfig};
+
+    /// Parses with typing guessed from the values alone.
+    fn parse_kv(s: &str) -> Result<Map<String, Value>, String> {
+        parse_kv_with(s, &Hints::default())
+    }
 
     #[test]
     fn types_nesting_and_lists() {

@@ -2,7 +2,9 @@
 //! ECAM, and MMIO routing to BARs.
 
 use std::sync::atomic::{AtomicU32, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard, RwLock};
+use std::sync::{Arc, Mutex, RwLock};
+
+use block::sync::{lock, read, write};
 
 use super::config::{NUM_BARS, PciConfiguration, PciHeader};
 use super::{BarInfo, DEVICES_PER_BUS, PciDevice, PciError};
@@ -15,12 +17,26 @@ struct Slot {
     bars: [Option<BarInfo>; NUM_BARS],
 }
 
-fn lock(dev: &SharedDevice) -> MutexGuard<'_, dyn PciDevice + 'static> {
-    dev.lock().unwrap_or_else(|e| e.into_inner())
+fn read_bars(dev: &dyn PciDevice) -> [Option<BarInfo>; NUM_BARS] {
+    std::array::from_fn(|i| dev.bar(bar_index(i)))
 }
 
-fn read_bars(dev: &dyn PciDevice) -> [Option<BarInfo>; NUM_BARS] {
-    std::array::from_fn(|i| dev.bar(i as u8))
+/// A BAR index (below [`NUM_BARS`]) as the `u8` the device API takes.
+#[allow(clippy::cast_possible_truncation)] // i < NUM_BARS (6)
+fn bar_index(i: usize) -> u8 {
+    i as u8
+}
+
+/// A device number (an index into the bus's slots, below [`DEVICES_PER_BUS`]) as a `u8`.
+#[allow(clippy::cast_possible_truncation)] // s < DEVICES_PER_BUS (32)
+fn slot_number(s: usize) -> u8 {
+    s as u8
+}
+
+/// A configuration register offset already checked by [`valid_config_access`].
+#[allow(clippy::cast_possible_truncation)] // reg < 4096
+fn config_reg(reg: u64) -> u16 {
+    reg as u16
 }
 
 /// Whether a configuration access of `len` bytes at `reg` is one the bus serves: 1, 2
@@ -54,25 +70,25 @@ impl PciBus {
 
     /// Puts `dev` in the first free slot; returns its device number.
     pub fn add_device(&self, dev: SharedDevice) -> Result<u8, PciError> {
-        let mut slots = self.slots.write().unwrap_or_else(|e| e.into_inner());
+        let mut slots = write(&self.slots);
         let free = slots
             .iter()
             .position(Option::is_none)
             .ok_or(PciError::SlotTaken(DEVICES_PER_BUS))?;
         let bars = read_bars(&*lock(&dev));
         slots[free] = Some(Slot { dev, bars });
-        Ok(free as u8)
+        Ok(slot_number(free))
     }
 
     /// The lowest free device number, if any.
     pub fn free_slot(&self) -> Option<u8> {
-        let slots = self.slots.read().unwrap_or_else(|e| e.into_inner());
-        slots.iter().position(Option::is_none).map(|s| s as u8)
+        let slots = read(&self.slots);
+        slots.iter().position(Option::is_none).map(slot_number)
     }
 
     /// Puts `dev` at device number `slot`.
     pub fn add_device_at(&self, slot: u8, dev: SharedDevice) -> Result<(), PciError> {
-        let mut slots = self.slots.write().unwrap_or_else(|e| e.into_inner());
+        let mut slots = write(&self.slots);
         let entry = slots
             .get_mut(usize::from(slot))
             .filter(|s| s.is_none())
@@ -87,7 +103,7 @@ impl PciBus {
         if slot == 0 {
             return None;
         }
-        let mut slots = self.slots.write().unwrap_or_else(|e| e.into_inner());
+        let mut slots = write(&self.slots);
         slots.get_mut(usize::from(slot))?.take().map(|s| s.dev)
     }
 
@@ -98,9 +114,9 @@ impl PciBus {
         if bus != 0 || function != 0 || !valid_config_access(reg, data.len()) {
             return;
         }
-        let slots = self.slots.read().unwrap_or_else(|e| e.into_inner());
+        let slots = read(&self.slots);
         if let Some(Some(slot)) = slots.get(usize::from(device)) {
-            lock(&slot.dev).read_config(reg as u16, data);
+            lock(&slot.dev).read_config(config_reg(reg), data);
         }
     }
 
@@ -109,19 +125,19 @@ impl PciBus {
         if bus != 0 || function != 0 || !valid_config_access(reg, data.len()) {
             return;
         }
-        let mut slots = self.slots.write().unwrap_or_else(|e| e.into_inner());
+        let mut slots = write(&self.slots);
         let Some(Some(slot)) = slots.get_mut(usize::from(device)) else {
             return;
         };
         let mut dev = lock(&slot.dev);
-        dev.write_config(reg as u16, data);
+        dev.write_config(config_reg(reg), data);
         for (i, seen) in slot.bars.iter_mut().enumerate() {
-            let now = dev.bar(i as u8);
+            let now = dev.bar(bar_index(i));
             if let (Some(old), Some(new)) = (*seen, now)
                 && old.addr != new.addr
             {
                 tracing::debug!(device, bar = i, old = old.addr, new = new.addr, "BAR moved");
-                dev.bar_moved(i as u8, old.addr, new.addr);
+                dev.bar_moved(bar_index(i), old.addr, new.addr);
             }
             *seen = now;
         }
@@ -133,7 +149,7 @@ impl PciBus {
         len: usize,
         f: impl FnOnce(&mut dyn PciDevice, u8, u64) -> R,
     ) -> Option<R> {
-        let slots = self.slots.read().unwrap_or_else(|e| e.into_inner());
+        let slots = read(&self.slots);
         for slot in slots.iter().flatten() {
             for bar in slot.bars.iter().flatten() {
                 if bar.contains(addr) && (addr - bar.addr).saturating_add(len as u64) <= bar.size {
@@ -222,6 +238,13 @@ pub const CONFIG_IO_PORT: u16 = 0xcf8;
 /// Ports [`PciConfigIo`] covers.
 pub const CONFIG_IO_SIZE: u16 = 8;
 
+/// The bytes of the 4-byte address register that an access of `len` bytes at `offset`
+/// covers, when it lies inside the register.
+fn address_bytes(offset: u64, len: u64) -> Option<std::ops::Range<usize>> {
+    let end = offset.checked_add(len).filter(|&e| offset < 4 && e <= 4)?;
+    Some(usize::try_from(offset).ok()?..usize::try_from(end).ok()?)
+}
+
 impl PciConfigIo {
     /// Config ports over `bus`.
     pub fn new(bus: Arc<PciBus>) -> Self {
@@ -239,21 +262,17 @@ impl PciConfigIo {
             return None;
         }
         let reg = u64::from(a & 0xfc) + (offset - 4);
-        Some((
-            (a >> 16) as u8,
-            ((a >> 11) & 0x1f) as u8,
-            ((a >> 8) & 7) as u8,
-            reg,
-        ))
+        let [_, _, bus, _] = a.to_le_bytes();
+        Some((bus, ((a >> 11) & 0x1f) as u8, ((a >> 8) & 7) as u8, reg))
     }
 
     /// A port read at `offset` (0..8) from 0xCF8.
     pub fn read(&self, offset: u64, data: &mut [u8]) {
         data.fill(0xff);
         let len = data.len() as u64;
-        if offset < 4 && offset + len <= 4 {
+        if let Some(range) = address_bytes(offset, len) {
             let a = self.address.load(Ordering::Relaxed).to_le_bytes();
-            data.copy_from_slice(&a[offset as usize..(offset + len) as usize]);
+            data.copy_from_slice(&a[range]);
         } else if (4..8).contains(&offset)
             && offset + len <= 8
             && let Some((bus, dev, func, reg)) = self.target(offset)
@@ -265,9 +284,9 @@ impl PciConfigIo {
     /// A port write at `offset` (0..8) from 0xCF8.
     pub fn write(&self, offset: u64, data: &[u8]) {
         let len = data.len() as u64;
-        if offset < 4 && offset + len <= 4 {
+        if let Some(range) = address_bytes(offset, len) {
             let mut a = self.address.load(Ordering::Relaxed).to_le_bytes();
-            a[offset as usize..(offset + len) as usize].copy_from_slice(data);
+            a[range].copy_from_slice(data);
             // Reserved bits (30:24 and 1:0) read as zero.
             self.address
                 .store(u32::from_le_bytes(a) & 0x80ff_fffc, Ordering::Relaxed);
@@ -295,8 +314,9 @@ impl PciConfigMmio {
     }
 
     fn decode(offset: u64) -> Option<(u8, u8, u8, u64)> {
+        let bus = (offset >> 20).to_le_bytes()[0];
         (offset < 1 << 28).then_some((
-            (offset >> 20) as u8,
+            bus,
             ((offset >> 15) & 0x1f) as u8,
             ((offset >> 12) & 7) as u8,
             offset & 0xfff,

@@ -150,7 +150,8 @@ impl PciConfiguration {
     pub fn bar(&self, index: usize) -> Option<BarInfo> {
         let bar = self.bars.get(index)?.as_ref()?;
         Some(BarInfo {
-            index: index as u8,
+            // Found in `bars`, so below NUM_BARS (6).
+            index: u8::try_from(index).ok()?,
             addr: bar.committed,
             size: bar.size,
             mem64: bar.mem64,
@@ -172,10 +173,13 @@ impl PciConfiguration {
         // Never let the guest rewrite the ID or the link.
         self.wmask[offset] = 0;
         self.wmask[offset + 1] = 0;
+        // Checked above: the capability ends inside the 256-byte standard space.
+        #[allow(clippy::cast_possible_truncation)]
+        let link = offset as u8;
         match self.last_cap {
-            Some(prev) => self.regs[prev + 1] = offset as u8,
+            Some(prev) => self.regs[prev + 1] = link,
             None => {
-                self.regs[0x34] = offset as u8;
+                self.regs[0x34] = link;
                 let status = u16::from_le_bytes([self.regs[6], self.regs[7]]) | STATUS_CAP_LIST;
                 self.put(0x06, &status.to_le_bytes());
             }
@@ -190,13 +194,6 @@ impl PciConfiguration {
         let mut b = [0u8; 2];
         self.read(offset as u64, &mut b);
         u16::from_le_bytes(b)
-    }
-
-    /// Reads a little-endian u32 of the conventional space (0 out of range).
-    pub fn read_u32(&self, offset: usize) -> u32 {
-        let mut b = [0u8; 4];
-        self.read(offset as u64, &mut b);
-        u32::from_le_bytes(b)
     }
 
     /// The command register.
@@ -232,7 +229,10 @@ impl PciConfiguration {
             } else {
                 bar.addr
             };
-            return (value as u32 & !0xf) | flags;
+            // The low dword of the BAR: dropping the high half is the point.
+            #[allow(clippy::cast_possible_truncation)]
+            let low = value as u32;
+            return (low & !0xf) | flags;
         }
         if let Some(lower) = self.upper_of[reg]
             && let Some(bar) = self.bars[lower]
@@ -267,7 +267,10 @@ impl PciConfiguration {
                 let mut bytes = self.bar_register(idx).to_le_bytes();
                 // Probing state is not the register's value: rebuild from the address.
                 if let Some(bar) = self.bars[idx] {
-                    bytes = ((bar.addr as u32 & !0xf) | (bytes[0] as u32 & 0xf)).to_le_bytes();
+                    // The low dword of the address: dropping the high half is the point.
+                    #[allow(clippy::cast_possible_truncation)]
+                    let low = bar.addr as u32;
+                    bytes = ((low & !0xf) | (u32::from(bytes[0]) & 0xf)).to_le_bytes();
                 } else if let Some(lower) = self.upper_of[idx]
                     && let Some(bar) = self.bars[lower]
                 {

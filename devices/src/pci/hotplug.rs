@@ -18,6 +18,8 @@
 
 use std::sync::Mutex;
 
+use block::sync::lock;
+
 /// Bytes of the register block.
 pub const HOTPLUG_REGS_SIZE: u64 = 0x10;
 /// Offset of `PCIU` (slots plugged since the last read).
@@ -58,7 +60,7 @@ pub struct HotplugController {
 impl std::fmt::Debug for HotplugController {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("HotplugController")
-            .field("bits", &*self.lock())
+            .field("bits", &*lock(&self.bits))
             .finish_non_exhaustive()
     }
 }
@@ -73,10 +75,6 @@ impl HotplugController {
         }
     }
 
-    fn lock(&self) -> std::sync::MutexGuard<'_, Bits> {
-        self.bits.lock().unwrap_or_else(|e| e.into_inner())
-    }
-
     fn bit(slot: u8) -> Option<u32> {
         let b = 1u32.checked_shl(u32::from(slot))?;
         (b & HOTPLUG_SLOTS != 0).then_some(b)
@@ -86,7 +84,7 @@ impl HotplugController {
     /// but the guest may eject it later.
     pub fn set_present(&self, slot: u8) {
         if let Some(b) = Self::bit(slot) {
-            self.lock().present |= b;
+            lock(&self.bits).present |= b;
         }
     }
 
@@ -96,7 +94,7 @@ impl HotplugController {
             return false;
         };
         {
-            let mut bits = self.lock();
+            let mut bits = lock(&self.bits);
             bits.present |= b;
             bits.up |= b;
             bits.down &= !b;
@@ -112,7 +110,7 @@ impl HotplugController {
             return false;
         };
         {
-            let mut bits = self.lock();
+            let mut bits = lock(&self.bits);
             if bits.present & b == 0 {
                 return false;
             }
@@ -124,25 +122,14 @@ impl HotplugController {
         true
     }
 
-    /// The slot left without the guest's help (the VM is being torn down or reset).
-    pub fn forget(&self, slot: u8) {
-        if let Some(b) = Self::bit(slot) {
-            let mut bits = self.lock();
-            bits.present &= !b;
-            bits.up &= !b;
-            bits.down &= !b;
-            bits.requested &= !b;
-        }
-    }
-
     /// Slots with a device, as a bitmap.
     pub fn present(&self) -> u32 {
-        self.lock().present
+        lock(&self.bits).present
     }
 
     /// Slots whose eject was requested and not yet done, as a bitmap.
     pub fn pending_ejects(&self) -> u32 {
-        self.lock().requested
+        lock(&self.bits).requested
     }
 
     /// A guest read of the register block.
@@ -151,7 +138,7 @@ impl HotplugController {
         if data.len() != 4 {
             return;
         }
-        let mut bits = self.lock();
+        let mut bits = lock(&self.bits);
         let value = match offset {
             REG_PCIU => std::mem::take(&mut bits.up),
             REG_PCID => std::mem::take(&mut bits.down),
@@ -170,7 +157,7 @@ impl HotplugController {
         raw.copy_from_slice(data);
         let value = u32::from_le_bytes(raw) & HOTPLUG_SLOTS;
         let ejected = {
-            let mut bits = self.lock();
+            let mut bits = lock(&self.bits);
             let ejected = value & bits.present;
             bits.present &= !ejected;
             bits.down &= !ejected;
@@ -264,16 +251,5 @@ mod tests {
         p.hp.read(REG_PRES, &mut b);
         assert_eq!(b, [0, 0]);
         assert_eq!(rd(&p.hp, 0x100), 0);
-    }
-
-    #[test]
-    fn forget_clears_pending_state() {
-        let p = probe();
-        p.hp.plug(4);
-        p.hp.request_eject(4);
-        p.hp.forget(4);
-        assert_eq!(p.hp.present(), 0);
-        assert_eq!(p.hp.pending_ejects(), 0);
-        assert_eq!(rd(&p.hp, REG_PCIU), 0);
     }
 }

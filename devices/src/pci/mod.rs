@@ -1,10 +1,8 @@
 //! A PCI root complex (segment 0, bus 0) for the VMM: configuration access through the
 //! legacy 0xCF8/0xCFC ports ([`PciConfigIo`]) and ECAM ([`PciConfigMmio`]), a host bridge
-//! at 00:00.0, devices behind the [`PciDevice`] trait, BAR sizing and moving, and a
-//! [`PciAllocator`] for BAR addresses. Knows PCI, not KVM: the VMM routes port and MMIO
-//! exits here.
+//! at 00:00.0, devices behind the [`PciDevice`] trait, and BAR sizing and moving. Knows
+//! PCI, not KVM: the VMM routes port and MMIO exits here.
 
-mod alloc;
 mod bus;
 mod config;
 mod hotplug;
@@ -12,7 +10,6 @@ mod hotplug;
 #[cfg(test)]
 mod tests;
 
-pub use alloc::PciAllocator;
 pub use bus::{
     CONFIG_IO_PORT, CONFIG_IO_SIZE, ECAM_BUS_SIZE, HostBridge, PciBus, PciConfigIo, PciConfigMmio,
 };
@@ -50,12 +47,6 @@ pub enum PciError {
     /// Every device slot of the bus is taken, or the one asked for is.
     #[error("PCI slot {0} is not free")]
     SlotTaken(usize),
-    /// The allocator's window has no room left.
-    #[error("no room for {size:#x} bytes in the MMIO window")]
-    OutOfSpace {
-        /// Bytes asked for.
-        size: u64,
-    },
 }
 
 /// One memory BAR as the bus sees it.

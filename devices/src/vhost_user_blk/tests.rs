@@ -1,5 +1,7 @@
 //! Unit tests of the backend: configuration, thread plan, config space, features.
 
+#![allow(clippy::cast_possible_truncation)] // Test data and figures, not guest input.
+
 use super::*;
 use crate::config::VqMapping;
 

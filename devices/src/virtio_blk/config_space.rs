@@ -13,6 +13,10 @@ use virtio_bindings::bindings::virtio_ring::{
 use vm_memory::ByteValued;
 
 use super::SECTOR_SIZE;
+
+/// [`SECTOR_SIZE`] as the u32 of the block-size fields.
+#[allow(clippy::cast_possible_truncation)] // 512 fits
+const SECTOR_SIZE_U32: u32 = SECTOR_SIZE as u32;
 use super::request::Limits;
 
 #[cfg(test)]
@@ -104,10 +108,13 @@ impl ConfigSpace {
     /// `discard_sector_alignment` and `min_io_size` are the logical block in sectors,
     /// `physical_block_exp` is log2(physical / logical), `opt_io_size` is 0.
     pub fn new(params: &ConfigParams) -> Self {
-        let logical = params.logical_block_size.max(SECTOR_SIZE as u32);
-        let logical_sectors = logical.checked_div(SECTOR_SIZE as u32).unwrap_or(1);
+        let logical = params.logical_block_size.max(SECTOR_SIZE_U32);
+        let logical_sectors = logical.checked_div(SECTOR_SIZE_U32).unwrap_or(1);
         let physical_exp = match params.physical_block_size.checked_div(logical) {
-            Some(ratio) if ratio.is_power_of_two() => ratio.trailing_zeros() as u8,
+            // At most 31.
+            Some(ratio) if ratio.is_power_of_two() => {
+                u8::try_from(ratio.trailing_zeros()).unwrap_or(0)
+            }
             _ => 0,
         };
         let cfg = virtio_blk_config {
@@ -134,8 +141,9 @@ impl ConfigSpace {
         }
     }
 
-    /// The configuration space bytes.
-    pub fn as_bytes(&self) -> Vec<u8> {
+    /// The configuration space bytes (for the layout tests).
+    #[cfg(test)]
+    fn as_bytes(&self) -> Vec<u8> {
         self.raw.as_slice().to_vec()
     }
 
@@ -171,11 +179,6 @@ impl ConfigSpace {
     /// Disk size in 512-byte sectors.
     pub fn capacity_sectors(&self) -> u64 {
         u64::from_le(self.raw.0.capacity)
-    }
-
-    /// Changes the disk size (a resize; the caller notifies the driver).
-    pub fn set_capacity(&mut self, capacity_bytes: u64) {
-        self.raw.0.capacity = (capacity_bytes / SECTOR_SIZE).to_le();
     }
 
     /// What the request parser accepts for this configuration. DISCARD and WRITE_ZEROES

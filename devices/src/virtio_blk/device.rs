@@ -4,8 +4,9 @@
 
 use std::io;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard, Weak};
+use std::sync::{Arc, Mutex, Weak};
 
+use block::sync::lock;
 use block::throttle::{GroupSwitch, MemberWaker, Throttle, ThrottleGroup, ThrottleLimits};
 use block::{AioKind, CountersSnapshot, Disk, DiskCounters, DiskOptions, DiskQueue, EngineOptions};
 use serde::{Deserialize, Serialize};
@@ -90,10 +91,6 @@ impl SharedGroup {
         self.switches.retain(|w| w.strong_count() > 0);
         self.switches.iter().filter_map(Weak::upgrade).collect()
     }
-}
-
-fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|e| e.into_inner())
 }
 
 impl BlkDevice {
@@ -232,11 +229,6 @@ impl BlkDevice {
     /// Whether the write cache is enabled (config `wce`, as the driver last set it).
     pub fn writeback(&self) -> bool {
         self.shared.writeback.load(Ordering::Relaxed)
-    }
-
-    /// The whole config space.
-    pub fn config_bytes(&self) -> Vec<u8> {
-        lock(&self.config_space).as_bytes()
     }
 
     /// Engine settings for one queue.

@@ -224,7 +224,7 @@ impl<'l> Walk<'l> {
             }
             self.decode_header();
             // n <= 16, so it fits u32; the address may still wrap.
-            len = len.saturating_sub(n as u32);
+            len = len.saturating_sub(u32::try_from(n).unwrap_or(u32::MAX));
             if len == 0 {
                 return;
             }
@@ -278,7 +278,8 @@ impl<'l> Walk<'l> {
                     return self.fail(IOERR, "more than one discard/write-zeroes segment");
                 }
                 // have < total <= 16.
-                let Some(dst) = self.segment.get_mut(have as usize..total as usize) else {
+                let range = usize::try_from(have).ok().zip(usize::try_from(total).ok());
+                let Some(dst) = range.and_then(|(from, to)| self.segment.get_mut(from..to)) else {
                     return self.fail(IOERR, "more than one discard/write-zeroes segment");
                 };
                 if mem.read_slice(dst, addr).is_err() {
@@ -536,7 +537,15 @@ pub fn write_status(mem: &GuestMemMmap, addr: GuestAddress, code: u8) -> bool {
 
 /// Copies the zero-padded 20-byte GET_ID answer (the serial, cut to 20 bytes) into the
 /// iovecs of a parsed GET_ID request, stopping when they are full; returns bytes written.
-pub fn write_id(iovecs: &[libc::iovec], serial: &str) -> u32 {
+///
+/// # Safety
+///
+/// Every iovec with a non-null `iov_base` must point to `iov_len` bytes that are valid
+/// for writes for the whole call and that no Rust reference covers meanwhile. The iovecs
+/// of a [`Request`] returned by [`parse`] qualify as long as the guest memory map that
+/// `parse` walked is kept alive (the guest itself may touch the bytes concurrently; the
+/// writes are volatile).
+pub unsafe fn write_id(iovecs: &[libc::iovec], serial: &str) -> u32 {
     let mut id = [0u8; ID_BYTES];
     for (dst, src) in id.iter_mut().zip(serial.as_bytes()) {
         *dst = *src;
@@ -550,14 +559,13 @@ pub fn write_id(iovecs: &[libc::iovec], serial: &str) -> u32 {
         }
         let dst = iov.iov_base.cast::<u8>();
         for (i, byte) in rest.iter().take(n).enumerate() {
-            // SAFETY: the iovecs come from `parse`, which built them from guest memory
-            // slices of at least `iov_len` bytes, and the caller keeps that memory map
-            // alive while the request is in flight; `i < n <= iov_len`. The guest may
-            // touch the bytes concurrently, hence volatile writes.
+            // SAFETY: the caller guarantees `iov_len` writable bytes at `iov_base` (this
+            // function's contract) and `i < n <= iov_len`. The guest may touch the bytes
+            // concurrently, hence volatile writes.
             unsafe { dst.add(i).write_volatile(*byte) };
         }
         written = written.saturating_add(n);
     }
     // written <= 20.
-    written as u32
+    u32::try_from(written).unwrap_or(u32::MAX)
 }

@@ -75,6 +75,7 @@ impl VirtioDevice for VirtioBlk {
         self.device.features()
     }
 
+    #[allow(clippy::cast_possible_truncation)] // 96 bytes
     fn config_len(&self) -> u32 {
         CONFIG_SPACE_SIZE as u32
     }

@@ -136,9 +136,10 @@ impl CommonConfig {
     pub fn read(&self, offset: u64, data: &mut [u8]) {
         data.fill(0);
         let len = data.len() as u64;
-        if let Some((start, _)) = Self::field_of(offset, len) {
+        if let Some((start, _)) = Self::field_of(offset, len)
+            && let Ok(from) = usize::try_from(offset - start)
+        {
             let bytes = self.read_field(start).to_le_bytes();
-            let from = (offset - start) as usize;
             data.copy_from_slice(&bytes[from..from + data.len()]);
         }
     }
@@ -150,12 +151,19 @@ impl CommonConfig {
         let Some((start, _)) = Self::field_of(offset, len) else {
             return Action::None;
         };
+        // Inside one field of at most 8 bytes.
+        let Ok(from) = usize::try_from(offset - start) else {
+            return Action::None;
+        };
         let mut bytes = self.read_field(start).to_le_bytes();
-        let from = (offset - start) as usize;
         bytes[from..from + data.len()].copy_from_slice(data);
         self.write_field(start, u64::from_le_bytes(bytes))
     }
 
+    // `value` is the field at `start` merged with the write, and `field_of` keeps a write
+    // inside one field, so each arm's cast to the field's width drops only zero bits (the
+    // 64-bit addresses are split into halves on purpose).
+    #[allow(clippy::cast_possible_truncation)]
     fn write_field(&mut self, start: u64, value: u64) -> Action {
         let q = self.selected();
         // Queue setup is fixed once the queue is enabled or the driver is running.

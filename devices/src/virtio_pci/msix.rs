@@ -68,7 +68,11 @@ impl Msix {
         if now == self.delivered[v] {
             return;
         }
-        match self.host.set_msix_vector(v as u16, &self.fds[v], now) {
+        // Vectors are numbered by u16 (the table size is a u16).
+        let Ok(vector) = u16::try_from(v) else {
+            return;
+        };
+        match self.host.set_msix_vector(vector, &self.fds[v], now) {
             Ok(()) => self.delivered[v] = now,
             Err(e) => tracing::error!(vector = v, error = %e, "cannot route an MSI-X vector"),
         }
@@ -139,7 +143,10 @@ impl Msix {
     /// Reads the pending bit array.
     pub fn read_pba(&self, offset: u64, data: &mut [u8]) {
         for (i, byte) in data.iter_mut().enumerate() {
-            let first = (offset as usize).saturating_add(i).saturating_mul(8);
+            let first = usize::try_from(offset)
+                .unwrap_or(usize::MAX)
+                .saturating_add(i)
+                .saturating_mul(8);
             *byte = (0..8)
                 .filter(|b| first + b < self.table.len() && self.pending(first + b))
                 .fold(0u8, |acc, b| acc | 1 << b);

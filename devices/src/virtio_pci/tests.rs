@@ -1,3 +1,4 @@
+#![allow(clippy::cast_possible_truncation)] // Test data and figures, not guest input.
 use std::collections::BTreeMap;
 use std::io::Write as _;
 use std::sync::{Arc, Mutex};

@@ -54,6 +54,15 @@ fn eventfd(what: &'static str) -> Result<EventFd, VirtioPciError> {
         .map_err(|source| VirtioPciError::Io { what, source })
 }
 
+/// A queue index as the u16 virtio numbers queues by.
+#[allow(clippy::cast_possible_truncation)] // i < MAX_QUEUES (255), checked in `new`
+fn queue_index(i: usize) -> u16 {
+    i as u16
+}
+
+// The regions lie inside the 32 KiB BAR 0 and `extra` is at most 4 bytes, so every cast
+// fits its field.
+#[allow(clippy::cast_possible_truncation)]
 fn virtio_cap(cfg_type: u8, offset: u64, length: u64, extra: &[u8]) -> Vec<u8> {
     let mut c = vec![
         CAP_ID_VENDOR,
@@ -75,6 +84,8 @@ fn virtio_cap(cfg_type: u8, offset: u64, length: u64, extra: &[u8]) -> Vec<u8> {
 fn copy_queue(q: &Queue, event_idx: bool) -> Result<Queue, VirtioPciError> {
     let mut c =
         Queue::new(q.max_size()).map_err(|e| VirtioPciError::Activate(format!("queue: {e}")))?;
+    // Splitting an address into its halves is the point.
+    #[allow(clippy::cast_possible_truncation)]
     let halves = |a: u64| (Some(a as u32), Some((a >> 32) as u32));
     c.set_size(q.size());
     let (lo, hi) = halves(q.desc_table());
@@ -126,7 +137,7 @@ impl<D: VirtioDevice> VirtioPciDevice<D> {
             .collect::<Result<Vec<_>, _>>()
             .map_err(|e| VirtioPciError::InvalidDevice(format!("queue size: {e}")))?;
         let nq = queues.len();
-        let num_vectors = nq as u16 + 1;
+        let num_vectors = queue_index(nq) + 1;
         let ty = device.device_type();
         let (class, subclass) = match ty {
             1 => (0x02, 0x00),
@@ -156,8 +167,11 @@ impl<D: VirtioDevice> VirtioPciDevice<D> {
         )?;
         let mut msix = vec![CAP_ID_MSIX, 0];
         msix.extend_from_slice(&(num_vectors - 1).to_le_bytes());
-        msix.extend_from_slice(&(Layout::MSIX_TABLE as u32).to_le_bytes());
-        msix.extend_from_slice(&(Layout::MSIX_PBA as u32).to_le_bytes());
+        // Offsets inside the 32 KiB BAR 0 (BIR 0 in the low bits).
+        #[allow(clippy::cast_possible_truncation)]
+        let (table, pba) = (Layout::MSIX_TABLE as u32, Layout::MSIX_PBA as u32);
+        msix.extend_from_slice(&table.to_le_bytes());
+        msix.extend_from_slice(&pba.to_le_bytes());
         let msix_cap = config.add_capability(&msix, &[0, 0, 0, 0xc0])?;
         let device_len = u64::from(device.config_len()).min(Layout::REGION);
         let notify_len = nq as u64 * u64::from(Layout::NOTIFY_MULTIPLIER);
@@ -240,8 +254,8 @@ impl<D: VirtioDevice> VirtioPciDevice<D> {
     fn register_notify(&mut self, base: u64) {
         if self.registered_base != 0 {
             for (i, fd) in self.kicks.iter().enumerate() {
-                let addr = Self::notify_addr(self.registered_base, i as u16);
-                if let Err(e) = self.host.unregister_notify(addr, i as u16, fd) {
+                let addr = Self::notify_addr(self.registered_base, queue_index(i));
+                if let Err(e) = self.host.unregister_notify(addr, queue_index(i), fd) {
                     tracing::warn!(queue = i, addr, error = %e, "cannot unregister a notify address");
                 }
             }
@@ -251,8 +265,8 @@ impl<D: VirtioDevice> VirtioPciDevice<D> {
             return;
         }
         for (i, fd) in self.kicks.iter().enumerate() {
-            let addr = Self::notify_addr(base, i as u16);
-            if let Err(e) = self.host.register_notify(addr, i as u16, fd) {
+            let addr = Self::notify_addr(base, queue_index(i));
+            if let Err(e) = self.host.register_notify(addr, queue_index(i), fd) {
                 // Notifies then exit to the VMM and reach `write_bar`, which kicks too.
                 tracing::warn!(queue = i, addr, error = %e, "cannot register a notify address");
             }
@@ -300,7 +314,7 @@ impl<D: VirtioDevice> VirtioPciDevice<D> {
                 None => eventfd("unrouted call eventfd")?,
             };
             queues.push(ActivatedQueue {
-                index: i as u16,
+                index: queue_index(i),
                 queue,
                 kick: self.kicks[i]
                     .try_clone()
@@ -347,10 +361,10 @@ impl<D: VirtioDevice> PciDevice for VirtioPciDevice<D> {
 
     fn write_config(&mut self, offset: u16, data: &[u8]) {
         self.config.write(u64::from(offset), data);
-        let ctrl = self.msix_cap as u64 + 2;
-        let start = u64::from(offset);
-        if start < ctrl + 2 && start + data.len() as u64 > ctrl {
-            let control = self.config.read_u16(ctrl as usize);
+        let ctrl = self.msix_cap + 2;
+        let start = usize::from(offset);
+        if start < ctrl + 2 && start + data.len() > ctrl {
+            let control = self.config.read_u16(ctrl);
             self.msix
                 .set_control(control & (CTRL_ENABLE | CTRL_FUNCTION_MASK));
         }
@@ -402,7 +416,7 @@ impl<D: VirtioDevice> PciDevice for VirtioPciDevice<D> {
             Layout::DEVICE => self.device.write_config(off, data),
             Layout::NOTIFY => {
                 let q = off / u64::from(Layout::NOTIFY_MULTIPLIER);
-                if let Some(fd) = self.kicks.get(q as usize) {
+                if let Some(fd) = usize::try_from(q).ok().and_then(|q| self.kicks.get(q)) {
                     let _ = fd.write(1);
                 }
             }

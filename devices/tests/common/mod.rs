@@ -1,5 +1,6 @@
 //! A virtio-blk device served by real iothreads, driven by the test-side driver.
 
+#![allow(clippy::cast_possible_truncation)] // Test data and figures, not guest input.
 #![allow(dead_code)]
 
 use std::path::PathBuf;

@@ -7,6 +7,8 @@
 //! with a gap after each, so a device that treats a multi-segment chain as one
 //! contiguous buffer reads or writes the wrong bytes.
 
+#![allow(clippy::cast_possible_truncation)] // Test data and figures, not guest input.
+
 use std::collections::VecDeque;
 use std::io;
 use std::time::{Duration, Instant};

@@ -2,6 +2,8 @@
 //! another process could map the same pages), wrapped as the data plane's [`GuestMem`],
 //! with a bump allocator for rings and buffers.
 
+#![allow(clippy::cast_possible_truncation)] // Test data and figures, not guest input.
+
 use std::fs::File;
 use std::io;
 use std::os::fd::FromRawFd;
@@ -170,7 +172,7 @@ impl TestMemory {
 
     /// Allocates like [`TestMemory::alloc`], or `None` when nothing fits.
     pub fn try_alloc(&self, len: u64, align: u64) -> Option<GuestAddress> {
-        let mut cur = self.inner.cursor.lock().unwrap_or_else(|e| e.into_inner());
+        let mut cur = block::sync::lock(&self.inner.cursor);
         while let Some(region) = self.inner.regions.get(cur.region) {
             let start = align_up(cur.next.max(region.guest_addr), align);
             if start + len <= region.end() {
@@ -185,7 +187,7 @@ impl TestMemory {
 
     /// Bytes still free in the bump allocator (over all remaining regions).
     pub fn free_bytes(&self) -> u64 {
-        let cur = self.inner.cursor.lock().unwrap_or_else(|e| e.into_inner());
+        let cur = block::sync::lock(&self.inner.cursor);
         let mut free = 0;
         for (i, r) in self.inner.regions.iter().enumerate().skip(cur.region) {
             free += if i == cur.region {

@@ -2,6 +2,8 @@
 //! access to every field: descriptor table, available ring (with `used_event`) and used
 //! ring (with `avail_event`). No policy here; [`super::virtqueue`] is the driver.
 
+#![allow(clippy::cast_possible_truncation)] // Test data and figures, not guest input.
+
 use std::sync::atomic::Ordering;
 
 use virtio_bindings::bindings::virtio_ring::{

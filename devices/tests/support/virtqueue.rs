@@ -3,6 +3,8 @@
 //! that honour the device's suppression (`VRING_USED_F_NO_NOTIFY` or `avail_event`),
 //! used-ring polling, and interrupts on the call eventfd with `used_event`.
 
+#![allow(clippy::cast_possible_truncation)] // Test data and figures, not guest input.
+
 use std::io;
 use std::os::fd::AsRawFd;
 use std::sync::atomic::{Ordering, fence};

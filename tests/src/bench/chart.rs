@@ -1,6 +1,13 @@
 //! The SVG chart: median IOPS by workload, one bar per contender in each group, on a log
 //! scale so that 128k streams and 4k QD32 fit on one axis; a legend on the right.
 
+// Chart geometry: a few dozen bars and their figures.
+#![allow(
+    clippy::cast_possible_truncation,
+    clippy::cast_possible_wrap,
+    clippy::cast_precision_loss
+)]
+
 use std::path::Path;
 
 use plotters::coord::combinators::IntoLogRange;

@@ -1,5 +1,7 @@
 //! What the benchmark ran on: kernel, CPU model, CPU count and the date, for the JSON.
 
+#![allow(clippy::cast_possible_wrap)] // Calendar arithmetic on the current date.
+
 use std::time::{SystemTime, UNIX_EPOCH};
 
 /// The host a result came from.

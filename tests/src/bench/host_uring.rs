@@ -2,6 +2,9 @@
 //! file with the host's io_uring and O_DIRECT, one ring per queue thread. No server sits
 //! in between, so this is what the storage itself gives.
 
+// Benchmark setup: queue depths, block sizes and offsets inside the test image.
+#![allow(clippy::cast_possible_truncation, clippy::cast_possible_wrap)]
+
 use std::fs::{File, OpenOptions};
 use std::os::fd::AsRawFd;
 use std::os::unix::fs::OpenOptionsExt;

@@ -1,6 +1,13 @@
 //! The results of a benchmark: every run of every cell, the medians, the ratios against
 //! the peers, and the JSON that holds them all.
 
+// Statistics for the report: figures far below 2^53.
+#![allow(
+    clippy::cast_possible_truncation,
+    clippy::cast_sign_loss,
+    clippy::cast_precision_loss
+)]
+
 use std::path::PathBuf;
 
 use serde_json::{Value, json};
@@ -34,7 +41,7 @@ impl RunRecord {
     pub fn new(r: &LoadResult, block_size: usize) -> RunRecord {
         RunRecord {
             iops: r.figures.iops,
-            mib_s: r.figures.iops * block_size as f64 / (1 << 20) as f64,
+            mib_s: r.figures.iops * block_size as f64 / f64::from(1 << 20),
             p50_us: r.figures.p50_us,
             p99_us: r.figures.p99_us,
             cpu_us_per_io: r.cpu.map(|c| c.as_secs_f64() * 1e6 / r.ios.max(1) as f64),

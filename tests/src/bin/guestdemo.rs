@@ -6,6 +6,8 @@
 //!
 //! `scripts/demo` installs what it needs, builds, and runs this.
 
+#![allow(clippy::cast_precision_loss)] // Figures for the printout.
+
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::Duration;

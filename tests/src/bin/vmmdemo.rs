@@ -8,6 +8,9 @@
 //! the test guest's I/O loop runs in user mode at native speed. `scripts/demo` builds and
 //! runs this.
 
+// Demo figures and a pattern byte.
+#![allow(clippy::cast_possible_truncation, clippy::cast_precision_loss)]
+
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};

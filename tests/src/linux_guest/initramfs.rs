@@ -80,7 +80,7 @@ impl Initramfs {
         // write their own temporary file and the last rename wins, with equal content.
         static BUILD: Mutex<()> = Mutex::new(());
         static TMP_SEQ: AtomicU64 = AtomicU64::new(0);
-        let _guard = BUILD.lock().unwrap_or_else(|e| e.into_inner());
+        let _guard = block::sync::lock(&BUILD);
         let cached = path.is_file();
         if !cached {
             let seq = TMP_SEQ.fetch_add(1, Ordering::Relaxed);

@@ -112,9 +112,9 @@ fn sb_scope(p: &AcpiParams, aml: &mut Vec<u8>) {
     // Motherboard resources: reserving the ECAM window here is what makes Linux trust
     // the MCFG ("MMCONFIG ... reserved as ACPI motherboard resource").
     let hid_mb = Name::new(Path::new("_HID"), &EISAName::new("PNP0C02"));
-    let ecam32 = match u32::try_from(p.ecam_base) {
-        Ok(base) if base.checked_add(ECAM_SIZE as u32 - 1).is_some() => {
-            Some(Memory32Fixed::new(true, base, ECAM_SIZE as u32))
+    let ecam32 = match (u32::try_from(p.ecam_base), u32::try_from(ECAM_SIZE)) {
+        (Ok(base), Ok(size)) if base.checked_add(size - 1).is_some() => {
+            Some(Memory32Fixed::new(true, base, size))
         }
         _ => None,
     };

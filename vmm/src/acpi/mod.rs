@@ -303,7 +303,7 @@ impl AcpiTables {
         let mut placed = Vec::with_capacity(parts.len());
         for (sig, addr, data) in parts {
             // `addr - base + data.len() <= total` by construction of `addrs`.
-            let off = (addr - base) as usize;
+            let off = usize::try_from(addr - base).map_err(|_| AcpiError::Overflow(addr))?;
             bytes[off..off + data.len()].copy_from_slice(data);
             placed.push(PlacedTable {
                 signature: *sig,

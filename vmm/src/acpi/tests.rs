@@ -1,5 +1,7 @@
 //! Unit tests: checksums, the pointer chain, table contents.
 
+#![allow(clippy::cast_possible_truncation)] // Test data and figures, not guest input.
+
 use super::*;
 use vm_memory::GuestMemoryMmap;
 

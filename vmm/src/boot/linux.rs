@@ -88,16 +88,21 @@ pub(super) fn load(
     let initramfs = load_initramfs(mem, payload, memmap, initrd_limit, kernel_end)?;
 
     hdr.type_of_loader = LOADER_UNDEFINED;
-    hdr.cmd_line_ptr = CMDLINE_ADDR as u32;
-    if let Some((addr, size)) = initramfs {
-        // Both below 3 GiB (initrd_limit), so they fit in 32 bits.
-        hdr.ramdisk_image = addr as u32;
-        hdr.ramdisk_size = size as u32;
+    // CMDLINE_ADDR is 0x20000; the initramfs lies below initrd_limit (at most 3 GiB):
+    // all fit in 32 bits.
+    #[allow(clippy::cast_possible_truncation)]
+    {
+        hdr.cmd_line_ptr = CMDLINE_ADDR as u32;
+        if let Some((addr, size)) = initramfs {
+            hdr.ramdisk_image = addr as u32;
+            hdr.ramdisk_size = size as u32;
+        }
     }
     let mut params = boot_params {
         hdr,
         acpi_rsdp_addr: layout.rsdp_addr,
-        e820_entries: memmap.len() as u8,
+        e820_entries: u8::try_from(memmap.len())
+            .map_err(|_| BootError::MemmapTooLarge(memmap.len()))?,
         ..Default::default()
     };
     for (slot, e) in params.e820_table.iter_mut().zip(memmap) {

@@ -280,7 +280,9 @@ fn ram_entry(start: u64, end: u64) -> MemmapEntry {
 
 /// The boot structures live below 1 MiB; guest RAM must cover it.
 fn check_low_memory(mem: &GuestMemoryMmap<()>) -> Result<(), BootError> {
-    if mem.check_range(GuestAddress(0), HIMEM_START as usize) {
+    #[allow(clippy::cast_possible_truncation)] // 1 MiB
+    let low = HIMEM_START as usize;
+    if mem.check_range(GuestAddress(0), low) {
         Ok(())
     } else {
         Err(BootError::Layout(

@@ -28,6 +28,7 @@ const MODLIST_ADDR: u64 = PVH_INFO_ADDR + 0x40;
 /// Where the memory map goes.
 const MEMMAP_ADDR: u64 = MODLIST_ADDR + 0x40;
 /// The most memory-map entries that fit between [`MEMMAP_ADDR`] and the zero page.
+#[allow(clippy::cast_possible_truncation)] // a few hundred entries
 pub const PVH_MAX_MEMMAP_ENTRIES: usize =
     ((super::ZERO_PAGE_ADDR - MEMMAP_ADDR) / size_of::<hvm_memmap_table_entry>() as u64) as usize;
 
@@ -95,7 +96,8 @@ pub(super) fn load(
         },
         rsdp_paddr: layout.rsdp_addr,
         memmap_paddr: MEMMAP_ADDR,
-        memmap_entries: memmap.len() as u32,
+        memmap_entries: u32::try_from(memmap.len())
+            .map_err(|_| BootError::MemmapTooLarge(memmap.len()))?,
         ..Default::default()
     };
     if let Some((paddr, size)) = initramfs {
@@ -215,6 +217,7 @@ fn check_segments(
 }
 
 /// Writes `len` zero bytes at `addr`.
+#[allow(clippy::cast_possible_truncation)] // CHUNK and n <= CHUNK are 64 KiB at most
 fn zero(mem: &GuestMemoryMmap<()>, addr: u64, len: u64) -> Result<(), BootError> {
     const CHUNK: u64 = 1 << 16;
     let zeros = [0u8; CHUNK as usize];

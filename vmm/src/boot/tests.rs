@@ -1,3 +1,4 @@
+#![allow(clippy::cast_possible_truncation)] // Test data and figures, not guest input.
 use std::io::Write;
 
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};

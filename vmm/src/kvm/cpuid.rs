@@ -73,17 +73,17 @@ fn patch_entry(e: &mut kvm_cpuid_entry2, apic_id: u32, nr_vcpus: u32) {
     }
 }
 
-/// Finds the entry of `function`/`index` in `cpuid`.
-pub fn find_entry(cpuid: &CpuId, function: u32, index: u32) -> Option<&kvm_cpuid_entry2> {
-    cpuid
-        .as_slice()
-        .iter()
-        .find(|e| e.function == function && e.index == index)
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Finds the entry of `function`/`index` in `cpuid`.
+    fn find_entry(cpuid: &CpuId, function: u32, index: u32) -> Option<&kvm_cpuid_entry2> {
+        cpuid
+            .as_slice()
+            .iter()
+            .find(|e| e.function == function && e.index == index)
+    }
 
     fn sample() -> CpuId {
         let entries = [

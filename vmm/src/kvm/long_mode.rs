@@ -112,6 +112,8 @@ fn write_u64(mem: &GuestMemoryMmap<()>, addr: u64, val: u64) -> Result<()> {
 
 /// Converts a GDT descriptor to the `kvm_segment` KVM expects for the selector
 /// `index * 8`.
+// Extracting the descriptor's bit fields: each masked value fits the field it is cast to.
+#[allow(clippy::cast_possible_truncation)]
 pub fn segment_from_gdt(entry: u64, index: u16) -> kvm_segment {
     let base = ((entry & 0xff00_0000_0000_0000) >> 32)
         | ((entry & 0x0000_00ff_0000_0000) >> 16)
@@ -146,7 +148,9 @@ pub fn segment_from_gdt(entry: u64, index: u16) -> kvm_segment {
 pub fn configure_sregs(sregs: &mut kvm_sregs, mode: EntryMode) {
     let seg = |sel: u16| segment_from_gdt(BOOT_GDT[usize::from(sel / 8)], sel / 8);
     sregs.gdt.base = BOOT_GDT_ADDR;
-    sregs.gdt.limit = (BOOT_GDT.len() * 8 - 1) as u16;
+    #[allow(clippy::cast_possible_truncation)] // a handful of 8-byte descriptors
+    let gdt_limit = (BOOT_GDT.len() * 8 - 1) as u16;
+    sregs.gdt.limit = gdt_limit;
     sregs.idt.base = BOOT_IDT_ADDR;
     sregs.idt.limit = 7;
     let data = seg(DATA_SELECTOR);

@@ -130,7 +130,7 @@ pub fn open_kvm_at(path: &std::ffi::CStr) -> Result<Kvm> {
 /// Checks the API version and every capability in [`REQUIRED_CAPS`] on an open `Kvm`.
 pub fn check_kvm(kvm: &Kvm) -> Result<()> {
     let version = kvm.get_api_version();
-    if version != kvm_bindings::KVM_API_VERSION as i32 {
+    if i64::from(version) != i64::from(kvm_bindings::KVM_API_VERSION) {
         return Err(KvmError::ApiVersion(version));
     }
     for (cap, name) in REQUIRED_CAPS {

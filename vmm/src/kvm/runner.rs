@@ -12,6 +12,7 @@ use std::sync::{Arc, Condvar, Mutex, MutexGuard, OnceLock};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
+use block::sync;
 use kvm_bindings::{KVM_SYSTEM_EVENT_CRASH, KVM_SYSTEM_EVENT_RESET, KVM_SYSTEM_EVENT_SHUTDOWN};
 use kvm_ioctls::VcpuExit;
 use vmm_sys_util::signal::{SIGRTMIN, register_signal_handler};
@@ -99,7 +100,7 @@ struct Control {
 
 impl Control {
     fn lock(&self) -> MutexGuard<'_, Ctl> {
-        self.ctl.lock().unwrap_or_else(|e| e.into_inner())
+        sync::lock(&self.ctl)
     }
 }
 
@@ -232,12 +233,7 @@ impl VcpuHandle {
                 )));
             }
             // Re-kick now and then in case a signal raced the thread's start.
-            g = self
-                .control
-                .cv
-                .wait_timeout(g, left.min(Duration::from_millis(50)))
-                .map(|(g, _)| g)
-                .unwrap_or_else(|e| e.into_inner().0);
+            (g, _) = sync::wait_timeout(&self.control.cv, g, left.min(Duration::from_millis(50)));
             if g.state == VcpuState::Running {
                 self.kick(&g);
             }
@@ -316,7 +312,7 @@ fn wait_for_run(control: &Control) -> bool {
                     g.state = VcpuState::Paused;
                     control.cv.notify_all();
                 }
-                g = control.cv.wait(g).unwrap_or_else(|e| e.into_inner());
+                g = sync::wait(&control.cv, g);
             }
         }
     }

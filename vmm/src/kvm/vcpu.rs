@@ -180,16 +180,18 @@ fn set_lvt_mode(lapic: &mut kvm_lapic_state, offset: usize, mode: u32) {
     let regs = &mut lapic.regs[offset..offset + 4];
     let mut b = [0u8; 4];
     for (d, s) in b.iter_mut().zip(regs.iter()) {
-        *d = *s as u8;
+        *d = s.cast_unsigned();
     }
     let v = (u32::from_le_bytes(b) & !0x700) | (mode << 8);
     for (d, s) in regs.iter_mut().zip(v.to_le_bytes()) {
-        *d = s as _;
+        *d = s.cast_signed();
     }
 }
 
 #[cfg(test)]
 mod tests {
+    #![allow(clippy::cast_possible_wrap, clippy::cast_sign_loss)] // Test data, not guest input.
+
     use super::*;
 
     #[test]

@@ -4,6 +4,7 @@
 use std::collections::BTreeMap;
 use std::sync::Mutex;
 
+use block::sync::lock;
 use kvm_bindings::{
     CpuId, KVM_IRQ_ROUTING_IRQCHIP, KVM_IRQ_ROUTING_MSI, KVM_IRQCHIP_IOAPIC,
     KVM_IRQCHIP_PIC_MASTER, KVM_IRQCHIP_PIC_SLAVE, KVM_MAX_CPUID_ENTRIES, KVM_PIT_SPEAKER_DUMMY,
@@ -23,6 +24,7 @@ pub const KVM_IDENTITY_MAP_ADDRESS: u64 = 0xfffb_c000;
 /// Number of IOAPIC pins, i.e. legacy GSIs 0..24. MSI GSIs start here.
 pub const IOAPIC_PINS: u32 = 24;
 /// Highest number of routing entries KVM accepts.
+#[allow(clippy::cast_possible_truncation)] // 4096
 pub const MAX_IRQ_ROUTES: u32 = kvm_bindings::KVM_MAX_IRQ_ROUTES as u32;
 
 /// What written value an ioeventfd matches; its width is the access length it matches.
@@ -70,7 +72,9 @@ impl Vm {
         let fd = kvm.create_vm().map_err(ioctl_err("KVM_CREATE_VM"))?;
         fd.set_identity_map_address(KVM_IDENTITY_MAP_ADDRESS)
             .map_err(ioctl_err("KVM_SET_IDENTITY_MAP_ADDR"))?;
-        fd.set_tss_address(KVM_TSS_ADDRESS as usize)
+        #[allow(clippy::cast_possible_truncation)] // below 4 GiB
+        let tss = KVM_TSS_ADDRESS as usize;
+        fd.set_tss_address(tss)
             .map_err(ioctl_err("KVM_SET_TSS_ADDR"))?;
         fd.create_irq_chip()
             .map_err(ioctl_err("KVM_CREATE_IRQCHIP"))?;
@@ -114,7 +118,7 @@ impl Vm {
     /// Registers every region of `mem` as a KVM memory slot (slots numbered in order of
     /// registration). The mappings must outlive the VM: keep `mem` alive as long as it.
     pub fn register_memory(&self, mem: &GuestMemoryMmap<()>) -> Result<()> {
-        let mut next_slot = self.next_slot.lock().unwrap_or_else(|e| e.into_inner());
+        let mut next_slot = lock(&self.next_slot);
         for region in mem.iter() {
             let slot = *next_slot;
             if slot as usize >= self.kvm.get_nr_memslots() {
@@ -206,15 +210,10 @@ impl Vm {
 
     /// Hands out the next free GSI above the IOAPIC pins, for an MSI route.
     pub fn allocate_gsi(&self) -> Result<u32> {
-        if let Some(g) = self
-            .free_gsis
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .pop()
-        {
+        if let Some(g) = lock(&self.free_gsis).pop() {
             return Ok(g);
         }
-        let mut next = self.next_gsi.lock().unwrap_or_else(|e| e.into_inner());
+        let mut next = lock(&self.next_gsi);
         if *next >= MAX_IRQ_ROUTES {
             return Err(KvmError::Invalid("out of GSIs".into()));
         }
@@ -227,7 +226,7 @@ impl Vm {
     /// a device is unplugged, so hot plug cycles do not run out of GSIs.
     pub fn release_gsi(&self, gsi: u32) {
         if (IOAPIC_PINS..MAX_IRQ_ROUTES).contains(&gsi) {
-            let mut free = self.free_gsis.lock().unwrap_or_else(|e| e.into_inner());
+            let mut free = lock(&self.free_gsis);
             if !free.contains(&gsi) {
                 free.push(gsi);
             }
@@ -278,7 +277,7 @@ impl Vm {
     }
 
     fn lock_routes(&self) -> std::sync::MutexGuard<'_, BTreeMap<u32, kvm_irq_routing_entry>> {
-        self.msi_routes.lock().unwrap_or_else(|e| e.into_inner())
+        lock(&self.msi_routes)
     }
 
     fn commit_routes(&self, routes: &BTreeMap<u32, kvm_irq_routing_entry>) -> Result<()> {

@@ -6,6 +6,7 @@ use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use block::sync::lock;
 use block::throttle::ThrottleGroup;
 use devices::config::DiskConfig;
 use devices::iothread::IoThread;
@@ -298,7 +299,7 @@ impl DeviceManager {
     /// the guest through ACPI (the GED interrupt, then `PCIU` names the slot). Returns
     /// the slot. The caller has validated `disk` against the VM's config.
     pub fn hot_add_disk(&self, disk: &DiskConfig, announce: bool) -> Result<u8, VmError> {
-        let _serial = self.hotplug_lock.lock().unwrap_or_else(|e| e.into_inner());
+        let _serial = lock(&self.hotplug_lock);
         if self.disk(&disk.id).is_some() {
             return Err(VmError::Config(format!("disk {} exists already", disk.id)));
         }
@@ -317,7 +318,7 @@ impl DeviceManager {
     /// then taken off the bus, drained and closed, and listed by [`Self::take_ejected`].
     /// Asking again for a disk already asked for sends the request again.
     pub fn request_eject(&self, id: &str) -> Result<u8, VmError> {
-        let _serial = self.hotplug_lock.lock().unwrap_or_else(|e| e.into_inner());
+        let _serial = lock(&self.hotplug_lock);
         let slot = self
             .set
             .lock_disks()

@@ -5,6 +5,7 @@
 use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex, MutexGuard, Weak};
 
+use block::sync::lock;
 use devices::iothread::IoThread;
 use devices::pci::{HotplugController, PciBus};
 use vmm_sys_util::eventfd::{EFD_NONBLOCK, EventFd};
@@ -13,10 +14,6 @@ use super::VmError;
 use super::device_manager::DiskEntry;
 use crate::bus::BusDevice;
 use crate::kvm::Vm as KvmVm;
-
-fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|e| e.into_inner())
-}
 
 /// The disks of a VM and their dedicated iothreads: what hot plug adds to and removes
 /// from. Shared with the hot plug controller's eject callback.
@@ -83,7 +80,7 @@ impl DiskSet {
         };
         let id = entry.blk.id().to_string();
         self.pci.remove_device(slot);
-        entry.pci.lock().unwrap_or_else(|e| e.into_inner()).detach();
+        lock(&entry.pci).detach();
         let drained = entry.drain();
         if let Some(t) = &entry.dedicated {
             self.stop_dedicated(t);

@@ -248,11 +248,7 @@ impl Vm {
         // Only now, with everything else built, may a new console log replace the old
         // one: a VM refused on the way has emptied nothing.
         if !rebuilt {
-            devices
-                .serial
-                .lock()
-                .unwrap_or_else(|e| e.into_inner())
-                .start_fresh()?;
+            block::sync::lock(&devices.serial).start_fresh()?;
         }
         let (events_tx, events_rx) = channel();
         tracing::info!(id = %config.id, vcpus = nr_vcpus, disks = devices.disk_ids().len(), "VM created");
@@ -440,11 +436,11 @@ fn enable_lapic(vcpu: &Vcpu) -> Result<(), VmError> {
     let regs = &mut lapic.regs[APIC_SVR..APIC_SVR + 4];
     let mut b = [0u8; 4];
     for (d, s) in b.iter_mut().zip(regs.iter()) {
-        *d = *s as u8;
+        *d = s.cast_unsigned();
     }
     let v = u32::from_le_bytes(b) | APIC_SVR_ENABLE | 0xff;
     for (d, s) in regs.iter_mut().zip(v.to_le_bytes()) {
-        *d = s as _;
+        *d = s.cast_signed();
     }
     vcpu.fd().set_lapic(&lapic).map_err(op("KVM_SET_LAPIC"))?;
     Ok(())

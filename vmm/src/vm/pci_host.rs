@@ -4,6 +4,7 @@
 use std::io;
 use std::sync::{Arc, Mutex};
 
+use block::sync::{get_mut, lock};
 use devices::virtio_pci::{MsiMessage, VirtioPciHost};
 use vmm_sys_util::eventfd::EventFd;
 
@@ -38,18 +39,12 @@ impl KvmPciHost {
             vectors: Mutex::new(Vec::new()),
         }
     }
-
-    /// The GSIs allocated so far, by vector (`None`: never routed).
-    pub fn gsis(&self) -> Vec<Option<u32>> {
-        let v = self.vectors.lock().unwrap_or_else(|e| e.into_inner());
-        v.iter().map(|r| r.gsi).collect()
-    }
 }
 
 impl Drop for KvmPciHost {
     /// The function is gone (hot unplug or VM teardown): its routes and GSIs go back.
     fn drop(&mut self) {
-        let vectors = self.vectors.get_mut().unwrap_or_else(|e| e.into_inner());
+        let vectors = get_mut(&mut self.vectors);
         for gsi in vectors.iter().filter_map(|r| r.gsi) {
             if let Err(e) = self.vm.remove_msi_route(gsi) {
                 tracing::warn!(gsi, error = %e, "cannot remove an MSI route");
@@ -83,7 +78,7 @@ impl VirtioPciHost for KvmPciHost {
         fd: &EventFd,
         msg: Option<MsiMessage>,
     ) -> io::Result<()> {
-        let mut vectors = self.vectors.lock().unwrap_or_else(|e| e.into_inner());
+        let mut vectors = lock(&self.vectors);
         let idx = usize::from(vector);
         if vectors.len() <= idx {
             vectors.resize(idx + 1, VectorRoute::default());
@@ -99,9 +94,10 @@ impl VirtioPciHost for KvmPciHost {
                         g
                     }
                 };
-                self.vm
-                    .set_msi_route(gsi, m.addr as u32, (m.addr >> 32) as u32, m.data)
-                    .map_err(to_io)?;
+                // The address's two halves: dropping the other half is the point.
+                #[allow(clippy::cast_possible_truncation)]
+                let (lo, hi) = (m.addr as u32, (m.addr >> 32) as u32);
+                self.vm.set_msi_route(gsi, lo, hi, m.data).map_err(to_io)?;
                 if !route.irqfd {
                     self.vm.register_irqfd(fd, gsi).map_err(to_io)?;
                     route.irqfd = true;

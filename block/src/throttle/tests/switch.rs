@@ -1,6 +1,8 @@
 //! Moving queues between shared groups while they run (simulated clock): the budget
 //! follows the move, the old group's turn passes on, no request is lost or reordered.
 
+#![allow(clippy::cast_precision_loss)] // Test data and figures, not guest input.
+
 use super::*;
 
 fn named(id: &str, n: u64) -> ThrottleGroup {

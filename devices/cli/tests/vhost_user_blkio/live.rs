@@ -1,5 +1,8 @@
 //! Tests of iothread placement and of settings changed while I/O runs.
 
+// Test data and figures, not guest input.
+#![allow(clippy::cast_possible_truncation, clippy::cast_precision_loss)]
+
 use std::time::{Duration, Instant};
 
 use blkio::ReqFlags;

@@ -1,6 +1,8 @@
 //! Every malformed chain gets the exact status code, and a status address only when the
 //! chain ends cleanly in a usable status byte.
 
+#![allow(clippy::cast_possible_truncation)] // Test data and figures, not guest input.
+
 use super::*;
 
 #[test]

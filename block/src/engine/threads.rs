@@ -12,7 +12,7 @@
 
 use std::collections::VecDeque;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Condvar, Mutex, MutexGuard};
+use std::sync::{Arc, Condvar, Mutex};
 use std::thread::JoinHandle;
 
 use vmm_sys_util::eventfd::EventFd;
@@ -20,6 +20,7 @@ use vmm_sys_util::eventfd::EventFd;
 use crate::disk::Disk;
 use crate::engine::{EngineOp, EngineOptions, IoEngine, sync_ops};
 use crate::error::Error;
+use crate::sync::{lock, wait};
 
 /// Stack size of a worker: `execute` needs very little.
 const WORKER_STACK: usize = 256 * 1024;
@@ -49,9 +50,6 @@ struct Jobs {
 
 /// Locks `m`, ignoring poisoning: the data behind these mutexes stays consistent even
 /// if a holder panicked (every critical section is a plain push/pop/swap).
-fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
-}
 
 /// A pool of worker threads executing ops with [`sync_ops::execute`]; completion signals
 /// the notifier.
@@ -210,10 +208,7 @@ fn worker(shared: &Shared) {
                     break job;
                 }
                 jobs.idle += 1;
-                jobs = shared
-                    .wake
-                    .wait(jobs)
-                    .unwrap_or_else(|poisoned| poisoned.into_inner());
+                jobs = wait(&shared.wake, jobs);
                 jobs.idle -= 1;
             }
         };

@@ -15,7 +15,7 @@ use std::collections::VecDeque;
 use std::io;
 use std::sync::atomic::{AtomicI32, AtomicI64, AtomicU64, Ordering::Relaxed};
 use std::sync::mpsc::{self, SyncSender};
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::Duration;
 
@@ -25,6 +25,7 @@ use vmm_sys_util::eventfd::EventFd;
 pub use source::IoSource;
 
 use crate::config::IoThreadConfig;
+use block::sync::lock;
 
 /// Commands the loop takes through its control eventfd.
 enum Command {
@@ -118,10 +119,6 @@ struct Shared {
     commands: Mutex<VecDeque<Command>>,
     config: Mutex<IoThreadConfig>,
     counters: Arc<LoopCounters>,
-}
-
-fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|e| e.into_inner())
 }
 
 /// The counters of an iothread at one moment.

@@ -212,7 +212,9 @@ impl<Q: QueueHost> QueueWorker<Q> {
                 sector_bytes(u64::from(num_sectors)),
             ),
             Op::GetId => {
-                request::write_id(&slot.req.iovecs, &self.shared.serial);
+                // SAFETY: as for Read: the iovecs point into guest memory kept mapped
+                // by `slot.mem`, and the guest owns the buffers until we complete.
+                unsafe { request::write_id(&slot.req.iovecs, &self.shared.serial) };
                 self.complete(idx, status::OK);
             }
         }

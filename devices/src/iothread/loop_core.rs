@@ -130,8 +130,10 @@ impl<S: IoSource + ?Sized> Core<S> {
     /// Handles event `token` of the sources: `slot * FDS + which` (see
     /// [`super::source::KICK`] and the others).
     pub fn handle(&mut self, token: u64) {
-        let fds = FDS as u64;
-        let (idx, which) = ((token / fds) as usize, (token % fds) as usize);
+        let Ok(token) = usize::try_from(token) else {
+            return;
+        };
+        let (idx, which) = (token / FDS, token % FDS);
         if let Some(Some(source)) = self.sources.get_mut(idx) {
             let work = source.handle(which);
             count(&self.counters, work);

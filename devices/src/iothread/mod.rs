@@ -288,5 +288,7 @@ fn thread_cpu_ns(clock: i64) -> u64 {
     if rc != 0 {
         return 0;
     }
-    ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
+    let secs = u64::try_from(ts.tv_sec).unwrap_or(0);
+    let nanos = u64::try_from(ts.tv_nsec).unwrap_or(0);
+    secs.saturating_mul(1_000_000_000).saturating_add(nanos)
 }

@@ -97,7 +97,9 @@ impl<Q: QueueHost> QueueWorker<Q> {
                         status::IOERR
                     }
                 };
-                self.complete(c.token as usize, code);
+                // Tokens are our slot indexes (see `start`), so they fit a usize.
+                let idx = usize::try_from(c.token).unwrap_or(usize::MAX);
+                self.complete(idx, code);
                 work.completed += 1;
             }
             if !self.pen.is_empty() {

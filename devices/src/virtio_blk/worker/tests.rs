@@ -1,6 +1,8 @@
 //! The worker against rings built with virtio-queue's `MockSplitQueue`: notification
 //! suppression while awake, arming before sleep, batched used entries.
 
+#![allow(clippy::cast_possible_truncation)] // Test data and figures, not guest input.
+
 use std::io::Write;
 
 use virtio_bindings::bindings::virtio_blk::VIRTIO_BLK_T_IN;

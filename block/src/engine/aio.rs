@@ -137,9 +137,11 @@ impl AioEngine {
     /// Decides how `op` is carried out and builds its iocb.
     fn plan(&self, op: &EngineOp) -> Plan {
         let base = Iocb {
-            aio_fildes: self.disk.fd() as u32,
+            // The kernel ABI holds descriptors as u32; open ones are non-negative, so the
+            // reinterpretation keeps the value (a closed -1 stays invalid: EBADF).
+            aio_fildes: self.disk.fd().cast_unsigned(),
             aio_flags: abi::IOCB_FLAG_RESFD,
-            aio_resfd: self.notifier.as_raw_fd() as u32,
+            aio_resfd: self.notifier.as_raw_fd().cast_unsigned(),
             ..Iocb::default()
         };
         match *op {
@@ -294,9 +296,11 @@ impl AioEngine {
 
     /// Frees the slot of a kernel completion and reports it.
     fn complete_event(&mut self, ev: IoEvent, done: &mut dyn FnMut(u64, i64)) {
-        let Some(i) = usize::try_from(ev.data)
+        // `aio_data` holds the u32 slot, so a valid one converts both ways.
+        let Some((i, slot)) = usize::try_from(ev.data)
             .ok()
-            .filter(|&i| i < self.slab.len())
+            .zip(u32::try_from(ev.data).ok())
+            .filter(|&(i, _)| i < self.slab.len())
         else {
             tracing::error!(
                 data = ev.data,
@@ -306,7 +310,7 @@ impl AioEngine {
         };
         let tag = self.tags[i];
         let opcode = self.slab[i].aio_lio_opcode;
-        self.free.push(i as u32);
+        self.free.push(slot);
         self.in_kernel = self.in_kernel.saturating_sub(1);
         if opcode == abi::IOCB_CMD_FDSYNC && ev.res == -i64::from(libc::EINVAL) {
             self.flush_unsupported(tag);

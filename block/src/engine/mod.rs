@@ -280,7 +280,7 @@ pub fn create_engine(
 
 /// Converts an `io::Error` from a syscall into the negative errno engines report.
 pub(crate) fn neg_errno(err: &std::io::Error) -> i64 {
-    -(err.raw_os_error().unwrap_or(libc::EIO) as i64)
+    -i64::from(err.raw_os_error().unwrap_or(libc::EIO))
 }
 
 /// A nonblocking, close-on-exec eventfd for an engine's completion notifier.

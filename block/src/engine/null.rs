@@ -4,7 +4,7 @@
 
 use vmm_sys_util::eventfd::EventFd;
 
-use crate::engine::{EngineOp, EngineOptions, IoEngine};
+use crate::engine::{EngineOp, EngineOptions, IoEngine, IoVecs};
 use crate::error::Error;
 
 /// Completes ops during `submit`, signalling its eventfd once per batch (unless the
@@ -39,6 +39,10 @@ impl IoEngine for NullEngine {
     }
 
     unsafe fn push(&mut self, tag: u64, op: EngineOp) {
+        // The iovecs describe real memory, so their total fits an i64; EOVERFLOW if not.
+        let count = |iovecs: IoVecs| {
+            i64::try_from(iovecs.total_len()).unwrap_or(-i64::from(libc::EOVERFLOW))
+        };
         let result = match op {
             EngineOp::Read { iovecs, .. } => {
                 for iov in iovecs.as_slice() {
@@ -46,9 +50,9 @@ impl IoEngine for NullEngine {
                     // until the op completes.
                     unsafe { std::ptr::write_bytes(iov.iov_base as *mut u8, 0, iov.iov_len) };
                 }
-                iovecs.total_len() as i64
+                count(iovecs)
             }
-            EngineOp::Write { iovecs, .. } => iovecs.total_len() as i64,
+            EngineOp::Write { iovecs, .. } => count(iovecs),
             EngineOp::Flush | EngineOp::Discard { .. } | EngineOp::WriteZeroes { .. } => 0,
         };
         self.queued.push((tag, result));

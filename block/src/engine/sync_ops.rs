@@ -34,7 +34,7 @@ const ZERO_CHUNK: usize = 1 << 20;
 pub unsafe fn execute(disk: &Disk, op: &EngineOp) -> i64 {
     let fd = disk.fd();
     if fd < 0 {
-        return -(libc::EBADF as i64);
+        return -i64::from(libc::EBADF);
     }
     let result = match *op {
         EngineOp::Read { offset, iovecs } => {
@@ -54,7 +54,8 @@ pub unsafe fn execute(disk: &Disk, op: &EngineOp) -> i64 {
         EngineOp::WriteZeroes { offset, len } => write_zeroes(disk, offset, len),
     };
     match result {
-        Ok(n) => n as i64,
+        // A count is at most the op's length, which `check_range` keeps within i64.
+        Ok(n) => i64::try_from(n).unwrap_or(-i64::from(libc::EOVERFLOW)),
         Err(errno) => errno,
     }
 }
@@ -71,7 +72,7 @@ fn last_errno() -> i64 {
 fn check_range(offset: u64, len: u64) -> Result<(), i64> {
     match offset.checked_add(len) {
         Some(end) if end <= i64::MAX as u64 => Ok(()),
-        _ => Err(-(libc::EINVAL as i64)),
+        _ => Err(-i64::from(libc::EINVAL)),
     }
 }
 
@@ -84,14 +85,7 @@ unsafe fn read(fd: RawFd, offset: u64, iovecs: IoVecs) -> OpResult {
     transfer(iovecs.as_slice(), offset, Direction::Read, |iov, off| {
         // SAFETY: `iov` is a sub-range of the caller's writable iovecs (or one iovec
         // pointing inside one of them); `transfer` keeps the count at most IOV_MAX.
-        unsafe {
-            libc::preadv(
-                fd,
-                iov.as_ptr(),
-                iov.len() as libc::c_int,
-                off as libc::off_t,
-            )
-        }
+        unsafe { libc::preadv(fd, iov.as_ptr(), iov_count(iov), off_t(off)) }
     })
 }
 
@@ -105,16 +99,21 @@ unsafe fn write(fd: RawFd, offset: u64, iovecs: IoVecs, fua: bool) -> OpResult {
     transfer(iovecs.as_slice(), offset, Direction::Write, |iov, off| {
         // SAFETY: `iov` is a sub-range of the caller's readable iovecs (or one iovec
         // pointing inside one of them); `transfer` keeps the count at most IOV_MAX.
-        unsafe {
-            libc::pwritev2(
-                fd,
-                iov.as_ptr(),
-                iov.len() as libc::c_int,
-                off as libc::off_t,
-                flags,
-            )
-        }
+        unsafe { libc::pwritev2(fd, iov.as_ptr(), iov_count(iov), off_t(off), flags) }
     })
+}
+
+/// `iov.len()` as the count `preadv`/`pwritev2` take. `transfer` hands at most
+/// [`IOV_MAX`] iovecs; the clamp keeps the count within the slice whatever the caller.
+fn iov_count(iov: &[libc::iovec]) -> libc::c_int {
+    libc::c_int::try_from(iov.len().min(IOV_MAX)).unwrap_or(0)
+}
+
+/// `off` as an `off_t`. `check_range` keeps every offset and end within `i64::MAX`, so
+/// the value is unchanged; one past it would turn negative, which the kernel refuses
+/// with EINVAL.
+fn off_t(off: u64) -> libc::off_t {
+    off.cast_signed()
 }
 
 /// Which way data moves; decides what a zero-byte transfer means.
@@ -170,10 +169,11 @@ fn transfer(
         if n == 0 {
             return match dir {
                 Direction::Read => Ok(done),
-                Direction::Write => Err(-(libc::ENOSPC as i64)),
+                Direction::Write => Err(-i64::from(libc::ENOSPC)),
             };
         }
-        let mut left = n as usize;
+        // `n > 0` here.
+        let mut left = n.unsigned_abs();
         done += left as u64;
         // Advance the position by `left` bytes.
         while left > 0 && idx < iovs.len() {
@@ -198,7 +198,7 @@ fn flush(fd: RawFd) -> OpResult {
             return Ok(0);
         }
         let errno = last_errno();
-        if errno != -(libc::EINTR as i64) {
+        if errno != -i64::from(libc::EINTR) {
             return Err(errno);
         }
     }
@@ -206,20 +206,21 @@ fn flush(fd: RawFd) -> OpResult {
 
 /// Whether `errno` (negative) says the operation is not supported here.
 fn unsupported(errno: i64) -> bool {
-    let e = -errno as i32;
-    e == libc::EOPNOTSUPP || e == libc::ENOSYS || e == libc::ENOTTY
+    [libc::EOPNOTSUPP, libc::ENOSYS, libc::ENOTTY]
+        .into_iter()
+        .any(|e| errno == -i64::from(e))
 }
 
 /// `fallocate(fd, mode, offset, len)`, retrying EINTR.
 fn fallocate(fd: RawFd, mode: libc::c_int, offset: u64, len: u64) -> OpResult {
     loop {
         // SAFETY: fallocate takes only integers; the range was checked to fit an off_t.
-        let rc = unsafe { libc::fallocate(fd, mode, offset as libc::off_t, len as libc::off_t) };
+        let rc = unsafe { libc::fallocate(fd, mode, off_t(offset), off_t(len)) };
         if rc == 0 {
             return Ok(0);
         }
         let errno = last_errno();
-        if errno != -(libc::EINTR as i64) {
+        if errno != -i64::from(libc::EINTR) {
             return Err(errno);
         }
     }
@@ -235,7 +236,7 @@ fn range_ioctl(fd: RawFd, request: libc::c_ulong, offset: u64, len: u64) -> OpRe
             return Ok(0);
         }
         let errno = last_errno();
-        if errno != -(libc::EINTR as i64) {
+        if errno != -i64::from(libc::EINTR) {
             return Err(errno);
         }
     }
@@ -296,14 +297,17 @@ fn write_zero_buffers(disk: &Disk, offset: u64, len: u64) -> OpResult {
     if len == 0 {
         return Ok(0);
     }
-    let offset_align = disk.offset_align().max(1) as usize;
-    let size = (len.min(ZERO_CHUNK as u64) as usize).next_multiple_of(offset_align);
-    let buf =
-        AlignedBuf::new(size, disk.mem_align().max(1) as usize).ok_or(-(libc::ENOMEM as i64))?;
+    let no_mem = -i64::from(libc::ENOMEM);
+    let offset_align = usize::try_from(disk.offset_align().max(1)).map_err(|_| no_mem)?;
+    let mem_align = usize::try_from(disk.mem_align().max(1)).map_err(|_| no_mem)?;
+    let size = usize::try_from(len)
+        .map_or(ZERO_CHUNK, |len| len.min(ZERO_CHUNK))
+        .next_multiple_of(offset_align);
+    let buf = AlignedBuf::new(size, mem_align).ok_or(no_mem)?;
     let fd = disk.fd();
     let mut done = 0u64;
     while done < len {
-        let n = (len - done).min(size as u64) as usize;
+        let n = usize::try_from(len - done).map_or(size, |left| left.min(size));
         let iov = [libc::iovec {
             iov_base: buf.as_ptr().cast_mut().cast(),
             iov_len: n,
@@ -311,15 +315,7 @@ fn write_zero_buffers(disk: &Disk, offset: u64, len: u64) -> OpResult {
         transfer(&iov, offset + done, Direction::Write, |iov, off| {
             // SAFETY: `iov` points into `buf`, which is alive, readable and at least `n`
             // bytes long.
-            unsafe {
-                libc::pwritev2(
-                    fd,
-                    iov.as_ptr(),
-                    iov.len() as libc::c_int,
-                    off as libc::off_t,
-                    0,
-                )
-            }
+            unsafe { libc::pwritev2(fd, iov.as_ptr(), iov_count(iov), off_t(off), 0) }
         })?;
         done += n as u64;
     }

@@ -48,9 +48,6 @@ struct Jobs {
     stop: bool,
 }
 
-/// Locks `m`, ignoring poisoning: the data behind these mutexes stays consistent even
-/// if a holder panicked (every critical section is a plain push/pop/swap).
-
 /// A pool of worker threads executing ops with [`sync_ops::execute`]; completion signals
 /// the notifier.
 pub struct WorkerPool {

@@ -423,13 +423,11 @@ fn sqe_for(op: &EngineOp) -> squeue::Entry {
     const PUNCH: i32 = libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE;
     const ZERO: i32 = libc::FALLOC_FL_ZERO_RANGE | libc::FALLOC_FL_KEEP_SIZE;
     match *op {
-        EngineOp::Read { offset, iovecs } => match iovecs.as_slice() {
-            [one] if u32::try_from(one.iov_len).is_ok() => {
-                opcode::Read::new(DISK, one.iov_base.cast(), one.iov_len as u32)
-                    .offset(offset)
-                    .build()
-            }
-            iovs => opcode::Readv::new(DISK, iovecs.as_ptr(), iov_count(iovs))
+        EngineOp::Read { offset, iovecs } => match single(iovecs.as_slice()) {
+            Some((base, len)) => opcode::Read::new(DISK, base.cast(), len)
+                .offset(offset)
+                .build(),
+            None => opcode::Readv::new(DISK, iovecs.as_ptr(), iov_count(iovecs.as_slice()))
                 .offset(offset)
                 .build(),
         },
@@ -439,14 +437,12 @@ fn sqe_for(op: &EngineOp) -> squeue::Entry {
             fua,
         } => {
             let flags = if fua { libc::RWF_DSYNC } else { 0 };
-            match iovecs.as_slice() {
-                [one] if u32::try_from(one.iov_len).is_ok() => {
-                    opcode::Write::new(DISK, one.iov_base.cast_const().cast(), one.iov_len as u32)
-                        .offset(offset)
-                        .rw_flags(flags)
-                        .build()
-                }
-                iovs => opcode::Writev::new(DISK, iovecs.as_ptr(), iov_count(iovs))
+            match single(iovecs.as_slice()) {
+                Some((base, len)) => opcode::Write::new(DISK, base.cast_const().cast(), len)
+                    .offset(offset)
+                    .rw_flags(flags)
+                    .build(),
+                None => opcode::Writev::new(DISK, iovecs.as_ptr(), iov_count(iovecs.as_slice()))
                     .offset(offset)
                     .rw_flags(flags)
                     .build(),
@@ -463,6 +459,17 @@ fn sqe_for(op: &EngineOp) -> squeue::Entry {
             .offset(offset)
             .mode(ZERO)
             .build(),
+    }
+}
+
+/// The buffer of a one-iovec op whose length fits the plain opcodes' u32; `None` sends
+/// the op down the vectored path.
+fn single(iovs: &[libc::iovec]) -> Option<(*mut libc::c_void, u32)> {
+    match iovs {
+        [one] => u32::try_from(one.iov_len)
+            .ok()
+            .map(|len| (one.iov_base, len)),
+        _ => None,
     }
 }
 

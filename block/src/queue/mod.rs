@@ -298,7 +298,7 @@ impl DiskQueue {
                 tracing::error!(tag, "engine returned an unknown tag");
                 return;
             };
-            let latency = now.saturating_duration_since(slot.start).as_nanos() as u64;
+            let latency = nanos(now.saturating_duration_since(slot.start));
             *latency_avg_ns = (*latency_avg_ns * 7 + latency) / 8;
             let completion = finish_slot(tag, slot, result, counters, latency);
             reaped += 1;
@@ -381,7 +381,11 @@ impl DiskQueue {
             return;
         };
         if bounce {
-            let Some(mut buf) = AlignedBuf::new(len as usize, align) else {
+            // A total past the address space cannot be bounced (32-bit hosts only).
+            let buf = usize::try_from(len)
+                .ok()
+                .and_then(|len| AlignedBuf::new(len, align));
+            let Some(mut buf) = buf else {
                 slot.busy = false;
                 return self.finish_now(token, kind, start, Err(Errno::new(libc::ENOMEM)));
             };
@@ -514,7 +518,7 @@ impl DiskQueue {
         result: Result<u64, Errno>,
     ) {
         let now = self.clock.unwrap_or_else(Instant::now);
-        let latency = now.saturating_duration_since(start).as_nanos() as u64;
+        let latency = nanos(now.saturating_duration_since(start));
         self.counters
             .record_completion(kind, result.as_ref().map(|n| *n).map_err(|_| ()), latency);
         self.ready.push(Completion {
@@ -523,6 +527,11 @@ impl DiskQueue {
             result,
         });
     }
+}
+
+/// A latency in nanoseconds, saturating at `u64::MAX` (some 584 years).
+fn nanos(d: std::time::Duration) -> u64 {
+    u64::try_from(d.as_nanos()).unwrap_or(u64::MAX)
 }
 
 /// Turns an engine result into the completion of request `token`: copies bounced reads
@@ -537,13 +546,16 @@ fn finish_slot(
     let result = if result < 0 {
         Err(Errno::new(i32::try_from(-result).unwrap_or(libc::EIO)))
     } else {
-        let done = (result as u64).min(slot.len);
+        // `result >= 0` here.
+        let done = result.unsigned_abs().min(slot.len);
+        // `done` counts bytes the engine moved into memory, so it fits a usize.
+        let done_bytes = usize::try_from(done).unwrap_or(usize::MAX);
         match slot.kind {
             RequestKind::Read => {
                 if let Some(buf) = &slot.bounce {
                     // SAFETY: the guest iovecs are writable until this completion is
                     // handed back (the `read` contract).
-                    unsafe { buf.scatter_to(&slot.guest, done as usize) };
+                    unsafe { buf.scatter_to(&slot.guest, done_bytes) };
                 }
                 if done < slot.len {
                     // Past the end of a file that shrank: the rest reads as zeroes.
@@ -553,7 +565,7 @@ fn finish_slot(
                         &slot.iovecs
                     };
                     // SAFETY: as above.
-                    unsafe { zero_from(target, done as usize) };
+                    unsafe { zero_from(target, done_bytes) };
                 }
                 Ok(slot.len)
             }

@@ -1,5 +1,12 @@
 //! DiskQueue rules checked against a memory-backed engine that records what reaches it.
 
+// Test data and figures, not guest input.
+#![allow(
+    clippy::cast_possible_truncation,
+    clippy::cast_possible_wrap,
+    clippy::cast_sign_loss
+)]
+
 use std::os::fd::RawFd;
 use std::sync::{Arc, Mutex};
 
@@ -351,7 +358,7 @@ fn aligned_buffers_go_straight_through() {
 #[test]
 fn misaligned_offsets_under_o_direct_fail_cleanly() {
     let mut f = fixture(CacheMode::None, false, None);
-    let align = f.queue.disk().offset_align() as u64;
+    let align = u64::from(f.queue.disk().offset_align());
     let mut buf = aligned_buf(4096);
     // SAFETY: buf outlives the request.
     unsafe { f.queue.read(1, align / 2, &[buf.iovec()]) };

@@ -107,20 +107,23 @@ pub fn io_destroy(ctx: AioContext) -> io::Result<()> {
 /// Every address in `iocbs` must point to a valid [`Iocb`] for the duration of the call,
 /// and the buffers each iocb names must stay valid until its completion is reaped.
 pub unsafe fn io_submit(ctx: AioContext, iocbs: &[usize]) -> io::Result<usize> {
+    let nr = c_long_len(iocbs.len())?;
     // SAFETY: `iocbs` is an array of `iocbs.len()` pointer-sized iocb addresses (usize has
     // the size of a pointer); the caller vouches for the iocbs and their buffers.
-    let rc = unsafe {
-        libc::syscall(
-            libc::SYS_io_submit,
-            ctx,
-            iocbs.len() as libc::c_long,
-            iocbs.as_ptr(),
-        )
-    };
-    if rc < 0 {
-        return Err(io::Error::last_os_error());
-    }
-    Ok(rc as usize)
+    let rc = unsafe { libc::syscall(libc::SYS_io_submit, ctx, nr, iocbs.as_ptr()) };
+    syscall_count(rc)
+}
+
+/// A length as the `long` the AIO syscalls take; EINVAL past `c_long::MAX` (never on a
+/// real slice).
+fn c_long_len(len: usize) -> io::Result<libc::c_long> {
+    libc::c_long::try_from(len).map_err(|_| io::Error::from_raw_os_error(libc::EINVAL))
+}
+
+/// A syscall's count result: -1 is the error in errno; otherwise a count no larger than
+/// the slice passed in, so it fits a usize.
+fn syscall_count(rc: libc::c_long) -> io::Result<usize> {
+    usize::try_from(rc).map_err(|_| io::Error::last_os_error())
 }
 
 /// `io_getevents(ctx, min_nr, events.len(), events, timeout)`: collects completions.
@@ -133,22 +136,21 @@ pub fn io_getevents(
     timeout: Option<&libc::timespec>,
 ) -> io::Result<usize> {
     let timeout_ptr = timeout.map_or(ptr::null(), |t| t as *const libc::timespec);
+    let min_nr = c_long_len(min_nr)?;
+    let nr = c_long_len(events.len())?;
     // SAFETY: the kernel writes at most `events.len()` io_events into `events`, which we
     // borrow mutably for the call, and only reads `timeout` (or nothing when null).
     let rc = unsafe {
         libc::syscall(
             libc::SYS_io_getevents,
             ctx,
-            min_nr as libc::c_long,
-            events.len() as libc::c_long,
+            min_nr,
+            nr,
             events.as_mut_ptr(),
             timeout_ptr,
         )
     };
-    if rc < 0 {
-        return Err(io::Error::last_os_error());
-    }
-    Ok(rc as usize)
+    syscall_count(rc)
 }
 
 /// Magic number of the completion ring the kernel maps at the context's address.

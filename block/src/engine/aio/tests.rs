@@ -1,5 +1,8 @@
 //! Tests of the native engine on real O_DIRECT temp files.
 
+// Test data and figures, not guest input.
+#![allow(clippy::cast_possible_wrap)]
+
 use std::collections::HashMap;
 use std::os::fd::AsRawFd;
 use std::os::unix::fs::FileExt;
@@ -136,9 +139,9 @@ fn builds_iocbs_per_op_kind() {
         };
         assert_eq!(iocb.aio_lio_opcode, opcode);
         assert_eq!(iocb.aio_rw_flags, rw_flags);
-        assert_eq!(iocb.aio_fildes, disk.fd() as u32);
+        assert_eq!(iocb.aio_fildes, disk.fd().cast_unsigned());
         assert_eq!(iocb.aio_flags, abi::IOCB_FLAG_RESFD);
-        assert_eq!(iocb.aio_resfd, e.notifier().as_raw_fd() as u32);
+        assert_eq!(iocb.aio_resfd, e.notifier().as_raw_fd().cast_unsigned());
         iocb
     };
     let r = check(e.plan(&read_op(512, &one)), abi::IOCB_CMD_PREAD, 0);
@@ -188,11 +191,13 @@ fn every_op_kind_round_trips() {
 
         let data = random(64 * 1024, &mut rng);
         let iov = [iovec(&data, 0..data.len())];
-        // SAFETY (all run_one calls here): buffers and iovecs outlive the call.
+        // SAFETY: `data` and `iov` live until run_one returns.
         assert_eq!(unsafe { run_one(e, write_op(0, &iov, false)) }, 65536);
+        // SAFETY: a flush carries no buffers.
         assert_eq!(unsafe { run_one(e, EngineOp::Flush) }, 0);
         let back = aligned(64 * 1024);
         let biov = [iovec(&back, 0..back.len())];
+        // SAFETY: `back` and `biov` live until run_one returns.
         assert_eq!(unsafe { run_one(e, read_op(0, &biov)) }, 65536);
         assert_eq!(back.as_slice(), data.as_slice());
         assert_eq!(file_bytes(&f, 0, 65536), data.as_slice());
@@ -201,6 +206,7 @@ fn every_op_kind_round_trips() {
         let fua = random(8192, &mut rng);
         let fiov = [iovec(&fua, 0..8192)];
         assert_eq!(
+            // SAFETY: `fua` and `fiov` live until run_one returns.
             unsafe { run_one(e, write_op(128 * 1024, &fiov, true)) },
             8192
         );
@@ -215,8 +221,11 @@ fn every_op_kind_round_trips() {
             offset: 32768,
             len: 8192,
         };
+        // SAFETY: a discard carries no buffers.
         assert_eq!(unsafe { run_one(e, discard) }, 0);
+        // SAFETY: write-zeroes carries no buffers.
         assert_eq!(unsafe { run_one(e, zeroes) }, 0);
+        // SAFETY: `back` and `biov` live until run_one returns.
         assert_eq!(unsafe { run_one(e, read_op(0, &biov)) }, 65536);
         let mut expect = data.as_slice().to_vec();
         expect[8192..24576].fill(0);
@@ -228,6 +237,7 @@ fn every_op_kind_round_trips() {
         // Reads past the end are short.
         let tail = [iovec(&back, 0..8192)];
         assert_eq!(
+            // SAFETY: `back` and `tail` live until run_one returns.
             unsafe { run_one(e, read_op((1 << 20) - 4096, &tail)) },
             4096
         );
@@ -294,8 +304,8 @@ fn multi_iovec_ops() {
     let b = random(8192, &mut rng);
     let c = random(512, &mut rng);
     let wiov = [iovec(&a, 0..4096), iovec(&b, 0..8192), iovec(&c, 0..512)];
-    // SAFETY (all run_one calls here): buffers and iovecs outlive the call.
     assert_eq!(
+        // SAFETY: `a`, `b`, `c` and `wiov` live until run_one returns.
         unsafe { run_one(&mut e, write_op(4096, &wiov, false)) },
         12800
     );
@@ -308,6 +318,7 @@ fn multi_iovec_ops() {
     let x = aligned(1536);
     let y = aligned(12288);
     let riov = [iovec(&x, 0..1536), iovec(&y, 0..11264)];
+    // SAFETY: `x`, `y` and `riov` live until run_one returns.
     assert_eq!(unsafe { run_one(&mut e, read_op(4096, &riov)) }, 12800);
     assert_eq!(x.as_slice(), &expect[..1536]);
     assert_eq!(&y.as_slice()[..11264], &expect[1536..]);
@@ -457,8 +468,8 @@ fn submit_time_error_becomes_a_completion() {
     drop(disk);
     let disk = open_readonly(f.path(), CacheMode::None);
     let mut e = engine(&disk, 8, 8);
-    // SAFETY: as above.
     assert_eq!(
+        // SAFETY: `buf` and `good` live until run_one returns.
         unsafe { run_one(&mut e, write_op(0, &good, false)) },
         -i64::from(libc::EBADF)
     );

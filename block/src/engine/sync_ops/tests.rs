@@ -1,4 +1,8 @@
 //! Tests of the parent module.
+
+// Test data and figures, not guest input.
+#![allow(clippy::cast_possible_truncation, clippy::cast_possible_wrap)]
+
 use std::os::unix::fs::MetadataExt;
 use std::path::PathBuf;
 
@@ -97,13 +101,13 @@ fn transfer_stops_at_eof_and_fails_writes_without_progress() {
     assert!(buf[..500].iter().all(|&b| b == 9) && buf[500..].iter().all(|&b| b == 0));
 
     let got = transfer(&iovs, 0, Direction::Write, |_, _| 0);
-    assert_eq!(got, Err(-(libc::ENOSPC as i64)));
+    assert_eq!(got, Err(-i64::from(libc::ENOSPC)));
     let got = transfer(&iovs, 0, Direction::Write, |_, _| {
         // SAFETY: errno is a thread-local int.
         unsafe { *libc::__errno_location() = libc::EIO };
         -1
     });
-    assert_eq!(got, Err(-(libc::EIO as i64)));
+    assert_eq!(got, Err(-i64::from(libc::EIO)));
 }
 
 #[test]
@@ -204,10 +208,10 @@ fn write_zeroes_on_tmpfs_falls_back() {
 #[test]
 fn failures_are_negative_errnos() {
     let null = Disk::null(1 << 20);
-    // SAFETY: a flush carries no buffers.
     assert_eq!(
+        // SAFETY: a flush carries no buffers.
         unsafe { execute(&null, &EngineOp::Flush) },
-        -(libc::EBADF as i64)
+        -i64::from(libc::EBADF)
     );
 
     let (img, _) = disk_with(&[7u8; 4096], CacheMode::Writeback);
@@ -222,18 +226,18 @@ fn failures_are_negative_errnos() {
         fua: false,
     };
     // SAFETY: `iovs` describes the live `buf`.
-    assert_eq!(unsafe { execute(&ro, &write) }, -(libc::EBADF as i64));
+    assert_eq!(unsafe { execute(&ro, &write) }, -i64::from(libc::EBADF));
     let zero = EngineOp::WriteZeroes {
         offset: 0,
         len: 512,
     };
     // SAFETY: no buffers.
-    assert_eq!(unsafe { execute(&ro, &zero) }, -(libc::EBADF as i64));
+    assert_eq!(unsafe { execute(&ro, &zero) }, -i64::from(libc::EBADF));
     let far = EngineOp::Read {
         offset: u64::MAX - 100,
         iovecs,
     };
     // SAFETY: as above.
-    assert_eq!(unsafe { execute(&ro, &far) }, -(libc::EINVAL as i64));
+    assert_eq!(unsafe { execute(&ro, &far) }, -i64::from(libc::EINVAL));
     assert_eq!(std::fs::read(img.path()).unwrap(), [7u8; 4096]);
 }

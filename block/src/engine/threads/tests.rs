@@ -1,4 +1,8 @@
 //! Tests of the parent module.
+
+// Test data and figures, not guest input.
+#![allow(clippy::cast_possible_truncation, clippy::cast_possible_wrap)]
+
 use std::time::{Duration, Instant};
 
 use rand::{Rng, SeedableRng};
@@ -365,7 +369,7 @@ fn pool_with_a_shared_notifier_reports_errors_as_completions() {
     pool.submit();
     let mut got = wait_pool(&mut pool, &owner_fd, 2);
     got.sort_unstable();
-    let ebadf = -(libc::EBADF as i64);
+    let ebadf = -i64::from(libc::EBADF);
     assert_eq!(got, [(1, ebadf), (2, ebadf)]);
     assert_eq!(pool.in_flight(), 0);
     // A read after the failed ones works, and the buffer gets the file's data.

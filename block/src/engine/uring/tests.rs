@@ -1,5 +1,8 @@
 //! Tests of the io_uring engine on real temp files, buffered and O_DIRECT.
 
+// Test data and figures, not guest input.
+#![allow(clippy::cast_possible_truncation, clippy::cast_possible_wrap)]
+
 use std::collections::HashMap;
 use std::io::Write as _;
 use std::os::fd::AsRawFd;
@@ -185,7 +188,7 @@ fn fields(entry: squeue::Entry) -> (u8, i32, u64, u64, u32, u32) {
     let u64_at = |i: usize| u64::from_ne_bytes(raw[i..i + 8].try_into().unwrap());
     (
         raw[0],
-        u32_at(4) as i32,
+        u32_at(4).cast_signed(),
         u64_at(8),
         u64_at(16),
         u32_at(24),

@@ -38,6 +38,8 @@ pub struct Core<S: IoSource + ?Sized> {
     window: PollWindow,
     max_batch: u32,
     counters: Arc<LoopCounters>,
+    /// The settings applied last.
+    config: IoThreadConfig,
 }
 
 impl<S: IoSource + ?Sized> Core<S> {
@@ -49,6 +51,7 @@ impl<S: IoSource + ?Sized> Core<S> {
             window: PollWindow::new(config.poll_max_ns, config.poll_grow, config.poll_shrink),
             max_batch: config.aio_max_batch,
             counters,
+            config: config.clone(),
         }
     }
 
@@ -59,8 +62,13 @@ impl<S: IoSource + ?Sized> Core<S> {
         pin(&config.cpu_affinity);
     }
 
-    /// Applies new settings at once (called on the serving thread, which it re-pins).
+    /// Applies new settings at once (called on the serving thread, which it re-pins);
+    /// the settings applied already change nothing.
     pub fn configure(&mut self, config: &IoThreadConfig) {
+        if *config == self.config {
+            return;
+        }
+        self.config = config.clone();
         self.window
             .configure(config.poll_max_ns, config.poll_grow, config.poll_shrink);
         self.counters.poll_ns.store(self.window.ns, Relaxed);

@@ -85,9 +85,8 @@ fn measure_iops(q: &mut blkio::Blkioq, base: usize, secs: f64) -> f64 {
 #[test]
 fn limits_and_iothread_settings_change_while_io_runs() {
     use devices::config::{DiskConfig, IoThreadConfig};
-    use devices::vhost_user_blk::{Backend, BackendConfig, bind, serve};
 
-    let (dir, img, _) = image(4 * MIB);
+    let (_dir, img, _) = image(4 * MIB);
     let mut disk = DiskConfig::new("d0", &img);
     disk.cache = block::CacheMode::Writeback;
     disk.iothread = Some("io0".into());
@@ -95,17 +94,8 @@ fn limits_and_iothread_settings_change_while_io_runs() {
         iops_total: 100,
         ..Default::default()
     });
-    let backend = Backend::new(BackendConfig {
-        disk,
-        iothreads: vec![IoThreadConfig::new("io0")],
-    })
-    .unwrap();
-    let socket = dir.path().join("s.sock");
-    let mut listener = bind(&socket).unwrap();
-    let stop = vmm_sys_util::eventfd::EventFd::new(libc::EFD_NONBLOCK).unwrap();
-    std::thread::scope(|s| {
-        let server = s.spawn(|| serve(&backend, &mut listener, &stop, false));
-        let mut c = Client::connect(socket.to_str().unwrap(), 1, false, MIB).unwrap();
+    let backend = with_backend_in_process(disk, |backend, socket| {
+        let mut c = Client::connect(socket, 1, false, MIB).unwrap();
         let base = c.region.addr;
         let q = &mut c.queues[0];
         for slot in 0..8 {
@@ -157,8 +147,6 @@ fn limits_and_iothread_settings_change_while_io_runs() {
                 .unwrap();
         }
         drop(c);
-        stop.write(1).unwrap();
-        server.join().unwrap().unwrap();
     });
     let c = backend.counters();
     let d = c.disks.values().next().expect("the disk's counters");
@@ -195,7 +183,6 @@ fn wait_cpus(tid: i32, want: &str) -> String {
 #[test]
 fn cpu_affinity_applies_to_an_idle_iothread() {
     use devices::config::{DiskConfig, IoThreadConfig, usable_cpus};
-    use devices::vhost_user_blk::{Backend, BackendConfig, bind, serve};
 
     let cpus = usable_cpus();
     let (Some(&first), Some(&last)) = (cpus.first(), cpus.last()) else {
@@ -210,29 +197,11 @@ fn cpu_affinity_applies_to_an_idle_iothread() {
     } else {
         String::new()
     };
-    let (dir, _img, _) = image(MIB);
     let mut disk = DiskConfig::new("d0", "null");
     disk.null_size = Some(MIB as u64);
     disk.iothread = Some("io0".into());
-    let backend = Backend::new(BackendConfig {
-        disk,
-        iothreads: vec![IoThreadConfig::new("io0")],
-    })
-    .unwrap();
-    let socket = dir.path().join("s.sock");
-    let mut listener = bind(&socket).unwrap();
-    let stop = vmm_sys_util::eventfd::EventFd::new(libc::EFD_NONBLOCK).unwrap();
-    /// Stops the server however the test ends (a failed assert must not hang the scope).
-    struct StopOnDrop<'a>(&'a vmm_sys_util::eventfd::EventFd);
-    impl Drop for StopOnDrop<'_> {
-        fn drop(&mut self) {
-            let _ = self.0.write(1);
-        }
-    }
-    std::thread::scope(|s| {
-        let server = s.spawn(|| serve(&backend, &mut listener, &stop, false));
-        let _stop = StopOnDrop(&stop);
-        let c = Client::connect(socket.to_str().unwrap(), 1, false, MIB).unwrap();
+    with_backend_in_process(disk, |backend, socket| {
+        let c = Client::connect(socket, 1, false, MIB).unwrap();
         // The thread records itself when the session starts, with no I/O.
         let deadline = Instant::now() + Duration::from_secs(5);
         let tid = loop {
@@ -254,7 +223,42 @@ fn cpu_affinity_applies_to_an_idle_iothread() {
         let counters = backend.counters();
         assert_eq!(counters.iothreads["io0"].requests, 0, "no I/O was done");
         drop(c);
-        drop(_stop);
+    });
+}
+
+/// Serves `disk` (on the iothread `io0`) from a backend in this process while `test` runs
+/// with the backend and the socket path, then stops the server (also when `test`
+/// panics, so a failed assert cannot hang the test) and returns the backend.
+fn with_backend_in_process(
+    disk: devices::config::DiskConfig,
+    test: impl FnOnce(&devices::vhost_user_blk::Backend, &str),
+) -> std::sync::Arc<devices::vhost_user_blk::Backend> {
+    use devices::config::IoThreadConfig;
+    use devices::vhost_user_blk::{Backend, BackendConfig, bind, serve};
+
+    /// Stops the server however the test ends.
+    struct StopOnDrop<'a>(&'a vmm_sys_util::eventfd::EventFd);
+    impl Drop for StopOnDrop<'_> {
+        fn drop(&mut self) {
+            let _ = self.0.write(1);
+        }
+    }
+
+    let dir = tempfile::tempdir().unwrap();
+    let backend = Backend::new(BackendConfig {
+        disk,
+        iothreads: vec![IoThreadConfig::new("io0")],
+    })
+    .unwrap();
+    let socket = dir.path().join("s.sock");
+    let mut listener = bind(&socket).unwrap();
+    let stop = vmm_sys_util::eventfd::EventFd::new(libc::EFD_NONBLOCK).unwrap();
+    std::thread::scope(|s| {
+        let server = s.spawn(|| serve(&backend, &mut listener, &stop, false));
+        let guard = StopOnDrop(&stop);
+        test(&backend, socket.to_str().unwrap());
+        drop(guard);
         server.join().unwrap().unwrap();
     });
+    backend
 }

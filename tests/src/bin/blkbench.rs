@@ -75,6 +75,15 @@ struct Args {
     /// Settings of our iothread, e.g. `poll_max_ns=0` (key=value,...).
     #[arg(long)]
     iothread: Option<String>,
+    /// Run the in-VM contenders instead: the test guest under our `vmm` and under
+    /// `qemu-system-x86_64 -accel kvm` with and without an iothread (4k random reads,
+    /// polled and with interrupts; `--runtime` is each phase's length). Figures go to
+    /// `invm.json` beside `--json`.
+    #[arg(long)]
+    in_vm: bool,
+    /// Our `vmm` binary for `--in-vm` [default: beside blkbench].
+    #[arg(long)]
+    vmm: Option<PathBuf>,
 }
 
 /// Why the benchmark stopped.
@@ -212,6 +221,9 @@ fn binaries(args: &Args, asked: &[Contender]) -> Result<Binaries, Failure> {
 }
 
 fn run(args: &Args) -> Result<(), Failure> {
+    if args.in_vm {
+        return run_in_vm(args, &choose(args)?);
+    }
     let Choice {
         size,
         runtime,
@@ -281,6 +293,83 @@ fn run(args: &Args) -> Result<(), Failure> {
             failed.len(),
             failed.join(", ")
         )));
+    }
+    Ok(())
+}
+
+/// Where `shared/tools/qemu10.sh` unpacks QEMU 10 by default.
+const QEMU10_BIN: &str = "/var/tmp/qemu10/x/usr/bin";
+
+/// `--in-vm`: every in-VM contender, interleaved, `--repeat` rounds; a table of medians
+/// with ours against QEMU with and without an iothread.
+fn run_in_vm(args: &Args, choice: &Choice) -> Result<(), Failure> {
+    use tests::bench::invm::{self, VmSetup};
+
+    let vmm = match &args.vmm {
+        Some(p) => p.clone(),
+        None => std::env::current_exe()
+            .ok()
+            .and_then(|e| Some(e.parent()?.join("vmm")))
+            .filter(|p| p.is_file())
+            .ok_or_else(|| {
+                Failure::Run("vmm not found beside blkbench: cargo build --release --workspace (or pass --vmm PATH)".into())
+            })?,
+    };
+    if !Path::new("/dev/kvm").exists() {
+        return Err(Failure::Run("--in-vm needs /dev/kvm".into()));
+    }
+    let elf = tests::test_guest::build().map_err(|e| Failure::Run(e.to_string()))?;
+    prepare(&args.file, choice.size)
+        .map_err(|e| Failure::Usage(format!("{}: {e}", args.file.display())))?;
+    let dir = tempfile::Builder::new()
+        .prefix("blkbench-vm-")
+        .tempdir()
+        .map_err(|e| Failure::Run(format!("work directory: {e}")))?;
+    let qemu = invm::find_qemu(Path::new(QEMU10_BIN));
+    let version = qemu.as_ref().map(|(q, _)| invm::qemu_version(q));
+    let setup = VmSetup {
+        elf,
+        vmm,
+        qemu,
+        file: args.file.clone(),
+        null_size: choice.size,
+        phase_ms: u64::try_from(choice.runtime.as_millis()).unwrap_or(u64::MAX),
+        tsc_khz: invm::tsc_khz(),
+        dir: dir.path().to_path_buf(),
+    };
+    let results = invm::run_all(&invm::ALL, &setup, choice.repeat);
+    println!(
+        "\nIn a VM: the test guest, 1 vCPU, one virtio-blk disk; 4k random reads at full depth, \
+         polled and with MSI-X interrupts; {} ms per phase; medians of {} interleaved rounds; \
+         file {} with cache=none; QEMU: {}",
+        setup.phase_ms,
+        choice.repeat,
+        args.file.display(),
+        version.as_deref().unwrap_or("missing")
+    );
+    print!("{}", invm::table(&results));
+    let json = serde_json::json!({
+        "qemu": version,
+        "phase_ms": setup.phase_ms,
+        "repeat": choice.repeat,
+        "runs": results.iter().map(|(c, runs)| serde_json::json!({
+            "contender": c.name,
+            "iops_poll": runs.iter().map(|f| f.iops_poll).collect::<Vec<_>>(),
+            "iops_irq": runs.iter().map(|f| f.iops_irq).collect::<Vec<_>>(),
+        })).collect::<Vec<_>>(),
+    });
+    let path = args.json.with_file_name("invm.json");
+    if let Some(parent) = path.parent() {
+        std::fs::create_dir_all(parent)
+            .map_err(|e| Failure::Run(format!("{}: {e}", parent.display())))?;
+    }
+    std::fs::write(&path, format!("{json:#}\n"))
+        .map_err(|e| Failure::Run(format!("{}: {e}", path.display())))?;
+    println!("blkbench: wrote {}", path.display());
+    if results.len() < invm::ALL.len() && setup.qemu.is_some() {
+        return Err(Failure::Run(
+            "some in-VM contenders failed (see above)".into(),
+        ));
     }
     Ok(())
 }

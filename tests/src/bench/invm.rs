@@ -1,0 +1,485 @@
+//! In-VM contenders: the freestanding test guest (`tests/guest`) drives one virtio-blk
+//! disk, 4 KiB random reads at full depth, first polling the used ring, then waiting for
+//! MSI-X interrupts, and reports the IOPS of each phase on its serial console. It runs
+//! under our `vmm` (a dedicated iothread: guest kick -> ioeventfd -> iothread -> engine ->
+//! irqfd) and under `qemu-system-x86_64 -accel kvm`, with an `-object iothread` (QEMU's
+//! data plane) and without one (the pre-data-plane baseline), on the same fully allocated
+//! image with `cache=none` and either engine, or on a null backend.
+
+// Figures and setup values, not guest input.
+#![allow(clippy::cast_precision_loss)]
+
+use std::collections::BTreeMap;
+use std::io::Read;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use crate::test_guest::parse_report;
+
+/// Which monitor runs the guest.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Monitor {
+    /// Our `vmm`, the disk on a dedicated iothread.
+    Ours,
+    /// QEMU with `-object iothread` and `virtio-blk-pci,iothread=`.
+    QemuIothread,
+    /// QEMU without an iothread (the device runs in QEMU's main loop).
+    Qemu,
+}
+
+/// What backs the guest's disk.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Backing {
+    /// The benchmark file, O_DIRECT (`cache=none`), through this engine.
+    File(&'static str),
+    /// A null backend (reads return zeroes).
+    Null,
+}
+
+/// One in-VM column.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct VmContender {
+    /// Name on the command line and in the table and JSON.
+    pub name: &'static str,
+    /// Who runs the guest.
+    pub monitor: Monitor,
+    /// What backs the disk.
+    pub backing: Backing,
+}
+
+const fn c(name: &'static str, monitor: Monitor, backing: Backing) -> VmContender {
+    VmContender {
+        name,
+        monitor,
+        backing,
+    }
+}
+
+/// Every in-VM contender, in run order (each backing's three monitors in a row, so that
+/// they see the same conditions).
+pub const ALL: [VmContender; 9] = [
+    c("vm-ours-null", Monitor::Ours, Backing::Null),
+    c(
+        "vm-qemu-iothread-null",
+        Monitor::QemuIothread,
+        Backing::Null,
+    ),
+    c("vm-qemu-null", Monitor::Qemu, Backing::Null),
+    c("vm-ours-io_uring", Monitor::Ours, Backing::File("io_uring")),
+    c(
+        "vm-qemu-iothread-io_uring",
+        Monitor::QemuIothread,
+        Backing::File("io_uring"),
+    ),
+    c("vm-qemu-io_uring", Monitor::Qemu, Backing::File("io_uring")),
+    c("vm-ours-native", Monitor::Ours, Backing::File("native")),
+    c(
+        "vm-qemu-iothread-native",
+        Monitor::QemuIothread,
+        Backing::File("native"),
+    ),
+    c("vm-qemu-native", Monitor::Qemu, Backing::File("native")),
+];
+
+/// What the runs need.
+#[derive(Clone, Debug)]
+pub struct VmSetup {
+    /// The test guest ELF.
+    pub elf: PathBuf,
+    /// Our `vmm` binary.
+    pub vmm: PathBuf,
+    /// `qemu-system-x86_64`, with its data directory (`-L`) when it is not the system's.
+    pub qemu: Option<(PathBuf, Option<PathBuf>)>,
+    /// The fully allocated image.
+    pub file: PathBuf,
+    /// The null backend's size in bytes.
+    pub null_size: u64,
+    /// Milliseconds of each of the guest's phases.
+    pub phase_ms: u64,
+    /// The TSC rate the guest times itself with.
+    pub tsc_khz: u64,
+    /// Where configs and consoles go.
+    pub dir: PathBuf,
+}
+
+/// What one guest run measured.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct VmFigures {
+    /// IOPS while the guest polls the used ring.
+    pub iops_poll: f64,
+    /// IOPS while the guest waits for MSI-X interrupts.
+    pub iops_irq: f64,
+}
+
+/// How long one guest run may take.
+const RUN_TIMEOUT: Duration = Duration::from_secs(120);
+
+/// Boots the guest under `c` and returns what it measured.
+pub fn run(c: &VmContender, s: &VmSetup) -> Result<VmFigures, String> {
+    let cmdline = |exit: &str| {
+        format!(
+            "exit={exit} pci=auto tsc_khz={} ms={} blocks=0",
+            s.tsc_khz, s.phase_ms
+        )
+    };
+    let console = match c.monitor {
+        Monitor::Ours => {
+            let config = ours_config(c, s, &cmdline("acpi"));
+            let path = s.dir.join(format!("{}.json", c.name));
+            std::fs::write(&path, config).map_err(|e| format!("{}: {e}", path.display()))?;
+            let mut cmd = Command::new(&s.vmm);
+            cmd.arg("--config").arg(&path);
+            run_to_end(cmd)?;
+            let serial = s.dir.join(format!("{}.serial", c.name));
+            std::fs::read_to_string(&serial).map_err(|e| format!("{}: {e}", serial.display()))?
+        }
+        Monitor::QemuIothread | Monitor::Qemu => {
+            let Some((qemu, data)) = &s.qemu else {
+                return Err("qemu-system-x86_64 missing (apt-get install qemu-system-x86)".into());
+            };
+            let mut cmd = Command::new(qemu);
+            if let Some(data) = data {
+                cmd.arg("-L").arg(data);
+            }
+            cmd.args(qemu_args(c, s, &cmdline("isa")));
+            run_to_end(cmd)?
+        }
+    };
+    figures(&parse_report(&console))
+        .ok_or_else(|| format!("{}: the guest reported no IOPS:\n{console}", c.name))
+}
+
+/// The IOPS of both phases from a guest report, if it finished.
+pub fn figures(report: &BTreeMap<String, String>) -> Option<VmFigures> {
+    if report.get("result").map(String::as_str) != Some("ok") {
+        return None;
+    }
+    let num = |k: &str| report.get(k)?.parse::<f64>().ok().filter(|v| *v > 0.0);
+    Some(VmFigures {
+        iops_poll: num("disk0.iops_poll")?,
+        iops_irq: num("disk0.iops_irq")?,
+    })
+}
+
+/// Our VM config: one vCPU, 128 MiB, the disk on its dedicated iothread, the console in
+/// `<dir>/<name>.serial`.
+fn ours_config(c: &VmContender, s: &VmSetup, cmdline: &str) -> String {
+    let disk = match c.backing {
+        Backing::Null => serde_json::json!({"id": "d0", "path": "null", "null_size": s.null_size}),
+        Backing::File(aio) => {
+            serde_json::json!({"id": "d0", "path": s.file, "cache": "none", "aio": aio})
+        }
+    };
+    serde_json::json!({
+        "id": "bench",
+        "cpus": {"boot_vcpus": 1},
+        "memory": {"size_mib": 128},
+        "payload": {"kernel": s.elf, "cmdline": cmdline},
+        "serial": {"mode": "file", "path": s.dir.join(format!("{}.serial", c.name))},
+        "disks": [disk],
+    })
+    .to_string()
+}
+
+/// QEMU's arguments for `c`: q35 under KVM, one vCPU, 128 MiB, isa-debug-exit, the disk
+/// as a modern `virtio-blk-pci` over `-blockdev`.
+pub fn qemu_args(c: &VmContender, s: &VmSetup, cmdline: &str) -> Vec<String> {
+    let mut a: Vec<String> = [
+        "-accel",
+        "kvm",
+        "-machine",
+        "q35",
+        "-m",
+        "128",
+        "-smp",
+        "1",
+        "-nographic",
+        "-no-reboot",
+        "-net",
+        "none",
+        "-kernel",
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect();
+    a.push(s.elf.display().to_string());
+    a.extend(["-append".into(), cmdline.into()]);
+    a.extend([
+        "-device".into(),
+        "isa-debug-exit,iobase=0xf4,iosize=0x04".into(),
+    ]);
+    match c.backing {
+        Backing::Null => a.extend([
+            "-blockdev".into(),
+            format!(
+                "driver=null-co,node-name=d0,size={},read-zeroes=on",
+                s.null_size
+            ),
+        ]),
+        Backing::File(aio) => a.extend([
+            "-blockdev".into(),
+            format!(
+                "driver=file,node-name=f0,filename={},cache.direct=on,aio={aio}",
+                s.file.display()
+            ),
+            "-blockdev".into(),
+            "driver=raw,node-name=d0,file=f0,cache.direct=on".into(),
+        ]),
+    }
+    let mut device = "virtio-blk-pci,drive=d0,disable-legacy=on,num-queues=1".to_string();
+    if c.monitor == Monitor::QemuIothread {
+        a.extend(["-object".into(), "iothread,id=io0".into()]);
+        device.push_str(",iothread=io0");
+    }
+    a.extend(["-device".into(), device]);
+    a
+}
+
+/// Runs `cmd` to its end (killed after [`RUN_TIMEOUT`]); returns its stdout and stderr.
+fn run_to_end(mut cmd: Command) -> Result<String, String> {
+    let shown = format!("{cmd:?}");
+    let mut child = cmd
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .map_err(|e| format!("{shown}: {e}"))?;
+    let (mut out, mut err) = (child.stdout.take(), child.stderr.take());
+    let reader = std::thread::spawn(move || {
+        let mut buf = Vec::new();
+        if let Some(o) = out.as_mut() {
+            let _ = o.read_to_end(&mut buf);
+        }
+        if let Some(e) = err.as_mut() {
+            let _ = e.read_to_end(&mut buf);
+        }
+        buf
+    });
+    let start = Instant::now();
+    loop {
+        if child.try_wait().map_err(|e| e.to_string())?.is_some() {
+            break;
+        }
+        if start.elapsed() > RUN_TIMEOUT {
+            let _ = child.kill();
+            let _ = child.wait();
+            return Err(format!("{shown}: no end after {RUN_TIMEOUT:?}"));
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let buf = reader.join().unwrap_or_default();
+    Ok(String::from_utf8_lossy(&buf).into_owned())
+}
+
+/// `qemu-system-x86_64`: the QEMU 10 tree unpacked by `shared/tools/qemu10.sh` when it is
+/// at `qemu10_bin`, else the one on `PATH`; with its data directory when not the system's.
+pub fn find_qemu(qemu10_bin: &Path) -> Option<(PathBuf, Option<PathBuf>)> {
+    let q10 = qemu10_bin.join("qemu-system-x86_64");
+    if q10.is_file() {
+        let data = qemu10_bin.parent().map(|usr| usr.join("share/qemu"));
+        return Some((q10, data));
+    }
+    crate::test_guest::find_qemu().map(|q| (q, None))
+}
+
+/// The first line of `qemu --version` (e.g. `QEMU emulator version 10.0.2 (...)`).
+pub fn qemu_version(qemu: &Path) -> String {
+    Command::new(qemu)
+        .arg("--version")
+        .output()
+        .ok()
+        .and_then(|o| {
+            String::from_utf8_lossy(&o.stdout)
+                .lines()
+                .next()
+                .map(str::to_string)
+        })
+        .unwrap_or_else(|| "unknown version".into())
+}
+
+/// The TSC rate, measured against the monotonic clock (the guest's TSC runs at it under
+/// KVM): the guest's own PIT calibration is off by tens of percent on a loaded host.
+pub fn tsc_khz() -> u64 {
+    // SAFETY: RDTSC has no memory effects; x86-64 always has it.
+    let tsc = || unsafe { core::arch::x86_64::_rdtsc() };
+    let (t0, c0) = (Instant::now(), tsc());
+    std::thread::sleep(Duration::from_millis(100));
+    let (t1, c1) = (Instant::now(), tsc());
+    let us = u64::try_from((t1 - t0).as_micros())
+        .unwrap_or(u64::MAX)
+        .max(1);
+    (c1.wrapping_sub(c0) / us) * 1000
+}
+
+/// Runs every contender of `which` `repeat` times, interleaved (one round of all, then
+/// the next), printing a line per run; returns the figures per contender. A contender
+/// that fails is reported and left out; QEMU's are left out, saying so, without QEMU.
+pub fn run_all(
+    which: &[VmContender],
+    s: &VmSetup,
+    repeat: usize,
+) -> Vec<(VmContender, Vec<VmFigures>)> {
+    let mut results: Vec<(VmContender, Vec<VmFigures>)> =
+        which.iter().map(|c| (*c, Vec::new())).collect();
+    for round in 1..=repeat {
+        for (c, runs) in &mut results {
+            if c.monitor != Monitor::Ours && s.qemu.is_none() {
+                continue;
+            }
+            match run(c, s) {
+                Ok(f) => {
+                    eprintln!(
+                        "[{round}/{repeat}] {:<28} polled {:>9.0}  irq {:>9.0}",
+                        c.name, f.iops_poll, f.iops_irq
+                    );
+                    runs.push(f);
+                }
+                Err(e) => eprintln!("[{round}/{repeat}] {}: {e}", c.name),
+            }
+        }
+    }
+    if s.qemu.is_none() {
+        eprintln!(
+            "SKIP QEMU in-VM contenders: qemu-system-x86_64 missing (apt-get install qemu-system-x86)"
+        );
+    }
+    results.retain(|(_, runs)| !runs.is_empty());
+    results
+}
+
+/// The median of `v` (0 for none).
+pub fn median(v: &[f64]) -> f64 {
+    let mut v = v.to_vec();
+    v.sort_by(f64::total_cmp);
+    match v.len() {
+        0 => 0.0,
+        n if n % 2 == 1 => v[n / 2],
+        n => (v[n / 2 - 1] + v[n / 2]) / 2.0,
+    }
+}
+
+/// The table: per contender the medians of both phases, and for ours the ratios against
+/// QEMU with and without an iothread on the same backing.
+pub fn table(results: &[(VmContender, Vec<VmFigures>)]) -> String {
+    let med = |c: &VmContender| {
+        results.iter().find(|(x, _)| x == c).map(|(_, runs)| {
+            (
+                median(&runs.iter().map(|f| f.iops_poll).collect::<Vec<_>>()),
+                median(&runs.iter().map(|f| f.iops_irq).collect::<Vec<_>>()),
+            )
+        })
+    };
+    let mut out = format!(
+        "{:<28}{:>12}{:>12}{:>22}{:>22}\n",
+        "in-VM, 4k randread", "polled", "irq", "ours/qemu-iothread", "ours/qemu-no-iothread"
+    );
+    for (c, runs) in results {
+        let Some((poll, irq)) = med(c) else { continue };
+        let ratio = |monitor: Monitor| {
+            let other = ALL
+                .iter()
+                .find(|o| o.monitor == monitor && o.backing == c.backing)?;
+            let (p, i) = med(other)?;
+            (p > 0.0 && i > 0.0).then(|| format!("{:.2} : {:.2}", poll / p, irq / i))
+        };
+        let (vs_io, vs_plain) = if c.monitor == Monitor::Ours {
+            (
+                ratio(Monitor::QemuIothread).unwrap_or_default(),
+                ratio(Monitor::Qemu).unwrap_or_default(),
+            )
+        } else {
+            (String::new(), String::new())
+        };
+        out += &format!(
+            "{:<28}{:>12.0}{:>12.0}{:>22}{:>22}   ({} runs)\n",
+            c.name,
+            poll,
+            irq,
+            vs_io,
+            vs_plain,
+            runs.len()
+        );
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn setup() -> VmSetup {
+        VmSetup {
+            elf: "/g".into(),
+            vmm: "/vmm".into(),
+            qemu: None,
+            file: "/img.raw".into(),
+            null_size: 1 << 30,
+            phase_ms: 1000,
+            tsc_khz: 2_000_000,
+            dir: "/d".into(),
+        }
+    }
+
+    #[test]
+    fn qemu_gets_an_iothread_only_when_asked_and_o_direct_on_files() {
+        let s = setup();
+        let with = qemu_args(&ALL[4], &s, "x").join(" ");
+        assert!(with.contains("-object iothread,id=io0"), "{with}");
+        assert!(with.contains("iothread=io0"), "{with}");
+        assert!(with.contains("cache.direct=on,aio=io_uring"), "{with}");
+        let without = qemu_args(&ALL[5], &s, "x").join(" ");
+        assert!(!without.contains("iothread"), "{without}");
+        let null = qemu_args(&ALL[1], &s, "x").join(" ");
+        assert!(null.contains("driver=null-co"), "{null}");
+        assert!(null.contains("read-zeroes=on"), "{null}");
+    }
+
+    #[test]
+    fn our_config_is_o_direct_on_files_and_null_otherwise() {
+        let s = setup();
+        let v: serde_json::Value = serde_json::from_str(&ours_config(&ALL[6], &s, "x")).unwrap();
+        assert_eq!(v["disks"][0]["cache"], "none");
+        assert_eq!(v["disks"][0]["aio"], "native");
+        let v: serde_json::Value = serde_json::from_str(&ours_config(&ALL[0], &s, "x")).unwrap();
+        assert_eq!(v["disks"][0]["path"], "null");
+    }
+
+    #[test]
+    fn figures_need_a_finished_guest_with_both_phases() {
+        let report = |s: &str| parse_report(s);
+        assert_eq!(
+            figures(&report("disk0.iops_poll=10\ndisk0.iops_irq=5\nresult=ok\n")),
+            Some(VmFigures {
+                iops_poll: 10.0,
+                iops_irq: 5.0
+            })
+        );
+        assert_eq!(
+            figures(&report("disk0.iops_poll=10\ndisk0.iops_irq=5\n")),
+            None
+        );
+        assert_eq!(figures(&report("disk0.iops_poll=10\nresult=ok\n")), None);
+    }
+
+    #[test]
+    fn ratios_compare_ours_with_qemu_on_the_same_backing() {
+        let f = |p, i| VmFigures {
+            iops_poll: p,
+            iops_irq: i,
+        };
+        let results = vec![
+            (
+                ALL[0],
+                vec![f(900.0, 300.0), f(1000.0, 200.0), f(800.0, 250.0)],
+            ),
+            (ALL[1], vec![f(450.0, 250.0)]),
+            (ALL[2], vec![f(300.0, 100.0)]),
+        ];
+        let t = table(&results);
+        let ours = t.lines().find(|l| l.starts_with("vm-ours-null")).unwrap();
+        assert!(ours.contains("2.00 : 1.00"), "{t}");
+        assert!(ours.contains("3.00 : 2.50"), "{t}");
+        assert_eq!(median(&[3.0, 1.0, 2.0, 10.0]), 2.5);
+    }
+}

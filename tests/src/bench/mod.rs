@@ -1,12 +1,13 @@
 //! The pieces of `blkbench`, the side-by-side vhost-user-blk benchmark: the workload
-//! catalogue, the per-queue load loop shared by every client, the contenders, the host
-//! io_uring reference, the runner, and the table, JSON and SVG reports.
+//! catalogue, the per-queue load loop shared by every client, the client patterns, the
+//! contenders, the host io_uring reference, the runner, and the table, JSON and SVG reports.
 
 pub mod chart;
 pub mod contenders;
 pub mod engine;
 pub mod host;
 pub mod host_uring;
+pub mod pattern;
 pub mod report;
 pub mod runner;
 pub mod table;

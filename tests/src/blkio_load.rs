@@ -17,6 +17,7 @@ use blkio::{Blkio, Blkioq, Completion, ReqFlags};
 
 pub use crate::bench::engine::LoadResult;
 use crate::bench::engine::{QueueIo, run_queues};
+pub use crate::bench::pattern::Pattern;
 pub use crate::bench::workload::Workload;
 
 /// Byte written into every write buffer, so writes carry data and not zeroes.
@@ -27,6 +28,7 @@ struct BlkioQueue {
     q: Blkioq,
     bufs: usize,
     workload: Workload,
+    /// Room for `iodepth` completions (batch) or for one (resubmit).
     comps: Vec<MaybeUninit<Completion>>,
 }
 
@@ -67,11 +69,12 @@ impl QueueIo for BlkioQueue {
 }
 
 /// Connects to the vhost-user-blk socket at `socket` and runs `workload` for `runtime`
-/// after `warmup`. `probe` (the server's CPU time) is called as the measured window
+/// after `warmup`, reaping completions as `pattern` says. `probe` (the server's CPU time) is called as the measured window
 /// opens and closes.
 pub fn run(
     socket: &Path,
     workload: Workload,
+    pattern: Pattern,
     warmup: Duration,
     runtime: Duration,
     probe: &mut dyn FnMut() -> Option<Duration>,
@@ -106,6 +109,12 @@ pub fn run(
     // uses them until the queues start.
     unsafe { std::ptr::write_bytes(region.addr as *mut u8, FILL, region.len) };
     b.map_mem_region(&region).map_err(err("map_mem_region"))?;
+    // Each do_io reaps at most as many completions as the slice holds: one for resubmit,
+    // so that each replacement goes out at the very next do_io.
+    let reap = match pattern {
+        Pattern::Batch => workload.iodepth,
+        Pattern::Resubmit => 1,
+    };
     let queues = started
         .queues
         .into_iter()
@@ -114,9 +123,7 @@ pub fn run(
             q,
             bufs: region.addr + i * per_queue,
             workload,
-            comps: (0..workload.iodepth)
-                .map(|_| MaybeUninit::uninit())
-                .collect(),
+            comps: (0..reap).map(|_| MaybeUninit::uninit()).collect(),
         })
         .collect();
     let blocks = capacity / workload.block_size as u64;

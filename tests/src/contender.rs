@@ -34,13 +34,58 @@ pub enum Target {
     },
 }
 
-/// Where `qemu-storage-daemon` is, if installed.
+/// Where `/work/shared/tools/qemu10.sh` unpacks QEMU 10.0's binaries (without installing
+/// them): the newest qemu-storage-daemon the benchmarks can get.
+pub const NEWEST_QEMU_BIN: &str = "/var/tmp/qemu10/x/usr/bin";
+
+/// Where `qemu-storage-daemon` is in PATH, if installed.
 pub fn qsd_binary() -> Option<PathBuf> {
     std::env::var_os("PATH").and_then(|paths| {
         std::env::split_paths(&paths)
             .map(|p| p.join("qemu-storage-daemon"))
             .find(|p| p.is_file())
     })
+}
+
+/// The qemu-storage-daemon of the unpacked QEMU 10.0 ([`NEWEST_QEMU_BIN`]), when it is
+/// there and runs.
+pub fn newest_qsd() -> Option<PathBuf> {
+    let qsd = Path::new(NEWEST_QEMU_BIN).join("qemu-storage-daemon");
+    (qsd.is_file() && qsd_version(&qsd).is_some()).then_some(qsd)
+}
+
+/// The qemu-storage-daemon benchmarks use by default: the newest QEMU's, else PATH's.
+pub fn default_qsd() -> Option<PathBuf> {
+    newest_qsd().or_else(qsd_binary)
+}
+
+/// The first line of `qsd --version` (`qemu-storage-daemon version 10.0.2 (Debian ...)`);
+/// None when it does not run.
+pub fn qsd_version(qsd: &Path) -> Option<String> {
+    let out = Command::new(qsd)
+        .arg("--version")
+        .stdin(Stdio::null())
+        .stderr(Stdio::null())
+        .output()
+        .ok()?;
+    if !out.status.success() {
+        return None;
+    }
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .next()
+        .map(|l| l.trim().to_string())
+        .filter(|l| !l.is_empty())
+}
+
+/// The version number in a `--version` line (`10.0.2` of
+/// `qemu-storage-daemon version 10.0.2 (Debian ...)`).
+pub fn version_number(line: &str) -> Option<&str> {
+    let mut words = line.split_whitespace();
+    words.find(|w| *w == "version")?;
+    words
+        .next()
+        .filter(|v| v.starts_with(|c: char| c.is_ascii_digit()))
 }
 
 /// Where our `vhost-user-blk` binary is: beside the running executable (target/*/),
@@ -184,4 +229,27 @@ pub fn cpu_time_of(pid: u32) -> Option<Duration> {
     // SAFETY: sysconf has no memory effects.
     let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as u64;
     Some(Duration::from_nanos((utime + stime) * 1_000_000_000 / hz))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn version_numbers() {
+        let v = "qemu-storage-daemon version 10.0.2 (Debian 1:10.0.2+ds-2+deb13u1~bpo12+1)";
+        assert_eq!(version_number(v), Some("10.0.2"));
+        assert_eq!(
+            version_number("qemu-storage-daemon version 7.2.22"),
+            Some("7.2.22")
+        );
+        assert_eq!(version_number("qemu-storage-daemon"), None);
+        assert_eq!(version_number("version unknown"), None);
+    }
+
+    #[test]
+    fn a_binary_that_fails_has_no_version() {
+        assert_eq!(qsd_version(Path::new("/bin/false")), None);
+        assert_eq!(qsd_version(Path::new("/nonexistent/qsd")), None);
+    }
 }

@@ -1,7 +1,9 @@
 //! `blkbench --quick` as a user runs it: every contender on the quick workloads, on a
 //! small image, checked from the results JSON it writes (not for speed): every contender
-//! ran every workload without error and moved I/O (non-zero figures), the ratios are
-//! there, the table and the chart name every contender.
+//! ran every workload without error and moved I/O (non-zero figures), every vhost-user
+//! contender with both client patterns (batch and resubmit), the qsd version is recorded
+//! when qsd ran, the spreads and ratios are there, the table and the chart name every
+//! contender.
 //! Needs the `vhost-user-blk` binary beside `blkbench` (both are built by
 //! `cargo test --workspace --all-targets`).
 
@@ -11,8 +13,8 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
 use serde_json::Value;
-use tests::bench::{contenders, workload};
-use tests::contender::qsd_binary;
+use tests::bench::{contenders, pattern, workload};
+use tests::contender::{default_qsd, newest_qsd, version_number};
 
 const BIN: &str = env!("CARGO_BIN_EXE_blkbench");
 
@@ -96,8 +98,9 @@ fn quick_run_has_every_cell_consistent_figures_and_a_chart() {
     assert_eq!(r["settings"]["quick"], true);
     let repeat = r["settings"]["repeat"].as_u64().unwrap() as usize;
 
-    // Which contenders must be there.
-    let have_qsd = qsd_binary().is_some();
+    // Which contenders must be there (qsd: the newest QEMU's when unpacked, else PATH's).
+    let qsd = default_qsd();
+    let have_qsd = qsd.is_some();
     let expected: Vec<&str> = contenders::ALL
         .iter()
         .filter(|c| have_qsd || c.server != contenders::Server::Qsd)
@@ -115,24 +118,80 @@ fn quick_run_has_every_cell_consistent_figures_and_a_chart() {
         println!("qemu-storage-daemon not installed: the qsd cells are absent");
         assert_eq!(skipped, ["qsd-io_uring", "qsd-native", "qsd-null"]);
         assert!(err.contains("apt-get install"), "no install hint: {err}");
+        assert!(
+            err.contains("qemu10.sh"),
+            "no hint at the QEMU 10.0 script: {err}"
+        );
     }
 
-    // Every contender ran every workload: a cell with no error, the runs asked for, each
-    // of which moved I/O (requests completed in a measured window) and so has non-zero
-    // figures; a server contender's CPU time was measured.
+    // The qsd that ran is the newest there is, and its version is recorded and shown.
+    let settings = &r["settings"];
+    if let Some(qsd) = &qsd {
+        assert_eq!(settings["qsd"], qsd.to_str().unwrap());
+        if newest_qsd().is_none() {
+            assert!(err.contains("qemu10.sh"), "no word of the fallback: {err}");
+        }
+        let version = settings["qsd_version"].as_str().unwrap_or_default();
+        assert!(
+            version.starts_with("qemu-storage-daemon version "),
+            "qsd_version: {settings}"
+        );
+        assert_eq!(
+            settings["qsd_version_number"].as_str(),
+            version_number(version),
+            "{settings}"
+        );
+        assert!(
+            table.contains(&format!("qsd-* rows: {version}")),
+            "no qsd version in the table"
+        );
+    } else {
+        assert!(settings["qsd_version"].is_null(), "{settings}");
+    }
+    assert_eq!(
+        settings["patterns"],
+        serde_json::json!(["batch", "resubmit"]),
+        "--quick runs both patterns"
+    );
+
+    // Every contender ran every workload, each vhost-user one with both patterns (the
+    // limit batching only): a cell with no error, the runs asked for, each of which moved
+    // I/O (requests completed in a measured window) and so has non-zero figures; a server
+    // contender's CPU time was measured; qsd's cells name its version.
+    let columns: Vec<(&str, &str)> = expected
+        .iter()
+        .flat_map(|&c| {
+            let patterns: Vec<&str> = match c {
+                "limit" => vec!["batch"],
+                _ => pattern::ALL.iter().map(|p| p.as_str()).collect(),
+            };
+            patterns.into_iter().map(move |p| (c, p))
+        })
+        .collect();
     let cells = r["cells"].as_array().unwrap();
-    assert_eq!(cells.len(), workload::QUICK.len() * expected.len());
+    assert_eq!(cells.len(), workload::QUICK.len() * columns.len());
     for w in workload::QUICK {
-        assert!(table.contains(&workload::by_name(w).unwrap().workload.label()));
-        for &c in &expected {
+        let label = workload::by_name(w).unwrap().workload.label();
+        assert!(table.contains(&label));
+        for &(c, p) in &columns {
             let cell = cells
                 .iter()
-                .find(|x| x["workload"] == w && x["contender"] == c)
-                .unwrap_or_else(|| panic!("cell {w} {c} missing"));
-            assert!(table.contains(c), "{c} not in the table");
+                .find(|x| x["workload"] == w && x["contender"] == c && x["pattern"] == p)
+                .unwrap_or_else(|| panic!("cell {w} {c} {p} missing"));
+            assert!(
+                table.lines().any(|l| l.contains(c) && l.contains(p)),
+                "no {c} {p} row in the table"
+            );
             assert_eq!(cell["errors"].as_array().unwrap().len(), 0, "{cell}");
+            assert!(f(cell, "spread") >= 1.0, "{w} {c} {p}: spread in {cell}");
+            match c {
+                "qsd-io_uring" | "qsd-native" | "qsd-null" => {
+                    assert_eq!(cell["server_version"], settings["qsd_version"]);
+                }
+                _ => assert!(cell["server_version"].is_null(), "{cell}"),
+            }
             let runs = cell["runs"].as_array().unwrap();
-            assert_eq!(runs.len(), repeat, "{w} {c}");
+            assert_eq!(runs.len(), repeat, "{w} {c} {p}");
             for run in runs.iter().chain([&cell["median"]]) {
                 for key in ["iops", "mib_s", "p50_us", "p99_us"] {
                     assert!(f(run, key) > 0.0, "{w} {c}: {key} in {run}");
@@ -146,28 +205,35 @@ fn quick_run_has_every_cell_consistent_figures_and_a_chart() {
             for run in runs {
                 assert!(run["ios"].as_u64().unwrap_or(0) > 0, "{w} {c}: {run}");
                 assert!(f(run, "seconds") > 0.0, "{w} {c}: {run}");
+                assert_eq!(run["pattern"], p, "{w} {c}: {run}");
             }
         }
     }
 
-    // Each of our contenders has its ratios against the peers that ran (their arithmetic
-    // is report.rs's unit tests' business), all positive.
+    // Each of our contenders has, with each pattern, its ratios against the peers that ran
+    // (their arithmetic is report.rs's unit tests' business), all positive.
     let ratios = r["ratios"].as_array().unwrap();
-    for w in workload::QUICK {
+    for (w, p) in workload::QUICK
+        .iter()
+        .flat_map(|w| pattern::ALL.iter().map(move |p| (w, p.as_str())))
+    {
         for (ours, kinds) in [
             ("ours-io_uring", &["qsd", "limit"][..]),
             ("ours-native", &["qsd", "limit"][..]),
             ("ours-null", &["qsd"][..]),
         ] {
             for &kind in kinds {
-                let found = ratios
-                    .iter()
-                    .find(|x| x["workload"] == w && x["ours"] == ours && x["kind"] == kind);
+                let found = ratios.iter().find(|x| {
+                    x["workload"] == *w
+                        && x["pattern"] == p
+                        && x["ours"] == ours
+                        && x["kind"] == kind
+                });
                 if kind == "qsd" && !have_qsd {
                     assert!(found.is_none(), "{found:?}");
                     continue;
                 }
-                let found = found.unwrap_or_else(|| panic!("no {kind} ratio for {w} {ours}"));
+                let found = found.unwrap_or_else(|| panic!("no {kind} ratio for {w} {ours} {p}"));
                 assert!(f(found, "iops") > 0.0 && f(found, "p50") > 0.0, "{found}");
             }
         }
@@ -177,13 +243,18 @@ fn quick_run_has_every_cell_consistent_figures_and_a_chart() {
     let chart = std::fs::read_to_string(&svg).unwrap();
     assert!(chart.starts_with("<svg") || chart.starts_with("<?xml"));
     assert!(chart.trim_end().ends_with("</svg>"));
-    for c in &expected {
-        assert!(chart.contains(c), "{c} not in the chart");
+    for (c, p) in &columns {
+        let name = if *c == "limit" {
+            c.to_string()
+        } else {
+            format!("{c} {p}")
+        };
+        assert!(chart.contains(&name), "{name} not in the chart");
     }
 }
 
 #[test]
-fn without_qsd_its_cells_are_skipped_with_an_install_hint() {
+fn without_qsd_its_cells_are_skipped_saying_so() {
     require_backend();
     let dir = scratch();
     let empty = dir.path().join("empty-path");
@@ -191,6 +262,10 @@ fn without_qsd_its_cells_are_skipped_with_an_install_hint() {
     let (json, svg) = outputs(dir.path());
     let out = run(
         &[
+            "--qemu-bin",
+            empty.to_str().unwrap(),
+            "--patterns",
+            "resubmit",
             "--contenders",
             "ours-null,qsd-null",
             "--workloads",
@@ -214,12 +289,17 @@ fn without_qsd_its_cells_are_skipped_with_an_install_hint() {
     );
     let err = stderr(&out);
     assert!(out.status.success(), "blkbench failed: {err}");
-    assert!(err.contains("apt-get install qemu-system-x86"), "{err}");
+    let says = format!("no qemu-storage-daemon in {}", empty.display());
+    assert!(err.contains(&says), "{err}");
+    assert!(err.contains("qsd columns are skipped"), "{err}");
     let r: Value = serde_json::from_str(&std::fs::read_to_string(&json).unwrap()).unwrap();
     assert_eq!(r["skipped"][0]["contender"], "qsd-null");
+    assert_eq!(r["skipped"][0]["reason"], says.as_str());
+    assert!(r["settings"]["qsd_version"].is_null());
     let cells = r["cells"].as_array().unwrap();
     assert_eq!(cells.len(), 1);
     assert_eq!(cells[0]["contender"], "ours-null");
+    assert_eq!(cells[0]["pattern"], "resubmit");
     assert!(f(&cells[0]["median"], "iops") > 0.0);
     assert_eq!(r["ratios"].as_array().unwrap().len(), 0);
     assert!(
@@ -237,6 +317,8 @@ fn bad_arguments_exit_2_with_a_message() {
         (&["--repeat", "0"][..], "--repeat"),
         (&["--size", "12Q"][..], "size"),
         (&["--qsd", "/nonexistent/qsd"][..], "no such file"),
+        (&["--qemu-bin", "/nonexistent/bin"][..], "no such directory"),
+        (&["--patterns", "fio"][..], "unknown pattern"),
     ] {
         let out = Command::new(BIN).args(args).output().unwrap();
         assert_eq!(out.status.code(), Some(2), "{args:?}: {}", stderr(&out));

@@ -1,4 +1,5 @@
-//! The SVG chart: median IOPS by workload, one bar per contender in each group, on a log
+//! The SVG chart: median IOPS by workload, one bar per column (a contender with a client
+//! pattern; resubmit in a paler shade of the contender's colour) in each group, on a log
 //! scale so that 128k streams and 4k QD32 fit on one axis; a legend on the right.
 
 // Chart geometry: a few dozen bars and their figures.
@@ -14,6 +15,8 @@ use plotters::coord::combinators::IntoLogRange;
 use plotters::prelude::*;
 use plotters::style::text_anchor::{HPos, Pos, VPos};
 
+use super::contenders::{Contender, Server};
+use super::pattern::Pattern;
 use super::report::Report;
 
 /// Colour of a contender's bars: greys for the limit, blues and green for ours,
@@ -27,6 +30,27 @@ fn colour(name: &str) -> RGBColor {
         "qsd-io_uring" => RGBColor(213, 94, 0),
         "qsd-native" => RGBColor(230, 159, 0),
         _ => RGBColor(204, 121, 167),
+    }
+}
+
+/// The colour of a column: the contender's, paler for the resubmit pattern.
+fn shade(name: &str, pattern: Pattern) -> RGBColor {
+    let RGBColor(r, g, b) = colour(name);
+    match pattern {
+        Pattern::Batch => RGBColor(r, g, b),
+        Pattern::Resubmit => {
+            let pale = |c: u8| c + (255 - c) / 2;
+            RGBColor(pale(r), pale(g), pale(b))
+        }
+    }
+}
+
+/// The legend's name of a column (`ours-null resubmit`; the limit only ever batches).
+fn series_name(c: &Contender, pattern: Pattern) -> String {
+    if c.server == Server::Host {
+        c.name.to_string()
+    } else {
+        format!("{} {}", c.name, pattern.as_str())
     }
 }
 
@@ -51,7 +75,8 @@ fn short_raw(v: f64) -> String {
 /// Writes the chart of `report` to `path`.
 pub fn write_svg(report: &Report, path: &Path) -> Result<(), String> {
     let err = |e: &dyn std::fmt::Display| format!("chart {}: {e}", path.display());
-    // The bars: per workload with any result, per contender with any result.
+    // The bars: per workload with any result, per column with any result, in the order
+    // the runner uses (pattern-major, the limit once).
     let workloads: Vec<_> = report
         .workloads
         .iter()
@@ -62,28 +87,30 @@ pub fn write_svg(report: &Report, path: &Path) -> Result<(), String> {
                 .any(|c| c.workload.name == w.name && !c.runs.is_empty())
         })
         .collect();
-    let contenders: Vec<_> = report
-        .contenders
-        .iter()
-        .filter(|k| {
-            report
-                .cells
-                .iter()
-                .any(|c| c.contender.name == k.name && !c.runs.is_empty())
-        })
-        .collect();
-    let iops = |w: &str, k: &str| {
+    let mut contenders: Vec<(Contender, Pattern)> = Vec::new();
+    for c in report.cells.iter().filter(|c| !c.runs.is_empty()) {
+        if !contenders.contains(&(c.contender, c.pattern)) {
+            contenders.push((c.contender, c.pattern));
+        }
+    }
+    let order = |(c, p): &(Contender, Pattern)| {
+        let by_pattern = report.settings.patterns.iter().position(|x| x == p);
+        let by_contender = report.contenders.iter().position(|x| x == c);
+        (c.server != Server::Host, by_pattern, by_contender)
+    };
+    contenders.sort_by_key(order);
+    let iops = |w: &str, (k, p): &(Contender, Pattern)| {
         report
             .cells
             .iter()
-            .find(|c| c.workload.name == w && c.contender.name == k)
+            .find(|c| c.workload.name == w && c.contender == *k && c.pattern == *p)
             .and_then(|c| c.summary())
             .map(|s| s.iops)
             .filter(|v| *v > 0.0)
     };
     let values: Vec<f64> = workloads
         .iter()
-        .flat_map(|w| contenders.iter().filter_map(|k| iops(w.name, k.name)))
+        .flat_map(|w| contenders.iter().filter_map(|k| iops(w.name, k)))
         .collect();
     let max = values.iter().copied().fold(1.0f64, f64::max);
     let min = values.iter().copied().fold(max, f64::min);
@@ -92,7 +119,7 @@ pub fn write_svg(report: &Report, path: &Path) -> Result<(), String> {
 
     let groups = workloads.len().max(1);
     let bars = contenders.len().max(1);
-    let legend_w = 190u32;
+    let legend_w = 220u32;
     let width = (140 + groups * bars * 28 + groups * 24).max(760) as u32 + legend_w;
     let root = SVGBackend::new(path, (width, 620)).into_drawing_area();
     root.fill(&WHITE).map_err(|e| err(&e))?;
@@ -120,7 +147,7 @@ pub fn write_svg(report: &Report, path: &Path) -> Result<(), String> {
     let slot = 0.84 / bars as f64;
     for (i, w) in workloads.iter().enumerate() {
         for (j, k) in contenders.iter().enumerate() {
-            let Some(v) = iops(w.name, k.name) else {
+            let Some(v) = iops(w.name, k) else {
                 continue;
             };
             let x0 = i as f64 + 0.08 + j as f64 * slot;
@@ -128,7 +155,7 @@ pub fn write_svg(report: &Report, path: &Path) -> Result<(), String> {
             chart
                 .draw_series(std::iter::once(Rectangle::new(
                     [(x0, lo), (x1, v)],
-                    colour(k.name).filled(),
+                    shade(k.0.name, k.1).filled(),
                 )))
                 .map_err(|e| err(&e))?;
             let style = TextStyle::from(("sans-serif", 10).into_font())
@@ -155,12 +182,12 @@ pub fn write_svg(report: &Report, path: &Path) -> Result<(), String> {
         legend
             .draw(&Rectangle::new(
                 [(8, y), (24, y + 14)],
-                colour(k.name).filled(),
+                shade(k.0.name, k.1).filled(),
             ))
             .map_err(|e| err(&e))?;
         legend
             .draw(&Text::new(
-                k.name.to_string(),
+                series_name(&k.0, k.1),
                 (32, y + 1),
                 ("sans-serif", 14).into_font(),
             ))
@@ -182,5 +209,18 @@ mod tests {
         assert_eq!(short(71_230.0), "71k");
         assert_eq!(short(1_000_000.0), "1M");
         assert_eq!(short(1_250_000.0), "1.2M");
+    }
+
+    #[test]
+    fn resubmit_is_a_paler_shade_and_named() {
+        assert_eq!(shade("ours-null", Pattern::Batch), colour("ours-null"));
+        assert_eq!(
+            shade("ours-null", Pattern::Resubmit),
+            RGBColor(127, 206, 185)
+        );
+        let ours = crate::bench::contenders::by_name("ours-null").unwrap();
+        let limit = crate::bench::contenders::by_name("limit").unwrap();
+        assert_eq!(series_name(&ours, Pattern::Resubmit), "ours-null resubmit");
+        assert_eq!(series_name(&limit, Pattern::Batch), "limit");
     }
 }

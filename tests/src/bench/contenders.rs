@@ -1,11 +1,12 @@
 //! The contenders: host io_uring on the file (the limit), our `vhost-user-blk` and
 //! qemu-storage-daemon, each on the O_DIRECT file with either engine or on a null backend.
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::time::Duration;
 
 use super::engine::LoadResult;
 use super::host_uring;
+use super::pattern::Pattern;
 use super::workload::Workload;
 use crate::blkio_load;
 use crate::contender::{Backend, Target};
@@ -133,10 +134,12 @@ pub struct Setup {
     pub sockets: PathBuf,
 }
 
-/// Starts `contender` (when it has a server), runs `workload` against it and stops it.
+/// Starts `contender` (when it has a server), runs `workload` against it with the client
+/// `pattern` (the host io_uring limit always batches) and stops it.
 pub fn measure(
     contender: &Contender,
     workload: &Workload,
+    pattern: Pattern,
     setup: &Setup,
     warmup: Duration,
     runtime: Duration,
@@ -169,22 +172,15 @@ pub fn measure(
         }
     };
     let pid = backend.pid();
-    blkio_load::run(&backend.socket, *workload, warmup, runtime, &mut || {
-        crate::contender::cpu_time_of(pid)
-    })
+    blkio_load::run(
+        &backend.socket,
+        *workload,
+        pattern,
+        warmup,
+        runtime,
+        &mut || crate::contender::cpu_time_of(pid),
+    )
     .map_err(|e| format!("{}: {e}", backend.name))
-}
-
-/// The `--version` line of qemu-storage-daemon, for the record.
-pub fn qsd_version(qsd: &Path) -> Option<String> {
-    let out = std::process::Command::new(qsd)
-        .arg("--version")
-        .output()
-        .ok()?;
-    String::from_utf8_lossy(&out.stdout)
-        .lines()
-        .next()
-        .map(str::to_string)
 }
 
 #[cfg(test)]

@@ -1,7 +1,7 @@
 //! The pieces of `blkbench`, the side-by-side vhost-user-blk benchmark: the workload
-//! catalogue, the per-queue load loop shared by every client, the contenders, the host
-//! io_uring reference, the runner, and the table, JSON and SVG reports; and the in-VM
-//! contenders (the test guest under our `vmm` and under QEMU).
+//! catalogue, the per-queue load loop shared by every client, the client patterns, the
+//! contenders, the host io_uring reference, the runner, and the table, JSON and SVG
+//! reports; and the in-VM contenders (the test guest under our `vmm` and under QEMU).
 
 pub mod chart;
 pub mod contenders;
@@ -9,6 +9,7 @@ pub mod engine;
 pub mod host;
 pub mod host_uring;
 pub mod invm;
+pub mod pattern;
 pub mod report;
 pub mod runner;
 pub mod table;

@@ -1,5 +1,5 @@
-//! The results of a benchmark: every run of every cell, the medians, the ratios against
-//! the peers, and the JSON that holds them all.
+//! The results of a benchmark: every run of every cell, the medians and spreads, the
+//! ratios against the peers, and the JSON that holds them all.
 
 // Statistics for the report: figures far below 2^53.
 #![allow(
@@ -15,7 +15,9 @@ use serde_json::{Value, json};
 use super::contenders::{Contender, Server};
 use super::engine::LoadResult;
 use super::host::HostInfo;
+use super::pattern::Pattern;
 use super::workload::NamedWorkload;
+use crate::contender::version_number;
 
 /// The figures of one run.
 #[derive(Clone, Copy, Debug, PartialEq)]
@@ -64,6 +66,9 @@ pub struct Summary {
     pub p99_us: f64,
     /// Median CPU microseconds per I/O (None without a server).
     pub cpu_us_per_io: Option<f64>,
+    /// Run-to-run spread: the highest IOPS over the lowest (1 for a single run; None
+    /// when a run moved no I/O).
+    pub spread: Option<f64>,
 }
 
 /// One workload on one contender.
@@ -73,6 +78,8 @@ pub struct Cell {
     pub workload: NamedWorkload,
     /// The contender.
     pub contender: Contender,
+    /// The client pattern (always batch for the host io_uring limit).
+    pub pattern: Pattern,
     /// Every successful run, in order.
     pub runs: Vec<RunRecord>,
     /// What went wrong in the runs that failed.
@@ -93,8 +100,20 @@ impl Cell {
             p50_us: m(|r| r.p50_us)?,
             p99_us: m(|r| r.p99_us)?,
             cpu_us_per_io: median(cpu),
+            spread: spread(self.runs.iter().map(|r| r.iops)),
         })
     }
+}
+
+/// The highest value over the lowest; None when there is none or the lowest is not
+/// above zero.
+pub fn spread(values: impl IntoIterator<Item = f64>) -> Option<f64> {
+    let (lo, hi) = values
+        .into_iter()
+        .fold((f64::INFINITY, f64::NEG_INFINITY), |(lo, hi), v| {
+            (lo.min(v), hi.max(v))
+        });
+    (lo > 0.0 && hi.is_finite()).then(|| hi / lo)
 }
 
 /// The median (mean of the middle two for an even count); None when empty.
@@ -135,6 +154,8 @@ impl PeerKind {
 pub struct Ratio {
     /// Workload name.
     pub workload: &'static str,
+    /// The client pattern of our run and of the qsd peer's.
+    pub pattern: Pattern,
     /// Our contender.
     pub ours: &'static str,
     /// The peer contender.
@@ -148,7 +169,8 @@ pub struct Ratio {
 }
 
 /// Every ratio the cells allow: each of our file contenders against qsd's best file
-/// contender (by median IOPS) and against the limit, and ours-null against qsd-null.
+/// contender (by median IOPS) with the same client pattern and against the limit (which
+/// always batches), and ours-null against qsd-null with the same pattern.
 pub fn ratios(cells: &[Cell]) -> Vec<Ratio> {
     let mut out = Vec::new();
     let mut workloads: Vec<&'static str> = Vec::new();
@@ -163,9 +185,10 @@ pub fn ratios(cells: &[Cell]) -> Vec<Ratio> {
             .filter(|c| c.workload.name == w)
             .filter_map(|c| c.summary().map(|s| (c, s)))
             .collect();
-        let best = |file: bool, server: Server| {
+        let best = |file: bool, server: Server, pattern: Option<Pattern>| {
             here.iter()
                 .filter(|(c, _)| c.contender.server == server && c.contender.is_file() == file)
+                .filter(|(c, _)| pattern.is_none_or(|p| c.pattern == p))
                 .max_by(|a, b| a.1.iops.total_cmp(&b.1.iops))
         };
         for (ours, s) in here
@@ -173,14 +196,16 @@ pub fn ratios(cells: &[Cell]) -> Vec<Ratio> {
             .filter(|(c, _)| c.contender.server == Server::Ours)
         {
             let file = ours.contender.is_file();
-            let mut peers = vec![(PeerKind::Qsd, best(file, Server::Qsd))];
+            let pattern = ours.pattern;
+            let mut peers = vec![(PeerKind::Qsd, best(file, Server::Qsd, Some(pattern)))];
             if file {
-                peers.push((PeerKind::Limit, best(true, Server::Host)));
+                peers.push((PeerKind::Limit, best(true, Server::Host, None)));
             }
             for (kind, peer) in peers {
                 if let Some((p, ps)) = peer {
                     out.push(Ratio {
                         workload: w,
+                        pattern,
                         ours: ours.contender.name,
                         peer: p.contender.name,
                         kind,
@@ -211,11 +236,13 @@ pub struct Settings {
     pub repeat: usize,
     /// Whether `--quick` chose the defaults.
     pub quick: bool,
+    /// The client patterns the vhost-user contenders ran with.
+    pub patterns: Vec<Pattern>,
     /// Our binary.
     pub ours: PathBuf,
     /// qemu-storage-daemon, when found.
     pub qsd: Option<PathBuf>,
-    /// Its version line.
+    /// Its version line (`qemu-storage-daemon version 10.0.2 (...)`).
     pub qsd_version: Option<String>,
     /// Settings of our iothread.
     pub iothread: Option<String>,
@@ -258,12 +285,21 @@ impl Report {
             .cells
             .iter()
             .map(|c| {
+                let pattern = c.pattern.as_str();
+                let version = match c.contender.server {
+                    Server::Qsd => s.qsd_version.as_deref(),
+                    _ => None,
+                };
                 json!({
                     "workload": c.workload.name,
                     "contender": c.contender.name,
+                    "pattern": pattern,
                     "storage": if c.contender.is_file() { "file" } else { "null" },
+                    "server_version": version,
                     "median": summary(c.summary()),
+                    "spread": c.summary().and_then(|m| m.spread),
                     "runs": c.runs.iter().map(|r| json!({
+                        "pattern": pattern,
                         "iops": r.iops, "mib_s": r.mib_s, "p50_us": r.p50_us,
                         "p99_us": r.p99_us, "cpu_us_per_io": r.cpu_us_per_io,
                         "ios": r.ios, "seconds": r.seconds,
@@ -282,9 +318,13 @@ impl Report {
                 "file": s.file, "size": s.size, "null_size": s.null_size,
                 "runtime_s": s.runtime_s,
                 "warmup_s": s.warmup_s, "repeat": s.repeat, "quick": s.quick,
+                "patterns": s.patterns.iter().map(|p| p.as_str()).collect::<Vec<_>>(),
                 "ours": s.ours, "qsd": s.qsd, "qsd_version": s.qsd_version,
+                "qsd_version_number": s.qsd_version.as_deref().and_then(version_number),
                 "iothread": s.iothread, "client": "libblkio virtio-blk-vhost-user",
                 "median": "each figure's median over the runs",
+                "spread": "highest IOPS over the lowest among the runs",
+                "limit_pattern": "batch",
             },
             "workloads": self.workloads.iter().map(|w| json!({
                 "name": w.name, "label": w.workload.label(), "random": w.workload.random,
@@ -296,7 +336,7 @@ impl Report {
                 .collect::<Vec<_>>(),
             "cells": cells,
             "ratios": ratios(&self.cells).iter().map(|r| json!({
-                "workload": r.workload, "ours": r.ours, "peer": r.peer, "kind": r.kind.as_str(),
+                "workload": r.workload, "pattern": r.pattern.as_str(), "ours": r.ours, "peer": r.peer, "kind": r.kind.as_str(),
                 "iops": r.iops, "p50": r.p50,
             })).collect::<Vec<_>>(),
         })
@@ -309,9 +349,14 @@ mod tests {
     use crate::bench::{contenders, workload};
 
     fn cell(w: &str, c: &str, iops: &[f64]) -> Cell {
+        cell_with(w, c, Pattern::Batch, iops)
+    }
+
+    fn cell_with(w: &str, c: &str, pattern: Pattern, iops: &[f64]) -> Cell {
         Cell {
             workload: workload::by_name(w).unwrap(),
             contender: contenders::by_name(c).unwrap(),
+            pattern,
             runs: iops
                 .iter()
                 .map(|&iops| RunRecord {
@@ -338,6 +383,87 @@ mod tests {
             .unwrap();
         assert_eq!(s.iops, 20.0);
         assert_eq!(s.p50_us, 1e6 / 20.0);
+        assert_eq!(s.spread, Some(3.0));
+    }
+
+    #[test]
+    fn spreads() {
+        assert_eq!(spread([5.0]), Some(1.0));
+        assert_eq!(spread([4.0, 5.0, 2.0]), Some(2.5));
+        assert_eq!(spread([]), None);
+        assert_eq!(spread([0.0, 5.0]), None);
+    }
+
+    #[test]
+    fn ratios_compare_within_a_pattern_and_against_the_batch_limit() {
+        let w = "randread-4k-qd32";
+        let cells = vec![
+            cell(w, "limit", &[200.0]),
+            cell(w, "ours-null", &[300.0]),
+            cell(w, "qsd-null", &[100.0]),
+            cell(w, "ours-io_uring", &[100.0]),
+            cell_with(w, "ours-io_uring", Pattern::Resubmit, &[150.0]),
+            cell_with(w, "ours-null", Pattern::Resubmit, &[400.0]),
+            cell_with(w, "qsd-null", Pattern::Resubmit, &[50.0]),
+        ];
+        let r = ratios(&cells);
+        let find = |ours: &str, pattern, kind| {
+            r.iter()
+                .find(|x| x.ours == ours && x.pattern == pattern && x.kind == kind)
+                .map(|x| (x.peer, x.iops))
+        };
+        let (b, s) = (Pattern::Batch, Pattern::Resubmit);
+        assert_eq!(find("ours-null", b, PeerKind::Qsd), Some(("qsd-null", 3.0)));
+        assert_eq!(find("ours-null", s, PeerKind::Qsd), Some(("qsd-null", 8.0)));
+        assert_eq!(
+            find("ours-io_uring", s, PeerKind::Limit),
+            Some(("limit", 0.75))
+        );
+        assert_eq!(find("ours-io_uring", s, PeerKind::Qsd), None);
+        assert_eq!(r.len(), 4);
+    }
+
+    #[test]
+    fn json_records_patterns_spreads_and_the_qsd_version() {
+        let w = "randread-4k-qd32";
+        let report = Report {
+            host: HostInfo::probe(),
+            settings: Settings {
+                file: "/var/tmp/x.raw".into(),
+                size: 1 << 20,
+                null_size: 1 << 20,
+                runtime_s: 1.0,
+                warmup_s: 0.0,
+                repeat: 2,
+                quick: false,
+                patterns: vec![Pattern::Batch, Pattern::Resubmit],
+                ours: "vhost-user-blk".into(),
+                qsd: Some("qemu-storage-daemon".into()),
+                qsd_version: Some("qemu-storage-daemon version 10.0.2 (Debian)".into()),
+                iothread: None,
+            },
+            workloads: vec![workload::by_name(w).unwrap()],
+            contenders: vec![contenders::by_name("ours-null").unwrap()],
+            skipped: Vec::new(),
+            cells: vec![
+                cell(w, "ours-null", &[100.0, 125.0]),
+                cell_with(w, "qsd-null", Pattern::Resubmit, &[50.0, 50.0]),
+            ],
+        };
+        let j = report.to_json();
+        assert_eq!(j["settings"]["qsd_version_number"], "10.0.2");
+        assert_eq!(j["settings"]["patterns"], json!(["batch", "resubmit"]));
+        let cells = &j["cells"];
+        assert_eq!(cells[0]["pattern"], "batch");
+        assert_eq!(cells[0]["runs"][1]["pattern"], "batch");
+        assert_eq!(cells[0]["spread"], 1.25);
+        assert!(cells[0]["server_version"].is_null());
+        assert_eq!(cells[1]["pattern"], "resubmit");
+        assert_eq!(cells[1]["spread"], 1.0);
+        assert_eq!(
+            cells[1]["server_version"],
+            "qemu-storage-daemon version 10.0.2 (Debian)"
+        );
     }
 
     #[test]

@@ -1,10 +1,12 @@
-//! Runs the plan: for each workload, `repeat` rounds in which every contender runs once
-//! (A B A B ...), with a progress line on stderr.
+//! Runs the plan: for each workload, `repeat` rounds in which every column (a contender
+//! with a client pattern) runs once (A B A B ..., one pattern after the other), with a
+//! progress line on stderr.
 
 use std::io::{IsTerminal, Write};
 use std::time::Duration;
 
-use super::contenders::{self, Contender, Setup};
+use super::contenders::{self, Contender, Server, Setup};
+use super::pattern::Pattern;
 use super::report::{Cell, RunRecord};
 use super::workload::NamedWorkload;
 
@@ -15,6 +17,8 @@ pub struct Plan {
     pub workloads: Vec<NamedWorkload>,
     /// Contenders that can run, in order.
     pub contenders: Vec<Contender>,
+    /// Client patterns of the vhost-user contenders, in order.
+    pub patterns: Vec<Pattern>,
     /// Runs per cell.
     pub repeat: usize,
     /// Warm-up before each measured window.
@@ -24,9 +28,26 @@ pub struct Plan {
 }
 
 impl Plan {
+    /// The columns of each workload, in run and table order: every contender with the
+    /// first pattern, then every vhost-user contender with the next one, and so on (so
+    /// ours and qsd still alternate). The host io_uring limit runs once, batching.
+    pub fn columns(&self) -> Vec<(Contender, Pattern)> {
+        let mut out = Vec::new();
+        for &p in &self.patterns {
+            for &c in &self.contenders {
+                if c.server != Server::Host {
+                    out.push((c, p));
+                } else if !out.iter().any(|(o, _)| *o == c) {
+                    out.push((c, Pattern::Batch));
+                }
+            }
+        }
+        out
+    }
+
     /// Number of runs.
     pub fn total(&self) -> usize {
-        self.workloads.len() * self.contenders.len() * self.repeat
+        self.workloads.len() * self.columns().len() * self.repeat
     }
 }
 
@@ -86,18 +107,20 @@ pub fn run(plan: &Plan, setup: &Setup) -> Vec<Cell> {
     let mut cells = Vec::new();
     for w in &plan.workloads {
         let first = cells.len();
-        cells.extend(plan.contenders.iter().map(|&contender| Cell {
+        cells.extend(plan.columns().into_iter().map(|(contender, pattern)| Cell {
             workload: *w,
             contender,
+            pattern,
             runs: Vec::new(),
             errors: Vec::new(),
         }));
         for round in 0..plan.repeat {
             for cell in &mut cells[first..] {
                 let what = format!(
-                    "{} {} run {}/{}",
+                    "{} {} [{}] run {}/{}",
                     w.workload.label(),
                     cell.contender.name,
+                    cell.pattern.as_str(),
                     round + 1,
                     plan.repeat
                 );
@@ -105,6 +128,7 @@ pub fn run(plan: &Plan, setup: &Setup) -> Vec<Cell> {
                 match contenders::measure(
                     &cell.contender,
                     &w.workload,
+                    cell.pattern,
                     setup,
                     plan.warmup,
                     plan.runtime,
@@ -131,6 +155,45 @@ pub fn run(plan: &Plan, setup: &Setup) -> Vec<Cell> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn columns_are_pattern_major_with_one_batching_limit() {
+        let plan = |patterns: Vec<Pattern>| Plan {
+            workloads: Vec::new(),
+            contenders: contenders::parse_list(&[
+                "limit".into(),
+                "ours-null".into(),
+                "qsd-null".into(),
+            ])
+            .unwrap(),
+            patterns,
+            repeat: 3,
+            warmup: Duration::ZERO,
+            runtime: Duration::ZERO,
+        };
+        let names = |p: &Plan| {
+            p.columns()
+                .iter()
+                .map(|(c, p)| format!("{} {}", c.name, p.as_str()))
+                .collect::<Vec<_>>()
+        };
+        let both = plan(vec![Pattern::Batch, Pattern::Resubmit]);
+        assert_eq!(
+            names(&both),
+            [
+                "limit batch",
+                "ours-null batch",
+                "qsd-null batch",
+                "ours-null resubmit",
+                "qsd-null resubmit"
+            ]
+        );
+        assert_eq!(
+            names(&plan(vec![Pattern::Resubmit])),
+            ["limit batch", "ours-null resubmit", "qsd-null resubmit"]
+        );
+        assert_eq!(both.total(), 0);
+    }
 
     #[test]
     fn short_iops() {

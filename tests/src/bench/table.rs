@@ -1,5 +1,5 @@
-//! The text table `blkbench` prints: one line per cell, grouped by workload, with the
-//! ratios on our rows.
+//! The text table `blkbench` prints: one line per cell (a contender with a client
+//! pattern), grouped by workload, with the run-to-run spread and the ratios on our rows.
 
 use std::fmt::Write;
 
@@ -35,15 +35,44 @@ pub fn render(report: &Report) -> String {
         "ours/qsd: against qsd's best engine (file) or qsd-null (null); ours/limit: against \
          host io_uring on the file; CPU: server process, us per I/O"
     );
+    let _ = writeln!(
+        out,
+        "pattern: batch = reap up to QD completions per do_io, send their replacements \
+         together; resubmit = reap one, send its replacement at the next do_io (fio's \
+         default); limit (host io_uring) batches only"
+    );
+    let _ = writeln!(
+        out,
+        "spread: highest IOPS over the lowest of the {} run(s)",
+        s.repeat
+    );
+    if report
+        .cells
+        .iter()
+        .any(|c| c.contender.server == Server::Qsd)
+    {
+        let _ = writeln!(
+            out,
+            "qsd-* rows: {}, {}",
+            s.qsd_version
+                .as_deref()
+                .unwrap_or("qemu-storage-daemon of unknown version"),
+            s.qsd
+                .as_deref()
+                .map_or(String::new(), |p| p.display().to_string())
+        );
+    }
     for (c, why) in &report.skipped {
         let _ = writeln!(out, "skipped {c}: {why}");
     }
     let _ = writeln!(
         out,
-        "\n{:<22} {:<14} {:>9} {:>8} {:>8} {:>8} {:>9} {:>8} {:>10}",
+        "\n{:<22} {:<14} {:<8} {:>9} {:>6} {:>8} {:>8} {:>8} {:>9} {:>8} {:>10}",
         "workload",
         "contender",
+        "pattern",
         "IOPS",
+        "spread",
         "MiB/s",
         "p50 us",
         "p99 us",
@@ -62,7 +91,12 @@ pub fn render(report: &Report) -> String {
         last = cell.workload.name;
         let Some(m) = cell.summary() else {
             let why = cell.errors.first().map_or("no run", String::as_str);
-            let _ = writeln!(out, "{label:<22} {:<14} failed: {why}", cell.contender.name);
+            let _ = writeln!(
+                out,
+                "{label:<22} {:<14} {:<8} failed: {why}",
+                cell.contender.name,
+                cell.pattern.as_str()
+            );
             continue;
         };
         let ratio = |kind| {
@@ -70,6 +104,7 @@ pub fn render(report: &Report) -> String {
                 .iter()
                 .find(|r| {
                     r.workload == cell.workload.name
+                        && r.pattern == cell.pattern
                         && r.ours == cell.contender.name
                         && r.kind == kind
                 })
@@ -83,11 +118,111 @@ pub fn render(report: &Report) -> String {
         let cpu = m
             .cpu_us_per_io
             .map_or("-".to_string(), |c| format!("{c:.2}"));
+        let spread = m.spread.map_or("-".to_string(), |x| format!("{x:.2}"));
         let _ = writeln!(
             out,
-            "{label:<22} {:<14} {:>9.0} {:>8.1} {:>8.1} {:>8.1} {:>9} {:>8} {:>10}",
-            cell.contender.name, m.iops, m.mib_s, m.p50_us, m.p99_us, cpu, to_qsd, to_limit
+            "{label:<22} {:<14} {:<8} {:>9.0} {:>6} {:>8.1} {:>8.1} {:>8.1} {:>9} {:>8} {:>10}",
+            cell.contender.name,
+            cell.pattern.as_str(),
+            m.iops,
+            spread,
+            m.mib_s,
+            m.p50_us,
+            m.p99_us,
+            cpu,
+            to_qsd,
+            to_limit
         );
     }
     out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::bench::host::HostInfo;
+    use crate::bench::pattern::Pattern;
+    use crate::bench::report::{Cell, RunRecord, Settings};
+    use crate::bench::{contenders, workload};
+
+    fn cell(c: &str, pattern: Pattern, iops: &[f64]) -> Cell {
+        Cell {
+            workload: workload::by_name("randread-4k-qd32").unwrap(),
+            contender: contenders::by_name(c).unwrap(),
+            pattern,
+            runs: iops
+                .iter()
+                .map(|&iops| RunRecord {
+                    iops,
+                    mib_s: iops / 256.0,
+                    p50_us: 10.0,
+                    p99_us: 20.0,
+                    cpu_us_per_io: Some(1.0),
+                    ios: 1000,
+                    seconds: 1.0,
+                })
+                .collect(),
+            errors: Vec::new(),
+        }
+    }
+
+    #[test]
+    fn rows_show_pattern_spread_and_the_qsd_version() {
+        let report = Report {
+            host: HostInfo::probe(),
+            settings: Settings {
+                file: "/var/tmp/x.raw".into(),
+                size: 1 << 20,
+                null_size: 1 << 20,
+                runtime_s: 1.0,
+                warmup_s: 0.0,
+                repeat: 2,
+                quick: false,
+                patterns: vec![Pattern::Batch, Pattern::Resubmit],
+                ours: "vhost-user-blk".into(),
+                qsd: Some("/q/qemu-storage-daemon".into()),
+                qsd_version: Some("qemu-storage-daemon version 10.0.2".into()),
+                iothread: None,
+            },
+            workloads: vec![workload::by_name("randread-4k-qd32").unwrap()],
+            contenders: Vec::new(),
+            skipped: Vec::new(),
+            cells: vec![
+                cell("ours-null", Pattern::Batch, &[300.0, 330.0]),
+                cell("qsd-null", Pattern::Batch, &[100.0, 100.0]),
+                cell("ours-null", Pattern::Resubmit, &[200.0, 200.0]),
+                cell("qsd-null", Pattern::Resubmit, &[50.0, 50.0]),
+            ],
+        };
+        let t = render(&report);
+        assert!(
+            t.contains("qsd-* rows: qemu-storage-daemon version 10.0.2, /q/qemu-storage-daemon"),
+            "{t}"
+        );
+        let row = |c: &str, p: &str| {
+            t.lines()
+                .find(|l| l.contains(c) && l.contains(p))
+                .unwrap_or_else(|| panic!("no {c} {p} row in\n{t}"))
+                .split_whitespace()
+                .map(str::to_string)
+                .collect::<Vec<_>>()
+        };
+        let head = row("contender", "pattern");
+        assert_eq!(
+            head[..5],
+            ["workload", "contender", "pattern", "IOPS", "spread"]
+        );
+        // The first row carries the workload's label (4 words) before the contender.
+        let ours = row("ours-null", "batch");
+        assert_eq!(ours[4..8], ["ours-null", "batch", "315", "1.10"]);
+        assert_eq!(ours.last().unwrap(), "3.15");
+        let ours = row("ours-null", "resubmit");
+        assert_eq!(ours[..4], ["ours-null", "resubmit", "200", "1.00"]);
+        assert_eq!(ours.last().unwrap(), "4.00");
+        assert_eq!(
+            row("qsd-null", "resubmit").len(),
+            8,
+            "no ratios on qsd rows"
+        );
+    }
 }

@@ -1,7 +1,8 @@
 //! Side-by-side vhost-user-blk benchmark: host io_uring on the file (the limit), our
-//! backend and qemu-storage-daemon on the same O_DIRECT file and on null backends, all
-//! driven by one libblkio client, contenders interleaved, each cell the median of
-//! `--repeat` runs. Prints a table, writes every figure as JSON and an SVG chart.
+//! backend and qemu-storage-daemon (the newest QEMU's it finds) on the same O_DIRECT file
+//! and on null backends, all driven by one libblkio client with the `batch` and the
+//! `resubmit` pattern, contenders interleaved, each cell the median of `--repeat` runs
+//! with their spread. Prints a table, writes every figure as JSON and an SVG chart.
 //!
 //! `cargo build --release --workspace && target/release/blkbench --file /var/tmp/blkbench.raw --size 1G`
 
@@ -12,11 +13,12 @@ use std::time::Duration;
 use clap::Parser;
 use tests::bench::contenders::{self, Contender, Server, Setup};
 use tests::bench::host::HostInfo;
+use tests::bench::pattern::{self, Pattern};
 use tests::bench::report::{Report, Settings};
 use tests::bench::runner::{self, Plan};
 use tests::bench::workload::{self, NamedWorkload};
 use tests::bench::{chart, host_uring, table};
-use tests::contender::{our_binary, qsd_binary};
+use tests::contender::{NEWEST_QEMU_BIN, newest_qsd, our_binary, qsd_binary, qsd_version};
 use tests::image::{parse_size, prepare};
 
 const AFTER_HELP: &str = "\
@@ -24,9 +26,15 @@ Workloads: randread-4k-qd1, randread-4k-qd32, randwrite-4k-qd1, randwrite-4k-qd3
 read-128k-qd8, write-128k-qd8, randread-4k-qd32-2q, randread-4k-qd32-4q (or all).
 Contenders: limit (host io_uring on the file, O_DIRECT), ours-io_uring, ours-native, \
 ours-null, qsd-io_uring, qsd-native, qsd-null (or all, ours, qsd).
+Patterns (of the libblkio client; every ours-* and qsd-* contender runs with each): \
+batch (reap up to QD completions per do_io, send their replacements together), resubmit \
+(reap one, send its replacement at the next do_io: fio's default). limit always batches.
+qemu-storage-daemon: --qsd PATH, else the one in --qemu-bin DIR, else QEMU 10.0's in \
+/var/tmp/qemu10/x/usr/bin when /work/shared/tools/qemu10.sh has unpacked it, else PATH's; \
+its version heads the table and is in the JSON.
 --quick: 0.5 s runs after 0.2 s warm-up, 1 run per cell, a 256M file unless --size is \
-given, and the workloads randread-4k-qd1, randread-4k-qd32, randwrite-4k-qd32, \
-read-128k-qd8, randread-4k-qd32-2q; options given explicitly win.
+given, both patterns, and the workloads randread-4k-qd1, randread-4k-qd32, \
+randwrite-4k-qd32, read-128k-qd8, randread-4k-qd32-2q; options given explicitly win.
 Exit status: 0 when every cell ran, 1 when something failed, 2 on bad arguments.";
 
 #[derive(Parser, Debug)]
@@ -57,6 +65,10 @@ struct Args {
     /// Contenders to run (comma list; see below) [default: all].
     #[arg(long, value_delimiter = ',')]
     contenders: Vec<String>,
+    /// Client patterns of the vhost-user contenders (comma list: batch, resubmit, all)
+    /// [default: batch,resubmit].
+    #[arg(long, value_delimiter = ',')]
+    patterns: Vec<String>,
     /// A short run of every contender on a representative subset, for checks.
     #[arg(long)]
     quick: bool,
@@ -69,9 +81,13 @@ struct Args {
     /// Our vhost-user-blk binary [default: beside blkbench].
     #[arg(long)]
     ours: Option<PathBuf>,
-    /// qemu-storage-daemon [default: from PATH].
+    /// qemu-storage-daemon binary (wins over --qemu-bin).
     #[arg(long)]
     qsd: Option<PathBuf>,
+    /// QEMU's bin directory, holding qemu-storage-daemon [default: /var/tmp/qemu10/x/usr/bin
+    /// (QEMU 10.0, unpacked by /work/shared/tools/qemu10.sh) when there, else PATH].
+    #[arg(long, value_name = "DIR")]
+    qemu_bin: Option<PathBuf>,
     /// Settings of our iothread, e.g. `poll_max_ns=0` (key=value,...).
     #[arg(long)]
     iothread: Option<String>,
@@ -127,6 +143,7 @@ struct Choice {
     repeat: usize,
     workloads: Vec<NamedWorkload>,
     contenders: Vec<Contender>,
+    patterns: Vec<Pattern>,
 }
 
 fn choose(args: &Args) -> Result<Choice, Failure> {
@@ -164,6 +181,11 @@ fn choose(args: &Args) -> Result<Choice, Failure> {
     } else {
         contenders::parse_list(&args.contenders).map_err(Failure::Usage)?
     };
+    let patterns = if args.patterns.is_empty() {
+        pattern::ALL.to_vec()
+    } else {
+        pattern::parse_list(&args.patterns).map_err(Failure::Usage)?
+    };
     Ok(Choice {
         size,
         runtime,
@@ -171,6 +193,7 @@ fn choose(args: &Args) -> Result<Choice, Failure> {
         repeat,
         workloads,
         contenders,
+        patterns,
     })
 }
 
@@ -196,28 +219,62 @@ fn binaries(args: &Args, asked: &[Contender]) -> Result<Binaries, Failure> {
             )
         })?,
     };
-    let qsd = match &args.qsd {
-        Some(p) if p.is_file() => Some(p.clone()),
-        Some(p) => {
+    let wants_qsd = asked.iter().any(|c| c.server == Server::Qsd);
+    let (qsd, missing) = find_qsd(args, wants_qsd)?;
+    let mut skipped = Vec::new();
+    if qsd.is_none() && wants_qsd {
+        eprintln!(
+            "blkbench: {}; the qsd columns are skipped.{}",
+            missing.0, missing.1
+        );
+        for c in asked.iter().filter(|c| c.server == Server::Qsd) {
+            skipped.push((c.name, missing.0.clone()));
+        }
+    }
+    Ok((ours, qsd, skipped))
+}
+
+/// The qemu-storage-daemon to run: `--qsd`, else the one in `--qemu-bin`, else the
+/// newest QEMU's (10.0, when unpacked), else PATH's, saying (when `wants` it) that it
+/// fell back. With none, why (for the skip lines) and a hint.
+fn find_qsd(args: &Args, wants: bool) -> Result<(Option<PathBuf>, (String, String)), Failure> {
+    if let Some(p) = &args.qsd {
+        if !p.is_file() {
             return Err(Failure::Usage(format!(
                 "--qsd {}: no such file",
                 p.display()
             )));
         }
-        None => qsd_binary(),
-    };
-    let mut skipped = Vec::new();
-    if qsd.is_none() && asked.iter().any(|c| c.server == Server::Qsd) {
-        eprintln!(
-            "blkbench: qemu-storage-daemon not found in PATH; the qsd columns are skipped. \
-             Install it with `apt-get install qemu-system-x86` (Debian; the binary itself is in \
-             qemu-system-common, not qemu-utils), or pass --qsd PATH."
-        );
-        for c in asked.iter().filter(|c| c.server == Server::Qsd) {
-            skipped.push((c.name, "qemu-storage-daemon not installed".to_string()));
-        }
+        return Ok((Some(p.clone()), Default::default()));
     }
-    Ok((ours, qsd, skipped))
+    if let Some(dir) = &args.qemu_bin {
+        if !dir.is_dir() {
+            return Err(Failure::Usage(format!(
+                "--qemu-bin {}: no such directory",
+                dir.display()
+            )));
+        }
+        let qsd = dir.join("qemu-storage-daemon");
+        let why = format!("no qemu-storage-daemon in {}", dir.display());
+        return Ok((qsd.is_file().then_some(qsd), (why, String::new())));
+    }
+    if let Some(qsd) = newest_qsd() {
+        return Ok((Some(qsd), Default::default()));
+    }
+    let qsd = qsd_binary();
+    if wants && qsd.is_some() {
+        eprintln!(
+            "blkbench: QEMU 10.0 is not unpacked in {NEWEST_QEMU_BIN} \
+             (/work/shared/tools/qemu10.sh does that); using qemu-storage-daemon from PATH."
+        );
+    }
+    let hint = format!(
+        " Unpack QEMU 10.0 into {NEWEST_QEMU_BIN} with /work/shared/tools/qemu10.sh, or \
+         install the system's with `apt-get install qemu-system-x86` (Debian; the binary \
+         itself is in qemu-system-common, not qemu-utils), or pass --qsd PATH."
+    );
+    let why = "qemu-storage-daemon not installed".to_string();
+    Ok((qsd, (why, hint)))
 }
 
 fn run(args: &Args) -> Result<(), Failure> {
@@ -231,6 +288,7 @@ fn run(args: &Args) -> Result<(), Failure> {
         repeat,
         workloads,
         contenders: asked,
+        patterns,
     } = choose(args)?;
     let (ours, qsd, skipped) = binaries(args, &asked)?;
     let runnable: Vec<_> = asked
@@ -255,6 +313,7 @@ fn run(args: &Args) -> Result<(), Failure> {
     let plan = Plan {
         workloads: workloads.clone(),
         contenders: runnable,
+        patterns: patterns.clone(),
         repeat,
         warmup,
         runtime,
@@ -271,8 +330,9 @@ fn run(args: &Args) -> Result<(), Failure> {
             warmup_s: warmup.as_secs_f64(),
             repeat,
             quick: args.quick,
+            patterns,
             ours,
-            qsd_version: qsd.as_deref().and_then(contenders::qsd_version),
+            qsd_version: qsd.as_deref().and_then(qsd_version),
             qsd,
             iothread: args.iothread.clone(),
         },
@@ -285,7 +345,14 @@ fn run(args: &Args) -> Result<(), Failure> {
     write_outputs(&report, &args.json, &args.svg)?;
     let failed: Vec<String> = report
         .failed()
-        .map(|c| format!("{} {}", c.workload.name, c.contender.name))
+        .map(|c| {
+            format!(
+                "{} {} [{}]",
+                c.workload.name,
+                c.contender.name,
+                c.pattern.as_str()
+            )
+        })
         .collect();
     if !failed.is_empty() {
         return Err(Failure::Run(format!(
@@ -296,9 +363,6 @@ fn run(args: &Args) -> Result<(), Failure> {
     }
     Ok(())
 }
-
-/// Where `shared/tools/qemu10.sh` unpacks QEMU 10 by default.
-const QEMU10_BIN: &str = "/var/tmp/qemu10/x/usr/bin";
 
 /// `--in-vm`: every in-VM contender, interleaved, `--repeat` rounds; a table of medians
 /// with ours against QEMU with and without an iothread.
@@ -325,7 +389,11 @@ fn run_in_vm(args: &Args, choice: &Choice) -> Result<(), Failure> {
         .prefix("blkbench-vm-")
         .tempdir()
         .map_err(|e| Failure::Run(format!("work directory: {e}")))?;
-    let qemu = invm::find_qemu(Path::new(QEMU10_BIN));
+    let qemu_bin = args
+        .qemu_bin
+        .clone()
+        .unwrap_or_else(|| PathBuf::from(NEWEST_QEMU_BIN));
+    let qemu = invm::find_qemu(&qemu_bin);
     let version = qemu.as_ref().map(|(q, _)| invm::qemu_version(q));
     let setup = VmSetup {
         elf,

@@ -343,16 +343,14 @@ impl Report {
     }
 }
 
+/// Values for the reporting tests (of this module and of the table).
 #[cfg(test)]
-mod tests {
+pub(crate) mod fixtures {
     use super::*;
     use crate::bench::{contenders, workload};
 
-    fn cell(w: &str, c: &str, iops: &[f64]) -> Cell {
-        cell_with(w, c, Pattern::Batch, iops)
-    }
-
-    fn cell_with(w: &str, c: &str, pattern: Pattern, iops: &[f64]) -> Cell {
+    /// A cell of `c` on workload `w` with one run per figure in `iops`.
+    pub(crate) fn cell(w: &str, c: &str, pattern: Pattern, iops: &[f64]) -> Cell {
         Cell {
             workload: workload::by_name(w).unwrap(),
             contender: contenders::by_name(c).unwrap(),
@@ -371,6 +369,34 @@ mod tests {
                 .collect(),
             errors: Vec::new(),
         }
+    }
+
+    /// Settings of a 2-run benchmark with both patterns against qsd `qsd` of `version`.
+    pub(crate) fn settings(qsd: &str, version: &str) -> Settings {
+        Settings {
+            file: "/var/tmp/x.raw".into(),
+            size: 1 << 20,
+            null_size: 1 << 20,
+            runtime_s: 1.0,
+            warmup_s: 0.0,
+            repeat: 2,
+            quick: false,
+            patterns: vec![Pattern::Batch, Pattern::Resubmit],
+            ours: "vhost-user-blk".into(),
+            qsd: Some(qsd.into()),
+            qsd_version: Some(version.into()),
+            iothread: None,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::bench::{contenders, workload};
+
+    fn cell(w: &str, c: &str, iops: &[f64]) -> Cell {
+        fixtures::cell(w, c, Pattern::Batch, iops)
     }
 
     #[test]
@@ -402,9 +428,9 @@ mod tests {
             cell(w, "ours-null", &[300.0]),
             cell(w, "qsd-null", &[100.0]),
             cell(w, "ours-io_uring", &[100.0]),
-            cell_with(w, "ours-io_uring", Pattern::Resubmit, &[150.0]),
-            cell_with(w, "ours-null", Pattern::Resubmit, &[400.0]),
-            cell_with(w, "qsd-null", Pattern::Resubmit, &[50.0]),
+            fixtures::cell(w, "ours-io_uring", Pattern::Resubmit, &[150.0]),
+            fixtures::cell(w, "ours-null", Pattern::Resubmit, &[400.0]),
+            fixtures::cell(w, "qsd-null", Pattern::Resubmit, &[50.0]),
         ];
         let r = ratios(&cells);
         let find = |ours: &str, pattern, kind| {
@@ -428,26 +454,16 @@ mod tests {
         let w = "randread-4k-qd32";
         let report = Report {
             host: HostInfo::probe(),
-            settings: Settings {
-                file: "/var/tmp/x.raw".into(),
-                size: 1 << 20,
-                null_size: 1 << 20,
-                runtime_s: 1.0,
-                warmup_s: 0.0,
-                repeat: 2,
-                quick: false,
-                patterns: vec![Pattern::Batch, Pattern::Resubmit],
-                ours: "vhost-user-blk".into(),
-                qsd: Some("qemu-storage-daemon".into()),
-                qsd_version: Some("qemu-storage-daemon version 10.0.2 (Debian)".into()),
-                iothread: None,
-            },
+            settings: fixtures::settings(
+                "qemu-storage-daemon",
+                "qemu-storage-daemon version 10.0.2 (Debian)",
+            ),
             workloads: vec![workload::by_name(w).unwrap()],
             contenders: vec![contenders::by_name("ours-null").unwrap()],
             skipped: Vec::new(),
             cells: vec![
                 cell(w, "ours-null", &[100.0, 125.0]),
-                cell_with(w, "qsd-null", Pattern::Resubmit, &[50.0, 50.0]),
+                fixtures::cell(w, "qsd-null", Pattern::Resubmit, &[50.0, 50.0]),
             ],
         };
         let j = report.to_json();

@@ -142,48 +142,21 @@ mod tests {
     use super::*;
     use crate::bench::host::HostInfo;
     use crate::bench::pattern::Pattern;
-    use crate::bench::report::{Cell, RunRecord, Settings};
-    use crate::bench::{contenders, workload};
+    use crate::bench::report::{Cell, fixtures};
+    use crate::bench::workload;
 
     fn cell(c: &str, pattern: Pattern, iops: &[f64]) -> Cell {
-        Cell {
-            workload: workload::by_name("randread-4k-qd32").unwrap(),
-            contender: contenders::by_name(c).unwrap(),
-            pattern,
-            runs: iops
-                .iter()
-                .map(|&iops| RunRecord {
-                    iops,
-                    mib_s: iops / 256.0,
-                    p50_us: 10.0,
-                    p99_us: 20.0,
-                    cpu_us_per_io: Some(1.0),
-                    ios: 1000,
-                    seconds: 1.0,
-                })
-                .collect(),
-            errors: Vec::new(),
-        }
+        fixtures::cell("randread-4k-qd32", c, pattern, iops)
     }
 
     #[test]
     fn rows_show_pattern_spread_and_the_qsd_version() {
         let report = Report {
             host: HostInfo::probe(),
-            settings: Settings {
-                file: "/var/tmp/x.raw".into(),
-                size: 1 << 20,
-                null_size: 1 << 20,
-                runtime_s: 1.0,
-                warmup_s: 0.0,
-                repeat: 2,
-                quick: false,
-                patterns: vec![Pattern::Batch, Pattern::Resubmit],
-                ours: "vhost-user-blk".into(),
-                qsd: Some("/q/qemu-storage-daemon".into()),
-                qsd_version: Some("qemu-storage-daemon version 10.0.2".into()),
-                iothread: None,
-            },
+            settings: fixtures::settings(
+                "/q/qemu-storage-daemon",
+                "qemu-storage-daemon version 10.0.2",
+            ),
             workloads: vec![workload::by_name("randread-4k-qd32").unwrap()],
             contenders: Vec::new(),
             skipped: Vec::new(),

@@ -8,6 +8,8 @@
 //! `s5=N` (ACPI S5 sleep type, 5), `pci=auto|port|ecam`, `ecam=0xADDR` (else ACPI MCFG),
 //! `ms=N` (length of each IOPS phase, 300), `blocks=N` (pattern blocks per disk, 64),
 //! `span_mib=N` (random-read span, 64), `tsc_khz=N` (else PIT calibration), `seed=N`,
+//! `more=1` (after the read IOPS: disk0's random-write IOPS and QD1 read latency in ns,
+//! each polled and with interrupts, as `disk0.iops_write_poll`, `disk0.lat_qd1_ns_irq`...),
 //! `windows=N window_ms=M` (rate windows on disk0 after the pattern checks, see
 //! [`windows`]), `hotplug=N hp_base=0xADDR hp_gsi=N hp_wait_s=N` (handle N hot plug
 //! events at the end, see [`hotplug`]).
@@ -428,7 +430,7 @@ pub extern "C" fn guest_main() -> ! {
                 .iter()
                 .map(|q| virtio::irq_count(q.vec))
                 .sum();
-            let r = d.iops(ticks, irq, span.min(d.capacity), &mut rng);
+            let r = d.iops(ticks, irq, span.min(d.capacity), &mut rng, false, usize::MAX);
             d.set_interrupts(false);
             let after: u64 = d.queues[..d.nq]
                 .iter()
@@ -451,6 +453,39 @@ pub extern "C" fn guest_main() -> ! {
                 Err(e) => {
                     say!("disk{i}.error_{mode}={e}");
                     ok = false;
+                }
+            }
+        }
+    }
+    // `more=1`: on disk0, random 4 KiB writes at full depth, then reads at QD1 (latency),
+    // each polled and with interrupts (for the benchmark).
+    if let (1.., Some(d)) = (args.num("more", 0), disks[0].as_mut()) {
+        for (write, depth, name) in [(true, usize::MAX, "iops_write"), (false, 1, "lat_qd1_ns")] {
+            if write && d.ro {
+                continue;
+            }
+            for irq in [false, true] {
+                let mode = if irq { "irq" } else { "poll" };
+                d.set_interrupts(irq);
+                let r = d.iops(ticks, irq, span.min(d.capacity), &mut rng, write, depth);
+                d.set_interrupts(false);
+                match r {
+                    Ok((done, 0, elapsed)) if done > 0 => {
+                        let value = if write {
+                            done * tsc_hz / elapsed.max(1)
+                        } else {
+                            elapsed * 1_000_000 / (tsc_hz / 1000).max(1) / done
+                        };
+                        say!("disk0.{name}_{mode}={value}");
+                    }
+                    Ok((done, errors, _)) => {
+                        say!("disk0.error_{name}_{mode}=done {done} errors {errors}");
+                        ok = false;
+                    }
+                    Err(e) => {
+                        say!("disk0.error_{name}_{mode}={e}");
+                        ok = false;
+                    }
                 }
             }
         }

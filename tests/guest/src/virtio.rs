@@ -411,14 +411,17 @@ impl Disk {
         }
     }
 
-    /// Random 4 KiB reads at full depth on every queue for `ticks` TSC ticks, polled or
-    /// waiting for MSI-X interrupts. Returns (completed, errors, elapsed ticks).
+    /// Random 4 KiB reads (or writes) with at most `depth` in flight on every queue (the
+    /// queue's full depth when larger) for `ticks` TSC ticks, polled or waiting for MSI-X
+    /// interrupts. Returns (completed, errors, elapsed ticks).
     pub fn iops(
         &mut self,
         ticks: u64,
         irq: bool,
         span: u64,
         rng: &mut u64,
+        write: bool,
+        depth: usize,
     ) -> Result<(u64, u64, u64), &'static str> {
         let span_blocks = (span / 8).max(1);
         let mut rand = move || {
@@ -430,9 +433,10 @@ impl Disk {
         let (mut done, mut errors) = (0u64, 0u64);
         let t0 = rdtsc();
         for q in 0..self.nq {
-            while let Some(s) = self.queues[q].take() {
+            while self.queues[q].in_flight() < depth {
+                let Some(s) = self.queues[q].take() else { break };
                 let sector = rand();
-                self.queues[q].submit(s, false, sector);
+                self.queues[q].submit(s, write, sector);
             }
             self.queues[q].kick();
         }
@@ -461,8 +465,9 @@ impl Disk {
                 progressed = true;
                 done += n as u64;
                 if !stopping {
-                    while let Some(s) = qu.take() {
-                        qu.submit(s, false, rand());
+                    while qu.in_flight() < depth {
+                        let Some(s) = qu.take() else { break };
+                        qu.submit(s, write, rand());
                     }
                     qu.kick();
                 }

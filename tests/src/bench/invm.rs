@@ -1,6 +1,7 @@
 //! In-VM contenders: the freestanding test guest (`tests/guest`) drives one virtio-blk
 //! disk, 4 KiB random reads at full depth, first polling the used ring, then waiting for
-//! MSI-X interrupts, and reports the IOPS of each phase on its serial console. It runs
+//! MSI-X interrupts, then random 4 KiB writes at full depth and reads at QD1 (latency),
+//! each polled and with interrupts, and reports every phase on its serial console. It runs
 //! under our `vmm` (a dedicated iothread: guest kick -> ioeventfd -> iothread -> engine ->
 //! irqfd) and under `qemu-system-x86_64 -accel kvm`, with an `-object iothread` (QEMU's
 //! data plane) and without one (the pre-data-plane baseline), on the same fully allocated
@@ -104,12 +105,20 @@ pub struct VmSetup {
 }
 
 /// What one guest run measured.
-#[derive(Clone, Copy, Debug, PartialEq)]
+#[derive(Clone, Copy, Debug, Default, PartialEq)]
 pub struct VmFigures {
-    /// IOPS while the guest polls the used ring.
+    /// Read IOPS while the guest polls the used ring.
     pub iops_poll: f64,
-    /// IOPS while the guest waits for MSI-X interrupts.
+    /// Read IOPS while the guest waits for MSI-X interrupts.
     pub iops_irq: f64,
+    /// Write IOPS, polled (0: not measured).
+    pub write_poll: f64,
+    /// Write IOPS with interrupts (0: not measured).
+    pub write_irq: f64,
+    /// QD1 read latency in us, polled (0: not measured).
+    pub lat_poll_us: f64,
+    /// QD1 read latency in us with interrupts (0: not measured).
+    pub lat_irq_us: f64,
 }
 
 /// How long one guest run may take.
@@ -119,7 +128,7 @@ const RUN_TIMEOUT: Duration = Duration::from_secs(120);
 pub fn run(c: &VmContender, s: &VmSetup) -> Result<VmFigures, String> {
     let cmdline = |exit: &str| {
         format!(
-            "exit={exit} pci=auto tsc_khz={} ms={} blocks=0",
+            "exit={exit} pci=auto tsc_khz={} ms={} blocks=0 more=1",
             s.tsc_khz, s.phase_ms
         )
     };
@@ -156,9 +165,14 @@ pub fn figures(report: &BTreeMap<String, String>) -> Option<VmFigures> {
         return None;
     }
     let num = |k: &str| report.get(k)?.parse::<f64>().ok().filter(|v| *v > 0.0);
+    let opt = |k: &str| num(k).unwrap_or(0.0);
     Some(VmFigures {
         iops_poll: num("disk0.iops_poll")?,
         iops_irq: num("disk0.iops_irq")?,
+        write_poll: opt("disk0.iops_write_poll"),
+        write_irq: opt("disk0.iops_write_irq"),
+        lat_poll_us: opt("disk0.lat_qd1_ns_poll") / 1000.0,
+        lat_irq_us: opt("disk0.lat_qd1_ns_irq") / 1000.0,
     })
 }
 
@@ -330,8 +344,15 @@ pub fn run_all(
             match run(c, s) {
                 Ok(f) => {
                     eprintln!(
-                        "[{round}/{repeat}] {:<28} polled {:>9.0}  irq {:>9.0}",
-                        c.name, f.iops_poll, f.iops_irq
+                        "[{round}/{repeat}] {:<28} read {:>8.0} : {:>8.0}  write {:>8.0} : {:>8.0}  \
+                         QD1 {:>6.1} : {:>6.1} us (polled : irq)",
+                        c.name,
+                        f.iops_poll,
+                        f.iops_irq,
+                        f.write_poll,
+                        f.write_irq,
+                        f.lat_poll_us,
+                        f.lat_irq_us
                     );
                     runs.push(f);
                 }
@@ -359,9 +380,65 @@ pub fn median(v: &[f64]) -> f64 {
     }
 }
 
-/// The table: per contender the medians of both phases, and for ours the ratios against
-/// QEMU with and without an iothread on the same backing.
+/// The median of one figure over `runs`.
+fn med_of(runs: &[VmFigures], f: impl Fn(&VmFigures) -> f64) -> f64 {
+    median(&runs.iter().map(f).collect::<Vec<_>>())
+}
+
+/// The tables: per contender the medians of the read phases, and for ours the ratios
+/// against QEMU with and without an iothread on the same backing; then the write IOPS and
+/// QD1 read latencies likewise (ratios of latencies are QEMU's over ours: above 1 is
+/// faster).
 pub fn table(results: &[(VmContender, Vec<VmFigures>)]) -> String {
+    let mut out = read_table(results);
+    out += &format!(
+        "\n{:<28}{:>10}{:>10}{:>12}{:>12}{:>22}{:>22}\n",
+        "in-VM, writes and QD1",
+        "wr poll",
+        "wr irq",
+        "qd1 us poll",
+        "qd1 us irq",
+        "wr ours/qemu-iothr",
+        "qd1 qemu-iothr/ours"
+    );
+    let find = |monitor: Monitor, backing: Backing| {
+        results
+            .iter()
+            .find(|(c, _)| c.monitor == monitor && c.backing == backing)
+            .map(|(_, runs)| runs.as_slice())
+    };
+    for (c, runs) in results {
+        let m = |f: fn(&VmFigures) -> f64| med_of(runs, f);
+        let (wp, wi, lp, li) = (
+            m(|f| f.write_poll),
+            m(|f| f.write_irq),
+            m(|f| f.lat_poll_us),
+            m(|f| f.lat_irq_us),
+        );
+        let mut vs_w = String::new();
+        let mut vs_l = String::new();
+        if c.monitor == Monitor::Ours
+            && let Some(q) = find(Monitor::QemuIothread, c.backing)
+        {
+            let (qwp, qwi) = (med_of(q, |f| f.write_poll), med_of(q, |f| f.write_irq));
+            let (qlp, qli) = (med_of(q, |f| f.lat_poll_us), med_of(q, |f| f.lat_irq_us));
+            if qwp > 0.0 && qwi > 0.0 {
+                vs_w = format!("{:.2} : {:.2}", wp / qwp, wi / qwi);
+            }
+            if lp > 0.0 && li > 0.0 {
+                vs_l = format!("{:.2} : {:.2}", qlp / lp, qli / li);
+            }
+        }
+        out += &format!(
+            "{:<28}{:>10.0}{:>10.0}{:>12.1}{:>12.1}{:>22}{:>22}\n",
+            c.name, wp, wi, lp, li, vs_w, vs_l
+        );
+    }
+    out
+}
+
+/// The read table (see [`table`]).
+fn read_table(results: &[(VmContender, Vec<VmFigures>)]) -> String {
     let med = |c: &VmContender| {
         results.iter().find(|(x, _)| x == c).map(|(_, runs)| {
             (
@@ -452,9 +529,14 @@ mod tests {
             figures(&report("disk0.iops_poll=10\ndisk0.iops_irq=5\nresult=ok\n")),
             Some(VmFigures {
                 iops_poll: 10.0,
-                iops_irq: 5.0
+                iops_irq: 5.0,
+                ..Default::default()
             })
         );
+        let more = "disk0.iops_poll=10\ndisk0.iops_irq=5\ndisk0.iops_write_poll=8\n\
+                    disk0.lat_qd1_ns_irq=45000\nresult=ok\n";
+        let f = figures(&report(more)).unwrap();
+        assert_eq!((f.write_poll, f.write_irq, f.lat_irq_us), (8.0, 0.0, 45.0));
         assert_eq!(
             figures(&report("disk0.iops_poll=10\ndisk0.iops_irq=5\n")),
             None
@@ -467,6 +549,10 @@ mod tests {
         let f = |p, i| VmFigures {
             iops_poll: p,
             iops_irq: i,
+            write_poll: p / 2.0,
+            write_irq: i / 2.0,
+            lat_poll_us: 10.0,
+            lat_irq_us: 20.0,
         };
         let results = vec![
             (
@@ -480,6 +566,16 @@ mod tests {
         let ours = t.lines().find(|l| l.starts_with("vm-ours-null")).unwrap();
         assert!(ours.contains("2.00 : 1.00"), "{t}");
         assert!(ours.contains("3.00 : 2.50"), "{t}");
+        let writes = t
+            .lines()
+            .filter(|l| l.starts_with("vm-ours-null"))
+            .nth(1)
+            .unwrap();
+        assert!(
+            writes.contains("2.00 : 1.00"),
+            "writes against QEMU's iothread: {t}"
+        );
+        assert!(writes.contains("1.00 : 1.00"), "equal latencies: {t}");
         assert_eq!(median(&[3.0, 1.0, 2.0, 10.0]), 2.5);
     }
 }

@@ -424,6 +424,10 @@ fn run_in_vm(args: &Args, choice: &Choice) -> Result<(), Failure> {
             "contender": c.name,
             "iops_poll": runs.iter().map(|f| f.iops_poll).collect::<Vec<_>>(),
             "iops_irq": runs.iter().map(|f| f.iops_irq).collect::<Vec<_>>(),
+            "write_iops_poll": runs.iter().map(|f| f.write_poll).collect::<Vec<_>>(),
+            "write_iops_irq": runs.iter().map(|f| f.write_irq).collect::<Vec<_>>(),
+            "qd1_latency_us_poll": runs.iter().map(|f| f.lat_poll_us).collect::<Vec<_>>(),
+            "qd1_latency_us_irq": runs.iter().map(|f| f.lat_irq_us).collect::<Vec<_>>(),
         })).collect::<Vec<_>>(),
     });
     let path = args.json.with_file_name("invm.json");

@@ -86,7 +86,10 @@ fn verify(d: &mut Disk, seed: u64, timeout: u64) -> bool {
         &mut (0..count).map(|k| k * stride),
         &mut |_, _| {},
         &mut |buf, sector, st| {
-            if st != 0 || (0..words).any(|i| rd::<u64>(buf + 8 * i) != crate::pattern_word(seed, sector, i)) {
+            if st != 0
+                || (0..words)
+                    .any(|i| rd::<u64>(buf + 8 * i) != crate::pattern_word(seed, sector, i))
+            {
                 bad += 1;
             }
         },

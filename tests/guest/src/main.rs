@@ -430,7 +430,14 @@ pub extern "C" fn guest_main() -> ! {
                 .iter()
                 .map(|q| virtio::irq_count(q.vec))
                 .sum();
-            let r = d.iops(ticks, irq, span.min(d.capacity), &mut rng, false, usize::MAX);
+            let r = d.iops(
+                ticks,
+                irq,
+                span.min(d.capacity),
+                &mut rng,
+                false,
+                usize::MAX,
+            );
             d.set_interrupts(false);
             let after: u64 = d.queues[..d.nq]
                 .iter()
@@ -463,6 +470,17 @@ pub extern "C" fn guest_main() -> ! {
         for (write, depth, name) in [(true, usize::MAX, "iops_write"), (false, 1, "lat_qd1_ns")] {
             if write && d.ro {
                 continue;
+            }
+            if write {
+                // Data that is not zeroes, so the writes show on the image.
+                for q in 0..d.nq {
+                    for slot in 0..virtio::SLOTS {
+                        let buf = d.queues[q].buf(slot);
+                        for w in 0..virtio::BLOCK / 8 {
+                            io::wr::<u64>(buf + 8 * w as u64, 0xA5A5_A5A5_A5A5_A5A5);
+                        }
+                    }
+                }
             }
             for irq in [false, true] {
                 let mode = if irq { "irq" } else { "poll" };

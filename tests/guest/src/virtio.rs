@@ -434,7 +434,9 @@ impl Disk {
         let t0 = rdtsc();
         for q in 0..self.nq {
             while self.queues[q].in_flight() < depth {
-                let Some(s) = self.queues[q].take() else { break };
+                let Some(s) = self.queues[q].take() else {
+                    break;
+                };
                 let sector = rand();
                 self.queues[q].submit(s, write, sector);
             }

@@ -82,10 +82,24 @@ pub fn run(
     fn err(what: &'static str) -> impl Fn(blkio::Error) -> String {
         move |e| format!("blkio {what}: {e}")
     }
-    let mut b = Blkio::new("virtio-blk-vhost-user").map_err(err("new"))?;
-    b.set_str("path", &socket.to_string_lossy())
-        .map_err(err("path"))?;
-    b.connect().map_err(err("connect"))?;
+    // A server's socket file appears at bind(), a moment before listen(): a refused
+    // connection right after it appeared is tried again.
+    let deadline = std::time::Instant::now() + Duration::from_secs(2);
+    let mut b = loop {
+        let mut b = Blkio::new("virtio-blk-vhost-user").map_err(err("new"))?;
+        b.set_str("path", &socket.to_string_lossy())
+            .map_err(err("path"))?;
+        match b.connect() {
+            Ok(()) => break b,
+            Err(e)
+                if e.errno().raw_os_error() == libc::ECONNREFUSED
+                    && std::time::Instant::now() < deadline =>
+            {
+                std::thread::sleep(Duration::from_millis(10));
+            }
+            Err(e) => return Err(format!("blkio connect: {e}")),
+        }
+    };
     let max_queues = b.get_i32("max-queues").map_err(err("max-queues"))?.max(0) as usize;
     if workload.queues > max_queues {
         return Err(format!(

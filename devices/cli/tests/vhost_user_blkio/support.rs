@@ -37,7 +37,9 @@ impl Server {
             .unwrap();
         let mut server = Server { child, socket, log };
         let deadline = Instant::now() + Duration::from_secs(20);
-        while !server.socket.exists() {
+        // The socket file appears at bind(), a moment before listen(): wait for the line
+        // the backend logs once it listens, or a connect may be refused.
+        while !(server.socket.exists() && server.log().contains("listening")) {
             if let Ok(Some(status)) = server.child.try_wait() {
                 panic!(
                     "backend exited ({status}) before listening:\n{}",

@@ -16,7 +16,8 @@ use std::time::{Duration, Instant};
 
 use blkio::ReqFlags;
 use support::{
-    BIN, Client, MIB, Server, comps, fill_random, image, read_counters, wait_one, xorshift,
+    BIN, Client, MIB, Server, comps, fill_random, image, read_counters, read_slot, wait_one,
+    xorshift,
 };
 
 #[test]
@@ -270,13 +271,7 @@ fn throttled_disk_respects_its_iops_limit() {
     let q = &mut c.queues[0];
     let mut cs = comps(8);
     for slot in 0..8 {
-        q.read(
-            (slot * 4096) as u64,
-            (base + slot * 4096) as *mut u8,
-            4096,
-            slot,
-            ReqFlags::empty(),
-        );
+        read_slot(q, base, slot);
     }
     let warmup = Instant::now() + Duration::from_millis(500);
     let mut measured = 0u64;
@@ -298,13 +293,7 @@ fn throttled_disk_respects_its_iops_limit() {
                 measured += 1;
             }
             let slot = c.user_data;
-            q.read(
-                (slot * 4096) as u64,
-                (base + slot * 4096) as *mut u8,
-                4096,
-                slot,
-                ReqFlags::empty(),
-            );
+            read_slot(q, base, slot);
         }
         if start.is_some_and(|s| now - s >= end_after) {
             let iops = measured as f64 / (now - start.unwrap_or(now)).as_secs_f64();

@@ -7,7 +7,7 @@ use std::time::{Duration, Instant};
 
 use blkio::ReqFlags;
 
-use crate::support::{Client, MIB, Server, comps, image, read_counters, wait_one};
+use crate::support::{Client, MIB, Server, comps, image, read_counters, read_slot, wait_one};
 
 /// `iothread_vq_mapping` (given as JSON): queue 0 on io0, queue 1 on io1; both serve I/O
 /// and each iothread counts only its own queue's requests.
@@ -67,13 +67,7 @@ fn measure_iops(q: &mut blkio::Blkioq, base: usize, secs: f64) -> f64 {
             let c = unsafe { c.assume_init_read() };
             assert_eq!(c.ret, 0);
             let slot = c.user_data;
-            q.read(
-                (slot * 4096) as u64,
-                (base + slot * 4096) as *mut u8,
-                4096,
-                slot,
-                ReqFlags::empty(),
-            );
+            read_slot(q, base, slot);
         }
         n += got as u64;
     }
@@ -99,13 +93,7 @@ fn limits_and_iothread_settings_change_while_io_runs() {
         let base = c.region.addr;
         let q = &mut c.queues[0];
         for slot in 0..8 {
-            q.read(
-                (slot * 4096) as u64,
-                (base + slot * 4096) as *mut u8,
-                4096,
-                slot,
-                ReqFlags::empty(),
-            );
+            read_slot(q, base, slot);
         }
         measure_iops(q, base, 0.3);
         let slow = measure_iops(q, base, 1.0);

@@ -6,7 +6,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
 use std::time::{Duration, Instant};
 
-use blkio::{Blkio, Blkioq, Completion, MemoryRegion};
+use blkio::{Blkio, Blkioq, Completion, MemoryRegion, ReqFlags};
 use devices::vhost_user_blk::BackendCounters;
 
 pub const BIN: &str = env!("CARGO_BIN_EXE_vhost-user-blk");
@@ -149,6 +149,18 @@ pub fn comps(n: usize) -> Vec<MaybeUninit<Completion>> {
 }
 
 /// Submits what is queued and waits for one completion; returns its `ret`.
+/// Queues a 4 KiB read of block `slot` into the `slot`th 4 KiB of the region at `base`,
+/// tagged `slot`.
+pub fn read_slot(q: &mut Blkioq, base: usize, slot: usize) {
+    q.read(
+        (slot * 4096) as u64,
+        (base + slot * 4096) as *mut u8,
+        4096,
+        slot,
+        ReqFlags::empty(),
+    );
+}
+
 pub fn wait_one(q: &mut Blkioq) -> i32 {
     let mut c = comps(1);
     let mut timeout = Duration::from_secs(20);

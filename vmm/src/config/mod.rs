@@ -249,6 +249,14 @@ impl VmConfig {
                 p.push(format!("{field}: at most {MAX_DEVICES} per VM (got {n})"));
             }
         }
+        if self.disks.len() > MAX_DISKS
+            || self.iothreads.len() > MAX_DEVICES
+            || self.throttle_groups.len() > MAX_DEVICES
+        {
+            // A client's list too long to look at one by one: every disk is compared
+            // with every other and its file looked up, so stop at the count.
+            return p;
+        }
         let iothreads = self.check_iothreads(&mut p);
         let groups = self.check_throttle_groups(&mut p);
         let keys = self.image_keys();

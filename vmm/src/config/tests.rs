@@ -497,3 +497,16 @@ fn an_added_disk_counts_against_the_pci_slots() {
         "{err}"
     );
 }
+
+/// A client's list of thousands of disks stops at the count: no disk is compared with
+/// every other or looked up on disk (which a 1 MiB body could make last for minutes).
+#[test]
+fn too_many_disks_stop_at_the_count() {
+    let f = files();
+    let mut c = minimal(&f);
+    let disk = DiskConfig::new("same", "/nonexistent/img.raw");
+    c.disks = vec![disk; 5000];
+    let p = c.problems();
+    assert_eq!(p.len(), 1, "{p:?}");
+    assert!(p[0].contains("at most"), "{p:?}");
+}

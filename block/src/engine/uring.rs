@@ -11,7 +11,7 @@
 //! and a write-zeroes the filesystem refuses with `EOPNOTSUPP` (tmpfs has no
 //! `FALLOC_FL_ZERO_RANGE`).
 
-use std::collections::VecDeque;
+use std::collections::{HashMap, VecDeque};
 use std::io;
 use std::os::fd::AsRawFd;
 use std::sync::Arc;
@@ -57,9 +57,9 @@ pub struct UringEngine {
     max_batch: usize,
     /// Ops pushed but not yet in the SQ, with their tags, oldest first (the backlog).
     staged: VecDeque<(u64, EngineOp)>,
-    /// Write-zeroes ops in the ring: one the filesystem refuses goes to the pool, which
-    /// needs the op again (rare, so a short list searched by tag).
-    zeroes_in_ring: Vec<(u64, EngineOp)>,
+    /// Write-zeroes ops in the ring, by tag: one the filesystem refuses goes to the pool,
+    /// which needs the op again.
+    zeroes_in_ring: HashMap<u64, EngineOp>,
     /// Ops placed in the SQ whose CQE has not been reaped.
     in_ring: usize,
     /// Ops for the fallback pool, handed over at the next submit (or reap, for retries).
@@ -115,7 +115,7 @@ impl UringEngine {
             capacity,
             max_batch: (options.max_batch as usize).clamp(1, capacity),
             staged: VecDeque::with_capacity(capacity),
-            zeroes_in_ring: Vec::new(),
+            zeroes_in_ring: HashMap::new(),
             in_ring: 0,
             pool_staged: Vec::new(),
             pool: None,
@@ -155,7 +155,7 @@ impl UringEngine {
             }
             self.staged.pop_front();
             if let EngineOp::WriteZeroes { .. } = op {
-                self.zeroes_in_ring.push((tag, op));
+                self.zeroes_in_ring.insert(tag, op);
             }
             placed += 1;
         }
@@ -313,15 +313,18 @@ impl IoEngine for UringEngine {
             let tag = cqe.user_data();
             self.in_ring = self.in_ring.saturating_sub(1);
             let result = cqe.result();
-            // Most passes have no write-zeroes in the ring: no search at all.
-            let zeroes = self.zeroes_in_ring.iter().position(|&(t, _)| t == tag);
-            if let Some(pos) = zeroes {
-                let (_, op) = self.zeroes_in_ring.swap_remove(pos);
-                if result == -libc::EOPNOTSUPP {
-                    self.pool_staged.push((tag, op));
-                    retries = true;
-                    continue;
-                }
+            // Most passes have no write-zeroes in the ring: no lookup at all.
+            let zeroes = if self.zeroes_in_ring.is_empty() {
+                None
+            } else {
+                self.zeroes_in_ring.remove(&tag)
+            };
+            if let Some(op) = zeroes
+                && result == -libc::EOPNOTSUPP
+            {
+                self.pool_staged.push((tag, op));
+                retries = true;
+                continue;
             }
             done(tag, i64::from(result));
         }

@@ -38,7 +38,7 @@ struct Loop<'a> {
 pub(super) fn run(shared: &Shared, config: IoThreadConfig, epoll: Epoll) {
     let _span = tracing::info_span!("iothread", id = %shared.id).entered();
     let core = Core::new(&config, shared.counters.clone());
-    core.enter(&config);
+    core.enter();
     let mut l = Loop {
         shared,
         epoll,

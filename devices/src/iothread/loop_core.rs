@@ -56,10 +56,10 @@ impl<S: IoSource + ?Sized> Core<S> {
     }
 
     /// The calling thread starts serving this core: its CPU time is counted from now and
-    /// it is pinned to `config`'s CPUs.
-    pub fn enter(&self, config: &IoThreadConfig) {
+    /// it is pinned to the CPUs of the settings applied last.
+    pub fn enter(&self) {
         self.counters.record_current_thread();
-        pin(&config.cpu_affinity);
+        pin(&self.config.cpu_affinity);
     }
 
     /// Applies new settings at once (called on the serving thread, which it re-pins);
@@ -170,19 +170,21 @@ impl<S: IoSource + ?Sized> Core<S> {
     /// waited for drivers: the sleep that follows is what the window adapts to.
     pub fn idle(&mut self) -> Option<Instant> {
         for _ in 0..BUSY_ROUNDS {
-            let start = Instant::now();
-            let for_drivers = self.spin_worthy();
-            let budget = if for_drivers {
-                self.window.spin_budget()
-            } else {
-                Duration::ZERO
+            // The clock only when spinning for drivers (the wait is then measured).
+            let start = self.spin_worthy().then(Instant::now);
+            let budget = match start {
+                Some(_) => self.window.spin_budget(),
+                None => Duration::ZERO,
             };
-            let found = !budget.is_zero() && self.poll_round(start + budget);
-            if found {
+            let found = match start {
+                Some(start) if !budget.is_zero() => self.poll_round(start + budget),
+                _ => false,
+            };
+            if let (true, Some(start)) = (found, start) {
                 self.window.after_hit(nanos(start.elapsed()));
                 self.counters.poll_ns.store(self.window.ns, Relaxed);
             } else if !self.arm(self.window.max_ns == 0) {
-                return for_drivers.then_some(start);
+                return start;
             }
             // Work that came while the thread was awake, found by looking.
             self.counters.poll_hits.fetch_add(1, Relaxed);

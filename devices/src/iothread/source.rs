@@ -83,9 +83,7 @@ impl<Q: QueueHost> IoSource for QueueWorker<Q> {
 
     fn handle(&mut self, which: usize) -> PassWork {
         match which {
-            // A kick is the driver saying chains wait.
-            KICK => self.run_pass(),
-            COMPLETION => self.run_ready(),
+            KICK | COMPLETION => self.run_ready(),
             _ => {
                 self.process_throttled();
                 PassWork::default()

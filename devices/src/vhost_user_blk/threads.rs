@@ -197,7 +197,7 @@ impl Thread {
         };
         if !session.started {
             session.started = true;
-            st.core.enter(&lock(&self.config));
+            st.core.enter();
         }
         let event = u64::from(device_event);
         let local = usize::from(device_event);

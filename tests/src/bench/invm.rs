@@ -83,6 +83,51 @@ pub const ALL: [VmContender; 9] = [
     c("vm-qemu-native", Monitor::Qemu, Backing::File("native")),
 ];
 
+/// The in-VM contenders `names` picks, in run order: contender names, or `all`, `ours`,
+/// `qemu` (both QEMU monitors), `null`, `io_uring`, `native` (the three monitors on
+/// that backing); a group and a name may be mixed.
+pub fn parse_list(names: &[String]) -> Result<Vec<VmContender>, String> {
+    let mut wanted: Vec<&str> = Vec::new();
+    for name in names.iter().map(|s| s.trim()).filter(|s| !s.is_empty()) {
+        let picked: Vec<&str> = ALL
+            .iter()
+            .filter(|c| match name {
+                "all" => true,
+                "ours" => c.monitor == Monitor::Ours,
+                "qemu" => c.monitor != Monitor::Ours,
+                "null" => c.backing == Backing::Null,
+                "io_uring" | "native" => {
+                    c.backing
+                        == Backing::File(if name == "native" {
+                            "native"
+                        } else {
+                            "io_uring"
+                        })
+                }
+                _ => c.name == name,
+            })
+            .map(|c| c.name)
+            .collect();
+        if picked.is_empty() {
+            let known: Vec<&str> = ALL.iter().map(|c| c.name).collect();
+            return Err(format!(
+                "unknown in-VM contender {name:?}; known: all, ours, qemu, null, io_uring, \
+                 native, {}",
+                known.join(", ")
+            ));
+        }
+        wanted.extend(picked);
+    }
+    if wanted.is_empty() {
+        return Err("--contenders names none".into());
+    }
+    Ok(ALL
+        .iter()
+        .copied()
+        .filter(|c| wanted.contains(&c.name))
+        .collect())
+}
+
 /// What the runs need.
 #[derive(Clone, Debug)]
 pub struct VmSetup {
@@ -119,6 +164,9 @@ pub struct VmFigures {
     pub lat_poll_us: f64,
     /// QD1 read latency in us with interrupts (0: not measured).
     pub lat_irq_us: f64,
+    /// Completions per MSI-X interrupt in the interrupt-driven read phase (0: not
+    /// reported): how well the monitor batches its signals.
+    pub ops_per_irq: f64,
 }
 
 /// How long one guest run may take.
@@ -173,6 +221,7 @@ pub fn figures(report: &BTreeMap<String, String>) -> Option<VmFigures> {
         write_irq: opt("disk0.iops_write_irq"),
         lat_poll_us: opt("disk0.lat_qd1_ns_poll") / 1000.0,
         lat_irq_us: opt("disk0.lat_qd1_ns_irq") / 1000.0,
+        ops_per_irq: num("disk0.irqs").map_or(0.0, |irqs| opt("disk0.ops_irq") / irqs),
     })
 }
 
@@ -326,18 +375,46 @@ pub fn tsc_khz() -> u64 {
     (c1.wrapping_sub(c0) / us) * 1000
 }
 
+/// What [`run_all`] measured.
+#[derive(Clone, Debug, Default)]
+pub struct InVmResults {
+    /// The figures per contender that ran.
+    pub runs: Vec<(VmContender, Vec<VmFigures>)>,
+    /// Host io_uring 4 KiB random reads at the guest's depth on the image, O_DIRECT, once
+    /// per round before the guests (empty when no contender uses the file): what the
+    /// disk itself gives, so that file rows near it show where the ceiling is.
+    pub limit: Vec<f64>,
+}
+
+/// The guest's requests in flight at full depth (its slots per queue).
+pub const GUEST_DEPTH: usize = 32;
+
 /// Runs every contender of `which` `repeat` times, interleaved (one round of all, then
-/// the next), printing a line per run; returns the figures per contender. A contender
-/// that fails is reported and left out; QEMU's are left out, saying so, without QEMU.
-pub fn run_all(
-    which: &[VmContender],
-    s: &VmSetup,
-    repeat: usize,
-) -> Vec<(VmContender, Vec<VmFigures>)> {
+/// the next, every other round in reverse order so that no contender always follows the
+/// same one), with the host limit on the file first in each round; prints a line per
+/// run. A contender that fails is reported and left out; QEMU's are left out, saying so,
+/// without QEMU.
+pub fn run_all(which: &[VmContender], s: &VmSetup, repeat: usize) -> InVmResults {
     let mut results: Vec<(VmContender, Vec<VmFigures>)> =
         which.iter().map(|c| (*c, Vec::new())).collect();
+    let mut limit = Vec::new();
+    let uses_file = which.iter().any(|c| matches!(c.backing, Backing::File(_)));
     for round in 1..=repeat {
-        for (c, runs) in &mut results {
+        if uses_file {
+            match host_limit(s) {
+                Ok(iops) => {
+                    eprintln!("[{round}/{repeat}] {:<28} read {iops:>8.0}", "host-limit");
+                    limit.push(iops);
+                }
+                Err(e) => eprintln!("[{round}/{repeat}] host-limit: {e}"),
+            }
+        }
+        let mut order: Vec<usize> = (0..results.len()).collect();
+        if round % 2 == 0 {
+            order.reverse();
+        }
+        for i in order {
+            let (c, runs) = &mut results[i];
             if c.monitor != Monitor::Ours && s.qemu.is_none() {
                 continue;
             }
@@ -345,14 +422,15 @@ pub fn run_all(
                 Ok(f) => {
                     eprintln!(
                         "[{round}/{repeat}] {:<28} read {:>8.0} : {:>8.0}  write {:>8.0} : {:>8.0}  \
-                         QD1 {:>6.1} : {:>6.1} us (polled : irq)",
+                         QD1 {:>6.1} : {:>6.1} us (polled : irq), {:.1} reads per irq",
                         c.name,
                         f.iops_poll,
                         f.iops_irq,
                         f.write_poll,
                         f.write_irq,
                         f.lat_poll_us,
-                        f.lat_irq_us
+                        f.lat_irq_us,
+                        f.ops_per_irq
                     );
                     runs.push(f);
                 }
@@ -366,7 +444,24 @@ pub fn run_all(
         );
     }
     results.retain(|(_, runs)| !runs.is_empty());
-    results
+    InVmResults {
+        runs: results,
+        limit,
+    }
+}
+
+/// Host io_uring on the image: 4 KiB random reads at [`GUEST_DEPTH`], one phase long.
+fn host_limit(s: &VmSetup) -> Result<f64, String> {
+    let workload = super::workload::Workload {
+        random: true,
+        write: false,
+        block_size: 4096,
+        iodepth: GUEST_DEPTH,
+        queues: 1,
+    };
+    let phase = Duration::from_millis(s.phase_ms);
+    let r = super::host_uring::run(&s.file, workload, Duration::from_millis(200), phase)?;
+    Ok(r.figures.iops)
 }
 
 /// The median of `v` (0 for none).
@@ -388,9 +483,31 @@ fn med_of(runs: &[VmFigures], f: impl Fn(&VmFigures) -> f64) -> f64 {
 /// The tables: per contender the medians of the read phases, and for ours the ratios
 /// against QEMU with and without an iothread on the same backing; then the write IOPS and
 /// QD1 read latencies likewise (ratios of latencies are QEMU's over ours: above 1 is
-/// faster).
-pub fn table(results: &[(VmContender, Vec<VmFigures>)]) -> String {
+/// faster); last, the cost of an interrupt to the interrupt-driven phase.
+pub fn table(all: &InVmResults) -> String {
+    let results = all.runs.as_slice();
     let mut out = read_table(results);
+    if !all.limit.is_empty() {
+        let limit = median(&all.limit);
+        out += &format!(
+            "{:<28}{:>12.0}{:>12}   (host io_uring, QD{GUEST_DEPTH}, O_DIRECT; {} runs)\n",
+            "host-limit",
+            limit,
+            "",
+            all.limit.len()
+        );
+        let shares: Vec<String> = results
+            .iter()
+            .filter(|(c, _)| matches!(c.backing, Backing::File(_)))
+            .map(|(c, runs)| {
+                let poll = med_of(runs, |f| f.iops_poll);
+                format!("{} {:.2}", c.name, poll / limit.max(1.0))
+            })
+            .collect();
+        if !shares.is_empty() {
+            out += &format!("polled file reads / host limit: {}\n", shares.join(", "));
+        }
+    }
     out += &format!(
         "\n{:<28}{:>10}{:>10}{:>12}{:>12}{:>22}{:>22}\n",
         "in-VM, writes and QD1",
@@ -432,6 +549,50 @@ pub fn table(results: &[(VmContender, Vec<VmFigures>)]) -> String {
         out += &format!(
             "{:<28}{:>10.0}{:>10.0}{:>12.1}{:>12.1}{:>22}{:>22}\n",
             c.name, wp, wi, lp, li, vs_w, vs_l
+        );
+    }
+    out + &irq_table(results)
+}
+
+/// What one interrupt costs the interrupt-driven read phase (see [`table`]): per
+/// interrupt, the reads it covered, the cycle's length, the guest's cost of taking an
+/// interrupt (its QD1 read latency with interrupts less the polled one, same run), and
+/// the cycle without that cost. Ratios are QEMU-iothread's cycles over ours.
+fn irq_table(results: &[(VmContender, Vec<VmFigures>)]) -> String {
+    let cycle = |runs: &[VmFigures]| {
+        let per_irq = med_of(runs, |f| f.ops_per_irq);
+        let iops = med_of(runs, |f| f.iops_irq);
+        let cost = med_of(runs, |f| f.lat_irq_us - f.lat_poll_us);
+        let us = if iops > 0.0 {
+            per_irq / iops * 1e6
+        } else {
+            0.0
+        };
+        (per_irq, us, cost, us - cost)
+    };
+    let mut out = format!(
+        "\n{:<28}{:>10}{:>11}{:>16}{:>15}{:>22}\n",
+        "in-VM, per interrupt", "reads", "cycle us", "guest irq us", "rest us", "qemu-iothr/ours"
+    );
+    for (c, runs) in results {
+        let (per_irq, us, cost, rest) = cycle(runs);
+        if per_irq == 0.0 {
+            continue;
+        }
+        let mut vs = String::new();
+        if c.monitor == Monitor::Ours
+            && let Some((_, q)) = results
+                .iter()
+                .find(|(o, _)| o.monitor == Monitor::QemuIothread && o.backing == c.backing)
+        {
+            let (_, q_us, _, q_rest) = cycle(q);
+            if us > 0.0 && rest > 0.0 {
+                vs = format!("{:.2} : {:.2}", q_us / us, q_rest / rest);
+            }
+        }
+        out += &format!(
+            "{:<28}{:>10.1}{:>11.1}{:>16.1}{:>15.1}{:>22}\n",
+            c.name, per_irq, us, cost, rest, vs
         );
     }
     out
@@ -523,6 +684,31 @@ mod tests {
     }
 
     #[test]
+    fn contender_lists_pick_by_name_and_group_in_run_order() {
+        let names = |v: &[&str]| {
+            parse_list(&v.iter().map(|s| s.to_string()).collect::<Vec<_>>())
+                .map(|l| l.iter().map(|c| c.name).collect::<Vec<_>>())
+        };
+        assert_eq!(
+            names(&["null"]).unwrap(),
+            ["vm-ours-null", "vm-qemu-iothread-null", "vm-qemu-null"]
+        );
+        assert_eq!(
+            names(&["vm-qemu-native", "ours"]).unwrap(),
+            [
+                "vm-ours-null",
+                "vm-ours-io_uring",
+                "vm-ours-native",
+                "vm-qemu-native"
+            ]
+        );
+        assert_eq!(names(&["native", "native"]).unwrap().len(), 3);
+        assert_eq!(names(&["all"]).unwrap().len(), ALL.len());
+        assert!(names(&["ours-null"]).unwrap_err().contains("vm-ours-null"));
+        assert!(names(&[" "]).is_err());
+    }
+
+    #[test]
     fn figures_need_a_finished_guest_with_both_phases() {
         let report = |s: &str| parse_report(s);
         assert_eq!(
@@ -534,9 +720,10 @@ mod tests {
             })
         );
         let more = "disk0.iops_poll=10\ndisk0.iops_irq=5\ndisk0.iops_write_poll=8\n\
-                    disk0.lat_qd1_ns_irq=45000\nresult=ok\n";
+                    disk0.lat_qd1_ns_irq=45000\ndisk0.ops_irq=600\ndisk0.irqs=200\nresult=ok\n";
         let f = figures(&report(more)).unwrap();
         assert_eq!((f.write_poll, f.write_irq, f.lat_irq_us), (8.0, 0.0, 45.0));
+        assert_eq!(f.ops_per_irq, 3.0);
         assert_eq!(
             figures(&report("disk0.iops_poll=10\ndisk0.iops_irq=5\n")),
             None
@@ -553,6 +740,7 @@ mod tests {
             write_irq: i / 2.0,
             lat_poll_us: 10.0,
             lat_irq_us: 20.0,
+            ops_per_irq: 4.0,
         };
         let results = vec![
             (
@@ -562,7 +750,10 @@ mod tests {
             (ALL[1], vec![f(450.0, 250.0)]),
             (ALL[2], vec![f(300.0, 100.0)]),
         ];
-        let t = table(&results);
+        let t = table(&InVmResults {
+            runs: results,
+            limit: vec![],
+        });
         let ours = t.lines().find(|l| l.starts_with("vm-ours-null")).unwrap();
         assert!(ours.contains("2.00 : 1.00"), "{t}");
         assert!(ours.contains("3.00 : 2.50"), "{t}");
@@ -576,6 +767,42 @@ mod tests {
             "writes against QEMU's iothread: {t}"
         );
         assert!(writes.contains("1.00 : 1.00"), "equal latencies: {t}");
+        // Per interrupt 4 reads at 250 a second: a 16000 us cycle, of which 10 us is the
+        // guest taking the interrupt (QD1 20 us with interrupts, 10 polled).
+        let irq = t
+            .lines()
+            .filter(|l| l.starts_with("vm-ours-null"))
+            .nth(2)
+            .unwrap();
+        assert!(irq.contains("16000.0"), "{t}");
+        assert!(irq.contains("15990.0"), "{t}");
+        // QEMU's cycle 4 / 250 too: equal cycles.
+        assert!(irq.contains("1.00 : 1.00"), "{t}");
         assert_eq!(median(&[3.0, 1.0, 2.0, 10.0]), 2.5);
+    }
+
+    #[test]
+    fn file_rows_are_set_against_the_host_limit_of_the_same_run() {
+        let f = |p| VmFigures {
+            iops_poll: p,
+            iops_irq: p,
+            ..Default::default()
+        };
+        let all = InVmResults {
+            runs: vec![(ALL[0], vec![f(900.0)]), (ALL[3], vec![f(80.0), f(84.0)])],
+            limit: vec![100.0, 90.0, 200.0],
+        };
+        let t = table(&all);
+        let limit = t.lines().find(|l| l.starts_with("host-limit")).unwrap();
+        assert!(limit.contains(" 100 "), "median of the limit runs: {t}");
+        assert!(
+            t.contains("polled file reads / host limit: vm-ours-io_uring 0.82\n"),
+            "{t}"
+        );
+        let without = table(&InVmResults {
+            runs: all.runs.clone(),
+            limit: vec![],
+        });
+        assert!(!without.contains("host-limit"), "{without}");
     }
 }

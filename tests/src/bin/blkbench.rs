@@ -26,6 +26,8 @@ Workloads: randread-4k-qd1, randread-4k-qd32, randwrite-4k-qd1, randwrite-4k-qd3
 read-128k-qd8, write-128k-qd8, randread-4k-qd32-2q, randread-4k-qd32-4q (or all).
 Contenders: limit (host io_uring on the file, O_DIRECT), ours-io_uring, ours-native, \
 ours-null, qsd-io_uring, qsd-native, qsd-null (or all, ours, qsd).
+In-VM contenders (--in-vm): vm-ours-null, vm-qemu-iothread-null, vm-qemu-null, and \
+likewise with -io_uring and -native for -null (or all, ours, qemu, null, io_uring, native).
 Patterns (of the libblkio client; every ours-* and qsd-* contender runs with each): \
 batch (reap up to QD completions per do_io, send their replacements together), resubmit \
 (reap one, send its replacement at the next do_io: fio's default). limit always batches.
@@ -37,7 +39,7 @@ given, both patterns, and the workloads randread-4k-qd1, randread-4k-qd32, \
 randwrite-4k-qd32, read-128k-qd8, randread-4k-qd32-2q; options given explicitly win.
 Exit status: 0 when every cell ran, 1 when something failed, 2 on bad arguments.";
 
-#[derive(Parser, Debug)]
+#[derive(Parser, Debug, Clone)]
 #[command(
     about = "vhost-user-blk: ours vs qemu-storage-daemon vs host io_uring, measured with libblkio",
     after_help = AFTER_HELP
@@ -279,7 +281,16 @@ fn find_qsd(args: &Args, wants: bool) -> Result<(Option<PathBuf>, (String, Strin
 
 fn run(args: &Args) -> Result<(), Failure> {
     if args.in_vm {
-        return run_in_vm(args, &choose(args)?);
+        let which = if args.contenders.is_empty() {
+            tests::bench::invm::ALL.to_vec()
+        } else {
+            tests::bench::invm::parse_list(&args.contenders).map_err(Failure::Usage)?
+        };
+        let no_filter = Args {
+            contenders: Vec::new(),
+            ..args.clone()
+        };
+        return run_in_vm(args, &choose(&no_filter)?, &which);
     }
     let Choice {
         size,
@@ -366,7 +377,11 @@ fn run(args: &Args) -> Result<(), Failure> {
 
 /// `--in-vm`: every in-VM contender, interleaved, `--repeat` rounds; a table of medians
 /// with ours against QEMU with and without an iothread.
-fn run_in_vm(args: &Args, choice: &Choice) -> Result<(), Failure> {
+fn run_in_vm(
+    args: &Args,
+    choice: &Choice,
+    which: &[tests::bench::invm::VmContender],
+) -> Result<(), Failure> {
     use tests::bench::invm::{self, VmSetup};
 
     let vmm = match &args.vmm {
@@ -405,7 +420,7 @@ fn run_in_vm(args: &Args, choice: &Choice) -> Result<(), Failure> {
         tsc_khz: invm::tsc_khz(),
         dir: dir.path().to_path_buf(),
     };
-    let results = invm::run_all(&invm::ALL, &setup, choice.repeat);
+    let results = invm::run_all(which, &setup, choice.repeat);
     println!(
         "\nIn a VM: the test guest, 1 vCPU, one virtio-blk disk; 4k random reads at full depth, \
          polled and with MSI-X interrupts; {} ms per phase; medians of {} interleaved rounds; \
@@ -420,7 +435,8 @@ fn run_in_vm(args: &Args, choice: &Choice) -> Result<(), Failure> {
         "qemu": version,
         "phase_ms": setup.phase_ms,
         "repeat": choice.repeat,
-        "runs": results.iter().map(|(c, runs)| serde_json::json!({
+        "host_limit_iops": results.limit,
+        "runs": results.runs.iter().map(|(c, runs)| serde_json::json!({
             "contender": c.name,
             "iops_poll": runs.iter().map(|f| f.iops_poll).collect::<Vec<_>>(),
             "iops_irq": runs.iter().map(|f| f.iops_irq).collect::<Vec<_>>(),
@@ -438,7 +454,7 @@ fn run_in_vm(args: &Args, choice: &Choice) -> Result<(), Failure> {
     std::fs::write(&path, format!("{json:#}\n"))
         .map_err(|e| Failure::Run(format!("{}: {e}", path.display())))?;
     println!("blkbench: wrote {}", path.display());
-    if results.len() < invm::ALL.len() && setup.qemu.is_some() {
+    if results.runs.len() < which.len() && setup.qemu.is_some() {
         return Err(Failure::Run(
             "some in-VM contenders failed (see above)".into(),
         ));

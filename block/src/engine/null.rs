@@ -7,13 +7,15 @@ use vmm_sys_util::eventfd::EventFd;
 use crate::engine::{EngineOp, EngineOptions, IoEngine, IoVecs};
 use crate::error::Error;
 
-/// Completes ops during `submit`, signalling its eventfd once per batch (unless the
-/// caller polls, see [`IoEngine::set_notify`]).
+/// Completes ops as they are pushed (reapable at once), signalling its eventfd once per
+/// submitted batch not reaped already (unless the caller polls, see
+/// [`IoEngine::set_notify`]).
 pub struct NullEngine {
     notifier: EventFd,
     notify: bool,
-    queued: Vec<(u64, i64)>,
     done: Vec<(u64, i64)>,
+    /// Ops pushed since the last submit and not reaped yet.
+    unsignalled: bool,
 }
 
 impl NullEngine {
@@ -27,8 +29,8 @@ impl NullEngine {
         Ok(NullEngine {
             notifier,
             notify: true,
-            queued: Vec::with_capacity(cap),
             done: Vec::with_capacity(cap),
+            unsignalled: false,
         })
     }
 }
@@ -55,14 +57,15 @@ impl IoEngine for NullEngine {
             EngineOp::Write { iovecs, .. } => count(iovecs),
             EngineOp::Flush | EngineOp::Discard { .. } | EngineOp::WriteZeroes { .. } => 0,
         };
-        self.queued.push((tag, result));
+        // Done now: reapable at once; the eventfd is written at the submit.
+        self.done.push((tag, result));
+        self.unsignalled = true;
     }
 
     fn submit(&mut self) -> Result<(), Error> {
-        if self.queued.is_empty() {
+        if !std::mem::take(&mut self.unsignalled) {
             return Ok(());
         }
-        self.done.append(&mut self.queued);
         if !self.notify {
             return Ok(());
         }
@@ -78,6 +81,7 @@ impl IoEngine for NullEngine {
     }
 
     fn reap_ready(&mut self, done: &mut dyn FnMut(u64, i64)) {
+        self.unsignalled = false;
         for (tag, result) in self.done.drain(..) {
             done(tag, result);
         }
@@ -96,7 +100,7 @@ impl IoEngine for NullEngine {
     }
 
     fn in_flight(&self) -> usize {
-        self.queued.len() + self.done.len()
+        self.done.len()
     }
 }
 
@@ -122,8 +126,8 @@ mod tests {
                 },
             )
         };
+        assert!(e.has_completions(), "done as pushed");
         e.submit().unwrap();
-        assert!(e.has_completions());
         assert_eq!(poll_in(e.notifier(), 0), 0, "polled: no eventfd write");
         let mut got = Vec::new();
         e.reap_ready(&mut |t, r| got.push((t, r)));
@@ -142,5 +146,16 @@ mod tests {
         assert_eq!(got[1], (2, 0));
         assert_eq!(poll_in(e.notifier(), 0), 0, "reap clears it");
         assert_eq!(e.in_flight(), 0);
+        // Reaped before the submit: nothing left to signal.
+        // SAFETY: no buffers.
+        unsafe { e.push(3, EngineOp::Flush) };
+        e.reap_ready(&mut |t, r| got.push((t, r)));
+        e.submit().unwrap();
+        assert_eq!(
+            poll_in(e.notifier(), 0),
+            0,
+            "no wake-up for work already reaped"
+        );
+        assert_eq!(got[2], (3, 0));
     }
 }

@@ -290,10 +290,11 @@ fn ran(counters: &LoopCounters, work: PassWork) -> bool {
     work != PassWork::default()
 }
 
-/// Adds a pass's requests and completions to the loop's counters.
+/// Adds a pass's requests, completions and mid-pass interrupts to the loop's counters.
 fn count(counters: &LoopCounters, work: PassWork) {
     counters.requests.fetch_add(work.popped, Relaxed);
     counters.completions.fetch_add(work.completed, Relaxed);
+    counters.signals.fetch_add(work.signalled, Relaxed);
 }
 
 fn nanos(d: Duration) -> u64 {

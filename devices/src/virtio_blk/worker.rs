@@ -126,12 +126,16 @@ pub struct PassWork {
     pub popped: u64,
     /// Requests completed.
     pub completed: u64,
+    /// Interrupts sent while the pass went on (see `ring::PUBLISH_EVERY_BYTES`); the
+    /// pass's last one is [`QueueWorker::finish_pass`]'s.
+    pub signalled: u64,
 }
 
 impl PassWork {
     fn add(&mut self, other: PassWork) {
         self.popped += other.popped;
         self.completed += other.completed;
+        self.signalled += other.signalled;
     }
 }
 
@@ -161,6 +165,9 @@ pub struct QueueWorker<Q: QueueHost> {
     max_slots: usize,
     /// The driver wants to hear about used entries published in this pass.
     needs_signal: bool,
+    /// Requests published and interrupts sent mid-pass (see `ring::PUBLISH_EVERY_BYTES`),
+    /// not yet counted in a pass's work.
+    early: PassWork,
     stopping: bool,
     /// The avail index was found out of range and said so in the log (once, until the
     /// driver fixes it: a guest must not flood the log by kicking).
@@ -209,6 +216,7 @@ impl<Q: QueueHost> QueueWorker<Q> {
             used: Vec::with_capacity(queue_size),
             max_slots: queue_size * SLOTS_PER_ENTRY,
             needs_signal: false,
+            early: PassWork::default(),
             stopping: false,
             corrupt_logged: false,
             armed: true,

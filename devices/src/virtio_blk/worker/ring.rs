@@ -12,6 +12,12 @@ use crate::virtio_blk::request::{self, Op, Request};
 use crate::virtio_blk::{GuestMemMmap, SECTOR_SIZE, status};
 use block::throttle::Direction;
 
+/// Bytes of requests done as they were started after which the worker publishes them and
+/// signals, mid-pass, instead of holding them until every available chain is started:
+/// with an engine that copies in place (null reads zero-fill), the driver then works in
+/// parallel with the copying.
+const PUBLISH_EVERY_BYTES: u64 = 64 * 1024;
+
 impl<Q: QueueHost> QueueWorker<Q> {
     /// Pops and parses every available chain under one queue lock (turning kicks off
     /// first if they were on), then starts the requests and publishes the rejected ones.
@@ -70,12 +76,29 @@ impl<Q: QueueHost> QueueWorker<Q> {
             self.start_admitted();
         }
         self.flush_used(&mem);
+        work.add(std::mem::take(&mut self.early));
         work
     }
 
     /// Reaps finished block I/O (reading the completion eventfd first if `clear`),
     /// completes the requests and publishes them.
     pub(super) fn complete_ready(&mut self, clear: bool) -> PassWork {
+        let mut work = self.publish_reaped(clear);
+        if work.completed > 0 && !self.pen.is_empty() {
+            // Throttled requests may go now that others finished (this submits).
+            self.start_admitted();
+        }
+        work.add(std::mem::take(&mut self.early));
+        // An engine the kernel refused (EAGAIN, a full ring) keeps the requests and wakes
+        // us to submit them again, maybe with nothing to reap: submit on every call. With
+        // nothing queued this returns at once, without a syscall.
+        self.submit();
+        work
+    }
+
+    /// Reaps finished block I/O (reading the completion eventfd first if `clear`),
+    /// completes the requests and publishes them; starts nothing.
+    fn publish_reaped(&mut self, clear: bool) -> PassWork {
         let mut completions = std::mem::take(&mut self.completions);
         let reaped = if clear {
             self.disk.reap(|c| completions.push(c))
@@ -102,16 +125,8 @@ impl<Q: QueueHost> QueueWorker<Q> {
                 self.complete(idx, code);
                 work.completed += 1;
             }
-            if !self.pen.is_empty() {
-                // Throttled requests may go now that others finished (this submits).
-                self.start_admitted();
-            }
             self.flush_used(&mem);
         }
-        // An engine the kernel refused (EAGAIN, a full ring) keeps the requests and wakes
-        // us to submit them again, maybe with nothing to reap: submit on every call. With
-        // nothing queued this returns at once, without a syscall.
-        self.submit();
         self.completions = completions;
         work
     }
@@ -153,8 +168,23 @@ impl<Q: QueueHost> QueueWorker<Q> {
             self.disk.set_write_cache(writeback);
         }
         let now = self.now;
+        let mut unpublished = 0u64;
         while let Some(idx) = self.pen.pop_admitted(&mut self.throttle, now) {
+            unpublished += self
+                .slots
+                .get(idx)
+                .and_then(Option::as_ref)
+                .map_or(0, |s| s.req.data_len);
             self.start(idx);
+            if unpublished >= PUBLISH_EVERY_BYTES && self.disk.has_completions() {
+                // Done as they were started (an engine that copies in place): the driver
+                // gets them now and works while we copy the rest.
+                unpublished = 0;
+                self.early.completed += self.publish_reaped(false).completed;
+                if self.finish_pass() {
+                    self.early.signalled += 1;
+                }
+            }
         }
         let throttled = self.pen.take_throttled_ns();
         if throttled > 0 {

@@ -66,6 +66,13 @@ impl Rig {
 
     /// Publishes a 512-byte read of sector `n` as the next avail entry.
     fn publish_read(&mut self) {
+        let base = BUFS + u64::from(self.published) * 0x1000;
+        self.publish_read_into(base + 0x100, 512);
+    }
+
+    /// Publishes a read of `len` bytes of sector `n` into `data` as the next avail entry
+    /// (header and status in the chain's own 4 KiB at `BUFS`).
+    fn publish_read_into(&mut self, data: u64, len: u32) {
         let n = self.published;
         let base = BUFS + u64::from(n) * 0x1000;
         let m = self.mem.memory();
@@ -77,8 +84,8 @@ impl Rig {
         let descs = [
             (base, 16, VRING_DESC_F_NEXT as u16, first + 1),
             (
-                base + 0x100,
-                512,
+                data,
+                len,
                 (VRING_DESC_F_NEXT | VRING_DESC_F_WRITE) as u16,
                 first + 2,
             ),
@@ -129,7 +136,8 @@ fn with_event_idx_kicks_are_off_while_awake_and_on_once_armed() {
         work,
         PassWork {
             popped: 1,
-            completed: 1
+            completed: 1,
+            signalled: 0
         }
     );
     assert_eq!(r.used_idx(), 1, "completed at once by the null disk");
@@ -166,7 +174,8 @@ fn a_pass_publishes_its_used_entries_together_and_signals_once() {
         r.worker.run_pass(),
         PassWork {
             popped: 3,
-            completed: 3
+            completed: 3,
+            signalled: 0
         }
     );
     assert_eq!(r.used_idx(), 3);
@@ -181,6 +190,41 @@ fn a_pass_publishes_its_used_entries_together_and_signals_once() {
             .unwrap();
         assert_eq!(status, 0, "request {i} OK");
     }
+}
+
+#[test]
+fn reads_done_as_started_are_published_every_64k_not_held_for_the_pass() {
+    let mut r = Rig::null(false);
+    // Four 32 KiB reads (one shared buffer above the chains): two publications of two.
+    for _ in 0..4 {
+        r.publish_read_into(0x8_0000, 32 << 10);
+    }
+    assert_eq!(
+        r.worker.run_pass(),
+        PassWork {
+            popped: 4,
+            completed: 4,
+            signalled: 2
+        },
+        "each 64 KiB went out with an interrupt while the pass went on"
+    );
+    assert_eq!(r.used_idx(), 4);
+    assert_eq!(
+        r.worker.host_ref().call.read().unwrap(),
+        2,
+        "two interrupts"
+    );
+    assert!(
+        !r.worker.finish_pass(),
+        "all published already: no third one"
+    );
+    // Small reads stay together: one publication, the pass's own interrupt.
+    for _ in 0..3 {
+        r.publish_read();
+    }
+    assert_eq!(r.worker.run_pass().signalled, 0);
+    assert_eq!(r.used_idx(), 7);
+    assert!(r.worker.finish_pass());
 }
 
 #[test]

@@ -217,7 +217,7 @@ impl<S: IoSource + ?Sized> Core<S> {
 
     /// Whether the thread has queues and spinning may pay off for every one of them.
     fn spin_worthy(&self) -> bool {
-        let cap = self.window.max_ns;
+        let cap = self.window.max_ns.min(super::poll::SLOW_DISK_NS);
         let mut sources = self.sources.iter().flatten().peekable();
         sources.peek().is_some() && sources.all(|s| s.spin_worthy(cap))
     }

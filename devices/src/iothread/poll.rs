@@ -6,7 +6,7 @@
 //! - The iothreads spin only for drivers, never for a disk: not while block I/O of theirs
 //!   is in flight (spinning costs the disk's whole latency in CPU and returns nothing a
 //!   sleep would not: the completion wakes the thread anyway), and not when their disks'
-//!   recent requests took longer than the cap. A driver that waits that long per request
+//!   recent requests took longer than [`SLOW_DISK_NS`]. A driver that waits that long per request
 //!   sleeps in between, so its next kick comes only after its own wake-up; measured on a
 //!   2-vCPU guest (QD1 4k reads, 30-60 us disk), spinning for it raised the median
 //!   latency by 14 us and the CPU per request by 15 us: the busy thread also steers the
@@ -18,6 +18,12 @@
 //!   (a probe); a hit sets the window to cover what it waited.
 
 use std::time::Duration;
+
+/// A disk whose recent requests took longer than this (or than `poll_max_ns`, if lower)
+/// is not spun for (see the module docs). Fixed, not the cap: the cap covers how long a
+/// driver may take to come back, which on a nested or busy host includes taking an
+/// interrupt; the disk rule is about a driver that sleeps while its I/O is in flight.
+pub const SLOW_DISK_NS: u64 = 32_768;
 
 /// Where the window starts when it first grows.
 pub const START_NS: u64 = 4_000;

@@ -90,7 +90,8 @@ struct Args {
     /// (QEMU 10.0, unpacked by /work/shared/tools/qemu10.sh) when there, else PATH].
     #[arg(long, value_name = "DIR")]
     qemu_bin: Option<PathBuf>,
-    /// Settings of our iothread, e.g. `poll_max_ns=0` (key=value,...).
+    /// Settings of our iothread, e.g. `poll_max_ns=0` (key=value,...); with --in-vm, of
+    /// the guest disk's iothread under our vmm.
     #[arg(long)]
     iothread: Option<String>,
     /// Run the in-VM contenders instead: the test guest under our `vmm` and under
@@ -419,6 +420,7 @@ fn run_in_vm(
         phase_ms: u64::try_from(choice.runtime.as_millis()).unwrap_or(u64::MAX),
         tsc_khz: invm::tsc_khz(),
         dir: dir.path().to_path_buf(),
+        iothread: args.iothread.clone(),
     };
     let results = invm::run_all(which, &setup, choice.repeat);
     println!(

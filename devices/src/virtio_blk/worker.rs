@@ -254,16 +254,23 @@ impl<Q: QueueHost> QueueWorker<Q> {
         self.wake.as_raw_fd()
     }
 
+    /// The disk's recent latency per request (see `DiskQueue::recent_latency_ns`).
+    #[cfg(test)]
+    pub(crate) fn recent_latency_ns(&self) -> u64 {
+        self.disk.recent_latency_ns()
+    }
+
     /// Requests popped and not completed (waiting for the throttle or in the kernel).
     pub fn in_flight(&self) -> usize {
         self.slots.len() - self.free.len()
     }
 
     /// Whether spinning for this queue's next event may pay off (see
-    /// [`crate::iothread::poll`]): no block I/O in flight, and its requests lately took
-    /// no longer than `cap_ns`.
+    /// [`crate::iothread::poll`]): its disk's recent latency per request in flight (all
+    /// of it when none is) is within `cap_ns`.
     pub fn spin_worthy(&self, cap_ns: u64) -> bool {
-        self.disk.in_flight() == 0 && self.disk.recent_latency_ns() <= cap_ns
+        let in_flight = u64::try_from(self.disk.in_flight()).unwrap_or(u64::MAX);
+        self.disk.recent_latency_ns() / in_flight.max(1) <= cap_ns
     }
 
     /// Changes the most requests submitted per syscall.

@@ -228,33 +228,52 @@ fn reads_done_as_started_are_published_every_64k_not_held_for_the_pass() {
 }
 
 #[test]
-fn no_spinning_while_io_is_in_flight_or_for_a_slow_disk() {
+fn spinning_for_a_disk_only_while_its_completions_come_often() {
     let mut image = tempfile::NamedTempFile::new().unwrap();
     image.write_all(&[0u8; 1 << 16]).unwrap();
     let mut c = DiskConfig::new("d", image.path());
     c.cache = block::CacheMode::Writeback;
     c.aio = block::AioKind::Threads;
     let mut r = Rig::new(true, c);
-    assert!(r.worker.spin_worthy(u64::MAX), "idle");
+    assert!(r.worker.spin_worthy(0), "idle, no history");
+    let wait_for_completions = |r: &mut Rig, want: u16| {
+        while r.used_idx() < want {
+            let mut pfd = libc::pollfd {
+                fd: r.worker.completion_fd(),
+                events: libc::POLLIN,
+                revents: 0,
+            };
+            // SAFETY: poll reads and writes only the pollfd we pass.
+            unsafe { libc::poll(&mut pfd, 1, 1000) };
+            r.worker.process_completions();
+        }
+    };
     r.publish_read();
     // Pop and start only: a pass would also reap a read the pool finished at once.
     r.worker.process_avail();
-    assert!(!r.worker.spin_worthy(u64::MAX), "a read is in the engine");
-    while r.used_idx() == 0 {
-        let mut pfd = libc::pollfd {
-            fd: r.worker.completion_fd(),
-            events: libc::POLLIN,
-            revents: 0,
-        };
-        // SAFETY: poll reads and writes only the pollfd we pass.
-        unsafe { libc::poll(&mut pfd, 1, 1000) };
-        r.worker.process_completions();
-    }
-    assert!(r.worker.spin_worthy(u64::MAX), "reaped");
+    wait_for_completions(&mut r, 1);
+    let latency = r.worker.recent_latency_ns();
+    assert!(latency > 0, "one read timed");
+    assert!(r.worker.spin_worthy(latency), "idle, as fast as the cap");
     assert!(
-        !r.worker.spin_worthy(0),
-        "a disk slower than a zero cap is not worth spinning for"
+        !r.worker.spin_worthy(latency - 1),
+        "idle, slower than the cap"
     );
+    // One read in flight: the next completion is a whole latency away.
+    r.publish_read();
+    r.worker.process_avail();
+    let one = r.worker.in_flight();
+    assert!(!r.worker.spin_worthy(latency - 1));
+    r.publish_read();
+    r.worker.process_avail();
+    let two = r.worker.in_flight();
+    // Not reaped, so in flight however fast the pool was.
+    assert_eq!((one, two), (1, 2));
+    assert!(latency >= 2, "a read through a thread takes more than 2 ns");
+    // Two in flight: a completion every half latency.
+    assert!(r.worker.spin_worthy(latency / 2));
+    assert!(!r.worker.spin_worthy(latency / 2 - 1));
+    wait_for_completions(&mut r, 3);
 }
 
 #[test]

@@ -7,7 +7,9 @@
 //! - submits what was queued with as few syscalls as its interface allows
 //!   ([`IoEngine::submit`]), at most `max_batch` ops per syscall;
 //! - signals its [`IoEngine::notifier`] eventfd when completions wait, and hands them back
-//!   without blocking ([`IoEngine::reap`]).
+//!   without blocking ([`IoEngine::reap`]). An engine that does its ops during `push`
+//!   (null) says so ([`IoEngine::completes_inline`]); its ops may be reaped before the
+//!   `submit`.
 
 use std::sync::Arc;
 
@@ -248,6 +250,13 @@ pub trait IoEngine: Send {
     /// polling spins on this before sleeping on the notifier. It may say true
     /// spuriously; it never says false while a completion waits.
     fn has_completions(&mut self) -> bool;
+
+    /// Whether every op completes during its `push` (the null engine: reapable at once,
+    /// before any `submit`); the caller may then hand results on while it pushes more.
+    /// False (the default) for engines whose ops complete in the kernel or a thread.
+    fn completes_inline(&self) -> bool {
+        false
+    }
 
     /// Eventfd that becomes readable when completions wait to be reaped.
     fn notifier(&self) -> &EventFd;

@@ -91,6 +91,10 @@ impl IoEngine for NullEngine {
         !self.done.is_empty()
     }
 
+    fn completes_inline(&self) -> bool {
+        true
+    }
+
     fn set_notify(&mut self, enabled: bool) {
         self.notify = enabled;
     }

@@ -191,6 +191,12 @@ impl DiskQueue {
         self.engine.notifier().as_raw_fd()
     }
 
+    /// Whether the engine does every request as it is queued (see
+    /// [`crate::engine::IoEngine::completes_inline`]): reapable before the submit.
+    pub fn completes_inline(&self) -> bool {
+        self.engine.completes_inline()
+    }
+
     /// Whether completions may wait for [`DiskQueue::reap`], checked without a syscall
     /// where the engine allows; for adaptive polling before sleeping on
     /// [`DiskQueue::completion_fd`]. Never false while a completion waits.

@@ -42,8 +42,9 @@ pub struct IoThreadConfig {
 /// which on a nested host (this project's development VMs) takes about 40 us; a driver
 /// that takes an interrupt before it comes back then waits about 40-60 us, just beyond
 /// 32 us. Measured in a VM (`blkbench --in-vm`, null disk, interrupt-driven 4k reads at
-/// QD32): 275k IOPS at 32 us, 451k at 64 us; QD1 latency with interrupts 91 -> 51 us. The
-/// window still adapts: a driver slower than the cap is not spun for, and disks never are.
+/// QD32): about 270k IOPS at 32 us, 450k at 64 us; QD1 latency with interrupts 91 -> 51-56
+/// us. The window still adapts: a driver slower than the cap is not spun for, and a disk
+/// only where its completions come often (`iothread::poll::SLOW_DISK_NS`).
 fn default_poll_max_ns() -> u64 {
     65_536
 }

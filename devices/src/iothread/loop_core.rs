@@ -8,7 +8,7 @@
 //! wait for events (epoll)
 //! core.woke(since)           the window learns how long the thread slept
 //! core.handle(token) ...     each event of a queue
-//! core.finish_pass()         at most one interrupt per touched queue
+//! core.finish_pass()         at most one more interrupt per touched queue
 //! ```
 //!
 //! Every later feature on an iothread plugs in here once.
@@ -149,7 +149,8 @@ impl<S: IoSource + ?Sized> Core<S> {
         }
     }
 
-    /// At most one interrupt per queue touched since the last call.
+    /// At most one interrupt per queue touched since the last call (a pass of an engine
+    /// that completes inline may have sent some already, see `PUBLISH_EVERY_BYTES`).
     pub fn finish_pass(&mut self) {
         for (touched, slot) in self.touched.iter_mut().zip(self.sources.iter_mut()) {
             if std::mem::take(touched)
@@ -163,11 +164,12 @@ impl<S: IoSource + ?Sized> Core<S> {
 
     /// After the events of a pass: spins up to the polling window for new chains or
     /// finished I/O; while it finds some (at most [`BUSY_ROUNDS`] rounds), does it and
-    /// polls again. It spins only for drivers, never for a disk (see [`super::poll`]).
+    /// polls again. It spins only where every source is worth it (a disk whose completions
+    /// come often, a driver of a fast disk; see [`super::poll`]).
     /// Then it arms every source for the sleep (work found meanwhile is done first, or,
     /// without polling or when still busy, deferred to the source's completion fd, so the
     /// next wait returns at once). Returns the start of the last round when that round
-    /// waited for drivers: the sleep that follows is what the window adapts to.
+    /// spun: the sleep that follows is what the window adapts to.
     pub fn idle(&mut self) -> Option<Instant> {
         for _ in 0..BUSY_ROUNDS {
             // The clock only when spinning for drivers (the wait is then measured).

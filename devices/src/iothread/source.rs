@@ -50,8 +50,8 @@ pub trait IoSource: Send {
     fn arm(&mut self) -> bool;
     /// Makes the completion fd fire, so the loop comes back to this source from epoll.
     fn wake(&mut self);
-    /// Whether spinning for this source may pay off: no block I/O in flight and recent
-    /// requests no slower than `cap_ns` (see [`super::poll`]).
+    /// Whether spinning for this source may pay off: its disk's recent latency per
+    /// request in flight (all of it when none is) within `cap_ns` (see [`super::poll`]).
     fn spin_worthy(&self, cap_ns: u64) -> bool;
     /// Interrupts the driver if completions were added and it wants to hear.
     fn finish_pass(&mut self) -> bool;
@@ -84,10 +84,7 @@ impl<Q: QueueHost> IoSource for QueueWorker<Q> {
     fn handle(&mut self, which: usize) -> PassWork {
         match which {
             KICK | COMPLETION => self.run_ready(),
-            _ => {
-                self.process_throttled();
-                PassWork::default()
-            }
+            _ => self.process_throttled(),
         }
     }
 

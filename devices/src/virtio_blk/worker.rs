@@ -8,15 +8,17 @@
 //! [`QueueWorker::completion_fd`] fires (both may be watched edge-triggered: neither is
 //! read on this path) or when polling finds work ([`QueueWorker::poll_ready`]),
 //! [`QueueWorker::process_throttled`] when the throttle timer or wake eventfd fires, and
-//! [`QueueWorker::finish_pass`] once per pass to send at most one interrupt.
+//! [`QueueWorker::finish_pass`] once per pass to send at most one interrupt (with an
+//! engine that completes inline, a pass also publishes and signals every 64 KiB done).
 //!
 //! While the thread is awake the driver's kicks and the engine's eventfd writes are
 //! suppressed (the thread looks at the rings itself); [`QueueWorker::arm`] turns them
 //! back on right before it sleeps and says whether work slipped in meanwhile.
 //!
 //! Per pass the worker reads the clock once, takes the virtqueue (a lock under
-//! vhost-user) once to pop every chain and once to publish every used entry, and makes
-//! no allocation once its buffers have grown to the queue's depth.
+//! vhost-user) once to pop every chain and once to publish every used entry (plus once
+//! per 64 KiB published early, inline engines only), and makes no allocation once its
+//! buffers have grown to the queue's depth.
 
 use std::io;
 use std::os::fd::{AsRawFd, RawFd};
@@ -314,8 +316,9 @@ impl<Q: QueueHost> QueueWorker<Q> {
         self.complete_ready(true)
     }
 
-    /// Starts throttled requests whose time has come (timer or group turn).
-    pub fn process_throttled(&mut self) {
+    /// Starts throttled requests whose time has come (timer or group turn); returns what
+    /// finished meanwhile (an engine that completes inline).
+    pub fn process_throttled(&mut self) -> PassWork {
         self.tick();
         let _ = self.timer.clear();
         // The expiry is consumed: arm again even for the same deadline.
@@ -324,6 +327,7 @@ impl<Q: QueueHost> QueueWorker<Q> {
         self.start_admitted();
         let mem = self.mem.memory();
         self.flush_used(&mem);
+        std::mem::take(&mut self.early)
     }
 
     /// Sends one interrupt if used entries were published since the last call and the

@@ -255,26 +255,26 @@ fn ours_config(c: &VmContender, s: &VmSetup, cmdline: &str) -> String {
     .to_string()
 }
 
-/// `key=value,...` as an iothread object named `io0`: numbers as numbers, `a:b` lists
-/// (cpu_affinity) as lists of numbers, anything else as a string; `vmm` checks it.
+/// `key=value,...` as an iothread object named `io0` (an `id=` given is overridden: the
+/// disk names `io0`): `cpu_affinity`'s `a:b` as a list of numbers, other numbers as
+/// numbers, anything else as a string; `vmm` checks it.
 fn iothread_json(settings: &str) -> serde_json::Value {
+    let number = |v: &str| v.parse::<u64>().map_or_else(|_| v.into(), Into::into);
     let mut obj = serde_json::Map::new();
-    obj.insert("id".into(), "io0".into());
     for pair in settings.split(',').filter(|p| !p.is_empty()) {
         let (key, value) = pair.split_once('=').unwrap_or((pair, ""));
-        let parsed = if let Ok(n) = value.parse::<u64>() {
-            n.into()
-        } else if key == "cpu_affinity" {
+        let parsed = if key == "cpu_affinity" {
             value
                 .split(':')
-                .map(|v| v.parse::<u64>().map_or_else(|_| v.into(), Into::into))
+                .map(number)
                 .collect::<Vec<serde_json::Value>>()
                 .into()
         } else {
-            value.into()
+            number(value)
         };
         obj.insert(key.into(), parsed);
     }
+    obj.insert("id".into(), "io0".into());
     obj.into()
 }
 
@@ -443,7 +443,7 @@ pub fn run_all(which: &[VmContender], s: &VmSetup, repeat: usize) -> InVmResults
             }
         }
         let mut order: Vec<usize> = (0..results.len()).collect();
-        if round % 2 == 0 {
+        if round.is_multiple_of(2) {
             order.reverse();
         }
         for i in order {
@@ -727,6 +727,11 @@ mod tests {
         assert_eq!(
             v["iothreads"][0],
             serde_json::json!({"id": "io0", "poll_max_ns": 0, "cpu_affinity": [1, 0]})
+        );
+        assert_eq!(
+            iothread_json("cpu_affinity=2,id=x,poll_grow=4"),
+            serde_json::json!({"id": "io0", "poll_grow": 4, "cpu_affinity": [2]}),
+            "one CPU is still a list; the disk's iothread keeps its name"
         );
     }
 

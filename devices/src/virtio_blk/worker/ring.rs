@@ -14,8 +14,9 @@ use block::throttle::Direction;
 
 /// Bytes of requests done as they were started after which the worker publishes them and
 /// signals, mid-pass, instead of holding them until every available chain is started:
-/// with an engine that copies in place (null reads zero-fill), the driver then works in
-/// parallel with the copying.
+/// with an engine that completes inline (null reads zero-fill as they are queued), the
+/// driver then works in parallel with the copying. Engines that complete later (the
+/// kernel, a thread) keep one submit and one publication per pass.
 const PUBLISH_EVERY_BYTES: u64 = 64 * 1024;
 
 impl<Q: QueueHost> QueueWorker<Q> {
@@ -168,17 +169,17 @@ impl<Q: QueueHost> QueueWorker<Q> {
             self.disk.set_write_cache(writeback);
         }
         let now = self.now;
+        let inline = self.disk.completes_inline();
         let mut unpublished = 0u64;
         while let Some(idx) = self.pen.pop_admitted(&mut self.throttle, now) {
-            unpublished += self
-                .slots
-                .get(idx)
-                .and_then(Option::as_ref)
-                .map_or(0, |s| s.req.data_len);
+            if inline {
+                let slot = self.slots.get(idx).and_then(Option::as_ref);
+                unpublished = unpublished.saturating_add(slot.map_or(0, |s| s.req.data_len));
+            }
             self.start(idx);
             if unpublished >= PUBLISH_EVERY_BYTES && self.disk.has_completions() {
-                // Done as they were started (an engine that copies in place): the driver
-                // gets them now and works while we copy the rest.
+                // Done as they were started (an engine that completes inline): the driver
+                // gets them now and works while we do the rest.
                 unpublished = 0;
                 self.early.completed += self.publish_reaped(false).completed;
                 if self.finish_pass() {

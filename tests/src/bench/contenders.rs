@@ -100,14 +100,7 @@ pub fn parse_list(names: &[String]) -> Result<Vec<Contender>, String> {
         };
         wanted.extend(group);
     }
-    if wanted.is_empty() {
-        return Err("--contenders names none".into());
-    }
-    Ok(ALL
-        .iter()
-        .copied()
-        .filter(|c| wanted.contains(&c.name))
-        .collect())
+    super::pick_in_order(&ALL, |c| c.name, &wanted)
 }
 
 fn pick(server: Server) -> Vec<&'static str> {

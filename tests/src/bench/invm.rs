@@ -118,14 +118,7 @@ pub fn parse_list(names: &[String]) -> Result<Vec<VmContender>, String> {
         }
         wanted.extend(picked);
     }
-    if wanted.is_empty() {
-        return Err("--contenders names none".into());
-    }
-    Ok(ALL
-        .iter()
-        .copied()
-        .filter(|c| wanted.contains(&c.name))
-        .collect())
+    super::pick_in_order(&ALL, |c| c.name, &wanted)
 }
 
 /// What the runs need.

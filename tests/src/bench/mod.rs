@@ -14,3 +14,20 @@ pub mod report;
 pub mod runner;
 pub mod table;
 pub mod workload;
+
+/// The entries of `all` whose name is in `wanted`, in `all`'s order and once each: a
+/// `--contenders` list after its names and groups were expanded.
+pub fn pick_in_order<T: Copy>(
+    all: &[T],
+    name: impl Fn(&T) -> &str,
+    wanted: &[&str],
+) -> Result<Vec<T>, String> {
+    if wanted.is_empty() {
+        return Err("--contenders names none".into());
+    }
+    Ok(all
+        .iter()
+        .copied()
+        .filter(|c| wanted.contains(&name(c)))
+        .collect())
+}

@@ -58,6 +58,36 @@ impl Rig {
         }
     }
 
+    /// A rig over a zeroed 128 KiB file read through the thread pool (asynchronous
+    /// completions); the file lives as long as the rig's test.
+    fn pool_file(event_idx: bool) -> (Rig, tempfile::NamedTempFile) {
+        let mut image = tempfile::NamedTempFile::new().unwrap();
+        image.write_all(&[0u8; 1 << 17]).unwrap();
+        let mut c = DiskConfig::new("d", image.path());
+        c.cache = block::CacheMode::Writeback;
+        c.aio = block::AioKind::Threads;
+        (Rig::new(event_idx, c), image)
+    }
+
+    /// Waits up to `ms` for the worker's completion fd; true if it fired.
+    fn wait_completion_fd(&self, ms: i32) -> bool {
+        let mut pfd = libc::pollfd {
+            fd: self.worker.completion_fd(),
+            events: libc::POLLIN,
+            revents: 0,
+        };
+        // SAFETY: poll reads and writes only the pollfd we pass.
+        unsafe { libc::poll(&mut pfd, 1, ms) == 1 }
+    }
+
+    /// Reaps until `want` used entries are published.
+    fn complete_until_used(&mut self, want: u16) {
+        while self.used_idx() < want {
+            self.wait_completion_fd(1000);
+            self.worker.process_completions();
+        }
+    }
+
     fn null(event_idx: bool) -> Rig {
         let mut c = DiskConfig::new("d", "null");
         c.null_size = Some(1 << 20);
@@ -229,23 +259,11 @@ fn reads_done_as_started_are_published_every_64k_not_held_for_the_pass() {
 
 #[test]
 fn an_engine_that_completes_later_keeps_one_publication_per_pass() {
-    let mut image = tempfile::NamedTempFile::new().unwrap();
-    image.write_all(&[0u8; 1 << 17]).unwrap();
-    let mut c = DiskConfig::new("d", image.path());
-    c.cache = block::CacheMode::Writeback;
-    c.aio = block::AioKind::Threads;
-    let mut r = Rig::new(false, c);
+    let (mut r, _image) = Rig::pool_file(false);
     // A read started and finished by the pool, not reaped yet.
     r.publish_read();
     r.worker.process_avail();
-    let mut pfd = libc::pollfd {
-        fd: r.worker.completion_fd(),
-        events: libc::POLLIN,
-        revents: 0,
-    };
-    // SAFETY: poll reads and writes only the pollfd we pass.
-    let ready = unsafe { libc::poll(&mut pfd, 1, 5000) };
-    assert_eq!(ready, 1, "the pool finished");
+    assert!(r.wait_completion_fd(5000), "the pool finished");
     // 128 KiB of reads started while that completion waits: it is not reaped, published
     // or signalled in the middle (no mid-pass submit, syscall or interrupt).
     for _ in 0..4 {
@@ -254,38 +272,17 @@ fn an_engine_that_completes_later_keeps_one_publication_per_pass() {
     let work = r.worker.process_avail();
     assert_eq!((work.popped, work.completed, work.signalled), (4, 0, 0));
     assert_eq!(r.used_idx(), 0, "nothing published before the pass reaps");
-    while r.used_idx() < 5 {
-        // SAFETY: as above.
-        unsafe { libc::poll(&mut pfd, 1, 1000) };
-        r.worker.process_completions();
-    }
+    r.complete_until_used(5);
 }
 
 #[test]
 fn spinning_for_a_disk_only_while_its_completions_come_often() {
-    let mut image = tempfile::NamedTempFile::new().unwrap();
-    image.write_all(&[0u8; 1 << 16]).unwrap();
-    let mut c = DiskConfig::new("d", image.path());
-    c.cache = block::CacheMode::Writeback;
-    c.aio = block::AioKind::Threads;
-    let mut r = Rig::new(true, c);
+    let (mut r, _image) = Rig::pool_file(true);
     assert!(r.worker.spin_worthy(0), "idle, no history");
-    let wait_for_completions = |r: &mut Rig, want: u16| {
-        while r.used_idx() < want {
-            let mut pfd = libc::pollfd {
-                fd: r.worker.completion_fd(),
-                events: libc::POLLIN,
-                revents: 0,
-            };
-            // SAFETY: poll reads and writes only the pollfd we pass.
-            unsafe { libc::poll(&mut pfd, 1, 1000) };
-            r.worker.process_completions();
-        }
-    };
     r.publish_read();
     // Pop and start only: a pass would also reap a read the pool finished at once.
     r.worker.process_avail();
-    wait_for_completions(&mut r, 1);
+    r.complete_until_used(1);
     let latency = r.worker.recent_latency_ns();
     assert!(latency > 0, "one read timed");
     assert!(r.worker.spin_worthy(latency), "idle, as fast as the cap");
@@ -307,7 +304,7 @@ fn spinning_for_a_disk_only_while_its_completions_come_often() {
     // Two in flight: a completion every half latency.
     assert!(r.worker.spin_worthy(latency / 2));
     assert!(!r.worker.spin_worthy(latency / 2 - 1));
-    wait_for_completions(&mut r, 3);
+    r.complete_until_used(3);
 }
 
 #[test]

@@ -236,16 +236,28 @@ pub fn qemu_command(qemu: &Path, elf: &Path, opts: &QemuOptions) -> Command {
     cmd
 }
 
-/// Boots `elf` under QEMU and collects its report.
-pub fn run_qemu(elf: &Path, opts: &QemuOptions) -> Result<GuestRun, Error> {
-    let qemu = find_qemu().unwrap_or_else(|| "qemu-system-x86_64".into());
+/// How a command run by [`run_captured`] ended.
+#[derive(Debug)]
+pub struct Captured {
+    /// Its stdout, then its stderr.
+    pub output: String,
+    /// Its exit status (after the kill when it timed out).
+    pub status: std::process::ExitStatus,
+    /// It ran past the timeout and was killed.
+    pub timed_out: bool,
+    /// How long it ran.
+    pub elapsed: Duration,
+}
+
+/// Runs `cmd` (stdin closed) to its end or until `timeout`, when it is killed; collects
+/// its stdout and stderr.
+pub fn run_captured(mut cmd: Command, timeout: Duration) -> std::io::Result<Captured> {
     let start = Instant::now();
-    let mut child = qemu_command(&qemu, elf, opts)
+    let mut child = cmd
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
-        .spawn()
-        .map_err(Error::Qemu)?;
+        .spawn()?;
     let mut stdout = child.stdout.take();
     let mut stderr = child.stderr.take();
     let reader = std::thread::spawn(move || {
@@ -260,24 +272,35 @@ pub fn run_qemu(elf: &Path, opts: &QemuOptions) -> Result<GuestRun, Error> {
     });
     let mut timed_out = false;
     let status = loop {
-        if let Some(st) = child.try_wait().map_err(Error::Qemu)? {
+        if let Some(st) = child.try_wait()? {
             break st;
         }
-        if start.elapsed() > opts.timeout {
+        if start.elapsed() > timeout {
             timed_out = true;
             let _ = child.kill();
-            break child.wait().map_err(Error::Qemu)?;
+            break child.wait()?;
         }
         std::thread::sleep(Duration::from_millis(20));
     };
     let out = reader.join().unwrap_or_default();
-    let console = String::from_utf8_lossy(&out).into_owned();
-    Ok(GuestRun {
-        values: parse_report(&console),
-        console,
-        exit_code: status.code(),
+    Ok(Captured {
+        output: String::from_utf8_lossy(&out).into_owned(),
+        status,
         timed_out,
         elapsed: start.elapsed(),
+    })
+}
+
+/// Boots `elf` under QEMU and collects its report.
+pub fn run_qemu(elf: &Path, opts: &QemuOptions) -> Result<GuestRun, Error> {
+    let qemu = find_qemu().unwrap_or_else(|| "qemu-system-x86_64".into());
+    let run = run_captured(qemu_command(&qemu, elf, opts), opts.timeout).map_err(Error::Qemu)?;
+    Ok(GuestRun {
+        values: parse_report(&run.output),
+        console: run.output,
+        exit_code: run.status.code(),
+        timed_out: run.timed_out,
+        elapsed: run.elapsed,
     })
 }
 

@@ -11,9 +11,8 @@
 #![allow(clippy::cast_precision_loss)]
 
 use std::collections::BTreeMap;
-use std::io::Read;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
+use std::process::Command;
 use std::time::{Duration, Instant};
 
 use crate::test_guest::parse_report;
@@ -325,40 +324,16 @@ pub fn qemu_args(c: &VmContender, s: &VmSetup, cmdline: &str) -> Vec<String> {
     a
 }
 
-/// Runs `cmd` to its end (killed after [`RUN_TIMEOUT`]); returns its stdout and stderr.
-fn run_to_end(mut cmd: Command) -> Result<String, String> {
+/// Runs `cmd` to its end (killed after [`RUN_TIMEOUT`], an error); returns its stdout
+/// and stderr.
+fn run_to_end(cmd: Command) -> Result<String, String> {
     let shown = format!("{cmd:?}");
-    let mut child = cmd
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .map_err(|e| format!("{shown}: {e}"))?;
-    let (mut out, mut err) = (child.stdout.take(), child.stderr.take());
-    let reader = std::thread::spawn(move || {
-        let mut buf = Vec::new();
-        if let Some(o) = out.as_mut() {
-            let _ = o.read_to_end(&mut buf);
-        }
-        if let Some(e) = err.as_mut() {
-            let _ = e.read_to_end(&mut buf);
-        }
-        buf
-    });
-    let start = Instant::now();
-    loop {
-        if child.try_wait().map_err(|e| e.to_string())?.is_some() {
-            break;
-        }
-        if start.elapsed() > RUN_TIMEOUT {
-            let _ = child.kill();
-            let _ = child.wait();
-            return Err(format!("{shown}: no end after {RUN_TIMEOUT:?}"));
-        }
-        std::thread::sleep(Duration::from_millis(20));
+    let run =
+        crate::test_guest::run_captured(cmd, RUN_TIMEOUT).map_err(|e| format!("{shown}: {e}"))?;
+    if run.timed_out {
+        return Err(format!("{shown}: no end after {RUN_TIMEOUT:?}"));
     }
-    let buf = reader.join().unwrap_or_default();
-    Ok(String::from_utf8_lossy(&buf).into_owned())
+    Ok(run.output)
 }
 
 /// `qemu-system-x86_64`: the QEMU 10 tree unpacked by `shared/tools/qemu10.sh` when it is
@@ -799,14 +774,17 @@ mod tests {
             runs: results,
             limit: vec![],
         });
-        let ours = t.lines().find(|l| l.starts_with("vm-ours-null")).unwrap();
+        // Ours' rows of the read, write/QD1 and per-interrupt tables.
+        let ours_row = |n: usize| {
+            t.lines()
+                .filter(|l| l.starts_with("vm-ours-null"))
+                .nth(n)
+                .unwrap()
+        };
+        let ours = ours_row(0);
         assert!(ours.contains("2.00 : 1.00"), "{t}");
         assert!(ours.contains("3.00 : 2.50"), "{t}");
-        let writes = t
-            .lines()
-            .filter(|l| l.starts_with("vm-ours-null"))
-            .nth(1)
-            .unwrap();
+        let writes = ours_row(1);
         assert!(
             writes.contains("2.00 : 1.00"),
             "writes against QEMU's iothread: {t}"
@@ -814,11 +792,7 @@ mod tests {
         assert!(writes.contains("1.00 : 1.00"), "equal latencies: {t}");
         // Per interrupt 4 reads at 250 a second: a 16000 us cycle; interrupts add 10 us to
         // a QD1 read (20 us with them, 10 polled).
-        let irq = t
-            .lines()
-            .filter(|l| l.starts_with("vm-ours-null"))
-            .nth(2)
-            .unwrap();
+        let irq = ours_row(2);
         assert!(irq.contains("16000.0"), "{t}");
         assert!(irq.contains(" 10.0 "), "{t}");
         // QEMU's cycle 4 / 250 too: equal cycles.

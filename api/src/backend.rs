@@ -136,6 +136,9 @@ pub enum VmState {
     Paused,
     /// Shut down (by the API or the guest); may be booted again or deleted.
     Shutdown,
+    /// Its VM process ended without being asked (killed, crashed); `crash` says how. It
+    /// may be booted again or deleted.
+    Crashed,
 }
 
 impl std::fmt::Display for VmState {
@@ -145,6 +148,7 @@ impl std::fmt::Display for VmState {
             VmState::Running => "Running",
             VmState::Paused => "Paused",
             VmState::Shutdown => "Shutdown",
+            VmState::Crashed => "Crashed",
         };
         f.write_str(s)
     }
@@ -161,6 +165,44 @@ pub struct VmInfo {
     /// ejected yet (they are still in `config`).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub pending_removals: Vec<String>,
+    /// The process running the VM (vmmd: its `vmm`; a `vmm`: itself), while one does.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pid: Option<u32>,
+    /// How its process ended, when the state is `Crashed`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub crash: Option<CrashReport>,
+}
+
+/// How a VM process ended without being asked.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct CrashReport {
+    /// Its exit status, when it exited.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub status: Option<i32>,
+    /// The signal that ended it, when one did.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub signal: Option<i32>,
+    /// What is known beyond that (e.g. "the process was not a child of this vmmd: its exit
+    /// status is unknown").
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub reason: String,
+    /// The last lines of its log.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub log: Vec<String>,
+}
+
+impl std::fmt::Display for CrashReport {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match (self.signal, self.status) {
+            (Some(sig), _) => write!(f, "killed by signal {sig}")?,
+            (None, Some(st)) => write!(f, "exited with status {st}")?,
+            (None, None) => f.write_str("ended")?,
+        }
+        if !self.reason.is_empty() {
+            write!(f, " ({})", self.reason)?;
+        }
+        Ok(())
+    }
 }
 
 /// One line of `GET vms`.
@@ -176,6 +218,12 @@ pub struct VmSummary {
     pub memory_mib: u64,
     /// Number of disks.
     pub disks: usize,
+    /// The process running the VM, while one does.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pid: Option<u32>,
+    /// How its process ended, when the state is `Crashed`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub crash: Option<CrashReport>,
 }
 
 /// The counters of one VM (`GET vm.counters`). A vhost-user-blk `--counters` file has

@@ -99,6 +99,35 @@ impl Client {
         Ok(Reply { status, body })
     }
 
+    /// Sends `GET path` and returns the status and the body as it arrives, for endpoints
+    /// that stream (`events`). Read it with [`Lines`].
+    pub async fn stream(&self, path: &str) -> Result<(u16, Lines), ClientError> {
+        let stream = tokio::net::UnixStream::connect(&self.socket)
+            .await
+            .map_err(|source| ClientError::Connect {
+                path: self.socket.clone(),
+                source,
+            })?;
+        let (mut sender, conn) =
+            hyper::client::conn::http1::handshake(TokioIo::new(stream)).await?;
+        // The connection lives as long as its body is read.
+        tokio::spawn(conn);
+        let req = hyper::Request::builder()
+            .method("GET")
+            .uri(path)
+            .header(hyper::header::HOST, "localhost")
+            .body(Full::new(Bytes::new()))?;
+        let res = sender.send_request(req).await?;
+        let status = res.status().as_u16();
+        Ok((
+            status,
+            Lines {
+                body: res.into_body(),
+                buf: Vec::new(),
+            },
+        ))
+    }
+
     /// The same as [`Client::request`] on a private single-threaded runtime.
     pub fn request_blocking(
         &self,
@@ -114,5 +143,38 @@ impl Client {
                 source,
             })?;
         rt.block_on(self.request(method, path, body))
+    }
+}
+
+/// The lines of a streamed body (see [`Client::stream`]).
+pub struct Lines {
+    body: hyper::body::Incoming,
+    buf: Vec<u8>,
+}
+
+impl Lines {
+    /// The next whole line (without its `\n`; lossy UTF-8), or `None` once the body has
+    /// ended (a last line without `\n` is returned first).
+    pub async fn next_line(&mut self) -> Result<Option<String>, ClientError> {
+        loop {
+            if let Some(pos) = self.buf.iter().position(|b| *b == b'\n') {
+                let line: Vec<u8> = self.buf.drain(..=pos).collect();
+                return Ok(Some(
+                    String::from_utf8_lossy(&line[..line.len() - 1]).into_owned(),
+                ));
+            }
+            match self.body.frame().await {
+                Some(frame) => {
+                    if let Ok(data) = frame?.into_data() {
+                        self.buf.extend_from_slice(&data);
+                    }
+                }
+                None if self.buf.is_empty() => return Ok(None),
+                None => {
+                    let rest = std::mem::take(&mut self.buf);
+                    return Ok(Some(String::from_utf8_lossy(&rest).into_owned()));
+                }
+            }
+        }
     }
 }

@@ -206,6 +206,8 @@ impl VmmBackend for FakeVmm {
                 config: vm.config.clone(),
                 state: vm.state,
                 pending_removals: Vec::new(),
+                pid: Some(std::process::id()),
+                crash: None,
             })
         })
     }
@@ -219,6 +221,8 @@ impl VmmBackend for FakeVmm {
                 vcpus: vm.config.cpus.boot_vcpus,
                 memory_mib: vm.config.memory.size_mib,
                 disks: vm.config.disks.len(),
+                pid: Some(std::process::id()),
+                crash: None,
             })
             .collect()
     }

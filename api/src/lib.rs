@@ -7,11 +7,15 @@
 
 pub mod backend;
 pub mod client;
+pub mod daemon;
+pub mod events;
 pub mod fake;
 pub mod kvm_backend;
 pub mod metrics;
 pub mod paths;
 pub mod server;
+pub mod supervisor;
 pub mod tables;
+pub mod vm_process;
 
 pub use vmm;

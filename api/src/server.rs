@@ -23,6 +23,7 @@ use crate::backend::{
     ApiError, ErrorBody, ErrorKind, PingResponse, RemoveDevice, UpdateDisk, VmCounters, VmInfo,
     VmState, VmSummary, VmmBackend,
 };
+use crate::events::{Event, EventBus, EventKind};
 use crate::metrics;
 use crate::paths::PathRules;
 
@@ -35,6 +36,7 @@ pub struct AppState {
     backend: Arc<dyn VmmBackend>,
     shutdown: watch::Sender<bool>,
     rules: Arc<PathRules>,
+    events: EventBus,
 }
 
 impl AppState {
@@ -45,7 +47,14 @@ impl AppState {
             backend,
             shutdown,
             rules: Arc::new(PathRules::default()),
+            events: EventBus::new(),
         }
+    }
+
+    /// The same state, streaming `events` on `GET /api/v1/events`.
+    pub fn with_events(mut self, events: EventBus) -> Self {
+        self.events = events;
+        self
     }
 
     /// The same state, checking client paths against `rules`.
@@ -435,6 +444,51 @@ async fn prometheus(State(state): State<AppState>) -> Result<Response, ApiError>
         .into_response())
 }
 
+/// Events as they happen, one JSON object per line, until the client goes away or the
+/// service stops.
+#[utoipa::path(get, path = "/api/v1/events", tag = "vmm",
+    responses((status = 200, description = "A never-ending stream of events, one JSON object per \
+        line (`{\"time\", \"vm\", \"event\", ...}`)", body = Event,
+        content_type = "application/x-ndjson")))]
+async fn events(State(state): State<AppState>) -> Response {
+    let rx = state.events.subscribe();
+    let stop = state.shutdown.subscribe();
+    let stream = futures_util::stream::unfold((rx, stop, false), |(mut rx, mut stop, done)| async move {
+        use tokio::sync::broadcast::error::{RecvError, TryRecvError};
+        if done {
+            return None;
+        }
+        let next = tokio::select! {
+            biased;
+            r = rx.recv() => Some(r),
+            _ = stop.wait_for(|s| *s) => None,
+        };
+        let event = match next {
+            Some(Ok(e)) => e,
+            Some(Err(RecvError::Lagged(n))) => Event::now("", EventKind::Lagged).with("missed", n),
+            Some(Err(RecvError::Closed)) => return None,
+            None => {
+                // Stopping: what was sent before still goes out, then the stream ends.
+                let mut rest = String::new();
+                loop {
+                    match rx.try_recv() {
+                        Ok(e) => rest.push_str(&e.line()),
+                        Err(TryRecvError::Lagged(_)) => {}
+                        Err(_) => break,
+                    }
+                }
+                return Some((Ok::<_, std::convert::Infallible>(rest), (rx, stop, true)));
+            }
+        };
+        Some((Ok(event.line()), (rx, stop, false)))
+    });
+    (
+        [(header::CONTENT_TYPE, "application/x-ndjson")],
+        axum::body::Body::from_stream(stream),
+    )
+        .into_response()
+}
+
 async fn not_found(req: Request) -> ApiError {
     ApiError::not_found(format!("no endpoint {} {}", req.method(), req.uri().path()))
 }
@@ -477,6 +531,7 @@ fn openapi_router() -> OpenApiRouter<AppState> {
         .routes(routes!(vm_update_iothread))
         .routes(routes!(vms))
         .routes(routes!(prometheus))
+        .routes(routes!(events))
 }
 
 /// The service's routes over `state`.

@@ -238,10 +238,14 @@ fn bad_input_is_refused_and_service_keeps_serving() {
     );
     expect(&s.put("vm.create", &vm), 204, "");
     expect(&s.put("vm.create", &vm), 409, "already exists");
-    // Another VM on a's writable image: locked.
+    // Another VM on a's writable image: refused, naming the holder.
     let mut locked = vm_json(&s, "b");
     locked["disks"][1]["path"] = vm["disks"][1]["path"].clone();
-    expect(&s.put("vm.create", &locked), 409, "locked");
+    expect(
+        &s.put("vm.create", &locked),
+        409,
+        "is in use by VM a (disk d1, writable)",
+    );
     expect(&s.raw("PUT", "vm.boot?id=zz", None), 404, "zz");
     expect(
         &s.raw("GET", "vm.info?id=a&x=1", None),

@@ -80,6 +80,13 @@ enum Cmd {
     Ping,
     /// Shut down every VM and the service.
     ShutdownVmm,
+    /// Follow the service's events and print one line per event (of the VM named with
+    /// --id, if given); --json prints the raw JSON lines.
+    Events {
+        /// Stop after this many events.
+        #[arg(long)]
+        count: Option<u64>,
+    },
     /// Print shell completions.
     Completions {
         /// The shell.
@@ -142,15 +149,19 @@ fn s(v: &Value) -> String {
 fn human(cmd: &Cmd, v: &Value) -> Result<(), Failure> {
     match cmd {
         Cmd::List => table(
-            &["ID", "STATE", "VCPUS", "MEMORY_MIB", "DISKS"],
+            &["ID", "STATE", "VCPUS", "MEMORY_MIB", "DISKS", "PID"],
             v.as_array()
                 .into_iter()
                 .flatten()
                 .map(|vm| {
-                    ["id", "state", "vcpus", "memory_mib", "disks"]
+                    let mut row: Vec<String> = ["id", "state", "vcpus", "memory_mib", "disks", "pid"]
                         .iter()
                         .map(|k| s(&vm[k]))
-                        .collect()
+                        .collect();
+                    if let Some(c) = vm.get("crash") {
+                        row[1] = format!("{} ({})", row[1], crash_text(c));
+                    }
+                    row
                 })
                 .collect(),
         ),
@@ -185,6 +196,15 @@ fn human(cmd: &Cmd, v: &Value) -> Result<(), Failure> {
                     })
                     .collect(),
             );
+            if let Some(pid) = v.get("pid") {
+                println!("process: pid {pid}");
+            }
+            if let Some(c) = v.get("crash") {
+                println!("crashed: {}", crash_text(c));
+                for line in c["log"].as_array().into_iter().flatten() {
+                    println!("  | {}", s(line));
+                }
+            }
             let pending: Vec<String> = v["pending_removals"]
                 .as_array()
                 .into_iter()
@@ -213,6 +233,66 @@ fn human(cmd: &Cmd, v: &Value) -> Result<(), Failure> {
         }
     }
     Ok(())
+}
+
+/// "killed by signal 9" / "exited with status 1" of a crash report.
+fn crash_text(c: &Value) -> String {
+    match (c.get("signal"), c.get("status")) {
+        (Some(sig), _) => format!("killed by signal {sig}"),
+        (None, Some(st)) => format!("exited with status {st}"),
+        (None, None) => s(&c["reason"]),
+    }
+}
+
+/// One event as a human line: time, VM, event, then its other fields as `key=value`
+/// (a `log` as indented lines below).
+fn event_line(v: &Value) -> String {
+    let mut line = format!("{}  {}  {}", s(&v["time"]), s(&v["vm"]), s(&v["event"]));
+    let mut log = String::new();
+    for (k, val) in v.as_object().into_iter().flatten() {
+        match k.as_str() {
+            "time" | "vm" | "event" => {}
+            "log" => {
+                for l in val.as_array().into_iter().flatten() {
+                    log += &format!("\n    | {}", s(l));
+                }
+            }
+            _ => line += &format!("  {k}={}", s(val)),
+        }
+    }
+    line + &log
+}
+
+/// `vmctl events`: follows the stream until it ends, `count` events were printed, or the
+/// user stops it.
+fn follow_events(socket: &std::path::Path, cli: &Cli, count: Option<u64>) -> Result<(), Failure> {
+    use std::io::Write;
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    rt.block_on(async {
+        let (status, mut lines) = Client::new(socket).stream("/api/v1/events").await?;
+        if status != 200 {
+            return Err(Failure(format!("GET events answered HTTP {status}"), Vec::new()));
+        }
+        let mut printed = 0;
+        while count.is_none_or(|c| printed < c) {
+            let Some(line) = lines.next_line().await? else { break };
+            let v: Value = serde_json::from_str(&line).unwrap_or(Value::Null);
+            if cli.id.as_deref().is_some_and(|id| v["vm"] != id) {
+                continue;
+            }
+            let mut out = std::io::stdout().lock();
+            if cli.json {
+                writeln!(out, "{line}")?;
+            } else {
+                writeln!(out, "{}", event_line(&v))?;
+            }
+            out.flush()?;
+            printed += 1;
+        }
+        Ok(())
+    })
 }
 
 fn run(cli: Cli) -> Result<(), Failure> {
@@ -262,6 +342,10 @@ fn run(cli: Cli) -> Result<(), Failure> {
         Cmd::Delete => ("PUT", format!("vm.delete{q}"), None),
         Cmd::Ping => ("GET", "vmm.ping".into(), None),
         Cmd::ShutdownVmm => ("PUT", "vmm.shutdown".into(), None),
+        Cmd::Events { count } => {
+            let socket = cli.api_socket.clone().unwrap_or_else(default_socket);
+            return follow_events(&socket, &cli, *count);
+        }
     };
     let socket = cli.api_socket.clone().unwrap_or_else(default_socket);
     let reply = Client::new(&socket).request_blocking(method, &format!("/api/v1/{path}"), body)?;

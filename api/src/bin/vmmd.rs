@@ -1,15 +1,20 @@
-//! `vmmd`: the REST service managing VMs over a Unix socket (ARCHITECTURE.md section 7).
+//! `vmmd`: the REST service managing VMs over a Unix socket (ARCHITECTURE.md sections 3
+//! and 7). Each VM runs in a `vmm` process of its own, which vmmd starts, supervises and
+//! routes calls to ([`api::supervisor`]).
+//!
+//! `PUT vmm.shutdown` shuts every VM down and exits; SIGTERM or SIGINT make vmmd exit and
+//! leave the VMs running for the next vmmd on the same `--state-dir` to re-attach.
 
 use std::net::SocketAddr;
-use std::os::unix::fs::{FileTypeExt, PermissionsExt};
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::process::ExitCode;
 use std::sync::Arc;
 
 use api::backend::VmmBackend;
-use api::fake::FakeVmm;
-use api::kvm_backend::KvmBackend;
-use api::server::{AppState, router, serve};
+use api::daemon::{self, StartError, Stopped};
+use api::events::EventBus;
+use api::server::{AppState, router};
+use api::supervisor::{ProcessBackend, Supervision};
 use clap::Parser;
 
 /// The VMM service.
@@ -24,10 +29,17 @@ struct Args {
     /// (e.g. 127.0.0.1:8080). There is no authentication: any local user can connect.
     #[arg(long)]
     tcp: Option<SocketAddr>,
-    /// Use the in-memory fake VMM (a test double that runs no guest) instead of the KVM
-    /// backend (the default).
+    /// Run fake VM processes (`vmm --fake`, a test double that runs no guest) instead of
+    /// KVM ones (the default). Everything else (routing, validation, processes) is real.
     #[arg(long)]
     fake: bool,
+    /// Where each VM's directory (config, pid, socket, log) lives, created 0700
+    /// [default: $XDG_RUNTIME_DIR/vmmd or /run/vmmd].
+    #[arg(long, value_name = "DIR")]
+    state_dir: Option<PathBuf>,
+    /// The `vmm` binary run for each VM [default: `vmm` beside this vmmd].
+    #[arg(long, value_name = "PATH")]
+    vmm_binary: Option<PathBuf>,
     /// A directory whose files clients may name (images, kernels, initramfs, serial
     /// output); repeatable. Given once or more, any other path is refused with 403, paths
     /// are stored resolved, and no symbolic link is followed when opening them.
@@ -35,93 +47,62 @@ struct Args {
     allowed_dirs: Vec<PathBuf>,
 }
 
-/// How long the service waits, once told to stop, for requests still running (one may be
-/// stuck on a hung mount) before it exits without them.
-const GRACE: std::time::Duration = std::time::Duration::from_secs(1);
-
-/// Errors of starting the service.
+/// Errors of starting vmmd.
 #[derive(Debug, thiserror::Error)]
-enum StartError {
+enum VmmdError {
     #[error("--tcp {0}: only loopback addresses are allowed")]
     NotLoopback(SocketAddr),
-    #[error("{path}: another vmmd is serving on this socket")]
-    InUse { path: PathBuf },
-    #[error("{path}: exists and is not a socket")]
-    NotSocket { path: PathBuf },
+    #[error(transparent)]
+    Start(#[from] StartError),
     #[error("{0}")]
-    AllowedDir(String),
-    #[error("{path}: {source}")]
-    Io {
-        path: PathBuf,
-        source: std::io::Error,
-    },
+    Setup(String),
 }
 
-fn io_err(path: &Path) -> impl FnOnce(std::io::Error) -> StartError + '_ {
-    move |source| StartError::Io {
-        path: path.to_path_buf(),
-        source,
-    }
-}
-
-fn default_socket() -> PathBuf {
+fn runtime_dir() -> PathBuf {
     match std::env::var_os("XDG_RUNTIME_DIR") {
-        Some(dir) if !dir.is_empty() => PathBuf::from(dir).join("vmmd.sock"),
-        _ => PathBuf::from("/run/vmmd.sock"),
+        Some(dir) if !dir.is_empty() => PathBuf::from(dir),
+        _ => PathBuf::from("/run"),
     }
 }
 
-/// Binds the socket with mode 0600 (umask set around the bind, so it is never wider).
-fn bind_socket(path: &Path) -> Result<std::os::unix::net::UnixListener, StartError> {
-    match std::fs::symlink_metadata(path) {
-        Ok(m) if !m.file_type().is_socket() => {
-            return Err(StartError::NotSocket {
-                path: path.to_path_buf(),
-            });
-        }
-        Ok(_) => {
-            if std::os::unix::net::UnixStream::connect(path).is_ok() {
-                return Err(StartError::InUse {
-                    path: path.to_path_buf(),
-                });
-            }
-            std::fs::remove_file(path).map_err(io_err(path))?;
-        }
-        Err(_) => {}
+/// `vmm` beside the running vmmd.
+fn default_vmm_binary() -> Result<PathBuf, VmmdError> {
+    let exe = std::env::current_exe()
+        .map_err(|e| VmmdError::Setup(format!("cannot find this executable: {e}")))?;
+    let vmm = exe.with_file_name("vmm");
+    if vmm.is_file() {
+        Ok(vmm)
+    } else {
+        Err(VmmdError::Setup(format!(
+            "{} not found: build it (cargo build -p api) or name it with --vmm-binary",
+            vmm.display()
+        )))
     }
-    // SAFETY: umask only changes this process's file-creation mask; no other thread is
-    // running yet (the runtime starts after this).
-    let old = unsafe { libc::umask(0o177) };
-    let bound = std::os::unix::net::UnixListener::bind(path);
-    // SAFETY: as above; restores the previous mask.
-    unsafe { libc::umask(old) };
-    let listener = bound.map_err(io_err(path))?;
-    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600)).map_err(io_err(path))?;
-    listener.set_nonblocking(true).map_err(io_err(path))?;
-    Ok(listener)
 }
 
-fn run(args: Args) -> Result<(), StartError> {
+fn run(args: Args) -> Result<(), VmmdError> {
     if let Some(addr) = args.tcp
         && !addr.ip().is_loopback()
     {
-        return Err(StartError::NotLoopback(addr));
+        return Err(VmmdError::NotLoopback(addr));
     }
-    let backend: Arc<dyn VmmBackend> = if args.fake {
-        Arc::new(FakeVmm::new())
-    } else {
-        if !vmm::kvm_available() {
-            tracing::warn!(
-                "/dev/kvm cannot be opened: VMs cannot be created (vm.create answers 409); \
-                 run with --fake to try the API without KVM"
-            );
-        }
-        Arc::new(KvmBackend::new())
+    if !args.fake && !vmm::kvm_available() {
+        tracing::warn!(
+            "/dev/kvm cannot be opened: VMs cannot be created (vm.create answers 409); \
+             run with --fake to try the API without KVM"
+        );
+    }
+    let vmm_binary = match args.vmm_binary {
+        Some(p) => p,
+        None => default_vmm_binary()?,
     };
-    let path = args.api_socket.unwrap_or_else(default_socket);
-    let unix = bind_socket(&path)?;
+    let path = args
+        .api_socket
+        .unwrap_or_else(|| runtime_dir().join("vmmd.sock"));
+    let state_dir = args.state_dir.unwrap_or_else(|| runtime_dir().join("vmmd"));
+    let unix = daemon::bind_socket(&path)?;
     let rules = api::paths::PathRules::new(&args.allowed_dirs, std::slice::from_ref(&path))
-        .map_err(StartError::AllowedDir)?;
+        .map_err(VmmdError::Setup)?;
     if rules.restricted() {
         block::host_file::forbid_symlinks();
         tracing::info!(dirs = ?rules.allowed(), "client paths restricted to the allowed directories");
@@ -132,69 +113,44 @@ fn run(args: Args) -> Result<(), StartError> {
         );
     }
     let tcp = match args.tcp {
-        Some(addr) => Some(
-            std::net::TcpListener::bind(addr).map_err(|source| StartError::Io {
+        Some(addr) => Some(std::net::TcpListener::bind(addr).map_err(|source| {
+            StartError::Io {
                 path: PathBuf::from(addr.to_string()),
                 source,
-            })?,
-        ),
+            }
+        })?),
         None => None,
     };
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .map_err(io_err(&path))?;
+    let rt = daemon::runtime(2).map_err(daemon::io_err(&path))?;
+    let events = EventBus::new();
+    let supervision = Supervision {
+        state_dir: state_dir.clone(),
+        vmm_binary,
+        fake: args.fake,
+        forbid_symlinks: rules.restricted(),
+    };
+    let backend: Arc<dyn VmmBackend> = Arc::new(
+        ProcessBackend::new(supervision, events.clone(), rt.handle().clone())
+            .map_err(VmmdError::Setup)?,
+    );
     let result = rt.block_on(async {
-        let unix = tokio::net::UnixListener::from_std(unix)?;
-        let tcp = match tcp {
-            Some(l) => {
-                l.set_nonblocking(true)?;
-                Some(tokio::net::TcpListener::from_std(l)?)
-            }
-            None => None,
-        };
-        let (tx, rx) = tokio::sync::watch::channel(false);
-        let signals = tx.clone();
-        tokio::spawn(async move {
-            let term = async {
-                match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-                    Ok(mut s) => {
-                        s.recv().await;
-                    }
-                    Err(_) => std::future::pending().await,
-                }
-            };
-            tokio::select! {
-                _ = tokio::signal::ctrl_c() => {}
-                _ = term => {}
-            }
-            tracing::info!("signal received, shutting down");
-            signals.send_replace(true);
-        });
-        tracing::info!(socket = %path.display(), tcp = ?args.tcp, backend = backend.name(), "serving");
-        let state = AppState::new(backend.clone(), tx).with_rules(rules);
-        let mut stopped = rx.clone();
-        let server = serve(router(state), unix, tcp, rx);
-        tokio::pin!(server);
-        tokio::select! {
-            r = &mut server => r?,
-            () = async {
-                let _ = stopped.wait_for(|s| *s).await;
-                tokio::time::sleep(GRACE).await;
-            } => tracing::warn!("requests still running after {GRACE:?}; exiting without them"),
+        tracing::info!(socket = %path.display(), state_dir = %state_dir.display(), tcp = ?args.tcp,
+            backend = backend.name(), "serving");
+        let (stop, _) = tokio::sync::watch::channel(false);
+        let state = AppState::new(backend.clone(), stop.clone())
+            .with_rules(rules)
+            .with_events(events);
+        let how = daemon::serve_until_stopped(router(state), unix, tcp, stop).await?;
+        if how == Stopped::Signal {
+            tracing::info!("leaving the VM processes running for the next vmmd");
         }
-        // Shutting down on a signal: stop the VMs too (a VM still busy after a short wait,
-        // such as one being built, is not waited for).
-        let b = backend.clone();
-        let _ = tokio::task::spawn_blocking(move || b.shutdown_vmm()).await;
         Ok::<(), std::io::Error>(())
     });
     // Blocking calls stuck in the kernel (an open() on a hung mount) must not keep the
     // process alive.
     rt.shutdown_timeout(std::time::Duration::from_millis(100));
     let _ = std::fs::remove_file(&path);
-    result.map_err(io_err(&path))
+    result.map_err(|e| VmmdError::Start(daemon::io_err(&path)(e)))
 }
 
 /// Whether the service runs as root.
@@ -204,13 +160,7 @@ fn running_as_root() -> bool {
 }
 
 fn main() -> ExitCode {
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
-        )
-        .with_writer(std::io::stderr)
-        .init();
+    daemon::init_tracing("RUST_LOG", "info");
     match run(Args::parse()) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {

@@ -1,21 +1,32 @@
 //! One VM of the real backend and the operations on it, run under its own lock.
 
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use devices::config::DiskConfig;
 use vmm::config::VmConfig;
 use vmm::vm::{ResetGuard, Vm, VmExit};
+use vmm_sys_util::eventfd::EventFd;
 
 use super::errors::vm_error;
 use crate::backend::{ApiError, VmCounters, VmState};
+use crate::events::{Event, EventKind};
 
 /// One VM and what the service knows of it.
 pub(super) struct Entry {
     /// The config as created, with disks added and removed since.
     pub(super) config: VmConfig,
-    /// The VM. A shut-down VM is kept for its counters; `None` while it is being built,
-    /// or when a rebuild failed (seen as `Shutdown`; the next boot tries again).
+    /// The VM; `None` while it is being built, once it is shut down (its threads and
+    /// files are released at once; [`Entry::last_counters`] keeps what it counted), or
+    /// when a rebuild failed (seen as `Shutdown`; the next boot builds it again).
     pub(super) vm: Option<Vm>,
+    /// The counters of the last VM, taken when it was released.
+    pub(super) last_counters: VmCounters,
+    /// Written by every VM built here when its guest ends it or ejects a disk (the
+    /// backend's control loop waits on it).
+    pub(super) notify: Option<Arc<EventFd>>,
+    /// Events not yet sent (the backend sends them once the operation is over).
+    pub(super) outbox: Vec<Event>,
     /// Guest resets turned into reboots, counted within a window.
     pub(super) resets: ResetGuard,
     /// Built once (until then, calls over every VM leave it out).
@@ -27,43 +38,94 @@ pub(super) struct Entry {
 
 impl Entry {
     /// A VM about to be built from `config`.
-    pub(super) fn new(config: VmConfig) -> Self {
+    pub(super) fn new(config: VmConfig, notify: Option<Arc<EventFd>>) -> Self {
         Entry {
             config,
             vm: None,
+            last_counters: VmCounters::default(),
+            notify,
+            outbox: Vec::new(),
             resets: ResetGuard::default(),
             built: false,
             removed: false,
         }
     }
 
-    /// Notices a guest that ended the VM: poweroff or failure -> `Shutdown`; reset ->
-    /// re-created and booted, unless it resets too often ([`ResetGuard`]).
+    /// Notices what the guest did: disks it ejected leave the config; poweroff or
+    /// failure -> `Shutdown` (the VM released); reset -> re-created and booted, unless it
+    /// resets too often ([`ResetGuard`]). Each is an event in the outbox.
     pub(super) fn refresh(&mut self) {
+        let id = self.config.id.clone();
         let Some(vm) = self.vm.as_mut() else { return };
         let gone = vm.take_ejected();
         if !gone.is_empty() {
-            tracing::info!(id = %self.config.id, disks = ?gone, "disks ejected by the guest");
+            tracing::info!(%id, disks = ?gone, "disks ejected by the guest");
             self.config.disks.retain(|d| !gone.contains(&d.id));
+            for d in gone {
+                self.outbox
+                    .push(Event::now(&id, EventKind::DiskEjected).with("disk", d));
+            }
         }
         if vm.state() != vmm::vm::VmState::Running {
             return;
         }
-        match vm.wait_timeout(Some(Duration::ZERO)) {
-            Some(VmExit::Reset) if self.resets.allow(Instant::now()) => {
-                tracing::info!(id = %self.config.id, "guest reset: rebooting");
+        let Some(exit) = vm.wait_timeout(Some(Duration::ZERO)) else {
+            return;
+        };
+        match exit {
+            VmExit::Reset if self.resets.allow(Instant::now()) => {
+                tracing::info!(%id, "guest reset: rebooting");
+                self.outbox
+                    .push(Event::now(&id, EventKind::GuestReset).with("rebooting", true));
                 if let Err(e) = self.recreate(None).and_then(|()| self.start()) {
-                    tracing::warn!(id = %self.config.id, error = %e, "reboot after a guest reset failed");
+                    tracing::warn!(%id, error = %e, "reboot after a guest reset failed");
+                    self.release();
+                    self.outbox.push(
+                        Event::now(&id, EventKind::Shutdown)
+                            .with("reason", format!("reboot failed: {e}")),
+                    );
                 }
             }
-            Some(VmExit::Reset) => tracing::warn!(
-                id = %self.config.id,
-                resets = vmm::vm::reset_guard::MAX_RESETS,
-                window_s = vmm::vm::reset_guard::RESET_WINDOW.as_secs(),
-                "guest resets too often: left shut down"
-            ),
-            Some(exit) => tracing::info!(id = %self.config.id, ?exit, "guest ended the VM"),
-            None => {}
+            VmExit::Reset => {
+                tracing::warn!(
+                    %id,
+                    resets = vmm::vm::reset_guard::MAX_RESETS,
+                    window_s = vmm::vm::reset_guard::RESET_WINDOW.as_secs(),
+                    "guest resets too often: left shut down"
+                );
+                self.release();
+                self.outbox
+                    .push(Event::now(&id, EventKind::GuestReset).with("rebooting", false));
+                self.outbox.push(Event::now(&id, EventKind::Shutdown).with(
+                    "reason",
+                    format!(
+                        "the guest reset {} times within {} s",
+                        vmm::vm::reset_guard::MAX_RESETS,
+                        vmm::vm::reset_guard::RESET_WINDOW.as_secs()
+                    ),
+                ));
+            }
+            VmExit::Poweroff => {
+                tracing::info!(%id, "guest powered off");
+                self.release();
+                self.outbox.push(Event::now(&id, EventKind::GuestPoweroff));
+            }
+            VmExit::Error(reason) => {
+                tracing::warn!(%id, %reason, "the VM failed");
+                self.release();
+                self.outbox
+                    .push(Event::now(&id, EventKind::GuestFailed).with("reason", reason));
+            }
+            VmExit::Stopped => self.release(),
+        }
+    }
+
+    /// Shuts the VM down (draining its I/O) and releases it: its threads and files go
+    /// now; its counters stay readable.
+    pub(super) fn release(&mut self) {
+        if let Some(mut vm) = self.vm.take() {
+            vm.shutdown();
+            self.last_counters = counters_of(&vm);
         }
     }
 
@@ -107,20 +169,11 @@ impl Entry {
             .ok_or_else(|| ApiError::conflict(format!("VM {id} has no built VM; boot it again")))
     }
 
-    /// Disk and iothread counters of the built VM (empty without one).
+    /// Disk and iothread counters of the built VM (of the last one once released).
     pub(super) fn counters(&self) -> VmCounters {
-        let mut c = VmCounters::default();
-        let Some(vm) = self.vm.as_ref() else {
-            return c;
-        };
-        let dm = vm.devices();
-        for d in dm.disks() {
-            c.disks.insert(d.id().to_string(), d.counters());
-        }
-        for (name, t) in dm.all_iothreads() {
-            c.iothreads.insert(name, t.counters());
-        }
-        c
+        self.vm
+            .as_ref()
+            .map_or_else(|| self.last_counters.clone(), counters_of)
     }
 
     /// Replaces the VM by a new one built from `config` (or the current config). The
@@ -138,22 +191,30 @@ impl Entry {
             self.config.disks.retain(|d| !pending.contains(&d.id));
         }
         let new = config.unwrap_or_else(|| self.config.clone());
-        drop(self.vm.take());
+        self.release();
         match Vm::create_for_reboot(new.clone()) {
             Ok(vm) => {
-                self.vm = Some(vm);
+                self.install(vm);
                 self.config = new;
                 Ok(())
             }
             Err(e) => {
                 let err = vm_error(&id, e);
                 match Vm::create_for_reboot(self.config.clone()) {
-                    Ok(vm) => self.vm = Some(vm),
+                    Ok(vm) => self.install(vm),
                     Err(e2) => tracing::error!(%id, error = %e2, "cannot rebuild the VM"),
                 }
                 Err(err)
             }
         }
+    }
+
+    /// Makes `vm` this entry's VM, wired to the control loop's notifier.
+    pub(super) fn install(&mut self, mut vm: Vm) {
+        if let Some(fd) = &self.notify {
+            vm.set_notifier(fd.clone());
+        }
+        self.vm = Some(vm);
     }
 
     pub(super) fn start(&mut self) -> Result<(), ApiError> {
@@ -186,7 +247,7 @@ impl Entry {
     pub(super) fn remove_disk(&mut self, disk: &str) -> Result<(), ApiError> {
         let id = self.config.id.clone();
         match self.state() {
-            VmState::Shutdown => {}
+            VmState::Shutdown | VmState::Crashed => {}
             VmState::Created => {
                 self.vm()?
                     .request_disk_removal(disk)
@@ -202,4 +263,17 @@ impl Entry {
         self.config.disks.retain(|d| d.id != disk);
         Ok(())
     }
+}
+
+/// Disk and iothread counters of `vm`.
+fn counters_of(vm: &Vm) -> VmCounters {
+    let mut c = VmCounters::default();
+    let dm = vm.devices();
+    for d in dm.disks() {
+        c.disks.insert(d.id().to_string(), d.counters());
+    }
+    for (name, t) in dm.all_iothreads() {
+        c.iothreads.insert(name, t.counters());
+    }
+    c
 }

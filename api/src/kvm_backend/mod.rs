@@ -9,9 +9,13 @@
 //! own (held) lock, so calls naming it wait for the build and calls on others do not.
 //!
 //! States and statuses follow [`crate::fake::FakeVmm`]. What differs, on purpose:
-//! - a VM whose guest powered off is seen as `Shutdown` at the next call that looks at
-//!   it; a guest-initiated reset re-creates and boots the VM (a reboot), unless the guest
-//!   resets 16 times within 60 s ([`vmm::vm::ResetGuard`]);
+//! - what the guest does is handled the moment it happens when the backend has a control
+//!   loop ([`KvmBackend::with_control_loop`], as in a `vmm` process), else at the next
+//!   call that looks at the VM: a guest that powers off or fails is `Shutdown`, its VM
+//!   released at once (threads, memory, files; its counters stay readable); a
+//!   guest-initiated reset re-creates and boots the VM (a reboot), unless the guest
+//!   resets 16 times within 60 s ([`vmm::vm::ResetGuard`]); an ejected disk leaves the
+//!   config. Each is an event on the backend's [`EventBus`];
 //! - boot of a shut-down VM and `vm.reboot` re-create the VM from its config (fresh
 //!   memory, devices and kernel), then start it;
 //! - `vm.add-disk` and `vm.remove-device` on a created, running or paused VM change the
@@ -26,6 +30,7 @@
 //!   the requests they hold, in order.
 
 mod conflicts;
+mod control;
 mod entry;
 mod errors;
 
@@ -38,12 +43,14 @@ use block::sync::{lock, try_lock};
 use devices::config::{DiskConfig, IoThreadUpdate};
 use vmm::config::VmConfig;
 use vmm::vm::{Vm, VmError};
+use vmm_sys_util::eventfd::EventFd;
 
 use crate::backend::{
     ApiError, UpdateDisk, VmCounters, VmInfo, VmState, VmSummary, VmmBackend, merged_iothread,
 };
+use crate::events::EventBus;
 use entry::Entry;
-pub(crate) use errors::vm_error;
+pub(crate) use errors::{host_limit, vm_error};
 
 /// How long listing and `/metrics` wait for a busy VM before using what it last
 /// published (shared by every VM of one call).
@@ -69,6 +76,14 @@ struct Slot {
 }
 
 impl Slot {
+    /// Publishes `e`'s state, config and counters, and sends its pending events.
+    fn settle(&self, e: &mut Entry, events: &EventBus) {
+        self.publish(e);
+        for event in e.outbox.drain(..) {
+            events.emit(event);
+        }
+    }
+
     /// Publishes `e`'s state, config and counters.
     fn publish(&self, e: &Entry) {
         let mut v = lock(&self.view);
@@ -85,6 +100,10 @@ pub struct KvmBackend {
     vms: Mutex<BTreeMap<String, Arc<Slot>>>,
     /// Set by [`VmmBackend::shutdown_vmm`]: no new VM is built.
     stopping: AtomicBool,
+    /// Where guest-driven events go.
+    events: EventBus,
+    /// The control loop's wake-up, given to every VM (`None`: no control loop).
+    notify: Option<Arc<EventFd>>,
 }
 
 /// Takes `m` if it becomes free before `deadline`.
@@ -137,7 +156,7 @@ impl KvmBackend {
             return Err(no_vm(id));
         }
         let out = f(&mut guard);
-        slot.publish(&guard);
+        slot.settle(&mut guard, &self.events);
         out
     }
 
@@ -151,7 +170,7 @@ impl KvmBackend {
                     && !e.removed
                 {
                     e.refresh();
-                    slot.publish(&e);
+                    slot.settle(&mut e, &self.events);
                 }
                 let v = lock(&slot.view).clone();
                 (!v.removed && v.state.is_some()).then_some(v)
@@ -183,7 +202,7 @@ impl VmmBackend for KvmBackend {
         // The VM is built outside the map's lock (opening images and KVM take a while):
         // its slot is published first, locked, so calls naming it wait for the build.
         let slot = Arc::new(Slot {
-            entry: Mutex::new(Entry::new(config.clone())),
+            entry: Mutex::new(Entry::new(config.clone(), self.notify.clone())),
             view: Mutex::new(View {
                 state: None,
                 config: config.clone(),
@@ -204,7 +223,7 @@ impl VmmBackend for KvmBackend {
         let built = Vm::create(config);
         let result = match built {
             Ok(vm) if !self.stopping.load(Ordering::SeqCst) => {
-                entry.vm = Some(vm);
+                entry.install(vm);
                 entry.built = true;
                 Ok(())
             }
@@ -256,7 +275,7 @@ impl VmmBackend for KvmBackend {
     fn shutdown(&self, id: &str) -> Result<(), ApiError> {
         self.with(id, |e| {
             e.require("shut down", &[VmState::Running, VmState::Paused])?;
-            e.vm()?.shutdown();
+            e.release();
             Ok(())
         })
     }
@@ -286,6 +305,8 @@ impl VmmBackend for KvmBackend {
                 state,
                 config: e.config.clone(),
                 pending_removals: e.vm.as_ref().map(Vm::pending_removals).unwrap_or_default(),
+                pid: Some(std::process::id()),
+                crash: None,
             })
         })
     }
@@ -300,6 +321,8 @@ impl VmmBackend for KvmBackend {
                     vcpus: v.config.cpus.boot_vcpus,
                     memory_mib: v.config.memory.size_mib,
                     disks: v.config.disks.len(),
+                    pid: Some(std::process::id()),
+                    crash: None,
                 })
             })
             .collect()
@@ -398,10 +421,8 @@ impl VmmBackend for KvmBackend {
                 );
                 continue;
             };
-            if let Some(vm) = e.vm.as_mut() {
-                vm.shutdown();
-            }
-            slot.publish(&e);
+            e.release();
+            slot.settle(&mut e, &self.events);
         }
         Ok(())
     }

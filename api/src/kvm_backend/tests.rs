@@ -9,7 +9,7 @@ fn config(id: &str) -> VmConfig {
 
 /// Puts a VM `id` into `b` as `create` publishes it (not built yet, or built once).
 fn insert(b: &KvmBackend, id: &str, built: bool) -> Arc<Slot> {
-    let mut entry = Entry::new(config(id));
+    let mut entry = Entry::new(config(id), None);
     entry.built = built;
     let slot = Arc::new(Slot {
         entry: Mutex::new(entry),

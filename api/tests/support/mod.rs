@@ -30,9 +30,11 @@ impl Service {
         let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
         let socket = dir.path().join("vmmd.sock");
         let mut cmd = Command::new(env!("CARGO_BIN_EXE_vmmd"));
-        cmd.arg("--api-socket")
-            .arg(&socket)
-            .args(args)
+        cmd.arg("--api-socket").arg(&socket);
+        if !args.contains(&"--state-dir") {
+            cmd.arg("--state-dir").arg(dir.path().join("state"));
+        }
+        cmd.args(args)
             .env("RUST_LOG", "warn")
             .stdin(Stdio::null());
         setup(&mut cmd);

@@ -395,9 +395,11 @@ pub fn dedicated_iothread_disk(name: &str) -> Option<&str> {
 }
 
 /// Checks a name (of a disk, iothread, VM or throttle group): 1-64 characters of
-/// `A-Z a-z 0-9 - _ .`; the message starts with `what`.
+/// `A-Z a-z 0-9 - _ .`, not starting with `.` (a VM's id names its state directory, where
+/// `.` and `..` mean something else); the message starts with `what`.
 pub fn check_id(what: &str, id: &str) -> Result<(), String> {
     let ok = !id.is_empty()
+        && !id.starts_with('.')
         && id.len() <= 64
         && id
             .chars()
@@ -406,7 +408,7 @@ pub fn check_id(what: &str, id: &str) -> Result<(), String> {
         Ok(())
     } else {
         Err(format!(
-            "{what} id {id:?} must be 1-64 characters of A-Z a-z 0-9 - _ ."
+            "{what} id {id:?} must be 1-64 characters of A-Z a-z 0-9 - _ . not starting with ."
         ))
     }
 }

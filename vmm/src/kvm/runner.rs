@@ -15,6 +15,7 @@ use std::time::{Duration, Instant};
 use block::sync;
 use kvm_bindings::{KVM_SYSTEM_EVENT_CRASH, KVM_SYSTEM_EVENT_RESET, KVM_SYSTEM_EVENT_SHUTDOWN};
 use kvm_ioctls::VcpuExit;
+use vmm_sys_util::eventfd::EventFd;
 use vmm_sys_util::signal::{SIGRTMIN, register_signal_handler};
 
 use super::{KvmError, Result, Vcpu};
@@ -157,6 +158,17 @@ impl VcpuHandle {
         handler: Arc<dyn ExitHandler>,
         events: Option<Sender<VcpuEvent>>,
     ) -> Result<Self> {
+        Self::spawn_notifying(vcpu, handler, events, None)
+    }
+
+    /// Like [`VcpuHandle::spawn`]; after the event is sent, `notify` (if given) is
+    /// written, so that an owner waiting in epoll wakes up.
+    pub fn spawn_notifying(
+        vcpu: Vcpu,
+        handler: Arc<dyn ExitHandler>,
+        events: Option<Sender<VcpuEvent>>,
+        notify: Option<Arc<EventFd>>,
+    ) -> Result<Self> {
         install_kick_handler()?;
         let index = vcpu.index();
         let control = Arc::new(Control {
@@ -182,6 +194,11 @@ impl VcpuHandle {
                         vcpu: index,
                         reason: reason.clone(),
                     });
+                }
+                if let Some(fd) = notify
+                    && let Err(e) = fd.write(1)
+                {
+                    tracing::warn!(vcpu = index, error = %e, "cannot signal the VM's owner");
                 }
                 reason
             })

@@ -346,6 +346,12 @@ impl DeviceManager {
             .collect()
     }
 
+    /// Makes every later guest eject write `fd` (the owner's control loop wakes up and
+    /// calls [`Self::take_ejected`]).
+    pub fn set_notifier(&self, fd: std::sync::Arc<vmm_sys_util::eventfd::EventFd>) {
+        self.set.set_notifier(fd);
+    }
+
     /// Ids of disks the guest ejected since the last call (they are gone).
     pub fn take_ejected(&self) -> Vec<String> {
         std::mem::take(&mut *self.set.lock_ejected())

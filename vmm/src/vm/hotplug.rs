@@ -22,6 +22,8 @@ pub(super) struct DiskSet {
     disks: Mutex<Vec<DiskEntry>>,
     dedicated: Mutex<BTreeMap<String, Arc<IoThread>>>,
     ejected: Mutex<Vec<String>>,
+    /// Written when the guest ejects a disk (see [`super::Vm::set_notifier`]).
+    notify: Mutex<Option<Arc<EventFd>>>,
 }
 
 impl DiskSet {
@@ -32,6 +34,7 @@ impl DiskSet {
             disks: Mutex::new(Vec::new()),
             dedicated: Mutex::new(BTreeMap::new()),
             ejected: Mutex::new(Vec::new()),
+            notify: Mutex::new(None),
         }
     }
 
@@ -45,6 +48,11 @@ impl DiskSet {
 
     pub(super) fn lock_ejected(&self) -> MutexGuard<'_, Vec<String>> {
         lock(&self.ejected)
+    }
+
+    /// Makes every later eject write `fd`.
+    pub(super) fn set_notifier(&self, fd: Arc<EventFd>) {
+        *lock(&self.notify) = Some(fd);
     }
 
     /// The dedicated iothread of `disk`, started on first use.
@@ -88,6 +96,11 @@ impl DiskSet {
         drop(entry);
         tracing::info!(disk = %id, slot, queues = drained, "disk ejected by the guest and removed");
         self.lock_ejected().push(id);
+        if let Some(fd) = lock(&self.notify).as_ref()
+            && let Err(e) = fd.write(1)
+        {
+            tracing::warn!(error = %e, "cannot signal the VM's control loop");
+        }
     }
 }
 

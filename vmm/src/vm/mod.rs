@@ -21,6 +21,7 @@ use std::time::Duration;
 
 use devices::virtio_blk::GuestMem;
 use vm_memory::{GuestAddress, GuestMemoryAtomic};
+use vmm_sys_util::eventfd::EventFd;
 
 use crate::acpi::{self, AcpiParams, MmioWindow};
 use crate::boot::{self, BootLayout};
@@ -158,6 +159,7 @@ pub struct Vm {
     kvm: Arc<kvm::Vm>,
     ram: GuestRam,
     config: VmConfig,
+    notify: Option<Arc<EventFd>>,
 }
 
 impl std::fmt::Debug for Vm {
@@ -264,7 +266,16 @@ impl Vm {
             kvm,
             ram,
             config,
+            notify: None,
         })
+    }
+
+    /// Makes the VM write `fd` whenever its owner has something to look at: a vCPU
+    /// ended (poweroff, reset, failure: [`Vm::wait_timeout`] then returns at once) or the
+    /// guest ejected a disk ([`Vm::take_ejected`]). Set it before [`Vm::boot`].
+    pub fn set_notifier(&mut self, fd: Arc<EventFd>) {
+        self.devices.set_notifier(fd.clone());
+        self.notify = Some(fd);
     }
 
     /// The config it was built from.
@@ -307,7 +318,12 @@ impl Vm {
         }
         for vcpu in std::mem::take(&mut self.pending) {
             let handler: Arc<dyn kvm::ExitHandler> = self.handler.clone();
-            let h = VcpuHandle::spawn(vcpu, handler, Some(self.events_tx.clone()))?;
+            let h = VcpuHandle::spawn_notifying(
+                vcpu,
+                handler,
+                Some(self.events_tx.clone()),
+                self.notify.clone(),
+            )?;
             self.vcpus.push(h);
         }
         self.state = VmState::Running;

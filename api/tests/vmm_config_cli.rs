@@ -79,7 +79,8 @@ fn a_kernel_that_cannot_be_loaded_fails_clearly() {
     let stderr = text(&out.stderr);
     assert_eq!(out.status.code(), Some(1), "{stderr}");
     assert!(text(&out.stdout).contains("config ok"));
-    assert!(stderr.contains("error: cannot create the VM"), "{stderr}");
+    assert!(stderr.contains("error: cannot start the VM"), "{stderr}");
+    assert!(stderr.contains("truncated ELF header"), "{stderr}");
 }
 
 #[test]

@@ -1,0 +1,197 @@
+//! Events as things happen (ARCHITECTURE.md section 3): one [`EventBus`] per process,
+//! fed by the backend, read by `GET /api/v1/events` as newline-delimited JSON.
+
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use serde::{Deserialize, Serialize};
+use tokio::sync::broadcast;
+use utoipa::ToSchema;
+
+/// How many events a slow reader may fall behind before it misses some (it is told how
+/// many with a `lagged` event).
+const BACKLOG: usize = 1024;
+
+/// What happened.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "kebab-case")]
+pub enum EventKind {
+    /// A VM was created.
+    Created,
+    /// A VM was booted.
+    Booted,
+    /// A VM was paused.
+    Paused,
+    /// A VM was resumed.
+    Resumed,
+    /// A VM was shut down (by the API, or after its guest powered off or reset too often).
+    Shutdown,
+    /// A VM was rebooted through the API.
+    Rebooted,
+    /// A VM was deleted.
+    Deleted,
+    /// The guest reset; the VM reboots (`rebooting: false` when it resets too often and
+    /// is left shut down).
+    GuestReset,
+    /// The guest powered off.
+    GuestPoweroff,
+    /// The guest ended the VM by a failure (`reason` says which).
+    GuestFailed,
+    /// A VM process ended without being asked (`signal` or `status`, `log`).
+    Crashed,
+    /// A disk was added (`disk`).
+    DiskAdded,
+    /// A disk's removal was asked for (`disk`); `disk-ejected` follows when the guest
+    /// lets it go.
+    DiskRemovalRequested,
+    /// The guest ejected a disk (`disk`), or a disk left a VM that was not running.
+    DiskEjected,
+    /// This reader fell behind and missed `missed` events.
+    Lagged,
+}
+
+/// One event: `{"time", "vm", "event", ...}` with fields of its own.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, ToSchema)]
+pub struct Event {
+    /// UTC, RFC 3339 with milliseconds.
+    pub time: String,
+    /// The VM (empty for events about the service).
+    pub vm: String,
+    /// What happened.
+    pub event: EventKind,
+    /// Fields of this event (`disk`, `signal`, `status`, `reason`, `log`, `missed`).
+    #[serde(flatten)]
+    #[schema(value_type = Object)]
+    pub fields: serde_json::Map<String, serde_json::Value>,
+}
+
+impl Event {
+    /// An event of `kind` on VM `vm`, now.
+    pub fn now(vm: &str, kind: EventKind) -> Self {
+        Event {
+            time: rfc3339(SystemTime::now()),
+            vm: vm.to_string(),
+            event: kind,
+            fields: serde_json::Map::new(),
+        }
+    }
+
+    /// The same event with field `key` set to `value`.
+    pub fn with(mut self, key: &str, value: impl Into<serde_json::Value>) -> Self {
+        self.fields.insert(key.to_string(), value.into());
+        self
+    }
+
+    /// One line of the stream (JSON and `\n`).
+    pub fn line(&self) -> String {
+        let mut s = serde_json::to_string(self).unwrap_or_default();
+        s.push('\n');
+        s
+    }
+}
+
+/// Where a process's events go; every subscriber gets each event sent after it
+/// subscribed.
+#[derive(Clone, Debug)]
+pub struct EventBus {
+    tx: broadcast::Sender<Event>,
+}
+
+impl Default for EventBus {
+    fn default() -> Self {
+        EventBus {
+            tx: broadcast::channel(BACKLOG).0,
+        }
+    }
+}
+
+impl EventBus {
+    /// A bus without subscribers.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Sends `event` to every subscriber (none: dropped) and logs it.
+    pub fn emit(&self, event: Event) {
+        tracing::info!(vm = %event.vm, event = ?event.event,
+            fields = %serde_json::Value::Object(event.fields.clone()), "event");
+        let _ = self.tx.send(event);
+    }
+
+    /// A receiver of every later event.
+    pub fn subscribe(&self) -> broadcast::Receiver<Event> {
+        self.tx.subscribe()
+    }
+}
+
+/// `t` as `YYYY-MM-DDTHH:MM:SS.mmmZ` (UTC).
+pub fn rfc3339(t: SystemTime) -> String {
+    let d = t.duration_since(UNIX_EPOCH).unwrap_or_default();
+    let secs = d.as_secs();
+    let (days, rem) = (secs / 86_400, secs % 86_400);
+    let (y, m, day) = civil_from_days(days);
+    format!(
+        "{y:04}-{m:02}-{day:02}T{:02}:{:02}:{:02}.{:03}Z",
+        rem / 3600,
+        rem % 3600 / 60,
+        rem % 60,
+        d.subsec_millis()
+    )
+}
+
+/// The proleptic Gregorian date of `days` since 1970-01-01 (Howard Hinnant's
+/// `civil_from_days`, for days on or after the epoch).
+fn civil_from_days(days: u64) -> (u64, u64, u64) {
+    let z = days + 719_468;
+    let era = z / 146_097;
+    let doe = z % 146_097;
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let day = doy - (153 * mp + 2) / 5 + 1;
+    let month = if mp < 10 { mp + 3 } else { mp - 9 };
+    let year = yoe + era * 400 + u64::from(month <= 2);
+    (year, month, day)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::Duration;
+
+    #[test]
+    fn times_are_utc_rfc3339() {
+        assert_eq!(rfc3339(UNIX_EPOCH), "1970-01-01T00:00:00.000Z");
+        // 2000-02-29 (a leap day of a century divisible by 400), 12:34:56.789.
+        let t = UNIX_EPOCH + Duration::from_millis(951_827_696_789);
+        assert_eq!(rfc3339(t), "2000-02-29T12:34:56.789Z");
+        let t = UNIX_EPOCH + Duration::from_secs(1_796_428_800); // 2026-12-05T00:00:00Z
+        assert_eq!(rfc3339(t), "2026-12-05T00:00:00.000Z");
+        let t = UNIX_EPOCH + Duration::from_secs(4_107_542_399); // 2100-02-28T23:59:59Z
+        assert_eq!(rfc3339(t), "2100-02-28T23:59:59.000Z");
+    }
+
+    #[test]
+    fn an_event_is_one_flat_json_line() {
+        let e = Event::now("vm1", EventKind::DiskEjected).with("disk", "d1");
+        let line = e.line();
+        assert!(line.ends_with('\n') && !line.trim_end().contains('\n'));
+        let v: serde_json::Value = serde_json::from_str(&line).unwrap();
+        assert_eq!(v["vm"], "vm1");
+        assert_eq!(v["event"], "disk-ejected");
+        assert_eq!(v["disk"], "d1");
+        let back: Event = serde_json::from_str(&line).unwrap();
+        assert_eq!(back, e);
+    }
+
+    #[test]
+    fn every_subscriber_gets_later_events() {
+        let bus = EventBus::new();
+        bus.emit(Event::now("a", EventKind::Created)); // before anyone listens: dropped
+        let mut r1 = bus.subscribe();
+        let mut r2 = bus.subscribe();
+        bus.emit(Event::now("a", EventKind::Booted));
+        assert_eq!(r1.try_recv().unwrap().event, EventKind::Booted);
+        assert_eq!(r2.try_recv().unwrap().event, EventKind::Booted);
+        assert!(r1.try_recv().is_err());
+    }
+}

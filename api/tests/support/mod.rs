@@ -29,31 +29,52 @@ impl Service {
     pub fn start_with(args: &[&str], setup: impl FnOnce(&mut Command)) -> Service {
         let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
         let socket = dir.path().join("vmmd.sock");
+        let client = Client::new(&socket);
+        let mut s = Service {
+            child: None,
+            dir,
+            socket,
+            client,
+        };
+        s.spawn(args, setup);
+        s
+    }
+
+    /// Starts a vmmd on this service's socket and state directory (after the last one
+    /// ended or was killed) and waits until it answers.
+    pub fn spawn(&mut self, args: &[&str], setup: impl FnOnce(&mut Command)) {
         let mut cmd = Command::new(env!("CARGO_BIN_EXE_vmmd"));
-        cmd.arg("--api-socket").arg(&socket);
+        cmd.arg("--api-socket").arg(&self.socket);
         if !args.contains(&"--state-dir") {
-            cmd.arg("--state-dir").arg(dir.path().join("state"));
+            cmd.arg("--state-dir").arg(self.state_dir());
         }
-        cmd.args(args)
-            .env("RUST_LOG", "warn")
-            .stdin(Stdio::null());
+        cmd.args(args).env("RUST_LOG", "warn").stdin(Stdio::null());
         setup(&mut cmd);
         let child = cmd.spawn().unwrap_or_else(|e| panic!("vmmd: {e}"));
-        let client = Client::new(&socket);
         let deadline = Instant::now() + Duration::from_secs(10);
-        while client
+        while self
+            .client
             .request_blocking("GET", "/api/v1/vmm.ping", None)
             .is_err()
         {
             assert!(Instant::now() < deadline, "vmmd did not start");
             std::thread::sleep(Duration::from_millis(20));
         }
-        Service {
-            child: Some(child),
-            dir,
-            socket,
-            client,
-        }
+        self.child = Some(child);
+    }
+
+    /// The state directory the service runs its VMs under.
+    pub fn state_dir(&self) -> PathBuf {
+        self.dir.path().join("state")
+    }
+
+    /// The pid of VM `id`'s process, from its pid file.
+    pub fn vm_pid(&self, id: &str) -> Option<u32> {
+        std::fs::read_to_string(self.state_dir().join(id).join("pid"))
+            .ok()?
+            .trim()
+            .parse()
+            .ok()
     }
 
     /// The service's pid.
@@ -139,6 +160,83 @@ impl Drop for Service {
             let _ = c.kill();
             let _ = c.wait();
         }
+        // VM processes outlive vmmd (their own session): end those of this test.
+        if let Ok(dirs) = std::fs::read_dir(self.state_dir()) {
+            for d in dirs.flatten() {
+                let id = d.file_name().to_string_lossy().into_owned();
+                if let Some(pid) = self.vm_pid(&id)
+                    && process_alive(pid)
+                    && std::fs::read(format!("/proc/{pid}/cmdline"))
+                        .is_ok_and(|c| String::from_utf8_lossy(&c).contains(&*self.state_dir().to_string_lossy()))
+                {
+                    let _ = Command::new("kill").args(["-9", &pid.to_string()]).status();
+                }
+            }
+        }
+    }
+}
+
+/// Whether process `pid` exists (and is not a zombie).
+pub fn process_alive(pid: u32) -> bool {
+    std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .is_ok_and(|s| s.rsplit_once(") ").is_some_and(|(_, rest)| !rest.starts_with('Z')))
+}
+
+/// Every event of a service, as it arrives, with when it arrived.
+pub struct Events {
+    rx: std::sync::mpsc::Receiver<(Instant, Value)>,
+}
+
+impl Events {
+    /// Follows the event stream at `socket` (open when this returns).
+    pub fn follow(socket: &Path) -> Events {
+        let (tx, rx) = std::sync::mpsc::channel();
+        let (ready_tx, ready_rx) = std::sync::mpsc::channel();
+        let client = Client::new(socket);
+        std::thread::spawn(move || {
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .unwrap_or_else(|e| panic!("{e}"));
+            rt.block_on(async {
+                let (status, mut lines) = client
+                    .stream("/api/v1/events")
+                    .await
+                    .unwrap_or_else(|e| panic!("events: {e}"));
+                assert_eq!(status, 200);
+                let _ = ready_tx.send(());
+                while let Ok(Some(line)) = lines.next_line().await {
+                    let v: Value = serde_json::from_str(&line)
+                        .unwrap_or_else(|e| panic!("event {line:?}: {e}"));
+                    if tx.send((Instant::now(), v)).is_err() {
+                        return;
+                    }
+                }
+            });
+        });
+        ready_rx
+            .recv_timeout(Duration::from_secs(5))
+            .unwrap_or_else(|e| panic!("event stream: {e}"));
+        Events { rx }
+    }
+
+    /// Waits up to `limit` for an event of VM `vm` named `event`; returns when it arrived
+    /// and the event (earlier events are passed over).
+    pub fn wait_for(&self, vm: &str, event: &str, limit: Duration) -> (Instant, Value) {
+        let deadline = Instant::now() + limit;
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            match self.rx.recv_timeout(left) {
+                Ok((at, v)) if v["vm"] == vm && v["event"] == event => return (at, v),
+                Ok(_) => {}
+                Err(e) => panic!("no {event} event for {vm} within {limit:?}: {e}"),
+            }
+        }
+    }
+
+    /// Every event received so far.
+    pub fn drain(&self) -> Vec<Value> {
+        self.rx.try_iter().map(|(_, v)| v).collect()
     }
 }
 

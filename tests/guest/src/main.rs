@@ -4,7 +4,8 @@
 //! MSI-X interrupts, results as `key=value` lines on the serial port, then power-off.
 //!
 //! Command line (PVH start info), space-separated `key=value`:
-//! `exit=isa|acpi|port:0xNNNN` (how to power off; `isa` = QEMU isa-debug-exit at 0xf4),
+//! `exit=isa|acpi|reset|port:0xNNNN` (how to power off; `isa` = QEMU isa-debug-exit at
+//! 0xf4; `reset` resets instead, through the FADT's reset register),
 //! `s5=N` (ACPI S5 sleep type, 5), `pci=auto|port|ecam`, `ecam=0xADDR` (else ACPI MCFG),
 //! `ms=N` (length of each IOPS phase, 300), `blocks=N` (pattern blocks per disk, 64),
 //! `span_mib=N` (random-read span, 64), `tsc_khz=N` (else PIT calibration), `seed=N`,
@@ -129,6 +130,8 @@ enum Exit {
     Acpi(u8),
     /// One byte (the code) written to this port.
     Port(u16),
+    /// The FADT's reset register (the VM reboots).
+    Reset,
 }
 
 static mut EXIT: Exit = Exit::Isa;
@@ -143,6 +146,7 @@ fn finish(ok: bool) -> ! {
         Exit::Isa => io::outl(0xF4, if ok { 0 } else { 1 }),
         Exit::Port(p) => io::outb(p, if ok { 0 } else { 1 }),
         Exit::Acpi(typ) => pci::acpi_poweroff(rsdp, typ),
+        Exit::Reset => pci::acpi_reset(rsdp),
     }
     say!("poweroff failed");
     loop {
@@ -236,6 +240,7 @@ pub extern "C" fn guest_main() -> ! {
     let rsdp = pci::find_rsdp(rsdp_si).unwrap_or(0);
     let exit = match args.get("exit") {
         Some("acpi") => Exit::Acpi(args.num("s5", 5) as u8),
+        Some("reset") => Exit::Reset,
         Some(p) if p.starts_with("port:") => Exit::Port(parse_num(&p[5..]).unwrap_or(0xF4) as u16),
         _ => Exit::Isa,
     };

@@ -170,6 +170,25 @@ pub fn mcfg_base(rsdp: u64) -> Option<u64> {
     }
 }
 
+/// Resets through the FADT's `RESET_REG` (a generic address at offset 116) with its
+/// `RESET_VALUE` (offset 128); does nothing without a FADT or a reset register.
+pub fn acpi_reset(rsdp: u64) {
+    let Some(fadt) = find_table(rsdp, b"FACP") else {
+        return;
+    };
+    if rd::<u32>(fadt + 4) < 129 {
+        return;
+    }
+    let space = rd::<u8>(fadt + 116);
+    let addr = rd::<u64>(fadt + 120);
+    let val = rd::<u8>(fadt + 128);
+    match space {
+        0 if addr != 0 => wr::<u8>(addr, val),
+        1 if addr != 0 => crate::io::outb(addr as u16, val),
+        _ => {}
+    }
+}
+
 /// Powers off through the FADT: the hardware-reduced sleep control register when present,
 /// else PM1a_CNT. `slp_typ` is the S5 sleep type (the DSDT's `\_S5`).
 pub fn acpi_poweroff(rsdp: u64, slp_typ: u8) {

@@ -453,35 +453,38 @@ async fn prometheus(State(state): State<AppState>) -> Result<Response, ApiError>
 async fn events(State(state): State<AppState>) -> Response {
     let rx = state.events.subscribe();
     let stop = state.shutdown.subscribe();
-    let stream = futures_util::stream::unfold((rx, stop, false), |(mut rx, mut stop, done)| async move {
-        use tokio::sync::broadcast::error::{RecvError, TryRecvError};
-        if done {
-            return None;
-        }
-        let next = tokio::select! {
-            biased;
-            r = rx.recv() => Some(r),
-            _ = stop.wait_for(|s| *s) => None,
-        };
-        let event = match next {
-            Some(Ok(e)) => e,
-            Some(Err(RecvError::Lagged(n))) => Event::now("", EventKind::Lagged).with("missed", n),
-            Some(Err(RecvError::Closed)) => return None,
-            None => {
-                // Stopping: what was sent before still goes out, then the stream ends.
-                let mut rest = String::new();
-                loop {
-                    match rx.try_recv() {
-                        Ok(e) => rest.push_str(&e.line()),
-                        Err(TryRecvError::Lagged(_)) => {}
-                        Err(_) => break,
-                    }
-                }
-                return Some((Ok::<_, std::convert::Infallible>(rest), (rx, stop, true)));
+    let stream =
+        futures_util::stream::unfold((rx, stop, false), |(mut rx, mut stop, done)| async move {
+            use tokio::sync::broadcast::error::{RecvError, TryRecvError};
+            if done {
+                return None;
             }
-        };
-        Some((Ok(event.line()), (rx, stop, false)))
-    });
+            let next = tokio::select! {
+                biased;
+                r = rx.recv() => Some(r),
+                _ = stop.wait_for(|s| *s) => None,
+            };
+            let event = match next {
+                Some(Ok(e)) => e,
+                Some(Err(RecvError::Lagged(n))) => {
+                    Event::now("", EventKind::Lagged).with("missed", n)
+                }
+                Some(Err(RecvError::Closed)) => return None,
+                None => {
+                    // Stopping: what was sent before still goes out, then the stream ends.
+                    let mut rest = String::new();
+                    loop {
+                        match rx.try_recv() {
+                            Ok(e) => rest.push_str(&e.line()),
+                            Err(TryRecvError::Lagged(_)) => {}
+                            Err(_) => break,
+                        }
+                    }
+                    return Some((Ok::<_, std::convert::Infallible>(rest), (rx, stop, true)));
+                }
+            };
+            Some((Ok(event.line()), (rx, stop, false)))
+        });
     (
         [(header::CONTENT_TYPE, "application/x-ndjson")],
         axum::body::Body::from_stream(stream),

@@ -17,9 +17,7 @@ use serde::{Deserialize, Serialize};
 use tokio::sync::watch;
 use vmm::config::VmConfig;
 
-use crate::backend::{
-    ApiError, UpdateDisk, VmCounters, VmInfo, VmState, VmSummary, VmmBackend,
-};
+use crate::backend::{ApiError, UpdateDisk, VmCounters, VmInfo, VmState, VmSummary, VmmBackend};
 use crate::daemon::{self, StartError, Stopped};
 use crate::events::{Event, EventBus, EventKind};
 use crate::server::{AppState, router};
@@ -184,6 +182,10 @@ pub struct LastState {
 pub struct Options {
     /// Serve the single-VM API here.
     pub api_socket: Option<PathBuf>,
+    /// Also serve it on this loopback TCP address.
+    pub tcp: Option<std::net::SocketAddr>,
+    /// Directories whose files clients may name (empty: any).
+    pub allowed_dirs: Vec<PathBuf>,
     /// Create and boot this VM at start.
     pub config: Option<VmConfig>,
     /// Run the fake VM (a test double that runs no guest) instead of KVM.
@@ -200,6 +202,9 @@ pub enum RunError {
     /// The socket or the runtime could not be set up.
     #[error(transparent)]
     Start(#[from] StartError),
+    /// An option is wrong.
+    #[error("{0}")]
+    Usage(String),
     /// The VM given at start was refused.
     #[error("{0}")]
     Vm(ApiError),
@@ -228,9 +233,26 @@ impl Ended {
 /// is shut down (disk I/O drained) before this returns.
 pub fn run(opts: Options) -> Result<Ended, RunError> {
     let socket = opts.api_socket.clone();
+    if let Some(addr) = opts.tcp
+        && !addr.ip().is_loopback()
+    {
+        return Err(RunError::Usage(format!(
+            "--tcp {addr}: only loopback addresses are allowed"
+        )));
+    }
     // Bound before any thread starts (the umask is process-wide).
     let unix = socket.as_deref().map(daemon::bind_socket).transpose()?;
     let here = socket.clone().unwrap_or_else(|| PathBuf::from("vmm"));
+    let rules = crate::paths::PathRules::new(&opts.allowed_dirs, socket.as_slice())
+        .map_err(RunError::Usage)?;
+    if rules.restricted() {
+        block::host_file::forbid_symlinks();
+    }
+    let tcp = opts
+        .tcp
+        .map(std::net::TcpListener::bind)
+        .transpose()
+        .map_err(daemon::io_err(&here))?;
     let rt = daemon::runtime(2).map_err(daemon::io_err(&here))?;
     let events = EventBus::new();
     let inner: Arc<dyn VmmBackend> = if opts.fake {
@@ -256,8 +278,10 @@ pub fn run(opts: Options) -> Result<Ended, RunError> {
         let how = match unix {
             Some(unix) => {
                 tracing::info!(socket = %here.display(), backend = backend.name(), "serving one VM");
-                let state = AppState::new(backend.clone(), stop.clone()).with_events(events.clone());
-                daemon::serve_until_stopped(router(state), unix, None, stop.clone())
+                let state = AppState::new(backend.clone(), stop.clone())
+                    .with_events(events.clone())
+                    .with_rules(rules);
+                daemon::serve_until_stopped(router(state), unix, tcp, stop.clone())
                     .await
                     .map_err(daemon::io_err(&here))?
             }
@@ -301,7 +325,10 @@ fn watch_ending(
                 continue;
             }
             let b = backend.clone();
-            let state = tokio::task::spawn_blocking(move || b.state()).await.ok().flatten();
+            let state = tokio::task::spawn_blocking(move || b.state())
+                .await
+                .ok()
+                .flatten();
             if kind == EventKind::Deleted || state == Some(VmState::Shutdown) {
                 stop.send_replace(true);
                 return;

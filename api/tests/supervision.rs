@@ -63,7 +63,10 @@ fn assert_grows(what: &str, mut count: impl FnMut() -> u64) {
             grew += 1;
         }
         last = now;
-        assert!(Instant::now() < deadline, "{what}: I/O does not go on ({last} requests)");
+        assert!(
+            Instant::now() < deadline,
+            "{what}: I/O does not go on ({last} requests)"
+        );
     }
 }
 
@@ -113,7 +116,10 @@ fn vm_processes_outlive_crashes_and_vmmd() {
         })
         .collect();
     assert_ne!(pids[0], pids[1]);
-    assert!(pids.iter().all(|p| *p != s.pid()), "the VMs run in vmmd: {pids:?}");
+    assert!(
+        pids.iter().all(|p| *p != s.pid()),
+        "the VMs run in vmmd: {pids:?}"
+    );
     for id in ids {
         events.wait_for(id, "booted", Duration::from_secs(5));
         assert_grows(id, || ops_at(&s.socket, &format!("?id={id}")));
@@ -126,7 +132,10 @@ fn vm_processes_outlive_crashes_and_vmmd() {
     let (at, event) = events.wait_for("v2", "crashed", Duration::from_secs(5));
     let after = at.duration_since(killed);
     println!("crashed event {after:?} after kill -9: {event}");
-    assert!(after <= Duration::from_secs(1), "crashed event after {after:?}");
+    assert!(
+        after <= Duration::from_secs(1),
+        "crashed event after {after:?}"
+    );
     assert_eq!(event["signal"], 9, "{event}");
     let info = s.ok("GET", "vm.info?id=v2", None).json();
     assert_eq!(info["state"], "Crashed", "{info}");
@@ -142,7 +151,11 @@ fn vm_processes_outlive_crashes_and_vmmd() {
     // A crashed VM refuses what needs its process, saying so.
     let r = s.req("PUT", "vm.pause?id=v2", None);
     assert_eq!(r.status, 409, "{}", r.text());
-    assert!(r.text().contains("Crashed") && r.text().contains("signal 9"), "{}", r.text());
+    assert!(
+        r.text().contains("Crashed") && r.text().contains("signal 9"),
+        "{}",
+        r.text()
+    );
 
     // Each image is locked once, by its VM's process.
     let images: Vec<_> = ids.iter().map(|id| s.path(&format!("{id}.raw"))).collect();
@@ -167,7 +180,12 @@ fn vm_processes_outlive_crashes_and_vmmd() {
         .as_array()
         .into_iter()
         .flatten()
-        .map(|v| (v["id"].as_str().unwrap_or(""), v["state"].as_str().unwrap_or("")))
+        .map(|v| {
+            (
+                v["id"].as_str().unwrap_or(""),
+                v["state"].as_str().unwrap_or(""),
+            )
+        })
         .collect();
     assert_eq!(
         states,
@@ -197,9 +215,15 @@ fn vm_processes_outlive_crashes_and_vmmd() {
     std::thread::sleep(Duration::from_secs(1));
     let rate = (ops_at(&s.socket, "?id=v1") - t0.1) as f64 / t0.0.elapsed().as_secs_f64();
     println!("v1/d0 at iops_total 200 after re-attach: {rate:.0} IOPS");
-    assert!(rate > 50.0 && rate < 260.0, "v1/d0 rate {rate:.0} IOPS under a 200 IOPS limit");
+    assert!(
+        rate > 50.0 && rate < 260.0,
+        "v1/d0 rate {rate:.0} IOPS under a 200 IOPS limit"
+    );
     let info = s.ok("GET", "vm.info?id=v1", None).json();
-    assert_eq!(info["config"]["disks"][0]["throttle"]["iops_total"], 200, "{info}");
+    assert_eq!(
+        info["config"]["disks"][0]["throttle"]["iops_total"], 200,
+        "{info}"
+    );
     // Their events reach the new vmmd's stream.
     s.ok("PUT", "vm.pause?id=v3", None);
     events.wait_for("v3", "paused", Duration::from_secs(5));
@@ -211,7 +235,10 @@ fn vm_processes_outlive_crashes_and_vmmd() {
     events.wait_for("v2", "deleted", Duration::from_secs(5));
     s.ok("PUT", "vmm.shutdown", None);
     let mut child = s.child.take().unwrap_or_else(|| panic!("no vmmd"));
-    assert!(support::wait_exit(&mut child, Duration::from_secs(20)), "vmmd did not exit");
+    assert!(
+        support::wait_exit(&mut child, Duration::from_secs(20)),
+        "vmmd did not exit"
+    );
     assert!(child.wait().is_ok_and(|st| st.success()));
     for (pid, id) in pids.iter().zip(ids) {
         assert!(!process_alive(*pid), "{id}'s process {pid} is left");
@@ -250,16 +277,25 @@ fn guests_that_power_off_or_reset_need_no_api_call() {
     // Poweroff: the event, then the process is gone within 1 s; no API call between.
     let (at, _) = events.wait_for("off", "guest-poweroff", Duration::from_secs(60));
     while process_alive(off_pid) {
-        assert!(at.elapsed() < Duration::from_secs(1), "off's process still there");
+        assert!(
+            at.elapsed() < Duration::from_secs(1),
+            "off's process still there"
+        );
         std::thread::sleep(Duration::from_millis(5));
     }
-    println!("off's process gone {:?} after its guest-poweroff event", at.elapsed());
+    println!(
+        "off's process gone {:?} after its guest-poweroff event",
+        at.elapsed()
+    );
     assert_eq!(s.state("off"), "Shutdown");
     // Its counters stay readable; booting it again starts a new process.
     assert!(ops(&s.counters("off")) > 0);
     s.ok("PUT", "vm.boot?id=off", None);
     let again = s.vm_pid("off").unwrap_or_default();
-    assert!(again != off_pid && process_alive(again), "{again} vs {off_pid}");
+    assert!(
+        again != off_pid && process_alive(again),
+        "{again} vs {off_pid}"
+    );
 
     // Reset: rebooted by its own process, running again (a second boot on its console)
     // within 5 s of the event.
@@ -270,10 +306,16 @@ fn guests_that_power_off_or_reset_need_no_api_call() {
         if console.matches("guest=virtio-blk-test").count() >= 2 {
             break;
         }
-        assert!(at.elapsed() < Duration::from_secs(5), "rst did not boot again:\n{console}");
+        assert!(
+            at.elapsed() < Duration::from_secs(5),
+            "rst did not boot again:\n{console}"
+        );
         std::thread::sleep(Duration::from_millis(10));
     }
-    println!("rst booted again {:?} after its guest-reset event", at.elapsed());
+    println!(
+        "rst booted again {:?} after its guest-reset event",
+        at.elapsed()
+    );
     assert_eq!(s.state("rst"), "Running");
     for id in ["off", "rst"] {
         s.ok("PUT", &format!("vm.delete?id={id}"), None);

@@ -154,10 +154,11 @@ fn human(cmd: &Cmd, v: &Value) -> Result<(), Failure> {
                 .into_iter()
                 .flatten()
                 .map(|vm| {
-                    let mut row: Vec<String> = ["id", "state", "vcpus", "memory_mib", "disks", "pid"]
-                        .iter()
-                        .map(|k| s(&vm[k]))
-                        .collect();
+                    let mut row: Vec<String> =
+                        ["id", "state", "vcpus", "memory_mib", "disks", "pid"]
+                            .iter()
+                            .map(|k| s(&vm[k]))
+                            .collect();
                     if let Some(c) = vm.get("crash") {
                         row[1] = format!("{} ({})", row[1], crash_text(c));
                     }
@@ -273,11 +274,16 @@ fn follow_events(socket: &std::path::Path, cli: &Cli, count: Option<u64>) -> Res
     rt.block_on(async {
         let (status, mut lines) = Client::new(socket).stream("/api/v1/events").await?;
         if status != 200 {
-            return Err(Failure(format!("GET events answered HTTP {status}"), Vec::new()));
+            return Err(Failure(
+                format!("GET events answered HTTP {status}"),
+                Vec::new(),
+            ));
         }
         let mut printed = 0;
         while count.is_none_or(|c| printed < c) {
-            let Some(line) = lines.next_line().await? else { break };
+            let Some(line) = lines.next_line().await? else {
+                break;
+            };
             let v: Value = serde_json::from_str(&line).unwrap_or(Value::Null);
             if cli.id.as_deref().is_some_and(|id| v["vm"] != id) {
                 continue;

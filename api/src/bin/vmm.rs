@@ -45,6 +45,14 @@ struct Args {
     /// Never follow a symbolic link when opening a file the config names.
     #[arg(long)]
     forbid_symlinks: bool,
+    /// With --api-socket: also serve on this TCP address, which must be a loopback
+    /// address. There is no authentication: any local user can connect.
+    #[arg(long, requires = "api_socket")]
+    tcp: Option<std::net::SocketAddr>,
+    /// With --api-socket: a directory whose files clients may name; repeatable. Given
+    /// once or more, any other path is refused with 403 and no symbolic link is followed.
+    #[arg(long = "allowed-dir", value_name = "DIR", requires = "api_socket")]
+    allowed_dirs: Vec<PathBuf>,
 }
 
 /// Exit status for an invalid config.
@@ -61,7 +69,11 @@ fn main() -> ExitCode {
         Ok(config) => config,
         Err(e) => {
             let mut err = std::io::stderr().lock();
-            let path = args.config.as_deref().unwrap_or(std::path::Path::new("")).display();
+            let path = args
+                .config
+                .as_deref()
+                .unwrap_or(std::path::Path::new(""))
+                .display();
             let _ = writeln!(err, "error: {path}: invalid VM config:");
             for problem in e.details() {
                 let _ = writeln!(err, "  - {problem}");
@@ -77,6 +89,8 @@ fn main() -> ExitCode {
     }
     let opts = Options {
         api_socket: args.api_socket,
+        tcp: args.tcp,
+        allowed_dirs: args.allowed_dirs,
         config,
         fake: args.fake,
         exit_on_shutdown: args.exit_on_shutdown,

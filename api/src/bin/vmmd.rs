@@ -113,12 +113,12 @@ fn run(args: Args) -> Result<(), VmmdError> {
         );
     }
     let tcp = match args.tcp {
-        Some(addr) => Some(std::net::TcpListener::bind(addr).map_err(|source| {
-            StartError::Io {
+        Some(addr) => Some(
+            std::net::TcpListener::bind(addr).map_err(|source| StartError::Io {
                 path: PathBuf::from(addr.to_string()),
                 source,
-            }
-        })?),
+            })?,
+        ),
         None => None,
     };
     let rt = daemon::runtime(2).map_err(daemon::io_err(&path))?;

@@ -251,7 +251,11 @@ impl ProcessBackend {
         let mut info: VmInfo = serde_json::from_slice(&r.body).ok()?;
         info.pid = Some(live.pid);
         let mut st = m.status();
-        if st.live.as_ref().is_some_and(|l| l.generation == live.generation) {
+        if st
+            .live
+            .as_ref()
+            .is_some_and(|l| l.generation == live.generation)
+        {
             st.state = info.state;
             if st.config != info.config {
                 st.config = info.config.clone();
@@ -334,8 +338,8 @@ impl ProcessBackend {
                     .map_err(|e| ApiError::internal(format!("VM {}: {e}", m.id)))
             })
             .and_then(|()| {
-                let body = serde_json::to_vec(config)
-                    .map_err(|e| ApiError::internal(e.to_string()))?;
+                let body =
+                    serde_json::to_vec(config).map_err(|e| ApiError::internal(e.to_string()))?;
                 self.forward(m, &live, "PUT", "/api/v1/vm.create", Some(body))
             })
             .and_then(|_| {
@@ -370,7 +374,11 @@ impl ProcessBackend {
             }
             if m.wait_ended(live.generation, Duration::from_millis(20)) {
                 let st = m.status();
-                let how = st.crash.as_ref().map(ToString::to_string).unwrap_or_default();
+                let how = st
+                    .crash
+                    .as_ref()
+                    .map(ToString::to_string)
+                    .unwrap_or_default();
                 return Err(ApiError::internal(format!(
                     "VM {}: its process ended at start ({how})",
                     m.id
@@ -490,7 +498,11 @@ impl ProcessBackend {
 
     /// The live process of VM `m` named by its pid file, if it answers as that VM.
     fn find_alive(&self, m: &Managed) -> Option<Live> {
-        let pid: u32 = std::fs::read_to_string(m.dir.pid()).ok()?.trim().parse().ok()?;
+        let pid: u32 = std::fs::read_to_string(m.dir.pid())
+            .ok()?
+            .trim()
+            .parse()
+            .ok()?;
         let pidfd = process::pidfd_open(pid)?;
         let ping = forward::call(
             &self.shared.rt,
@@ -572,7 +584,11 @@ fn create_state_dir(dir: &Path) -> Result<(), String> {
 fn on_exit(m: &Managed, live: &Live, exit: Exit, events: &EventBus) {
     {
         let st = m.status();
-        if st.live.as_ref().is_none_or(|l| l.generation != live.generation) {
+        if st
+            .live
+            .as_ref()
+            .is_none_or(|l| l.generation != live.generation)
+        {
             return;
         }
     }
@@ -686,8 +702,12 @@ fn clash<'a>(
         mine.iter().find_map(|m| {
             theirs
                 .iter()
-                .find(|t| !(m.shared && t.shared) && (m.path == t.path || same_file(m.path, t.path)))
-                .map(|t| ApiError::conflict(format!("VM {id}: {} is in use by {}", m.what, t.holder)))
+                .find(|t| {
+                    !(m.shared && t.shared) && (m.path == t.path || same_file(m.path, t.path))
+                })
+                .map(|t| {
+                    ApiError::conflict(format!("VM {id}: {} is in use by {}", m.what, t.holder))
+                })
         })
     })
 }
@@ -773,7 +793,9 @@ impl VmmBackend for ProcessBackend {
         let others = self.other_configs(id);
         self.with_op(id, |m| {
             if let Some(live) = m.live() {
-                return self.forward(m, &live, "PUT", "/api/v1/vm.boot", None).map(|_| ());
+                return self
+                    .forward(m, &live, "PUT", "/api/v1/vm.boot", None)
+                    .map(|_| ());
             }
             let config = m.status().config.clone();
             if let Some(e) = clash(id, &config.disks, Self::serial_path(&config), &others) {
@@ -786,7 +808,10 @@ impl VmmBackend for ProcessBackend {
     fn pause(&self, id: &str) -> Result<(), ApiError> {
         self.route(
             id,
-            |m, l| self.forward(m, l, "PUT", "/api/v1/vm.pause", None).map(|_| ()),
+            |m, l| {
+                self.forward(m, l, "PUT", "/api/v1/vm.pause", None)
+                    .map(|_| ())
+            },
             |m| Err(m.not_running("pause")),
         )
     }
@@ -794,7 +819,10 @@ impl VmmBackend for ProcessBackend {
     fn resume(&self, id: &str) -> Result<(), ApiError> {
         self.route(
             id,
-            |m, l| self.forward(m, l, "PUT", "/api/v1/vm.resume", None).map(|_| ()),
+            |m, l| {
+                self.forward(m, l, "PUT", "/api/v1/vm.resume", None)
+                    .map(|_| ())
+            },
             |m| Err(m.not_running("resume")),
         )
     }
@@ -817,7 +845,10 @@ impl VmmBackend for ProcessBackend {
     fn reboot(&self, id: &str) -> Result<(), ApiError> {
         self.route(
             id,
-            |m, l| self.forward(m, l, "PUT", "/api/v1/vm.reboot", None).map(|_| ()),
+            |m, l| {
+                self.forward(m, l, "PUT", "/api/v1/vm.reboot", None)
+                    .map(|_| ())
+            },
             |m| Err(m.not_running("reboot")),
         )
     }
@@ -873,9 +904,8 @@ impl VmmBackend for ProcessBackend {
         match m.live() {
             Some(live) => {
                 let r = self.forward(&m, &live, "GET", "/api/v1/vm.counters", None)?;
-                serde_json::from_slice(&r.body).map_err(|e| {
-                    ApiError::internal(format!("VM {id}: unreadable counters: {e}"))
-                })
+                serde_json::from_slice(&r.body)
+                    .map_err(|e| ApiError::internal(format!("VM {id}: unreadable counters: {e}")))
             }
             None => Ok(m.status().counters.clone()),
         }
@@ -913,7 +943,8 @@ impl VmmBackend for ProcessBackend {
                 if let Some(e) = clash(id, [&disk], None, &others) {
                     return Err(e);
                 }
-                let body = serde_json::to_vec(&disk).map_err(|e| ApiError::internal(e.to_string()))?;
+                let body =
+                    serde_json::to_vec(&disk).map_err(|e| ApiError::internal(e.to_string()))?;
                 self.change(m, l, "/api/v1/vm.add-disk", body)
             },
             |m| {
@@ -933,7 +964,9 @@ impl VmmBackend for ProcessBackend {
                 if !self.shared.opts.fake {
                     vmm::vm::device_manager::probe_disk(&disk)
                         .map_err(|e| crate::kvm_backend::vm_error(id, e))?;
-                } else if !disk.is_null() && let Err(e) = std::fs::metadata(&disk.path) {
+                } else if !disk.is_null()
+                    && let Err(e) = std::fs::metadata(&disk.path)
+                {
                     return Err(ApiError::bad_request("invalid disk")
                         .with_details(vec![format!("{}: {e}", disk.path.display())]));
                 }
@@ -972,7 +1005,8 @@ impl VmmBackend for ProcessBackend {
         self.route(
             id,
             |m, l| {
-                let body = serde_json::to_vec(&update).map_err(|e| ApiError::internal(e.to_string()))?;
+                let body =
+                    serde_json::to_vec(&update).map_err(|e| ApiError::internal(e.to_string()))?;
                 self.change(m, l, "/api/v1/vm.update-disk", body)
             },
             |m| {
@@ -988,7 +1022,8 @@ impl VmmBackend for ProcessBackend {
         self.route(
             id,
             |m, l| {
-                let body = serde_json::to_vec(&update).map_err(|e| ApiError::internal(e.to_string()))?;
+                let body =
+                    serde_json::to_vec(&update).map_err(|e| ApiError::internal(e.to_string()))?;
                 self.change(m, l, "/api/v1/vm.update-iothread", body)
             },
             |m| {

@@ -172,7 +172,10 @@ impl VmProcess {
             .stdin(Stdio::null())
             .stdout(out)
             .stderr(err)
-            .env("VMM_LOG", std::env::var("VMM_LOG").unwrap_or_else(|_| "info".into()));
+            .env(
+                "VMM_LOG",
+                std::env::var("VMM_LOG").unwrap_or_else(|_| "info".into()),
+            );
         // SAFETY: the closure runs in the child between fork and exec and only calls
         // setsid, which is async-signal-safe.
         unsafe {

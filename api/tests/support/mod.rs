@@ -166,8 +166,9 @@ impl Drop for Service {
                 let id = d.file_name().to_string_lossy().into_owned();
                 if let Some(pid) = self.vm_pid(&id)
                     && process_alive(pid)
-                    && std::fs::read(format!("/proc/{pid}/cmdline"))
-                        .is_ok_and(|c| String::from_utf8_lossy(&c).contains(&*self.state_dir().to_string_lossy()))
+                    && std::fs::read(format!("/proc/{pid}/cmdline")).is_ok_and(|c| {
+                        String::from_utf8_lossy(&c).contains(&*self.state_dir().to_string_lossy())
+                    })
                 {
                     let _ = Command::new("kill").args(["-9", &pid.to_string()]).status();
                 }
@@ -178,8 +179,10 @@ impl Drop for Service {
 
 /// Whether process `pid` exists (and is not a zombie).
 pub fn process_alive(pid: u32) -> bool {
-    std::fs::read_to_string(format!("/proc/{pid}/stat"))
-        .is_ok_and(|s| s.rsplit_once(") ").is_some_and(|(_, rest)| !rest.starts_with('Z')))
+    std::fs::read_to_string(format!("/proc/{pid}/stat")).is_ok_and(|s| {
+        s.rsplit_once(") ")
+            .is_some_and(|(_, rest)| !rest.starts_with('Z'))
+    })
 }
 
 /// Every event of a service, as it arrives, with when it arrived.

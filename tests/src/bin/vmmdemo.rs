@@ -1,7 +1,9 @@
-//! The main job: starts `vmmd`, creates and boots a VM through `vmctl` with two
-//! virtio-blk disks on iothreads (disk0 with two queues on the shared iothread `io0`,
-//! disk1 on a dedicated one), shows the disks' and iothreads' counters every second,
-//! throttles disk1 live halfway, then prints what the guest measured and shuts down.
+//! The main job: starts `vmmd` and follows its events (`vmctl events`), creates and boots
+//! a VM through `vmctl` with two virtio-blk disks on iothreads (disk0 with two queues on
+//! the shared iothread `io0`, disk1 on a dedicated one), shows the VM's own process (a
+//! `ps` line), the disks' and iothreads' counters every second, throttles disk1 live
+//! halfway, then prints what the guest measured, checks that the VM process ended with
+//! the guest, and shuts down.
 //!
 //! The guest is the freestanding test guest (`tests/guest`): a stock Linux kernel cannot
 //! boot under KVM on the development machines (their guest kernel mode is emulated), while
@@ -80,6 +82,8 @@ impl Vmmd {
         let child = Command::new(sibling("vmmd")?)
             .arg("--api-socket")
             .arg(&socket)
+            .arg("--state-dir")
+            .arg(dir.join("state"))
             .stdout(Stdio::null())
             .stderr(log)
             .spawn()
@@ -122,6 +126,25 @@ impl Vmmd {
             print!("{text}");
         }
         Ok(text)
+    }
+
+    /// Starts `vmctl events`, printing each event line as it comes (until vmmd exits).
+    fn follow_events(&self) -> Result<Child, String> {
+        use std::io::BufRead;
+        let mut child = Command::new(&self.vmctl)
+            .arg("--api-socket")
+            .arg(&self.socket)
+            .arg("events")
+            .stdout(Stdio::piped())
+            .spawn()
+            .map_err(|e| format!("vmctl events: {e}"))?;
+        let out = child.stdout.take().ok_or("vmctl events: no stdout")?;
+        std::thread::spawn(move || {
+            for line in std::io::BufReader::new(out).lines().map_while(Result::ok) {
+                println!("  [vmctl events] {line}");
+            }
+        });
+        Ok(child)
     }
 
     fn json(&self, args: &[&str]) -> Result<Value, String> {
@@ -210,10 +233,25 @@ fn run(args: &Args) -> Result<(), String> {
         vmmd.socket.display(),
         args.dir.join("vmmd.log").display()
     );
+    println!("$ vmctl events &   (one line per lifecycle step, as it happens)");
+    let mut events = vmmd.follow_events()?;
+    // The stream is open once vmmd has answered it; give it a moment.
+    std::thread::sleep(Duration::from_millis(200));
     let vm_path = vm_json.display().to_string();
     vmmd.vmctl(&["create", &vm_path], true)?;
     vmmd.vmctl(&["info"], true)?;
     vmmd.vmctl(&["boot"], true)?;
+    let pid = vmmd.json(&["info"])?["pid"].as_u64().unwrap_or(0);
+    println!(
+        "== the VM runs in a process of its own (vmmd is pid {}):",
+        vmmd.child.id()
+    );
+    let ps = Command::new("ps")
+        .args(["-o", "pid,ppid,sid,nlwp,rss,args", "-p", &pid.to_string()])
+        .output()
+        .map(|o| String::from_utf8_lossy(&o.stdout).into_owned())
+        .unwrap_or_else(|e| format!("ps: {e}\n"));
+    print!("$ ps -o pid,ppid,sid,nlwp,rss,args -p {pid}\n{ps}");
 
     println!("== counters every second (ops/s per disk; wake-ups and poll hits per iothread)");
     let start = Instant::now();
@@ -275,9 +313,16 @@ fn run(args: &Args) -> Result<(), String> {
         println!("  {}", l.trim_end());
     }
     vmmd.vmctl(&["counters"], true)?;
+    let gone = !Path::new(&format!("/proc/{pid}")).exists();
+    println!(
+        "== the guest powered off: its VM process {pid} is {}",
+        if gone { "gone" } else { "still there" }
+    );
     vmmd.vmctl(&["delete"], true)?;
     let ok = console.lines().any(|l| l.trim_end() == "result=ok");
     drop(vmmd);
+    let _ = events.kill();
+    let _ = events.wait();
     if ok {
         println!("== done: guest result ok, vmmd shut down");
         Ok(())

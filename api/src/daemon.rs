@@ -81,6 +81,7 @@ pub fn runtime(workers: usize) -> std::io::Result<tokio::runtime::Runtime> {
     tokio::runtime::Builder::new_multi_thread()
         .worker_threads(workers)
         .thread_name("api")
+        .on_thread_start(|| block::thread_class::started(block::thread_class::ThreadClass::Api))
         .enable_all()
         .build()
 }

@@ -13,6 +13,7 @@ pub mod fake;
 pub mod kvm_backend;
 pub mod metrics;
 pub mod paths;
+pub mod sandbox;
 pub mod server;
 pub mod supervisor;
 pub mod tables;

@@ -72,6 +72,9 @@ impl VmmBackend for OneVm {
             )));
         }
         let id = config.id.clone();
+        if let Some(class) = crate::sandbox::test_violation_request(&id) {
+            crate::sandbox::arm_test_violation(class);
+        }
         self.announce(&id, EventKind::Created, || self.inner.create(config))
     }
 
@@ -194,6 +197,8 @@ pub struct Options {
     pub exit_on_shutdown: bool,
     /// Write a [`LastState`] here when ending in order.
     pub last_state: Option<PathBuf>,
+    /// Seccomp filters per thread class.
+    pub seccomp: crate::sandbox::SeccompMode,
 }
 
 /// Errors of a VM process.
@@ -205,6 +210,9 @@ pub enum RunError {
     /// An option is wrong.
     #[error("{0}")]
     Usage(String),
+    /// The sandbox could not be set up.
+    #[error("sandbox: {0}")]
+    Sandbox(String),
     /// The VM given at start was refused.
     #[error("{0}")]
     Vm(ApiError),
@@ -253,6 +261,8 @@ pub fn run(opts: Options) -> Result<Ended, RunError> {
         .map(std::net::TcpListener::bind)
         .transpose()
         .map_err(daemon::io_err(&here))?;
+    // Before any other thread starts: each gets its class's filter as it starts.
+    crate::sandbox::install_seccomp(opts.seccomp).map_err(RunError::Sandbox)?;
     let rt = daemon::runtime(2).map_err(daemon::io_err(&here))?;
     let events = EventBus::new();
     let inner: Arc<dyn VmmBackend> = if opts.fake {

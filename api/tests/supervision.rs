@@ -85,6 +85,27 @@ fn locks_on(path: &Path) -> usize {
         .count()
 }
 
+/// (thread name, `Seccomp:` field) of every thread of `pid`.
+fn seccomp_modes(pid: u32) -> Vec<(String, String)> {
+    let mut out = Vec::new();
+    for t in std::fs::read_dir(format!("/proc/{pid}/task"))
+        .into_iter()
+        .flatten()
+        .flatten()
+    {
+        let status = std::fs::read_to_string(t.path().join("status")).unwrap_or_default();
+        let field = |k: &str| {
+            status
+                .lines()
+                .find_map(|l| l.strip_prefix(k))
+                .map(|v| v.trim().to_string())
+                .unwrap_or_default()
+        };
+        out.push((field("Name:"), field("Seccomp:")));
+    }
+    out
+}
+
 fn kill9(pid: u32) {
     let ok = Command::new("kill")
         .args(["-9", &pid.to_string()])
@@ -123,6 +144,15 @@ fn vm_processes_outlive_crashes_and_vmmd() {
     for id in ids {
         events.wait_for(id, "booted", Duration::from_secs(5));
         assert_grows(id, || ops_at(&s.socket, &format!("?id={id}")));
+    }
+    // Every thread of every VM process runs under a seccomp filter.
+    for (pid, id) in pids.iter().zip(ids) {
+        let threads = seccomp_modes(*pid);
+        assert!(threads.len() >= 4, "{id}: {threads:?}");
+        assert!(
+            threads.iter().all(|(_, mode)| mode == "2"),
+            "{id}: threads without a filter: {threads:?}"
+        );
     }
 
     // kill -9 of v2's process: v2 is Crashed with signal 9 (event within 1 s); the
@@ -321,4 +351,35 @@ fn guests_that_power_off_or_reset_need_no_api_call() {
         s.ok("PUT", &format!("vm.delete?id={id}"), None);
     }
     assert!(!process_alive(again));
+}
+
+#[test]
+fn a_syscall_outside_the_filter_ends_only_that_vm() {
+    if !tests::skip::kvm_or_skip("a_syscall_outside_the_filter_ends_only_that_vm") {
+        return;
+    }
+    let elf = support::guest();
+    let tsc = support::tsc_khz();
+    // Debug builds only: the vCPU of VM "bad" makes a syscall outside its filter
+    // (getcwd) when it starts.
+    let s = Service::start_with(&[], |c| {
+        c.env("VMM_TEST_BAD_SYSCALL", "bad:vcpu");
+    });
+    let events = Events::follow(&s.socket);
+    for id in ["good", "bad"] {
+        s.ok("PUT", "vm.create", Some(&busy_vm(&s, &elf, id, tsc)));
+    }
+    s.ok("PUT", "vm.boot?id=good", None);
+    assert_grows("good", || ops_at(&s.socket, "?id=good"));
+    // The boot may answer before or after the vCPU thread dies.
+    let _ = s.req("PUT", "vm.boot?id=bad", None);
+    let (_, event) = events.wait_for("bad", "crashed", Duration::from_secs(10));
+    assert_eq!(event["signal"], libc::SIGSYS, "{event}");
+    let info = s.ok("GET", "vm.info?id=bad", None).json();
+    assert_eq!(info["state"], "Crashed", "{info}");
+    assert_eq!(info["crash"]["signal"], libc::SIGSYS, "{info}");
+    // The other VM and the service go on.
+    assert_eq!(s.state("good"), "Running");
+    assert_grows("good after bad's crash", || ops_at(&s.socket, "?id=good"));
+    s.ok("GET", "vmm.ping", None);
 }

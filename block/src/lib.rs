@@ -15,6 +15,7 @@ mod error;
 pub mod host_file;
 pub mod queue;
 pub mod sync;
+pub mod thread_class;
 pub mod throttle;
 
 pub use cache::CacheMode;

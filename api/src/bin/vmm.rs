@@ -53,6 +53,10 @@ struct Args {
     /// once or more, any other path is refused with 403 and no symbolic link is followed.
     #[arg(long = "allowed-dir", value_name = "DIR", requires = "api_socket")]
     allowed_dirs: Vec<PathBuf>,
+    /// Seccomp filters per thread class: `true` ends the process on a syscall outside
+    /// its thread's filter, `log` only logs it, `false` filters nothing.
+    #[arg(long, value_enum, default_value_t = api::sandbox::SeccompMode::True)]
+    seccomp: api::sandbox::SeccompMode,
 }
 
 /// Exit status for an invalid config.
@@ -95,6 +99,7 @@ fn main() -> ExitCode {
         fake: args.fake,
         exit_on_shutdown: args.exit_on_shutdown,
         last_state: args.last_state,
+        seccomp: args.seccomp,
     };
     match api::vm_process::run(opts) {
         Ok(ended) if ended.guest_failed() => {

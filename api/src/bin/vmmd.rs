@@ -40,6 +40,9 @@ struct Args {
     /// The `vmm` binary run for each VM [default: `vmm` beside this vmmd].
     #[arg(long, value_name = "PATH")]
     vmm_binary: Option<PathBuf>,
+    /// Each VM process's seccomp filters (see `vmm --help`).
+    #[arg(long, value_enum, default_value_t = api::sandbox::SeccompMode::True)]
+    seccomp: api::sandbox::SeccompMode,
     /// A directory whose files clients may name (images, kernels, initramfs, serial
     /// output); repeatable. Given once or more, any other path is refused with 403, paths
     /// are stored resolved, and no symbolic link is followed when opening them.
@@ -128,6 +131,7 @@ fn run(args: Args) -> Result<(), VmmdError> {
         vmm_binary,
         fake: args.fake,
         forbid_symlinks: rules.restricted(),
+        seccomp: args.seccomp,
     };
     let backend: Arc<dyn VmmBackend> = Arc::new(
         ProcessBackend::new(supervision, events.clone(), rt.handle().clone())

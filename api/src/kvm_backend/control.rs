@@ -36,7 +36,10 @@ impl KvmBackend {
         let weak = Arc::downgrade(&backend);
         std::thread::Builder::new()
             .name("vm-control".into())
-            .spawn(move || run(&epoll, &notify, &weak))?;
+            .spawn(move || {
+                block::thread_class::started(block::thread_class::ThreadClass::Control);
+                run(&epoll, &notify, &weak);
+            })?;
         Ok(backend)
     }
 

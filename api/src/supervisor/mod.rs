@@ -62,6 +62,8 @@ pub struct Supervision {
     pub fake: bool,
     /// Pass `--forbid-symlinks` to every VM process.
     pub forbid_symlinks: bool,
+    /// Every VM process's `--seccomp`.
+    pub seccomp: crate::sandbox::SeccompMode,
 }
 
 /// A live VM process as vmmd tracks it.
@@ -313,6 +315,7 @@ impl ProcessBackend {
         if sh.opts.forbid_symlinks {
             args.push("--forbid-symlinks".into());
         }
+        args.push(format!("--seccomp={}", sh.opts.seccomp.as_str()));
         let p = VmProcess::spawn(&sh.opts.vmm_binary, &args, &m.dir.log())?;
         let live = {
             let mut st = m.status();
@@ -873,7 +876,10 @@ impl VmmBackend for ProcessBackend {
         match m.live() {
             Some(live) => match self.live_info(&m, &live, CALL_TIMEOUT) {
                 Some(info) => Ok(info),
-                None if m.live().is_none() => Ok(Self::cached_info(&m)),
+                // It may be ending (its VM shut down): give its watcher a moment.
+                None if m.wait_ended(live.generation, Duration::from_secs(1)) => {
+                    Ok(Self::cached_info(&m))
+                }
                 None => Err(ApiError::unavailable(format!(
                     "VM {id}: its process (pid {}) does not answer",
                     live.pid
@@ -902,11 +908,13 @@ impl VmmBackend for ProcessBackend {
     fn counters(&self, id: &str) -> Result<VmCounters, ApiError> {
         let m = self.get(id)?;
         match m.live() {
-            Some(live) => {
-                let r = self.forward(&m, &live, "GET", "/api/v1/vm.counters", None)?;
-                serde_json::from_slice(&r.body)
-                    .map_err(|e| ApiError::internal(format!("VM {id}: unreadable counters: {e}")))
-            }
+            Some(live) => match self.forward(&m, &live, "GET", "/api/v1/vm.counters", None) {
+                Ok(r) => serde_json::from_slice(&r.body)
+                    .map_err(|e| ApiError::internal(format!("VM {id}: unreadable counters: {e}"))),
+                // Its process ended meanwhile (the VM shut down): what it left.
+                Err(_) if m.live().is_none() => Ok(m.status().counters.clone()),
+                Err(e) => Err(e),
+            },
             None => Ok(m.status().counters.clone()),
         }
     }

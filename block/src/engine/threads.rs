@@ -98,7 +98,10 @@ impl WorkerPool {
             let handle = std::thread::Builder::new()
                 .name("blk-worker".into())
                 .stack_size(WORKER_STACK)
-                .spawn(move || worker(&shared))
+                .spawn(move || {
+                    crate::thread_class::started(crate::thread_class::ThreadClass::IoThread);
+                    worker(&shared);
+                })
                 // On failure `pool` is dropped here, stopping the workers already started.
                 .map_err(|source| Error::EngineSetup {
                     engine: "threads",

@@ -164,7 +164,10 @@ impl IoThread {
         let for_loop = shared.clone();
         let handle = std::thread::Builder::new()
             .name(format!("iothread-{}", config.id))
-            .spawn(move || event_loop::run(&for_loop, config, epoll))?;
+            .spawn(move || {
+                block::thread_class::started(block::thread_class::ThreadClass::IoThread);
+                event_loop::run(&for_loop, config, epoll);
+            })?;
         Ok(IoThread {
             shared,
             handle: Some(handle),

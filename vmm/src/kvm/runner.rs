@@ -182,6 +182,7 @@ impl VcpuHandle {
         let thread = std::thread::Builder::new()
             .name(format!("vcpu{index}"))
             .spawn(move || {
+                block::thread_class::started(block::thread_class::ThreadClass::Vcpu);
                 let reason = run_loop(vcpu, handler.as_ref(), &ctl);
                 {
                     let mut g = ctl.lock();

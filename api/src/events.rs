@@ -1,7 +1,10 @@
 //! Events as things happen (ARCHITECTURE.md section 3): one [`EventBus`] per process,
 //! fed by the backend, read by `GET /api/v1/events` as newline-delimited JSON.
 
+use std::sync::{Arc, Mutex};
 use std::time::{SystemTime, UNIX_EPOCH};
+
+use block::sync::lock;
 
 use serde::{Deserialize, Serialize};
 use tokio::sync::broadcast;
@@ -90,36 +93,67 @@ impl Event {
 }
 
 /// Where a process's events go; every subscriber gets each event sent after it
-/// subscribed.
+/// subscribed. A bus made by [`EventBus::keeping_early`] keeps the events sent before
+/// anyone subscribed (up to [`EARLY_MAX`]) for the first subscriber: a VM process's
+/// supervisor subscribes once the process answers, and must not miss what the VM did
+/// before that.
 #[derive(Clone, Debug)]
 pub struct EventBus {
     tx: broadcast::Sender<Event>,
+    early: Arc<Mutex<Option<Vec<Event>>>>,
 }
+
+/// How many events before the first subscriber are kept for it.
+pub const EARLY_MAX: usize = 64;
 
 impl Default for EventBus {
     fn default() -> Self {
         EventBus {
             tx: broadcast::channel(BACKLOG).0,
+            early: Arc::new(Mutex::new(None)),
         }
     }
 }
 
 impl EventBus {
-    /// A bus without subscribers.
+    /// A bus without subscribers; events sent before the first subscriber are dropped.
     pub fn new() -> Self {
         Self::default()
     }
 
-    /// Sends `event` to every subscriber (none: dropped) and logs it.
+    /// A bus that keeps the events sent before its first subscriber for it.
+    pub fn keeping_early() -> Self {
+        EventBus {
+            tx: broadcast::channel(BACKLOG).0,
+            early: Arc::new(Mutex::new(Some(Vec::new()))),
+        }
+    }
+
+    /// Sends `event` to every subscriber (none yet: kept for the first) and logs it.
     pub fn emit(&self, event: Event) {
         tracing::info!(vm = %event.vm, event = ?event.event,
             fields = %serde_json::Value::Object(event.fields.clone()), "event");
+        let mut early = lock(&self.early);
+        if let Some(kept) = early.as_mut()
+            && kept.len() < EARLY_MAX
+        {
+            kept.push(event.clone());
+        }
         let _ = self.tx.send(event);
     }
 
-    /// A receiver of every later event.
-    pub fn subscribe(&self) -> broadcast::Receiver<Event> {
+    /// A receiver of every later event, leaving the earlier ones for the first
+    /// [`EventBus::subscribe`] (for the process's own watchers).
+    pub fn watch(&self) -> broadcast::Receiver<Event> {
         self.tx.subscribe()
+    }
+
+    /// The events sent before the first subscriber (for the first caller only; empty for
+    /// the others) and a receiver of every later event.
+    pub fn subscribe(&self) -> (Vec<Event>, broadcast::Receiver<Event>) {
+        let mut early = lock(&self.early);
+        let rx = self.tx.subscribe();
+        (early.take().unwrap_or_default(), rx)
     }
 }
 
@@ -184,14 +218,26 @@ mod tests {
     }
 
     #[test]
-    fn every_subscriber_gets_later_events() {
-        let bus = EventBus::new();
-        bus.emit(Event::now("a", EventKind::Created)); // before anyone listens: dropped
-        let mut r1 = bus.subscribe();
-        let mut r2 = bus.subscribe();
+    fn every_subscriber_gets_later_events_and_the_first_the_earlier_ones() {
+        let bus = EventBus::keeping_early();
+        bus.emit(Event::now("a", EventKind::Created)); // before anyone listens
+        let (early1, mut r1) = bus.subscribe();
+        let (early2, mut r2) = bus.subscribe();
+        assert_eq!(early1.len(), 1);
+        assert_eq!(early1[0].event, EventKind::Created);
+        assert!(early2.is_empty());
         bus.emit(Event::now("a", EventKind::Booted));
         assert_eq!(r1.try_recv().unwrap().event, EventKind::Booted);
         assert_eq!(r2.try_recv().unwrap().event, EventKind::Booted);
         assert!(r1.try_recv().is_err());
+        // Only so many are kept for the first subscriber; a plain bus keeps none.
+        let plain = EventBus::new();
+        plain.emit(Event::now("a", EventKind::Created));
+        assert!(plain.subscribe().0.is_empty());
+        let bus = EventBus::keeping_early();
+        for _ in 0..EARLY_MAX + 5 {
+            bus.emit(Event::now("a", EventKind::Paused));
+        }
+        assert_eq!(bus.subscribe().0.len(), EARLY_MAX);
     }
 }

@@ -451,10 +451,17 @@ async fn prometheus(State(state): State<AppState>) -> Result<Response, ApiError>
         line (`{\"time\", \"vm\", \"event\", ...}`)", body = Event,
         content_type = "application/x-ndjson")))]
 async fn events(State(state): State<AppState>) -> Response {
-    let rx = state.events.subscribe();
+    use futures_util::StreamExt;
+    let (early, rx) = state.events.subscribe();
     let stop = state.shutdown.subscribe();
+    let early = futures_util::stream::iter(
+        early
+            .iter()
+            .map(|e| Ok::<_, std::convert::Infallible>(e.line()))
+            .collect::<Vec<_>>(),
+    );
     let stream =
-        futures_util::stream::unfold((rx, stop, false), |(mut rx, mut stop, done)| async move {
+        early.chain(futures_util::stream::unfold((rx, stop, false), |(mut rx, mut stop, done)| async move {
             use tokio::sync::broadcast::error::{RecvError, TryRecvError};
             if done {
                 return None;
@@ -484,7 +491,7 @@ async fn events(State(state): State<AppState>) -> Response {
                 }
             };
             Some((Ok(event.line()), (rx, stop, false)))
-        });
+        }));
     (
         [(header::CONTENT_TYPE, "application/x-ndjson")],
         axum::body::Body::from_stream(stream),

@@ -189,8 +189,13 @@ pub struct Options {
     pub tcp: Option<std::net::SocketAddr>,
     /// Directories whose files clients may name (empty: any).
     pub allowed_dirs: Vec<PathBuf>,
-    /// Create and boot this VM at start.
+    /// Create this VM at start (and boot it, with `boot`).
     pub config: Option<VmConfig>,
+    /// Boot the VM of `config` at start (always so without a socket).
+    pub boot: bool,
+    /// When the VM of `config` is refused at start: write the API error here
+    /// ([`StartFailure`]) before ending.
+    pub start_error: Option<PathBuf>,
     /// Run the fake VM (a test double that runs no guest) instead of KVM.
     pub fake: bool,
     /// End the process once the VM is shut down or deleted (always so without a socket).
@@ -216,6 +221,16 @@ pub enum RunError {
     /// The VM given at start was refused.
     #[error("{0}")]
     Vm(ApiError),
+}
+
+/// The API error of a VM refused at start, as a VM process leaves it for its supervisor.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct StartFailure {
+    /// The HTTP status it would have answered.
+    pub status: u16,
+    /// The error.
+    #[serde(flatten)]
+    pub body: crate::backend::ErrorBody,
 }
 
 /// How a VM process ended in order.
@@ -264,7 +279,7 @@ pub fn run(opts: Options) -> Result<Ended, RunError> {
     // Before any other thread starts: each gets its class's filter as it starts.
     crate::sandbox::install_seccomp(opts.seccomp).map_err(RunError::Sandbox)?;
     let rt = daemon::runtime(2).map_err(daemon::io_err(&here))?;
-    let events = EventBus::new();
+    let events = EventBus::keeping_early();
     let inner: Arc<dyn VmmBackend> = if opts.fake {
         Arc::new(crate::fake::FakeVmm::new())
     } else {
@@ -280,10 +295,28 @@ pub fn run(opts: Options) -> Result<Ended, RunError> {
         if let Some(config) = opts.config.clone() {
             let id = config.id.clone();
             let b = backend.clone();
-            tokio::task::spawn_blocking(move || b.create(config).and_then(|()| b.boot(&id)))
-                .await
-                .map_err(|e| RunError::Vm(ApiError::internal(e.to_string())))?
-                .map_err(RunError::Vm)?;
+            let boot = opts.boot || unix.is_none();
+            let started = tokio::task::spawn_blocking(move || {
+                b.create(config)?;
+                if boot {
+                    b.boot(&id)?;
+                }
+                Ok(())
+            })
+            .await
+            .unwrap_or_else(|e| Err(ApiError::internal(e.to_string())));
+            if let Err(e) = started {
+                if let Some(path) = &opts.start_error {
+                    let failure = StartFailure {
+                        status: e.kind.status(),
+                        body: e.body(),
+                    };
+                    if let Err(w) = crate::supervisor::write_json(path, &failure) {
+                        tracing::warn!(path = %path.display(), error = %w, "cannot write the start error");
+                    }
+                }
+                return Err(RunError::Vm(e));
+            }
         }
         let how = match unix {
             Some(unix) => {
@@ -325,7 +358,7 @@ fn watch_ending(
     last: &Arc<Mutex<Option<Event>>>,
     exit: bool,
 ) {
-    let mut rx = events.subscribe();
+    let mut rx = events.watch();
     let (backend, stop, last) = (backend.clone(), stop.clone(), last.clone());
     tokio::spawn(async move {
         while let Ok(event) = rx.recv().await {
@@ -380,12 +413,7 @@ fn write_last_state(path: &std::path::Path, backend: &OneVm, ended: &Ended) {
             .unwrap_or_default(),
         last_event: ended.last_event.clone(),
     };
-    let tmp = path.with_extension("tmp");
-    let written = serde_json::to_vec_pretty(&state)
-        .map_err(std::io::Error::other)
-        .and_then(|bytes| std::fs::write(&tmp, bytes))
-        .and_then(|()| std::fs::rename(&tmp, path));
-    if let Err(e) = written {
+    if let Err(e) = crate::supervisor::write_json(path, &state) {
         tracing::warn!(path = %path.display(), error = %e, "cannot write the VM's last state");
     }
 }

@@ -32,6 +32,13 @@ struct Args {
     /// Serve the single-VM API on this Unix socket (created 0600).
     #[arg(long, value_name = "PATH")]
     api_socket: Option<PathBuf>,
+    /// With --api-socket and --config: create the VM but do not boot it.
+    #[arg(long, requires_all = ["api_socket", "config"])]
+    no_boot: bool,
+    /// With --config: when the VM is refused, write the API error (JSON with its HTTP
+    /// status) here before exiting.
+    #[arg(long, value_name = "FILE", requires = "config")]
+    start_error: Option<PathBuf>,
     /// With --api-socket: end the process once the VM is shut down or deleted (without a
     /// socket it always does).
     #[arg(long, requires = "api_socket")]
@@ -96,6 +103,8 @@ fn main() -> ExitCode {
         tcp: args.tcp,
         allowed_dirs: args.allowed_dirs,
         config,
+        boot: !args.no_boot,
+        start_error: args.start_error,
         fake: args.fake,
         exit_on_shutdown: args.exit_on_shutdown,
         last_state: args.last_state,

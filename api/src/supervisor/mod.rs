@@ -20,6 +20,8 @@
 mod forward;
 mod process;
 
+pub use process::write_json;
+
 use std::collections::BTreeMap;
 use std::os::fd::OwnedFd;
 use std::path::{Path, PathBuf};
@@ -38,7 +40,7 @@ use crate::backend::{
 };
 use crate::client::Reply;
 use crate::events::{Event, EventBus, EventKind};
-use crate::vm_process::LastState;
+use crate::vm_process::{LastState, StartFailure};
 use forward::Unanswered;
 use process::{Exit, VmDir, VmProcess};
 
@@ -127,7 +129,7 @@ impl Managed {
     }
 
     fn save_config(&self, config: &VmConfig) {
-        if let Err(e) = VmDir::write_json(&self.dir.config(), config) {
+        if let Err(e) = write_json(&self.dir.config(), config) {
             tracing::warn!(id = %self.id, error = %e, "cannot save the VM's config");
         }
     }
@@ -298,17 +300,31 @@ impl ProcessBackend {
         m.dir
             .create()
             .map_err(|e| ApiError::internal(format!("{}: {e}", m.dir.path.display())))?;
-        for stale in [m.dir.last_state(), m.dir.crash(), m.dir.socket()] {
+        for stale in [
+            m.dir.last_state(),
+            m.dir.crash(),
+            m.dir.socket(),
+            m.dir.start_error(),
+        ] {
             let _ = std::fs::remove_file(stale);
         }
         m.save_config(config);
+        // The VM is created (and booted) at the process's start, from its config file:
+        // the process knows every file it will need before it confines itself.
         let mut args = vec![
             "--api-socket".to_string(),
             m.dir.socket().display().to_string(),
+            "--config".to_string(),
+            m.dir.config().display().to_string(),
+            "--start-error".to_string(),
+            m.dir.start_error().display().to_string(),
             "--exit-on-shutdown".to_string(),
             "--last-state".to_string(),
             m.dir.last_state().display().to_string(),
         ];
+        if !boot {
+            args.push("--no-boot".into());
+        }
         if sh.opts.fake {
             args.push("--fake".into());
         }
@@ -334,23 +350,10 @@ impl ProcessBackend {
             tracing::warn!(id = %m.id, error = %e, "cannot write the pid file");
         }
         self.watch(m.clone(), &live, true);
-        let started = self
-            .wait_answering(m, &live)
-            .and_then(|()| {
-                forward::relay_events(&sh.rt, m.dir.socket(), sh.events.clone())
-                    .map_err(|e| ApiError::internal(format!("VM {}: {e}", m.id)))
-            })
-            .and_then(|()| {
-                let body =
-                    serde_json::to_vec(config).map_err(|e| ApiError::internal(e.to_string()))?;
-                self.forward(m, &live, "PUT", "/api/v1/vm.create", Some(body))
-            })
-            .and_then(|_| {
-                if boot {
-                    self.forward(m, &live, "PUT", "/api/v1/vm.boot", None)?;
-                }
-                Ok(())
-            });
+        let started = self.wait_answering(m, &live).and_then(|()| {
+            forward::relay_events(&sh.rt, m.dir.socket(), sh.events.clone())
+                .map_err(|e| ApiError::internal(format!("VM {}: {e}", m.id)))
+        });
         if let Err(e) = started {
             self.end_process(m, &live, false);
             // What it left is not a shutdown of the VM: the VM stays as it was.
@@ -376,6 +379,13 @@ impl ProcessBackend {
                 return Ok(());
             }
             if m.wait_ended(live.generation, Duration::from_millis(20)) {
+                // The VM was refused: the process said why.
+                if let Some(f) = VmDir::read_json::<StartFailure>(&m.dir.start_error()) {
+                    return Err(forward::answered_error(&Reply {
+                        status: f.status,
+                        body: serde_json::to_vec(&f.body).unwrap_or_default(),
+                    }));
+                }
                 let st = m.status();
                 let how = st
                     .crash
@@ -633,7 +643,7 @@ fn settle_ended(m: &Managed, exit: Exit, pid: Option<u32>) -> Option<Event> {
         _ => String::new(),
     };
     let report = exit.report(reason, m.dir.log_tail());
-    if let Err(e) = VmDir::write_json(&m.dir.crash(), &report) {
+    if let Err(e) = write_json(&m.dir.crash(), &report) {
         tracing::warn!(id = %m.id, error = %e, "cannot save the crash report");
     }
     tracing::warn!(id = %m.id, ?pid, crash = %report, "VM process crashed");

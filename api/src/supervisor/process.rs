@@ -56,6 +56,10 @@ impl VmDir {
     pub fn crash(&self) -> PathBuf {
         self.path.join("crash.json")
     }
+    /// Why the VM process refused its VM at start.
+    pub fn start_error(&self) -> PathBuf {
+        self.path.join("start-error.json")
+    }
 
     /// Creates the directory (0700; its parent must exist).
     pub fn create(&self) -> std::io::Result<()> {
@@ -63,14 +67,6 @@ impl VmDir {
             Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => Ok(()),
             r => r,
         }
-    }
-
-    /// Writes `value` as JSON to `path` (a new file renamed over the old).
-    pub fn write_json(path: &Path, value: &impl serde::Serialize) -> std::io::Result<()> {
-        let tmp = path.with_extension("tmp");
-        let bytes = serde_json::to_vec_pretty(value).map_err(std::io::Error::other)?;
-        std::fs::write(&tmp, bytes)?;
-        std::fs::rename(&tmp, path)
     }
 
     /// Reads JSON from `path` (`None`: missing or unreadable).
@@ -104,6 +100,15 @@ impl VmDir {
             tracing::warn!(dir = %self.path.display(), error = %e, "cannot remove a VM's state directory");
         }
     }
+}
+
+/// Writes `value` as JSON to `path` (a new file renamed over the old, so that a reader
+/// never sees half of it).
+pub fn write_json(path: &Path, value: &impl serde::Serialize) -> std::io::Result<()> {
+    let tmp = path.with_extension("tmp");
+    let bytes = serde_json::to_vec_pretty(value).map_err(std::io::Error::other)?;
+    std::fs::write(&tmp, bytes)?;
+    std::fs::rename(&tmp, path)
 }
 
 /// A running VM process: its pid and a pidfd (which stays valid, and names this

@@ -10,6 +10,7 @@ pub mod client;
 pub mod daemon;
 pub mod events;
 pub mod fake;
+pub mod handover;
 pub mod kvm_backend;
 pub mod metrics;
 pub mod paths;

@@ -460,8 +460,9 @@ async fn events(State(state): State<AppState>) -> Response {
             .map(|e| Ok::<_, std::convert::Infallible>(e.line()))
             .collect::<Vec<_>>(),
     );
-    let stream =
-        early.chain(futures_util::stream::unfold((rx, stop, false), |(mut rx, mut stop, done)| async move {
+    let stream = early.chain(futures_util::stream::unfold(
+        (rx, stop, false),
+        |(mut rx, mut stop, done)| async move {
             use tokio::sync::broadcast::error::{RecvError, TryRecvError};
             if done {
                 return None;
@@ -491,7 +492,8 @@ async fn events(State(state): State<AppState>) -> Response {
                 }
             };
             Some((Ok(event.line()), (rx, stop, false)))
-        }));
+        },
+    ));
     (
         [(header::CONTENT_TYPE, "application/x-ndjson")],
         axum::body::Body::from_stream(stream),

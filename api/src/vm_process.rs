@@ -185,6 +185,8 @@ pub struct LastState {
 pub struct Options {
     /// Serve the single-VM API here.
     pub api_socket: Option<PathBuf>,
+    /// Receive hot plugged images' descriptors here ([`crate::handover`]).
+    pub fd_socket: Option<PathBuf>,
     /// Also serve it on this loopback TCP address.
     pub tcp: Option<std::net::SocketAddr>,
     /// Directories whose files clients may name (empty: any).
@@ -204,6 +206,8 @@ pub struct Options {
     pub last_state: Option<PathBuf>,
     /// Seccomp filters per thread class.
     pub seccomp: crate::sandbox::SeccompMode,
+    /// Leave file access unconfined (no Landlock).
+    pub no_landlock: bool,
 }
 
 /// Errors of a VM process.
@@ -263,8 +267,14 @@ pub fn run(opts: Options) -> Result<Ended, RunError> {
             "--tcp {addr}: only loopback addresses are allowed"
         )));
     }
-    // Bound before any thread starts (the umask is process-wide).
+    // Bound before any thread starts (the umask is process-wide) and before the process
+    // confines itself.
     let unix = socket.as_deref().map(daemon::bind_socket).transpose()?;
+    let fd_listener = opts
+        .fd_socket
+        .as_deref()
+        .map(daemon::bind_socket)
+        .transpose()?;
     let here = socket.clone().unwrap_or_else(|| PathBuf::from("vmm"));
     let rules = crate::paths::PathRules::new(&opts.allowed_dirs, socket.as_slice())
         .map_err(RunError::Usage)?;
@@ -276,7 +286,9 @@ pub fn run(opts: Options) -> Result<Ended, RunError> {
         .map(std::net::TcpListener::bind)
         .transpose()
         .map_err(daemon::io_err(&here))?;
-    // Before any other thread starts: each gets its class's filter as it starts.
+    // Before any other thread starts: every thread is confined to the VM's files, and
+    // gets its class's syscall filter as it starts.
+    confine_files(&opts)?;
     crate::sandbox::install_seccomp(opts.seccomp).map_err(RunError::Sandbox)?;
     let rt = daemon::runtime(2).map_err(daemon::io_err(&here))?;
     let events = EventBus::keeping_early();
@@ -318,6 +330,10 @@ pub fn run(opts: Options) -> Result<Ended, RunError> {
                 return Err(RunError::Vm(e));
             }
         }
+        if let Some(l) = fd_listener {
+            let l = tokio::net::UnixListener::from_std(l).map_err(daemon::io_err(&here))?;
+            tokio::spawn(crate::handover::serve(l));
+        }
         let how = match unix {
             Some(unix) => {
                 tracing::info!(socket = %here.display(), backend = backend.name(), "serving one VM");
@@ -343,10 +359,56 @@ pub fn run(opts: Options) -> Result<Ended, RunError> {
         write_last_state(path, &backend, &ended);
     }
     rt.shutdown_timeout(std::time::Duration::from_millis(100));
-    if let Some(path) = &socket {
+    for path in socket.iter().chain(opts.fd_socket.iter()) {
         let _ = std::fs::remove_file(path);
     }
     result.map(|()| ended)
+}
+
+/// Restricts the process's file access to what the VM of `opts.config` needs
+/// ([`crate::sandbox::landlock`]). Without a config at start the files are not known:
+/// nothing is restricted (logged).
+fn confine_files(opts: &Options) -> Result<(), RunError> {
+    use crate::sandbox::landlock::{self, Confined, FileSet};
+    if opts.no_landlock {
+        tracing::warn!("Landlock is off (--no-landlock): the process may open any file");
+        return Ok(());
+    }
+    let Some(config) = &opts.config else {
+        tracing::warn!(
+            "Landlock not applied: the VM's files are not known at start (give the VM with --config)"
+        );
+        return Ok(());
+    };
+    // A serial output file is created now: creating files is not among the rights.
+    if let (vmm::config::SerialMode::File, Some(p)) = (config.serial.mode, &config.serial.path)
+        && std::fs::symlink_metadata(p).is_err()
+    {
+        let _ = std::fs::OpenOptions::new()
+            .append(true)
+            .create(true)
+            .open(p);
+    }
+    let state_files: Vec<&std::path::Path> =
+        [opts.last_state.as_deref(), opts.start_error.as_deref()]
+            .into_iter()
+            .flatten()
+            .collect();
+    let set = FileSet::for_vm(config, &state_files);
+    match landlock::restrict(&set).map_err(RunError::Sandbox)? {
+        Confined::Fully => tracing::info!(
+            files = set.read.len() + set.write.len(),
+            "Landlock: file access confined to the VM's files"
+        ),
+        Confined::Partly => tracing::warn!(
+            "Landlock: the kernel's Landlock is older; file access is only partly confined"
+        ),
+        Confined::Not => {
+            tracing::warn!("Landlock: this kernel has no Landlock; file access is not confined")
+        }
+    }
+    landlock::test_probe();
+    Ok(())
 }
 
 /// Follows `events`, remembering the last one; with `exit`, sets `stop` once the VM is

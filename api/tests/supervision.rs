@@ -121,7 +121,12 @@ fn vm_processes_outlive_crashes_and_vmmd() {
     }
     let elf = support::guest();
     let tsc = support::tsc_khz();
-    let mut s = Service::start(&[]);
+    // Debug builds only: each VM process tries to open this file once confined.
+    let outside = tempfile::NamedTempFile::new().unwrap_or_else(|e| panic!("{e}"));
+    let probe = outside.path().to_path_buf();
+    let mut s = Service::start_with(&[], |c| {
+        c.env("VMM_TEST_LANDLOCK_PROBE", &probe);
+    });
     let events = Events::follow(&s.socket);
     let ids = ["v1", "v2", "v3"];
     for id in ids {
@@ -145,6 +150,30 @@ fn vm_processes_outlive_crashes_and_vmmd() {
         events.wait_for(id, "booted", Duration::from_secs(5));
         assert_grows(id, || ops_at(&s.socket, &format!("?id={id}")));
     }
+    // Each VM process is confined to its own files (Landlock): the probe was refused.
+    for id in ids {
+        let log =
+            std::fs::read_to_string(s.state_dir().join(id).join("vmm.log")).unwrap_or_default();
+        let line = log
+            .lines()
+            .find(|l| l.contains("landlock probe"))
+            .unwrap_or_else(|| panic!("{id}: no probe in its log:\n{log}"));
+        assert!(line.contains("Permission denied"), "{id}: {line}");
+    }
+    // A disk hot plugged into a confined VM: vmmd opens it and hands it over.
+    let hot = s.sparse_image("v1-hot.raw", 4);
+    s.ok(
+        "PUT",
+        "vm.add-disk?id=v1",
+        Some(&json!({"id": "hot", "path": hot})),
+    );
+    let c = s.counters("v1");
+    assert!(c["disks"].get("hot").is_some(), "{c}");
+    assert_eq!(
+        locks_on(&hot),
+        1,
+        "the hot plugged image is not locked once"
+    );
     // Every thread of every VM process runs under a seccomp filter.
     for (pid, id) in pids.iter().zip(ids) {
         let threads = seccomp_modes(*pid);

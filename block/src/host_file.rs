@@ -9,7 +9,8 @@ use std::fs::File;
 use std::io;
 use std::os::fd::{AsRawFd, FromRawFd};
 use std::os::unix::ffi::OsStrExt;
-use std::path::Path;
+use std::path::{Path, PathBuf};
+use std::sync::Mutex;
 use std::sync::atomic::{AtomicBool, Ordering};
 
 /// Set once by [`forbid_symlinks`]; never cleared.
@@ -45,10 +46,60 @@ impl OpenFlags {
     };
 }
 
+/// Files handed over to this process for a path it may not open itself (a sandboxed VM
+/// process gets hot plugged images this way, over `SCM_RIGHTS`).
+static HANDED: Mutex<Vec<(PathBuf, File)>> = Mutex::new(Vec::new());
+
+/// From now on [`open`] of `path` uses `file` (a duplicate of it each time, with the
+/// status flags asked for) instead of opening the path; replaces an earlier one.
+pub fn hand_over(path: PathBuf, file: File) {
+    let mut handed = crate::sync::lock(&HANDED);
+    handed.retain(|(p, _)| *p != path);
+    handed.push((path, file));
+}
+
+/// Forgets the file handed over for `path` (the disk using it is gone; its image lock
+/// goes with the last descriptor).
+pub fn forget_handed(path: &Path) {
+    crate::sync::lock(&HANDED).retain(|(p, _)| p != path);
+}
+
+/// A duplicate of the file handed over for `path`, if any, checked against `how`'s
+/// access mode and given its status flags (`O_DIRECT`, `O_APPEND`).
+fn handed(path: &Path, how: OpenFlags) -> Option<io::Result<File>> {
+    let handed = crate::sync::lock(&HANDED);
+    let (_, file) = handed.iter().find(|(p, _)| p == path)?;
+    let dup = || -> io::Result<File> {
+        let file = file.try_clone()?;
+        // SAFETY: F_GETFL/F_SETFL only read and change the status flags of our descriptor.
+        unsafe {
+            let fl = libc::fcntl(file.as_raw_fd(), libc::F_GETFL);
+            if fl < 0 {
+                return Err(io::Error::last_os_error());
+            }
+            let (have, want) = (fl & libc::O_ACCMODE, how.flags & libc::O_ACCMODE);
+            if have != want && have != libc::O_RDWR {
+                return Err(io::Error::from_raw_os_error(libc::EACCES));
+            }
+            let settable = libc::O_DIRECT | libc::O_APPEND;
+            let new = (fl & !settable) | (how.flags & settable);
+            if libc::fcntl(file.as_raw_fd(), libc::F_SETFL, new) < 0 {
+                return Err(io::Error::last_os_error());
+            }
+        }
+        Ok(file)
+    };
+    Some(dup())
+}
+
 /// Opens `path` without blocking on FIFOs or devices that wait for a peer (`O_NONBLOCK`
 /// at open, cleared right after so I/O on the file blocks as usual) and, when the process
 /// forbids them ([`forbid_symlinks`]), without following any symbolic link (`ELOOP`).
+/// A file handed over for `path` ([`hand_over`]) is used instead of opening it.
 pub fn open(path: &Path, how: OpenFlags) -> io::Result<File> {
+    if let Some(file) = handed(path, how) {
+        return file;
+    }
     open_with(path, how, symlinks_forbidden())
 }
 

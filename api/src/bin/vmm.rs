@@ -39,6 +39,10 @@ struct Args {
     /// status) here before exiting.
     #[arg(long, value_name = "FILE", requires = "config")]
     start_error: Option<PathBuf>,
+    /// With --api-socket: receive the descriptors of images hot plugged later on this
+    /// socket (SCM_RIGHTS; how vmmd hands them to a confined process).
+    #[arg(long, value_name = "PATH", requires = "api_socket")]
+    fd_socket: Option<PathBuf>,
     /// With --api-socket: end the process once the VM is shut down or deleted (without a
     /// socket it always does).
     #[arg(long, requires = "api_socket")]
@@ -64,6 +68,10 @@ struct Args {
     /// its thread's filter, `log` only logs it, `false` filters nothing.
     #[arg(long, value_enum, default_value_t = api::sandbox::SeccompMode::True)]
     seccomp: api::sandbox::SeccompMode,
+    /// Do not confine file access with Landlock (by default a process given its VM with
+    /// --config may open only the files that config names).
+    #[arg(long)]
+    no_landlock: bool,
 }
 
 /// Exit status for an invalid config.
@@ -100,6 +108,7 @@ fn main() -> ExitCode {
     }
     let opts = Options {
         api_socket: args.api_socket,
+        fd_socket: args.fd_socket,
         tcp: args.tcp,
         allowed_dirs: args.allowed_dirs,
         config,
@@ -109,6 +118,7 @@ fn main() -> ExitCode {
         exit_on_shutdown: args.exit_on_shutdown,
         last_state: args.last_state,
         seccomp: args.seccomp,
+        no_landlock: args.no_landlock,
     };
     match api::vm_process::run(opts) {
         Ok(ended) if ended.guest_failed() => {

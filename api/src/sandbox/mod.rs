@@ -1,6 +1,8 @@
-//! A VM process confining itself (ARCHITECTURE.md section 10): seccomp filters per thread
-//! class ([`seccomp`]). `docs/sandbox.md` lists what each class may do and why.
+//! A VM process confining itself (ARCHITECTURE.md section 10): its file access to the
+//! files its VM's config names ([`landlock`]), and seccomp filters per thread class
+//! ([`seccomp`]). `docs/sandbox.md` lists what each class may do and why.
 
+pub mod landlock;
 pub mod seccomp;
 
 use std::sync::Mutex;

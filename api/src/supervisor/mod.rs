@@ -314,6 +314,8 @@ impl ProcessBackend {
         let mut args = vec![
             "--api-socket".to_string(),
             m.dir.socket().display().to_string(),
+            "--fd-socket".to_string(),
+            m.dir.fd_socket().display().to_string(),
             "--config".to_string(),
             m.dir.config().display().to_string(),
             "--start-error".to_string(),
@@ -562,6 +564,39 @@ impl ProcessBackend {
         self.forward(m, live, "PUT", path, Some(body))?;
         self.live_info(m, live, CALL_TIMEOUT);
         Ok(())
+    }
+
+    /// Opens the image of `disk` (a VM process may open only the files named at its
+    /// start) and hands the descriptor to VM `m`'s process. A null disk has none.
+    fn hand_over_image(&self, m: &Managed, disk: &DiskConfig) -> Result<(), ApiError> {
+        if disk.is_null() || self.shared.opts.fake {
+            return Ok(());
+        }
+        let flags = if disk.readonly {
+            libc::O_RDONLY
+        } else {
+            libc::O_RDWR
+        };
+        let how = block::host_file::OpenFlags { flags, mode: 0 };
+        let file = block::host_file::open(&disk.path, how).map_err(|e| {
+            let msg = format!(
+                "VM {}: disk {}: cannot open disk {}: {e}",
+                m.id,
+                disk.id,
+                disk.path.display()
+            );
+            if block::host_file::is_symlink_refusal(&e) {
+                ApiError::forbidden(msg)
+            } else {
+                ApiError::bad_request("invalid disk").with_details(vec![msg])
+            }
+        })?;
+        crate::handover::send(&m.dir.fd_socket(), &disk.path, &file).map_err(|e| {
+            ApiError::internal(format!(
+                "VM {}: cannot hand the image of disk {} over: {e}",
+                m.id, disk.id
+            ))
+        })
     }
 
     /// Shuts VM `m`'s process down (if any) and forgets the VM.
@@ -961,6 +996,7 @@ impl VmmBackend for ProcessBackend {
                 if let Some(e) = clash(id, [&disk], None, &others) {
                     return Err(e);
                 }
+                self.hand_over_image(m, &disk)?;
                 let body =
                     serde_json::to_vec(&disk).map_err(|e| ApiError::internal(e.to_string()))?;
                 self.change(m, l, "/api/v1/vm.add-disk", body)

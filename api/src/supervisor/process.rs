@@ -44,6 +44,10 @@ impl VmDir {
     pub fn socket(&self) -> PathBuf {
         self.path.join("api.sock")
     }
+    /// Where the VM process takes hot plugged images' descriptors.
+    pub fn fd_socket(&self) -> PathBuf {
+        self.path.join("fd.sock")
+    }
     /// The VM process's stdout and stderr.
     pub fn log(&self) -> PathBuf {
         self.path.join("vmm.log")

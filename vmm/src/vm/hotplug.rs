@@ -87,6 +87,7 @@ impl DiskSet {
             disks.remove(i)
         };
         let id = entry.blk.id().to_string();
+        let path = entry.blk.config().path;
         self.pci.remove_device(slot);
         lock(&entry.pci).detach();
         let drained = entry.drain();
@@ -94,6 +95,8 @@ impl DiskSet {
             self.stop_dedicated(t);
         }
         drop(entry);
+        // A file handed over for it goes too (and with it the image's lock).
+        block::host_file::forget_handed(&path);
         tracing::info!(disk = %id, slot, queues = drained, "disk ejected by the guest and removed");
         self.lock_ejected().push(id);
         if let Some(fd) = lock(&self.notify).as_ref()

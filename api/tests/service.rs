@@ -377,8 +377,36 @@ fn vmctl_drives_the_service() {
         String::from_utf8_lossy(&o.stdout).into_owned()
     };
     assert!(ok(&["ping"]).contains("backend fake"));
+    // `vmctl events` follows the stream: one line per step, in order.
+    let mut events = std::process::Command::new(env!("CARGO_BIN_EXE_vmctl"))
+        .arg("--api-socket")
+        .arg(&s.socket)
+        .args(["events", "--count", "3"])
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    // Subscribed once vmmd has a second client on its socket; a short wait does.
+    std::thread::sleep(Duration::from_millis(300));
     ok(&["create", cfg.to_str().unwrap()]);
     ok(&["boot"]);
+    ok(&["pause"]);
+    ok(&["resume"]);
+    let out = events.wait_with_output().unwrap();
+    let lines: Vec<String> = String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .map(str::to_string)
+        .collect();
+    let kinds: Vec<&str> = lines
+        .iter()
+        .map(|l| l.split_whitespace().nth(2).unwrap_or(""))
+        .collect();
+    assert_eq!(kinds, ["created", "booted", "paused"], "{lines:?}");
+    assert!(
+        lines
+            .iter()
+            .all(|l| l.split_whitespace().nth(1) == Some("a")),
+        "{lines:?}"
+    );
     let list = ok(&["list"]);
     assert!(list.contains("ID") && list.contains("Running"), "{list}");
     let info: Value = serde_json::from_str(&ok(&["--json", "info", "--id", "a"])).unwrap();

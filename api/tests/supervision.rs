@@ -11,6 +11,8 @@
 //!
 //! Skips, saying why, when `/dev/kvm` is missing.
 
+#![allow(clippy::cast_precision_loss)] // Test figures, not guest input.
+
 use std::path::Path;
 use std::process::Command;
 use std::time::{Duration, Instant};

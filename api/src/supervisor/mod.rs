@@ -489,7 +489,11 @@ impl ProcessBackend {
             });
             match self.find_alive(&m) {
                 Some(live) => {
-                    m.status().live = Some(live.clone());
+                    {
+                        let mut st = m.status();
+                        st.live = Some(live.clone());
+                        st.generation = live.generation;
+                    }
                     self.watch(m.clone(), &live, false);
                     if let Err(e) = forward::relay_events(
                         &self.shared.rt,

@@ -24,7 +24,15 @@ pub enum ClientError {
     /// The request could not be built.
     #[error("bad request: {0}")]
     Request(#[from] hyper::http::Error),
+    /// The reply, or one line of a stream, is larger than a client takes.
+    #[error("the reply is larger than {0} bytes")]
+    TooLarge(usize),
 }
+
+/// Largest reply body read (a VM's info or counters are a few KiB).
+pub const MAX_REPLY_BYTES: usize = 16 << 20;
+/// Longest line of a stream read.
+pub const MAX_LINE_BYTES: usize = 1 << 20;
 
 /// A response: status and body.
 #[derive(Clone, Debug)]
@@ -92,7 +100,15 @@ impl Client {
         let req = req.body(Full::new(Bytes::from(body.unwrap_or_default())))?;
         let res = sender.send_request(req).await?;
         let status = res.status().as_u16();
-        let body = res.into_body().collect().await?.to_bytes().to_vec();
+        let body = http_body_util::Limited::new(res.into_body(), MAX_REPLY_BYTES)
+            .collect()
+            .await
+            .map_err(|e| match e.downcast::<hyper::Error>() {
+                Ok(e) => ClientError::Http(*e),
+                Err(_) => ClientError::TooLarge(MAX_REPLY_BYTES),
+            })?
+            .to_bytes()
+            .to_vec();
         drop(sender);
         // The connection ends with the request; its result adds nothing.
         let _ = conn.await;
@@ -162,6 +178,9 @@ impl Lines {
                 return Ok(Some(
                     String::from_utf8_lossy(&line[..line.len() - 1]).into_owned(),
                 ));
+            }
+            if self.buf.len() > MAX_LINE_BYTES {
+                return Err(ClientError::TooLarge(MAX_LINE_BYTES));
             }
             match self.body.frame().await {
                 Some(frame) => {

@@ -26,7 +26,8 @@ pub enum EventKind {
     Paused,
     /// A VM was resumed.
     Resumed,
-    /// A VM was shut down (by the API, or after its guest powered off or reset too often).
+    /// A VM was shut down by the API, or after its guest reset too often or its reboot
+    /// failed (`reason`). A guest that powers off sends `guest-poweroff` instead.
     Shutdown,
     /// A VM was rebooted through the API.
     Rebooted,

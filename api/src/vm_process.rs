@@ -52,6 +52,16 @@ impl OneVm {
         Ok(())
     }
 
+    /// Creates the VM the process was started with: as [`VmmBackend::create`], without a
+    /// `created` event (the process's start is the creation; its supervisor says so).
+    pub fn create_at_start(&self, config: VmConfig) -> Result<(), ApiError> {
+        let _one = lock(&self.creating);
+        if let Some(class) = crate::sandbox::test_violation_request(&config.id) {
+            crate::sandbox::arm_test_violation(class);
+        }
+        self.inner.create(config)
+    }
+
     /// The VM's state (`None`: no VM).
     pub fn state(&self) -> Option<VmState> {
         self.inner.list().first().map(|v| v.state)
@@ -309,7 +319,7 @@ pub fn run(opts: Options) -> Result<Ended, RunError> {
             let b = backend.clone();
             let boot = opts.boot || unix.is_none();
             let started = tokio::task::spawn_blocking(move || {
-                b.create(config)?;
+                b.create_at_start(config)?;
                 if boot {
                     b.boot(&id)?;
                 }

@@ -188,7 +188,17 @@ impl Entry {
             .map(Vm::pending_removals)
             .unwrap_or_default();
         if !pending.is_empty() {
+            let gone: Vec<_> = self
+                .config
+                .disks
+                .iter()
+                .filter(|d| pending.contains(&d.id))
+                .map(|d| d.path.clone())
+                .collect();
             self.config.disks.retain(|d| !pending.contains(&d.id));
+            for path in gone {
+                release_handed(&self.config, &path);
+            }
         }
         let new = config.unwrap_or_else(|| self.config.clone());
         self.release();
@@ -232,11 +242,14 @@ impl Entry {
             .with_disk(disk.clone())
             .map_err(|e| vmm::vm::VmError::Config(e.details().join("; ")))?;
         let state = self.state();
-        match self.vm.as_mut() {
-            Some(vm) if state != VmState::Shutdown => {
-                vm.hot_add_disk(disk)?;
-            }
-            _ => vmm::vm::device_manager::probe_disk(&disk)?,
+        let added = match self.vm.as_mut() {
+            Some(vm) if state != VmState::Shutdown => vm.hot_add_disk(disk.clone()).map(|_| ()),
+            _ => vmm::vm::device_manager::probe_disk(&disk),
+        };
+        if let Err(e) = added {
+            // A file handed over for it is not kept for a disk that is not there.
+            release_handed(&self.config, &disk.path);
+            return Err(e);
         }
         self.config = config;
         Ok(())
@@ -260,8 +273,25 @@ impl Entry {
                     .map_err(|e| vm_error(&id, e));
             }
         }
+        let path = self
+            .config
+            .disks
+            .iter()
+            .find(|d| d.id == disk)
+            .map(|d| d.path.clone());
         self.config.disks.retain(|d| d.id != disk);
+        if let Some(path) = path {
+            release_handed(&self.config, &path);
+        }
         Ok(())
+    }
+}
+
+/// Forgets a file handed over for `path` ([`block::host_file::hand_over`]) unless a disk
+/// of `config` still uses it: its descriptor (and the image lock on it) goes.
+fn release_handed(config: &VmConfig, path: &std::path::Path) {
+    if !config.disks.iter().any(|d| d.path == path) {
+        block::host_file::forget_handed(path);
     }
 }
 

@@ -98,7 +98,8 @@ pub enum Confined {
 pub fn restrict(set: &FileSet) -> Result<Confined, String> {
     let err = |e: &dyn std::fmt::Display| format!("Landlock: {e}");
     let file = AccessFs::from_file(ABI_WANTED);
-    let read = AccessFs::from_read(ABI_WANTED);
+    // IoctlDev: a block device image answers BLKGETSIZE64 and BLKSSZGET.
+    let read = AccessFs::from_read(ABI_WANTED) | AccessFs::IoctlDev;
     let write = file & !BitFlags::from(AccessFs::Execute);
     let wanted = set
         .read

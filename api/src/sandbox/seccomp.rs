@@ -150,7 +150,6 @@ const BUILD: &[i64] = &[
     libc::SYS_io_destroy,
     libc::SYS_io_submit,
     libc::SYS_io_getevents,
-    libc::SYS_socket,
     libc::SYS_socketpair,
     libc::SYS_bind,
     libc::SYS_listen,
@@ -193,6 +192,21 @@ fn rules(class: ThreadClass) -> Result<BTreeMap<i64, Vec<SeccompRule>>, String> 
     };
     for sys in BASE.iter().chain(extra.iter().flat_map(|l| l.iter())) {
         map.insert(*sys, Vec::new());
+    }
+    if matches!(class, ThreadClass::Api | ThreadClass::Control) {
+        // Unix sockets only (a serial socket): the API's TCP listener is bound before the
+        // filters, and a VM process has nothing to reach on a network.
+        let unix_only = SeccompCondition::new(
+            0,
+            SeccompCmpArgLen::Dword,
+            SeccompCmpOp::Eq,
+            u64::try_from(libc::AF_UNIX).unwrap_or(1),
+        )
+        .map_err(|e| e.to_string())?;
+        map.insert(
+            libc::SYS_socket,
+            vec![SeccompRule::new(vec![unix_only]).map_err(|e| e.to_string())?],
+        );
     }
     if ioctl_type.is_some() {
         // Let through by this filter, refused by the one before it (see [`program`]).
@@ -301,6 +315,8 @@ mod tests {
             );
         }
         assert!(!vcpu.contains_key(&libc::SYS_socket));
+        // The API may make Unix sockets only.
+        assert_eq!(api[&libc::SYS_socket].len(), 1);
         assert!(!api.contains_key(&libc::SYS_execve));
         assert!(!api.contains_key(&libc::SYS_ptrace));
         // ioctl only with a condition on the data path and vCPUs.

@@ -48,8 +48,8 @@ use process::{Exit, VmDir, VmProcess};
 const CALL_TIMEOUT: Duration = Duration::from_secs(60);
 /// How long listing and `/metrics` wait for one VM process.
 const VIEW_TIMEOUT: Duration = Duration::from_millis(250);
-/// How long a new VM process has to open its socket.
-const START_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long a new VM process has to build (and boot) its VM and open its socket.
+const START_TIMEOUT: Duration = Duration::from_secs(60);
 /// How long a VM process asked to end has before it is killed.
 const EXIT_TIMEOUT: Duration = Duration::from_secs(30);
 
@@ -261,10 +261,11 @@ impl ProcessBackend {
             .is_some_and(|l| l.generation == live.generation)
         {
             st.state = info.state;
-            if st.config != info.config {
-                st.config = info.config.clone();
-                m.save_config(&info.config);
+            if adopt_ejects(&mut st.config, &info.config) {
+                m.save_config(&st.config);
             }
+            // What vmmd answers is its own config: a process cannot widen it.
+            info.config = st.config.clone();
         }
         Some(info)
     }
@@ -297,15 +298,15 @@ impl ProcessBackend {
     /// when `boot`. On failure the process is ended and the error returned.
     fn start(&self, m: &Arc<Managed>, config: &VmConfig, boot: bool) -> Result<(), ApiError> {
         let sh = &self.shared;
+        // What the VM was, for a start that fails: it stays that.
+        let before = {
+            let st = m.status();
+            (st.state, st.crash.clone())
+        };
         m.dir
             .create()
             .map_err(|e| ApiError::internal(format!("{}: {e}", m.dir.path.display())))?;
-        for stale in [
-            m.dir.last_state(),
-            m.dir.crash(),
-            m.dir.socket(),
-            m.dir.start_error(),
-        ] {
+        for stale in [m.dir.last_state(), m.dir.socket(), m.dir.start_error()] {
             let _ = std::fs::remove_file(stale);
         }
         m.save_config(config);
@@ -357,10 +358,16 @@ impl ProcessBackend {
                 .map_err(|e| ApiError::internal(format!("VM {}: {e}", m.id)))
         });
         if let Err(e) = started {
-            self.end_process(m, &live, false);
+            self.end_process(m, &live);
+            let mut st = m.status();
+            st.state = before.0;
+            st.crash = before.1;
+            drop(st);
             // What it left is not a shutdown of the VM: the VM stays as it was.
             return Err(e);
         }
+        // An earlier crash's report is history now.
+        let _ = std::fs::remove_file(m.dir.crash());
         tracing::info!(id = %m.id, pid = live.pid, "VM process started");
         Ok(())
     }
@@ -412,12 +419,8 @@ impl ProcessBackend {
     }
 
     /// Asks process `live` to shut its VM down and end (`vmm.shutdown`), kills it if it
-    /// has not ended in time, and waits for it. With `keep`, what it leaves is the VM's
-    /// new state (a shutdown); else the VM's state stays what it was before the start.
-    fn end_process(&self, m: &Managed, live: &Live, keep: bool) {
-        if !keep {
-            m.status().crash = None;
-        }
+    /// has not ended in time, and waits for it.
+    fn end_process(&self, m: &Managed, live: &Live) {
         let _ = forward::call(
             &self.shared.rt,
             &m.dir.socket(),
@@ -430,11 +433,6 @@ impl ProcessBackend {
             tracing::warn!(id = %m.id, pid = live.pid, "VM process did not end: killing it");
             process::signal(&live.pidfd, libc::SIGKILL);
             m.wait_ended(live.generation, EXIT_TIMEOUT);
-        }
-        if !keep {
-            let mut st = m.status();
-            st.state = VmState::Shutdown;
-            st.crash = None;
         }
     }
 
@@ -493,6 +491,8 @@ impl ProcessBackend {
                         let mut st = m.status();
                         st.live = Some(live.clone());
                         st.generation = live.generation;
+                        // Until it answers (listing asks it again).
+                        st.state = VmState::Running;
                     }
                     self.watch(m.clone(), &live, false);
                     if let Err(e) = forward::relay_events(
@@ -502,7 +502,7 @@ impl ProcessBackend {
                     ) {
                         tracing::warn!(%id, error = %e, "no events from this VM");
                     }
-                    let state = self.live_info(&m, &live, CALL_TIMEOUT).map(|i| i.state);
+                    let state = self.live_info(&m, &live, VIEW_TIMEOUT).map(|i| i.state);
                     tracing::info!(%id, pid = live.pid, ?state, "re-attached to a VM process");
                 }
                 None => {
@@ -515,7 +515,9 @@ impl ProcessBackend {
         }
     }
 
-    /// The live process of VM `m` named by its pid file, if it answers as that VM.
+    /// The live process of VM `m` named by its pid file (written by vmmd), if that
+    /// process is the VM's `vmm`: its command line names the VM's socket. A process that
+    /// is busy and does not answer now is still its VM's.
     fn find_alive(&self, m: &Managed) -> Option<Live> {
         let pid: u32 = std::fs::read_to_string(m.dir.pid())
             .ok()?
@@ -523,27 +525,13 @@ impl ProcessBackend {
             .parse()
             .ok()?;
         let pidfd = process::pidfd_open(pid)?;
-        let ping = forward::call(
-            &self.shared.rt,
-            &m.dir.socket(),
-            "GET",
-            "/api/v1/vmm.ping",
-            None,
-            Duration::from_secs(2),
-        )
-        .ok()?;
-        let ping: PingResponse = serde_json::from_slice(&ping.body).ok()?;
-        let info = forward::call(
-            &self.shared.rt,
-            &m.dir.socket(),
-            "GET",
-            "/api/v1/vm.info",
-            None,
-            Duration::from_secs(2),
-        )
-        .ok()?;
-        let info: VmInfo = serde_json::from_slice(&info.body).ok()?;
-        (ping.pid == pid && info.config.id == m.id).then(|| Live {
+        let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).ok()?;
+        let socket = m.dir.socket();
+        let ours = cmdline
+            .split(|b| *b == 0)
+            .any(|arg| arg == socket.as_os_str().as_encoded_bytes());
+        // Checked after the pidfd was opened: the pidfd names this very process.
+        (ours && process::alive(&pidfd)).then(|| Live {
             pid,
             pidfd: Arc::new(pidfd),
             generation: 1,
@@ -564,8 +552,31 @@ impl ProcessBackend {
     }
 
     /// Routes a call that changes the VM, then reads its config back.
-    fn change(&self, m: &Managed, live: &Live, path: &str, body: Vec<u8>) -> Result<(), ApiError> {
+    /// Routes a call that changes the VM; once the process has taken it, `apply` makes
+    /// the same change to vmmd's config (the one it keeps and trusts), then what the
+    /// process did by itself (ejects) is read back.
+    fn change(
+        &self,
+        m: &Managed,
+        live: &Live,
+        path: &str,
+        body: Vec<u8>,
+        apply: impl FnOnce(&mut VmConfig) -> Result<(), ApiError>,
+    ) -> Result<(), ApiError> {
         self.forward(m, live, "PUT", path, Some(body))?;
+        {
+            let mut st = m.status();
+            let mut config = st.config.clone();
+            match apply(&mut config) {
+                Ok(()) => {
+                    st.config = config;
+                    m.save_config(&st.config);
+                }
+                Err(e) => {
+                    tracing::warn!(id = %m.id, error = %e, "the VM process took a change vmmd cannot apply to its config")
+                }
+            }
+        }
         self.live_info(m, live, CALL_TIMEOUT);
         Ok(())
     }
@@ -582,7 +593,31 @@ impl ProcessBackend {
             libc::O_RDWR
         };
         let how = block::host_file::OpenFlags { flags, mode: 0 };
+        // Only what the VM process would open itself: a regular file or a block device
+        // (opening anything else may have side effects: a watchdog, a tty).
+        let invalid = |msg: String| ApiError::bad_request("invalid disk").with_details(vec![msg]);
+        match std::fs::metadata(&disk.path) {
+            Ok(md)
+                if md.is_file()
+                    || std::os::unix::fs::FileTypeExt::is_block_device(&md.file_type()) => {}
+            Ok(md) => {
+                return Err(invalid(format!(
+                    "VM {}: disk {}: {} is a {}, not a regular file or a block device",
+                    m.id,
+                    disk.id,
+                    disk.path.display(),
+                    block::host_file::kind(&md.file_type())
+                )));
+            }
+            Err(_) => {}
+        }
         let file = block::host_file::open(&disk.path, how).map_err(|e| {
+            if let Some(limit) = e
+                .raw_os_error()
+                .and_then(|n| crate::kvm_backend::host_limit("cannot open the image", n))
+            {
+                return limit;
+            }
             let msg = format!(
                 "VM {}: disk {}: cannot open disk {}: {e}",
                 m.id,
@@ -606,16 +641,15 @@ impl ProcessBackend {
     /// Shuts VM `m`'s process down (if any) and forgets the VM.
     fn remove(&self, m: &Managed) {
         if let Some(live) = m.live() {
-            self.end_process(m, &live, true);
+            self.end_process(m, &live);
         }
         m.status().removed = true;
-        {
-            let mut vms = lock(&self.shared.vms);
-            if vms.get(&m.id).is_some_and(|x| std::ptr::eq(x.as_ref(), m)) {
-                vms.remove(&m.id);
-            }
-        }
+        // The directory first: a create of the same id may follow at once.
         m.dir.remove();
+        let mut vms = lock(&self.shared.vms);
+        if vms.get(&m.id).is_some_and(|x| std::ptr::eq(x.as_ref(), m)) {
+            vms.remove(&m.id);
+        }
     }
 }
 
@@ -650,6 +684,17 @@ fn on_exit(m: &Managed, live: &Live, exit: Exit, events: &EventBus) {
     m.ended.notify_all();
 }
 
+/// Takes from a config a VM process `reported` only what a process may change by
+/// itself: disks its guest ejected (gone from the report). Everything else of vmmd's
+/// `config` stays: a process cannot add a file or a setting. Returns whether it changed.
+fn adopt_ejects(config: &mut VmConfig, reported: &VmConfig) -> bool {
+    let before = config.disks.len();
+    config
+        .disks
+        .retain(|d| reported.disks.iter().any(|r| r.id == d.id));
+    config.disks.len() != before
+}
+
 /// Records how VM `m`'s process ended, from what it left in its directory; returns the
 /// `crashed` event when it crashed (and was seen to, `pid` given).
 fn settle_ended(m: &Managed, exit: Exit, pid: Option<u32>) -> Option<Event> {
@@ -659,8 +704,8 @@ fn settle_ended(m: &Managed, exit: Exit, pid: Option<u32>) -> Option<Event> {
     if let Some(last) = last {
         st.state = VmState::Shutdown;
         st.crash = None;
-        if let Some(c) = last.config {
-            st.config = c;
+        if let Some(c) = &last.config {
+            adopt_ejects(&mut st.config, c);
         }
         st.counters = last.counters;
         m.save_config(&st.config);
@@ -811,17 +856,26 @@ impl VmmBackend for ProcessBackend {
             }),
             ended: Condvar::new(),
         });
+        // The files of the other VMs are looked at outside the map's lock (a hung mount
+        // must not stop the service); the id is taken under it.
+        if let Some(e) = clash(
+            &id,
+            &config.disks,
+            Self::serial_path(&config),
+            &self.other_configs(&id),
+        ) {
+            return Err(e);
+        }
         let _op = lock(&m.op);
         {
             let mut vms = lock(&self.shared.vms);
+            if self.shared.stopping.load(Ordering::SeqCst) {
+                return Err(ApiError::unavailable("the service is shutting down"));
+            }
             if vms.contains_key(&id) {
                 return Err(ApiError::conflict(format!(
                     "a VM with id {id:?} already exists"
                 )));
-            }
-            let others: Vec<VmConfig> = vms.values().map(|o| o.status().config.clone()).collect();
-            if let Some(e) = clash(&id, &config.disks, Self::serial_path(&config), &others) {
-                return Err(e);
             }
             vms.insert(id.clone(), m.clone());
         }
@@ -830,12 +884,14 @@ impl VmmBackend for ProcessBackend {
         match self.start(&m, &config, false) {
             Ok(()) => {
                 m.status().ready = true;
+                self.shared.events.emit(Event::now(&id, EventKind::Created));
                 Ok(())
             }
             Err(e) => {
                 m.status().removed = true;
-                lock(&self.shared.vms).remove(&id);
+                // The directory first: a create of the same id may follow at once.
                 m.dir.remove();
+                lock(&self.shared.vms).remove(&id);
                 Err(e)
             }
         }
@@ -845,9 +901,20 @@ impl VmmBackend for ProcessBackend {
         let others = self.other_configs(id);
         self.with_op(id, |m| {
             if let Some(live) = m.live() {
-                return self
-                    .forward(m, &live, "PUT", "/api/v1/vm.boot", None)
-                    .map(|_| ());
+                // A VM that just shut down (its guest powered off): its process is ending;
+                // the boot starts a new one once it has.
+                let state = self.live_info(m, &live, VIEW_TIMEOUT).map(|i| i.state);
+                if state != Some(VmState::Shutdown) {
+                    return self
+                        .forward(m, &live, "PUT", "/api/v1/vm.boot", None)
+                        .map(|_| ());
+                }
+                if !m.wait_ended(live.generation, EXIT_TIMEOUT) {
+                    return Err(ApiError::unavailable(format!(
+                        "VM {id}: its process (pid {}) neither answers nor ends",
+                        live.pid
+                    )));
+                }
             }
             let config = m.status().config.clone();
             if let Some(e) = clash(id, &config.disks, Self::serial_path(&config), &others) {
@@ -1003,7 +1070,10 @@ impl VmmBackend for ProcessBackend {
                 self.hand_over_image(m, &disk)?;
                 let body =
                     serde_json::to_vec(&disk).map_err(|e| ApiError::internal(e.to_string()))?;
-                self.change(m, l, "/api/v1/vm.add-disk", body)
+                self.change(m, l, "/api/v1/vm.add-disk", body, |c| {
+                    c.disks.push(disk.clone());
+                    Ok(())
+                })
             },
             |m| {
                 let config = m.status().config.clone();
@@ -1030,6 +1100,9 @@ impl VmmBackend for ProcessBackend {
                 }
                 m.save_config(&config);
                 m.status().config = config;
+                self.shared
+                    .events
+                    .emit(Event::now(id, EventKind::DiskAdded).with("disk", disk.id.clone()));
                 Ok(())
             },
         )
@@ -1043,7 +1116,8 @@ impl VmmBackend for ProcessBackend {
                     id: device_id.to_string(),
                 })
                 .map_err(|e| ApiError::internal(e.to_string()))?;
-                self.change(m, l, "/api/v1/vm.remove-device", body)
+                // The disk leaves the config when the guest ejects it (read back then).
+                self.change(m, l, "/api/v1/vm.remove-device", body, |_| Ok(()))
             },
             |m| {
                 let mut st = m.status();
@@ -1054,6 +1128,9 @@ impl VmmBackend for ProcessBackend {
                 }
                 st.config.disks.retain(|d| d.id != device_id);
                 m.save_config(&st.config);
+                self.shared
+                    .events
+                    .emit(Event::now(id, EventKind::DiskEjected).with("disk", device_id));
                 Ok(())
             },
         )
@@ -1065,7 +1142,10 @@ impl VmmBackend for ProcessBackend {
             |m, l| {
                 let body =
                     serde_json::to_vec(&update).map_err(|e| ApiError::internal(e.to_string()))?;
-                self.change(m, l, "/api/v1/vm.update-disk", body)
+                self.change(m, l, "/api/v1/vm.update-disk", body, |c| {
+                    *c = update.apply(id, c)?.0;
+                    Ok(())
+                })
             },
             |m| {
                 let mut st = m.status();
@@ -1082,7 +1162,11 @@ impl VmmBackend for ProcessBackend {
             |m, l| {
                 let body =
                     serde_json::to_vec(&update).map_err(|e| ApiError::internal(e.to_string()))?;
-                self.change(m, l, "/api/v1/vm.update-iothread", body)
+                self.change(m, l, "/api/v1/vm.update-iothread", body, |c| {
+                    let (index, merged) = merged_iothread(id, c, &update)?;
+                    c.iothreads[index] = merged;
+                    Ok(())
+                })
             },
             |m| {
                 let mut st = m.status();
@@ -1095,8 +1179,12 @@ impl VmmBackend for ProcessBackend {
     }
 
     fn shutdown_vmm(&self) -> Result<(), ApiError> {
-        self.shared.stopping.store(true, Ordering::SeqCst);
-        let vms: Vec<Arc<Managed>> = lock(&self.shared.vms).values().cloned().collect();
+        let vms: Vec<Arc<Managed>> = {
+            // Under the map's lock: a create either is in it now or sees `stopping`.
+            let vms = lock(&self.shared.vms);
+            self.shared.stopping.store(true, Ordering::SeqCst);
+            vms.values().cloned().collect()
+        };
         // Every VM at once: each drains its own disks.
         std::thread::scope(|s| {
             for m in &vms {

@@ -52,9 +52,15 @@ impl VmDir {
     pub fn log(&self) -> PathBuf {
         self.path.join("vmm.log")
     }
+    /// Where the VM process may write (the only part of the directory it may): its
+    /// last state and a start error. vmmd's own files (config, pid) stay out of its
+    /// reach.
+    pub fn out(&self) -> PathBuf {
+        self.path.join("out")
+    }
     /// What the VM process writes when it ends in order.
     pub fn last_state(&self) -> PathBuf {
-        self.path.join("last.json")
+        self.out().join("last.json")
     }
     /// How the VM process crashed, as vmmd saw it.
     pub fn crash(&self) -> PathBuf {
@@ -62,15 +68,18 @@ impl VmDir {
     }
     /// Why the VM process refused its VM at start.
     pub fn start_error(&self) -> PathBuf {
-        self.path.join("start-error.json")
+        self.out().join("start-error.json")
     }
 
-    /// Creates the directory (0700; its parent must exist).
+    /// Creates the directory and its `out` (0700; the parent must exist).
     pub fn create(&self) -> std::io::Result<()> {
-        match std::fs::DirBuilder::new().mode(0o700).create(&self.path) {
-            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => Ok(()),
-            r => r,
+        for dir in [self.path.clone(), self.out()] {
+            match std::fs::DirBuilder::new().mode(0o700).create(&dir) {
+                Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {}
+                r => r?,
+            }
         }
+        Ok(())
     }
 
     /// Reads JSON from `path` (`None`: missing or unreadable).
@@ -256,6 +265,17 @@ impl VmProcess {
             Exit::Signal(status)
         }
     }
+}
+
+/// Whether the process behind `pidfd` still runs (its pidfd is not readable yet).
+pub fn alive(pidfd: &OwnedFd) -> bool {
+    let mut pfd = libc::pollfd {
+        fd: pidfd.as_raw_fd(),
+        events: libc::POLLIN,
+        revents: 0,
+    };
+    // SAFETY: `pfd` is one valid pollfd for the duration of the call; timeout 0.
+    unsafe { libc::poll(&raw mut pfd, 1, 0) == 0 }
 }
 
 /// Sends `signal` to the process behind `pidfd` (not to whatever reused its pid).

@@ -197,3 +197,100 @@ impl Lines {
         }
     }
 }
+
+/// How many idle connections a [`Pool`] keeps.
+const POOL_IDLE: usize = 8;
+
+/// Requests to one socket over kept-alive connections: an idle one is reused, else a
+/// new one made (vmmd routes every VM-scoped call to a VM process this way).
+pub struct Pool {
+    socket: PathBuf,
+    idle: std::sync::Mutex<Vec<hyper::client::conn::http1::SendRequest<Full<Bytes>>>>,
+}
+
+impl Pool {
+    /// A pool for the socket at `socket` (no connection yet).
+    pub fn new(socket: impl AsRef<Path>) -> Self {
+        Pool {
+            socket: socket.as_ref().to_path_buf(),
+            idle: std::sync::Mutex::new(Vec::new()),
+        }
+    }
+
+    /// Drops every idle connection (the process behind the socket changed).
+    pub fn clear(&self) {
+        block::sync::lock(&self.idle).clear();
+    }
+
+    async fn connect(
+        &self,
+    ) -> Result<hyper::client::conn::http1::SendRequest<Full<Bytes>>, ClientError> {
+        let stream = tokio::net::UnixStream::connect(&self.socket)
+            .await
+            .map_err(|source| ClientError::Connect {
+                path: self.socket.clone(),
+                source,
+            })?;
+        let (sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream)).await?;
+        tokio::spawn(conn);
+        Ok(sender)
+    }
+
+    /// An idle connection that is still open, if any.
+    async fn reuse(&self) -> Option<hyper::client::conn::http1::SendRequest<Full<Bytes>>> {
+        loop {
+            let mut s = block::sync::lock(&self.idle).pop()?;
+            if s.ready().await.is_ok() {
+                return Some(s);
+            }
+        }
+    }
+
+    /// Sends `method path` with an optional JSON body. A request that an idle connection
+    /// could not carry (it was closed meanwhile) goes again on a new one when it had not
+    /// been sent, or is a GET.
+    pub async fn request(
+        &self,
+        method: &str,
+        path: &str,
+        body: Option<Vec<u8>>,
+    ) -> Result<Reply, ClientError> {
+        let build = || {
+            let mut req = hyper::Request::builder()
+                .method(method)
+                .uri(path)
+                .header(hyper::header::HOST, "localhost");
+            if body.is_some() {
+                req = req.header(hyper::header::CONTENT_TYPE, "application/json");
+            }
+            req.body(Full::new(Bytes::from(body.clone().unwrap_or_default())))
+        };
+        let (mut sender, reused) = match self.reuse().await {
+            Some(s) => (s, true),
+            None => (self.connect().await?, false),
+        };
+        let res = match sender.send_request(build()?).await {
+            Ok(res) => res,
+            Err(e) if reused && (e.is_canceled() || method == "GET") => {
+                sender = self.connect().await?;
+                sender.send_request(build()?).await?
+            }
+            Err(e) => return Err(e.into()),
+        };
+        let status = res.status().as_u16();
+        let body = http_body_util::Limited::new(res.into_body(), MAX_REPLY_BYTES)
+            .collect()
+            .await
+            .map_err(|e| match e.downcast::<hyper::Error>() {
+                Ok(e) => ClientError::Http(*e),
+                Err(_) => ClientError::TooLarge(MAX_REPLY_BYTES),
+            })?
+            .to_bytes()
+            .to_vec();
+        let mut idle = block::sync::lock(&self.idle);
+        if !sender.is_closed() && idle.len() < POOL_IDLE {
+            idle.push(sender);
+        }
+        Ok(Reply { status, body })
+    }
+}

@@ -378,7 +378,7 @@ fn vmctl_drives_the_service() {
     };
     assert!(ok(&["ping"]).contains("backend fake"));
     // `vmctl events` follows the stream: one line per step, in order.
-    let mut events = std::process::Command::new(env!("CARGO_BIN_EXE_vmctl"))
+    let events = std::process::Command::new(env!("CARGO_BIN_EXE_vmctl"))
         .arg("--api-socket")
         .arg(&s.socket)
         .args(["events", "--count", "3"])

@@ -1,13 +1,13 @@
 //! Talking to a VM process over its socket: VM-scoped calls routed to it (its answer,
 //! status and JSON, passed on as it is) and its event stream relayed to vmmd's.
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::time::Duration;
 
 use tokio::runtime::Handle;
 
 use crate::backend::{ApiError, ErrorBody, ErrorKind};
-use crate::client::{Client, Reply};
+use crate::client::{Client, Pool, Reply};
 use crate::events::{Event, EventBus};
 
 /// Why a VM process did not answer.
@@ -23,15 +23,14 @@ pub enum Unanswered {
 /// `timeout`. Blocks: call it off the async runtime.
 pub fn call(
     rt: &Handle,
-    socket: &Path,
+    pool: &Pool,
     method: &str,
     path: &str,
     body: Option<Vec<u8>>,
     timeout: Duration,
 ) -> Result<Reply, Unanswered> {
-    let client = Client::new(socket);
     rt.block_on(async {
-        match tokio::time::timeout(timeout, client.request(method, path, body)).await {
+        match tokio::time::timeout(timeout, pool.request(method, path, body)).await {
             Ok(Ok(reply)) => Ok(reply),
             Ok(Err(e)) => Err(Unanswered::Unreachable(e.to_string())),
             Err(_) => Err(Unanswered::Timeout),

@@ -95,6 +95,8 @@ struct Status {
 struct Managed {
     id: String,
     dir: VmDir,
+    /// Kept-alive connections to its process's socket.
+    conn: crate::client::Pool,
     /// Held by every call that changes the VM, one at a time.
     op: Mutex<()>,
     status: Mutex<Status>,
@@ -210,14 +212,7 @@ impl ProcessBackend {
         path: &str,
         body: Option<Vec<u8>>,
     ) -> Result<Reply, ApiError> {
-        match forward::call(
-            &self.shared.rt,
-            &m.dir.socket(),
-            method,
-            path,
-            body,
-            CALL_TIMEOUT,
-        ) {
+        match forward::call(&self.shared.rt, &m.conn, method, path, body, CALL_TIMEOUT) {
             Ok(r) if r.ok() => Ok(r),
             Ok(r) => Err(forward::answered_error(&r)),
             Err(Unanswered::Timeout) => Err(ApiError::unavailable(format!(
@@ -244,7 +239,7 @@ impl ProcessBackend {
     fn live_info(&self, m: &Managed, live: &Live, timeout: Duration) -> Option<VmInfo> {
         let r = forward::call(
             &self.shared.rt,
-            &m.dir.socket(),
+            &m.conn,
             "GET",
             "/api/v1/vm.info",
             None,
@@ -310,6 +305,7 @@ impl ProcessBackend {
             let _ = std::fs::remove_file(stale);
         }
         m.save_config(config);
+        m.conn.clear();
         // The VM is created (and booted) at the process's start, from its config file:
         // the process knows every file it will need before it confines itself.
         let mut args = vec![
@@ -378,7 +374,7 @@ impl ProcessBackend {
         loop {
             if let Ok(r) = forward::call(
                 &self.shared.rt,
-                &m.dir.socket(),
+                &m.conn,
                 "GET",
                 "/api/v1/vmm.ping",
                 None,
@@ -423,7 +419,7 @@ impl ProcessBackend {
     fn end_process(&self, m: &Managed, live: &Live) {
         let _ = forward::call(
             &self.shared.rt,
-            &m.dir.socket(),
+            &m.conn,
             "PUT",
             "/api/v1/vmm.shutdown",
             None,
@@ -471,6 +467,7 @@ impl ProcessBackend {
             }
             let m = Arc::new(Managed {
                 id: id.clone(),
+                conn: crate::client::Pool::new(vm_dir.socket()),
                 dir: vm_dir,
                 op: Mutex::new(()),
                 status: Mutex::new(Status {
@@ -842,6 +839,7 @@ impl VmmBackend for ProcessBackend {
         let id = config.id.clone();
         let m = Arc::new(Managed {
             id: id.clone(),
+            conn: crate::client::Pool::new(VmDir::new(&self.shared.opts.state_dir, &id).socket()),
             dir: VmDir::new(&self.shared.opts.state_dir, &id),
             op: Mutex::new(()),
             status: Mutex::new(Status {
@@ -1043,7 +1041,7 @@ impl VmmBackend for ProcessBackend {
                 let counters = match m.live() {
                     Some(_) => forward::call(
                         &self.shared.rt,
-                        &m.dir.socket(),
+                        &m.conn,
                         "GET",
                         "/api/v1/vm.counters",
                         None,

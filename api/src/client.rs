@@ -90,29 +90,14 @@ impl Client {
         let (mut sender, conn) =
             hyper::client::conn::http1::handshake(TokioIo::new(stream)).await?;
         let conn = tokio::spawn(conn);
-        let mut req = hyper::Request::builder()
-            .method(method)
-            .uri(path)
-            .header(hyper::header::HOST, "localhost");
-        if body.is_some() {
-            req = req.header(hyper::header::CONTENT_TYPE, "application/json");
-        }
-        let req = req.body(Full::new(Bytes::from(body.unwrap_or_default())))?;
-        let res = sender.send_request(req).await?;
-        let status = res.status().as_u16();
-        let body = http_body_util::Limited::new(res.into_body(), MAX_REPLY_BYTES)
-            .collect()
-            .await
-            .map_err(|e| match e.downcast::<hyper::Error>() {
-                Ok(e) => ClientError::Http(*e),
-                Err(_) => ClientError::TooLarge(MAX_REPLY_BYTES),
-            })?
-            .to_bytes()
-            .to_vec();
+        let res = sender
+            .send_request(build_request(method, path, body)?)
+            .await?;
+        let reply = read_reply(res).await?;
         drop(sender);
         // The connection ends with the request; its result adds nothing.
         let _ = conn.await;
-        Ok(Reply { status, body })
+        Ok(reply)
     }
 
     /// Sends `GET path` and returns the status and the body as it arrives, for endpoints
@@ -128,12 +113,9 @@ impl Client {
             hyper::client::conn::http1::handshake(TokioIo::new(stream)).await?;
         // The connection lives as long as its body is read.
         tokio::spawn(conn);
-        let req = hyper::Request::builder()
-            .method("GET")
-            .uri(path)
-            .header(hyper::header::HOST, "localhost")
-            .body(Full::new(Bytes::new()))?;
-        let res = sender.send_request(req).await?;
+        let res = sender
+            .send_request(build_request("GET", path, None)?)
+            .await?;
         let status = res.status().as_u16();
         Ok((
             status,
@@ -255,42 +237,59 @@ impl Pool {
         path: &str,
         body: Option<Vec<u8>>,
     ) -> Result<Reply, ClientError> {
-        let build = || {
-            let mut req = hyper::Request::builder()
-                .method(method)
-                .uri(path)
-                .header(hyper::header::HOST, "localhost");
-            if body.is_some() {
-                req = req.header(hyper::header::CONTENT_TYPE, "application/json");
-            }
-            req.body(Full::new(Bytes::from(body.clone().unwrap_or_default())))
-        };
         let (mut sender, reused) = match self.reuse().await {
             Some(s) => (s, true),
             None => (self.connect().await?, false),
         };
-        let res = match sender.send_request(build()?).await {
+        let res = match sender
+            .send_request(build_request(method, path, body.clone())?)
+            .await
+        {
             Ok(res) => res,
             Err(e) if reused && (e.is_canceled() || method == "GET") => {
                 sender = self.connect().await?;
-                sender.send_request(build()?).await?
+                sender
+                    .send_request(build_request(method, path, body)?)
+                    .await?
             }
             Err(e) => return Err(e.into()),
         };
-        let status = res.status().as_u16();
-        let body = http_body_util::Limited::new(res.into_body(), MAX_REPLY_BYTES)
-            .collect()
-            .await
-            .map_err(|e| match e.downcast::<hyper::Error>() {
-                Ok(e) => ClientError::Http(*e),
-                Err(_) => ClientError::TooLarge(MAX_REPLY_BYTES),
-            })?
-            .to_bytes()
-            .to_vec();
+        let reply = read_reply(res).await?;
         let mut idle = block::sync::lock(&self.idle);
         if !sender.is_closed() && idle.len() < POOL_IDLE {
             idle.push(sender);
         }
-        Ok(Reply { status, body })
+        Ok(reply)
     }
+}
+
+/// `method path` with an optional JSON body.
+fn build_request(
+    method: &str,
+    path: &str,
+    body: Option<Vec<u8>>,
+) -> Result<hyper::Request<Full<Bytes>>, ClientError> {
+    let mut req = hyper::Request::builder()
+        .method(method)
+        .uri(path)
+        .header(hyper::header::HOST, "localhost");
+    if body.is_some() {
+        req = req.header(hyper::header::CONTENT_TYPE, "application/json");
+    }
+    Ok(req.body(Full::new(Bytes::from(body.unwrap_or_default())))?)
+}
+
+/// The status and the whole body of `res` (at most [`MAX_REPLY_BYTES`]).
+async fn read_reply(res: hyper::Response<hyper::body::Incoming>) -> Result<Reply, ClientError> {
+    let status = res.status().as_u16();
+    let body = http_body_util::Limited::new(res.into_body(), MAX_REPLY_BYTES)
+        .collect()
+        .await
+        .map_err(|e| match e.downcast::<hyper::Error>() {
+            Ok(e) => ClientError::Http(*e),
+            Err(_) => ClientError::TooLarge(MAX_REPLY_BYTES),
+        })?
+        .to_bytes()
+        .to_vec();
+    Ok(Reply { status, body })
 }

@@ -115,18 +115,7 @@ pub async fn serve_until_stopped(
     let (signalled_tx, signalled) = watch::channel(false);
     let flag = stop.clone();
     tokio::spawn(async move {
-        let term = async {
-            match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-                Ok(mut s) => {
-                    s.recv().await;
-                }
-                Err(_) => std::future::pending().await,
-            }
-        };
-        tokio::select! {
-            _ = tokio::signal::ctrl_c() => {}
-            _ = term => {}
-        }
+        termination().await;
         tracing::info!("signal received, stopping");
         signalled_tx.send_replace(true);
         flag.send_replace(true);
@@ -147,6 +136,22 @@ pub async fn serve_until_stopped(
     } else {
         Stopped::Asked
     })
+}
+
+/// Returns once SIGTERM or SIGINT arrives.
+pub async fn termination() {
+    let term = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(_) => std::future::pending().await,
+        }
+    };
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        () = term => {}
+    }
 }
 
 /// Sets up `tracing` on stderr, at the level of environment variable `var` (or

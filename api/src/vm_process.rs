@@ -455,18 +455,9 @@ fn watch_ending(
 /// Without a socket: waits for the VM to end, or for SIGTERM/SIGINT.
 async fn wait_until_stopped(stop: &watch::Sender<bool>) -> Stopped {
     let mut rx = stop.subscribe();
-    let term = async {
-        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-            Ok(mut s) => {
-                s.recv().await;
-            }
-            Err(_) => std::future::pending().await,
-        }
-    };
     tokio::select! {
         _ = rx.wait_for(|s| *s) => Stopped::Asked,
-        _ = tokio::signal::ctrl_c() => Stopped::Signal,
-        () = term => Stopped::Signal,
+        () = daemon::termination() => Stopped::Signal,
     }
 }
 

@@ -392,7 +392,7 @@ fn a_syscall_outside_the_filter_ends_only_that_vm() {
     let elf = support::guest();
     let tsc = support::tsc_khz();
     // Debug builds only: the vCPU of VM "bad" makes a syscall outside its filter
-    // (getcwd) when it starts.
+    // (acct) when it starts.
     let s = Service::start_with(&[], |c| {
         c.env("VMM_TEST_BAD_SYSCALL", "bad:vcpu");
     });

@@ -114,10 +114,10 @@ fn test_violation(class: ThreadClass) {
     if armed.is_some() {
         tracing::warn!(
             class = class.name(),
-            "test: making a syscall outside the filter (getcwd)"
+            "test: making a syscall outside the filter (acct)"
         );
-        // SAFETY: getcwd with a null buffer and size 0 touches no memory (EFAULT/ERANGE if
-        // the filter lets it through).
-        unsafe { libc::syscall(libc::SYS_getcwd, std::ptr::null_mut::<u8>(), 0) };
+        // SAFETY: acct with a null path only switches process accounting off (EPERM
+        // without the capability); no memory is touched.
+        unsafe { libc::syscall(libc::SYS_acct, std::ptr::null::<libc::c_char>()) };
     }
 }

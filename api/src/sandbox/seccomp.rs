@@ -116,6 +116,8 @@ const REFUSED: &[i64] = &[libc::SYS_openat, libc::SYS_open];
 /// memory, images and their locks, the kernel, the serial output, threads, I/O engines)
 /// and serving HTTP on the sockets.
 const BUILD: &[i64] = &[
+    // Relative client paths are resolved against the working directory.
+    libc::SYS_getcwd,
     libc::SYS_openat,
     // Opening without following symbolic links (vmmd --allowed-dir).
     libc::SYS_openat2,
@@ -339,16 +341,16 @@ mod tests {
                 // SAFETY: ends the child at once.
                 unsafe { libc::_exit(3) };
             }
-            // Allowed: getpid. Refused with EACCES: open. Forbidden: getcwd.
-            // SAFETY: plain syscalls on a valid C string or without pointers (getcwd with
-            // a null buffer fails with EFAULT if it is let through).
+            // Allowed: getpid. Refused with EACCES: open. Forbidden: acct.
+            // SAFETY: plain syscalls on a valid C string or a null pointer (acct with a
+            // null path only switches accounting off, EPERM without the capability).
             unsafe {
                 libc::getpid();
                 let fd = libc::open(c"/proc/self/status".as_ptr(), libc::O_RDONLY);
                 if fd >= 0 || std::io::Error::last_os_error().raw_os_error() != Some(libc::EACCES) {
                     libc::_exit(4);
                 }
-                libc::syscall(libc::SYS_getcwd, std::ptr::null_mut::<u8>(), 0);
+                libc::syscall(libc::SYS_acct, std::ptr::null::<libc::c_char>());
                 libc::_exit(0);
             }
         }

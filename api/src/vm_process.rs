@@ -130,7 +130,18 @@ impl VmmBackend for OneVm {
 
     fn add_disk(&self, id: &str, disk: DiskConfig) -> Result<(), ApiError> {
         let disk_id = disk.id.clone();
-        self.inner.add_disk(id, disk)?;
+        let path = disk.path.clone();
+        if let Err(e) = self.inner.add_disk(id, disk) {
+            // A file handed over for it is not kept for a disk that is not there.
+            let used = self
+                .inner
+                .info(id)
+                .is_ok_and(|i| i.config.disks.iter().any(|d| d.path == path));
+            if !used {
+                block::host_file::forget_handed(&path);
+            }
+            return Err(e);
+        }
         self.events
             .emit(Event::now(id, EventKind::DiskAdded).with("disk", disk_id));
         Ok(())

@@ -243,14 +243,10 @@ impl Entry {
             .map_err(|e| vmm::vm::VmError::Config(e.details().join("; ")))?;
         let state = self.state();
         let added = match self.vm.as_mut() {
-            Some(vm) if state != VmState::Shutdown => vm.hot_add_disk(disk.clone()).map(|_| ()),
+            Some(vm) if state != VmState::Shutdown => vm.hot_add_disk(disk).map(|_| ()),
             _ => vmm::vm::device_manager::probe_disk(&disk),
         };
-        if let Err(e) = added {
-            // A file handed over for it is not kept for a disk that is not there.
-            release_handed(&self.config, &disk.path);
-            return Err(e);
-        }
+        added?;
         self.config = config;
         Ok(())
     }

@@ -122,6 +122,10 @@ const BUILD: &[i64] = &[
     // Opening without following symbolic links (vmmd --allowed-dir).
     libc::SYS_openat2,
     libc::SYS_access,
+    libc::SYS_faccessat,
+    libc::SYS_faccessat2,
+    libc::SYS_readlinkat,
+    libc::SYS_fchmodat,
     libc::SYS_statx,
     libc::SYS_newfstatat,
     libc::SYS_fstat,

@@ -89,6 +89,12 @@ struct Status {
     /// `vm.create` has answered (until then, listing leaves the VM out).
     ready: bool,
     removed: bool,
+    /// Counts the changes vmmd made to `config`: a report read from the process before
+    /// one of them is not adopted.
+    changes: u64,
+    /// The generation being started: if it ends before its start has answered, its end
+    /// is the failed start's (no crash report, nothing adopted).
+    starting: Option<u64>,
 }
 
 /// One VM of the service.
@@ -237,6 +243,7 @@ impl ProcessBackend {
 
     /// The VM's info from its process (`None`: it did not answer within `timeout`).
     fn live_info(&self, m: &Managed, live: &Live, timeout: Duration) -> Option<VmInfo> {
+        let changes = m.status().changes;
         let r = forward::call(
             &self.shared.rt,
             &m.conn,
@@ -256,7 +263,8 @@ impl ProcessBackend {
             .is_some_and(|l| l.generation == live.generation)
         {
             st.state = info.state;
-            if adopt_ejects(&mut st.config, &info.config) {
+            // A report older than a change vmmd made since is not taken.
+            if st.changes == changes && adopt_ejects(&mut st.config, &info.config) {
                 m.save_config(&st.config);
             }
             // What vmmd answers is its own config: a process cannot widen it.
@@ -341,6 +349,7 @@ impl ProcessBackend {
                 generation: st.generation,
             };
             st.live = Some(live.clone());
+            st.starting = Some(st.generation);
             st.crash = None;
             st.state = VmState::Created;
             live
@@ -358,12 +367,15 @@ impl ProcessBackend {
             let mut st = m.status();
             st.state = before.0;
             st.crash = before.1;
+            st.starting = None;
             drop(st);
+            let _ = std::fs::remove_file(m.dir.last_state());
             // What it left is not a shutdown of the VM: the VM stays as it was.
             return Err(e);
         }
         // An earlier crash's report is history now.
         let _ = std::fs::remove_file(m.dir.crash());
+        m.status().starting = None;
         tracing::info!(id = %m.id, pid = live.pid, "VM process started");
         Ok(())
     }
@@ -479,6 +491,8 @@ impl ProcessBackend {
                     generation: 0,
                     ready: true,
                     removed: false,
+                    changes: 0,
+                    starting: None,
                 }),
                 ended: Condvar::new(),
             });
@@ -524,9 +538,10 @@ impl ProcessBackend {
         let pidfd = process::pidfd_open(pid)?;
         let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).ok()?;
         let socket = m.dir.socket();
-        let ours = cmdline
-            .split(|b| *b == 0)
-            .any(|arg| arg == socket.as_os_str().as_encoded_bytes());
+        let mut args = cmdline.split(|b| *b == 0);
+        let binary = self.shared.opts.vmm_binary.as_os_str().as_encoded_bytes();
+        let ours = args.next() == Some(binary)
+            && args.any(|arg| arg == socket.as_os_str().as_encoded_bytes());
         // Checked after the pidfd was opened: the pidfd names this very process.
         (ours && process::alive(&pidfd)).then(|| Live {
             pid,
@@ -567,6 +582,7 @@ impl ProcessBackend {
             match apply(&mut config) {
                 Ok(()) => {
                     st.config = config;
+                    st.changes += 1;
                     m.save_config(&st.config);
                 }
                 Err(e) => {
@@ -675,8 +691,22 @@ fn on_exit(m: &Managed, live: &Live, exit: Exit, events: &EventBus) {
             return;
         }
     }
-    if let Some(event) = settle_ended(m, exit, Some(live.pid)) {
+    let failed_start = {
+        let mut st = m.status();
+        if st.starting == Some(live.generation) {
+            // Its start failed: `start` answers that and restores the VM.
+            st.live = None;
+            true
+        } else {
+            false
+        }
+    };
+    if !failed_start && let Some(event) = settle_ended(m, exit, Some(live.pid)) {
         events.emit(event);
+    }
+    // Its sockets (it cannot remove them itself: it may write only under out/).
+    for s in [m.dir.socket(), m.dir.fd_socket()] {
+        let _ = std::fs::remove_file(s);
     }
     m.ended.notify_all();
 }
@@ -686,9 +716,12 @@ fn on_exit(m: &Managed, live: &Live, exit: Exit, events: &EventBus) {
 /// `config` stays: a process cannot add a file or a setting. Returns whether it changed.
 fn adopt_ejects(config: &mut VmConfig, reported: &VmConfig) -> bool {
     let before = config.disks.len();
-    config
-        .disks
-        .retain(|d| reported.disks.iter().any(|r| r.id == d.id));
+    config.disks.retain(|d| {
+        reported
+            .disks
+            .iter()
+            .any(|r| r.id == d.id && r.path == d.path)
+    });
     config.disks.len() != before
 }
 
@@ -851,6 +884,8 @@ impl VmmBackend for ProcessBackend {
                 generation: 0,
                 ready: false,
                 removed: false,
+                changes: 0,
+                starting: None,
             }),
             ended: Condvar::new(),
         });
@@ -903,11 +938,14 @@ impl VmmBackend for ProcessBackend {
                 // the boot starts a new one once it has.
                 let state = self.live_info(m, &live, VIEW_TIMEOUT).map(|i| i.state);
                 if state != Some(VmState::Shutdown) {
-                    return self
-                        .forward(m, &live, "PUT", "/api/v1/vm.boot", None)
-                        .map(|_| ());
-                }
-                if !m.wait_ended(live.generation, EXIT_TIMEOUT) {
+                    match self.forward(m, &live, "PUT", "/api/v1/vm.boot", None) {
+                        Ok(_) => return Ok(()),
+                        // Still there: its answer stands.
+                        Err(e) if m.live().is_some() => return Err(e),
+                        // It ended meanwhile (a guest poweroff): a new one is started.
+                        Err(_) => {}
+                    }
+                } else if !m.wait_ended(live.generation, EXIT_TIMEOUT) {
                     return Err(ApiError::unavailable(format!(
                         "VM {id}: its process (pid {}) neither answers nor ends",
                         live.pid
@@ -1065,10 +1103,18 @@ impl VmmBackend for ProcessBackend {
                 if let Some(e) = clash(id, [&disk], None, &others) {
                     return Err(e);
                 }
+                if m.status().config.disks.iter().any(|d| d.id == disk.id) {
+                    return Err(ApiError::conflict(format!(
+                        "VM {id} already has a disk with id {:?}",
+                        disk.id
+                    )));
+                }
                 self.hand_over_image(m, &disk)?;
                 let body =
                     serde_json::to_vec(&disk).map_err(|e| ApiError::internal(e.to_string()))?;
                 self.change(m, l, "/api/v1/vm.add-disk", body, |c| {
+                    // The process took it: a disk of that id it had let go is gone.
+                    c.disks.retain(|d| d.id != disk.id);
                     c.disks.push(disk.clone());
                     Ok(())
                 })

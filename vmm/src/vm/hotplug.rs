@@ -95,8 +95,15 @@ impl DiskSet {
             self.stop_dedicated(t);
         }
         drop(entry);
-        // A file handed over for it goes too (and with it the image's lock).
-        block::host_file::forget_handed(&path);
+        // A file handed over for it goes too (and with it the image's lock), unless
+        // another disk uses the same image.
+        if !self
+            .lock_disks()
+            .iter()
+            .any(|d| d.blk.config().path == path)
+        {
+            block::host_file::forget_handed(&path);
+        }
         tracing::info!(disk = %id, slot, queues = drained, "disk ejected by the guest and removed");
         self.lock_ejected().push(id);
         if let Some(fd) = lock(&self.notify).as_ref()

@@ -81,15 +81,7 @@ impl Client {
         path: &str,
         body: Option<Vec<u8>>,
     ) -> Result<Reply, ClientError> {
-        let stream = tokio::net::UnixStream::connect(&self.socket)
-            .await
-            .map_err(|source| ClientError::Connect {
-                path: self.socket.clone(),
-                source,
-            })?;
-        let (mut sender, conn) =
-            hyper::client::conn::http1::handshake(TokioIo::new(stream)).await?;
-        let conn = tokio::spawn(conn);
+        let (mut sender, conn) = connect(&self.socket).await?;
         let res = sender
             .send_request(build_request(method, path, body)?)
             .await?;
@@ -103,16 +95,8 @@ impl Client {
     /// Sends `GET path` and returns the status and the body as it arrives, for endpoints
     /// that stream (`events`). Read it with [`Lines`].
     pub async fn stream(&self, path: &str) -> Result<(u16, Lines), ClientError> {
-        let stream = tokio::net::UnixStream::connect(&self.socket)
-            .await
-            .map_err(|source| ClientError::Connect {
-                path: self.socket.clone(),
-                source,
-            })?;
-        let (mut sender, conn) =
-            hyper::client::conn::http1::handshake(TokioIo::new(stream)).await?;
         // The connection lives as long as its body is read.
-        tokio::spawn(conn);
+        let (mut sender, _conn) = connect(&self.socket).await?;
         let res = sender
             .send_request(build_request("GET", path, None)?)
             .await?;
@@ -207,15 +191,7 @@ impl Pool {
     async fn connect(
         &self,
     ) -> Result<hyper::client::conn::http1::SendRequest<Full<Bytes>>, ClientError> {
-        let stream = tokio::net::UnixStream::connect(&self.socket)
-            .await
-            .map_err(|source| ClientError::Connect {
-                path: self.socket.clone(),
-                source,
-            })?;
-        let (sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream)).await?;
-        tokio::spawn(conn);
-        Ok(sender)
+        Ok(connect(&self.socket).await?.0)
     }
 
     /// An idle connection that is still open, if any.
@@ -261,6 +237,29 @@ impl Pool {
         }
         Ok(reply)
     }
+}
+
+/// The connection task a [`connect`] runs (it ends when the connection does).
+type ConnTask = tokio::task::JoinHandle<Result<(), hyper::Error>>;
+
+/// A new HTTP/1.1 connection to `socket`, its task running on the runtime.
+async fn connect(
+    socket: &Path,
+) -> Result<
+    (
+        hyper::client::conn::http1::SendRequest<Full<Bytes>>,
+        ConnTask,
+    ),
+    ClientError,
+> {
+    let stream = tokio::net::UnixStream::connect(socket)
+        .await
+        .map_err(|source| ClientError::Connect {
+            path: socket.to_path_buf(),
+            source,
+        })?;
+    let (sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream)).await?;
+    Ok((sender, tokio::spawn(conn)))
 }
 
 /// `method path` with an optional JSON body.

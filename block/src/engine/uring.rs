@@ -94,13 +94,16 @@ impl UringEngine {
             engine: NAME,
             source,
         };
-        let ring = build_ring(options).map_err(setup)?;
+        let (ring, disabled) = build_ring(options).map_err(setup)?;
         let submitter = ring.submitter();
         submitter.register_files(&[disk.fd()]).map_err(setup)?;
         let notifier = crate::engine::new_notifier().map_err(setup)?;
         submitter
             .register_eventfd(notifier.as_raw_fd())
             .map_err(setup)?;
+        if disabled {
+            restrict(&ring).map_err(setup)?;
+        }
         let capacity = options.queue_depth as usize;
         let sqpoll = ring.params().is_setup_sqpoll();
         tracing::debug!(
@@ -396,9 +399,16 @@ impl Drop for UringEngine {
 /// with an interrupt; the ring's TASKRUN flag shows it instead, and
 /// [`IoEngine::has_completions`] / [`IoEngine::reap_ready`] look at that flag. A sleeping
 /// thread is still woken and its eventfd signalled as without the flags.
-fn build_ring(options: &EngineOptions) -> io::Result<IoUring> {
-    let build = |submit_all: bool, coop: bool| {
+///
+/// The ring starts disabled (`R_DISABLED`, Linux 5.10) so that [`restrict`] can limit it
+/// before it runs anything; the second value says whether it did (an older kernel gets
+/// an unrestricted ring).
+fn build_ring(options: &EngineOptions) -> io::Result<(IoUring, bool)> {
+    let build = |disabled: bool, submit_all: bool, coop: bool| {
         let mut builder = IoUring::builder();
+        if disabled {
+            builder.setup_r_disabled();
+        }
         if let Some(idle_ms) = options.sqpoll_idle_ms {
             builder.setup_sqpoll(idle_ms);
         }
@@ -412,13 +422,37 @@ fn build_ring(options: &EngineOptions) -> io::Result<IoUring> {
     };
     let einval =
         |r: &io::Result<IoUring>| matches!(r, Err(e) if e.raw_os_error() == Some(libc::EINVAL));
-    for (submit_all, coop) in [(true, true), (true, false), (false, false)] {
-        let ring = build(submit_all, coop);
-        if !einval(&ring) || !submit_all && !coop {
-            return ring;
+    for disabled in [true, false] {
+        for (submit_all, coop) in [(true, true), (true, false), (false, false)] {
+            let ring = build(disabled, submit_all, coop);
+            if !einval(&ring) {
+                return ring.map(|r| (r, disabled));
+            }
         }
     }
-    build(false, false)
+    build(false, false, false).map(|r| (r, false))
+}
+
+/// Limits the (disabled) ring to the operations the engine submits, on its registered
+/// file only, then enables it: a thread that could forge submissions cannot make the
+/// ring open files, make sockets or run anything else the process's seccomp filters
+/// would refuse as syscalls (io_uring operations are not syscalls). Anything else
+/// completes with `-EACCES`.
+fn restrict(ring: &IoUring) -> io::Result<()> {
+    use io_uring::register::Restriction;
+    let mut allowed = [
+        Restriction::sqe_op(opcode::Read::CODE),
+        Restriction::sqe_op(opcode::Readv::CODE),
+        Restriction::sqe_op(opcode::Write::CODE),
+        Restriction::sqe_op(opcode::Writev::CODE),
+        Restriction::sqe_op(opcode::Fsync::CODE),
+        Restriction::sqe_op(opcode::Fallocate::CODE),
+        Restriction::sqe_flags_allowed(squeue::Flags::FIXED_FILE.bits()),
+        Restriction::sqe_flags_required(squeue::Flags::FIXED_FILE.bits()),
+    ];
+    let submitter = ring.submitter();
+    submitter.register_restrictions(&mut allowed)?;
+    submitter.register_enable_rings()
 }
 
 /// The SQE for `op` on a regular file (block-device discard/write-zeroes go to the pool).

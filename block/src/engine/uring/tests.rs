@@ -478,3 +478,50 @@ fn reads_past_eof_are_short_not_errors() {
         assert_eq!(run_one(&mut eng, beyond), 0, "{cache}");
     }
 }
+
+/// The ring runs only the engine's operations on its registered file: anything else (an
+/// open, a no-op, a read by plain descriptor) completes with EACCES, while the engine's
+/// own reads go on.
+#[test]
+fn the_ring_refuses_operations_the_engine_does_not_submit() {
+    let img = image_in(&std::env::temp_dir(), &[0x42u8; 8192]);
+    let disk = open_disk(img.path(), CacheMode::Writeback);
+    let mut eng = engine(&disk, 8, 8);
+    let path = c"/etc/hostname";
+    let buf = filled(4096, 0);
+    let foreign = [
+        opcode::OpenAt::new(types::Fd(libc::AT_FDCWD), path.as_ptr())
+            .build()
+            .user_data(1),
+        opcode::Nop::new().build().user_data(2),
+        opcode::Read::new(
+            types::Fd(disk.fd()),
+            buf.as_slice().as_ptr().cast_mut(),
+            4096,
+        )
+        .build()
+        .user_data(3),
+    ];
+    for sqe in &foreign {
+        // SAFETY: the path and the buffer outlive the submission, which is reaped below.
+        unsafe { eng.ring.submission().push(sqe).unwrap() };
+    }
+    eng.ring.submit_and_wait(foreign.len()).unwrap();
+    let mut results: Vec<(u64, i32)> = eng
+        .ring
+        .completion()
+        .map(|c| (c.user_data(), c.result()))
+        .collect();
+    results.sort_unstable();
+    assert_eq!(
+        results,
+        [(1, -libc::EACCES), (2, -libc::EACCES), (3, -libc::EACCES)]
+    );
+    let iov = [iovec(&buf, 0..4096)];
+    let read = EngineOp::Read {
+        offset: 0,
+        iovecs: vecs(&iov),
+    };
+    assert_eq!(run_one(&mut eng, read), 4096);
+    assert!(buf.as_slice().iter().all(|&b| b == 0x42));
+}

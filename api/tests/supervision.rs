@@ -409,6 +409,12 @@ fn a_syscall_outside_the_filter_ends_only_that_vm() {
     let info = s.ok("GET", "vm.info?id=bad", None).json();
     assert_eq!(info["state"], "Crashed", "{info}");
     assert_eq!(info["crash"]["signal"], libc::SIGSYS, "{info}");
+    assert!(
+        info["crash"]["reason"]
+            .as_str()
+            .is_some_and(|r| r.contains("seccomp")),
+        "{info}"
+    );
     // The other VM and the service go on.
     assert_eq!(s.state("good"), "Running");
     assert_grows("good after bad's crash", || ops_at(&s.socket, "?id=good"));

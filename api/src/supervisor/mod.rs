@@ -754,6 +754,12 @@ fn settle_ended(m: &Managed, exit: Exit, pid: Option<u32>) -> Option<Event> {
         (Exit::Unknown, Some(_)) => {
             "the VM process was started by an earlier vmmd: its exit status is unknown".into()
         }
+        (Exit::Signal(libc::SIGSYS), _) => "a syscall outside its seccomp filter (the kernel's \
+            audit log, dmesg, names it; docs/sandbox.md lists what each thread may call)"
+            .into(),
+        (Exit::Signal(libc::SIGABRT), _) => {
+            "aborted: a panic or a failed check (see its log)".into()
+        }
         _ => String::new(),
     };
     let report = exit.report(reason, m.dir.log_tail());

@@ -18,6 +18,7 @@ pub mod queue;
 pub mod sync;
 pub mod thread_class;
 pub mod throttle;
+pub mod utc;
 
 pub use cache::CacheMode;
 pub use counters::{CountersSnapshot, DiskCounters};

@@ -7,7 +7,7 @@
 use std::path::Path;
 
 use devices::virtio_blk::device::DeviceError;
-use vmm::config::{SerialMode, VmConfig, same_file};
+use vmm::config::{VmConfig, same_file};
 use vmm::serial::SerialError;
 use vmm::vm::VmError;
 
@@ -25,11 +25,9 @@ fn holder(others: &[VmConfig], path: &Path) -> Option<String> {
             let how = if d.readonly { "read-only" } else { "writable" };
             return Some(format!("VM {} (disk {}, {how})", vm.id, d.id));
         }
-        let serial = matches!(vm.serial.mode, SerialMode::File | SerialMode::Socket);
         vm.serial
-            .path
-            .as_deref()
-            .filter(|p| serial && (*p == path || same_file(p, path)))
+            .host_path()
+            .filter(|p| *p == path || same_file(p, path))
             .map(|_| format!("the serial output of VM {}", vm.id))
     })
 }

@@ -32,7 +32,7 @@ use std::time::{Duration, Instant};
 use block::sync::lock;
 use devices::config::{DiskConfig, IoThreadUpdate};
 use tokio::runtime::Handle;
-use vmm::config::{SerialMode, VmConfig, same_file};
+use vmm::config::{VmConfig, same_file};
 
 use crate::backend::{
     ApiError, CrashReport, PingResponse, UpdateDisk, VmCounters, VmInfo, VmState, VmSummary,
@@ -554,16 +554,12 @@ impl ProcessBackend {
     fn route<T>(
         &self,
         id: &str,
-        online: impl FnOnce(&Managed, &Live) -> Result<T, ApiError>,
-        offline: impl FnOnce(&Managed) -> Result<T, ApiError>,
+        online: impl FnOnce(&Arc<Managed>, &Live) -> Result<T, ApiError>,
+        offline: impl FnOnce(&Arc<Managed>) -> Result<T, ApiError>,
     ) -> Result<T, ApiError> {
-        self.with_op(id, |m| match m.live() {
-            Some(live) => online(m, &live),
-            None => offline(m),
-        })
+        self.with_op(id, |m| dispatch(m, online, offline))
     }
 
-    /// Routes a call that changes the VM, then reads its config back.
     /// Routes a call that changes the VM; once the process has taken it, `apply` makes
     /// the same change to vmmd's config (the one it keeps and trusts), then what the
     /// process did by itself (ejects) is read back.
@@ -663,6 +659,24 @@ impl ProcessBackend {
         if vms.get(&m.id).is_some_and(|x| std::ptr::eq(x.as_ref(), m)) {
             vms.remove(&m.id);
         }
+    }
+}
+
+/// Runs `online` with VM `m`'s live process, or `offline` without one. A process that
+/// ended during `online` (its VM shut down, or it crashed) leaves the VM offline: its
+/// failure is not the answer, `offline` is (counters and info as last known, a boot
+/// starting a new process, changes made to the config, a refusal saying the VM's state).
+fn dispatch<T>(
+    m: &Arc<Managed>,
+    online: impl FnOnce(&Arc<Managed>, &Live) -> Result<T, ApiError>,
+    offline: impl FnOnce(&Arc<Managed>) -> Result<T, ApiError>,
+) -> Result<T, ApiError> {
+    match m.live() {
+        Some(live) => match online(m, &live) {
+            Err(_) if m.live().is_none() => offline(m),
+            answer => answer,
+        },
+        None => offline(m),
     }
 }
 
@@ -831,7 +845,7 @@ fn clash<'a>(
 ) -> Option<ApiError> {
     let mine = file_uses(id, disks, serial);
     others.iter().find_map(|o| {
-        let theirs = file_uses(&o.id, &o.disks, ProcessBackend::serial_path(o));
+        let theirs = file_uses(&o.id, &o.disks, o.serial.host_path());
         mine.iter().find_map(|m| {
             theirs
                 .iter()
@@ -853,12 +867,6 @@ impl ProcessBackend {
             .filter(|m| m.id != except)
             .map(|m| m.status().config.clone())
             .collect()
-    }
-
-    fn serial_path(config: &VmConfig) -> Option<&Path> {
-        matches!(config.serial.mode, SerialMode::File | SerialMode::Socket)
-            .then_some(config.serial.path.as_deref())
-            .flatten()
     }
 }
 
@@ -900,7 +908,7 @@ impl VmmBackend for ProcessBackend {
         if let Some(e) = clash(
             &id,
             &config.disks,
-            Self::serial_path(&config),
+            config.serial.host_path(),
             &self.other_configs(&id),
         ) {
             return Err(e);
@@ -938,32 +946,30 @@ impl VmmBackend for ProcessBackend {
 
     fn boot(&self, id: &str) -> Result<(), ApiError> {
         let others = self.other_configs(id);
-        self.with_op(id, |m| {
-            if let Some(live) = m.live() {
+        self.route(
+            id,
+            |m, live| {
                 // A VM that just shut down (its guest powered off): its process is ending;
-                // the boot starts a new one once it has.
-                let state = self.live_info(m, &live, VIEW_TIMEOUT).map(|i| i.state);
-                if state != Some(VmState::Shutdown) {
-                    match self.forward(m, &live, "PUT", "/api/v1/vm.boot", None) {
-                        Ok(_) => return Ok(()),
-                        // Still there: its answer stands.
-                        Err(e) if m.live().is_some() => return Err(e),
-                        // It ended meanwhile (a guest poweroff): a new one is started.
-                        Err(_) => {}
-                    }
-                } else if !m.wait_ended(live.generation, EXIT_TIMEOUT) {
+                // once it has, the boot starts a new one (the offline path).
+                if self.live_info(m, live, VIEW_TIMEOUT).map(|i| i.state) == Some(VmState::Shutdown)
+                {
+                    m.wait_ended(live.generation, EXIT_TIMEOUT);
                     return Err(ApiError::unavailable(format!(
                         "VM {id}: its process (pid {}) neither answers nor ends",
                         live.pid
                     )));
                 }
-            }
-            let config = m.status().config.clone();
-            if let Some(e) = clash(id, &config.disks, Self::serial_path(&config), &others) {
-                return Err(e);
-            }
-            self.start(m, &config, true)
-        })
+                self.forward(m, live, "PUT", "/api/v1/vm.boot", None)
+                    .map(|_| ())
+            },
+            |m| {
+                let config = m.status().config.clone();
+                if let Some(e) = clash(id, &config.disks, config.serial.host_path(), &others) {
+                    return Err(e);
+                }
+                self.start(m, &config, true)
+            },
+        )
     }
 
     fn pause(&self, id: &str) -> Result<(), ApiError> {
@@ -1031,20 +1037,20 @@ impl VmmBackend for ProcessBackend {
         if m.status().removed {
             return Err(no_vm(id));
         }
-        match m.live() {
-            Some(live) => match self.live_info(&m, &live, CALL_TIMEOUT) {
-                Some(info) => Ok(info),
-                // It may be ending (its VM shut down): give its watcher a moment.
-                None if m.wait_ended(live.generation, Duration::from_secs(1)) => {
-                    Ok(Self::cached_info(&m))
-                }
-                None => Err(ApiError::unavailable(format!(
-                    "VM {id}: its process (pid {}) does not answer",
-                    live.pid
-                ))),
+        dispatch(
+            &m,
+            |m, live| {
+                self.live_info(m, live, CALL_TIMEOUT).ok_or_else(|| {
+                    // It may be ending (its VM shut down): give its watcher a moment.
+                    m.wait_ended(live.generation, Duration::from_secs(1));
+                    ApiError::unavailable(format!(
+                        "VM {id}: its process (pid {}) does not answer",
+                        live.pid
+                    ))
+                })
             },
-            None => Ok(Self::cached_info(&m)),
-        }
+            |m| Ok(Self::cached_info(m)),
+        )
     }
 
     fn list(&self) -> Vec<VmSummary> {
@@ -1065,16 +1071,15 @@ impl VmmBackend for ProcessBackend {
 
     fn counters(&self, id: &str) -> Result<VmCounters, ApiError> {
         let m = self.get(id)?;
-        match m.live() {
-            Some(live) => match self.forward(&m, &live, "GET", "/api/v1/vm.counters", None) {
-                Ok(r) => serde_json::from_slice(&r.body)
-                    .map_err(|e| ApiError::internal(format!("VM {id}: unreadable counters: {e}"))),
-                // Its process ended meanwhile (the VM shut down): what it left.
-                Err(_) if m.live().is_none() => Ok(m.status().counters.clone()),
-                Err(e) => Err(e),
+        dispatch(
+            &m,
+            |m, live| {
+                let r = self.forward(m, live, "GET", "/api/v1/vm.counters", None)?;
+                serde_json::from_slice(&r.body)
+                    .map_err(|e| ApiError::internal(format!("VM {id}: unreadable counters: {e}")))
             },
-            None => Ok(m.status().counters.clone()),
-        }
+            |m| Ok(m.status().counters.clone()),
+        )
     }
 
     fn all_counters(&self) -> Vec<(String, VmState, VmCounters)> {

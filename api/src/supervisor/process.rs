@@ -12,6 +12,9 @@ use std::sync::Arc;
 
 use crate::backend::{ApiError, CrashReport};
 
+/// The largest state file read (a config, counters and an event take a few KiB).
+const MAX_STATE_FILE: u64 = 16 << 20;
+
 /// How many lines of a VM's log a crash report carries.
 const LOG_TAIL_LINES: usize = 12;
 /// How much of the end of a VM's log is read for them.
@@ -82,9 +85,17 @@ impl VmDir {
         Ok(())
     }
 
-    /// Reads JSON from `path` (`None`: missing or unreadable).
+    /// Reads JSON from `path` (`None`: missing, unreadable, or larger than
+    /// [`MAX_STATE_FILE`]: a VM process writes some of these files, and vmmd does not
+    /// read whatever it likes into memory).
     pub fn read_json<T: serde::de::DeserializeOwned>(path: &Path) -> Option<T> {
-        let bytes = std::fs::read(path).ok()?;
+        let file = File::open(path).ok()?;
+        let mut bytes = Vec::new();
+        file.take(MAX_STATE_FILE + 1).read_to_end(&mut bytes).ok()?;
+        if bytes.len() as u64 > MAX_STATE_FILE {
+            tracing::warn!(path = %path.display(), "state file too large: ignored");
+            return None;
+        }
         serde_json::from_slice(&bytes).ok()
     }
 
@@ -292,5 +303,24 @@ pub fn signal(pidfd: &OwnedFd, signal: i32) {
     };
     if r != 0 {
         tracing::debug!(error = %std::io::Error::last_os_error(), "pidfd_send_signal failed");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn state_files_are_read_only_up_to_a_size() {
+        let dir = tempfile::tempdir().unwrap();
+        let small = dir.path().join("small.json");
+        std::fs::write(&small, b"[1, 2, 3]").unwrap();
+        assert_eq!(VmDir::read_json::<Vec<u8>>(&small), Some(vec![1, 2, 3]));
+        // A VM process that writes a huge "last state" does not make vmmd read it all.
+        let big = dir.path().join("big.json");
+        let f = File::create(&big).unwrap();
+        f.set_len(MAX_STATE_FILE + 1).unwrap();
+        assert_eq!(VmDir::read_json::<Vec<u8>>(&big), None);
+        assert_eq!(VmDir::read_json::<Vec<u8>>(&dir.path().join("none")), None);
     }
 }

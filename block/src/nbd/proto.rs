@@ -23,8 +23,6 @@ pub const FLAG_NO_ZEROES: u16 = 2;
 
 /// `NBD_OPT_GO`.
 pub const OPT_GO: u32 = 7;
-/// `NBD_OPT_ABORT`.
-pub const OPT_ABORT: u32 = 2;
 /// `NBD_REP_ACK`.
 pub const REP_ACK: u32 = 1;
 /// `NBD_REP_INFO`.
@@ -166,7 +164,6 @@ pub fn handshake(stream: &mut (impl Read + Write), export: &str) -> Result<Expor
     if server_flags & FLAG_FIXED_NEWSTYLE == 0 {
         return Err(bad("the server does not speak fixed newstyle".into()));
     }
-    let no_zeroes = server_flags & FLAG_NO_ZEROES != 0;
     let client_flags = u32::from(FLAG_FIXED_NEWSTYLE | (server_flags & FLAG_NO_ZEROES));
     let name = export.as_bytes();
     let name_len = u32::try_from(name.len()).map_err(|_| bad("export name too long".into()))?;
@@ -234,7 +231,6 @@ pub fn handshake(stream: &mut (impl Read + Write), export: &str) -> Result<Expor
             other => return Err(bad(format!("unexpected option reply type {other}"))),
         }
     }
-    let _ = no_zeroes; // NBD_OPT_GO never sends the zeroes; kept for older options.
     let (size, flags) = export_info
         .ok_or_else(|| bad("NBD_OPT_GO acknowledged without the export's size".into()))?;
     let (min_block, preferred_block, max_payload) = blocks;

@@ -187,6 +187,16 @@ pub struct SerialConfig {
     pub path: Option<PathBuf>,
 }
 
+impl SerialConfig {
+    /// The host file or socket the output uses (`file` and `socket` modes), if any.
+    pub fn host_path(&self) -> Option<&Path> {
+        match self.mode {
+            SerialMode::File | SerialMode::Socket => self.path.as_deref(),
+            SerialMode::Stdout | SerialMode::Null => None,
+        }
+    }
+}
+
 /// A named throttle budget shared by the disks that name it in `throttle_group`.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]

@@ -56,6 +56,17 @@ impl OneVm {
     /// `created` event (the process's start is the creation; its supervisor says so).
     pub fn create_at_start(&self, config: VmConfig) -> Result<(), ApiError> {
         let _one = lock(&self.creating);
+        self.create_one(config)
+    }
+
+    /// Creates the VM, the process holding none (`creating` held by the caller).
+    fn create_one(&self, config: VmConfig) -> Result<(), ApiError> {
+        if let Some(vm) = self.inner.list().first() {
+            return Err(ApiError::conflict(format!(
+                "this vmm process serves one VM and has one ({}); delete it first",
+                vm.id
+            )));
+        }
         if let Some(class) = crate::sandbox::test_violation_request(&config.id) {
             crate::sandbox::arm_test_violation(class);
         }
@@ -75,17 +86,8 @@ impl VmmBackend for OneVm {
 
     fn create(&self, config: VmConfig) -> Result<(), ApiError> {
         let _one = lock(&self.creating);
-        if let Some(vm) = self.inner.list().first() {
-            return Err(ApiError::conflict(format!(
-                "this vmm process serves one VM and has one ({}); delete it first",
-                vm.id
-            )));
-        }
         let id = config.id.clone();
-        if let Some(class) = crate::sandbox::test_violation_request(&id) {
-            crate::sandbox::arm_test_violation(class);
-        }
-        self.announce(&id, EventKind::Created, || self.inner.create(config))
+        self.announce(&id, EventKind::Created, || self.create_one(config))
     }
 
     fn boot(&self, id: &str) -> Result<(), ApiError> {

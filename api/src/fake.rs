@@ -80,7 +80,7 @@ fn image_problems<'a>(
     let mut missing = Vec::new();
     let mut locked = None;
     for (i, d) in disks {
-        if d.is_null() {
+        if d.host_path().is_none() {
             continue;
         }
         if let Err(e) = std::fs::metadata(&d.path) {

@@ -56,6 +56,7 @@ fn disk_samples(c: &BlkCounters) -> Vec<Sample> {
             },
         invalid_requests,
         signals,
+        nbd,
     } = c;
     let mut out = Vec::new();
     for (kind, what, k) in [
@@ -102,6 +103,23 @@ fn disk_samples(c: &BlkCounters) -> Vec<Sample> {
         "Interrupts the disk sent to the driver.",
         *signals,
     ));
+    if let Some(n) = nbd {
+        out.push(gauge(
+            "nbd_connections",
+            "Connections of an NBD disk that are up.",
+            u64::from(n.connections),
+        ));
+        out.push(gauge(
+            "nbd_failed",
+            "1 when an NBD disk's connection is down for good (reconnect_delay 0, or the export changed).",
+            u64::from(n.state == block::nbd::NbdLinkState::Failed),
+        ));
+        out.push(counter(
+            "nbd_reconnects",
+            "Successful reconnects of an NBD disk.",
+            n.reconnects,
+        ));
+    }
     out
 }
 
@@ -240,6 +258,14 @@ mod tests {
             },
             invalid_requests: 18,
             signals: 19,
+            nbd: Some(block::nbd::NbdStatus {
+                server: "unix:/run/nbd.sock".into(),
+                export: "e".into(),
+                state: block::nbd::NbdLinkState::Reconnecting,
+                connections: 20,
+                reconnects: 21,
+                last_error: Some("gone".into()),
+            }),
         }
     }
 
@@ -306,6 +332,9 @@ mod tests {
             format!("vmm_disk_throttled_ns_total{d0} 17"),
             format!("vmm_disk_invalid_requests_total{d0} 18"),
             format!("vmm_disk_signals_total{d0} 19"),
+            format!("vmm_disk_nbd_connections{d0} 20"),
+            format!("vmm_disk_nbd_reconnects_total{d0} 21"),
+            format!("vmm_disk_nbd_failed{d0} 0"),
             format!("vmm_iothread_passes_total{io0} 21"),
             format!("vmm_iothread_wakeups_total{io0} 22"),
             format!("vmm_iothread_poll_hits_total{io0} 23"),
@@ -318,13 +347,14 @@ mod tests {
         for w in &want {
             assert!(lines.contains(&w.as_str()), "no line {w:?} in:\n{text}");
         }
-        // 19 disk families, 8 iothread families and vmm_vm_running, each with HELP and
-        // TYPE; 19 disk samples per disk, 8 per iothread, one per VM; nothing else (the
-        // histogram is not exported).
+        // 22 disk families (3 of them for NBD disks only), 8 iothread families and
+        // vmm_vm_running, each with HELP and TYPE; 19 disk samples per disk and 3 more for
+        // the NBD one, 8 per iothread, one per VM; nothing else (the histogram is not
+        // exported).
         let samples = lines.iter().filter(|l| !l.starts_with('#')).count();
-        assert_eq!(samples, 2 * 19 + 8 + 2, "{text}");
+        assert_eq!(samples, 2 * 19 + 3 + 8 + 2, "{text}");
         let types = lines.iter().filter(|l| l.starts_with("# TYPE")).count();
-        assert_eq!(types, 19 + 8 + 1, "{text}");
+        assert_eq!(types, 22 + 8 + 1, "{text}");
         let helps = lines.iter().filter(|l| l.starts_with("# HELP")).count();
         assert_eq!(helps, types, "{text}");
     }

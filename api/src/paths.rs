@@ -83,8 +83,31 @@ impl PathRules {
         if disk.is_null() {
             return Ok(());
         }
+        if disk.is_nbd() {
+            return self.check_nbd(field, disk);
+        }
         self.check_own(field, &disk.path)?;
         self.check(field, &mut disk.path)
+    }
+
+    /// An NBD disk: a TCP server is not a host path; a Unix socket is, and follows the
+    /// rules of every path (the URI then names the resolved socket).
+    fn check_nbd(&self, field: &str, disk: &mut DiskConfig) -> Result<(), ApiError> {
+        let text = disk.path.to_string_lossy().into_owned();
+        let uri: block::nbd::NbdUri = text
+            .parse()
+            .map_err(|e: String| ApiError::bad_request("invalid disk").with_details(vec![e]))?;
+        let block::nbd::NbdAddress::Unix(socket) = &uri.address else {
+            return Ok(());
+        };
+        let mut socket = socket.clone();
+        let field = format!("{field} (socket)");
+        self.check_own(&field, &socket)?;
+        self.check(&field, &mut socket)?;
+        if self.restricted() {
+            disk.path = PathBuf::from(uri.with_socket(socket).to_string());
+        }
+        Ok(())
     }
 
     /// 409 when `path` is one of the service's own sockets.
@@ -245,6 +268,36 @@ mod tests {
         let mut c = vm(&allowed, &kernel, &img);
         c.serial.path = Some(dangling);
         assert_eq!(rules.check_vm(&mut c).unwrap_err().kind.status(), 403);
+    }
+
+    #[test]
+    fn nbd_unix_sockets_follow_the_path_rules_and_tcp_servers_pass() {
+        let root = tempfile::tempdir().unwrap();
+        let allowed = root.path().join("vms");
+        std::fs::create_dir_all(&allowed).unwrap();
+        let api = allowed.join("vmmd.sock");
+        let rules =
+            PathRules::new(std::slice::from_ref(&allowed), std::slice::from_ref(&api)).unwrap();
+        let real = std::fs::canonicalize(&allowed).unwrap();
+        std::os::unix::fs::symlink(&allowed, root.path().join("via")).unwrap();
+        let uri = |p: &Path| format!("nbd+unix:///e%20x?socket={}", p.display());
+        // Inside (through a link): accepted, the URI names the resolved socket.
+        let mut d = DiskConfig::new("d", uri(&root.path().join("via/nbd.sock")));
+        rules.check_disk(&mut d).unwrap();
+        assert_eq!(d.path, PathBuf::from(uri(&real.join("nbd.sock"))));
+        // Outside: 403 naming the socket; the service's own socket: 409.
+        let mut d = DiskConfig::new("d", uri(&root.path().join("nbd.sock")));
+        let e = rules.check_disk(&mut d).unwrap_err();
+        assert_eq!(e.kind.status(), 403, "{e:?}");
+        assert!(e.message.contains("path (socket)"), "{}", e.message);
+        let mut d = DiskConfig::new("d", uri(&api));
+        assert_eq!(rules.check_disk(&mut d).unwrap_err().kind.status(), 409);
+        // TCP: no host path to check; a malformed URI: 400.
+        let mut d = DiskConfig::new("d", "nbd://10.0.0.5/disk");
+        rules.check_disk(&mut d).unwrap();
+        assert_eq!(d.path, PathBuf::from("nbd://10.0.0.5/disk"));
+        let mut d = DiskConfig::new("d", "nbd+unix:///x");
+        assert_eq!(rules.check_disk(&mut d).unwrap_err().kind.status(), 400);
     }
 
     #[test]

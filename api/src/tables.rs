@@ -100,6 +100,51 @@ pub fn counters(c: &VmCounters) -> String {
         ],
         &iothreads,
     );
+    let nbd: Vec<(&String, &block::nbd::NbdStatus)> = c
+        .disks
+        .iter()
+        .filter_map(|(id, d)| d.nbd.as_ref().map(|n| (id, n)))
+        .collect();
+    if !nbd.is_empty() {
+        let rows: Vec<Vec<String>> = nbd
+            .iter()
+            .map(|(id, n)| {
+                let state = serde_json::to_value(n.state)
+                    .ok()
+                    .and_then(|v| v.as_str().map(str::to_string))
+                    .unwrap_or_default();
+                vec![
+                    (*id).clone(),
+                    n.server.clone(),
+                    if n.export.is_empty() {
+                        "-".into()
+                    } else {
+                        n.export.clone()
+                    },
+                    state,
+                    n.connections.to_string(),
+                    n.reconnects.to_string(),
+                ]
+            })
+            .collect();
+        out.push('\n');
+        out += &table(
+            &[
+                "NBD_DISK",
+                "SERVER",
+                "EXPORT",
+                "STATE",
+                "CONNECTIONS",
+                "RECONNECTS",
+            ],
+            &rows,
+        );
+        for (id, n) in nbd {
+            if let Some(e) = &n.last_error {
+                out += &format!("{id}: last error: {e}\n");
+            }
+        }
+    }
     out
 }
 
@@ -108,6 +153,40 @@ mod tests {
     use super::*;
     use devices::iothread::IoThreadCounters;
     use devices::virtio_blk::device::BlkCounters;
+
+    #[test]
+    fn nbd_disks_get_a_table_of_their_connections() {
+        let mut c = VmCounters::default();
+        let d = BlkCounters {
+            nbd: Some(block::nbd::NbdStatus {
+                server: "10.0.0.5:10809".into(),
+                export: "vol1".into(),
+                state: block::nbd::NbdLinkState::Reconnecting,
+                connections: 1,
+                reconnects: 2,
+                last_error: Some("receiving from the server: reset".into()),
+            }),
+            ..Default::default()
+        };
+        c.disks.insert("net".into(), d);
+        c.disks.insert("local".into(), BlkCounters::default());
+        let text = counters(&c);
+        let lines: Vec<&str> = text.lines().collect();
+        let head = lines
+            .iter()
+            .position(|l| l.starts_with("NBD_DISK"))
+            .unwrap();
+        let row: Vec<&str> = lines[head + 1].split_whitespace().collect();
+        assert_eq!(
+            row,
+            ["net", "10.0.0.5:10809", "vol1", "reconnecting", "1", "2"]
+        );
+        assert_eq!(
+            lines[head + 2],
+            "net: last error: receiving from the server: reset"
+        );
+        assert_eq!(lines.len(), head + 3, "{text}");
+    }
 
     #[test]
     fn counters_tables_show_each_disk_and_iothread() {

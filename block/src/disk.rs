@@ -10,10 +10,13 @@ use std::io;
 use std::os::fd::{AsRawFd, RawFd};
 use std::os::unix::fs::FileTypeExt;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
 
 use crate::cache::CacheMode;
 use crate::error::Error;
 use crate::host_file::{self, OpenFlags};
+use crate::nbd::{self, NbdClient, NbdOptions, NbdStatus};
 
 /// What a disk is backed by.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -24,6 +27,8 @@ pub enum BackendKind {
     BlockDevice,
     /// No storage: reads return zeroes, writes are dropped (QEMU's null-co).
     Null,
+    /// An export on an NBD server (the path is an NBD URI).
+    Nbd,
 }
 
 /// How to open a disk.
@@ -35,6 +40,11 @@ pub struct DiskOptions {
     pub readonly: bool,
     /// Cache mode.
     pub cache: CacheMode,
+    /// NBD only: how long requests wait for a lost connection to come back (zero:
+    /// never reconnect).
+    pub reconnect_delay: Duration,
+    /// NBD only: connections to open when the server allows multi-conn (the queue count).
+    pub connections: usize,
 }
 
 impl DiskOptions {
@@ -44,6 +54,8 @@ impl DiskOptions {
             path: path.into(),
             readonly: false,
             cache: CacheMode::default(),
+            reconnect_delay: Duration::from_secs(crate::nbd::client::DEFAULT_RECONNECT_DELAY),
+            connections: 1,
         }
     }
 }
@@ -52,6 +64,7 @@ impl DiskOptions {
 #[derive(Debug)]
 pub struct Disk {
     file: Option<File>,
+    nbd: Option<Arc<NbdClient>>,
     path: PathBuf,
     backend: BackendKind,
     capacity: u64,
@@ -72,6 +85,9 @@ impl Disk {
     /// Opens the image or block device at `options.path` per its cache mode, probes it and
     /// locks it (exclusively when writable, shared when read-only).
     pub fn open(options: &DiskOptions) -> Result<Disk, Error> {
+        if let Some(uri) = options.path.to_str().filter(|p| nbd::is_nbd_uri(p)) {
+            return Disk::open_nbd(uri, options);
+        }
         let path = options.path.clone();
         // Look before opening: a FIFO, socket or character device is refused without
         // being opened (opening some devices has side effects).
@@ -130,6 +146,7 @@ impl Disk {
         );
         Ok(Disk {
             file: Some(file),
+            nbd: None,
             path,
             backend,
             capacity: geometry.capacity,
@@ -142,10 +159,55 @@ impl Disk {
         })
     }
 
+    /// Connects to the NBD export `uri` (see [`crate::nbd`]).
+    fn open_nbd(uri: &str, options: &DiskOptions) -> Result<Disk, Error> {
+        let client = NbdClient::open(
+            uri,
+            &NbdOptions {
+                reconnect_delay: options.reconnect_delay,
+                connections: options.connections,
+                writable: !options.readonly,
+            },
+        )?;
+        let info = *client.info();
+        // The guest addresses 512-byte sectors; a server with a larger minimum block
+        // gets aligned requests through the queue's bounce buffers.
+        let logical = info.min_block.max(512);
+        let preferred = info.preferred_block.clamp(logical, 65536);
+        Ok(Disk {
+            file: None,
+            nbd: Some(Arc::new(client)),
+            path: options.path.clone(),
+            backend: BackendKind::Nbd,
+            capacity: info.size,
+            logical_block_size: logical,
+            physical_block_size: if preferred.is_power_of_two() {
+                preferred
+            } else {
+                logical
+            },
+            mem_align: 1,
+            offset_align: if logical > 512 { logical } else { 1 },
+            readonly: options.readonly,
+            cache: options.cache,
+        })
+    }
+
+    /// The NBD client of an NBD disk.
+    pub fn nbd(&self) -> Option<&Arc<NbdClient>> {
+        self.nbd.as_ref()
+    }
+
+    /// The connection status of an NBD disk.
+    pub fn nbd_status(&self) -> Option<NbdStatus> {
+        self.nbd.as_ref().map(|c| c.status())
+    }
+
     /// A null disk of `capacity` bytes: reads return zeroes, writes are dropped.
     pub fn null(capacity: u64) -> Disk {
         Disk {
             file: None,
+            nbd: None,
             path: PathBuf::from("null"),
             backend: BackendKind::Null,
             capacity,
@@ -289,7 +351,7 @@ fn probe(file: &File, backend: BackendKind, direct: bool) -> io::Result<Geometry
                 offset_align,
             })
         }
-        BackendKind::File | BackendKind::Null => {
+        BackendKind::File | BackendKind::Null | BackendKind::Nbd => {
             let (mem_align, offset_align) = match (direct, dio) {
                 (false, _) => (1, 1),
                 (true, Some((mem, off))) => (mem.max(1), off),
@@ -421,7 +483,7 @@ mod tests {
         let err = Disk::open(&DiskOptions {
             readonly: true,
             cache: CacheMode::Writeback,
-            path: dir.path().into(),
+            ..DiskOptions::new(dir.path())
         })
         .unwrap_err();
         assert!(matches!(err, Error::NotADisk { .. }), "{err}");
@@ -433,9 +495,8 @@ mod tests {
         // O_DIRECT support of a filesystem.
         for cache in [CacheMode::None, CacheMode::Writeback] {
             let err = Disk::open(&DiskOptions {
-                path: "/dev/zero".into(),
-                readonly: false,
                 cache,
+                ..DiskOptions::new("/dev/zero")
             })
             .unwrap_err();
             assert!(matches!(err, Error::NotADisk { .. }), "{err}");
@@ -449,9 +510,9 @@ mod tests {
         assert_eq!(unsafe { libc::mkfifo(c.as_ptr(), 0o600) }, 0);
         for readonly in [true, false] {
             let err = Disk::open(&DiskOptions {
-                path: fifo.clone(),
                 readonly,
                 cache: CacheMode::Writeback,
+                ..DiskOptions::new(&fifo)
             })
             .unwrap_err();
             assert!(err.to_string().contains("a FIFO"), "{err}");

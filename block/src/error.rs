@@ -83,6 +83,10 @@ pub enum Error {
         #[source]
         source: io::Error,
     },
+    /// An NBD disk could not be opened: a malformed URI, an unreachable server, a refused
+    /// or unusable export.
+    #[error(transparent)]
+    Nbd(#[from] crate::nbd::NbdOpenError),
     /// Submitting to the kernel failed in a way that is not one request's fault.
     #[error("the {engine} engine cannot submit: {source}")]
     Submit {

@@ -287,9 +287,9 @@ mod tests {
         let free = || try_lock(&open(&p, rw).unwrap(), true).unwrap();
         assert!(free());
         let disk = crate::Disk::open(&crate::DiskOptions {
-            path: p.clone(),
             readonly: true,
             cache: crate::CacheMode::Writeback,
+            ..crate::DiskOptions::new(p.clone())
         })
         .unwrap();
         assert!(!free(), "a read-only disk's lock");

@@ -15,15 +15,18 @@ pub enum ThreadClass {
     Vcpu,
     /// An iothread or an I/O worker (the data path).
     IoThread,
+    /// A connection thread of a network disk (NBD): sends, receives, reconnects.
+    Network,
 }
 
 impl ThreadClass {
     /// Every class.
-    pub const ALL: [ThreadClass; 4] = [
+    pub const ALL: [ThreadClass; 5] = [
         ThreadClass::Api,
         ThreadClass::Control,
         ThreadClass::Vcpu,
         ThreadClass::IoThread,
+        ThreadClass::Network,
     ];
 
     /// Its name in options and messages.
@@ -33,6 +36,7 @@ impl ThreadClass {
             ThreadClass::Control => "control",
             ThreadClass::Vcpu => "vcpu",
             ThreadClass::IoThread => "iothread",
+            ThreadClass::Network => "network",
         }
     }
 }

@@ -78,9 +78,9 @@ fn loop_device_probe_and_every_engine() {
                 continue;
             }
             let disk = Disk::open(&DiskOptions {
-                path: dev.0.clone(),
                 readonly: false,
                 cache,
+                ..DiskOptions::new(dev.0.clone())
             })
             .unwrap();
             assert_eq!(disk.backend(), BackendKind::BlockDevice);

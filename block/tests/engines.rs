@@ -25,9 +25,9 @@ fn modes(kind: AioKind) -> &'static [CacheMode] {
 
 fn open_queue(path: &Path, cache: CacheMode, kind: AioKind, depth: u32) -> DiskQueue {
     let disk = Disk::open(&DiskOptions {
-        path: path.into(),
         readonly: false,
         cache,
+        ..DiskOptions::new(path)
     })
     .unwrap_or_else(|e| panic!("open {cache}: {e}"));
     let options = EngineOptions {
@@ -326,9 +326,9 @@ fn full_filesystem_gives_enospc_and_the_engine_keeps_working() {
             }
             let path = image(fs.0.path(), 8 << 20); // sparse: 8 MiB on a 1 MiB filesystem
             let disk = match Disk::open(&DiskOptions {
-                path: path.clone(),
                 readonly: false,
                 cache,
+                ..DiskOptions::new(path.clone())
             }) {
                 Ok(d) => Arc::new(d),
                 Err(block::Error::DirectNotSupported { .. }) => {
@@ -396,9 +396,9 @@ fn native_engine_refuses_buffered_cache_modes_clearly() {
     ] {
         let disk = Arc::new(
             Disk::open(&DiskOptions {
-                path: path.clone(),
                 readonly: false,
                 cache,
+                ..DiskOptions::new(path.clone())
             })
             .unwrap(),
         );
@@ -419,9 +419,9 @@ fn o_direct_flag_follows_the_cache_mode() {
     let path = image(dir.path(), 1 << 20);
     for cache in CacheMode::ALL {
         let disk = Disk::open(&DiskOptions {
-            path: path.clone(),
             readonly: false,
             cache,
+            ..DiskOptions::new(path.clone())
         })
         .unwrap();
         let file = std::fs::File::open("/proc/self/fdinfo/".to_owned() + &disk.fd().to_string());

@@ -7,6 +7,7 @@ pub mod fio;
 pub mod image;
 pub mod latency;
 pub mod linux_guest;
+pub mod nbd_server;
 pub mod skip;
 pub mod test_guest;
 pub mod vmlinux;

@@ -20,7 +20,7 @@ fn holder(others: &[VmConfig], path: &Path) -> Option<String> {
         if let Some(d) = vm
             .disks
             .iter()
-            .find(|d| !d.is_null() && same_file(&d.path, path))
+            .find(|d| d.host_path().is_some_and(|p| same_file(p, path)))
         {
             let how = if d.readonly { "read-only" } else { "writable" };
             return Some(format!("VM {} (disk {}, {how})", vm.id, d.id));

@@ -81,7 +81,12 @@ pub(crate) fn vm_error(id: &str, e: VmError) -> ApiError {
                     | block::Error::NotADisk { .. }
                     | block::Error::DirectNotSupported { .. }
                     | block::Error::NativeNeedsDirect { .. }
-                    | block::Error::InvalidOption(_),
+                    | block::Error::InvalidOption(_)
+                    | block::Error::Nbd(
+                        block::nbd::NbdOpenError::Uri(_)
+                        | block::nbd::NbdOpenError::Connect { .. }
+                        | block::nbd::NbdOpenError::Export { .. },
+                    ),
                 ),
             ..
         } => Some(ApiError::bad_request("invalid disk").with_details(vec![msg.clone()])),

@@ -42,7 +42,7 @@ impl FileSet {
         let mut set = FileSet::default();
         set.read.push(config.payload.kernel.clone());
         set.read.extend(config.payload.initramfs.clone());
-        for d in config.disks.iter().filter(|d| !d.is_null()) {
+        for d in config.disks.iter().filter(|d| d.host_path().is_some()) {
             if d.readonly {
                 set.read.push(d.path.clone());
             } else {
@@ -66,6 +66,13 @@ impl FileSet {
             "/proc/sys/vm/overcommit_memory",
             "/sys/kernel/mm/hugepages",
             "/sys/devices/system/cpu/online",
+            // The resolver's files, for the host name of an NBD server (nbd://host/...)
+            // when a disk opens or is hot-plugged.
+            "/etc/hosts",
+            "/etc/host.conf",
+            "/etc/resolv.conf",
+            "/etc/nsswitch.conf",
+            "/etc/gai.conf",
         ] {
             set.read.push(PathBuf::from(p));
         }

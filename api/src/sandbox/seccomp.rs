@@ -180,6 +180,22 @@ const BUILD: &[i64] = &[
     libc::SYS_renameat2,
 ];
 
+/// A network disk's connection threads (NBD): sending and receiving on their socket,
+/// and reconnecting (a new socket, connect, the handshake with its timeouts) after a
+/// pause.
+const NETWORK: &[i64] = &[
+    libc::SYS_connect,
+    libc::SYS_sendmsg,
+    libc::SYS_recvmsg,
+    libc::SYS_sendto,
+    libc::SYS_recvfrom,
+    libc::SYS_shutdown,
+    libc::SYS_setsockopt,
+    libc::SYS_getsockopt,
+    libc::SYS_getsockname,
+    libc::SYS_getpeername,
+];
+
 /// `ioctl` request types a class may use (the `_IOC_TYPE` byte): KVM's for vCPUs
 /// (`KVM_RUN`, `KVM_IRQFD`, `KVM_SET_GSI_ROUTING`, ...), the block layer's for the data
 /// path (`BLKDISCARD`, `BLKZEROOUT`, `BLKGETSIZE64`).
@@ -195,24 +211,30 @@ fn rules(class: ThreadClass) -> Result<BTreeMap<i64, Vec<SeccompRule>>, String> 
         // filter, so it allows what they do too.
         ThreadClass::Vcpu => (&[VCPU, IO], Some(KVM_IOCTL_TYPE)),
         ThreadClass::IoThread => (&[IO], Some(BLOCK_IOCTL_TYPE)),
+        ThreadClass::Network => (&[NETWORK], None),
     };
     for sys in BASE.iter().chain(extra.iter().flat_map(|l| l.iter())) {
         map.insert(*sys, Vec::new());
     }
-    if matches!(class, ThreadClass::Api | ThreadClass::Control) {
-        // Unix sockets only (a serial socket): the API's TCP listener is bound before the
-        // filters, and a VM process has nothing to reach on a network.
-        let unix_only = SeccompCondition::new(
-            0,
-            SeccompCmpArgLen::Dword,
-            SeccompCmpOp::Eq,
-            u64::try_from(libc::AF_UNIX).unwrap_or(1),
-        )
-        .map_err(|e| e.to_string())?;
-        map.insert(
-            libc::SYS_socket,
-            vec![SeccompRule::new(vec![unix_only]).map_err(|e| e.to_string())?],
-        );
+    if matches!(
+        class,
+        ThreadClass::Api | ThreadClass::Control | ThreadClass::Network
+    ) {
+        // Unix sockets (a serial socket, an NBD server's socket) and TCP/IP ones (an NBD
+        // server, and the name lookup of its host when a disk opens); nothing else. The
+        // API's TCP listener is bound before the filters.
+        let mut rules = Vec::new();
+        for family in [libc::AF_UNIX, libc::AF_INET, libc::AF_INET6] {
+            let is = SeccompCondition::new(
+                0,
+                SeccompCmpArgLen::Dword,
+                SeccompCmpOp::Eq,
+                u64::try_from(family).unwrap_or(1),
+            )
+            .map_err(|e| e.to_string())?;
+            rules.push(SeccompRule::new(vec![is]).map_err(|e| e.to_string())?);
+        }
+        map.insert(libc::SYS_socket, rules);
     }
     if ioctl_type.is_some() {
         // Let through by this filter, refused by the one before it (see [`program`]).
@@ -321,8 +343,21 @@ mod tests {
             );
         }
         assert!(!vcpu.contains_key(&libc::SYS_socket));
-        // The API may make Unix sockets only.
-        assert_eq!(api[&libc::SYS_socket].len(), 1);
+        // The API and the NBD connection threads may make Unix and TCP/IP sockets only.
+        assert_eq!(api[&libc::SYS_socket].len(), 3);
+        let net = rules(ThreadClass::Network).unwrap();
+        assert_eq!(net[&libc::SYS_socket].len(), 3);
+        for forbidden in [
+            libc::SYS_openat,
+            libc::SYS_ioctl,
+            libc::SYS_execve,
+            libc::SYS_bind,
+        ] {
+            assert!(
+                !net.contains_key(&forbidden),
+                "network threads may call {forbidden}"
+            );
+        }
         assert!(!api.contains_key(&libc::SYS_execve));
         assert!(!api.contains_key(&libc::SYS_ptrace));
         // ioctl only with a condition on the data path and vCPUs.

@@ -593,7 +593,8 @@ impl ProcessBackend {
     /// Opens the image of `disk` (a VM process may open only the files named at its
     /// start) and hands the descriptor to VM `m`'s process. A null disk has none.
     fn hand_over_image(&self, m: &Managed, disk: &DiskConfig) -> Result<(), ApiError> {
-        if disk.is_null() || self.shared.opts.fake {
+        // A null disk has no file; an NBD disk's process connects to its server itself.
+        if disk.host_path().is_none() || self.shared.opts.fake {
             return Ok(());
         }
         let flags = if disk.readonly {
@@ -813,7 +814,7 @@ fn file_uses<'a>(
 ) -> Vec<FileUse<'a>> {
     let mut uses: Vec<FileUse<'a>> = disks
         .into_iter()
-        .filter(|d| !d.is_null())
+        .filter(|d| d.host_path().is_some())
         .map(|d| FileUse {
             path: &d.path,
             what: format!("image {} of disk {}", d.path.display(), d.id),
@@ -1147,8 +1148,8 @@ impl VmmBackend for ProcessBackend {
                 if !self.shared.opts.fake {
                     vmm::vm::device_manager::probe_disk(&disk)
                         .map_err(|e| crate::kvm_backend::vm_error(id, e))?;
-                } else if !disk.is_null()
-                    && let Err(e) = std::fs::metadata(&disk.path)
+                } else if let Some(path) = disk.host_path()
+                    && let Err(e) = std::fs::metadata(path)
                 {
                     return Err(ApiError::bad_request("invalid disk")
                         .with_details(vec![format!("{}: {e}", disk.path.display())]));

@@ -20,6 +20,7 @@ use crate::disk::{BackendKind, Disk};
 use crate::error::Error;
 
 pub mod aio;
+pub mod nbd;
 pub mod null;
 pub mod sync_ops;
 #[cfg(test)]
@@ -279,6 +280,10 @@ pub fn create_engine(
     options.validate()?;
     if disk.backend() == BackendKind::Null {
         return Ok(Box::new(null::NullEngine::new(options)?));
+    }
+    // An NBD disk's I/O is socket I/O on its connections, whatever `aio` says.
+    if let Some(client) = disk.nbd() {
+        return nbd::NbdEngine::new(client.connection());
     }
     Ok(match options.kind {
         AioKind::IoUring => uring::UringEngine::new(disk.clone(), options)?,

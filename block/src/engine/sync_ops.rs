@@ -251,7 +251,9 @@ fn discard(disk: &Disk, offset: u64, len: u64) -> OpResult {
     let fd = disk.fd();
     let result = match disk.backend() {
         BackendKind::BlockDevice => range_ioctl(fd, BLKDISCARD, offset, len),
-        BackendKind::File | BackendKind::Null => fallocate(
+        // The sync ops never see an NBD disk (its engine is the connection); fd -1
+        // answers EBADF if one ever did.
+        BackendKind::File | BackendKind::Null | BackendKind::Nbd => fallocate(
             fd,
             libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE,
             offset,
@@ -274,7 +276,7 @@ fn write_zeroes(disk: &Disk, offset: u64, len: u64) -> OpResult {
     let fd = disk.fd();
     let result = match disk.backend() {
         BackendKind::BlockDevice => range_ioctl(fd, BLKZEROOUT, offset, len),
-        BackendKind::File | BackendKind::Null => {
+        BackendKind::File | BackendKind::Null | BackendKind::Nbd => {
             let keep = libc::FALLOC_FL_KEEP_SIZE;
             match fallocate(fd, libc::FALLOC_FL_ZERO_RANGE | keep, offset, len) {
                 Err(errno) if unsupported(errno) => {

@@ -77,9 +77,9 @@ pub(crate) fn open_disk(path: &Path, cache: CacheMode) -> Arc<Disk> {
 /// Opens `path` read-only with `cache`.
 pub(crate) fn open_readonly(path: &Path, cache: CacheMode) -> Arc<Disk> {
     let opts = DiskOptions {
-        path: path.into(),
         readonly: true,
         cache,
+        ..DiskOptions::new(path)
     };
     Arc::new(Disk::open(&opts).unwrap())
 }

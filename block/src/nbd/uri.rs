@@ -68,6 +68,48 @@ fn percent_decode(s: &str) -> Result<String, String> {
     String::from_utf8(out).map_err(|_| format!("{s:?} is not UTF-8 once decoded"))
 }
 
+/// Escapes what a URI component cannot hold as is (`%XX`), keeping `/` where `slash`.
+fn percent_encode(s: &str, slash: bool) -> String {
+    let mut out = String::with_capacity(s.len());
+    for b in s.bytes() {
+        let keep = b.is_ascii_alphanumeric() || b"-._~".contains(&b) || (slash && b == b'/');
+        if keep {
+            out.push(char::from(b));
+        } else {
+            out.push_str(&format!("%{b:02X}"));
+        }
+    }
+    out
+}
+
+impl NbdUri {
+    /// The same URI with another Unix socket path (a TCP URI is returned as it is).
+    pub fn with_socket(&self, socket: PathBuf) -> NbdUri {
+        match self.address {
+            NbdAddress::Unix(_) => NbdUri {
+                address: NbdAddress::Unix(socket),
+                export: self.export.clone(),
+            },
+            NbdAddress::Tcp { .. } => self.clone(),
+        }
+    }
+}
+
+impl std::fmt::Display for NbdUri {
+    /// The URI in its canonical form (what parsing it gives back).
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let export = percent_encode(&self.export, true);
+        match &self.address {
+            NbdAddress::Tcp { .. } => write!(f, "nbd://{}/{export}", self.address),
+            NbdAddress::Unix(p) => write!(
+                f,
+                "nbd+unix:///{export}?socket={}",
+                percent_encode(&p.to_string_lossy(), true)
+            ),
+        }
+    }
+}
+
 impl std::str::FromStr for NbdUri {
     type Err = String;
 
@@ -186,6 +228,25 @@ mod tests {
         assert_eq!(u.address, NbdAddress::Unix("/run/nbd+1.sock".into()));
         assert_eq!(u.export, "exp");
         assert_eq!(parse("nbd://host").unwrap().export, "");
+    }
+
+    #[test]
+    fn uris_print_back_in_a_form_that_parses_the_same() {
+        for u in [
+            "nbd://example.com/disk",
+            "nbd://[::1]:10810/a%20b",
+            "nbd+unix:///exp?socket=/run/nbd%2B1.sock",
+            "nbd+unix:///?socket=/tmp/s",
+        ] {
+            let parsed = parse(u).unwrap();
+            let again = parse(&parsed.to_string()).unwrap();
+            assert_eq!(parsed, again, "{u} -> {parsed}");
+        }
+        assert_eq!(
+            parse("nbd://h/e").unwrap().to_string(),
+            "nbd://h:10809/e",
+            "the default port is spelt out"
+        );
     }
 
     #[test]

@@ -428,6 +428,8 @@ impl DiskQueue {
         // Block devices take discard/zeroing in logical blocks; files take any range.
         let align = match self.disk.backend() {
             BackendKind::BlockDevice => self.disk.logical_block_size(),
+            // An NBD server with a minimum block size wants ranges in it.
+            BackendKind::Nbd => self.disk.offset_align(),
             _ => 1,
         };
         if let Err(errno) = self.check(kind, offset, len, align) {

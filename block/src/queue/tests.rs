@@ -169,9 +169,9 @@ fn fixture(cache: CacheMode, readonly: bool, short: Option<usize>) -> Fixture {
     let file = tempfile::NamedTempFile::new().unwrap();
     file.as_file().set_len(SIZE as u64).unwrap();
     let disk = Disk::open(&DiskOptions {
-        path: file.path().into(),
         readonly,
         cache,
+        ..DiskOptions::new(file.path())
     })
     .unwrap();
     let data = Arc::new(Mutex::new(vec![0u8; SIZE]));

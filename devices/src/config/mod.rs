@@ -219,7 +219,9 @@ pub enum DiscardMode {
 pub struct DiskConfig {
     /// Name, unique in the VM.
     pub id: String,
-    /// Image file or block device; `null` with `null_size` gives a null backend.
+    /// Image file or block device; an NBD URI (`nbd://host[:port]/export`,
+    /// `nbd+unix:///export?socket=PATH`) for an export on an NBD server; `null` with
+    /// `null_size` gives a null backend.
     #[cfg_attr(feature = "openapi", schema(value_type = String))]
     pub path: PathBuf,
     /// Size of a null backend in bytes (only with `path: "null"`).
@@ -259,7 +261,14 @@ pub struct DiskConfig {
     /// Serial number returned by GET_ID (at most 20 bytes; defaults to the id).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub serial: Option<String>,
+    /// NBD disks only: seconds requests wait for a lost connection to come back before
+    /// they fail (reconnecting goes on); 0 never reconnects. Default 5.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reconnect_delay: Option<u64>,
 }
+
+/// The longest `reconnect_delay` accepted (an hour).
+pub const MAX_RECONNECT_DELAY: u64 = 3600;
 
 fn default_num_queues() -> u16 {
     1
@@ -287,6 +296,7 @@ impl DiskConfig {
             throttle: None,
             throttle_group: None,
             serial: None,
+            reconnect_delay: None,
         }
     }
 
@@ -298,6 +308,25 @@ impl DiskConfig {
     /// Whether the disk is a null backend.
     pub fn is_null(&self) -> bool {
         self.path.as_os_str() == "null"
+    }
+
+    /// Whether the disk is an export on an NBD server (its path is an NBD URI).
+    pub fn is_nbd(&self) -> bool {
+        self.path.to_str().is_some_and(block::nbd::is_nbd_uri)
+    }
+
+    /// The file or block device on this host the disk opens (none for a null or an NBD
+    /// disk).
+    pub fn host_path(&self) -> Option<&std::path::Path> {
+        (!self.is_null() && !self.is_nbd()).then_some(self.path.as_path())
+    }
+
+    /// How long requests wait for a lost NBD connection.
+    pub fn reconnect_delay(&self) -> std::time::Duration {
+        std::time::Duration::from_secs(
+            self.reconnect_delay
+                .unwrap_or(block::nbd::client::DEFAULT_RECONNECT_DELAY),
+        )
     }
 
     /// Checks the settings that need no other object (iothread names are checked by
@@ -313,7 +342,26 @@ impl DiskConfig {
                 "disk {id}: queue_size must be a power of two in 2..={MAX_QUEUE_SIZE}"
             ));
         }
-        if self.aio == AioKind::Native && !self.cache.direct() && !self.is_null() {
+        if self.is_nbd() {
+            let uri = self.path.to_str().unwrap_or_default();
+            uri.parse::<block::nbd::NbdUri>()
+                .map_err(|e| format!("disk {id}: {e}"))?;
+        }
+        match self.reconnect_delay {
+            Some(_) if !self.is_nbd() => {
+                return Err(format!(
+                    "disk {id}: reconnect_delay is only for NBD disks (path nbd://... or nbd+unix://...)"
+                ));
+            }
+            Some(s) if s > MAX_RECONNECT_DELAY => {
+                return Err(format!(
+                    "disk {id}: reconnect_delay must be 0..={MAX_RECONNECT_DELAY} seconds"
+                ));
+            }
+            _ => {}
+        }
+        // aio names the engine of a local image; an NBD disk's I/O is socket I/O.
+        if self.aio == AioKind::Native && !self.cache.direct() && self.host_path().is_some() {
             return Err(format!(
                 "disk {id}: aio=native needs O_DIRECT: use cache=none or cache=directsync (cache={} was given)",
                 self.cache

@@ -62,6 +62,9 @@ pub struct BlkCounters {
     pub invalid_requests: u64,
     /// Interrupts sent to the driver.
     pub signals: u64,
+    /// An NBD disk's connections: state, count, reconnects, last error.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub nbd: Option<block::nbd::NbdStatus>,
 }
 
 /// One virtio-blk disk.
@@ -111,9 +114,11 @@ impl BlkDevice {
             Disk::null(config.null_size.unwrap_or(0))
         } else {
             Disk::open(&DiskOptions {
-                path: config.path.clone(),
                 readonly: config.readonly,
                 cache: config.cache,
+                reconnect_delay: config.reconnect_delay(),
+                connections: usize::from(config.num_queues),
+                ..DiskOptions::new(config.path.clone())
             })?
         };
         let readonly = config.readonly || disk.readonly();
@@ -328,6 +333,7 @@ impl BlkDevice {
             io: self.counters.snapshot(),
             invalid_requests: self.shared.invalid_requests.load(Ordering::Relaxed),
             signals: self.shared.signals.load(Ordering::Relaxed),
+            nbd: self.disk.nbd_status(),
         }
     }
 }

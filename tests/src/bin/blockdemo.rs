@@ -104,9 +104,8 @@ fn run(args: &Args) -> Result<bool, String> {
         let file = std::fs::File::create(&path).map_err(|e| format!("{}: {e}", path.display()))?;
         file.set_len(args.size).map_err(|e| e.to_string())?;
         let disk = Disk::open(&DiskOptions {
-            path,
-            readonly: false,
             cache: CacheMode::None,
+            ..DiskOptions::new(path)
         })
         .map_err(|e| e.to_string())?;
         println!(

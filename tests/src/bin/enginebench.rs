@@ -175,9 +175,9 @@ fn run(args: &Args) -> Result<(), String> {
 /// Keeps `qd` 4k random reads in flight for the runtime (after a 1 s warm-up).
 fn measure(args: &Args, kind: AioKind, qd: u32) -> Result<Figures, String> {
     let disk = Disk::open(&DiskOptions {
-        path: args.file.clone(),
         readonly: true,
         cache: args.cache,
+        ..DiskOptions::new(args.file.clone())
     })
     .map_err(|e| e.to_string())?;
     let options = EngineOptions {

@@ -74,9 +74,9 @@ pub fn probe_disk(disk: &DiskConfig) -> Result<(), VmError> {
         return Ok(());
     }
     let options = block::DiskOptions {
-        path: disk.path.clone(),
         readonly: disk.readonly,
         cache: disk.cache,
+        ..block::DiskOptions::new(disk.path.clone())
     };
     block::Disk::open(&options)
         .map(drop)

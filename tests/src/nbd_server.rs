@@ -56,6 +56,7 @@ impl NbdServer {
             "--persistent".into(),
             "--shared=8".into(),
             "--cache=writeback".into(),
+            "--discard=unmap".into(),
             format!("--export-name={export}").into(),
         ];
         match &listen {

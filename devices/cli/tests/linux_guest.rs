@@ -11,10 +11,31 @@ use std::time::Duration;
 
 use devices::vhost_user_blk::BackendCounters;
 use tests::linux_guest::{self, BackendProcess, FioVerifyJob, Initramfs, Tools};
+use tests::nbd_server::{Listen, NbdServer};
 
 #[test]
 fn fio_verifies_through_our_backend_and_our_counters_saw_it() {
-    let test = "fio_verifies_through_our_backend_and_our_counters_saw_it";
+    fio_verifies(
+        "fio_verifies_through_our_backend_and_our_counters_saw_it",
+        None,
+    );
+}
+
+/// The same with the disk on an NBD server (`qemu-nbd` serving the image): the guest's
+/// I/O goes through our NBD engine, one connection per queue where the server allows it.
+#[test]
+fn fio_verifies_on_an_nbd_disk_served_by_qemu_nbd() {
+    let test = "fio_verifies_on_an_nbd_disk_served_by_qemu_nbd";
+    if !tests::nbd_server::have("qemu-nbd", test, "qemu-utils") {
+        return;
+    }
+    fio_verifies(test, Some(()));
+}
+
+/// Boots the guest against a backend serving a 64 MiB image on two queues (from the file
+/// itself, or through `qemu-nbd` when `nbd`), runs fio's verify jobs, and checks the
+/// counters and the image.
+fn fio_verifies(test: &str, nbd: Option<()>) {
     let tools = match Tools::find() {
         Ok(t) => t,
         Err(skip) => return skip.print(test),
@@ -31,6 +52,11 @@ fn fio_verifies_through_our_backend_and_our_counters_saw_it() {
     std::fs::File::create(&image)
         .and_then(|f| f.set_len(disk_size))
         .unwrap();
+    let server =
+        nbd.map(|()| NbdServer::qemu_nbd(&image, "vda", Listen::Unix(dir.path().join("nbd.sock"))));
+    let path = server
+        .as_ref()
+        .map_or_else(|| image.display().to_string(), NbdServer::uri);
     let socket = dir.path().join("vu.sock");
     let counters = dir.path().join("counters.json");
     let mut cmd = Command::new(env!("CARGO_BIN_EXE_vhost-user-blk"));
@@ -39,7 +65,7 @@ fn fio_verifies_through_our_backend_and_our_counters_saw_it() {
         .arg("--disk-json")
         .arg(
             serde_json::json!({
-                "id": "vda", "path": image, "cache": "none", "aio": "io_uring",
+                "id": "vda", "path": path, "cache": "none", "aio": "io_uring",
                 "num_queues": 2, "queue_size": 256,
                 "iothread_vq_mapping": [
                     {"iothread": "io0", "vqs": [0]}, {"iothread": "io1", "vqs": [1]}
@@ -99,6 +125,11 @@ fn fio_verifies_through_our_backend_and_our_counters_saw_it() {
     assert_eq!(disk.write.bytes, disk.write.ops * 4096, "{text}");
     assert_eq!(parsed.disks["vda"].invalid_requests, 0, "{text}");
     assert_eq!(parsed.iothreads.len(), 2, "{text}");
+    if server.is_some() {
+        let n = parsed.disks["vda"].nbd.as_ref().expect("NBD status");
+        assert_eq!(n.state, block::nbd::NbdLinkState::Connected, "{text}");
+        assert_eq!(n.reconnects, 0, "{text}");
+    }
     for t in parsed.iothreads.values() {
         assert!(t.requests > 0, "each iothread served its queue:\n{text}");
     }

@@ -19,15 +19,41 @@ use support::{
     BIN, Client, MIB, Server, comps, fill_random, image, read_counters, read_slot, wait_one,
     xorshift,
 };
+use tests::nbd_server::{Listen, NbdServer};
 
 #[test]
 fn read_write_flush_discard_write_zeroes_and_config() {
-    let (dir, img, mut expect) = image(16 * MIB);
+    let (dir, img, expect) = image(16 * MIB);
     let disk = format!(
         "path={},cache=none,aio=io_uring,num_queues=2,serial=abc",
         img.display()
     );
-    let mut server = Server::start(dir.path(), &["--disk", &disk]);
+    every_request_kind(dir.path(), &img, expect, &disk);
+}
+
+/// The same requests on a disk whose image `qemu-nbd` serves: the backend's NBD engine
+/// carries them, and the file behind the server ends byte-exact.
+#[test]
+fn every_request_kind_on_an_nbd_disk() {
+    let test = "every_request_kind_on_an_nbd_disk";
+    if !tests::nbd_server::have("qemu-nbd", test, "qemu-utils") {
+        return;
+    }
+    let (dir, img, expect) = image(16 * MIB);
+    let server = NbdServer::qemu_nbd(&img, "disk", Listen::Unix(dir.path().join("nbd.sock")));
+    let disk = format!("path={},cache=none,num_queues=2,serial=abc", server.uri());
+    every_request_kind(dir.path(), &img, expect, &disk);
+}
+
+/// Reads, writes, flush, write-zeroes, discard, a read past the end and the config space
+/// through the backend serving `disk` (`--disk`), whose image `img` starts as `expect`.
+fn every_request_kind(
+    dir: &std::path::Path,
+    img: &std::path::Path,
+    mut expect: Vec<u8>,
+    disk: &str,
+) {
+    let mut server = Server::start(dir, &["--disk", disk]);
     let mut c = Client::connect(server.path(), 1, false, 2 * MIB).unwrap();
     assert_eq!(c.b.get_u64("capacity").unwrap(), 16 * MIB as u64);
     assert_eq!(c.b.get_i32("max-queues").unwrap(), 2);
@@ -95,7 +121,7 @@ fn read_write_flush_discard_write_zeroes_and_config() {
 
     drop(c);
     assert!(server.stop().success(), "{}", server.log());
-    let on_disk = std::fs::read(&img).unwrap();
+    let on_disk = std::fs::read(img).unwrap();
     assert!(
         on_disk == expect,
         "image differs from what the client wrote"
@@ -141,19 +167,61 @@ fn read_only_disk_is_reported_and_refuses_writes() {
 /// halves of the disk), then the image must hold exactly the last data written.
 #[test]
 fn two_queues_in_parallel_verified_against_the_image() {
-    const QD: usize = 16;
-    const SLOT: usize = 64 * 1024;
-    const ROUNDS: usize = 400;
-    let size = 32 * MIB;
-    let (dir, img, mut expect) = image(size);
+    let (dir, img, expect) = image(32 * MIB);
     let disk = format!(
         "path={},cache=none,aio=io_uring,num_queues=2",
         img.display()
     );
-    let counters = dir.path().join("counters.json");
+    let v = two_queues_in_parallel(dir.path(), &img, expect, &disk);
+    assert!(v.disks["disk0"].nbd.is_none());
+}
+
+/// The same on an NBD disk whose server (nbdkit's file plugin) allows multi-conn: one
+/// connection per queue, both writing the same file.
+#[test]
+fn two_queues_on_two_nbd_connections_verified_against_the_image() {
+    let test = "two_queues_on_two_nbd_connections_verified_against_the_image";
+    if !tests::nbd_server::have("nbdkit", test, "nbdkit") {
+        return;
+    }
+    let (dir, img, expect) = image(32 * MIB);
+    let file = format!("file={}", img.display());
+    let server = NbdServer::nbdkit(
+        &[
+            "--filter=multi-conn",
+            "file",
+            &file,
+            "multi-conn-mode=emulate",
+        ],
+        Listen::Unix(dir.path().join("nbd.sock")),
+    );
+    let disk = format!("path={},cache=none,num_queues=2", server.uri());
+    let v = two_queues_in_parallel(dir.path(), &img, expect, &disk);
+    let nbd = v.disks["disk0"]
+        .nbd
+        .clone()
+        .expect("NBD status in the counters");
+    assert_eq!(nbd.connections, 2, "{nbd:?}");
+    assert_eq!(nbd.state, block::nbd::NbdLinkState::Connected);
+}
+
+/// Random 4 KiB..64 KiB writes at QD16 on each of two queues from two threads (disjoint
+/// halves of the disk) through the backend serving `disk`; then the image `img` (which
+/// started as `expect`) must hold exactly the last data written. Returns the counters.
+fn two_queues_in_parallel(
+    dir: &std::path::Path,
+    img: &std::path::Path,
+    mut expect: Vec<u8>,
+    disk: &str,
+) -> devices::vhost_user_blk::BackendCounters {
+    const QD: usize = 16;
+    const SLOT: usize = 64 * 1024;
+    const ROUNDS: usize = 400;
+    let size = expect.len();
+    let counters = dir.join("counters.json");
     let mut server = Server::start(
-        dir.path(),
-        &["--disk", &disk, "--counters", counters.to_str().unwrap()],
+        dir,
+        &["--disk", disk, "--counters", counters.to_str().unwrap()],
     );
     let mut c = Client::connect(server.path(), 2, false, 2 * QD * SLOT).unwrap();
     assert_eq!(c.queues.len(), 2);
@@ -226,7 +294,7 @@ fn two_queues_in_parallel_verified_against_the_image() {
     }
     drop(c);
     assert!(server.stop().success(), "{}", server.log());
-    let on_disk = std::fs::read(&img).unwrap();
+    let on_disk = std::fs::read(img).unwrap();
     let first_bad = on_disk.iter().zip(&expect).position(|(a, b)| a != b);
     assert_eq!(first_bad, None, "image differs");
     let v = read_counters(&counters);
@@ -234,6 +302,7 @@ fn two_queues_in_parallel_verified_against_the_image() {
     assert_eq!(d.io.write.ops, 2 * ROUNDS as u64, "{v:?}");
     assert_eq!(d.io.flush.ops, 2, "{v:?}");
     assert_eq!(d.invalid_requests, 0, "{v:?}");
+    v
 }
 
 #[test]

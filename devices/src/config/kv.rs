@@ -220,4 +220,30 @@ mod tests {
         let e = serde_json::from_value::<DiskConfig>(Value::Object(m)).unwrap_err();
         assert!(e.to_string().contains("invalid type"), "{e}");
     }
+
+    #[test]
+    fn nbd_uris_pass_whole_and_reconnect_delay_is_for_nbd_only() {
+        let m = parse_kv_with(
+            "id=d0,path=nbd+unix:///vol?socket=/run/nbd.sock,reconnect_delay=0,num_queues=2",
+            &DISK_HINTS,
+        )
+        .unwrap();
+        let d: DiskConfig = serde_json::from_value(Value::Object(m)).unwrap();
+        assert_eq!(d.path.to_str(), Some("nbd+unix:///vol?socket=/run/nbd.sock"));
+        assert!(d.is_nbd() && d.host_path().is_none());
+        assert_eq!(d.reconnect_delay(), std::time::Duration::ZERO);
+        d.validate().unwrap_or_else(|e| panic!("{e}"));
+        // aio=native needs O_DIRECT on a file; an NBD disk has no file.
+        let mut n = DiskConfig::new("d", "nbd://h/e");
+        n.aio = crate::config::AioKind::Native;
+        n.validate().unwrap_or_else(|e| panic!("{e}"));
+        let mut f = DiskConfig::new("d", "/img.raw");
+        f.reconnect_delay = Some(3);
+        assert!(f.validate().unwrap_err().contains("only for NBD disks"));
+        let mut n = DiskConfig::new("d", "nbd://h/e");
+        n.reconnect_delay = Some(99_999);
+        assert!(n.validate().unwrap_err().contains("reconnect_delay must be"));
+        let bad = DiskConfig::new("d", "nbd+unix:///e");
+        assert!(bad.validate().unwrap_err().contains("socket"));
+    }
 }

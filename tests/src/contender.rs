@@ -32,6 +32,20 @@ pub enum Target {
         /// Size in bytes.
         size: u64,
     },
+    /// An export on an NBD server listening on a Unix socket.
+    Nbd {
+        /// The server's socket.
+        socket: PathBuf,
+        /// The export name.
+        export: String,
+    },
+}
+
+impl Target {
+    /// The NBD URI of an NBD target.
+    fn nbd_uri(socket: &Path, export: &str) -> String {
+        format!("nbd+unix:///{export}?socket={}", socket.display())
+    }
 }
 
 /// Where `/work/shared/tools/qemu10.sh` unpacks QEMU 10.0's binaries (without installing
@@ -120,6 +134,10 @@ impl Backend {
             Target::Null { size } => {
                 format!("path=null,null_size={size},num_queues={queues},queue_size=1024")
             }
+            Target::Nbd { socket, export } => format!(
+                "path={},cache=none,num_queues={queues},queue_size=1024",
+                Target::nbd_uri(socket, export)
+            ),
         };
         let mut cmd = Command::new(binary);
         cmd.arg("--socket").arg(socket).arg("--disk").arg(disk);
@@ -148,6 +166,10 @@ impl Backend {
             Target::Null { size } => {
                 format!("driver=null-co,node-name=disk,size={size},read-zeroes=on")
             }
+            Target::Nbd { socket, export } => format!(
+                "driver=nbd,node-name=disk,server.type=unix,server.path={},export={export}",
+                socket.display()
+            ),
         };
         let mut cmd = Command::new(binary);
         cmd.args(["--blockdev", &blockdev, "--object", "iothread,id=io0", "--export"]).arg(format!(
@@ -215,6 +237,7 @@ fn name_of(who: &str, target: &Target) -> String {
     match target {
         Target::File { aio, .. } => format!("{who} file {aio}"),
         Target::Null { .. } => format!("{who} null"),
+        Target::Nbd { .. } => format!("{who} nbd"),
     }
 }
 

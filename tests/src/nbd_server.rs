@@ -9,10 +9,18 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
+/// Where `binary` is on PATH.
+pub fn which(binary: &str) -> Option<PathBuf> {
+    std::env::var_os("PATH").and_then(|p| {
+        std::env::split_paths(&p)
+            .map(|d| d.join(binary))
+            .find(|p| p.is_file())
+    })
+}
+
 /// Whether `binary` is on PATH; prints test `test`'s SKIP line with the apt line if not.
 pub fn have(binary: &str, test: &str, package: &str) -> bool {
-    let found = std::env::var_os("PATH")
-        .is_some_and(|p| std::env::split_paths(&p).any(|d| d.join(binary).is_file()));
+    let found = which(binary).is_some();
     if !found {
         crate::skip::skip(
             test,
@@ -49,16 +57,22 @@ pub fn free_port() -> u16 {
 }
 
 impl NbdServer {
-    /// `qemu-nbd` serving the raw `image` as `export` on `listen`.
+    /// `qemu-nbd` serving the raw `image` as `export` on `listen` (host page cache).
     pub fn qemu_nbd(image: &Path, export: &str, listen: Listen) -> NbdServer {
+        NbdServer::qemu_nbd_with(image, export, listen, &["--cache=writeback"])
+    }
+
+    /// `qemu-nbd` as [`NbdServer::qemu_nbd`] with `extra` options (`--cache=none`,
+    /// `--aio=native`, ...).
+    pub fn qemu_nbd_with(image: &Path, export: &str, listen: Listen, extra: &[&str]) -> NbdServer {
         let mut args: Vec<OsString> = vec![
             "--format=raw".into(),
             "--persistent".into(),
             "--shared=8".into(),
-            "--cache=writeback".into(),
             "--discard=unmap".into(),
             format!("--export-name={export}").into(),
         ];
+        args.extend(extra.iter().map(OsString::from));
         match &listen {
             Listen::Unix(socket) => args.push(format!("--socket={}", socket.display()).into()),
             Listen::Tcp(port) => {
@@ -98,6 +112,21 @@ impl NbdServer {
         };
         s.restart();
         s
+    }
+
+    /// The server's process id.
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(Child::id)
+    }
+
+    /// Where it listens.
+    pub fn listen(&self) -> &Listen {
+        &self.listen
+    }
+
+    /// The export name.
+    pub fn export(&self) -> &str {
+        &self.export
     }
 
     /// The server's URI.

@@ -101,9 +101,11 @@ fn quick_run_has_every_cell_consistent_figures_and_a_chart() {
     // Which contenders must be there (qsd: the newest QEMU's when unpacked, else PATH's).
     let qsd = default_qsd();
     let have_qsd = qsd.is_some();
+    let have_qemu_nbd = tests::nbd_server::which("qemu-nbd").is_some();
     let expected: Vec<&str> = contenders::ALL
         .iter()
         .filter(|c| have_qsd || c.server != contenders::Server::Qsd)
+        .filter(|c| have_qemu_nbd || c.storage != contenders::Storage::Nbd)
         .map(|c| c.name)
         .collect();
     let skipped: Vec<&str> = r["skipped"]
@@ -112,11 +114,21 @@ fn quick_run_has_every_cell_consistent_figures_and_a_chart() {
         .iter()
         .map(|s| s["contender"].as_str().unwrap())
         .collect();
-    if have_qsd {
-        assert!(skipped.is_empty(), "skipped {skipped:?}");
-    } else {
+    let want_skipped: Vec<&str> = contenders::ALL
+        .iter()
+        .map(|c| c.name)
+        .filter(|n| !expected.contains(n))
+        .collect();
+    assert_eq!(skipped, want_skipped, "skipped");
+    if !have_qemu_nbd {
+        println!("qemu-nbd not installed: the nbd cells are absent");
+        assert!(
+            err.contains("apt-get install qemu-utils"),
+            "no install hint: {err}"
+        );
+    }
+    if !have_qsd {
         println!("qemu-storage-daemon not installed: the qsd cells are absent");
-        assert_eq!(skipped, ["qsd-io_uring", "qsd-native", "qsd-null"]);
         assert!(err.contains("apt-get install"), "no install hint: {err}");
         assert!(
             err.contains("qemu10.sh"),
@@ -185,7 +197,7 @@ fn quick_run_has_every_cell_consistent_figures_and_a_chart() {
             assert_eq!(cell["errors"].as_array().unwrap().len(), 0, "{cell}");
             assert!(f(cell, "spread") >= 1.0, "{w} {c} {p}: spread in {cell}");
             match c {
-                "qsd-io_uring" | "qsd-native" | "qsd-null" => {
+                "qsd-io_uring" | "qsd-native" | "qsd-null" | "qsd-nbd" => {
                     assert_eq!(cell["server_version"], settings["qsd_version"]);
                 }
                 _ => assert!(cell["server_version"].is_null(), "{cell}"),
@@ -221,7 +233,11 @@ fn quick_run_has_every_cell_consistent_figures_and_a_chart() {
             ("ours-io_uring", &["qsd", "limit"][..]),
             ("ours-native", &["qsd", "limit"][..]),
             ("ours-null", &["qsd"][..]),
+            ("ours-nbd", &["qsd"][..]),
         ] {
+            if ours == "ours-nbd" && !have_qemu_nbd {
+                continue;
+            }
             for &kind in kinds {
                 let found = ratios.iter().find(|x| {
                     x["workload"] == *w

@@ -84,6 +84,8 @@ const IO: &[i64] = &[
     libc::SYS_timerfd_settime,
     libc::SYS_timerfd_gettime,
     libc::SYS_sched_setaffinity,
+    // An NBD disk's requests, sent by the iothread when its socket takes them at once.
+    libc::SYS_sendmsg,
 ];
 
 /// A vCPU: `KVM_RUN` and the device work its exits do, which includes activating a

@@ -1,7 +1,8 @@
-//! One connection to an NBD server, driven by two threads so that the iothread never
-//! makes a blocking call: `nbd-send` writes requests (a write's data straight from guest
-//! memory, many requests per `sendmsg`), `nbd-recv` reads replies, matches them to their
-//! request by cookie and reads a read's data straight into guest memory.
+//! One connection to an NBD server, driven so that the iothread never makes a blocking
+//! call: requests go out from the submitting thread when the socket takes them at once
+//! (one nonblocking `sendmsg` per batch, a write's data straight from guest memory), else
+//! from the `nbd-send` thread ([`super::send`]); `nbd-recv` reads replies, matches them
+//! to their request by cookie and reads a read's data straight into guest memory.
 //!
 //! When the link breaks (the server closes, a send or receive fails, a reply is garbage),
 //! `nbd-recv` waits until `nbd-send` has let go of the socket, puts every unanswered
@@ -89,58 +90,62 @@ pub enum Link {
 }
 
 /// An op being served.
-struct Slot {
-    tag: u64,
-    sink: Arc<Sink>,
-    iovecs: Option<IoVecs>,
-    parts_left: usize,
+pub(super) struct Slot {
+    pub(super) tag: u64,
+    pub(super) sink: Arc<Sink>,
+    pub(super) iovecs: Option<IoVecs>,
+    pub(super) parts_left: usize,
     /// The first error (a positive errno), 0 while none.
-    error: i32,
-    bytes: u64,
-    flush_after: bool,
+    pub(super) error: i32,
+    pub(super) bytes: u64,
+    pub(super) flush_after: bool,
     /// Its engine went away: send nothing more of it, receive its data into scratch.
-    abandoned: bool,
+    pub(super) abandoned: bool,
 }
 
-struct State {
-    slots: Vec<Option<Slot>>,
-    free: Vec<usize>,
+pub(super) struct State {
+    pub(super) slots: Vec<Option<Slot>>,
+    pub(super) free: Vec<usize>,
     /// Parts waiting to be sent, oldest first.
-    queue: VecDeque<Part>,
+    pub(super) queue: VecDeque<Part>,
     /// Sent parts by cookie (cookies grow, so this is also their order).
-    in_flight: BTreeMap<u64, Part>,
-    next_cookie: u64,
-    link: Link,
+    pub(super) in_flight: BTreeMap<u64, Part>,
+    pub(super) next_cookie: u64,
+    pub(super) link: Link,
     /// Changes on every break, so a thread tells a stale socket from the current one.
-    generation: u64,
-    stream: Option<Arc<OwnedFd>>,
+    pub(super) generation: u64,
+    pub(super) stream: Option<Arc<OwnedFd>>,
     /// Slots whose data the sender is sending now.
-    sending: Vec<usize>,
+    pub(super) sending: Vec<usize>,
     /// The slot the receiver is reading data into now.
-    receiving: Option<usize>,
-    /// Whether the sender holds the socket (between taking a batch and finishing it).
-    sender_busy: bool,
-    stop: bool,
+    pub(super) receiving: Option<usize>,
+    /// Whether someone holds the socket's sending side: the sender thread, or an engine
+    /// sending a batch itself ([`super::send::send_now`]) until it is out or handed over.
+    pub(super) sender_busy: bool,
+    /// A batch an engine began and the socket could not take at once: the sender thread
+    /// finishes it (before anything else).
+    pub(super) pending: Option<super::send::Batch>,
+    pub(super) stop: bool,
     /// Requests waited `reconnect_delay` for a link: fail at once until it is back.
-    fail_fast: bool,
-    reconnects: u64,
-    last_error: Option<String>,
+    pub(super) fail_fast: bool,
+    pub(super) reconnects: u64,
+    pub(super) last_error: Option<String>,
 }
 
 /// What both threads and the engines share.
-struct Shared {
-    state: Mutex<State>,
+pub(super) struct Shared {
+    pub(super) state: Mutex<State>,
     /// The sender waits here for work.
-    work: Condvar,
+    pub(super) work: Condvar,
     /// The receiver (and whoever waits for the threads) waits here for changes.
-    changed: Condvar,
-    target: Target,
-    export: String,
-    info: ExportInfo,
-    reconnect_delay: Duration,
-    writable: bool,
+    pub(super) changed: Condvar,
+    pub(super) target: Target,
+    pub(super) export: String,
+    pub(super) info: ExportInfo,
+    pub(super) reconnect_delay: Duration,
+    pub(super) writable: bool,
     /// For logs: `host:port` or `unix:path` and the export.
-    name: String,
+    pub(super) name: String,
 }
 
 /// The longest pause between reconnect attempts.
@@ -201,6 +206,7 @@ impl Connection {
                 sending: Vec::with_capacity(MAX_BATCH),
                 receiving: None,
                 sender_busy: false,
+                pending: None,
                 stop: false,
                 fail_fast: false,
                 reconnects: 0,
@@ -220,7 +226,7 @@ impl Connection {
             threads: Vec::with_capacity(2),
         };
         for (name, body) in [
-            ("nbd-send", sender as fn(&Shared)),
+            ("nbd-send", super::send::sender as fn(&Shared)),
             ("nbd-recv", receiver as fn(&Shared)),
         ] {
             let shared = conn.shared.clone();
@@ -280,7 +286,9 @@ impl Connection {
             }
         }
         if queued && st.link == Link::Connected {
-            sh.work.notify_one();
+            // Send on this thread when the socket is free: no wake-up of the sender thread
+            // on the way out. Only what the socket cannot take at once goes to the sender.
+            super::send::send_now(sh, st);
         }
     }
 
@@ -402,7 +410,7 @@ fn send_disconnect(fd: &OwnedFd) {
 
 /// Marks the link broken (once per generation) and shuts the socket down so that both
 /// threads notice.
-fn break_link(st: &mut State, sh: &Shared, why: String) {
+pub(super) fn break_link(st: &mut State, sh: &Shared, why: String) {
     if st.link != Link::Connected {
         return;
     }
@@ -418,7 +426,7 @@ fn break_link(st: &mut State, sh: &Shared, why: String) {
 
 /// Records the answer `errno` (0: success) for `part`; completes its op when it was the
 /// last part (or queues the op's flush when one follows).
-fn complete_part(st: &mut State, sh: &Shared, part: &Part, errno: i32) {
+pub(super) fn complete_part(st: &mut State, sh: &Shared, part: &Part, errno: i32) {
     let Some(slot) = st.slots.get_mut(part.slot).and_then(Option::as_mut) else {
         return;
     };
@@ -470,105 +478,6 @@ fn reply_errno(error: u32) -> i32 {
             | libc::ESHUTDOWN),
         ) => e,
         _ => libc::EIO,
-    }
-}
-
-/// `nbd-send`: takes batches of queued parts and sends them while the link is up.
-fn sender(sh: &Shared) {
-    let mut headers: Vec<u8> = Vec::with_capacity(MAX_BATCH * REQUEST_LEN);
-    let mut iovs: Vec<libc::iovec> = Vec::with_capacity(256);
-    let mut batch: Vec<(Part, Option<IoVecs>)> = Vec::with_capacity(MAX_BATCH);
-    loop {
-        let (fd, generation) = {
-            let mut st = lock(&sh.state);
-            st.sending.clear();
-            loop {
-                if st.stop {
-                    st.sender_busy = false;
-                    sh.changed.notify_all();
-                    return;
-                }
-                if st.link == Link::Connected && !st.queue.is_empty() {
-                    break;
-                }
-                if st.sender_busy {
-                    st.sender_busy = false;
-                    sh.changed.notify_all();
-                }
-                st = wait(&sh.work, st);
-            }
-            st.sender_busy = true;
-            headers.clear();
-            batch.clear();
-            let mut iov_count = 0;
-            while let Some(&part) = st.queue.front() {
-                let Some(slot) = st.slots.get(part.slot).and_then(Option::as_ref) else {
-                    st.queue.pop_front();
-                    continue;
-                };
-                if slot.abandoned {
-                    st.queue.pop_front();
-                    complete_part(&mut st, sh, &part, libc::ECANCELED);
-                    continue;
-                }
-                let data = slot.iovecs;
-                let need = 1 + parts::data_iovec_count(&part, data.as_ref());
-                if !batch.is_empty() && (batch.len() >= MAX_BATCH || iov_count + need > 1024) {
-                    break;
-                }
-                st.queue.pop_front();
-                iov_count += need;
-                let cookie = st.next_cookie;
-                st.next_cookie += 1;
-                st.in_flight.insert(cookie, part);
-                Request {
-                    command: part.command,
-                    flags: part.flags,
-                    cookie,
-                    offset: part.offset,
-                    length: part.length,
-                }
-                .encode(&mut headers);
-                if parts::sends_data(&part) && !part.zeroes {
-                    st.sending.push(part.slot);
-                }
-                batch.push((part, data));
-            }
-            let Some(fd) = st.stream.clone() else {
-                continue;
-            };
-            (fd, st.generation)
-        };
-        iovs.clear();
-        for (i, (part, data)) in batch.iter().enumerate() {
-            iovs.push(libc::iovec {
-                // The headers are all encoded: the buffer no longer moves.
-                iov_base: headers[i * REQUEST_LEN..].as_mut_ptr().cast(),
-                iov_len: REQUEST_LEN,
-            });
-            if parts::sends_data(part) {
-                if part.zeroes {
-                    parts::zero_iovecs(u64::from(part.length), &mut iovs);
-                } else if let Some(data) = data {
-                    parts::sub_iovecs(
-                        data.as_slice(),
-                        part.data_start,
-                        u64::from(part.length),
-                        &mut iovs,
-                    );
-                }
-            }
-        }
-        // SAFETY: the iovecs describe `headers`, static zeroes, and op buffers that stay
-        // valid until their ops complete; an op in `sending` is not completed to its
-        // engine's caller before the engine's drop waits for us (`Connection::abandon`),
-        // and otherwise only after the server has read its data, i.e. after we sent it.
-        if let Err(e) = unsafe { stream::send_all(fd.as_raw_fd(), &mut iovs) } {
-            let mut st = lock(&sh.state);
-            if st.generation == generation {
-                break_link(&mut st, sh, format!("sending to the server: {e}"));
-            }
-        }
     }
 }
 

@@ -11,6 +11,7 @@ pub mod client;
 pub mod conn;
 pub mod parts;
 pub mod proto;
+mod send;
 pub mod stream;
 pub mod uri;
 

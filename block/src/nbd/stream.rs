@@ -131,6 +131,33 @@ pub unsafe fn send_all(fd: RawFd, iovs: &mut Vec<libc::iovec>) -> io::Result<()>
     Ok(())
 }
 
+/// Sends what the socket takes without waiting (consuming that much of the list):
+/// `Ok(true)` once everything is out, `Ok(false)` when the socket is full.
+///
+/// # Safety
+/// As [`send_all`].
+pub unsafe fn send_some(fd: RawFd, iovs: &mut Vec<libc::iovec>) -> io::Result<bool> {
+    iovs.retain(|v| v.iov_len > 0);
+    while !iovs.is_empty() {
+        // SAFETY: an all-zero msghdr is valid; we set the iovec fields.
+        let mut msg: libc::msghdr = unsafe { std::mem::zeroed() };
+        msg.msg_iov = iovs.as_mut_ptr();
+        msg.msg_iovlen = iovs.len().min(IOV_MAX);
+        // SAFETY: as in `send_all`; MSG_DONTWAIT makes this one call nonblocking.
+        let n = unsafe { libc::sendmsg(fd, &msg, libc::MSG_NOSIGNAL | libc::MSG_DONTWAIT) };
+        if n < 0 {
+            let e = io::Error::last_os_error();
+            match e.kind() {
+                io::ErrorKind::Interrupted => continue,
+                io::ErrorKind::WouldBlock => return Ok(false),
+                _ => return Err(e),
+            }
+        }
+        advance(iovs, n.unsigned_abs());
+    }
+    Ok(true)
+}
+
 /// Receives exactly as many bytes as `iovs` describes (consuming the list); the peer
 /// closing first is `UnexpectedEof`.
 ///

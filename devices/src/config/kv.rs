@@ -229,7 +229,10 @@ mod tests {
         )
         .unwrap();
         let d: DiskConfig = serde_json::from_value(Value::Object(m)).unwrap();
-        assert_eq!(d.path.to_str(), Some("nbd+unix:///vol?socket=/run/nbd.sock"));
+        assert_eq!(
+            d.path.to_str(),
+            Some("nbd+unix:///vol?socket=/run/nbd.sock")
+        );
         assert!(d.is_nbd() && d.host_path().is_none());
         assert_eq!(d.reconnect_delay(), std::time::Duration::ZERO);
         d.validate().unwrap_or_else(|e| panic!("{e}"));
@@ -242,7 +245,11 @@ mod tests {
         assert!(f.validate().unwrap_err().contains("only for NBD disks"));
         let mut n = DiskConfig::new("d", "nbd://h/e");
         n.reconnect_delay = Some(99_999);
-        assert!(n.validate().unwrap_err().contains("reconnect_delay must be"));
+        assert!(
+            n.validate()
+                .unwrap_err()
+                .contains("reconnect_delay must be")
+        );
         let bad = DiskConfig::new("d", "nbd+unix:///e");
         assert!(bad.validate().unwrap_err().contains("socket"));
     }

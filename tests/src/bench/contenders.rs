@@ -1,5 +1,6 @@
 //! The contenders: host io_uring on the file (the limit), our `vhost-user-blk` and
-//! qemu-storage-daemon, each on the O_DIRECT file with either engine or on a null backend.
+//! qemu-storage-daemon, each on the O_DIRECT file with either engine, on a null backend,
+//! or as an NBD client of the same `qemu-nbd` serving the file (O_DIRECT, native AIO).
 
 use std::path::PathBuf;
 use std::time::Duration;
@@ -29,6 +30,9 @@ pub enum Storage {
     File(&'static str),
     /// A null backend (reads return zeroes, writes are dropped).
     Null,
+    /// The benchmark file behind `qemu-nbd` (its own process, started per run), reached
+    /// by the contender's NBD client over a Unix socket.
+    Nbd,
 }
 
 /// One column of the benchmark.
@@ -43,9 +47,18 @@ pub struct Contender {
 }
 
 impl Contender {
-    /// Whether it serves the file (as opposed to a null backend).
-    pub fn is_file(&self) -> bool {
-        matches!(self.storage, Storage::File(_))
+    /// Whether its I/O reaches the benchmark file (directly or through an NBD server).
+    pub fn uses_file(&self) -> bool {
+        matches!(self.storage, Storage::File(_) | Storage::Nbd)
+    }
+
+    /// What backs it, as tables, JSON and ratios group them: `file`, `null` or `nbd`.
+    pub fn storage_name(&self) -> &'static str {
+        match self.storage {
+            Storage::File(_) => "file",
+            Storage::Null => "null",
+            Storage::Nbd => "nbd",
+        }
     }
 }
 
@@ -59,7 +72,7 @@ const fn c(name: &'static str, server: Server, storage: Storage) -> Contender {
 
 /// Every contender, in run and table order: ours and qsd alternate so that each pair of
 /// runs sees the same conditions.
-pub const ALL: [Contender; 7] = [
+pub const ALL: [Contender; 9] = [
     c("limit", Server::Host, Storage::File("io_uring")),
     c("ours-io_uring", Server::Ours, Storage::File("io_uring")),
     c("qsd-io_uring", Server::Qsd, Storage::File("io_uring")),
@@ -67,6 +80,8 @@ pub const ALL: [Contender; 7] = [
     c("qsd-native", Server::Qsd, Storage::File("native")),
     c("ours-null", Server::Ours, Storage::Null),
     c("qsd-null", Server::Qsd, Storage::Null),
+    c("ours-nbd", Server::Ours, Storage::Nbd),
+    c("qsd-nbd", Server::Qsd, Storage::Nbd),
 ];
 
 /// Looks a contender up by name.
@@ -88,11 +103,16 @@ pub fn parse_list(names: &[String]) -> Result<Vec<Contender>, String> {
             "all" => ALL.iter().map(|c| c.name).collect(),
             "ours" => pick(Server::Ours),
             "qsd" => pick(Server::Qsd),
+            "nbd" => ALL
+                .iter()
+                .filter(|c| c.storage == Storage::Nbd)
+                .map(|c| c.name)
+                .collect(),
             _ => match by_name(name) {
                 Some(c) => vec![c.name],
                 None => {
                     return Err(format!(
-                        "unknown contender {name:?}; known: all, ours, qsd, {}",
+                        "unknown contender {name:?}; known: all, ours, qsd, nbd, {}",
                         names_of_all()
                     ));
                 }
@@ -121,6 +141,8 @@ pub struct Setup {
     pub ours: PathBuf,
     /// qemu-storage-daemon, when installed.
     pub qsd: Option<PathBuf>,
+    /// qemu-nbd (the NBD contenders' server), when installed.
+    pub qemu_nbd: Option<PathBuf>,
     /// Settings of our iothread (`key=value,...`), if any.
     pub iothread: Option<String>,
     /// Directory for the sockets.
@@ -137,14 +159,40 @@ pub fn measure(
     warmup: Duration,
     runtime: Duration,
 ) -> Result<LoadResult, String> {
-    let target = match contender.storage {
-        Storage::File(aio) => Target::File {
-            path: setup.file.clone(),
-            aio,
-        },
-        Storage::Null => Target::Null {
-            size: setup.null_size,
-        },
+    // The NBD server lives as long as this run (dropped after the backend, it is killed).
+    let (target, _nbd_server) = match contender.storage {
+        Storage::File(aio) => (
+            Target::File {
+                path: setup.file.clone(),
+                aio,
+            },
+            None,
+        ),
+        Storage::Null => (
+            Target::Null {
+                size: setup.null_size,
+            },
+            None,
+        ),
+        Storage::Nbd => {
+            if setup.qemu_nbd.is_none() {
+                return Err("qemu-nbd is not installed (apt-get install qemu-utils)".into());
+            }
+            let socket = setup.sockets.join("qemu-nbd.sock");
+            let server = crate::nbd_server::NbdServer::qemu_nbd_with(
+                &setup.file,
+                "bench",
+                crate::nbd_server::Listen::Unix(socket.clone()),
+                &["--cache=none", "--aio=native"],
+            );
+            (
+                Target::Nbd {
+                    socket,
+                    export: "bench".into(),
+                },
+                Some(server),
+            )
+        }
     };
     let socket = setup.sockets.join(format!("{}.sock", contender.name));
     let backend = match contender.server {
@@ -184,7 +232,16 @@ mod tests {
     fn groups_expand_in_run_order() {
         let got = parse_list(&["qsd".into(), "limit".into()]).unwrap();
         let names: Vec<_> = got.iter().map(|c| c.name).collect();
-        assert_eq!(names, ["limit", "qsd-io_uring", "qsd-native", "qsd-null"]);
+        assert_eq!(
+            names,
+            ["limit", "qsd-io_uring", "qsd-native", "qsd-null", "qsd-nbd"]
+        );
+        let nbd: Vec<_> = parse_list(&["nbd".into()])
+            .unwrap()
+            .iter()
+            .map(|c| c.name)
+            .collect();
+        assert_eq!(nbd, ["ours-nbd", "qsd-nbd"]);
         assert_eq!(parse_list(&["all".into()]).unwrap().len(), ALL.len());
         assert!(parse_list(&["theirs".into()]).is_err());
     }

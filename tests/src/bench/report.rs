@@ -168,7 +168,8 @@ pub struct Ratio {
     pub p50: f64,
 }
 
-/// Every ratio the cells allow: each of our file contenders against qsd's best file
+/// Every ratio the cells allow: each of our nbd contenders against qsd's, each of our file
+/// contenders against qsd's best file
 /// contender (by median IOPS) with the same client pattern and against the limit (which
 /// always batches), and ours-null against qsd-null with the same pattern.
 pub fn ratios(cells: &[Cell]) -> Vec<Ratio> {
@@ -185,9 +186,11 @@ pub fn ratios(cells: &[Cell]) -> Vec<Ratio> {
             .filter(|c| c.workload.name == w)
             .filter_map(|c| c.summary().map(|s| (c, s)))
             .collect();
-        let best = |file: bool, server: Server, pattern: Option<Pattern>| {
+        let best = |storage: &str, server: Server, pattern: Option<Pattern>| {
             here.iter()
-                .filter(|(c, _)| c.contender.server == server && c.contender.is_file() == file)
+                .filter(|(c, _)| {
+                    c.contender.server == server && c.contender.storage_name() == storage
+                })
                 .filter(|(c, _)| pattern.is_none_or(|p| c.pattern == p))
                 .max_by(|a, b| a.1.iops.total_cmp(&b.1.iops))
         };
@@ -195,11 +198,11 @@ pub fn ratios(cells: &[Cell]) -> Vec<Ratio> {
             .iter()
             .filter(|(c, _)| c.contender.server == Server::Ours)
         {
-            let file = ours.contender.is_file();
+            let storage = ours.contender.storage_name();
             let pattern = ours.pattern;
-            let mut peers = vec![(PeerKind::Qsd, best(file, Server::Qsd, Some(pattern)))];
-            if file {
-                peers.push((PeerKind::Limit, best(true, Server::Host, None)));
+            let mut peers = vec![(PeerKind::Qsd, best(storage, Server::Qsd, Some(pattern)))];
+            if storage == "file" {
+                peers.push((PeerKind::Limit, best("file", Server::Host, None)));
             }
             for (kind, peer) in peers {
                 if let Some((p, ps)) = peer {
@@ -294,7 +297,7 @@ impl Report {
                     "workload": c.workload.name,
                     "contender": c.contender.name,
                     "pattern": pattern,
-                    "storage": if c.contender.is_file() { "file" } else { "null" },
+                    "storage": c.contender.storage_name(),
                     "server_version": version,
                     "median": summary(c.summary()),
                     "spread": c.summary().and_then(|m| m.spread),

@@ -17,7 +17,7 @@ pub fn render(report: &Report) -> String {
          median of {} run(s), contenders interleaved",
         s.runtime_s, s.warmup_s, s.repeat
     );
-    if report.cells.iter().any(|c| c.contender.is_file()) {
+    if report.cells.iter().any(|c| c.contender.uses_file()) {
         let _ = write!(
             out,
             "file {} ({} MiB, O_DIRECT); ",
@@ -32,7 +32,8 @@ pub fn render(report: &Report) -> String {
     );
     let _ = writeln!(
         out,
-        "ours/qsd: against qsd's best engine (file) or qsd-null (null); ours/limit: against \
+        "ours/qsd: against qsd's best engine (file), qsd-null (null) or qsd-nbd (nbd: both \
+         NBD clients of one qemu-nbd on the file); ours/limit: against \
          host io_uring on the file; CPU: server process, us per I/O"
     );
     let _ = writeln!(

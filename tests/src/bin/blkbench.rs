@@ -11,7 +11,7 @@ use std::process::ExitCode;
 use std::time::Duration;
 
 use clap::Parser;
-use tests::bench::contenders::{self, Contender, Server, Setup};
+use tests::bench::contenders::{self, Contender, Server, Setup, Storage};
 use tests::bench::host::HostInfo;
 use tests::bench::pattern::{self, Pattern};
 use tests::bench::report::{Report, Settings};
@@ -25,7 +25,9 @@ const AFTER_HELP: &str = "\
 Workloads: randread-4k-qd1, randread-4k-qd32, randwrite-4k-qd1, randwrite-4k-qd32, \
 read-128k-qd8, write-128k-qd8, randread-4k-qd32-2q, randread-4k-qd32-4q (or all).
 Contenders: limit (host io_uring on the file, O_DIRECT), ours-io_uring, ours-native, \
-ours-null, qsd-io_uring, qsd-native, qsd-null (or all, ours, qsd).
+ours-null, qsd-io_uring, qsd-native, qsd-null, ours-nbd, qsd-nbd (or all, ours, qsd, nbd). \
+The nbd contenders are NBD clients (our engine; qsd's driver=nbd) of one qemu-nbd serving \
+the file (--cache=none --aio=native) on a Unix socket, started per run.
 In-VM contenders (--in-vm): vm-ours-null, vm-qemu-iothread-null, vm-qemu-null, and \
 likewise with -io_uring and -native for -null (or all, ours, qemu, null, io_uring, native).
 Patterns (of the libblkio client; every ours-* and qsd-* contender runs with each): \
@@ -225,13 +227,23 @@ fn binaries(args: &Args, asked: &[Contender]) -> Result<Binaries, Failure> {
     let wants_qsd = asked.iter().any(|c| c.server == Server::Qsd);
     let (qsd, missing) = find_qsd(args, wants_qsd)?;
     let mut skipped = Vec::new();
+    let qemu_nbd = tests::nbd_server::which("qemu-nbd");
+    if qemu_nbd.is_none() && asked.iter().any(|c| c.storage == Storage::Nbd) {
+        let why = "qemu-nbd is not installed (apt-get install qemu-utils)".to_string();
+        eprintln!("blkbench: {why}; the nbd columns are skipped.");
+        for c in asked.iter().filter(|c| c.storage == Storage::Nbd) {
+            skipped.push((c.name, why.clone()));
+        }
+    }
     if qsd.is_none() && wants_qsd {
         eprintln!(
             "blkbench: {}; the qsd columns are skipped.{}",
             missing.0, missing.1
         );
         for c in asked.iter().filter(|c| c.server == Server::Qsd) {
-            skipped.push((c.name, missing.0.clone()));
+            if !skipped.iter().any(|(n, _)| *n == c.name) {
+                skipped.push((c.name, missing.0.clone()));
+            }
         }
     }
     Ok((ours, qsd, skipped))
@@ -307,6 +319,7 @@ fn run(args: &Args) -> Result<(), Failure> {
         .iter()
         .copied()
         .filter(|c| c.server != Server::Qsd || qsd.is_some())
+        .filter(|c| !skipped.iter().any(|(n, _)| *n == c.name))
         .collect();
 
     let file_size = prepare_file(&args.file, size, &runnable)?.unwrap_or(size);
@@ -319,6 +332,7 @@ fn run(args: &Args) -> Result<(), Failure> {
         null_size: size,
         ours: ours.clone(),
         qsd: qsd.clone(),
+        qemu_nbd: tests::nbd_server::which("qemu-nbd"),
         iothread: args.iothread.clone(),
         sockets: sockets.path().to_path_buf(),
     };
@@ -467,7 +481,7 @@ fn run_in_vm(
 /// Creates or extends the image and checks that it opens with O_DIRECT; returns its
 /// length (None when no contender uses the file).
 fn prepare_file(file: &Path, size: u64, runnable: &[Contender]) -> Result<Option<u64>, Failure> {
-    if !runnable.iter().any(|c| c.is_file()) {
+    if !runnable.iter().any(|c| c.uses_file()) {
         return Ok(None);
     }
     prepare(file, size).map_err(|e| Failure::Usage(format!("{}: {e}", file.display())))?;

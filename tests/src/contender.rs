@@ -32,20 +32,8 @@ pub enum Target {
         /// Size in bytes.
         size: u64,
     },
-    /// An export on an NBD server listening on a Unix socket.
-    Nbd {
-        /// The server's socket.
-        socket: PathBuf,
-        /// The export name.
-        export: String,
-    },
-}
-
-impl Target {
-    /// The NBD URI of an NBD target.
-    fn nbd_uri(socket: &Path, export: &str) -> String {
-        format!("nbd+unix:///{export}?socket={}", socket.display())
-    }
+    /// An export on an NBD server.
+    Nbd(block::nbd::NbdUri),
 }
 
 /// Where `/work/shared/tools/qemu10.sh` unpacks QEMU 10.0's binaries (without installing
@@ -134,10 +122,9 @@ impl Backend {
             Target::Null { size } => {
                 format!("path=null,null_size={size},num_queues={queues},queue_size=1024")
             }
-            Target::Nbd { socket, export } => format!(
-                "path={},cache=none,num_queues={queues},queue_size=1024",
-                Target::nbd_uri(socket, export)
-            ),
+            Target::Nbd(uri) => {
+                format!("path={uri},cache=none,num_queues={queues},queue_size=1024")
+            }
         };
         let mut cmd = Command::new(binary);
         cmd.arg("--socket").arg(socket).arg("--disk").arg(disk);
@@ -166,10 +153,19 @@ impl Backend {
             Target::Null { size } => {
                 format!("driver=null-co,node-name=disk,size={size},read-zeroes=on")
             }
-            Target::Nbd { socket, export } => format!(
-                "driver=nbd,node-name=disk,server.type=unix,server.path={},export={export}",
-                socket.display()
-            ),
+            Target::Nbd(uri) => {
+                let server = match &uri.address {
+                    block::nbd::NbdAddress::Unix(p) => {
+                        format!("server.type=unix,server.path={}", p.display())
+                    }
+                    block::nbd::NbdAddress::Tcp { host, port } => {
+                        format!("server.type=inet,server.host={host},server.port={port}")
+                    }
+                };
+                // QEMU's option syntax doubles a comma inside a value.
+                let export = uri.export.replace(',', ",,");
+                format!("driver=nbd,node-name=disk,{server},export={export}")
+            }
         };
         let mut cmd = Command::new(binary);
         cmd.args(["--blockdev", &blockdev, "--object", "iothread,id=io0", "--export"]).arg(format!(

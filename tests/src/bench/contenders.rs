@@ -143,6 +143,8 @@ pub struct Setup {
     pub qsd: Option<PathBuf>,
     /// qemu-nbd (the NBD contenders' server), when installed.
     pub qemu_nbd: Option<PathBuf>,
+    /// An NBD server to use instead of starting qemu-nbd on the file (`--nbd URI`).
+    pub nbd: Option<block::nbd::NbdUri>,
     /// Settings of our iothread (`key=value,...`), if any.
     pub iothread: Option<String>,
     /// Directory for the sockets.
@@ -174,25 +176,10 @@ pub fn measure(
             },
             None,
         ),
-        Storage::Nbd => {
-            if setup.qemu_nbd.is_none() {
-                return Err("qemu-nbd is not installed (apt-get install qemu-utils)".into());
-            }
-            let socket = setup.sockets.join("qemu-nbd.sock");
-            let server = crate::nbd_server::NbdServer::qemu_nbd_with(
-                &setup.file,
-                "bench",
-                crate::nbd_server::Listen::Unix(socket.clone()),
-                &["--cache=none", "--aio=native"],
-            );
-            (
-                Target::Nbd {
-                    socket,
-                    export: "bench".into(),
-                },
-                Some(server),
-            )
-        }
+        Storage::Nbd => match &setup.nbd {
+            Some(uri) => (Target::Nbd(uri.clone()), None),
+            None => nbd_on_the_file(setup)?,
+        },
     };
     let socket = setup.sockets.join(format!("{}.sock", contender.name));
     let backend = match contender.server {
@@ -222,6 +209,28 @@ pub fn measure(
         &mut || crate::contender::cpu_time_of(pid),
     )
     .map_err(|e| format!("{}: {e}", backend.name))
+}
+
+/// Starts qemu-nbd serving the benchmark file (O_DIRECT, native AIO) on a Unix socket:
+/// the NBD contenders' server when `--nbd` names none.
+fn nbd_on_the_file(
+    setup: &Setup,
+) -> Result<(Target, Option<crate::nbd_server::NbdServer>), String> {
+    if setup.qemu_nbd.is_none() {
+        return Err("qemu-nbd is not installed (apt-get install qemu-utils)".into());
+    }
+    let socket = setup.sockets.join("qemu-nbd.sock");
+    let server = crate::nbd_server::NbdServer::qemu_nbd_with(
+        &setup.file,
+        "bench",
+        crate::nbd_server::Listen::Unix(socket),
+        &["--cache=none", "--aio=native"],
+    );
+    let uri = server
+        .uri()
+        .parse()
+        .map_err(|e: String| format!("qemu-nbd's URI: {e}"))?;
+    Ok((Target::Nbd(uri), Some(server)))
 }
 
 #[cfg(test)]

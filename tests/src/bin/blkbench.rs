@@ -92,6 +92,11 @@ struct Args {
     /// (QEMU 10.0, unpacked by /work/shared/tools/qemu10.sh) when there, else PATH].
     #[arg(long, value_name = "DIR")]
     qemu_bin: Option<PathBuf>,
+    /// The NBD server of the nbd contenders (an NBD URI: `nbd://host[:port]/export`,
+    /// `nbd+unix:///export?socket=PATH`) instead of a qemu-nbd on --file started per run.
+    /// Write workloads write to it.
+    #[arg(long, value_parser = parse_nbd_uri)]
+    nbd: Option<block::nbd::NbdUri>,
     /// Settings of our iothread, e.g. `poll_max_ns=0` (key=value,...); with --in-vm, of
     /// the guest disk's iothread under our vmm.
     #[arg(long)]
@@ -202,6 +207,10 @@ fn choose(args: &Args) -> Result<Choice, Failure> {
     })
 }
 
+fn parse_nbd_uri(s: &str) -> Result<block::nbd::NbdUri, String> {
+    s.parse()
+}
+
 /// Our binary (an empty path when no contender of ours runs) and qemu-storage-daemon's,
 /// with the reason each qsd contender is skipped when it is missing.
 type Binaries = (PathBuf, Option<PathBuf>, Vec<(&'static str, String)>);
@@ -228,7 +237,7 @@ fn binaries(args: &Args, asked: &[Contender]) -> Result<Binaries, Failure> {
     let (qsd, missing) = find_qsd(args, wants_qsd)?;
     let mut skipped = Vec::new();
     let qemu_nbd = tests::nbd_server::which("qemu-nbd");
-    if qemu_nbd.is_none() && asked.iter().any(|c| c.storage == Storage::Nbd) {
+    if qemu_nbd.is_none() && args.nbd.is_none() && asked.iter().any(|c| c.storage == Storage::Nbd) {
         let why = "qemu-nbd is not installed (apt-get install qemu-utils)".to_string();
         eprintln!("blkbench: {why}; the nbd columns are skipped.");
         for c in asked.iter().filter(|c| c.storage == Storage::Nbd) {
@@ -333,6 +342,7 @@ fn run(args: &Args) -> Result<(), Failure> {
         ours: ours.clone(),
         qsd: qsd.clone(),
         qemu_nbd: tests::nbd_server::which("qemu-nbd"),
+        nbd: args.nbd.clone(),
         iothread: args.iothread.clone(),
         sockets: sockets.path().to_path_buf(),
     };

@@ -568,9 +568,20 @@ fn a_queue_dropped_with_requests_in_flight_lets_go_of_its_buffers() {
     assert!(other.one().1 == pattern(5, 4096));
 }
 
-/// A server that answers the handshake and then `replies` garbage for its first
-/// connection, and serves zeroes properly on later ones.
-fn fake_server(socket: &Path, garbage_first: bool) -> std::thread::JoinHandle<()> {
+/// How the fake server misbehaves after the handshake.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Fake {
+    /// Garbage for the first connection's first request; proper zeroes afterwards.
+    GarbageFirst,
+    /// Garbage for every connection's first request.
+    GarbageAlways,
+    /// A write gets EIO at once, before its data is read, and the connection closes.
+    EarlyWriteError,
+}
+
+/// A server that answers the handshake (a 1 MiB export) and then misbehaves as `mode`
+/// says; reads it answers with zeroes.
+fn fake_server(socket: &Path, mode: Fake) -> std::thread::JoinHandle<()> {
     let listener = UnixListener::bind(socket).unwrap();
     std::thread::spawn(move || {
         for (n, conn) in listener.incoming().enumerate() {
@@ -608,11 +619,24 @@ fn fake_server(socket: &Path, garbage_first: bool) -> std::thread::JoinHandle<()
                 if s.read_exact(&mut req).is_err() {
                     break;
                 }
-                if garbage_first && n == 0 {
+                let garbage = match mode {
+                    Fake::GarbageFirst => n == 0,
+                    Fake::GarbageAlways => true,
+                    Fake::EarlyWriteError => false,
+                };
+                if garbage {
                     let _ = s.write_all(b"this is not an NBD reply, not at all");
                     break;
                 }
                 let cookie = &req[8..16];
+                if mode == Fake::EarlyWriteError && req[7] == 1 {
+                    let mut r = Vec::new();
+                    r.extend_from_slice(&0x6744_6698u32.to_be_bytes());
+                    r.extend_from_slice(&5u32.to_be_bytes());
+                    r.extend_from_slice(cookie);
+                    let _ = s.write_all(&r);
+                    break;
+                }
                 let length = u32::from_be_bytes(req[24..28].try_into().unwrap());
                 let mut r = Vec::new();
                 r.extend_from_slice(&0x6744_6698u32.to_be_bytes());
@@ -631,7 +655,7 @@ fn fake_server(socket: &Path, garbage_first: bool) -> std::thread::JoinHandle<()
 fn garbage_from_the_server_breaks_the_link_and_the_request_is_resent() {
     let dir = tempfile::tempdir().unwrap();
     let socket = dir.path().join("fake");
-    let _server = fake_server(&socket, true);
+    let _server = fake_server(&socket, Fake::GarbageFirst);
     let disk = open(
         &format!("nbd+unix:///?socket={}", socket.display()),
         CacheMode::Writeback,
@@ -651,6 +675,50 @@ fn garbage_from_the_server_breaks_the_link_and_the_request_is_resent() {
             .is_some_and(|e| e.contains("bad reply")),
         "{status:?}"
     );
+}
+
+/// A server that accepts, then breaks every connection: the reconnects slow down and the
+/// request fails after `reconnect_delay` instead of being resent forever.
+#[test]
+fn a_server_that_always_breaks_the_link_fails_the_request_after_the_delay() {
+    let dir = tempfile::tempdir().unwrap();
+    let socket = dir.path().join("fake");
+    let _server = fake_server(&socket, Fake::GarbageAlways);
+    let disk = open(
+        &format!("nbd+unix:///?socket={}", socket.display()),
+        CacheMode::Writeback,
+        1,
+    );
+    let mut io = Io::new(&disk);
+    let start = Instant::now();
+    io.read(0, 4096, 1);
+    assert_eq!(io.one().0.result.map_err(|e| e.errno()), Err(libc::EIO));
+    let took = start.elapsed();
+    assert!(
+        took >= Duration::from_millis(900) && took < Duration::from_secs(5),
+        "{took:?}"
+    );
+    let status = disk.nbd_status().unwrap();
+    // 50 ms doubling: a handful of attempts in a second or two, not thousands.
+    assert!(status.reconnects <= 8, "{status:?}");
+}
+
+/// A server that answers a large write with an error before taking its data, and hangs
+/// up: the write fails with the server's errno once the sender let go of its buffers.
+#[test]
+fn an_early_answer_to_a_write_waits_for_its_data_to_be_out() {
+    let dir = tempfile::tempdir().unwrap();
+    let socket = dir.path().join("fake");
+    let _server = fake_server(&socket, Fake::EarlyWriteError);
+    let disk = open(
+        &format!("nbd+unix:///?socket={}", socket.display()),
+        CacheMode::Writeback,
+        0,
+    );
+    let mut io = Io::new(&disk);
+    io.write(0, pattern(9, 1 << 20), 8, false);
+    assert_eq!(io.one().0.result.map_err(|e| e.errno()), Err(libc::EIO));
+    assert_eq!(disk.nbd_status().unwrap().state, NbdLinkState::Failed);
 }
 
 #[test]

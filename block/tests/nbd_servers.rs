@@ -8,52 +8,12 @@
 
 use std::io::{Read, Write};
 use std::os::unix::net::UnixStream;
-use std::path::Path;
-use std::process::{Child, Command, Stdio};
-use std::time::{Duration, Instant};
 
 use block::nbd::proto::{
     CMD_FLAG_FUA, Command as Cmd, ExportInfo, ReplyHeader, Request, SIMPLE_REPLY_LEN, flags,
 };
 use block::nbd::{NbdError, handshake};
-
-struct Server(Child);
-
-impl Drop for Server {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-fn have(binary: &str, test: &str, package: &str) -> bool {
-    let found = std::env::var_os("PATH")
-        .is_some_and(|p| std::env::split_paths(&p).any(|d| d.join(binary).is_file()));
-    if !found {
-        println!("SKIP {test}: {binary} is missing (apt-get install {package})");
-    }
-    found
-}
-
-fn start(cmd: &mut Command, socket: &Path) -> Server {
-    let child = cmd
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap_or_else(|e| panic!("{cmd:?}: {e}"));
-    let server = Server(child);
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while UnixStream::connect(socket).is_err() {
-        assert!(
-            Instant::now() < deadline,
-            "{cmd:?} did not listen on {}",
-            socket.display()
-        );
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    server
-}
+use tests::nbd_server::{Listen, NbdServer, have};
 
 /// Sends one request (with `data` for a write) and reads its reply (and `length` bytes
 /// for a read); returns the error and the data.
@@ -127,18 +87,7 @@ fn qemu_nbd_serves_what_we_ask() {
     let image = dir.path().join("disk.raw");
     std::fs::write(&image, vec![0xAAu8; 1 << 20]).unwrap();
     let socket = dir.path().join("nbd.sock");
-    let _server = start(
-        Command::new("qemu-nbd")
-            .args([
-                "--format=raw",
-                "--persistent",
-                "--shared=4",
-                "--export-name=exp",
-            ])
-            .arg(format!("--socket={}", socket.display()))
-            .arg(&image),
-        &socket,
-    );
+    let _server = NbdServer::qemu_nbd(&image, "exp", Listen::Unix(socket.clone()));
     let mut s = UnixStream::connect(&socket).unwrap();
     let info = handshake(&mut s, "exp").unwrap();
     assert_eq!(info.size, 1 << 20);
@@ -178,13 +127,7 @@ fn nbdkit_memory_serves_what_we_ask() {
     }
     let dir = tempfile::tempdir().unwrap();
     let socket = dir.path().join("nbd.sock");
-    let _server = start(
-        Command::new("nbdkit")
-            .args(["--foreground", "--unix"])
-            .arg(&socket)
-            .args(["memory", "size=1M"]),
-        &socket,
-    );
+    let _server = NbdServer::nbdkit(&["memory", "size=1M"], Listen::Unix(socket.clone()));
     let mut s = UnixStream::connect(&socket).unwrap();
     let info = handshake(&mut s, "").unwrap();
     assert_eq!(info.size, 1 << 20);

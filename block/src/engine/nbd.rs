@@ -1,7 +1,8 @@
 //! The `nbd` engine: a disk's queue on an NBD connection ([`crate::nbd::conn`]). Pushing
-//! stages ops; submitting hands the batch to the connection's sender thread under one
-//! lock; completions come back through a [`Sink`] whose eventfd is the notifier. The
-//! iothread makes no blocking call and no socket call.
+//! stages ops; submitting queues the batch on the connection under one lock and, when
+//! the socket is free, sends it with nonblocking `sendmsg`s (what the socket cannot take
+//! at once goes to the connection's sender thread); completions come back through a
+//! [`Sink`] whose eventfd is the notifier. The iothread makes no blocking call.
 
 use std::sync::Arc;
 

@@ -179,11 +179,8 @@ impl NbdClient {
         let mut connections = vec![start(fd, info)?];
         while connections.len() < wanted {
             let (fd, more) = target.connect(&uri.export).map_err(connect_err)?;
-            if more.size != info.size {
-                return Err(export_err(
-                    "the export changed size between connections".into(),
-                ));
-            }
+            super::conn::compatible(&info, &more, options.writable)
+                .map_err(|why| export_err(format!("another connection to it differs: {why}")))?;
             connections.push(start(fd, info)?);
         }
         tracing::debug!(%server, export = %uri.export, size = info.size, flags = info.flags,

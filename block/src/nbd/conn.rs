@@ -17,7 +17,7 @@
 use std::collections::{BTreeMap, VecDeque};
 use std::os::fd::{AsRawFd, OwnedFd};
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Condvar, Mutex};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
@@ -130,6 +130,16 @@ pub(super) struct State {
     pub(super) fail_fast: bool,
     pub(super) reconnects: u64,
     pub(super) last_error: Option<String>,
+    /// Answers to writes whose data the current batch may still be sending: completed
+    /// once it is out ([`super::send`]'s `release`), never while the sender reads the
+    /// buffers.
+    pub(super) deferred: Vec<(Part, i32)>,
+    /// When the current outage began; cleared once a reply arrives on a new link, so a
+    /// server that accepts and drops connections again and again does not restart the
+    /// `reconnect_delay` clock or the backoff each time.
+    pub(super) outage: Option<Instant>,
+    /// The pause before the next reconnect attempt.
+    pub(super) backoff: Duration,
 }
 
 /// What both threads and the engines share.
@@ -148,6 +158,8 @@ pub(super) struct Shared {
     pub(super) name: String,
 }
 
+/// The first pause between reconnect attempts (doubling up to [`MAX_BACKOFF`]).
+const FIRST_BACKOFF: Duration = Duration::from_millis(50);
 /// The longest pause between reconnect attempts.
 const MAX_BACKOFF: Duration = Duration::from_secs(1);
 /// The most requests one `sendmsg` carries.
@@ -211,6 +223,9 @@ impl Connection {
                 fail_fast: false,
                 reconnects: 0,
                 last_error: None,
+                deferred: Vec::new(),
+                outage: None,
+                backoff: FIRST_BACKOFF,
             }),
             work: Condvar::new(),
             changed: Condvar::new(),
@@ -254,10 +269,11 @@ impl Connection {
                 sink.complete(tag, -i64::from(libc::EIO));
                 continue;
             }
-            let id = st.free.pop().unwrap_or(st.slots.len());
+            let reused = st.free.pop();
+            let id = reused.unwrap_or(st.slots.len());
             match parts::plan(&op, &sh.info, id) {
                 Plan::Done(result) => {
-                    st.free.push(id);
+                    st.free.extend(reused);
                     sink.complete(tag, result);
                 }
                 Plan::Send {
@@ -534,6 +550,10 @@ fn receive_replies(sh: &Shared, fd: &OwnedFd) -> String {
             let Some(part) = st.in_flight.remove(&reply.cookie) else {
                 return format!("bad reply: cookie {} answers no request", reply.cookie);
             };
+            // A reply on this link: it works, the outage (if any) is over.
+            if st.outage.take().is_some() {
+                st.backoff = FIRST_BACKOFF;
+            }
             let dest = if part.command == Command::Read && reply.error == 0 {
                 let data = st
                     .slots
@@ -581,7 +601,15 @@ fn receive_replies(sh: &Shared, fd: &OwnedFd) -> String {
         if st.receiving.take().is_some() {
             sh.changed.notify_all();
         }
-        complete_part(&mut st, sh, &part, reply_errno(reply.error));
+        let errno = reply_errno(reply.error);
+        if parts::sends_data(&part) && st.sending.contains(&part.slot) {
+            // Answered before the sender let go of its data (a server replying early, or
+            // erring and hanging up): completing now would let the buffers go while they
+            // may still be read.
+            st.deferred.push((part, errno));
+        } else {
+            complete_part(&mut st, sh, &part, errno);
+        }
     }
 }
 
@@ -607,8 +635,16 @@ fn recover(sh: &Shared) -> bool {
         tracing::error!(server = %sh.name, "NBD connection lost and reconnect_delay is 0: the disk fails every request");
         return true;
     }
-    let deadline = Instant::now() + sh.reconnect_delay;
-    let mut backoff = Duration::from_millis(50);
+    // A link that broke again before it carried one reply continues the same outage:
+    // same deadline, growing pauses.
+    let repeated = st.outage.is_some();
+    let deadline = *st.outage.get_or_insert_with(Instant::now) + sh.reconnect_delay;
+    if repeated {
+        st = pause(sh, st, deadline);
+        if st.stop {
+            return false;
+        }
+    }
     drop(st);
     loop {
         let attempt = sh.target.connect(&sh.export);
@@ -618,8 +654,9 @@ fn recover(sh: &Shared) -> bool {
         }
         match attempt {
             Ok((fd, info)) => {
-                if let Err(why) = compatible(sh, &info) {
+                if let Err(why) = compatible(&sh.info, &info, sh.writable) {
                     tracing::error!(server = %sh.name, reason = %why, "NBD reconnect refused");
+                    send_disconnect(&fd);
                     st.last_error = Some(why);
                     st.link = Link::Failed;
                     fail_queued(&mut st, sh, libc::EIO);
@@ -636,29 +673,60 @@ fn recover(sh: &Shared) -> bool {
             }
             Err(e) => st.last_error = Some(format!("reconnecting: {e}")),
         }
-        if !st.fail_fast && Instant::now() >= deadline {
-            st.fail_fast = true;
-            tracing::warn!(server = %sh.name, failed = st.queue.len(), "NBD server still unreachable after reconnect_delay: failing requests until it is back");
-            fail_queued(&mut st, sh, libc::EIO);
-        }
-        st = wait_timeout(&sh.changed, st, backoff).0;
+        st = pause(sh, st, deadline);
         if st.stop {
             return false;
         }
-        backoff = (backoff * 2).min(MAX_BACKOFF);
     }
 }
 
-/// Whether a reconnect reached the same export: same size, writable if we write.
-fn compatible(sh: &Shared, info: &ExportInfo) -> Result<(), String> {
-    if info.size != sh.info.size {
+/// Between reconnect attempts: past `deadline`, fails what waits (and from then on what
+/// comes, until the link is back); then sleeps the backoff (woken early by a stop) and
+/// doubles it.
+fn pause<'a>(
+    sh: &Shared,
+    mut st: MutexGuard<'a, State>,
+    deadline: Instant,
+) -> MutexGuard<'a, State> {
+    if !st.fail_fast && Instant::now() >= deadline {
+        st.fail_fast = true;
+        tracing::warn!(server = %sh.name, failed = st.queue.len(), "NBD server still unreachable after reconnect_delay: failing requests until it is back");
+        fail_queued(&mut st, sh, libc::EIO);
+    }
+    let backoff = st.backoff;
+    st.backoff = (backoff * 2).min(MAX_BACKOFF);
+    wait_timeout(&sh.changed, st, backoff).0
+}
+
+/// Whether a connection reached the export requests were planned for (`old`): same
+/// size, writable if we write, every command and flag still there, payloads no smaller
+/// and blocks no larger.
+pub(super) fn compatible(old: &ExportInfo, new: &ExportInfo, writable: bool) -> Result<(), String> {
+    use super::proto::flags;
+    if new.size != old.size {
         return Err(format!(
             "the export's size changed from {} to {} bytes",
-            sh.info.size, info.size
+            old.size, new.size
         ));
     }
-    if sh.writable && info.has(super::proto::flags::READ_ONLY) {
+    if writable && new.has(flags::READ_ONLY) {
         return Err("the export became read-only".into());
+    }
+    for (flag, what) in [
+        (flags::SEND_FLUSH, "FLUSH"),
+        (flags::SEND_FUA, "FUA"),
+        (flags::SEND_TRIM, "TRIM"),
+        (flags::SEND_WRITE_ZEROES, "WRITE_ZEROES"),
+    ] {
+        if old.has(flag) && !new.has(flag) {
+            return Err(format!("the export no longer supports {what}"));
+        }
+    }
+    if new.max_payload < old.max_payload || new.min_block > old.min_block {
+        return Err(format!(
+            "the export's block limits changed (minimum {} -> {}, largest payload {} -> {})",
+            old.min_block, new.min_block, old.max_payload, new.max_payload
+        ));
     }
     Ok(())
 }

@@ -114,6 +114,9 @@ fn take_batch(st: &mut State, sh: &Shared) -> Option<Batch> {
 fn release(st: &mut State, sh: &Shared, batch: &Batch, result: std::io::Result<()>) {
     st.sender_busy = false;
     st.sending.clear();
+    for (part, errno) in std::mem::take(&mut st.deferred) {
+        complete_part(st, sh, &part, errno);
+    }
     sh.changed.notify_all();
     if let Err(e) = result {
         if st.generation == batch.generation {
@@ -160,6 +163,10 @@ pub(super) fn sender(sh: &Shared) {
             let mut st = lock(&sh.state);
             loop {
                 if st.stop {
+                    // A batch handed over is dropped unsent: nobody holds the socket now.
+                    st.pending = None;
+                    st.sender_busy = false;
+                    sh.changed.notify_all();
                     return;
                 }
                 if let Some(b) = st.pending.take() {

@@ -7,15 +7,16 @@ use std::io;
 use std::net::{SocketAddr, TcpStream, ToSocketAddrs};
 use std::os::fd::{AsRawFd, OwnedFd, RawFd};
 use std::os::unix::net::UnixStream;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use super::proto::{self, ExportInfo, NbdError};
 use super::uri::NbdAddress;
 
 /// How long connecting to a server may take.
 pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
-/// How long the handshake may take once connected.
-pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long the whole handshake may take once connected (a server dribbling its option
+/// replies cannot stretch it).
+pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// Where to connect, resolved once (a host name is looked up when the disk opens, so
 /// that reconnecting needs no name service).
@@ -55,9 +56,7 @@ impl Target {
                     match TcpStream::connect_timeout(addr, CONNECT_TIMEOUT) {
                         Ok(mut s) => {
                             s.set_nodelay(true)?;
-                            s.set_read_timeout(Some(HANDSHAKE_TIMEOUT))?;
-                            s.set_write_timeout(Some(HANDSHAKE_TIMEOUT))?;
-                            let info = proto::handshake(&mut s, export)?;
+                            let info = proto::handshake(&mut Deadline::new(&mut s), export)?;
                             s.set_read_timeout(None)?;
                             s.set_write_timeout(None)?;
                             return Ok((OwnedFd::from(s), info));
@@ -70,15 +69,162 @@ impl Target {
                 })))
             }
             Target::Unix(path) => {
-                let mut s = UnixStream::connect(path)?;
-                s.set_read_timeout(Some(HANDSHAKE_TIMEOUT))?;
-                s.set_write_timeout(Some(HANDSHAKE_TIMEOUT))?;
-                let info = proto::handshake(&mut s, export)?;
+                let mut s = connect_unix(path)?;
+                let info = proto::handshake(&mut Deadline::new(&mut s), export)?;
                 s.set_read_timeout(None)?;
                 s.set_write_timeout(None)?;
                 Ok((OwnedFd::from(s), info))
             }
         }
+    }
+}
+
+/// Connects to a Unix socket without blocking past [`CONNECT_TIMEOUT`] (a listener
+/// whose backlog is full makes a blocking connect wait indefinitely).
+fn connect_unix(path: &std::path::Path) -> io::Result<UnixStream> {
+    use std::os::unix::ffi::OsStrExt;
+    // SAFETY: an all-zero sockaddr_un is valid; we set the family and the path.
+    let mut addr: libc::sockaddr_un = unsafe { std::mem::zeroed() };
+    addr.sun_family = libc::sa_family_t::try_from(libc::AF_UNIX).unwrap_or(1);
+    let bytes = path.as_os_str().as_bytes();
+    if bytes.len() >= addr.sun_path.len() || bytes.contains(&0) {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidInput,
+            format!("socket path {} is too long or holds a NUL", path.display()),
+        ));
+    }
+    for (dst, src) in addr.sun_path.iter_mut().zip(bytes) {
+        *dst = libc::c_char::from_ne_bytes([*src]);
+    }
+    // SAFETY: socket() with constant arguments.
+    let raw = unsafe {
+        libc::socket(
+            libc::AF_UNIX,
+            libc::SOCK_STREAM | libc::SOCK_NONBLOCK | libc::SOCK_CLOEXEC,
+            0,
+        )
+    };
+    if raw < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: `raw` is a socket we just made and own from here on.
+    let fd = unsafe { <OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(raw) };
+    let len = libc::socklen_t::try_from(std::mem::size_of::<libc::sockaddr_un>()).unwrap_or(110);
+    let deadline = Instant::now() + CONNECT_TIMEOUT;
+    loop {
+        // SAFETY: connect reads `len` bytes of `addr`, a valid sockaddr_un.
+        let rc = unsafe { libc::connect(fd.as_raw_fd(), (&raw const addr).cast(), len) };
+        if rc == 0 {
+            break;
+        }
+        let e = io::Error::last_os_error();
+        match e.raw_os_error() {
+            Some(libc::EINTR) => {}
+            // The backlog is full: try again shortly, up to the deadline.
+            Some(libc::EAGAIN) if Instant::now() < deadline => {
+                std::thread::sleep(Duration::from_millis(10));
+            }
+            Some(libc::EAGAIN) => {
+                return Err(io::Error::new(
+                    io::ErrorKind::TimedOut,
+                    "the server does not accept connections (backlog full)",
+                ));
+            }
+            _ => return Err(e),
+        }
+    }
+    // Blocking from here on; the handshake has its own deadline.
+    // SAFETY: F_GETFL/F_SETFL on our own descriptor.
+    unsafe {
+        let flags = libc::fcntl(fd.as_raw_fd(), libc::F_GETFL);
+        libc::fcntl(fd.as_raw_fd(), libc::F_SETFL, flags & !libc::O_NONBLOCK);
+    }
+    Ok(UnixStream::from(fd))
+}
+
+/// Sockets whose reads and writes can be given a timeout.
+trait Timeouts {
+    fn set_timeouts(&self, t: Duration) -> io::Result<()>;
+}
+
+impl Timeouts for TcpStream {
+    fn set_timeouts(&self, t: Duration) -> io::Result<()> {
+        self.set_read_timeout(Some(t))?;
+        self.set_write_timeout(Some(t))
+    }
+}
+
+impl Timeouts for UnixStream {
+    fn set_timeouts(&self, t: Duration) -> io::Result<()> {
+        self.set_read_timeout(Some(t))?;
+        self.set_write_timeout(Some(t))
+    }
+}
+
+/// A socket whose every read and write must end by one deadline ([`HANDSHAKE_TIMEOUT`]
+/// from now): each call gets the time that is left.
+struct Deadline<'a, S> {
+    s: &'a mut S,
+    until: Instant,
+}
+
+impl<'a, S: Timeouts> Deadline<'a, S> {
+    fn new(s: &'a mut S) -> Self {
+        Deadline {
+            s,
+            until: Instant::now() + HANDSHAKE_TIMEOUT,
+        }
+    }
+
+    fn arm(&self) -> io::Result<()> {
+        let left = self.until.saturating_duration_since(Instant::now());
+        if left.is_zero() {
+            return Err(Self::late());
+        }
+        self.s.set_timeouts(left)
+    }
+
+    fn late() -> io::Error {
+        io::Error::new(
+            io::ErrorKind::TimedOut,
+            format!(
+                "the handshake took longer than {} s",
+                HANDSHAKE_TIMEOUT.as_secs()
+            ),
+        )
+    }
+
+    /// A socket timeout (EAGAIN from `SO_RCVTIMEO`) is the deadline passing.
+    fn timed(r: io::Result<usize>) -> io::Result<usize> {
+        match r {
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
+                ) =>
+            {
+                Err(Self::late())
+            }
+            other => other,
+        }
+    }
+}
+
+impl<S: Timeouts + io::Read> io::Read for Deadline<'_, S> {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        self.arm()?;
+        Self::timed(self.s.read(buf))
+    }
+}
+
+impl<S: Timeouts + io::Write> io::Write for Deadline<'_, S> {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        self.arm()?;
+        Self::timed(self.s.write(buf))
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        self.s.flush()
     }
 }
 
@@ -210,6 +356,39 @@ pub fn shutdown(fd: &OwnedFd) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_dribbling_server_cannot_stretch_the_handshake() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("slow.sock");
+        let listener = std::os::unix::net::UnixListener::bind(&path).unwrap();
+        let server = std::thread::spawn(move || {
+            let Ok((mut s, _)) = listener.accept() else {
+                return;
+            };
+            // The greeting one byte at a time, each well within a read timeout, forever.
+            for b in super::super::proto::NBD_MAGIC.to_be_bytes().iter().cycle() {
+                if std::io::Write::write_all(&mut s, &[*b]).is_err() {
+                    return;
+                }
+                std::thread::sleep(Duration::from_millis(400));
+            }
+        });
+        let start = Instant::now();
+        let err = Target::Unix(path.clone()).connect("x").unwrap_err();
+        let took = start.elapsed();
+        assert!(
+            took < HANDSHAKE_TIMEOUT + Duration::from_secs(2),
+            "{took:?}"
+        );
+        // 16 bytes would take 6.4 s: the deadline ends it first.
+        assert!(err.to_string().contains("longer than"), "{err}");
+        drop(server);
+        // Nobody listening: a clear error at once.
+        let gone = dir.path().join("gone.sock");
+        let e = Target::Unix(gone).connect("x").unwrap_err();
+        assert!(e.to_string().contains("No such file"), "{e}");
+    }
 
     #[test]
     fn advance_cuts_whole_and_partial_buffers() {

@@ -256,25 +256,12 @@ const IOV_MAX: usize = 1024;
 /// # Safety
 /// Each iovec must describe readable memory that stays valid for the call.
 pub unsafe fn send_all(fd: RawFd, iovs: &mut Vec<libc::iovec>) -> io::Result<()> {
-    iovs.retain(|v| v.iov_len > 0);
-    while !iovs.is_empty() {
-        // SAFETY: an all-zero msghdr is valid; we set the iovec fields.
-        let mut msg: libc::msghdr = unsafe { std::mem::zeroed() };
-        msg.msg_iov = iovs.as_mut_ptr();
-        msg.msg_iovlen = iovs.len().min(IOV_MAX);
-        // SAFETY: the iovecs describe readable memory (our contract); MSG_NOSIGNAL turns a
-        // closed peer into EPIPE instead of SIGPIPE.
-        let n = unsafe { libc::sendmsg(fd, &msg, libc::MSG_NOSIGNAL) };
-        if n < 0 {
-            let e = io::Error::last_os_error();
-            if e.kind() == io::ErrorKind::Interrupted {
-                continue;
-            }
-            return Err(e);
-        }
-        advance(iovs, n.unsigned_abs());
+    // SAFETY: our contract.
+    match unsafe { send_loop(fd, iovs, 0) }? {
+        true => Ok(()),
+        // Only a nonblocking socket says so; ours is blocking here.
+        false => Err(io::Error::from(io::ErrorKind::WouldBlock)),
     }
-    Ok(())
 }
 
 /// Sends what the socket takes without waiting (consuming that much of the list):
@@ -283,14 +270,28 @@ pub unsafe fn send_all(fd: RawFd, iovs: &mut Vec<libc::iovec>) -> io::Result<()>
 /// # Safety
 /// As [`send_all`].
 pub unsafe fn send_some(fd: RawFd, iovs: &mut Vec<libc::iovec>) -> io::Result<bool> {
+    // SAFETY: our contract.
+    unsafe { send_loop(fd, iovs, libc::MSG_DONTWAIT) }
+}
+
+/// `sendmsg` with `flags` (and MSG_NOSIGNAL: a closed peer is EPIPE, not SIGPIPE) until
+/// the list is empty (`Ok(true)`) or the socket would block (`Ok(false)`).
+///
+/// # Safety
+/// As [`send_all`].
+unsafe fn send_loop(
+    fd: RawFd,
+    iovs: &mut Vec<libc::iovec>,
+    flags: libc::c_int,
+) -> io::Result<bool> {
     iovs.retain(|v| v.iov_len > 0);
     while !iovs.is_empty() {
         // SAFETY: an all-zero msghdr is valid; we set the iovec fields.
         let mut msg: libc::msghdr = unsafe { std::mem::zeroed() };
         msg.msg_iov = iovs.as_mut_ptr();
         msg.msg_iovlen = iovs.len().min(IOV_MAX);
-        // SAFETY: as in `send_all`; MSG_DONTWAIT makes this one call nonblocking.
-        let n = unsafe { libc::sendmsg(fd, &msg, libc::MSG_NOSIGNAL | libc::MSG_DONTWAIT) };
+        // SAFETY: the iovecs describe readable memory (our caller's contract).
+        let n = unsafe { libc::sendmsg(fd, &msg, libc::MSG_NOSIGNAL | flags) };
         if n < 0 {
             let e = io::Error::last_os_error();
             match e.kind() {

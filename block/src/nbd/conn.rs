@@ -140,6 +140,8 @@ pub(super) struct State {
     pub(super) outage: Option<Instant>,
     /// The pause before the next reconnect attempt.
     pub(super) backoff: Duration,
+    /// When the current link came up.
+    pub(super) up_since: Instant,
 }
 
 /// What both threads and the engines share.
@@ -162,6 +164,9 @@ pub(super) struct Shared {
 const FIRST_BACKOFF: Duration = Duration::from_millis(50);
 /// The longest pause between reconnect attempts.
 const MAX_BACKOFF: Duration = Duration::from_secs(1);
+/// A link up this long has proven itself even without a reply (an idle disk): a later
+/// break starts a new outage.
+const STABLE: Duration = Duration::from_secs(10);
 /// The most requests one `sendmsg` carries.
 const MAX_BATCH: usize = 64;
 /// How long an engine going away waits for the threads to let go of its buffers before
@@ -226,6 +231,7 @@ impl Connection {
                 deferred: Vec::new(),
                 outage: None,
                 backoff: FIRST_BACKOFF,
+                up_since: Instant::now(),
             }),
             work: Condvar::new(),
             changed: Condvar::new(),
@@ -635,10 +641,14 @@ fn recover(sh: &Shared) -> bool {
         tracing::error!(server = %sh.name, "NBD connection lost and reconnect_delay is 0: the disk fails every request");
         return true;
     }
-    // A link that broke again before it carried one reply continues the same outage:
-    // same deadline, growing pauses.
-    let repeated = st.outage.is_some();
-    let deadline = *st.outage.get_or_insert_with(Instant::now) + sh.reconnect_delay;
+    // A link that broke again before it carried one reply, and soon, continues the same
+    // outage: same deadline, growing pauses. Otherwise a new outage starts.
+    let repeated = st.outage.is_some() && st.up_since.elapsed() < STABLE;
+    if !repeated {
+        st.outage = Some(Instant::now());
+        st.backoff = FIRST_BACKOFF;
+    }
+    let deadline = st.outage.unwrap_or_else(Instant::now) + sh.reconnect_delay;
     if repeated {
         st = pause(sh, st, deadline);
         if st.stop {
@@ -664,6 +674,7 @@ fn recover(sh: &Shared) -> bool {
                 }
                 st.stream = Some(Arc::new(fd));
                 st.link = Link::Connected;
+                st.up_since = Instant::now();
                 st.fail_fast = false;
                 st.reconnects += 1;
                 tracing::info!(server = %sh.name, resent = st.queue.len(), "NBD connection re-established");

@@ -163,8 +163,11 @@ pub(super) fn sender(sh: &Shared) {
             let mut st = lock(&sh.state);
             loop {
                 if st.stop {
-                    // A batch handed over is dropped unsent: nobody holds the socket now.
+                    // A batch handed over is dropped unsent: nobody holds the socket now
+                    // (and every engine is gone: nobody waits for its answers).
                     st.pending = None;
+                    st.sending.clear();
+                    st.deferred.clear();
                     st.sender_busy = false;
                     sh.changed.notify_all();
                     return;

@@ -135,9 +135,16 @@ fn connect_unix(path: &std::path::Path) -> io::Result<UnixStream> {
     }
     // Blocking from here on; the handshake has its own deadline.
     // SAFETY: F_GETFL/F_SETFL on our own descriptor.
-    unsafe {
+    let rc = unsafe {
         let flags = libc::fcntl(fd.as_raw_fd(), libc::F_GETFL);
-        libc::fcntl(fd.as_raw_fd(), libc::F_SETFL, flags & !libc::O_NONBLOCK);
+        if flags < 0 {
+            flags
+        } else {
+            libc::fcntl(fd.as_raw_fd(), libc::F_SETFL, flags & !libc::O_NONBLOCK)
+        }
+    };
+    if rc < 0 {
+        return Err(io::Error::last_os_error());
     }
     Ok(UnixStream::from(fd))
 }

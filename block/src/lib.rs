@@ -13,6 +13,7 @@ pub mod disk;
 pub mod engine;
 mod error;
 pub mod host_file;
+pub mod jobs;
 pub mod nbd;
 pub mod queue;
 pub mod sync;

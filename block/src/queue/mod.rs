@@ -20,6 +20,7 @@ use crate::counters::{DiskCounters, QueueCounters};
 use crate::disk::{BackendKind, Disk};
 use crate::engine::{EngineOp, EngineOptions, IoEngine, IoVecs, create_engine};
 use crate::error::Error;
+use crate::jobs::DirtyBitmap;
 
 /// Most iovecs one request may pass to the kernel; longer lists are bounced.
 const IOV_MAX: usize = 1024;
@@ -37,6 +38,16 @@ pub enum RequestKind {
     Discard = 3,
     /// Zero a range.
     WriteZeroes = 4,
+}
+
+impl RequestKind {
+    /// Whether it changes the disk's data (a write, write-zeroes or discard).
+    pub fn changes_data(self) -> bool {
+        matches!(
+            self,
+            RequestKind::Write | RequestKind::WriteZeroes | RequestKind::Discard
+        )
+    }
 }
 
 /// A finished request.
@@ -58,6 +69,7 @@ struct Slot {
     /// A request of this token is with the engine.
     busy: bool,
     kind: RequestKind,
+    offset: u64,
     len: u64,
     start: Instant,
     /// What the engine reads or writes: the guest's iovecs, or one over `bounce`.
@@ -84,6 +96,9 @@ pub struct DiskQueue {
     clock: Option<Instant>,
     /// Moving average of the engine's completion latency in ns (weight 1/8 per request).
     latency_avg_ns: u64,
+    /// A block job's dirty bitmap: marked by every request that changed data, once the
+    /// engine finished it.
+    dirty: Option<Arc<DirtyBitmap>>,
 }
 
 // SAFETY: the raw pointers a DiskQueue holds (iovecs into guest memory and bounce buffers)
@@ -119,7 +134,17 @@ impl DiskQueue {
             notify: true,
             clock: None,
             latency_avg_ns: 0,
+            dirty: None,
         }
+    }
+
+    /// Attaches (or with `None` detaches) a block job's dirty bitmap: from now on every
+    /// write, write-zeroes and discard marks the chunks of its range when the engine has
+    /// finished it, whatever the result (a failed write may have changed part of its
+    /// range). Marking at completion, not at submission, is what lets a copier that read
+    /// a chunk while a write was in flight see it dirty again.
+    pub fn set_dirty_bitmap(&mut self, bitmap: Option<Arc<DirtyBitmap>>) {
+        self.dirty = bitmap;
     }
 
     /// The disk this queue serves.
@@ -242,7 +267,7 @@ impl DiskQueue {
             return self.finish_now(token, RequestKind::Flush, start, Ok(0));
         }
         if self
-            .take_slot(token, RequestKind::Flush, 0, start)
+            .take_slot(token, RequestKind::Flush, 0, 0, start)
             .is_some()
         {
             // SAFETY: a flush carries no buffers.
@@ -293,6 +318,7 @@ impl DiskQueue {
             counters,
             ready,
             latency_avg_ns,
+            dirty,
             ..
         } = self;
         engine.reap_ready(&mut |tag, result| {
@@ -307,6 +333,9 @@ impl DiskQueue {
             let latency = nanos(now.saturating_duration_since(slot.start));
             *latency_avg_ns = (*latency_avg_ns * 7 + latency) / 8;
             let completion = finish_slot(tag, slot, result, counters, latency);
+            if let Some(bitmap) = dirty.as_ref().filter(|_| slot.kind.changes_data()) {
+                bitmap.mark(slot.offset, slot.len);
+            }
             reaped += 1;
             done(completion);
         });
@@ -383,7 +412,7 @@ impl DiskQueue {
         }
         let bounce = iovecs.len() > IOV_MAX || !self.buffers_aligned(iovecs);
         let align = self.disk.mem_align().max(self.disk.offset_align()) as usize;
-        let Some(slot) = self.take_slot(token, kind, len, start) else {
+        let Some(slot) = self.take_slot(token, kind, offset, len, start) else {
             return;
         };
         if bounce {
@@ -438,7 +467,7 @@ impl DiskQueue {
         if len == 0 {
             return self.finish_now(token, kind, start, Ok(0));
         }
-        if self.take_slot(token, kind, len, start).is_none() {
+        if self.take_slot(token, kind, offset, len, start).is_none() {
             return;
         }
         let op = match kind {
@@ -482,6 +511,7 @@ impl DiskQueue {
         &mut self,
         token: u64,
         kind: RequestKind,
+        offset: u64,
         len: u64,
         start: Instant,
     ) -> Option<&mut Slot> {
@@ -500,6 +530,7 @@ impl DiskQueue {
             self.slots.push(Slot {
                 busy: false,
                 kind,
+                offset: 0,
                 len: 0,
                 start,
                 iovecs: Vec::new(),
@@ -510,6 +541,7 @@ impl DiskQueue {
         let slot = &mut self.slots[idx];
         slot.busy = true;
         slot.kind = kind;
+        slot.offset = offset;
         slot.len = len;
         slot.start = start;
         slot.iovecs.clear();
@@ -537,64 +569,9 @@ impl DiskQueue {
     }
 }
 
-/// A latency in nanoseconds, saturating at `u64::MAX` (some 584 years).
-fn nanos(d: std::time::Duration) -> u64 {
-    u64::try_from(d.as_nanos()).unwrap_or(u64::MAX)
-}
+mod finish;
 
-/// Turns an engine result into the completion of request `token`: copies bounced reads
-/// back, zero-fills short reads, fails short writes, counts it and frees the slot.
-fn finish_slot(
-    token: u64,
-    slot: &mut Slot,
-    result: i64,
-    counters: &QueueCounters,
-    latency: u64,
-) -> Completion {
-    let result = if result < 0 {
-        Err(Errno::new(i32::try_from(-result).unwrap_or(libc::EIO)))
-    } else {
-        // `result >= 0` here.
-        let done = result.unsigned_abs().min(slot.len);
-        // `done` counts bytes the engine moved into memory, so it fits a usize.
-        let done_bytes = usize::try_from(done).unwrap_or(usize::MAX);
-        match slot.kind {
-            RequestKind::Read => {
-                if let Some(buf) = &slot.bounce {
-                    // SAFETY: the guest iovecs are writable until this completion is
-                    // handed back (the `read` contract).
-                    unsafe { buf.scatter_to(&slot.guest, done_bytes) };
-                }
-                if done < slot.len {
-                    // Past the end of a file that shrank: the rest reads as zeroes.
-                    let target = if slot.bounce.is_some() {
-                        &slot.guest
-                    } else {
-                        &slot.iovecs
-                    };
-                    // SAFETY: as above.
-                    unsafe { zero_from(target, done_bytes) };
-                }
-                Ok(slot.len)
-            }
-            RequestKind::Write if done < slot.len => Err(Errno::new(libc::ENOSPC)),
-            RequestKind::Flush => Ok(0),
-            _ => Ok(slot.len),
-        }
-    };
-    slot.bounce = None;
-    slot.busy = false;
-    counters.record_completion(
-        slot.kind,
-        result.as_ref().map(|n| *n).map_err(|_| ()),
-        latency,
-    );
-    Completion {
-        token,
-        kind: slot.kind,
-        result,
-    }
-}
+use finish::{finish_slot, nanos};
 
 #[cfg(test)]
 mod tests;

@@ -517,3 +517,42 @@ fn tokens_out_of_range_or_in_flight_fail_alone() {
     unsafe { f.queue.read(7, 0, &[iov(&mut a)]) };
     assert_eq!(run(&mut f.queue)[0].result, Ok(512));
 }
+
+#[test]
+fn a_dirty_bitmap_is_marked_by_finished_changes_only() {
+    let mut f = fixture(CacheMode::Writeback, false, None);
+    let bitmap = Arc::new(crate::jobs::DirtyBitmap::new(SIZE as u64, 4096).unwrap());
+    f.queue.set_dirty_bitmap(Some(bitmap.clone()));
+    let mut buf = vec![7u8; 4096];
+    let v = [iov(&mut buf)];
+    // SAFETY: `buf` outlives the request (reaped in `run`).
+    unsafe { f.queue.write(1, 3 * 4096 + 512, &v, false) };
+    f.queue.submit().unwrap();
+    // Submitted but not reaped: not marked yet.
+    assert_eq!(bitmap.dirty_chunks(), 0);
+    let mut out = Vec::new();
+    f.queue.reap(|c| out.push(c)).unwrap();
+    assert_eq!(out.len(), 1);
+    // 3*4096+512 .. +4096 touches chunks 3 and 4.
+    assert!(bitmap.is_dirty(3) && bitmap.is_dirty(4));
+    assert_eq!(bitmap.dirty_chunks(), 2);
+    // Reads and flushes do not mark; write-zeroes and discard do.
+    let mut rbuf = vec![0u8; 4096];
+    let r = [iov(&mut rbuf)];
+    // SAFETY: as above.
+    unsafe { f.queue.read(2, 0, &r) };
+    f.queue.flush(3);
+    f.queue.write_zeroes(4, 10 * 4096, 4096);
+    f.queue.discard(5, 20 * 4096, 8192);
+    assert_eq!(run(&mut f.queue).len(), 4);
+    let dirty: Vec<u64> = (0..bitmap.chunks())
+        .filter(|&c| bitmap.is_dirty(c))
+        .collect();
+    assert_eq!(dirty, [3, 4, 10, 20, 21]);
+    // Detached: nothing more is marked.
+    f.queue.set_dirty_bitmap(None);
+    // SAFETY: as above.
+    unsafe { f.queue.write(6, 40 * 4096, &v, false) };
+    assert_eq!(run(&mut f.queue).len(), 1);
+    assert_eq!(bitmap.dirty_chunks(), 5);
+}

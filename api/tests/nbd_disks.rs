@@ -102,9 +102,20 @@ fn guest_io_on_nbd_disks_survives_a_server_restart() {
 
     // Kill the server under the guest's reads and start it again.
     qemu_nbd.kill();
-    std::thread::sleep(Duration::from_millis(300));
-    let c = s.counters("net");
-    assert_eq!(c["disks"]["d0"]["nbd"]["state"], "reconnecting", "{c}");
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        let c = s.counters("net");
+        if c["disks"]["d0"]["nbd"]["state"] == "reconnecting" {
+            break;
+        }
+        let log = std::fs::read_to_string(s.state_dir().join("net/vmm.log")).unwrap_or_default();
+        assert!(
+            Instant::now() < deadline && c["disks"]["d0"].is_object(),
+            "{c}\n{}\n{log}",
+            s.ok("GET", "vm.info?id=net", None).text()
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
     qemu_nbd.restart();
     let before = reads();
     let deadline = Instant::now() + Duration::from_secs(20);

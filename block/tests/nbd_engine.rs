@@ -409,8 +409,11 @@ fn a_restarted_server_gets_the_unanswered_requests_again() {
     io.q.submit().unwrap();
     std::thread::sleep(Duration::from_millis(150));
     server.kill();
-    std::thread::sleep(Duration::from_millis(300));
-    assert_eq!(disk.nbd_status().unwrap().state, NbdLinkState::Reconnecting);
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while disk.nbd_status().unwrap().state != NbdLinkState::Reconnecting {
+        assert!(Instant::now() < deadline, "{:?}", disk.nbd_status());
+        std::thread::sleep(Duration::from_millis(10));
+    }
     server.restart();
     for (c, _) in io.wait(16) {
         assert_eq!(c.result, Ok(131072), "{c:?}");
@@ -718,7 +721,12 @@ fn an_early_answer_to_a_write_waits_for_its_data_to_be_out() {
     let mut io = Io::new(&disk);
     io.write(0, pattern(9, 1 << 20), 8, false);
     assert_eq!(io.one().0.result.map_err(|e| e.errno()), Err(libc::EIO));
-    assert_eq!(disk.nbd_status().unwrap().state, NbdLinkState::Failed);
+    // The hang-up is handled right after (reconnect_delay 0: failed for good).
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while disk.nbd_status().unwrap().state != NbdLinkState::Failed {
+        assert!(Instant::now() < deadline, "{:?}", disk.nbd_status());
+        std::thread::sleep(Duration::from_millis(10));
+    }
 }
 
 #[test]

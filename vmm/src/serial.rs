@@ -4,7 +4,6 @@
 
 use std::fs::File;
 use std::io::{self, Write};
-use std::os::fd::{AsRawFd, FromRawFd};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
 
@@ -174,50 +173,17 @@ impl Drop for SocketOutput {
 /// Whether a process accepts connections on the Unix socket at `path`. The probe never
 /// blocks (a full backlog counts as listening) and is closed at once.
 fn someone_listens(path: &Path) -> bool {
-    use std::os::unix::ffi::OsStrExt;
-    let bytes = path.as_os_str().as_bytes();
-    // SAFETY: an all-zero sockaddr_un is valid; family and path are set below.
-    let mut addr: libc::sockaddr_un = unsafe { std::mem::zeroed() };
-    if bytes.len() >= addr.sun_path.len() {
-        return false;
+    match block::host_file::connect_unix_nonblocking(path) {
+        Ok(_) => true,
+        // A path no socket can have is no socket of anyone's.
+        Err(e) if e.kind() == io::ErrorKind::InvalidInput => false,
+        // Refused: nobody listens (a stale socket). Anything else (a full backlog, no
+        // permission, no descriptor to probe with) is not known to be stale.
+        Err(e) => !matches!(
+            e.raw_os_error(),
+            Some(libc::ECONNREFUSED) | Some(libc::ENOENT)
+        ),
     }
-    #[allow(clippy::cast_possible_truncation)] // AF_UNIX is 1
-    let family = libc::AF_UNIX as libc::sa_family_t;
-    addr.sun_family = family;
-    for (d, s) in addr.sun_path.iter_mut().zip(bytes) {
-        *d = s.cast_signed();
-    }
-    // SAFETY: socket() has no memory preconditions; it returns a new fd or -1.
-    let fd = unsafe {
-        libc::socket(
-            libc::AF_UNIX,
-            libc::SOCK_STREAM | libc::SOCK_NONBLOCK | libc::SOCK_CLOEXEC,
-            0,
-        )
-    };
-    if fd < 0 {
-        // Cannot tell: treat as live, so nothing is removed.
-        return true;
-    }
-    // SAFETY: `fd` is ours; `owned` closes it on every path.
-    let owned = unsafe { std::os::fd::OwnedFd::from_raw_fd(fd) };
-    // SAFETY: connect reads the sockaddr_un of the size we pass.
-    let rc = unsafe {
-        libc::connect(
-            owned.as_raw_fd(),
-            (&addr as *const libc::sockaddr_un).cast(),
-            libc::socklen_t::try_from(std::mem::size_of::<libc::sockaddr_un>()).unwrap_or(0),
-        )
-    };
-    if rc == 0 {
-        return true;
-    }
-    // Refused: nobody listens (a stale socket). Anything else (a full backlog, no
-    // permission) is not known to be stale.
-    !matches!(
-        io::Error::last_os_error().raw_os_error(),
-        Some(libc::ECONNREFUSED) | Some(libc::ENOENT)
-    )
 }
 
 impl Write for SocketOutput {

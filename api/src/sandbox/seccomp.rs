@@ -84,8 +84,10 @@ const IO: &[i64] = &[
     libc::SYS_timerfd_settime,
     libc::SYS_timerfd_gettime,
     libc::SYS_sched_setaffinity,
-    // An NBD disk's requests, sent by the iothread when its socket takes them at once.
+    // An NBD disk's requests, sent by the iothread when its socket takes them at once;
+    // a send that fails there breaks the link (shutdown wakes the connection's threads).
     libc::SYS_sendmsg,
+    libc::SYS_shutdown,
 ];
 
 /// A vCPU: `KVM_RUN` and the device work its exits do, which includes activating a
@@ -366,6 +368,47 @@ mod tests {
         assert_eq!(io[&libc::SYS_ioctl].len(), 1);
         assert_eq!(vcpu[&libc::SYS_ioctl].len(), 1);
         assert!(api[&libc::SYS_ioctl].is_empty());
+    }
+
+    /// The syscalls an iothread makes when it sends an NBD batch itself and the server is
+    /// gone (`sendmsg` fails with EPIPE, `shutdown` breaks the link) pass its filter: a
+    /// process under the kill filter survives them.
+    #[test]
+    fn an_iothread_may_send_on_an_nbd_socket_and_break_the_link() {
+        use std::os::fd::{AsRawFd, OwnedFd};
+        let prog = program(ThreadClass::IoThread, OnViolation::Kill).unwrap();
+        let (ours, theirs) = std::os::unix::net::UnixStream::pair().unwrap();
+        drop(theirs);
+        let fd = OwnedFd::from(ours);
+        // SAFETY: fork in a test; the child only applies the filter and makes syscalls,
+        // then exits without returning into the test harness.
+        let pid = unsafe { libc::fork() };
+        assert!(pid >= 0);
+        if pid == 0 {
+            if apply(&prog).is_err() {
+                // SAFETY: ends the child at once.
+                unsafe { libc::_exit(3) };
+            }
+            let mut data = [0u8; 28];
+            let mut iovs = vec![libc::iovec {
+                iov_base: data.as_mut_ptr().cast(),
+                iov_len: data.len(),
+            }];
+            // SAFETY: the iovec describes `data`, alive for the call.
+            let sent = unsafe { block::nbd::stream::send_some(fd.as_raw_fd(), &mut iovs) };
+            let epipe = sent.is_err_and(|e| e.raw_os_error() == Some(libc::EPIPE));
+            block::nbd::stream::shutdown(&fd);
+            // SAFETY: ends the child at once.
+            unsafe { libc::_exit(if epipe { 0 } else { 4 }) };
+        }
+        let mut status = 0;
+        // SAFETY: waits for our own child.
+        unsafe { libc::waitpid(pid, &raw mut status, 0) };
+        assert!(
+            libc::WIFEXITED(status) && libc::WEXITSTATUS(status) == 0,
+            "status {status:#x} (signal {})",
+            libc::WTERMSIG(status)
+        );
     }
 
     /// A thread with the iothread filter in log mode can still do I/O work; one in kill

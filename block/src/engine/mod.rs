@@ -20,6 +20,7 @@ use crate::disk::{BackendKind, Disk};
 use crate::error::Error;
 
 pub mod aio;
+pub mod completions;
 pub mod nbd;
 pub mod null;
 pub mod sync_ops;

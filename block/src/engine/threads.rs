@@ -11,13 +11,13 @@
 //! eventfd as notifier) for ops their kernel interface lacks.
 
 use std::collections::VecDeque;
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
 use std::thread::JoinHandle;
 
 use vmm_sys_util::eventfd::EventFd;
 
 use crate::disk::Disk;
+use crate::engine::completions::CompletionList;
 use crate::engine::{EngineOp, EngineOptions, IoEngine, sync_ops};
 use crate::error::Error;
 use crate::sync::{lock, wait};
@@ -32,12 +32,9 @@ struct Shared {
     jobs: Mutex<Jobs>,
     /// Signalled when jobs arrive or the pool stops.
     wake: Condvar,
-    /// Finished ops waiting to be reaped.
-    done: Mutex<Vec<(u64, i64)>>,
-    /// Whether `done` holds anything, readable without the lock.
-    has_done: AtomicBool,
-    /// Written when `done` turns non-empty.
-    notifier: EventFd,
+    /// Finished ops waiting to be reaped, and the eventfd written when it turns
+    /// non-empty.
+    done: CompletionList,
 }
 
 /// The job queue proper.
@@ -82,9 +79,7 @@ impl WorkerPool {
                 stop: false,
             }),
             wake: Condvar::new(),
-            done: Mutex::new(Vec::with_capacity(64)),
-            has_done: AtomicBool::new(false),
-            notifier,
+            done: CompletionList::new(notifier),
         });
         let mut pool = WorkerPool {
             shared,
@@ -152,14 +147,10 @@ impl WorkerPool {
         if self.outstanding == 0 {
             return;
         }
-        {
-            let mut finished = lock(&self.shared.done);
-            if finished.is_empty() {
-                return;
-            }
-            std::mem::swap(&mut *finished, &mut self.reaped);
-            self.shared.has_done.store(false, Ordering::Relaxed);
+        if !self.shared.done.has_completions() {
+            return;
         }
+        self.shared.done.take(&mut self.reaped);
         self.outstanding -= self.reaped.len();
         for (tag, result) in self.reaped.drain(..) {
             done(tag, result);
@@ -168,7 +159,7 @@ impl WorkerPool {
 
     /// Whether finished ops wait for [`WorkerPool::reap_completions`] (no lock taken).
     pub fn has_completions(&self) -> bool {
-        self.shared.has_done.load(Ordering::Acquire)
+        self.shared.done.has_completions()
     }
 
     /// Staged + running + finished-but-unreaped ops.
@@ -216,18 +207,9 @@ fn worker(shared: &Shared) {
         // until its completion is reaped, which cannot happen before we publish it below;
         // and Drop joins us before the pool goes away.
         let result = unsafe { sync_ops::execute(&shared.disk, &op) };
-        let was_empty = {
-            let mut done = lock(&shared.done);
-            let was_empty = done.is_empty();
-            done.push((tag, result));
-            shared.has_done.store(true, Ordering::Release);
-            was_empty
-        };
         // Only the first completion after a reap signals: the owner clears the notifier
         // before taking the list, so later ones ride along with this signal.
-        if was_empty && let Err(e) = shared.notifier.write(1) {
-            tracing::error!(error = %e, "blk-worker cannot signal completion");
-        }
+        shared.done.push(tag, result, "blk-worker");
     }
 }
 

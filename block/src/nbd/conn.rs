@@ -16,12 +16,9 @@
 
 use std::collections::{BTreeMap, VecDeque};
 use std::os::fd::{AsRawFd, OwnedFd};
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
-
-use vmm_sys_util::eventfd::EventFd;
 
 use super::parts::{self, Part, Plan};
 use super::proto::{Command, ExportInfo, REQUEST_LEN, ReplyHeader, Request, SIMPLE_REPLY_LEN};
@@ -31,52 +28,7 @@ use crate::sync::{lock, wait, wait_timeout};
 use crate::thread_class::{self, ThreadClass};
 
 /// Where a connection's completions for one engine go.
-pub struct Sink {
-    done: Mutex<Vec<(u64, i64)>>,
-    has_done: AtomicBool,
-    notifier: EventFd,
-}
-
-impl Sink {
-    /// A sink signalling `notifier`.
-    pub fn new(notifier: EventFd) -> Sink {
-        Sink {
-            done: Mutex::new(Vec::with_capacity(64)),
-            has_done: AtomicBool::new(false),
-            notifier,
-        }
-    }
-
-    fn complete(&self, tag: u64, result: i64) {
-        let was_empty = {
-            let mut done = lock(&self.done);
-            let was_empty = done.is_empty();
-            done.push((tag, result));
-            self.has_done.store(true, Ordering::Release);
-            was_empty
-        };
-        if was_empty && let Err(e) = self.notifier.write(1) {
-            tracing::error!(error = %e, "nbd cannot signal a completion");
-        }
-    }
-
-    /// Moves the waiting completions into `out` (which must be empty).
-    pub fn take(&self, out: &mut Vec<(u64, i64)>) {
-        let mut done = lock(&self.done);
-        std::mem::swap(&mut *done, out);
-        self.has_done.store(false, Ordering::Relaxed);
-    }
-
-    /// Whether completions wait (no lock taken).
-    pub fn has_completions(&self) -> bool {
-        self.has_done.load(Ordering::Acquire)
-    }
-
-    /// The eventfd written when completions arrive.
-    pub fn notifier(&self) -> &EventFd {
-        &self.notifier
-    }
-}
+pub type Sink = crate::engine::completions::CompletionList;
 
 /// The state of a connection's link to its server.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -272,7 +224,7 @@ impl Connection {
         let mut queued = false;
         for (tag, op) in ops {
             if refuse {
-                sink.complete(tag, -i64::from(libc::EIO));
+                sink.push(tag, -i64::from(libc::EIO), "nbd");
                 continue;
             }
             let reused = st.free.pop();
@@ -280,7 +232,7 @@ impl Connection {
             match parts::plan(&op, &sh.info, id) {
                 Plan::Done(result) => {
                     st.free.extend(reused);
-                    sink.complete(tag, result);
+                    sink.push(tag, result, "nbd");
                 }
                 Plan::Send {
                     parts,
@@ -473,7 +425,7 @@ pub(super) fn complete_part(st: &mut State, sh: &Shared, part: &Part, errno: i32
         } else {
             i64::try_from(slot.bytes).unwrap_or(i64::MAX)
         };
-        slot.sink.complete(slot.tag, result);
+        slot.sink.push(slot.tag, result, "nbd");
     }
 }
 

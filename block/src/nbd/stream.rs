@@ -82,57 +82,23 @@ impl Target {
 /// Connects to a Unix socket without blocking past [`CONNECT_TIMEOUT`] (a listener
 /// whose backlog is full makes a blocking connect wait indefinitely).
 fn connect_unix(path: &std::path::Path) -> io::Result<UnixStream> {
-    use std::os::unix::ffi::OsStrExt;
-    // SAFETY: an all-zero sockaddr_un is valid; we set the family and the path.
-    let mut addr: libc::sockaddr_un = unsafe { std::mem::zeroed() };
-    addr.sun_family = libc::sa_family_t::try_from(libc::AF_UNIX).unwrap_or(1);
-    let bytes = path.as_os_str().as_bytes();
-    if bytes.len() >= addr.sun_path.len() || bytes.contains(&0) {
-        return Err(io::Error::new(
-            io::ErrorKind::InvalidInput,
-            format!("socket path {} is too long or holds a NUL", path.display()),
-        ));
-    }
-    for (dst, src) in addr.sun_path.iter_mut().zip(bytes) {
-        *dst = libc::c_char::from_ne_bytes([*src]);
-    }
-    // SAFETY: socket() with constant arguments.
-    let raw = unsafe {
-        libc::socket(
-            libc::AF_UNIX,
-            libc::SOCK_STREAM | libc::SOCK_NONBLOCK | libc::SOCK_CLOEXEC,
-            0,
-        )
-    };
-    if raw < 0 {
-        return Err(io::Error::last_os_error());
-    }
-    // SAFETY: `raw` is a socket we just made and own from here on.
-    let fd = unsafe { <OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(raw) };
-    let len = libc::socklen_t::try_from(std::mem::size_of::<libc::sockaddr_un>()).unwrap_or(110);
     let deadline = Instant::now() + CONNECT_TIMEOUT;
-    loop {
-        // SAFETY: connect reads `len` bytes of `addr`, a valid sockaddr_un.
-        let rc = unsafe { libc::connect(fd.as_raw_fd(), (&raw const addr).cast(), len) };
-        if rc == 0 {
-            break;
-        }
-        let e = io::Error::last_os_error();
-        match e.raw_os_error() {
-            Some(libc::EINTR) => {}
+    let fd = loop {
+        match crate::host_file::connect_unix_nonblocking(path) {
+            Ok(fd) => break fd,
             // The backlog is full: try again shortly, up to the deadline.
-            Some(libc::EAGAIN) if Instant::now() < deadline => {
+            Err(e) if e.raw_os_error() == Some(libc::EAGAIN) && Instant::now() < deadline => {
                 std::thread::sleep(Duration::from_millis(10));
             }
-            Some(libc::EAGAIN) => {
+            Err(e) if e.raw_os_error() == Some(libc::EAGAIN) => {
                 return Err(io::Error::new(
                     io::ErrorKind::TimedOut,
                     "the server does not accept connections (backlog full)",
                 ));
             }
-            _ => return Err(e),
+            Err(e) => return Err(e),
         }
-    }
+    };
     // Blocking from here on; the handshake has its own deadline.
     // SAFETY: F_GETFL/F_SETFL on our own descriptor.
     let rc = unsafe {

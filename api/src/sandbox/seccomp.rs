@@ -182,6 +182,11 @@ const BUILD: &[i64] = &[
     libc::SYS_rename,
     libc::SYS_renameat,
     libc::SYS_renameat2,
+    // glibc's resolver, for the host name of an NBD server when its disk opens: the
+    // node name, and the DNS queries (A and AAAA together).
+    libc::SYS_uname,
+    libc::SYS_sendmmsg,
+    libc::SYS_recvmmsg,
 ];
 
 /// A network disk's connection threads (NBD): sending and receiving on their socket,
@@ -226,9 +231,22 @@ fn rules(class: ThreadClass) -> Result<BTreeMap<i64, Vec<SeccompRule>>, String> 
     ) {
         // Unix sockets (a serial socket, an NBD server's socket) and TCP/IP ones (an NBD
         // server, and the name lookup of its host when a disk opens); nothing else. The
-        // API's TCP listener is bound before the filters.
+        // API's TCP listener is bound before the filters. The resolver's netlink socket
+        // (glibc sorts several addresses by the host's own) is let through here and
+        // refused with EAFNOSUPPORT by the layer before ([`program`]): glibc goes on
+        // without it.
+        let families: &[i32] = if class == ThreadClass::Network {
+            &[libc::AF_UNIX, libc::AF_INET, libc::AF_INET6]
+        } else {
+            &[
+                libc::AF_UNIX,
+                libc::AF_INET,
+                libc::AF_INET6,
+                libc::AF_NETLINK,
+            ]
+        };
         let mut rules = Vec::new();
-        for family in [libc::AF_UNIX, libc::AF_INET, libc::AF_INET6] {
+        for &family in families {
             let is = SeccompCondition::new(
                 0,
                 SeccompCmpArgLen::Dword,
@@ -297,6 +315,27 @@ pub fn program(class: ThreadClass, on_violation: OnViolation) -> Result<Vec<BpfP
                 .map_err(|e: seccompiler::BackendError| err(&e))?,
         );
     }
+    if matches!(class, ThreadClass::Api | ThreadClass::Control) {
+        let netlink = SeccompCondition::new(
+            0,
+            SeccompCmpArgLen::Dword,
+            SeccompCmpOp::Eq,
+            u64::try_from(libc::AF_NETLINK).unwrap_or(16),
+        )
+        .map_err(|e| err(&e))?;
+        let rule = SeccompRule::new(vec![netlink]).map_err(|e| err(&e))?;
+        let f = SeccompFilter::new(
+            BTreeMap::from([(libc::SYS_socket, vec![rule])]),
+            SeccompAction::Allow,
+            SeccompAction::Errno(u32::try_from(libc::EAFNOSUPPORT).unwrap_or(97)),
+            TargetArch::x86_64,
+        )
+        .map_err(|e| err(&e))?;
+        layers.push(
+            f.try_into()
+                .map_err(|e: seccompiler::BackendError| err(&e))?,
+        );
+    }
     let filter = SeccompFilter::new(
         rules(class)?,
         mismatch,
@@ -347,8 +386,9 @@ mod tests {
             );
         }
         assert!(!vcpu.contains_key(&libc::SYS_socket));
-        // The API and the NBD connection threads may make Unix and TCP/IP sockets only.
-        assert_eq!(api[&libc::SYS_socket].len(), 3);
+        // The API and the NBD connection threads may make Unix and TCP/IP sockets only
+        // (the API's netlink rule is refused by an earlier layer).
+        assert_eq!(api[&libc::SYS_socket].len(), 4);
         let net = rules(ThreadClass::Network).unwrap();
         assert_eq!(net[&libc::SYS_socket].len(), 3);
         for forbidden in [
@@ -368,6 +408,31 @@ mod tests {
         assert_eq!(io[&libc::SYS_ioctl].len(), 1);
         assert_eq!(vcpu[&libc::SYS_ioctl].len(), 1);
         assert!(api[&libc::SYS_ioctl].is_empty());
+    }
+
+    /// A thread under the API filter resolves a host name (as opening an `nbd://host/`
+    /// disk does): the resolver's netlink socket is refused with EAFNOSUPPORT, not fatal,
+    /// and the lookup succeeds. (A violation would end the whole test process.)
+    #[test]
+    fn the_api_filter_lets_the_resolver_work_without_netlink() {
+        let prog = program(ThreadClass::Api, OnViolation::Kill).unwrap();
+        let t = std::thread::spawn(move || {
+            apply(&prog).unwrap();
+            // SAFETY: socket() with constant arguments; a descriptor it returns is closed.
+            let fd = unsafe { libc::socket(libc::AF_NETLINK, libc::SOCK_RAW, 0) };
+            let errno = std::io::Error::last_os_error().raw_os_error();
+            if fd >= 0 {
+                // SAFETY: closing the descriptor we got.
+                unsafe { libc::close(fd) };
+            }
+            let addrs: Vec<_> = std::net::ToSocketAddrs::to_socket_addrs(&("localhost", 10809))
+                .map(Iterator::collect)
+                .unwrap_or_default();
+            (fd, errno, addrs.len())
+        });
+        let (fd, errno, found) = t.join().unwrap();
+        assert_eq!((fd, errno), (-1, Some(libc::EAFNOSUPPORT)));
+        assert!(found >= 1, "localhost did not resolve under the filter");
     }
 
     /// The syscalls an iothread makes when it sends an NBD batch itself and the server is

@@ -435,6 +435,24 @@ mod tests {
         assert!(found >= 1, "localhost did not resolve under the filter");
     }
 
+    /// Forks; the child applies `prog` to itself, runs `body` and exits with what it
+    /// returns (3 when the filter cannot be applied); returns the child's wait status.
+    fn in_filtered_child(prog: &[BpfProgram], body: impl FnOnce() -> i32) -> i32 {
+        // SAFETY: fork in a test; the child only applies the filter and makes syscalls,
+        // then exits without returning into the test harness.
+        let pid = unsafe { libc::fork() };
+        assert!(pid >= 0);
+        if pid == 0 {
+            let code = if apply(prog).is_err() { 3 } else { body() };
+            // SAFETY: ends the child at once.
+            unsafe { libc::_exit(code) };
+        }
+        let mut status = 0;
+        // SAFETY: waits for our own child.
+        unsafe { libc::waitpid(pid, &raw mut status, 0) };
+        status
+    }
+
     /// The syscalls an iothread makes when it sends an NBD batch itself and the server is
     /// gone (`sendmsg` fails with EPIPE, `shutdown` breaks the link) pass its filter: a
     /// process under the kill filter survives them.
@@ -445,15 +463,7 @@ mod tests {
         let (ours, theirs) = std::os::unix::net::UnixStream::pair().unwrap();
         drop(theirs);
         let fd = OwnedFd::from(ours);
-        // SAFETY: fork in a test; the child only applies the filter and makes syscalls,
-        // then exits without returning into the test harness.
-        let pid = unsafe { libc::fork() };
-        assert!(pid >= 0);
-        if pid == 0 {
-            if apply(&prog).is_err() {
-                // SAFETY: ends the child at once.
-                unsafe { libc::_exit(3) };
-            }
+        let status = in_filtered_child(&prog, || {
             let mut data = [0u8; 28];
             let mut iovs = vec![libc::iovec {
                 iov_base: data.as_mut_ptr().cast(),
@@ -463,12 +473,8 @@ mod tests {
             let sent = unsafe { block::nbd::stream::send_some(fd.as_raw_fd(), &mut iovs) };
             let epipe = sent.is_err_and(|e| e.raw_os_error() == Some(libc::EPIPE));
             block::nbd::stream::shutdown(&fd);
-            // SAFETY: ends the child at once.
-            unsafe { libc::_exit(if epipe { 0 } else { 4 }) };
-        }
-        let mut status = 0;
-        // SAFETY: waits for our own child.
-        unsafe { libc::waitpid(pid, &raw mut status, 0) };
+            if epipe { 0 } else { 4 }
+        });
         assert!(
             libc::WIFEXITED(status) && libc::WEXITSTATUS(status) == 0,
             "status {status:#x} (signal {})",
@@ -481,15 +487,7 @@ mod tests {
     #[test]
     fn a_filtered_thread_that_steps_outside_ends_its_process() {
         let prog = program(ThreadClass::IoThread, OnViolation::Kill).unwrap();
-        // SAFETY: fork in a test; the child only applies the filter and makes syscalls,
-        // then exits without returning into the test harness.
-        let pid = unsafe { libc::fork() };
-        assert!(pid >= 0);
-        if pid == 0 {
-            if apply(&prog).is_err() {
-                // SAFETY: ends the child at once.
-                unsafe { libc::_exit(3) };
-            }
+        let status = in_filtered_child(&prog, || {
             // Allowed: getpid. Refused with EACCES: open. Forbidden: acct.
             // SAFETY: plain syscalls on a valid C string or a null pointer (acct with a
             // null path only switches accounting off, EPERM without the capability).
@@ -497,15 +495,12 @@ mod tests {
                 libc::getpid();
                 let fd = libc::open(c"/proc/self/status".as_ptr(), libc::O_RDONLY);
                 if fd >= 0 || std::io::Error::last_os_error().raw_os_error() != Some(libc::EACCES) {
-                    libc::_exit(4);
+                    return 4;
                 }
                 libc::syscall(libc::SYS_acct, std::ptr::null::<libc::c_char>());
-                libc::_exit(0);
             }
-        }
-        let mut status = 0;
-        // SAFETY: waits for our own child.
-        unsafe { libc::waitpid(pid, &raw mut status, 0) };
+            0
+        });
         assert!(libc::WIFSIGNALED(status), "status {status:#x}");
         assert_eq!(libc::WTERMSIG(status), libc::SIGSYS);
     }

@@ -550,6 +550,17 @@ impl ProcessBackend {
         })
     }
 
+    /// `PUT /api/v1/<endpoint>` on VM `id`'s process; a VM without a process cannot
+    /// `what` (409).
+    fn action(&self, id: &str, endpoint: &str, what: &str) -> Result<(), ApiError> {
+        let path = format!("/api/v1/{endpoint}");
+        self.route(
+            id,
+            |m, l| self.forward(m, l, "PUT", &path, None).map(|_| ()),
+            |m| Err(m.not_running(what)),
+        )
+    }
+
     /// VM `id` routed: `f` with its live process, or `offline` without one.
     fn route<T>(
         &self,
@@ -974,25 +985,11 @@ impl VmmBackend for ProcessBackend {
     }
 
     fn pause(&self, id: &str) -> Result<(), ApiError> {
-        self.route(
-            id,
-            |m, l| {
-                self.forward(m, l, "PUT", "/api/v1/vm.pause", None)
-                    .map(|_| ())
-            },
-            |m| Err(m.not_running("pause")),
-        )
+        self.action(id, "vm.pause", "pause")
     }
 
     fn resume(&self, id: &str) -> Result<(), ApiError> {
-        self.route(
-            id,
-            |m, l| {
-                self.forward(m, l, "PUT", "/api/v1/vm.resume", None)
-                    .map(|_| ())
-            },
-            |m| Err(m.not_running("resume")),
-        )
+        self.action(id, "vm.resume", "resume")
     }
 
     fn shutdown(&self, id: &str) -> Result<(), ApiError> {
@@ -1011,14 +1008,7 @@ impl VmmBackend for ProcessBackend {
     }
 
     fn reboot(&self, id: &str) -> Result<(), ApiError> {
-        self.route(
-            id,
-            |m, l| {
-                self.forward(m, l, "PUT", "/api/v1/vm.reboot", None)
-                    .map(|_| ())
-            },
-            |m| Err(m.not_running("reboot")),
-        )
+        self.action(id, "vm.reboot", "reboot")
     }
 
     fn delete(&self, id: &str) -> Result<(), ApiError> {

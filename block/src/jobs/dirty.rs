@@ -14,6 +14,9 @@ pub const MAX_GRANULARITY: u64 = 64 << 20;
 /// The default granularity (64 KiB).
 pub const DEFAULT_GRANULARITY: u64 = 64 << 10;
 
+/// The most 64-bit words a bitmap takes (128 MiB: a 64 PiB disk at 64 KiB).
+const MAX_WORDS: usize = 16 << 20;
+
 /// A dirty bitmap over a disk of `size` bytes.
 #[derive(Debug)]
 pub struct DirtyBitmap {
@@ -37,8 +40,16 @@ impl DirtyBitmap {
             ));
         }
         let chunks = size.div_ceil(granularity);
+        // The size may come from a server (an NBD export): the bitmap's memory is bounded.
         let words = usize::try_from(chunks.div_ceil(64))
-            .map_err(|_| format!("a disk of {size} bytes is too large for a dirty bitmap"))?;
+            .ok()
+            .filter(|w| *w <= MAX_WORDS)
+            .ok_or_else(|| {
+                format!(
+                    "a disk of {size} bytes needs a dirty bitmap over {} MiB at granularity {granularity}; use a larger granularity",
+                    (MAX_WORDS * 8) >> 20
+                )
+            })?;
         Ok(DirtyBitmap {
             granularity,
             shift: granularity.trailing_zeros(),
@@ -181,6 +192,9 @@ mod tests {
             let e = DirtyBitmap::new(1 << 20, bad).unwrap_err();
             assert!(e.contains("power of two"), "{e}");
         }
+        // A size a server might claim cannot make the bitmap take the host's memory.
+        let e = DirtyBitmap::new(u64::MAX, 4096).unwrap_err();
+        assert!(e.contains("larger granularity"), "{e}");
     }
 
     #[test]

@@ -229,7 +229,8 @@ impl Connection {
             }
             let reused = st.free.pop();
             let id = reused.unwrap_or(st.slots.len());
-            match parts::plan(&op, &sh.info, id) {
+            let st = &mut *st;
+            match parts::plan(&op, &sh.info, id, &mut st.queue) {
                 Plan::Done(result) => {
                     st.free.extend(reused);
                     sink.push(tag, result, "nbd");
@@ -243,7 +244,7 @@ impl Connection {
                         tag,
                         sink: sink.clone(),
                         iovecs: data_iovecs(&op),
-                        parts_left: parts.len(),
+                        parts_left: parts,
                         error: 0,
                         bytes,
                         flush_after,
@@ -254,7 +255,6 @@ impl Connection {
                     } else {
                         st.slots[id] = Some(slot);
                     }
-                    st.queue.extend(parts);
                     queued = true;
                 }
             }

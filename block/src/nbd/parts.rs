@@ -3,6 +3,8 @@
 //! a flush where the server has no FUA, write-zeroes sent as writes of zeroes where the
 //! server lacks the command, and what the server cannot do at all answered at once.
 
+use std::collections::VecDeque;
+
 use super::proto::{CMD_FLAG_FUA, Command, ExportInfo, flags};
 use crate::engine::{EngineOp, IoVecs};
 
@@ -25,13 +27,15 @@ pub struct Part {
     pub zeroes: bool,
 }
 
-/// What an op needs: its parts, whether a flush follows them, and what it answers.
-#[derive(Debug, PartialEq, Eq)]
+/// What an op needs: how many parts it sent to the queue, whether a flush follows them,
+/// and what it answers.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Plan {
-    /// Send these parts (then a flush when `flush_after`); success answers `bytes`.
+    /// `parts` requests were appended (then a flush when `flush_after`); success answers
+    /// `bytes`.
     Send {
-        /// The requests.
-        parts: Vec<Part>,
+        /// How many requests were appended.
+        parts: usize,
         /// A FLUSH follows once every part succeeded (FUA without server FUA).
         flush_after: bool,
         /// The byte count a success reports.
@@ -44,17 +48,17 @@ pub enum Plan {
 /// The largest zero-filled write sent for an emulated write-zeroes.
 pub const ZERO_CHUNK: u32 = 1 << 20;
 
-/// Plans `op` for the export `info` (every part tagged with `slot`).
-pub fn plan(op: &EngineOp, info: &ExportInfo, slot: usize) -> Plan {
+/// Plans `op` for the export `info`, appending its requests (each tagged with `slot`) to
+/// `out`, the connection's queue: no allocation per request.
+pub fn plan(op: &EngineOp, info: &ExportInfo, slot: usize, out: &mut VecDeque<Part>) -> Plan {
     let align_down = |n: u32| (n / info.min_block).max(1) * info.min_block;
     let max_data = align_down(info.max_payload);
-    let cut = |command: Command, fl: u16, offset: u64, len: u64, chunk: u32, zeroes: bool| {
-        let mut parts =
-            Vec::with_capacity(usize::try_from(len / u64::from(chunk) + 1).unwrap_or(1));
+    let mut cut = |command: Command, fl: u16, offset: u64, len: u64, chunk: u32, zeroes: bool| {
+        let before = out.len();
         let mut done = 0u64;
         while done < len {
             let n = (len - done).min(u64::from(chunk));
-            parts.push(Part {
+            out.push_back(Part {
                 slot,
                 command,
                 flags: fl,
@@ -66,21 +70,25 @@ pub fn plan(op: &EngineOp, info: &ExportInfo, slot: usize) -> Plan {
             });
             done += n;
         }
-        parts
+        out.len() - before
+    };
+    let send = |parts: usize, flush_after: bool, bytes: u64| match parts {
+        0 => Plan::Done(0),
+        _ => Plan::Send {
+            parts,
+            flush_after,
+            bytes,
+        },
     };
     match *op {
-        EngineOp::Read { offset, iovecs } => data_plan(
-            cut(
-                Command::Read,
-                0,
-                offset,
-                iovecs.total_len(),
-                max_data,
+        EngineOp::Read { offset, iovecs } => {
+            let len = iovecs.total_len();
+            send(
+                cut(Command::Read, 0, offset, len, max_data, false),
                 false,
-            ),
-            false,
-            iovecs,
-        ),
+                len,
+            )
+        }
         EngineOp::Write {
             offset,
             iovecs,
@@ -89,62 +97,35 @@ pub fn plan(op: &EngineOp, info: &ExportInfo, slot: usize) -> Plan {
             let server_fua = fua && info.has(flags::SEND_FUA);
             let fl = if server_fua { CMD_FLAG_FUA } else { 0 };
             let flush_after = fua && !server_fua && info.has(flags::SEND_FLUSH);
-            data_plan(
-                cut(
-                    Command::Write,
-                    fl,
-                    offset,
-                    iovecs.total_len(),
-                    max_data,
-                    false,
-                ),
+            let len = iovecs.total_len();
+            send(
+                cut(Command::Write, fl, offset, len, max_data, false),
                 flush_after,
-                iovecs,
+                len,
             )
         }
-        EngineOp::Flush if info.has(flags::SEND_FLUSH) => Plan::Send {
-            parts: vec![flush_part(slot)],
-            flush_after: false,
-            bytes: 0,
-        },
+        EngineOp::Flush if info.has(flags::SEND_FLUSH) => {
+            out.push_back(flush_part(slot));
+            send(1, false, 0)
+        }
         // A server that takes no flush has no cache to flush.
         EngineOp::Flush => Plan::Done(0),
-        EngineOp::Discard { offset, len } if info.has(flags::SEND_TRIM) && len > 0 => {
-            range_plan(cut(Command::Trim, 0, offset, len, max_data, false))
-        }
+        EngineOp::Discard { offset, len } if info.has(flags::SEND_TRIM) => send(
+            cut(Command::Trim, 0, offset, len, max_data, false),
+            false,
+            0,
+        ),
         // Discard is advisory: without server support it does nothing.
         EngineOp::Discard { .. } => Plan::Done(0),
-        EngineOp::WriteZeroes { len: 0, .. } => Plan::Done(0),
-        EngineOp::WriteZeroes { offset, len } if info.has(flags::SEND_WRITE_ZEROES) => {
-            range_plan(cut(Command::WriteZeroes, 0, offset, len, max_data, false))
-        }
-        EngineOp::WriteZeroes { offset, len } => range_plan(cut(
-            Command::Write,
+        EngineOp::WriteZeroes { offset, len } if info.has(flags::SEND_WRITE_ZEROES) => send(
+            cut(Command::WriteZeroes, 0, offset, len, max_data, false),
+            false,
             0,
-            offset,
-            len,
-            align_down(ZERO_CHUNK.min(max_data)),
-            true,
-        )),
-    }
-}
-
-fn data_plan(parts: Vec<Part>, flush_after: bool, iovecs: IoVecs) -> Plan {
-    if parts.is_empty() {
-        return Plan::Done(0);
-    }
-    Plan::Send {
-        parts,
-        flush_after,
-        bytes: iovecs.total_len(),
-    }
-}
-
-fn range_plan(parts: Vec<Part>) -> Plan {
-    Plan::Send {
-        parts,
-        flush_after: false,
-        bytes: 0,
+        ),
+        EngineOp::WriteZeroes { offset, len } => {
+            let chunk = align_down(ZERO_CHUNK.min(max_data));
+            send(cut(Command::Write, 0, offset, len, chunk, true), false, 0)
+        }
     }
 }
 
@@ -237,6 +218,17 @@ mod tests {
         }
     }
 
+    /// The plan of `op` and the requests it appended (as many as it says).
+    fn planned(op: &EngineOp, info: &ExportInfo, slot: usize) -> (Plan, Vec<Part>) {
+        let mut q = VecDeque::new();
+        let p = plan(op, info, slot, &mut q);
+        match p {
+            Plan::Send { parts, .. } => assert_eq!(parts, q.len()),
+            Plan::Done(_) => assert!(q.is_empty()),
+        }
+        (p, q.into())
+    }
+
     fn iov(buf: &[u8]) -> libc::iovec {
         libc::iovec {
             iov_base: buf.as_ptr() as *mut _,
@@ -250,7 +242,7 @@ mod tests {
         let v = [iov(&buf)];
         // SAFETY: one iovec over `buf`.
         let iovecs = unsafe { IoVecs::new(v.as_ptr(), 1) };
-        let p = plan(
+        let (p, parts) = planned(
             &EngineOp::Read {
                 offset: 512,
                 iovecs,
@@ -259,9 +251,7 @@ mod tests {
             3,
         );
         let Plan::Send {
-            parts,
-            flush_after,
-            bytes,
+            flush_after, bytes, ..
         } = p
         else {
             panic!("{p:?}")
@@ -294,32 +284,45 @@ mod tests {
             iovecs,
             fua: true,
         };
-        let with = plan(&w, &info(flags::SEND_FUA | flags::SEND_FLUSH, 1 << 20), 0);
+        let (with, parts) = planned(&w, &info(flags::SEND_FUA | flags::SEND_FLUSH, 1 << 20), 0);
         assert!(
-            matches!(&with, Plan::Send { parts, flush_after: false, .. } if parts[0].flags == CMD_FLAG_FUA)
+            matches!(
+                with,
+                Plan::Send {
+                    flush_after: false,
+                    ..
+                }
+            ) && parts[0].flags == CMD_FLAG_FUA
         );
-        let without = plan(&w, &info(flags::SEND_FLUSH, 1 << 20), 0);
+        let (without, parts) = planned(&w, &info(flags::SEND_FLUSH, 1 << 20), 0);
         assert!(
-            matches!(&without, Plan::Send { parts, flush_after: true, .. } if parts[0].flags == 0)
+            matches!(
+                without,
+                Plan::Send {
+                    flush_after: true,
+                    ..
+                }
+            ) && parts[0].flags == 0
         );
     }
 
     #[test]
     fn what_the_server_lacks_is_answered_or_emulated() {
         let none = info(0, 1 << 20);
-        assert_eq!(plan(&EngineOp::Flush, &none, 0), Plan::Done(0));
+        assert_eq!(planned(&EngineOp::Flush, &none, 0).0, Plan::Done(0));
         assert_eq!(
-            plan(
+            planned(
                 &EngineOp::Discard {
                     offset: 0,
                     len: 4096
                 },
                 &none,
                 0
-            ),
+            )
+            .0,
             Plan::Done(0)
         );
-        let z = plan(
+        let (z, parts) = planned(
             &EngineOp::WriteZeroes {
                 offset: 4096,
                 len: (3 << 20) + 512,
@@ -327,7 +330,7 @@ mod tests {
             &none,
             0,
         );
-        let Plan::Send { parts, .. } = z else {
+        let Plan::Send { .. } = z else {
             panic!("{z:?}")
         };
         assert_eq!(parts.len(), 4);
@@ -338,7 +341,7 @@ mod tests {
         );
         assert_eq!(parts[3].length, 512);
         let with = info(flags::SEND_WRITE_ZEROES | flags::SEND_TRIM, 1 << 20);
-        let z = plan(
+        let (z, parts) = planned(
             &EngineOp::WriteZeroes {
                 offset: 0,
                 len: 8192,
@@ -347,7 +350,9 @@ mod tests {
             0,
         );
         assert!(
-            matches!(&z, Plan::Send { parts, .. } if parts.len() == 1 && parts[0].command == Command::WriteZeroes)
+            matches!(z, Plan::Send { .. })
+                && parts.len() == 1
+                && parts[0].command == Command::WriteZeroes
         );
     }
 

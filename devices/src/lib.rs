@@ -9,6 +9,7 @@
 
 pub mod config;
 pub mod iothread;
+pub mod mirror;
 pub mod pci;
 pub mod vhost_user_blk;
 pub mod virtio_blk;

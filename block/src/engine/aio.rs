@@ -92,6 +92,15 @@ impl AioEngine {
     /// Creates the engine: checks that `disk` uses O_DIRECT, sets up an AIO context of
     /// `options.queue_depth` and the slab.
     pub fn create(disk: Arc<Disk>, options: &EngineOptions) -> Result<AioEngine, Error> {
+        Self::create_with(disk, options, None)
+    }
+
+    /// As [`AioEngine::create`], signalling `notifier` (a duplicate) when given.
+    pub fn create_with(
+        disk: Arc<Disk>,
+        options: &EngineOptions,
+        notifier: Option<&EventFd>,
+    ) -> Result<AioEngine, Error> {
         if !disk.cache().direct() {
             return Err(Error::NativeNeedsDirect {
                 cache: disk.cache(),
@@ -99,10 +108,11 @@ impl AioEngine {
         }
         options.validate()?;
         let depth = options.queue_depth as usize;
-        let notifier = crate::engine::new_notifier().map_err(|source| Error::EngineSetup {
-            engine: ENGINE,
-            source,
-        })?;
+        let notifier =
+            crate::engine::notifier_or_new(notifier).map_err(|source| Error::EngineSetup {
+                engine: ENGINE,
+                source,
+            })?;
         let ctx = abi::io_setup(options.queue_depth).map_err(|source| Error::EngineSetup {
             engine: ENGINE,
             source,

@@ -278,18 +278,39 @@ pub fn create_engine(
     disk: &Arc<Disk>,
     options: &EngineOptions,
 ) -> Result<Box<dyn IoEngine>, Error> {
+    create_engine_sharing(disk, options, None)
+}
+
+/// As [`create_engine`], with `notifier` (a duplicate of it) as the engine's completion
+/// eventfd when given: two engines sharing one notifier wake one waiter (a queue that
+/// writes to a mirror target as well as to its disk).
+pub fn create_engine_sharing(
+    disk: &Arc<Disk>,
+    options: &EngineOptions,
+    notifier: Option<&EventFd>,
+) -> Result<Box<dyn IoEngine>, Error> {
     options.validate()?;
     if disk.backend() == BackendKind::Null {
-        return Ok(Box::new(null::NullEngine::new(options)?));
+        return Ok(Box::new(null::NullEngine::with_notifier(
+            options, notifier,
+        )?));
     }
     // An NBD disk's I/O is socket I/O on its connections, whatever `aio` says.
     if let Some(client) = disk.nbd() {
-        return nbd::NbdEngine::new(client.connection());
+        return nbd::NbdEngine::with_notifier(client.connection(), notifier);
     }
     Ok(match options.kind {
-        AioKind::IoUring => uring::UringEngine::new(disk.clone(), options)?,
-        AioKind::Native => aio::AioEngine::new(disk.clone(), options)?,
-        AioKind::Threads => threads::ThreadsEngine::new(disk.clone(), options)?,
+        AioKind::IoUring => Box::new(uring::UringEngine::create_with(
+            disk.clone(),
+            options,
+            notifier,
+        )?),
+        AioKind::Native => Box::new(aio::AioEngine::create_with(
+            disk.clone(),
+            options,
+            notifier,
+        )?),
+        AioKind::Threads => threads::ThreadsEngine::with_notifier(disk.clone(), options, notifier)?,
     })
 }
 
@@ -301,4 +322,12 @@ pub(crate) fn neg_errno(err: &std::io::Error) -> i64 {
 /// A nonblocking, close-on-exec eventfd for an engine's completion notifier.
 pub(crate) fn new_notifier() -> std::io::Result<EventFd> {
     EventFd::new(libc::EFD_NONBLOCK | libc::EFD_CLOEXEC)
+}
+
+/// `shared` duplicated (one eventfd, two descriptors), or a new notifier.
+pub(crate) fn notifier_or_new(shared: Option<&EventFd>) -> std::io::Result<EventFd> {
+    match shared {
+        Some(fd) => fd.try_clone(),
+        None => new_notifier(),
+    }
 }

@@ -28,10 +28,19 @@ impl NbdEngine {
     // Boxed as `create_engine` wants it, like the other engines' constructors.
     #[allow(clippy::new_ret_no_self)]
     pub fn new(conn: Arc<Connection>) -> Result<Box<dyn IoEngine>, Error> {
-        let notifier = crate::engine::new_notifier().map_err(|source| Error::EngineSetup {
-            engine: "nbd",
-            source,
-        })?;
+        Self::with_notifier(conn, None)
+    }
+
+    /// As [`NbdEngine::new`], signalling `notifier` (a duplicate) when given.
+    pub fn with_notifier(
+        conn: Arc<Connection>,
+        notifier: Option<&EventFd>,
+    ) -> Result<Box<dyn IoEngine>, Error> {
+        let notifier =
+            crate::engine::notifier_or_new(notifier).map_err(|source| Error::EngineSetup {
+                engine: "nbd",
+                source,
+            })?;
         Ok(Box::new(NbdEngine {
             conn,
             sink: Arc::new(Sink::new(notifier)),

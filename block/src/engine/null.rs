@@ -21,10 +21,19 @@ pub struct NullEngine {
 impl NullEngine {
     /// Creates a null engine.
     pub fn new(options: &EngineOptions) -> Result<Self, Error> {
-        let notifier = crate::engine::new_notifier().map_err(|e| Error::EngineSetup {
-            engine: "null",
-            source: e,
-        })?;
+        Self::with_notifier(options, None)
+    }
+
+    /// As [`NullEngine::new`], signalling `notifier` (a duplicate) when given.
+    pub fn with_notifier(
+        options: &EngineOptions,
+        notifier: Option<&EventFd>,
+    ) -> Result<Self, Error> {
+        let notifier =
+            crate::engine::notifier_or_new(notifier).map_err(|e| Error::EngineSetup {
+                engine: "null",
+                source: e,
+            })?;
         let cap = options.queue_depth as usize;
         Ok(NullEngine {
             notifier,

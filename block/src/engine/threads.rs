@@ -225,11 +225,20 @@ impl ThreadsEngine {
     // Boxed as `create_engine` wants it, like the other engines' constructors.
     #[allow(clippy::new_ret_no_self)]
     pub fn new(disk: Arc<Disk>, options: &EngineOptions) -> Result<Box<dyn IoEngine>, Error> {
+        Self::with_notifier(disk, options, None)
+    }
+
+    /// As [`ThreadsEngine::new`], signalling `notifier` (a duplicate) when given.
+    pub fn with_notifier(
+        disk: Arc<Disk>,
+        options: &EngineOptions,
+        notifier: Option<&EventFd>,
+    ) -> Result<Box<dyn IoEngine>, Error> {
         let setup = |source: std::io::Error| Error::EngineSetup {
             engine: "threads",
             source,
         };
-        let notifier = crate::engine::new_notifier().map_err(setup)?;
+        let notifier = crate::engine::notifier_or_new(notifier).map_err(setup)?;
         let worker_fd = notifier.try_clone().map_err(setup)?;
         let pool = WorkerPool::new(disk, options.threads, worker_fd)?;
         Ok(Box::new(ThreadsEngine { pool, notifier }))

@@ -84,6 +84,15 @@ impl UringEngine {
     /// Fails with [`Error::EngineSetup`] when the kernel refuses the ring (e.g. `EPERM`
     /// for SQPOLL without privilege, or io_uring disabled) or the registrations.
     pub fn create(disk: Arc<Disk>, options: &EngineOptions) -> Result<UringEngine, Error> {
+        Self::create_with(disk, options, None)
+    }
+
+    /// As [`UringEngine::create`], signalling `notifier` (a duplicate) when given.
+    pub fn create_with(
+        disk: Arc<Disk>,
+        options: &EngineOptions,
+        notifier: Option<&EventFd>,
+    ) -> Result<UringEngine, Error> {
         options.validate()?;
         if disk.backend() == BackendKind::Null || disk.fd() < 0 {
             return Err(Error::InvalidOption(
@@ -97,7 +106,7 @@ impl UringEngine {
         let (ring, disabled) = build_ring(options).map_err(setup)?;
         let submitter = ring.submitter();
         submitter.register_files(&[disk.fd()]).map_err(setup)?;
-        let notifier = crate::engine::new_notifier().map_err(setup)?;
+        let notifier = crate::engine::notifier_or_new(notifier).map_err(setup)?;
         submitter
             .register_eventfd(notifier.as_raw_fd())
             .map_err(setup)?;

@@ -145,12 +145,40 @@ impl Copier {
                 // Copy it again should the job be restarted; the job is over anyway.
                 let (offset, len) = self.bitmap.chunk_range(chunk);
                 self.bitmap.mark(offset, len);
-                if !self.state.is_final() {
-                    self.error = Some(e);
-                    self.state = JobState::Failed;
-                }
+                self.fail(e);
             }
         }
+    }
+
+    /// Gives up chunk `chunk`'s copy (the job is stopping): it is dirty again.
+    pub fn abandon(&mut self, chunk: u64) {
+        if self.in_flight.remove(&chunk) {
+            let (offset, len) = self.bitmap.chunk_range(chunk);
+            self.bitmap.mark(offset, len);
+        }
+    }
+
+    /// Fails the job with `message` (a job already over stays as it is).
+    pub fn fail(&mut self, message: String) {
+        if !self.state.is_final() {
+            self.error = Some(message);
+            self.state = JobState::Failed;
+        }
+    }
+
+    /// The speed limit (bytes/s, 0: unlimited).
+    pub fn speed(&self) -> u64 {
+        self.options.speed
+    }
+
+    /// The job's settings.
+    pub fn options(&self) -> &MirrorOptions {
+        &self.options
+    }
+
+    /// Chunks being copied now.
+    pub fn chunks_in_flight(&self) -> usize {
+        self.in_flight.len()
     }
 
     /// Whether the target holds what the source holds right now (nothing dirty, nothing

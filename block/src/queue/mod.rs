@@ -14,11 +14,12 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use vmm_sys_util::errno::Error as Errno;
+use vmm_sys_util::eventfd::EventFd;
 
 use crate::bounce::{AlignedBuf, zero_from};
 use crate::counters::{DiskCounters, QueueCounters};
 use crate::disk::{BackendKind, Disk};
-use crate::engine::{EngineOp, EngineOptions, IoEngine, IoVecs, create_engine};
+use crate::engine::{EngineOp, EngineOptions, IoEngine, IoVecs, create_engine_sharing};
 use crate::error::Error;
 use crate::jobs::DirtyBitmap;
 
@@ -77,12 +78,24 @@ struct Slot {
     /// The guest's iovecs when `bounce` stands in for them.
     guest: Vec<libc::iovec>,
     bounce: Option<AlignedBuf>,
+    /// Being written to a write-blocking mirror's target; `primary` is the disk's result.
+    mirroring: bool,
+    primary: i64,
+    /// The copy epochs of its chunks when it started (write-blocking mirror only).
+    epochs: Vec<u8>,
 }
 
 /// One queue's I/O on one disk: an engine plus the rules of the disk and its cache mode.
 pub struct DiskQueue {
     disk: Arc<Disk>,
     engine: Box<dyn IoEngine>,
+    /// The completion eventfd, shared by every engine the queue uses (one stays for the
+    /// queue's life, whatever engine it switches to).
+    notifier: EventFd,
+    /// The engine settings (for engines made later: a mirror target, a pivot).
+    options: EngineOptions,
+    /// A mirror job's link and, in write-blocking mode, the engine on its target.
+    mirror: Option<mirror::QueueMirror>,
     counters: QueueCounters,
     /// By token: the caller's tag is the engine's too, so no table of ours maps one to
     /// the other.
@@ -113,8 +126,21 @@ impl DiskQueue {
         options: &EngineOptions,
         counters: Arc<DiskCounters>,
     ) -> Result<DiskQueue, Error> {
-        let engine = create_engine(&disk, options)?;
-        Ok(Self::with_engine(disk, engine, counters))
+        Self::sharing(disk, options, counters, None)
+    }
+
+    /// As [`DiskQueue::new`], with `notifier` (duplicated) as its completion eventfd
+    /// when given: queues sharing one wake one waiter (a mirror job's source and target).
+    pub fn sharing(
+        disk: Arc<Disk>,
+        options: &EngineOptions,
+        counters: Arc<DiskCounters>,
+        notifier: Option<&EventFd>,
+    ) -> Result<DiskQueue, Error> {
+        let engine = create_engine_sharing(&disk, options, notifier)?;
+        let mut queue = Self::with_engine(disk, engine, counters)?;
+        queue.options = *options;
+        Ok(queue)
     }
 
     /// A queue over an engine made elsewhere (tests, custom engines).
@@ -122,11 +148,21 @@ impl DiskQueue {
         disk: Arc<Disk>,
         engine: Box<dyn IoEngine>,
         counters: Arc<DiskCounters>,
-    ) -> DiskQueue {
+    ) -> Result<DiskQueue, Error> {
         let write_cache = disk.cache().write_cache();
-        DiskQueue {
+        let notifier = engine
+            .notifier()
+            .try_clone()
+            .map_err(|source| Error::EngineSetup {
+                engine: engine.name(),
+                source,
+            })?;
+        Ok(DiskQueue {
             disk,
             engine,
+            notifier,
+            options: EngineOptions::default(),
+            mirror: None,
             counters: QueueCounters::new(counters),
             slots: Vec::new(),
             ready: Vec::new(),
@@ -135,7 +171,7 @@ impl DiskQueue {
             clock: None,
             latency_avg_ns: 0,
             dirty: None,
-        }
+        })
     }
 
     /// Attaches (or with `None` detaches) a block job's dirty bitmap: from now on every
@@ -145,6 +181,22 @@ impl DiskQueue {
     /// a chunk while a write was in flight see it dirty again.
     pub fn set_dirty_bitmap(&mut self, bitmap: Option<Arc<DirtyBitmap>>) {
         self.dirty = bitmap;
+    }
+
+    /// Makes every later request go to `disk` with a new engine of the same settings, on
+    /// the same completion eventfd: a mirror's pivot. Needs nothing in flight and no
+    /// mirror attached (`EBUSY`).
+    pub fn switch_disk(&mut self, disk: Arc<Disk>) -> Result<(), Error> {
+        if self.in_flight() > 0 || self.mirror.is_some() {
+            return Err(Error::Submit {
+                engine: self.engine.name(),
+                source: std::io::Error::from_raw_os_error(libc::EBUSY),
+            });
+        }
+        let engine = create_engine_sharing(&disk, &self.options, Some(&self.notifier))?;
+        self.engine = engine;
+        self.disk = disk;
+        Ok(())
     }
 
     /// The disk this queue serves.
@@ -180,6 +232,7 @@ impl DiskQueue {
 
     /// Changes the most requests submitted per syscall (at least 1).
     pub fn set_max_batch(&mut self, max_batch: u32) {
+        self.options.max_batch = max_batch.clamp(1, self.options.queue_depth.max(1));
         self.engine.set_max_batch(max_batch.max(1));
     }
 
@@ -208,12 +261,19 @@ impl DiskQueue {
     /// Makes [`DiskQueue::completion_fd`] readable, so that a caller sleeping on it comes
     /// back (e.g. for work it chose to leave for later).
     pub fn wake(&self) {
-        let _ = self.engine.notifier().write(1);
+        let _ = self.notifier.write(1);
     }
 
-    /// Eventfd that is readable when completions wait for [`DiskQueue::reap`].
+    /// The completion eventfd itself (to share with another queue, see
+    /// [`DiskQueue::sharing`]).
+    pub fn notifier(&self) -> &EventFd {
+        &self.notifier
+    }
+
+    /// Eventfd that is readable when completions wait for [`DiskQueue::reap`]; the same
+    /// for the queue's life.
     pub fn completion_fd(&self) -> RawFd {
-        self.engine.notifier().as_raw_fd()
+        self.notifier.as_raw_fd()
     }
 
     /// Whether the engine does every request as it is queued (see
@@ -226,12 +286,22 @@ impl DiskQueue {
     /// where the engine allows; for adaptive polling before sleeping on
     /// [`DiskQueue::completion_fd`]. Never false while a completion waits.
     pub fn has_completions(&mut self) -> bool {
-        !self.ready.is_empty() || self.engine.has_completions()
+        !self.ready.is_empty()
+            || self.engine.has_completions()
+            || self
+                .mirror
+                .as_mut()
+                .is_some_and(mirror::QueueMirror::has_completions)
     }
 
     /// Requests queued and not yet reaped.
     pub fn in_flight(&self) -> usize {
-        self.engine.in_flight() + self.ready.len()
+        self.engine.in_flight()
+            + self.ready.len()
+            + self
+                .mirror
+                .as_ref()
+                .map_or(0, mirror::QueueMirror::in_flight)
     }
 
     /// Queues a read of `iovecs`' total length from byte `offset`. `token` names the
@@ -290,7 +360,7 @@ impl DiskQueue {
         self.engine.submit()?;
         if self.notify && !self.ready.is_empty() {
             // Requests finished without the engine: make the completion fd readable.
-            self.engine.notifier().write(1).map_err(|e| Error::Submit {
+            self.notifier.write(1).map_err(|e| Error::Submit {
                 engine: self.engine.name(),
                 source: e,
             })?;
@@ -302,7 +372,7 @@ impl DiskQueue {
     /// many there were. Never blocks. Requests that waited for room in the engine are
     /// submitted.
     pub fn reap(&mut self, done: impl FnMut(Completion)) -> Result<usize, Error> {
-        let _ = self.engine.notifier().read();
+        let _ = self.notifier.read();
         self.reap_ready(done)
     }
 
@@ -319,17 +389,26 @@ impl DiskQueue {
             ready,
             latency_avg_ns,
             dirty,
+            mirror,
             ..
         } = self;
+        let mut mirrored = 0;
         engine.reap_ready(&mut |tag, result| {
             let Some(slot) = usize::try_from(tag)
                 .ok()
                 .and_then(|t| slots.get_mut(t))
-                .filter(|s| s.busy)
+                .filter(|s| s.busy && !s.mirroring)
             else {
                 tracing::error!(tag, "engine returned an unknown tag");
                 return;
             };
+            if let Some(m) = mirror.as_mut()
+                && m.start_write(tag, slot, result)
+            {
+                // Completes when the target has it too.
+                mirrored += 1;
+                return;
+            }
             let latency = nanos(now.saturating_duration_since(slot.start));
             *latency_avg_ns = (*latency_avg_ns * 7 + latency) / 8;
             let completion = finish_slot(tag, slot, result, counters, latency);
@@ -339,6 +418,21 @@ impl DiskQueue {
             reaped += 1;
             done(completion);
         });
+        if let Some(m) = mirror.as_mut() {
+            m.reap(
+                &mut |tag, slot| {
+                    let latency = nanos(now.saturating_duration_since(slot.start));
+                    *latency_avg_ns = (*latency_avg_ns * 7 + latency) / 8;
+                    let result = slot.primary;
+                    reaped += 1;
+                    done(finish_slot(tag, slot, result, counters, latency));
+                },
+                slots,
+            );
+            if mirrored > 0 || m.in_flight() > 0 {
+                m.submit()?;
+            }
+        }
         for completion in ready.drain(..) {
             reaped += 1;
             done(completion);
@@ -536,6 +630,9 @@ impl DiskQueue {
                 iovecs: Vec::new(),
                 guest: Vec::new(),
                 bounce: None,
+                mirroring: false,
+                primary: 0,
+                epochs: Vec::new(),
             });
         }
         let slot = &mut self.slots[idx];
@@ -547,6 +644,11 @@ impl DiskQueue {
         slot.iovecs.clear();
         slot.guest.clear();
         slot.bounce = None;
+        slot.mirroring = false;
+        slot.epochs.clear();
+        if let Some(m) = &self.mirror {
+            m.note(slot);
+        }
         Some(slot)
     }
 
@@ -570,6 +672,7 @@ impl DiskQueue {
 }
 
 mod finish;
+mod mirror;
 
 use finish::{finish_slot, nanos};
 

@@ -184,7 +184,8 @@ fn fixture(cache: CacheMode, readonly: bool, short: Option<usize>) -> Fixture {
         done: Vec::new(),
         staged: Vec::new(),
     };
-    let queue = DiskQueue::with_engine(Arc::new(disk), Box::new(engine), Default::default());
+    let queue =
+        DiskQueue::with_engine(Arc::new(disk), Box::new(engine), Default::default()).unwrap();
     Fixture {
         queue,
         data,

@@ -86,6 +86,9 @@ impl Loop<'_> {
                 Command::RemoveDevice(device, timeout, reply) => {
                     let _ = reply.send(self.remove_device(&device, timeout));
                 }
+                Command::Visit(device, op, reply) => {
+                    let _ = reply.send(self.core.visit(&device, &op));
+                }
                 Command::Update(config) => self.core.configure(&config),
                 Command::Stop => stop = true,
             }

@@ -18,7 +18,7 @@ use std::sync::atomic::Ordering::Relaxed;
 use std::time::{Duration, Instant};
 
 use super::poll::PollWindow;
-use super::source::{FDS, IoSource};
+use super::source::{FDS, IoSource, SourceOp};
 use super::{LoopCounters, pin};
 use crate::config::IoThreadConfig;
 use crate::virtio_blk::worker::PassWork;
@@ -122,6 +122,20 @@ impl<S: IoSource + ?Sized> Core<S> {
         (0..self.sources.len())
             .filter(|&idx| self.get(idx).is_some_and(|s| s.device() == device))
             .collect()
+    }
+
+    /// Does `op` on every source of `device` (see [`super::IoThread::visit`]); returns
+    /// how many there were, or the first failure.
+    pub fn visit(&mut self, device: &str, op: &SourceOp) -> Result<usize, String> {
+        let slots = self.slots_of(device);
+        for &idx in &slots {
+            if let Some(Some(source)) = self.sources.get_mut(idx) {
+                let work = source.control(op)?;
+                count(&self.counters, work);
+                self.touched[idx] = true;
+            }
+        }
+        Ok(slots.len())
     }
 
     /// The thread woke for events after sleeping since `since` (from [`Core::idle`]).

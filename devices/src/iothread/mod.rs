@@ -22,7 +22,7 @@ use std::time::Duration;
 use serde::{Deserialize, Serialize};
 use vmm_sys_util::eventfd::EventFd;
 
-pub use source::IoSource;
+pub use source::{IoSource, SourceOp};
 
 use crate::config::IoThreadConfig;
 use block::sync::lock;
@@ -31,6 +31,7 @@ use block::sync::lock;
 enum Command {
     Add(Box<dyn IoSource>, SyncSender<io::Result<()>>),
     RemoveDevice(String, Duration, SyncSender<io::Result<usize>>),
+    Visit(String, SourceOp, SyncSender<Result<usize, String>>),
     Update(IoThreadConfig),
     Stop,
 }
@@ -199,6 +200,16 @@ impl IoThread {
         self.send(Command::RemoveDevice(device.to_string(), timeout, tx))?;
         rx.recv()
             .map_err(|_| io::Error::other(format!("iothread {} has stopped", self.id())))?
+    }
+
+    /// Does `op` on every source of `device` this thread serves, on the thread, between
+    /// two passes; returns how many there were (the first failure stops the round).
+    pub fn visit(&self, device: &str, op: SourceOp) -> Result<usize, String> {
+        let (tx, rx) = mpsc::sync_channel(1);
+        self.send(Command::Visit(device.to_string(), op, tx))
+            .map_err(|e| e.to_string())?;
+        rx.recv()
+            .map_err(|_| format!("iothread {} has stopped", self.id()))?
     }
 
     /// Changes the settings while it runs (the id must stay the same).

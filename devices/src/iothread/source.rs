@@ -2,7 +2,11 @@
 
 use std::io;
 use std::os::fd::RawFd;
+use std::sync::Arc;
 use std::time::Duration;
+
+use block::Disk;
+use block::jobs::{JobState, MirrorLink};
 
 use vmm_sys_util::epoll::EventSet;
 
@@ -28,6 +32,29 @@ pub fn event_set(which: usize) -> EventSet {
         KICK | COMPLETION => EventSet::IN | EventSet::EDGE_TRIGGERED,
         _ => EventSet::IN,
     }
+}
+
+/// What a block job asks of the sources of one device, on their iothread between two
+/// passes ([`super::IoThread::visit`]).
+#[derive(Clone, Debug)]
+pub enum SourceOp {
+    /// A queue stops taking new requests and finishes what is in flight.
+    Pause,
+    /// A paused queue goes on.
+    Resume,
+    /// A queue's disk marks (and, write-blocking, writes to) a mirror's target; `None`
+    /// detaches it.
+    AttachMirror(Option<Arc<MirrorLink>>),
+    /// A paused queue sends every later request to this disk (a pivot).
+    SwitchDisk(Arc<Disk>),
+    /// A job starts copying.
+    StartJob,
+    /// A job's speed limit changes (bytes/s, 0: unlimited).
+    SetSpeed(u64),
+    /// A job copies what is dirty and flushes its target (the disk's queues paused).
+    SyncJob,
+    /// A job ends as this state, its copies in flight finished.
+    StopJob(JobState),
 }
 
 /// One queue served by an iothread.
@@ -61,6 +88,11 @@ pub trait IoSource: Send {
     fn drain(&mut self, timeout: Duration) -> io::Result<()>;
     /// Requests in flight.
     fn in_flight(&self) -> usize;
+    /// Does what a block job asks (see [`SourceOp`]); an op that is not for this kind
+    /// of source fails.
+    fn control(&mut self, op: &SourceOp) -> Result<PassWork, String> {
+        Err(format!("{}: cannot {op:?}", self.device()))
+    }
 }
 
 impl<Q: QueueHost> IoSource for QueueWorker<Q> {
@@ -127,5 +159,22 @@ impl<Q: QueueHost> IoSource for QueueWorker<Q> {
 
     fn in_flight(&self) -> usize {
         QueueWorker::in_flight(self)
+    }
+
+    fn control(&mut self, op: &SourceOp) -> Result<PassWork, String> {
+        match op {
+            SourceOp::Pause => self
+                .pause(crate::virtio_blk::worker::DRAIN_TIMEOUT)
+                .map(|()| PassWork::default())
+                .map_err(|e| format!("disk {} queue {}: {e}", self.device(), self.index())),
+            SourceOp::Resume => Ok(self.resume()),
+            SourceOp::AttachMirror(link) => self
+                .attach_mirror(link.clone())
+                .map(|()| PassWork::default()),
+            SourceOp::SwitchDisk(disk) => {
+                self.switch_disk(disk.clone()).map(|()| PassWork::default())
+            }
+            _ => Err(format!("disk {}: not a job", self.device())),
+        }
     }
 }

@@ -70,7 +70,10 @@ pub struct BlkCounters {
 /// One virtio-blk disk.
 pub struct BlkDevice {
     config: DiskConfig,
-    disk: Arc<Disk>,
+    /// The open image and the path it stands for (changed by a mirror's pivot).
+    current: Mutex<(Arc<Disk>, std::path::PathBuf)>,
+    /// A running mirror job's link, attached to every queue made while it runs.
+    mirror: Mutex<Option<Arc<block::jobs::MirrorLink>>>,
     counters: Arc<DiskCounters>,
     shared: Arc<BlkShared>,
     config_space: Mutex<ConfigSpace>,
@@ -157,7 +160,8 @@ impl BlkDevice {
             source,
         })?;
         Ok(BlkDevice {
-            disk: Arc::new(disk),
+            current: Mutex::new((Arc::new(disk), config.path.clone())),
+            mirror: Mutex::new(None),
             counters: Arc::default(),
             shared,
             config_space: Mutex::new(space),
@@ -179,6 +183,7 @@ impl BlkDevice {
     /// Its settings (throttle and throttle group as last set).
     pub fn config(&self) -> DiskConfig {
         let mut c = self.config.clone();
+        c.path = lock(&self.current).1.clone();
         let limits = self.own_group.limits();
         c.throttle = limits.is_enabled().then_some(limits);
         c.throttle_group = self.shared_group().map(|g| g.id().to_string());
@@ -186,8 +191,25 @@ impl BlkDevice {
     }
 
     /// The open disk.
-    pub fn disk(&self) -> &Arc<Disk> {
-        &self.disk
+    pub fn disk(&self) -> Arc<Disk> {
+        lock(&self.current).0.clone()
+    }
+
+    /// Makes `disk` (standing for `path`) the disk's image for queues made from now on
+    /// and for `config()`: a mirror's pivot, after every live queue switched.
+    pub fn switch_disk(&self, disk: Arc<Disk>, path: std::path::PathBuf) {
+        tracing::info!(disk = %self.config.id, path = %path.display(), "disk switched to a new image");
+        *lock(&self.current) = (disk, path);
+    }
+
+    /// The mirror link queues made now attach.
+    pub fn mirror(&self) -> Option<Arc<block::jobs::MirrorLink>> {
+        lock(&self.mirror).clone()
+    }
+
+    /// The mirror link queues made from now on attach (`None`: none).
+    pub fn set_mirror(&self, link: Option<Arc<block::jobs::MirrorLink>>) {
+        *lock(&self.mirror) = link;
     }
 
     /// virtio feature bits offered to the driver.
@@ -269,11 +291,14 @@ impl BlkDevice {
             disk: self.config.id.clone(),
             source,
         };
-        let queue = DiskQueue::new(
-            self.disk.clone(),
+        let mut queue = DiskQueue::new(
+            self.disk(),
             &self.engine_options(max_batch),
             self.counters.clone(),
         )?;
+        if let Some(link) = lock(&self.mirror).clone() {
+            queue.attach_mirror(Some(link))?;
+        }
         let wake = Arc::new(EventFd::new(libc::EFD_NONBLOCK | libc::EFD_CLOEXEC).map_err(io_err)?);
         let throttle = self.throttle_for(&wake);
         QueueWorker::new(index, host, mem, queue, self.shared.clone(), throttle, wake)
@@ -333,7 +358,7 @@ impl BlkDevice {
             io: self.counters.snapshot(),
             invalid_requests: self.shared.invalid_requests.load(Ordering::Relaxed),
             signals: self.shared.signals.load(Ordering::Relaxed),
-            nbd: self.disk.nbd_status(),
+            nbd: self.disk().nbd_status(),
         }
     }
 }

@@ -35,6 +35,7 @@ use vmm_sys_util::eventfd::EventFd;
 use super::request::{Limits, Rejected, Request};
 use super::{GuestMem, GuestMemMmap};
 
+mod control;
 mod ring;
 #[cfg(test)]
 mod tests;
@@ -171,6 +172,9 @@ pub struct QueueWorker<Q: QueueHost> {
     /// not yet counted in a pass's work.
     early: PassWork,
     stopping: bool,
+    /// Paused for a block job's switch ([`QueueWorker::pause`]): no new chains are taken
+    /// and no throttled request starts; what is in flight finishes.
+    paused: bool,
     /// The avail index was found out of range and said so in the log (once, until the
     /// driver fixes it: a guest must not flood the log by kicking).
     corrupt_logged: bool,
@@ -220,6 +224,7 @@ impl<Q: QueueHost> QueueWorker<Q> {
             needs_signal: false,
             early: PassWork::default(),
             stopping: false,
+            paused: false,
             corrupt_logged: false,
             armed: true,
             now: Instant::now(),
@@ -350,7 +355,7 @@ impl<Q: QueueHost> QueueWorker<Q> {
         if self.disk.has_completions() {
             return true;
         }
-        if self.stopping || self.in_flight() >= self.max_slots {
+        if self.stopping || self.paused || self.in_flight() >= self.max_slots {
             return false;
         }
         let guard = self.mem.memory();

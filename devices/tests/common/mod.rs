@@ -23,7 +23,7 @@ pub struct Disk {
 /// Guest memory, iothreads and disks.
 pub struct Rig {
     pub mem: TestMemory,
-    pub iothreads: Vec<IoThread>,
+    pub iothreads: Vec<Arc<IoThread>>,
     pub disks: Vec<Disk>,
     pub dir: tempfile::TempDir,
 }
@@ -49,8 +49,8 @@ impl Rig {
         let queues: usize = configs.iter().map(|c| usize::from(c.num_queues)).sum();
         let mem =
             TestMemory::new(driver_config().footprint() * (queues as u64 + 1) + (1 << 20)).unwrap();
-        let iothreads: Vec<IoThread> = (0..iothreads)
-            .map(|i| IoThread::spawn(IoThreadConfig::new(format!("io{i}"))).unwrap())
+        let iothreads: Vec<Arc<IoThread>> = (0..iothreads)
+            .map(|i| Arc::new(IoThread::spawn(IoThreadConfig::new(format!("io{i}"))).unwrap()))
             .collect();
         let mut disks = Vec::new();
         for mut config in configs {

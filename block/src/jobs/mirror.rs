@@ -1,0 +1,428 @@
+//! [`MirrorJob`]: a mirror job's I/O, driven by the thread that serves it (the disk's
+//! iothread): it reads the chunks the [`Copier`] picks from the source with a queue of
+//! its own and writes them to the target, both queues waking one eventfd
+//! ([`MirrorJob::completion_fd`]), the speed limit waking a timerfd
+//! ([`MirrorJob::timer_fd`]). It never blocks, except in [`MirrorJob::sync_target`] and
+//! [`MirrorJob::stop`], which the control plane asks for with the guest's queues paused.
+//!
+//! The job's I/O is counted apart from the guest's (its own counters) and never waits
+//! for the guest's throttle.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use super::copier::{Copier, Step};
+use super::link::MirrorLink;
+use super::state::{JobState, MirrorOptions};
+use super::status::JobStatus;
+use crate::bounce::AlignedBuf;
+use crate::counters::DiskCounters;
+use crate::disk::Disk;
+use crate::engine::EngineOptions;
+use crate::error::Error;
+use crate::queue::{Completion, DiskQueue};
+use crate::throttle::ThrottleTimer;
+
+/// How long [`MirrorJob::sync_target`] and [`MirrorJob::stop`] wait at most.
+pub const SYNC_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// One chunk being copied: read from the source, then written to the target.
+struct ChunkCopy {
+    chunk: u64,
+    offset: u64,
+    buf: AlignedBuf,
+}
+
+/// A mirror job's I/O.
+pub struct MirrorJob {
+    link: Arc<MirrorLink>,
+    copier: Copier,
+    source: DiskQueue,
+    target: DiskQueue,
+    timer: ThrottleTimer,
+    timer_armed: bool,
+    /// By token (the same in both queues).
+    copies: Vec<Option<ChunkCopy>>,
+    free: Vec<usize>,
+    spare: Vec<AlignedBuf>,
+    align: usize,
+    status: Arc<JobStatus>,
+    /// A flush of the target is in flight (its token is `copies.len()`).
+    flushing: Option<Result<(), String>>,
+    done: Vec<Completion>,
+    /// Copies are being given up: reads that finish are not written.
+    stopping: bool,
+}
+
+// SAFETY: the raw pointers the job's queues hold point into its own buffers (`copies`),
+// which live until their completions are reaped; one thread uses the job at a time.
+unsafe impl Send for MirrorJob {}
+
+impl MirrorJob {
+    /// A job copying `source` (the disk's open image) to `link`'s target per `options`,
+    /// with engines per `engine`; `status` is where it publishes. It starts copying
+    /// ([`MirrorJob::start`]) once the disk's queues mark the link's bitmap.
+    pub fn new(
+        source: Arc<Disk>,
+        link: Arc<MirrorLink>,
+        options: MirrorOptions,
+        engine: &EngineOptions,
+        status: Arc<JobStatus>,
+    ) -> Result<MirrorJob, Error> {
+        let copier = Copier::new(link.bitmap().clone(), options).map_err(Error::InvalidOption)?;
+        let counters = Arc::new(DiskCounters::default());
+        let align = [
+            source.mem_align(),
+            source.offset_align(),
+            link.target().mem_align(),
+            link.target().offset_align(),
+            4096,
+        ]
+        .into_iter()
+        .max()
+        .map_or(4096, |a| a as usize);
+        let source = DiskQueue::new(source, engine, counters.clone())?;
+        let target = DiskQueue::sharing(
+            link.target().clone(),
+            engine,
+            counters,
+            Some(source.notifier()),
+        )?;
+        let timer = ThrottleTimer::new().map_err(|e| Error::InvalidOption(e.to_string()))?;
+        Ok(MirrorJob {
+            link,
+            copier,
+            source,
+            target,
+            timer,
+            timer_armed: false,
+            copies: Vec::new(),
+            free: Vec::new(),
+            spare: Vec::new(),
+            align,
+            status,
+            flushing: None,
+            done: Vec::new(),
+            stopping: false,
+        })
+    }
+
+    /// Starts copying (created -> running).
+    pub fn start(&mut self) -> Result<(), String> {
+        self.copier.start()?;
+        self.publish();
+        Ok(())
+    }
+
+    /// The eventfd both of the job's queues wake.
+    pub fn completion_fd(&self) -> std::os::fd::RawFd {
+        self.source.completion_fd()
+    }
+
+    /// The timerfd the speed limit wakes.
+    pub fn timer_fd(&self) -> std::os::fd::RawFd {
+        std::os::fd::AsRawFd::as_raw_fd(&self.timer)
+    }
+
+    /// Makes [`MirrorJob::completion_fd`] readable (to come back to the job).
+    pub fn wake(&self) {
+        self.source.wake();
+    }
+
+    /// The job's state.
+    pub fn state(&self) -> JobState {
+        self.copier.state()
+    }
+
+    /// The link the disk's queues share.
+    pub fn link(&self) -> &Arc<MirrorLink> {
+        &self.link
+    }
+
+    /// Where it publishes its progress.
+    pub fn status(&self) -> &Arc<JobStatus> {
+        &self.status
+    }
+
+    /// Whether completions wait for [`MirrorJob::run`] (for polling).
+    pub fn has_completions(&mut self) -> bool {
+        self.source.has_completions() || self.target.has_completions()
+    }
+
+    /// Copies in flight (each counts once).
+    pub fn in_flight(&self) -> usize {
+        self.source.in_flight() + self.target.in_flight()
+    }
+
+    /// Changes the speed limit at once.
+    pub fn set_speed(&mut self, speed: u64) {
+        self.copier.set_speed(speed);
+        if self.timer_armed {
+            let _ = self.timer.disarm();
+            self.timer_armed = false;
+        }
+        self.publish();
+        self.source.wake();
+    }
+
+    /// Does what is ready: hands finished reads to the target, accounts finished writes,
+    /// starts the next chunks within the budget and the speed limit. Returns how many
+    /// copies it finished or started.
+    pub fn run(&mut self) -> usize {
+        let now = Instant::now();
+        let _ = self.timer.clear();
+        self.timer_armed = false;
+        if let Some(why) = self.link.failure() {
+            self.copier.fail(why);
+        }
+        let mut work = self.reap();
+        if !self.copier.state().is_final() {
+            work += self.start_copies(now);
+        }
+        self.submit();
+        self.publish();
+        work
+    }
+
+    /// Copies what is still dirty and flushes the target, ignoring the speed limit:
+    /// with the guest's queues paused, the target then holds what the source holds.
+    /// Blocks the calling thread for at most [`SYNC_TIMEOUT`].
+    pub fn sync_target(&mut self) -> Result<(), String> {
+        let speed = self.copier.speed();
+        self.copier.set_speed(0);
+        let result = self.sync_inner();
+        self.copier.set_speed(speed);
+        if let Err(e) = &result {
+            self.copier.fail(e.clone());
+        }
+        self.publish();
+        result
+    }
+
+    fn sync_inner(&mut self) -> Result<(), String> {
+        let deadline = Instant::now() + SYNC_TIMEOUT;
+        loop {
+            self.run();
+            if let Some(e) = self.status.info().error {
+                return Err(e);
+            }
+            if self.copier.in_sync() && self.in_flight() == 0 {
+                break;
+            }
+            self.wait_until(deadline)?;
+        }
+        let token = self.flush_token();
+        self.flushing = None;
+        self.target.flush(token);
+        self.submit();
+        while self.flushing.is_none() {
+            self.wait_until(deadline)?;
+            self.reap();
+            self.submit();
+        }
+        self.flushing.take().unwrap_or(Ok(()))
+    }
+
+    /// Ends the job as `state` (cancelled, completed, failed): lets the copies in flight
+    /// finish (at most [`SYNC_TIMEOUT`]) and starts no more.
+    pub fn stop(&mut self, state: JobState) -> Result<(), String> {
+        let deadline = Instant::now() + SYNC_TIMEOUT;
+        let mut result = Ok(());
+        self.stopping = true;
+        let _ = self.timer.disarm();
+        while self.in_flight() > 0 {
+            if let Err(e) = self.wait_until(deadline) {
+                result = Err(e);
+                break;
+            }
+            self.reap();
+            self.submit();
+        }
+        if state == JobState::Failed {
+            let why = result.clone().err().unwrap_or_else(|| "stopped".into());
+            self.copier.fail(why);
+        } else if let Err(e) = self.copier.finish(state) {
+            result = result.and(Err(e));
+        }
+        self.publish();
+        result
+    }
+
+    /// Waits for a completion (10 ms at most), or fails past `deadline`.
+    fn wait_until(&mut self, deadline: Instant) -> Result<(), String> {
+        if Instant::now() >= deadline {
+            return Err(format!(
+                "the mirror's I/O did not finish within {} s ({} requests in flight)",
+                SYNC_TIMEOUT.as_secs(),
+                self.in_flight()
+            ));
+        }
+        if self.has_completions() {
+            return Ok(());
+        }
+        let mut pfd = libc::pollfd {
+            fd: self.completion_fd(),
+            events: libc::POLLIN,
+            revents: 0,
+        };
+        // SAFETY: poll reads and writes only the one pollfd we pass.
+        unsafe { libc::poll(&mut pfd, 1, 10) };
+        Ok(())
+    }
+
+    fn flush_token(&self) -> u64 {
+        self.copies.len() as u64
+    }
+
+    /// Reaps both queues; returns how many copies finished a step.
+    fn reap(&mut self) -> usize {
+        let mut done = std::mem::take(&mut self.done);
+        let _ = self.source.reap(|c| done.push(c));
+        let reads = done.len();
+        for c in done.drain(..) {
+            self.read_done(c);
+        }
+        let _ = self.target.reap(|c| done.push(c));
+        let writes = done.len();
+        for c in done.drain(..) {
+            self.write_done(c);
+        }
+        self.done = done;
+        reads + writes
+    }
+
+    fn read_done(&mut self, c: Completion) {
+        let Some(idx) = usize::try_from(c.token).ok() else {
+            return;
+        };
+        let Some(copy) = self.copies.get_mut(idx).and_then(Option::as_mut) else {
+            return;
+        };
+        match c.result {
+            _ if self.stopping => {
+                let chunk = copy.chunk;
+                self.release(idx, None);
+                self.copier.abandon(chunk);
+            }
+            Ok(_) if !self.copier.state().is_final() => {
+                let iov = [copy.buf.iovec()];
+                // SAFETY: the buffer is ours and stays in `copies` until this write's
+                // completion has been reaped.
+                unsafe { self.target.write(c.token, copy.offset, &iov, false) };
+            }
+            Ok(_) => self.release(idx, Some(Ok(()))),
+            Err(e) => {
+                let msg = format!("mirror source: read at {}: {e}", copy.offset);
+                self.release(idx, Some(Err(msg)));
+            }
+        }
+    }
+
+    fn write_done(&mut self, c: Completion) {
+        if c.token == self.flush_token() && c.kind == crate::queue::RequestKind::Flush {
+            self.flushing = Some(
+                c.result
+                    .map(drop)
+                    .map_err(|e| format!("mirror target: flush: {e}")),
+            );
+            return;
+        }
+        let Some(idx) = usize::try_from(c.token).ok() else {
+            return;
+        };
+        let offset = match self.copies.get(idx).and_then(Option::as_ref) {
+            Some(copy) => copy.offset,
+            None => return,
+        };
+        let result = c
+            .result
+            .map(drop)
+            .map_err(|e| format!("mirror target: write at {offset}: {e}"));
+        self.release(idx, Some(result));
+    }
+
+    /// A copy ended: its chunk's epoch moves on, the copier hears (unless `None`: the
+    /// caller gives the chunk up), the buffer is kept.
+    fn release(&mut self, idx: usize, result: Option<Result<(), String>>) {
+        let Some(copy) = self.copies.get_mut(idx).and_then(Option::take) else {
+            return;
+        };
+        self.link.bump_epoch(copy.chunk);
+        if let Some(result) = result {
+            self.copier.copied(copy.chunk, result);
+        }
+        self.spare.push(copy.buf);
+        self.free.push(idx);
+    }
+
+    fn start_copies(&mut self, now: Instant) -> usize {
+        let mut started = 0;
+        loop {
+            match self.copier.next(now) {
+                Step::Copy { chunk, offset, len } => {
+                    let Some(buf) = self.buffer(len) else {
+                        self.copier
+                            .copied(chunk, Err("out of memory for a copy buffer".into()));
+                        break;
+                    };
+                    let idx = self.free.pop().unwrap_or_else(|| {
+                        self.copies.push(None);
+                        self.copies.len() - 1
+                    });
+                    self.link.bump_epoch(chunk);
+                    let copy = self.copies[idx].insert(ChunkCopy { chunk, offset, buf });
+                    let iov = [copy.buf.iovec()];
+                    // SAFETY: the buffer is ours and stays in `copies` until this read's
+                    // completion has been reaped.
+                    unsafe { self.source.read(idx as u64, offset, &iov) };
+                    started += 1;
+                }
+                Step::Wait(d) => {
+                    if self.timer.arm_at(now + d).is_ok() {
+                        self.timer_armed = true;
+                    }
+                    break;
+                }
+                Step::Idle => break,
+            }
+        }
+        started
+    }
+
+    /// A buffer of exactly `len` bytes (a spare one when it fits).
+    fn buffer(&mut self, len: u64) -> Option<AlignedBuf> {
+        let len = usize::try_from(len).ok()?;
+        if let Some(pos) = self.spare.iter().position(|b| b.len() == len) {
+            return Some(self.spare.swap_remove(pos));
+        }
+        AlignedBuf::new(len, self.align)
+    }
+
+    fn submit(&mut self) {
+        if let Err(e) = self.source.submit() {
+            self.copier.fail(format!("mirror source: {e}"));
+        }
+        if let Err(e) = self.target.submit() {
+            self.copier.fail(format!("mirror target: {e}"));
+        }
+    }
+
+    /// Publishes progress and state.
+    fn publish(&self) {
+        let p = self.copier.progress();
+        let speed = self.copier.speed();
+        self.status.update(|info| {
+            info.state = p.state;
+            info.bytes_done = p.bytes_done;
+            info.bytes_total = p.bytes_total;
+            info.dirty_bytes = p.dirty_bytes;
+            info.speed = speed;
+            if p.error.is_some() {
+                info.error = p.error;
+            }
+        });
+    }
+}
+
+#[cfg(test)]
+mod tests;

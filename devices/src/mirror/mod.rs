@@ -1,0 +1,391 @@
+//! Live disk mirror (ARCHITECTURE.md section 4b), as the control plane drives it: the
+//! job runs on the disk's iothread ([`source::JobSource`]), the disk's queues mark its
+//! dirty bitmap (or, write-blocking, write the target too), and [`Mirror`] does what
+//! needs every queue of the disk at once: start, complete (pivot) and cancel, each a
+//! short series of [`IoThread::visit`]s between two passes of the threads involved.
+//!
+//! A pivot: pause every queue of the disk (its requests in flight finish; new ones wait
+//! in the ring, in order), let the job copy what is still dirty and flush the target,
+//! detach the mirror, switch every queue to the target (a new engine on the same
+//! completion eventfd), resume. The guest sees a pause of a few milliseconds, no error.
+
+pub mod config;
+pub mod source;
+
+use std::path::Path;
+use std::sync::Arc;
+
+use block::jobs::target::prepare_local_target;
+use block::jobs::{DirtyBitmap, JobInfo, JobState, JobStatus, MirrorJob, MirrorLink};
+use block::{Disk, DiskOptions};
+use vmm_sys_util::eventfd::EventFd;
+
+pub use config::{MirrorConfig, MirrorTarget, TargetFormat};
+
+use crate::iothread::{IoThread, SourceOp};
+use crate::virtio_blk::device::BlkDevice;
+
+/// Why a job operation failed.
+#[derive(Debug, thiserror::Error)]
+pub enum JobError {
+    /// The request is invalid (400).
+    #[error("{0}")]
+    Invalid(String),
+    /// The job or disk is not in a state that allows it (409).
+    #[error("{0}")]
+    Conflict(String),
+    /// The operation was tried and failed (500); the job says why in its `error`.
+    #[error("{0}")]
+    Failed(String),
+}
+
+/// Opens `config`'s target for `blk`: an NBD export, or a local file or block device,
+/// created with the disk's size when missing. The target takes the disk's cache mode.
+pub fn open_target(blk: &BlkDevice, config: &MirrorConfig) -> Result<Arc<Disk>, JobError> {
+    let disk_config = blk.config();
+    let source = blk.disk();
+    let path = &config.target.path;
+    if !config.target.is_nbd() {
+        prepare_local_target(path, disk_config.host_path(), source.capacity())
+            .map_err(|e| JobError::Invalid(e.to_string()))?;
+    }
+    let disk = Disk::open(&DiskOptions {
+        readonly: false,
+        cache: disk_config.cache,
+        reconnect_delay: disk_config.reconnect_delay(),
+        connections: 1,
+        ..DiskOptions::new(path.clone())
+    })
+    .map_err(|e| JobError::Invalid(format!("target {}: {e}", path.display())))?;
+    if disk.readonly() {
+        return Err(JobError::Invalid(format!(
+            "target {} is read-only",
+            path.display()
+        )));
+    }
+    if disk.capacity() < source.capacity() {
+        return Err(JobError::Invalid(format!(
+            "target {} has {} bytes, less than the disk's {}",
+            path.display(),
+            disk.capacity(),
+            source.capacity()
+        )));
+    }
+    Ok(Arc::new(disk))
+}
+
+/// One mirror job of a disk, as the control plane holds it.
+pub struct Mirror {
+    config: MirrorConfig,
+    status: Arc<JobStatus>,
+    /// Dropped when the job ends, closing the target.
+    link: Option<Arc<MirrorLink>>,
+    /// The iothread running the job (the one of the disk's first queue).
+    job_thread: Arc<IoThread>,
+    /// Every iothread serving a queue of the disk.
+    threads: Vec<Arc<IoThread>>,
+    /// The job's source was taken off its iothread and the disk let go of the link.
+    ended: bool,
+}
+
+impl Mirror {
+    /// Starts mirroring `blk` to `target` (from [`open_target`]) per `config`; `threads`
+    /// are the iothreads serving the disk's queues (the first one runs the job). A
+    /// state change writes `notify` (the owner's control loop sends events).
+    pub fn start(
+        blk: &Arc<BlkDevice>,
+        threads: Vec<Arc<IoThread>>,
+        config: MirrorConfig,
+        target: Arc<Disk>,
+        notify: Option<Arc<EventFd>>,
+    ) -> Result<Mirror, JobError> {
+        config
+            .validate()
+            .map_err(|e| JobError::Invalid(e.join("; ")))?;
+        let job_thread = threads
+            .first()
+            .cloned()
+            .ok_or_else(|| JobError::Conflict(format!("disk {} has no iothread", blk.id())))?;
+        if blk.config().readonly {
+            // Nothing would ever be written; still a valid copy.
+            tracing::info!(disk = blk.id(), "mirroring a read-only disk");
+        }
+        let source = blk.disk();
+        let bitmap = Arc::new(
+            DirtyBitmap::new(source.capacity(), config.granularity).map_err(JobError::Invalid)?,
+        );
+        let link = Arc::new(MirrorLink::new(
+            bitmap,
+            target,
+            config.copy_mode == block::jobs::CopyMode::WriteBlocking,
+        ));
+        let id = config.job_id();
+        let status = JobStatus::new(JobInfo {
+            id: id.clone(),
+            kind: "mirror".into(),
+            disk: blk.id().to_string(),
+            target: config.target.path.display().to_string(),
+            state: JobState::Created,
+            bytes_done: 0,
+            bytes_total: source.capacity(),
+            dirty_bytes: 0,
+            rate: 0,
+            speed: config.speed,
+            sync: config.sync,
+            copy_mode: config.copy_mode,
+            error: None,
+        });
+        status.set_notifier(notify);
+        let job = MirrorJob::new(
+            source,
+            link.clone(),
+            config.options(),
+            &blk.engine_options(32),
+            status.clone(),
+        )
+        .map_err(|e| JobError::Failed(e.to_string()))?;
+        let mut mirror = Mirror {
+            config,
+            status,
+            link: Some(link.clone()),
+            job_thread,
+            threads,
+            ended: true,
+        };
+        // Every queue marks the bitmap before the first chunk is read.
+        blk.set_mirror(Some(link.clone()));
+        if let Err(e) = mirror.visit_queues(blk, SourceOp::AttachMirror(Some(link))) {
+            mirror.detach(blk);
+            return Err(JobError::Failed(e));
+        }
+        if let Err(e) = mirror
+            .job_thread
+            .add(Box::new(source::JobSource::new(&id, job)))
+        {
+            mirror.detach(blk);
+            return Err(JobError::Failed(format!("job {id}: {e}")));
+        }
+        mirror.ended = false;
+        if let Err(e) = mirror.visit_job(SourceOp::StartJob) {
+            mirror.end(blk);
+            return Err(JobError::Failed(e));
+        }
+        tracing::info!(job = %id, disk = blk.id(), target = %mirror.config.target.path.display(),
+            mode = ?mirror.config.copy_mode, "mirror started");
+        Ok(mirror)
+    }
+
+    /// The job's id.
+    pub fn id(&self) -> String {
+        self.config.job_id()
+    }
+
+    /// The disk it copies.
+    pub fn disk(&self) -> &str {
+        &self.config.disk
+    }
+
+    /// Its settings.
+    pub fn config(&self) -> &MirrorConfig {
+        &self.config
+    }
+
+    /// What `vm.jobs` shows of it.
+    pub fn info(&self) -> JobInfo {
+        self.status.info()
+    }
+
+    /// Whether it is over (completed, cancelled or failed).
+    pub fn is_over(&self) -> bool {
+        self.status.state().is_final()
+    }
+
+    /// Changes the speed limit (bytes/s, 0: unlimited) at once.
+    pub fn set_speed(&mut self, speed: u64) -> Result<(), JobError> {
+        if self.is_over() || self.ended {
+            return Err(JobError::Conflict(format!(
+                "job {} is {}",
+                self.id(),
+                self.status.state().as_str()
+            )));
+        }
+        self.config.speed = speed;
+        self.visit_job(SourceOp::SetSpeed(speed))
+            .map_err(JobError::Failed)
+    }
+
+    /// Pivots the disk onto the target (the job must be ready): returns once the disk's
+    /// queues use the target and the source is let go.
+    pub fn complete(&mut self, blk: &Arc<BlkDevice>) -> Result<(), JobError> {
+        self.check_state(JobState::Ready, "complete")?;
+        self.pause_queues(blk)?;
+        if let Err(e) = self.visit_job(SourceOp::SyncJob) {
+            self.resume_queues(blk);
+            self.end(blk);
+            return Err(JobError::Failed(format!(
+                "job {}: the last copy failed, the disk stays on its image: {e}",
+                self.id()
+            )));
+        }
+        let Some(target) = self.link.as_ref().map(|l| l.target().clone()) else {
+            return Err(JobError::Conflict(format!("job {} has ended", self.id())));
+        };
+        let path = self.config.target.path.clone();
+        let switched = self
+            .visit_queues(blk, SourceOp::AttachMirror(None))
+            .and_then(|_| self.visit_queues(blk, SourceOp::SwitchDisk(target.clone())));
+        blk.set_mirror(None);
+        if let Err(e) = switched {
+            // Queues that switched stay on the target (it holds the same data); the
+            // others keep the source. Say so loudly: the operator must look.
+            tracing::error!(job = %self.id(), error = %e, "pivot failed part way");
+            self.resume_queues(blk);
+            self.end(blk);
+            return Err(JobError::Failed(format!(
+                "job {}: pivot failed: {e}",
+                self.id()
+            )));
+        }
+        blk.switch_disk(target, path);
+        self.resume_queues(blk);
+        let stopped = self.visit_job(SourceOp::StopJob(JobState::Completed));
+        self.end(blk);
+        tracing::info!(job = %self.id(), disk = blk.id(), "mirror completed: the disk uses its target");
+        stopped.map_err(JobError::Failed)
+    }
+
+    /// Cancels the job. In ready (and without `force`) the target is first brought to
+    /// a consistent copy of the disk at this moment; before, it is left partial. The
+    /// disk stays on its image.
+    pub fn cancel(&mut self, blk: &Arc<BlkDevice>, force: bool) -> Result<(), JobError> {
+        let state = self.status.state();
+        if state.is_final() || self.ended {
+            return Err(JobError::Conflict(format!(
+                "job {} is {} already",
+                self.id(),
+                state.as_str()
+            )));
+        }
+        let mut result = Ok(());
+        if state == JobState::Ready && !force {
+            self.pause_queues(blk)?;
+            result = self.visit_job(SourceOp::SyncJob).map_err(|e| {
+                JobError::Failed(format!("job {}: the last copy failed: {e}", self.id()))
+            });
+            self.resume_queues(blk);
+        }
+        if result.is_ok() {
+            result = self
+                .visit_job(SourceOp::StopJob(JobState::Cancelled))
+                .map_err(JobError::Failed);
+        }
+        self.end(blk);
+        tracing::info!(job = %self.id(), disk = blk.id(), "mirror cancelled");
+        result
+    }
+
+    /// Lets go of a job that ended on its own (a target error failed it): the disk's
+    /// queues detach, the job leaves its iothread, the target is closed. Does nothing
+    /// for a job still running or let go already.
+    pub fn reap_if_over(&mut self, blk: &Arc<BlkDevice>) {
+        if self.is_over() && !self.ended {
+            self.end(blk);
+        }
+    }
+
+    /// The disk is going away (hot unplug, shutdown): the job is cancelled at once.
+    pub fn abandon(&mut self, blk: &Arc<BlkDevice>) {
+        if !self.ended {
+            if !self.is_over() {
+                let _ = self.visit_job(SourceOp::StopJob(JobState::Cancelled));
+            }
+            self.end(blk);
+        }
+    }
+
+    fn check_state(&self, want: JobState, what: &str) -> Result<(), JobError> {
+        let state = self.status.state();
+        if state != want || self.ended {
+            return Err(JobError::Conflict(format!(
+                "job {} is {}: it can {what} only when {}",
+                self.id(),
+                state.as_str(),
+                want.as_str()
+            )));
+        }
+        Ok(())
+    }
+
+    fn pause_queues(&self, blk: &Arc<BlkDevice>) -> Result<(), JobError> {
+        if let Err(e) = self.visit_queues(blk, SourceOp::Pause) {
+            self.resume_queues(blk);
+            return Err(JobError::Failed(format!(
+                "job {}: cannot pause disk {}: {e}",
+                self.id(),
+                blk.id()
+            )));
+        }
+        Ok(())
+    }
+
+    fn resume_queues(&self, blk: &Arc<BlkDevice>) {
+        if let Err(e) = self.visit_queues(blk, SourceOp::Resume) {
+            tracing::error!(job = %self.id(), disk = blk.id(), error = %e, "cannot resume the disk's queues");
+        }
+    }
+
+    /// Takes the job off its iothread and detaches the link from the disk.
+    fn end(&mut self, blk: &Arc<BlkDevice>) {
+        if !self.ended {
+            let name = source::source_name(&self.id());
+            if let Err(e) = self
+                .job_thread
+                .remove_device(&name, crate::virtio_blk::worker::DRAIN_TIMEOUT)
+            {
+                tracing::warn!(job = %self.id(), error = %e, "taking the job off its iothread");
+            }
+            self.ended = true;
+        }
+        self.detach(blk);
+        self.link = None;
+        if !self.is_over() {
+            self.status.update(|i| {
+                i.state = JobState::Cancelled;
+            });
+        }
+    }
+
+    fn detach(&self, blk: &Arc<BlkDevice>) {
+        let Some(link) = &self.link else { return };
+        let mine = |l: &Arc<MirrorLink>| Arc::ptr_eq(l, link);
+        if blk.mirror().as_ref().is_some_and(mine) {
+            blk.set_mirror(None);
+        }
+        if let Err(e) = self.visit_queues(blk, SourceOp::AttachMirror(None)) {
+            tracing::error!(job = %self.id(), error = %e, "detaching the mirror from the disk's queues");
+        }
+    }
+
+    fn visit_queues(&self, blk: &Arc<BlkDevice>, op: SourceOp) -> Result<(), String> {
+        for t in &self.threads {
+            t.visit(blk.id(), op.clone())?;
+        }
+        Ok(())
+    }
+
+    fn visit_job(&self, op: SourceOp) -> Result<(), String> {
+        let name = source::source_name(&self.id());
+        match self.job_thread.visit(&name, op)? {
+            0 => Err(format!("job {} is not running", self.id())),
+            _ => Ok(()),
+        }
+    }
+}
+
+/// The local image a mirror target names, if it is one (not an NBD server).
+pub fn local_target(config: &MirrorConfig) -> Option<&Path> {
+    (!config.target.is_nbd()).then_some(config.target.path.as_path())
+}
+
+#[cfg(test)]
+mod tests;

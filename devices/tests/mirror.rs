@@ -1,0 +1,200 @@
+//! Live disk mirror end to end without KVM: a disk whose two queues are served by two
+//! iothreads, driven by test-side drivers that write and verify random data, mirrored
+//! to a target file and pivoted (or cancelled) while the load runs. The images are
+//! compared byte for byte with what the drivers wrote.
+
+#![allow(clippy::cast_possible_truncation)] // Test data and figures, not guest input.
+
+mod common;
+mod support;
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use block::jobs::{CopyMode, JobState};
+use common::{Rig, mixed_load};
+use devices::config::{DiskConfig, VqMapping};
+use devices::mirror::{JobError, Mirror, MirrorConfig, MirrorTarget, TargetFormat, open_target};
+
+const MIB: u64 = 1 << 20;
+const SIZE: u64 = 32 * MIB;
+const REQUESTS: usize = 6000;
+
+fn rig() -> Rig {
+    let mut d = DiskConfig::new("d0", "d0.raw");
+    d.num_queues = 2;
+    d.queue_size = 128;
+    d.iothread_vq_mapping = Some(vec![
+        VqMapping {
+            iothread: "io0".into(),
+            vqs: vec![0],
+        },
+        VqMapping {
+            iothread: "io1".into(),
+            vqs: vec![1],
+        },
+    ]);
+    Rig::new(2, vec![d], SIZE)
+}
+
+fn config(rig: &Rig, mode: CopyMode, speed: u64) -> MirrorConfig {
+    MirrorConfig {
+        job_id: Some("m0".into()),
+        disk: "d0".into(),
+        target: MirrorTarget {
+            path: rig.dir.path().join("target.raw"),
+            format: TargetFormat::Raw,
+        },
+        sync: Default::default(),
+        copy_mode: mode,
+        speed,
+        granularity: 64 << 10,
+        buffer_size: 4 * MIB,
+    }
+}
+
+fn wait_for(mirror: &Mirror, state: JobState, secs: u64) {
+    let deadline = Instant::now() + Duration::from_secs(secs);
+    while mirror.info().state != state {
+        assert!(Instant::now() < deadline, "{:?}", mirror.info());
+        std::thread::sleep(Duration::from_millis(2));
+    }
+}
+
+/// Whether this process has `path` open.
+fn is_open(path: &std::path::Path) -> bool {
+    std::fs::read_dir("/proc/self/fd")
+        .unwrap()
+        .flatten()
+        .any(|e| std::fs::read_link(e.path()).is_ok_and(|p| p == path))
+}
+
+/// Runs the drivers' verified load in threads; returns their shadows.
+fn load(rig: &mut Rig) -> Vec<std::thread::JoinHandle<(u64, Vec<u8>)>> {
+    let region = SIZE / 512 / 2;
+    let disk = &mut rig.disks[0];
+    std::mem::take(&mut disk.drivers)
+        .into_iter()
+        .enumerate()
+        .map(|(q, mut drv)| {
+            std::thread::spawn(move || {
+                let (shadow, _) =
+                    mixed_load(&mut drv, q as u64 * region, region, REQUESTS, q as u64);
+                (q as u64 * region * 512, shadow)
+            })
+        })
+        .collect()
+}
+
+fn check_image(image: &[u8], shadows: &[(u64, Vec<u8>)]) {
+    for (off, shadow) in shadows {
+        let off = *off as usize;
+        assert!(
+            image[off..off + shadow.len()] == shadow[..],
+            "the image differs from what the driver at {off} wrote"
+        );
+    }
+}
+
+fn pivot_under_load(mode: CopyMode) {
+    let mut rig = rig();
+    let blk = rig.disks[0].device.clone();
+    let source = rig.disks[0].image.clone();
+    let cfg = config(&rig, mode, 0);
+    let target_path = cfg.target.path.clone();
+    let loads = load(&mut rig);
+    let target = open_target(&blk, &cfg).unwrap();
+    let mut mirror = Mirror::start(&blk, rig.iothreads.clone(), cfg, target, None).unwrap();
+    wait_for(&mirror, JobState::Ready, 60);
+    mirror.complete(&blk).unwrap();
+    assert_eq!(mirror.info().state, JobState::Completed);
+    assert_eq!(
+        blk.config().path,
+        target_path,
+        "the disk reports its new image"
+    );
+    let shadows: Vec<_> = loads.into_iter().map(|t| t.join().unwrap()).collect();
+    // Everything the drivers wrote, before and after the pivot, is on the target; their
+    // reads after the pivot (verified in the load) came from it.
+    check_image(&std::fs::read(&target_path).unwrap(), &shadows);
+    assert!(!is_open(&source), "the old image is closed");
+    assert!(is_open(&target_path));
+    let info = mirror.info();
+    assert!(info.bytes_done >= SIZE, "{info:?}");
+    assert_eq!(blk.counters().io.in_flight, 0);
+}
+
+#[test]
+fn background_mirror_pivots_under_load_and_loses_nothing() {
+    pivot_under_load(CopyMode::Background);
+}
+
+#[test]
+fn write_blocking_mirror_pivots_under_load_and_loses_nothing() {
+    pivot_under_load(CopyMode::WriteBlocking);
+}
+
+#[test]
+fn cancel_in_ready_leaves_a_consistent_copy_and_the_disk_on_its_image() {
+    let mut rig = rig();
+    let blk = rig.disks[0].device.clone();
+    let source = rig.disks[0].image.clone();
+    let cfg = config(&rig, CopyMode::Background, 0);
+    let target_path = cfg.target.path.clone();
+    let target = open_target(&blk, &cfg).unwrap();
+    let mut mirror = Mirror::start(&blk, rig.iothreads.clone(), cfg, target, None).unwrap();
+    let loads = load(&mut rig);
+    wait_for(&mirror, JobState::Ready, 60);
+    let shadows: Vec<_> = loads.into_iter().map(|t| t.join().unwrap()).collect();
+    mirror.cancel(&blk, false).unwrap();
+    assert_eq!(mirror.info().state, JobState::Cancelled);
+    assert_eq!(blk.config().path, source);
+    let (s, t) = (
+        std::fs::read(&source).unwrap(),
+        std::fs::read(&target_path).unwrap(),
+    );
+    check_image(&s, &shadows);
+    assert!(s == t, "the target is the disk at cancel time");
+    assert!(!is_open(&target_path), "the target is closed");
+    assert!(matches!(mirror.complete(&blk), Err(JobError::Conflict(_))));
+}
+
+#[test]
+fn complete_before_ready_is_refused_and_cancel_leaves_the_disk_working() {
+    let rig = rig();
+    let blk = rig.disks[0].device.clone();
+    // 64 KiB/s: far from ready for a while.
+    let cfg = config(&rig, CopyMode::Background, 64 << 10);
+    let target = open_target(&blk, &cfg).unwrap();
+    let mut mirror = Mirror::start(&blk, rig.iothreads.clone(), cfg, target, None).unwrap();
+    wait_for(&mirror, JobState::Running, 5);
+    let e = mirror.complete(&blk).unwrap_err();
+    assert!(matches!(e, JobError::Conflict(_)), "{e}");
+    assert!(e.to_string().contains("ready"), "{e}");
+    mirror.set_speed(0).unwrap();
+    mirror.cancel(&blk, false).unwrap();
+    assert_eq!(mirror.info().state, JobState::Cancelled);
+    assert!(
+        blk.mirror().is_none(),
+        "the disk's queues let go of the job"
+    );
+    let again = mirror.cancel(&blk, false).unwrap_err();
+    assert!(matches!(again, JobError::Conflict(_)));
+}
+
+#[test]
+fn a_target_smaller_than_the_disk_or_the_disk_itself_is_refused() {
+    let rig = rig();
+    let blk = rig.disks[0].device.clone();
+    let mut cfg = config(&rig, CopyMode::Background, 0);
+    std::fs::File::create(&cfg.target.path)
+        .unwrap()
+        .set_len(MIB)
+        .unwrap();
+    let e = open_target(&blk, &cfg).err().unwrap();
+    assert!(e.to_string().contains("less than"), "{e}");
+    cfg.target.path = rig.disks[0].image.clone();
+    let e = open_target(&blk, &cfg).err().unwrap();
+    assert!(e.to_string().contains("own image"), "{e}");
+    let _ = Arc::clone(&blk);
+}

@@ -3,9 +3,11 @@
 
 use std::collections::BTreeMap;
 
+use block::jobs::JobInfo;
 use block::throttle::ThrottleLimits;
 use devices::config::{DiskConfig, IoThreadUpdate};
 use devices::iothread::IoThreadCounters;
+use devices::mirror::MirrorConfig;
 use devices::virtio_blk::device::BlkCounters;
 use serde::{Deserialize, Serialize};
 use utoipa::ToSchema;
@@ -305,6 +307,47 @@ pub struct RemoveDevice {
     pub id: String,
 }
 
+/// `PUT vm.job-complete`.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct JobRef {
+    /// The job's id.
+    pub job_id: String,
+}
+
+/// `PUT vm.job-cancel`.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct JobCancel {
+    /// The job's id.
+    pub job_id: String,
+    /// In ready: stop at once instead of making the target a consistent copy first
+    /// [false].
+    #[serde(default)]
+    pub force: bool,
+}
+
+/// `PUT vm.job-set-speed`.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct JobSpeed {
+    /// The job's id.
+    pub job_id: String,
+    /// Copy rate limit in bytes/s (0: unlimited).
+    pub speed: u64,
+}
+
+/// The API error of a failed block job operation.
+pub fn job_error(e: devices::mirror::JobError) -> ApiError {
+    use devices::mirror::JobError;
+    match e {
+        JobError::Invalid(m) => ApiError::bad_request("invalid mirror").with_details(vec![m]),
+        JobError::NotFound(m) => ApiError::not_found(m),
+        JobError::Conflict(m) => ApiError::conflict(m),
+        JobError::Failed(m) => ApiError::internal(m),
+    }
+}
+
 /// `GET vmm.ping`.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
 pub struct PingResponse {
@@ -358,6 +401,16 @@ pub trait VmmBackend: Send + Sync + 'static {
     /// Changes a named iothread's polling, batching and affinity settings: the fields
     /// `update` carries, the others stay.
     fn update_iothread(&self, id: &str, update: IoThreadUpdate) -> Result<(), ApiError>;
+    /// Starts mirroring a disk (a block job); returns the job as it starts.
+    fn disk_mirror(&self, id: &str, config: MirrorConfig) -> Result<JobInfo, ApiError>;
+    /// The VM's block jobs, running and finished.
+    fn jobs(&self, id: &str) -> Result<Vec<JobInfo>, ApiError>;
+    /// Pivots a ready mirror job's disk onto its target.
+    fn job_complete(&self, id: &str, job: JobRef) -> Result<(), ApiError>;
+    /// Cancels a job.
+    fn job_cancel(&self, id: &str, job: JobCancel) -> Result<(), ApiError>;
+    /// Changes a job's speed limit.
+    fn job_set_speed(&self, id: &str, job: JobSpeed) -> Result<(), ApiError>;
     /// Shuts down every VM before the service exits.
     fn shutdown_vmm(&self) -> Result<(), ApiError>;
 }

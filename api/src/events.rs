@@ -49,6 +49,19 @@ pub enum EventKind {
     DiskRemovalRequested,
     /// The guest ejected a disk (`disk`), or a disk left a VM that was not running.
     DiskEjected,
+    /// A block job started (`job`, `disk`, `state`, `bytes_done`, `bytes_total`,
+    /// `dirty_bytes`, `rate`; the job events below carry the same fields).
+    JobStarted,
+    /// A job copied more (at most once a second per job).
+    JobProgress,
+    /// A mirror job copied the whole disk and mirrors guest writes: it may complete.
+    JobReady,
+    /// A mirror job pivoted: the disk uses its target.
+    JobCompleted,
+    /// A job was cancelled (or its disk went away).
+    JobCancelled,
+    /// A job failed (`error`); the disk stays on its image.
+    JobFailed,
     /// This reader fell behind and missed `missed` events.
     Lagged,
 }

@@ -12,9 +12,16 @@ use devices::iothread::IoThreadCounters;
 use devices::virtio_blk::device::BlkCounters;
 use vmm::config::{VmConfig, same_file};
 
+use block::jobs::JobInfo;
+use devices::mirror::MirrorConfig;
+
 use crate::backend::{
-    ApiError, UpdateDisk, VmCounters, VmInfo, VmState, VmSummary, VmmBackend, merged_iothread,
+    ApiError, JobCancel, JobRef, JobSpeed, UpdateDisk, VmCounters, VmInfo, VmState, VmSummary,
+    VmmBackend, merged_iothread,
 };
+
+#[path = "fake_jobs.rs"]
+mod fake_jobs;
 
 /// Requests a running fake VM "completes" per disk each time its counters are read.
 const FAKE_OPS_PER_READ: u64 = 100;
@@ -23,6 +30,7 @@ struct FakeVm {
     config: VmConfig,
     state: VmState,
     counters: VmCounters,
+    jobs: Vec<block::jobs::JobInfo>,
 }
 
 /// The in-memory test double. See the module documentation.
@@ -158,6 +166,7 @@ impl VmmBackend for FakeVmm {
                 config,
                 state: VmState::Created,
                 counters,
+                jobs: Vec::new(),
             },
         );
         Ok(())
@@ -316,6 +325,44 @@ impl VmmBackend for FakeVmm {
         self.with_vm(id, |vm, _| {
             let (index, merged) = merged_iothread(id, &vm.config, &update)?;
             vm.config.iothreads[index] = merged;
+            Ok(())
+        })
+    }
+
+    fn disk_mirror(&self, id: &str, config: MirrorConfig) -> Result<JobInfo, ApiError> {
+        self.with_vm(id, |vm, _| {
+            fake_jobs::start(vm.state, &vm.config, &mut vm.jobs, config)
+        })
+    }
+
+    fn jobs(&self, id: &str) -> Result<Vec<JobInfo>, ApiError> {
+        self.with_vm(id, |vm, _| Ok(vm.jobs.clone()))
+    }
+
+    fn job_complete(&self, id: &str, job: JobRef) -> Result<(), ApiError> {
+        self.with_vm(id, |vm, _| {
+            fake_jobs::complete(&mut vm.config, &mut vm.jobs, &job.job_id)
+        })
+    }
+
+    fn job_cancel(&self, id: &str, job: JobCancel) -> Result<(), ApiError> {
+        self.with_vm(id, |vm, _| {
+            let j = fake_jobs::find(&mut vm.jobs, &job.job_id)?;
+            fake_jobs::end(j, block::jobs::JobState::Cancelled)
+        })
+    }
+
+    fn job_set_speed(&self, id: &str, job: JobSpeed) -> Result<(), ApiError> {
+        self.with_vm(id, |vm, _| {
+            let j = fake_jobs::find(&mut vm.jobs, &job.job_id)?;
+            if j.state.is_final() {
+                return Err(ApiError::conflict(format!(
+                    "job {} is {}",
+                    j.id,
+                    j.state.as_str()
+                )));
+            }
+            j.speed = job.speed;
             Ok(())
         })
     }

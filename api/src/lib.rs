@@ -11,6 +11,7 @@ pub mod daemon;
 pub mod events;
 pub mod fake;
 pub mod handover;
+pub mod job_routes;
 pub mod kvm_backend;
 pub mod metrics;
 pub mod paths;

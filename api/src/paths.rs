@@ -74,6 +74,18 @@ impl PathRules {
         Ok(())
     }
 
+    /// A mirror target follows the rules of a disk's image (an NBD target's Unix socket
+    /// too).
+    pub fn check_mirror_target(
+        &self,
+        target: &mut devices::mirror::MirrorTarget,
+    ) -> Result<(), ApiError> {
+        let mut as_disk = DiskConfig::new("target", target.path.clone());
+        self.check_disk_at("target.path", &mut as_disk)?;
+        target.path = as_disk.path;
+        Ok(())
+    }
+
     /// [`Self::check_vm`] for one disk.
     pub fn check_disk(&self, disk: &mut DiskConfig) -> Result<(), ApiError> {
         self.check_disk_at("path", disk)

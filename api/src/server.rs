@@ -35,7 +35,7 @@ pub const MAX_BODY_BYTES: usize = 1 << 20;
 pub struct AppState {
     backend: Arc<dyn VmmBackend>,
     shutdown: watch::Sender<bool>,
-    rules: Arc<PathRules>,
+    pub(crate) rules: Arc<PathRules>,
     events: EventBus,
 }
 
@@ -157,7 +157,7 @@ async fn blocking<T: Send + 'static>(
 }
 
 /// Runs a VM-scoped call on the blocking pool.
-async fn on_vm<T: Send + 'static>(
+pub(crate) async fn on_vm<T: Send + 'static>(
     state: &AppState,
     selector: VmSelector,
     f: impl FnOnce(&dyn VmmBackend, &str) -> Result<T, ApiError> + Send + 'static,
@@ -541,6 +541,11 @@ fn openapi_router() -> OpenApiRouter<AppState> {
         .routes(routes!(vm_remove_device))
         .routes(routes!(vm_update_disk))
         .routes(routes!(vm_update_iothread))
+        .routes(routes!(crate::job_routes::vm_disk_mirror))
+        .routes(routes!(crate::job_routes::vm_jobs))
+        .routes(routes!(crate::job_routes::vm_job_complete))
+        .routes(routes!(crate::job_routes::vm_job_cancel))
+        .routes(routes!(crate::job_routes::vm_job_set_speed))
         .routes(routes!(vms))
         .routes(routes!(prometheus))
         .routes(routes!(events))

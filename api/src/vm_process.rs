@@ -11,13 +11,18 @@
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 
+use block::jobs::JobInfo;
 use block::sync::lock;
 use devices::config::{DiskConfig, IoThreadUpdate};
+use devices::mirror::MirrorConfig;
 use serde::{Deserialize, Serialize};
 use tokio::sync::watch;
 use vmm::config::VmConfig;
 
-use crate::backend::{ApiError, UpdateDisk, VmCounters, VmInfo, VmState, VmSummary, VmmBackend};
+use crate::backend::{
+    ApiError, JobCancel, JobRef, JobSpeed, UpdateDisk, VmCounters, VmInfo, VmState, VmSummary,
+    VmmBackend,
+};
 use crate::daemon::{self, StartError, Stopped};
 use crate::events::{Event, EventBus, EventKind};
 use crate::server::{AppState, router};
@@ -172,6 +177,32 @@ impl VmmBackend for OneVm {
 
     fn update_iothread(&self, id: &str, update: IoThreadUpdate) -> Result<(), ApiError> {
         self.inner.update_iothread(id, update)
+    }
+
+    fn disk_mirror(&self, id: &str, config: MirrorConfig) -> Result<JobInfo, ApiError> {
+        let target = config.target.path.clone();
+        let result = self.inner.disk_mirror(id, config);
+        if result.is_err() {
+            // A target handed over for it is not kept (nor its lock).
+            block::host_file::forget_handed(&target);
+        }
+        result
+    }
+
+    fn jobs(&self, id: &str) -> Result<Vec<JobInfo>, ApiError> {
+        self.inner.jobs(id)
+    }
+
+    fn job_complete(&self, id: &str, job: JobRef) -> Result<(), ApiError> {
+        self.inner.job_complete(id, job)
+    }
+
+    fn job_cancel(&self, id: &str, job: JobCancel) -> Result<(), ApiError> {
+        self.inner.job_cancel(id, job)
+    }
+
+    fn job_set_speed(&self, id: &str, job: JobSpeed) -> Result<(), ApiError> {
+        self.inner.job_set_speed(id, job)
     }
 
     fn shutdown_vmm(&self) -> Result<(), ApiError> {

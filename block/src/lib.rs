@@ -24,6 +24,6 @@ pub mod utc;
 pub use cache::CacheMode;
 pub use counters::{CountersSnapshot, DiskCounters};
 pub use disk::{BackendKind, Disk, DiskOptions};
-pub use engine::{AioKind, EngineOptions};
+pub use engine::{AioKind, EngineOptions, IoEngine};
 pub use error::Error;
 pub use queue::{Completion, DiskQueue, RequestKind};

@@ -304,6 +304,55 @@ pub fn run_qemu(elf: &Path, opts: &QemuOptions) -> Result<GuestRun, Error> {
     })
 }
 
+/// The seed of generation `g`'s pattern in the test guest's `gens` phase.
+pub fn gen_seed(seed: u64, g: u64) -> u64 {
+    seed ^ (g << 32) ^ 0x6E65_6E73
+}
+
+/// What a disk image holds of the test guest's `gens` phase (`seed`, blocks of 4 KiB
+/// from sector 8 on, `span_blocks` of them, generations up to `max_gen`): the number of
+/// written blocks and the FNV-1a digest the guest prints as `gens_digest`, recomputed
+/// from the bytes. A block that holds neither zeroes nor `zero_block` nor a generation's
+/// pattern is an error naming it.
+pub fn gens_digest(
+    image: &[u8],
+    seed: u64,
+    span_blocks: u64,
+    max_gen: u64,
+    untouched: &dyn Fn(u64) -> Vec<u8>,
+) -> Result<(u64, String), String> {
+    let mut digest: u64 = 0xCBF2_9CE4_8422_2325;
+    let mut written = 0;
+    for b in 0..span_blocks {
+        let off = usize::try_from((b + 1) * 4096).map_err(|e| e.to_string())?;
+        let Some(block) = image.get(off..off + 4096) else {
+            return Err(format!("block {b} lies past the image's end"));
+        };
+        let sector = (b + 1) * 8;
+        let word =
+            |w: usize| u64::from_le_bytes(block[w * 8..w * 8 + 8].try_into().unwrap_or_default());
+        let g = (1..=max_gen).find(|&g| {
+            let gs = gen_seed(seed, g);
+            (0..512).all(|w| word(w) == pattern_word(gs, sector, w as u64))
+        });
+        match g {
+            Some(g) => {
+                written += 1;
+                for byte in b.to_le_bytes().iter().chain(g.to_le_bytes().iter()) {
+                    digest = (digest ^ u64::from(*byte)).wrapping_mul(0x0100_0000_01B3);
+                }
+            }
+            None if block == &untouched(b)[..] => {}
+            None => {
+                return Err(format!(
+                    "block {b} holds neither its old data nor a generation"
+                ));
+            }
+        }
+    }
+    Ok((written, format!("{digest:016x}")))
+}
+
 #[cfg(test)]
 mod unit {
     use super::*;

@@ -29,6 +29,8 @@ pub(super) struct Entry {
     pub(super) outbox: Vec<Event>,
     /// Guest resets turned into reboots, counted within a window.
     pub(super) resets: ResetGuard,
+    /// What the control loop last told of each block job.
+    pub(super) jobs_seen: super::jobs::JobsSeen,
     /// Built once (until then, calls over every VM leave it out).
     pub(super) built: bool,
     /// Taken out of the service (deleted, or its creation failed): calls that were
@@ -46,6 +48,7 @@ impl Entry {
             notify,
             outbox: Vec::new(),
             resets: ResetGuard::default(),
+            jobs_seen: Default::default(),
             built: false,
             removed: false,
         }
@@ -56,6 +59,7 @@ impl Entry {
     /// resets too often ([`ResetGuard`]). Each is an event in the outbox.
     pub(super) fn refresh(&mut self) {
         let id = self.config.id.clone();
+        self.job_events();
         let Some(vm) = self.vm.as_mut() else { return };
         let gone = vm.take_ejected();
         if !gone.is_empty() {

@@ -33,20 +33,24 @@ mod conflicts;
 mod control;
 mod entry;
 mod errors;
+mod jobs;
 
 use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
+use block::jobs::JobInfo;
 use block::sync::{lock, try_lock};
 use devices::config::{DiskConfig, IoThreadUpdate};
+use devices::mirror::MirrorConfig;
 use vmm::config::VmConfig;
 use vmm::vm::{Vm, VmError};
 use vmm_sys_util::eventfd::EventFd;
 
 use crate::backend::{
-    ApiError, UpdateDisk, VmCounters, VmInfo, VmState, VmSummary, VmmBackend, merged_iothread,
+    ApiError, JobCancel, JobRef, JobSpeed, UpdateDisk, VmCounters, VmInfo, VmState, VmSummary,
+    VmmBackend, merged_iothread,
 };
 use crate::events::EventBus;
 use entry::Entry;
@@ -407,6 +411,26 @@ impl VmmBackend for KvmBackend {
             e.config.iothreads[index] = merged;
             Ok(())
         })
+    }
+
+    fn disk_mirror(&self, id: &str, config: MirrorConfig) -> Result<JobInfo, ApiError> {
+        self.start_mirror(id, config)
+    }
+
+    fn jobs(&self, id: &str) -> Result<Vec<JobInfo>, ApiError> {
+        self.list_jobs(id)
+    }
+
+    fn job_complete(&self, id: &str, job: JobRef) -> Result<(), ApiError> {
+        self.complete_job(id, &job)
+    }
+
+    fn job_cancel(&self, id: &str, job: JobCancel) -> Result<(), ApiError> {
+        self.cancel_job(id, &job)
+    }
+
+    fn job_set_speed(&self, id: &str, job: JobSpeed) -> Result<(), ApiError> {
+        self.set_job_speed(id, &job)
     }
 
     fn shutdown_vmm(&self) -> Result<(), ApiError> {

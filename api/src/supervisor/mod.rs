@@ -18,6 +18,7 @@
 //!   an added image is opened once here to check it.
 
 mod forward;
+mod jobs;
 mod process;
 
 pub use process::write_json;
@@ -29,14 +30,16 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
+use block::jobs::JobInfo;
 use block::sync::lock;
 use devices::config::{DiskConfig, IoThreadUpdate};
+use devices::mirror::MirrorConfig;
 use tokio::runtime::Handle;
 use vmm::config::{VmConfig, same_file};
 
 use crate::backend::{
-    ApiError, CrashReport, PingResponse, UpdateDisk, VmCounters, VmInfo, VmState, VmSummary,
-    VmmBackend, merged_iothread,
+    ApiError, CrashReport, JobCancel, JobRef, JobSpeed, PingResponse, UpdateDisk, VmCounters,
+    VmInfo, VmState, VmSummary, VmmBackend, merged_iothread,
 };
 use crate::client::Reply;
 use crate::events::{Event, EventBus, EventKind};
@@ -1222,6 +1225,26 @@ impl VmmBackend for ProcessBackend {
                 Ok(())
             },
         )
+    }
+
+    fn disk_mirror(&self, id: &str, config: MirrorConfig) -> Result<JobInfo, ApiError> {
+        self.mirror_disk(id, config)
+    }
+
+    fn jobs(&self, id: &str) -> Result<Vec<JobInfo>, ApiError> {
+        self.list_jobs(id)
+    }
+
+    fn job_complete(&self, id: &str, job: JobRef) -> Result<(), ApiError> {
+        self.complete_job(id, &job)
+    }
+
+    fn job_cancel(&self, id: &str, job: JobCancel) -> Result<(), ApiError> {
+        self.cancel_job(id, &job)
+    }
+
+    fn job_set_speed(&self, id: &str, job: JobSpeed) -> Result<(), ApiError> {
+        self.set_job_speed(id, &job)
     }
 
     fn shutdown_vmm(&self) -> Result<(), ApiError> {

@@ -114,10 +114,15 @@ impl QueueMirror {
 impl DiskQueue {
     /// Attaches a mirror job's link (`None` detaches): every later write, write-zeroes
     /// and discard marks the link's dirty bitmap when it finishes; in write-blocking mode
-    /// writes and write-zeroes are written to the link's target (an engine per
-    /// the queue's settings) before they complete. Fails with `EBUSY` while writes to a
-    /// previous target are in flight.
-    pub fn attach_mirror(&mut self, link: Option<Arc<MirrorLink>>) -> Result<(), Error> {
+    /// writes and write-zeroes are written to the link's target before they complete,
+    /// through `engine` (made as for [`DiskQueue::switch_disk`]) or, when `None`, an
+    /// engine the queue makes. Fails with `EBUSY` while writes to a previous target are
+    /// in flight.
+    pub fn attach_mirror(
+        &mut self,
+        link: Option<Arc<MirrorLink>>,
+        engine: Option<Box<dyn IoEngine>>,
+    ) -> Result<(), Error> {
         if self.mirror.as_ref().is_some_and(|m| m.in_flight() > 0) {
             return Err(Error::Submit {
                 engine: self.engine.name(),
@@ -129,14 +134,17 @@ impl DiskQueue {
             self.dirty = None;
             return Ok(());
         };
-        let engine = if link.write_blocking() {
-            Some(create_engine_sharing(
+        let engine = match (link.write_blocking(), engine) {
+            (false, _) => None,
+            (true, Some(mut e)) => {
+                e.set_max_batch(self.options.max_batch);
+                Some(e)
+            }
+            (true, None) => Some(create_engine_sharing(
                 link.target(),
                 &self.options,
                 Some(&self.notifier),
-            )?)
-        } else {
-            None
+            )?),
         };
         self.dirty = Some(link.bitmap().clone());
         self.mirror = Some(QueueMirror { link, engine });

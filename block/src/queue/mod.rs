@@ -183,20 +183,31 @@ impl DiskQueue {
         self.dirty = bitmap;
     }
 
-    /// Makes every later request go to `disk` with a new engine of the same settings, on
-    /// the same completion eventfd: a mirror's pivot. Needs nothing in flight and no
-    /// mirror attached (`EBUSY`).
-    pub fn switch_disk(&mut self, disk: Arc<Disk>) -> Result<(), Error> {
+    /// Makes every later request go to `disk` through `engine`, made for it on this
+    /// queue's completion eventfd (`create_engine_sharing(&disk, queue.options(),
+    /// Some(queue.notifier()))`, on whichever thread may make engines): a mirror's pivot.
+    /// Needs nothing in flight and no mirror attached (`EBUSY`).
+    pub fn switch_disk(
+        &mut self,
+        disk: Arc<Disk>,
+        mut engine: Box<dyn IoEngine>,
+    ) -> Result<(), Error> {
         if self.in_flight() > 0 || self.mirror.is_some() {
             return Err(Error::Submit {
                 engine: self.engine.name(),
                 source: std::io::Error::from_raw_os_error(libc::EBUSY),
             });
         }
-        let engine = create_engine_sharing(&disk, &self.options, Some(&self.notifier))?;
+        engine.set_max_batch(self.options.max_batch);
+        engine.set_notify(self.notify);
         self.engine = engine;
         self.disk = disk;
         Ok(())
+    }
+
+    /// The engine settings the queue was made with (its current batch size).
+    pub fn options(&self) -> &EngineOptions {
+        &self.options
     }
 
     /// The disk this queue serves.

@@ -5,8 +5,10 @@ use std::os::fd::RawFd;
 use std::sync::Arc;
 use std::time::Duration;
 
-use block::Disk;
 use block::jobs::{JobState, MirrorLink};
+use block::sync::lock;
+use block::{Disk, IoEngine};
+use vmm_sys_util::eventfd::EventFd;
 
 use vmm_sys_util::epoll::EventSet;
 
@@ -34,6 +36,33 @@ pub fn event_set(which: usize) -> EventSet {
     }
 }
 
+/// I/O engines made by the control plane for a disk's queues, by queue index, each on
+/// its queue's completion eventfd (see [`SourceOp::Notifiers`]): an iothread takes
+/// them, it does not make them (its sandbox has no syscalls for that).
+#[derive(Default)]
+pub struct EngineSet(std::sync::Mutex<std::collections::BTreeMap<u16, Box<dyn IoEngine>>>);
+
+impl EngineSet {
+    /// A set of `engines` by queue index.
+    pub fn new(engines: std::collections::BTreeMap<u16, Box<dyn IoEngine>>) -> Arc<EngineSet> {
+        Arc::new(EngineSet(std::sync::Mutex::new(engines)))
+    }
+
+    /// The engine of queue `index`, taken out.
+    pub fn take(&self, index: u16) -> Option<Box<dyn IoEngine>> {
+        lock(&self.0).remove(&index)
+    }
+}
+
+impl std::fmt::Debug for EngineSet {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_set().entries(lock(&self.0).keys()).finish()
+    }
+}
+
+/// Where queues put a duplicate of their completion eventfd, by queue index.
+pub type NotifierList = Arc<std::sync::Mutex<Vec<(u16, EventFd)>>>;
+
 /// What a block job asks of the sources of one device, on their iothread between two
 /// passes ([`super::IoThread::visit`]).
 #[derive(Clone, Debug)]
@@ -42,11 +71,15 @@ pub enum SourceOp {
     Pause,
     /// A paused queue goes on.
     Resume,
-    /// A queue's disk marks (and, write-blocking, writes to) a mirror's target; `None`
-    /// detaches it.
-    AttachMirror(Option<Arc<MirrorLink>>),
-    /// A paused queue sends every later request to this disk (a pivot).
-    SwitchDisk(Arc<Disk>),
+    /// A queue adds its index and a duplicate of its completion eventfd to the list
+    /// (for the engines of [`SourceOp::AttachMirror`] and [`SourceOp::SwitchDisk`]).
+    Notifiers(NotifierList),
+    /// A queue's disk marks (and, write-blocking, writes to, through its engine from the
+    /// set) a mirror's target; `None` detaches it.
+    AttachMirror(Option<Arc<MirrorLink>>, Arc<EngineSet>),
+    /// A paused queue sends every later request to this disk, through its engine from
+    /// the set (a pivot).
+    SwitchDisk(Arc<Disk>, Arc<EngineSet>),
     /// A job starts copying.
     StartJob,
     /// A job's speed limit changes (bytes/s, 0: unlimited).
@@ -168,11 +201,29 @@ impl<Q: QueueHost> IoSource for QueueWorker<Q> {
                 .map(|()| PassWork::default())
                 .map_err(|e| format!("disk {} queue {}: {e}", self.device(), self.index())),
             SourceOp::Resume => Ok(self.resume()),
-            SourceOp::AttachMirror(link) => self
-                .attach_mirror(link.clone())
-                .map(|()| PassWork::default()),
-            SourceOp::SwitchDisk(disk) => {
-                self.switch_disk(disk.clone()).map(|()| PassWork::default())
+            SourceOp::Notifiers(list) => {
+                let fd = self
+                    .notifier()
+                    .try_clone()
+                    .map_err(|e| format!("disk {}: {e}", self.device()))?;
+                lock(list).push((self.index(), fd));
+                Ok(PassWork::default())
+            }
+            SourceOp::AttachMirror(link, engines) => {
+                let engine = engines.take(self.index());
+                self.attach_mirror(link.clone(), engine)
+                    .map(|()| PassWork::default())
+            }
+            SourceOp::SwitchDisk(disk, engines) => {
+                let engine = engines.take(self.index()).ok_or_else(|| {
+                    format!(
+                        "disk {} queue {}: no engine made for it",
+                        self.device(),
+                        self.index()
+                    )
+                })?;
+                self.switch_disk(disk.clone(), engine)
+                    .map(|()| PassWork::default())
             }
             _ => Err(format!("disk {}: not a job", self.device())),
         }

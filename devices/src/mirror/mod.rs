@@ -22,6 +22,7 @@ use vmm_sys_util::eventfd::EventFd;
 
 pub use config::{MirrorConfig, MirrorTarget, TargetFormat};
 
+use crate::iothread::source::{EngineSet, NotifierList};
 use crate::iothread::{IoThread, SourceOp};
 use crate::virtio_blk::device::BlkDevice;
 
@@ -31,6 +32,9 @@ pub enum JobError {
     /// The request is invalid (400).
     #[error("{0}")]
     Invalid(String),
+    /// No such job or disk (404).
+    #[error("{0}")]
+    NotFound(String),
     /// The job or disk is not in a state that allows it (409).
     #[error("{0}")]
     Conflict(String),
@@ -154,7 +158,18 @@ impl Mirror {
         };
         // Every queue marks the bitmap before the first chunk is read.
         blk.set_mirror(Some(link.clone()));
-        if let Err(e) = mirror.visit_queues(blk, SourceOp::AttachMirror(Some(link))) {
+        let engines = if link.write_blocking() {
+            match mirror.engines_for(blk, link.target()) {
+                Ok(e) => e,
+                Err(e) => {
+                    mirror.detach(blk);
+                    return Err(JobError::Failed(e));
+                }
+            }
+        } else {
+            Arc::default()
+        };
+        if let Err(e) = mirror.visit_queues(blk, SourceOp::AttachMirror(Some(link), engines)) {
             mirror.detach(blk);
             return Err(JobError::Failed(e));
         }
@@ -232,8 +247,11 @@ impl Mirror {
         };
         let path = self.config.target.path.clone();
         let switched = self
-            .visit_queues(blk, SourceOp::AttachMirror(None))
-            .and_then(|_| self.visit_queues(blk, SourceOp::SwitchDisk(target.clone())));
+            .visit_queues(blk, SourceOp::AttachMirror(None, Arc::default()))
+            .and_then(|()| self.engines_for(blk, &target))
+            .and_then(|engines| {
+                self.visit_queues(blk, SourceOp::SwitchDisk(target.clone(), engines))
+            });
         blk.set_mirror(None);
         if let Err(e) = switched {
             // Queues that switched stay on the target (it holds the same data); the
@@ -361,9 +379,28 @@ impl Mirror {
         if blk.mirror().as_ref().is_some_and(mine) {
             blk.set_mirror(None);
         }
-        if let Err(e) = self.visit_queues(blk, SourceOp::AttachMirror(None)) {
+        if let Err(e) = self.visit_queues(blk, SourceOp::AttachMirror(None, Arc::default())) {
             tracing::error!(job = %self.id(), error = %e, "detaching the mirror from the disk's queues");
         }
+    }
+
+    /// Engines on `disk` for every live queue of `blk`, each on its queue's completion
+    /// eventfd, made on this (the control plane's) thread.
+    fn engines_for(
+        &self,
+        blk: &Arc<BlkDevice>,
+        disk: &Arc<Disk>,
+    ) -> Result<Arc<EngineSet>, String> {
+        let list = NotifierList::default();
+        self.visit_queues(blk, SourceOp::Notifiers(list.clone()))?;
+        let options = blk.engine_options(32);
+        let mut engines = std::collections::BTreeMap::new();
+        for (index, notifier) in block::sync::lock(&list).drain(..) {
+            let engine = block::engine::create_engine_sharing(disk, &options, Some(&notifier))
+                .map_err(|e| format!("disk {} queue {index}: {e}", blk.id()))?;
+            engines.insert(index, engine);
+        }
+        Ok(EngineSet::new(engines))
     }
 
     fn visit_queues(&self, blk: &Arc<BlkDevice>, op: SourceOp) -> Result<(), String> {

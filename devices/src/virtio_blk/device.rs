@@ -297,7 +297,7 @@ impl BlkDevice {
             self.counters.clone(),
         )?;
         if let Some(link) = lock(&self.mirror).clone() {
-            queue.attach_mirror(Some(link))?;
+            queue.attach_mirror(Some(link), None)?;
         }
         let wake = Arc::new(EventFd::new(libc::EFD_NONBLOCK | libc::EFD_CLOEXEC).map_err(io_err)?);
         let throttle = self.throttle_for(&wake);

@@ -12,12 +12,14 @@
 //! `more=1` (after the read IOPS: disk0's random-write IOPS and QD1 read latency in ns,
 //! each polled and with interrupts, as `disk0.iops_write_poll`, `disk0.lat_qd1_ns_irq`...),
 //! `windows=N window_ms=M` (rate windows on disk0 after the pattern checks, see
-//! [`windows`]), `hotplug=N hp_base=0xADDR hp_gsi=N hp_wait_s=N` (handle N hot plug
+//! [`windows`]), `gens=N gen_writes=K gen_span_mib=S` (passes of random writes on disk0,
+//! each with its own generation's pattern, then all checked, see [`gens`]), `hotplug=N hp_base=0xADDR hp_gsi=N hp_wait_s=N` (handle N hot plug
 //! events at the end, see [`hotplug`]).
 
 #![no_std]
 #![no_main]
 
+mod gens;
 mod hotplug;
 mod io;
 mod pci;
@@ -413,6 +415,14 @@ pub extern "C" fn guest_main() -> ! {
     }
 
     let mut rng = seed | 1;
+    if let (gens @ 1.., Some(d)) = (args.num("gens", 0), disks[0].as_mut()) {
+        let shape = (
+            gens,
+            args.num("gen_writes", 32),
+            args.num("gen_span_mib", 16) * 256,
+        );
+        ok &= gens::run(d, 0, shape, seed, &mut rng, timeout);
+    }
     if let (count @ 1.., Some(d)) = (args.num("windows", 0), disks[0].as_mut()) {
         let w = windows::Windows {
             count,

@@ -415,9 +415,26 @@ impl DeviceManager {
         &self.hotplug
     }
 
-    /// Finishes every disk's requests and takes its queues off the iothreads; returns
-    /// how many queues were removed.
+    /// Finishes every disk's requests and takes its queues off the iothreads (a block
+    /// job still running is cancelled first); returns how many queues were removed.
     pub fn drain_all(&self) -> usize {
+        for blk in self.disks() {
+            self.set.abandon_jobs(&blk);
+        }
         self.set.lock_disks().iter().map(DiskEntry::drain).sum()
+    }
+
+    /// Disk `id` and the iothreads serving its queues (queue 0's first).
+    pub(super) fn disk_threads(&self, id: &str) -> Option<(Arc<BlkDevice>, Vec<Arc<IoThread>>)> {
+        self.set
+            .lock_disks()
+            .iter()
+            .find(|d| d.blk.id() == id)
+            .map(|d| (d.blk.clone(), d.iothreads.clone()))
+    }
+
+    /// The VM's block jobs.
+    pub(super) fn jobs(&self) -> std::sync::MutexGuard<'_, Vec<devices::mirror::Mirror>> {
+        self.set.lock_jobs()
     }
 }

@@ -22,6 +22,8 @@ pub(super) struct DiskSet {
     disks: Mutex<Vec<DiskEntry>>,
     dedicated: Mutex<BTreeMap<String, Arc<IoThread>>>,
     ejected: Mutex<Vec<String>>,
+    /// Block jobs, running and finished (see [`super::jobs`]).
+    jobs: Mutex<Vec<devices::mirror::Mirror>>,
     /// Written when the guest ejects a disk (see [`super::Vm::set_notifier`]).
     notify: Mutex<Option<Arc<EventFd>>>,
 }
@@ -34,6 +36,7 @@ impl DiskSet {
             disks: Mutex::new(Vec::new()),
             dedicated: Mutex::new(BTreeMap::new()),
             ejected: Mutex::new(Vec::new()),
+            jobs: Mutex::new(Vec::new()),
             notify: Mutex::new(None),
         }
     }
@@ -44,6 +47,17 @@ impl DiskSet {
 
     pub(super) fn lock_dedicated(&self) -> MutexGuard<'_, BTreeMap<String, Arc<IoThread>>> {
         lock(&self.dedicated)
+    }
+
+    pub(super) fn lock_jobs(&self) -> MutexGuard<'_, Vec<devices::mirror::Mirror>> {
+        lock(&self.jobs)
+    }
+
+    /// Cancels at once the running job of disk `blk` (it is going away).
+    pub(super) fn abandon_jobs(&self, blk: &Arc<devices::virtio_blk::device::BlkDevice>) {
+        for job in self.lock_jobs().iter_mut().filter(|j| j.disk() == blk.id()) {
+            job.abandon(blk);
+        }
     }
 
     pub(super) fn lock_ejected(&self) -> MutexGuard<'_, Vec<String>> {
@@ -90,6 +104,7 @@ impl DiskSet {
         let path = entry.blk.config().path;
         self.pci.remove_device(slot);
         lock(&entry.pci).detach();
+        self.abandon_jobs(&entry.blk);
         let drained = entry.drain();
         if let Some(t) = &entry.dedicated {
             self.stop_dedicated(t);

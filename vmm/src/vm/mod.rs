@@ -12,6 +12,7 @@
 pub mod device_manager;
 pub mod exit;
 mod hotplug;
+pub mod jobs;
 pub mod pci_host;
 pub mod reset_guard;
 

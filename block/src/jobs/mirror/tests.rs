@@ -74,7 +74,7 @@ fn setup(mode: CopyMode, speed: u64, kind: AioKind) -> Setup {
         mode == CopyMode::WriteBlocking,
     ));
     let mut guest = DiskQueue::new(source.clone(), &engine(kind), Arc::default()).unwrap();
-    guest.attach_mirror(Some(link.clone())).unwrap();
+    guest.attach_mirror(Some(link.clone()), None).unwrap();
     let status = JobStatus::new(JobInfo {
         id: "m0".into(),
         kind: "mirror".into(),

@@ -6,8 +6,8 @@ use std::io;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use block::Disk;
 use block::jobs::MirrorLink;
+use block::{Disk, IoEngine};
 
 use super::{PassWork, QueueHost, QueueWorker};
 
@@ -40,26 +40,46 @@ impl<Q: QueueHost> QueueWorker<Q> {
         }
     }
 
-    /// Attaches a mirror job's link to the disk (`None` detaches; writes to the old
-    /// target in flight are waited for first).
-    pub fn attach_mirror(&mut self, link: Option<Arc<MirrorLink>>) -> Result<(), String> {
+    /// The completion eventfd of the worker's disk queue (engines made for the queue
+    /// elsewhere signal it).
+    pub fn notifier(&self) -> &vmm_sys_util::eventfd::EventFd {
+        self.disk.notifier()
+    }
+
+    /// Attaches a mirror job's link to the disk, write-blocking through `engine` when
+    /// given (`None` detaches; writes to the old target in flight are waited for first).
+    pub fn attach_mirror(
+        &mut self,
+        link: Option<Arc<MirrorLink>>,
+        engine: Option<Box<dyn IoEngine>>,
+    ) -> Result<(), String> {
         if link.is_none() && self.disk.has_mirror() {
             self.quiesce(super::DRAIN_TIMEOUT)
                 .map_err(|e| format!("queue {}: {e}", self.index))?;
         }
+        if link.as_ref().is_some_and(|l| l.write_blocking()) && engine.is_none() {
+            return Err(format!(
+                "queue {}: no engine made for the mirror target",
+                self.index
+            ));
+        }
         self.disk
-            .attach_mirror(link)
+            .attach_mirror(link, engine)
             .map_err(|e| format!("queue {}: {e}", self.index))
     }
 
-    /// Sends every later request to `disk` (a new engine with the same settings); the
-    /// worker must be paused, its mirror detached.
-    pub fn switch_disk(&mut self, disk: Arc<Disk>) -> Result<(), String> {
+    /// Sends every later request to `disk` through `engine` (made on this queue's
+    /// notifier); the worker must be paused, its mirror detached.
+    pub fn switch_disk(
+        &mut self,
+        disk: Arc<Disk>,
+        engine: Box<dyn IoEngine>,
+    ) -> Result<(), String> {
         if !self.paused {
             return Err(format!("queue {}: not paused", self.index));
         }
         self.disk
-            .switch_disk(disk)
+            .switch_disk(disk, engine)
             .map_err(|e| format!("queue {}: {e}", self.index))
     }
 

@@ -1,0 +1,163 @@
+//! Block jobs of VMs in their own processes: vmmd prepares a local mirror target (it
+//! creates a missing one with the disk's size, as the sandboxed process may not) and
+//! hands its descriptor over, then routes the call; a pivot changes vmmd's config once
+//! the process took it. A VM without a running process has no jobs.
+
+use std::io::{Seek, SeekFrom};
+use std::path::Path;
+
+use block::jobs::JobInfo;
+use block::jobs::target::{Prepared, prepare_local_target};
+use devices::config::DiskConfig;
+use devices::mirror::MirrorConfig;
+
+use super::{Managed, ProcessBackend};
+use crate::backend::{ApiError, JobCancel, JobRef, JobSpeed};
+
+/// The size of the image at `path` (a regular file or a block device).
+fn image_size(path: &Path) -> std::io::Result<u64> {
+    std::fs::File::open(path)?.seek(SeekFrom::End(0))
+}
+
+fn body<T: serde::Serialize>(value: &T) -> Result<Vec<u8>, ApiError> {
+    serde_json::to_vec(value).map_err(|e| ApiError::internal(e.to_string()))
+}
+
+impl ProcessBackend {
+    /// Creates (when missing) and hands over the local target of `config` for `disk`;
+    /// returns whether it created the file.
+    fn prepare_target(
+        &self,
+        m: &Managed,
+        disk: &DiskConfig,
+        config: &MirrorConfig,
+    ) -> Result<bool, ApiError> {
+        let Some(target) = devices::mirror::local_target(config) else {
+            return Ok(false);
+        };
+        let invalid = |msg: String| ApiError::bad_request("invalid mirror").with_details(vec![msg]);
+        let mut created = false;
+        if !target.exists() {
+            let Some(source) = disk.host_path() else {
+                return Err(invalid(format!(
+                    "target {} does not exist, and the size of disk {} (not a local image) is unknown to the service: create the target first",
+                    target.display(),
+                    disk.id
+                )));
+            };
+            let size = image_size(source)
+                .map_err(|e| invalid(format!("disk {}: {}: {e}", disk.id, source.display())))?;
+            created = prepare_local_target(target, Some(source), size)
+                .map_err(|e| invalid(e.to_string()))?
+                == Prepared::Created;
+        }
+        let mut as_disk = disk.clone();
+        as_disk.path = target.to_path_buf();
+        as_disk.readonly = false;
+        if let Err(e) = self.hand_over_image(m, &as_disk) {
+            if created {
+                let _ = std::fs::remove_file(target);
+            }
+            return Err(e);
+        }
+        Ok(created)
+    }
+
+    pub(super) fn mirror_disk(&self, id: &str, config: MirrorConfig) -> Result<JobInfo, ApiError> {
+        self.route(
+            id,
+            |m, live| {
+                let disk = m
+                    .status()
+                    .config
+                    .disks
+                    .iter()
+                    .find(|d| d.id == config.disk)
+                    .cloned()
+                    .ok_or_else(|| {
+                        ApiError::not_found(format!("VM {id} has no disk {:?}", config.disk))
+                    })?;
+                config
+                    .validate()
+                    .map_err(|e| ApiError::bad_request("invalid mirror").with_details(e))?;
+                let created = if self.shared.opts.fake {
+                    false
+                } else {
+                    self.prepare_target(m, &disk, &config)?
+                };
+                match self.forward(
+                    m,
+                    live,
+                    "PUT",
+                    "/api/v1/vm.disk-mirror",
+                    Some(body(&config)?),
+                ) {
+                    Ok(reply) => serde_json::from_slice(&reply.body)
+                        .map_err(|e| ApiError::internal(format!("VM {id}: unreadable job: {e}"))),
+                    Err(e) => {
+                        if created {
+                            let _ = std::fs::remove_file(&config.target.path);
+                        }
+                        Err(e)
+                    }
+                }
+            },
+            |m| Err(m.not_running("mirror a disk of")),
+        )
+    }
+
+    pub(super) fn list_jobs(&self, id: &str) -> Result<Vec<JobInfo>, ApiError> {
+        self.route(
+            id,
+            |m, live| {
+                let reply = self.forward(m, live, "GET", "/api/v1/vm.jobs", None)?;
+                serde_json::from_slice(&reply.body)
+                    .map_err(|e| ApiError::internal(format!("VM {id}: unreadable jobs: {e}")))
+            },
+            |_| Ok(Vec::new()),
+        )
+    }
+
+    pub(super) fn complete_job(&self, id: &str, job: &JobRef) -> Result<(), ApiError> {
+        let info = self
+            .list_jobs(id)?
+            .into_iter()
+            .find(|j| j.id == job.job_id)
+            .ok_or_else(|| ApiError::not_found(format!("VM {id} has no job {}", job.job_id)))?;
+        self.route(
+            id,
+            |m, live| {
+                self.change(m, live, "/api/v1/vm.job-complete", body(job)?, |c| {
+                    // The disk uses the target from now on (a reboot keeps it).
+                    if let Some(d) = c.disks.iter_mut().find(|d| d.id == info.disk) {
+                        d.path = info.target.clone().into();
+                    }
+                    Ok(())
+                })
+            },
+            |m| Err(m.not_running("complete a job of")),
+        )
+    }
+
+    pub(super) fn cancel_job(&self, id: &str, job: &JobCancel) -> Result<(), ApiError> {
+        self.route(
+            id,
+            |m, live| {
+                self.forward(m, live, "PUT", "/api/v1/vm.job-cancel", Some(body(job)?))
+                    .map(drop)
+            },
+            |m| Err(m.not_running("cancel a job of")),
+        )
+    }
+
+    pub(super) fn set_job_speed(&self, id: &str, job: &JobSpeed) -> Result<(), ApiError> {
+        self.route(
+            id,
+            |m, live| {
+                self.forward(m, live, "PUT", "/api/v1/vm.job-set-speed", Some(body(job)?))
+                    .map(drop)
+            },
+            |m| Err(m.not_running("change a job of")),
+        )
+    }
+}

@@ -1,0 +1,391 @@
+//! Live disk mirror under `vmmd`, in a sandboxed VM process: the test guest writes a
+//! pattern with a per-pass generation number to random blocks of a throttled disk on an
+//! iothread while the disk is mirrored (to a local file, or to `qemu-nbd`), reaches
+//! ready, takes more writes, and pivots (or is cancelled). The guest then verifies every
+//! block it ever wrote, and the image the disk ends on holds exactly the guest's writes
+//! (its digest recomputed from the bytes). Bad requests get 400/404/409.
+//!
+//! Skips, saying why, when `/dev/kvm` (or, for the NBD case, `qemu-nbd`) is missing.
+
+#![allow(clippy::cast_possible_truncation)] // Test data and offsets, not guest input.
+
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+mod support;
+
+use serde_json::{Value, json};
+use support::{Events, Service, expect};
+use tests::nbd_server::{Listen, NbdServer, have};
+
+const SEED: u64 = 1;
+const SPAN_MIB: u64 = 16;
+const MIB: usize = 1 << 20;
+
+/// A test-guest VM `id` whose disk d0 (`path`, throttled, on iothread io0) takes
+/// `gens` passes of 32 random writes.
+fn vm(s: &Service, id: &str, path: &Path, gens: u64, iops: u64) -> Value {
+    let elf = support::guest();
+    let tsc = support::tsc_khz();
+    json!({
+        "id": id,
+        "memory": {"size_mib": 64},
+        "payload": {"kernel": elf, "cmdline": format!(
+            "exit=acpi pci=auto tsc_khz={tsc} ms=50 blocks=1 seed={SEED} gens={gens} gen_writes=32 gen_span_mib={SPAN_MIB}")},
+        "serial": {"mode": "file", "path": s.path(&format!("{id}.serial"))},
+        "iothreads": [{"id": "io0"}],
+        "disks": [{"id": "d0", "path": path, "iothread": "io0", "cache": "none",
+                   "throttle": {"iops_total": iops}}]
+    })
+}
+
+fn seccomp_args() -> Vec<&'static str> {
+    match std::env::var("MIRROR_TEST_SECCOMP").as_deref() {
+        Ok("false") => vec!["--seccomp", "false"],
+        _ => vec![],
+    }
+}
+
+fn console(s: &Service, id: &str) -> String {
+    std::fs::read_to_string(s.path(&format!("{id}.serial"))).unwrap_or_default()
+}
+
+fn value(console: &str, key: &str) -> String {
+    console
+        .lines()
+        .filter_map(|l| l.strip_prefix(&format!("{key}=")))
+        .next_back()
+        .unwrap_or("")
+        .to_string()
+}
+
+/// The guest's last finished generation.
+fn generation(s: &Service, id: &str) -> u64 {
+    value(&console(s, id), "disk0.gen").parse().unwrap_or(0)
+}
+
+fn wait_generation(s: &Service, id: &str, at_least: u64) {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while generation(s, id) < at_least {
+        assert!(
+            Instant::now() < deadline,
+            "the guest did not reach generation {at_least}:\n{}",
+            console(s, id)
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
+fn job(s: &Service, id: &str, job: &str) -> Value {
+    let jobs = s.ok("GET", &format!("vm.jobs?id={id}"), None).json();
+    jobs.as_array()
+        .and_then(|a| a.iter().find(|j| j["id"] == job).cloned())
+        .unwrap_or_else(|| panic!("no job {job} in {jobs}"))
+}
+
+fn wait_state(s: &Service, id: &str, name: &str, state: &str, limit: Duration) -> Value {
+    let deadline = Instant::now() + limit;
+    loop {
+        let j = job(s, id, name);
+        if j["state"] == state {
+            return j;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "job {name} not {state} in time: {j}"
+        );
+        assert!(
+            j["state"] != "failed",
+            "job failed: {j}\n{}",
+            console(s, id)
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// Waits for the guest to power off, then checks its own verdicts and that `image`
+/// holds exactly what it wrote (`source` as it was where it did not write).
+fn check_guest_and_image(s: &Service, events: &Events, id: &str, image: &Path) {
+    events.wait_for(id, "guest-poweroff", Duration::from_secs(120));
+    let out = console(s, id);
+    assert_eq!(value(&out, "disk0.gens_verify"), "ok", "{out}");
+    assert_eq!(value(&out, "disk0.verify"), "ok", "{out}");
+    let gens = value(&out, "disk0.gen").parse().unwrap_or(0);
+    let data = std::fs::read(image).unwrap_or_else(|e| panic!("{}: {e}", image.display()));
+    let untouched = |b: u64| -> Vec<u8> {
+        let off = ((b + 1) * 4096) as usize;
+        (off..off + 4096).map(|i| (i % 251) as u8).collect()
+    };
+    let (blocks, digest) =
+        tests::test_guest::gens_digest(&data, SEED, SPAN_MIB * 256, gens, &untouched)
+            .unwrap_or_else(|e| panic!("{}: {e}", image.display()));
+    assert_eq!(
+        blocks.to_string(),
+        value(&out, "disk0.gens_blocks"),
+        "{out}"
+    );
+    assert_eq!(digest, value(&out, "disk0.gens_digest"), "{out}");
+    // The pattern check's block 0.
+    for w in 0..512 {
+        let word = u64::from_le_bytes(data[w * 8..w * 8 + 8].try_into().unwrap_or_default());
+        assert_eq!(word, tests::test_guest::pattern_word(SEED, 0, w as u64));
+    }
+}
+
+/// Whether process `pid` has `path` open.
+fn holds(pid: u32, path: &Path) -> bool {
+    std::fs::read_dir(format!("/proc/{pid}/fd"))
+        .map(|d| {
+            d.flatten()
+                .any(|e| std::fs::read_link(e.path()).is_ok_and(|p| p == path))
+        })
+        .unwrap_or(false)
+}
+
+fn disk_path(s: &Service, id: &str) -> PathBuf {
+    let info = s.ok("GET", &format!("vm.info?id={id}"), None).json();
+    PathBuf::from(info["config"]["disks"][0]["path"].as_str().unwrap_or(""))
+}
+
+#[test]
+fn mirror_to_a_local_file_pivots_under_guest_writes() {
+    let test = "mirror_to_a_local_file_pivots_under_guest_writes";
+    if !tests::skip::kvm_or_skip(test) {
+        return;
+    }
+    let s = Service::start(&seccomp_args());
+    let events = Events::follow(&s.socket);
+    let source = s.image("src.raw", 32);
+    let target = s.path("dst.raw");
+    s.ok("PUT", "vm.create", Some(&vm(&s, "m", &source, 120, 3000)));
+    s.ok("PUT", "vm.boot?id=m", None);
+    let _strace = std::env::var("MIRROR_STRACE").ok().map(|out| {
+        let pid = s.vm_pid("m").unwrap_or(0);
+        let mut c = std::process::Command::new("strace");
+        c.args(["-f", "-o", &out]);
+        for t in std::fs::read_dir(format!("/proc/{pid}/task"))
+            .unwrap()
+            .flatten()
+        {
+            c.arg("-p").arg(t.file_name());
+        }
+        let child = c.spawn().unwrap();
+        std::thread::sleep(Duration::from_millis(500));
+        child
+    });
+    wait_generation(&s, "m", 3);
+    let started = s.put(
+        "vm.disk-mirror?id=m",
+        &json!({"job_id": "j", "disk": "d0", "target": {"path": target}}),
+    );
+    expect(&started, 200, &["\"j\"", "mirror"]);
+    // One job per disk.
+    let again = s.put(
+        "vm.disk-mirror?id=m",
+        &json!({"job_id": "k", "disk": "d0", "target": {"path": s.path("other.raw")}}),
+    );
+    expect(&again, 409, &["running job"]);
+    // Live changes during the job: throttle limits and the iothread's settings.
+    s.ok(
+        "PUT",
+        "vm.update-disk?id=m",
+        Some(&json!({"id": "d0", "throttle": {"iops_total": 2500}})),
+    );
+    s.ok(
+        "PUT",
+        "vm.update-iothread?id=m",
+        Some(&json!({"id": "io0", "poll_max_ns": 0, "cpu_affinity": [0]})),
+    );
+    let ready = wait_state(&s, "m", "j", "ready", Duration::from_secs(60));
+    assert!(ready["bytes_done"].as_u64() >= Some(32 << 20), "{ready}");
+    events.wait_for("m", "job-ready", Duration::from_secs(5));
+    // More guest writes, mirrored in ready.
+    let at = generation(&s, "m");
+    wait_generation(&s, "m", at + 5);
+    s.ok("PUT", "vm.job-complete?id=m", Some(&json!({"job_id": "j"})));
+    events.wait_for("m", "job-completed", Duration::from_secs(5));
+    assert_eq!(job(&s, "m", "j")["state"], "completed");
+    assert_eq!(disk_path(&s, "m"), target, "vm.info shows the new path");
+    let c = s.counters("m");
+    assert!(c["disks"]["d0"]["write"]["ops"].as_u64() > Some(0), "{c}");
+    // The old image is closed and its lock released; the new one is in use.
+    let pid = s.vm_pid("m").unwrap_or(0);
+    assert!(
+        !holds(pid, &source),
+        "the VM process still has the old image open"
+    );
+    assert!(holds(pid, &target));
+    let relock = block::Disk::open(&block::DiskOptions {
+        cache: block::CacheMode::Writeback,
+        ..block::DiskOptions::new(&source)
+    });
+    assert!(
+        relock.is_ok(),
+        "the old image is still locked: {:?}",
+        relock.err()
+    );
+    drop(relock);
+    // Completing again: the job is over.
+    let r = s.put("vm.job-complete?id=m", &json!({"job_id": "j"}));
+    expect(&r, 409, &["completed"]);
+    check_guest_and_image(&s, &events, "m", &target);
+    s.ok("PUT", "vm.delete?id=m", None);
+}
+
+#[test]
+fn write_blocking_mirror_to_qemu_nbd_pivots_under_guest_writes() {
+    let test = "write_blocking_mirror_to_qemu_nbd_pivots_under_guest_writes";
+    if !tests::skip::kvm_or_skip(test) || !have("qemu-nbd", test, "qemu-utils") {
+        return;
+    }
+    let s = Service::start(&[]);
+    let events = Events::follow(&s.socket);
+    let source = s.image("src.raw", 32);
+    // The NBD target starts with the source's bytes' shape: a copy the job overwrites.
+    let behind = s.path("behind.raw");
+    std::fs::File::create(&behind)
+        .and_then(|f| f.set_len(32 * MIB as u64))
+        .unwrap_or_else(|e| panic!("{e}"));
+    let server = NbdServer::qemu_nbd(&behind, "t", Listen::Unix(s.path("t.sock")));
+    s.ok("PUT", "vm.create", Some(&vm(&s, "w", &source, 120, 3000)));
+    s.ok("PUT", "vm.boot?id=w", None);
+    wait_generation(&s, "w", 3);
+    let started = s.put(
+        "vm.disk-mirror?id=w",
+        &json!({"job_id": "j", "disk": "d0", "target": {"path": server.uri()},
+                "copy_mode": "write-blocking", "granularity": 1048576}),
+    );
+    expect(&started, 200, &["write-blocking"]);
+    wait_state(&s, "w", "j", "ready", Duration::from_secs(60));
+    let at = generation(&s, "w");
+    wait_generation(&s, "w", at + 5);
+    // In write-blocking mode guest writes reach the target as they complete: nothing
+    // waits to be copied once the copier is idle.
+    let j = job(&s, "w", "j");
+    assert!(j["dirty_bytes"].as_u64() <= Some(4 << 20), "{j}");
+    s.ok("PUT", "vm.job-complete?id=w", Some(&json!({"job_id": "j"})));
+    assert_eq!(disk_path(&s, "w"), PathBuf::from(server.uri()));
+    let c = s.counters("w");
+    assert_eq!(c["disks"]["d0"]["nbd"]["state"], "connected", "{c}");
+    let pid = s.vm_pid("w").unwrap_or(0);
+    assert!(!holds(pid, &source), "the old image is closed");
+    check_guest_and_image(&s, &events, "w", &behind);
+    s.ok("PUT", "vm.delete?id=w", None);
+}
+
+#[test]
+fn cancel_in_ready_leaves_a_point_in_time_copy_and_bad_requests_are_refused() {
+    let test = "cancel_in_ready_leaves_a_point_in_time_copy_and_bad_requests_are_refused";
+    if !tests::skip::kvm_or_skip(test) {
+        return;
+    }
+    let s = Service::start(&[]);
+    let events = Events::follow(&s.socket);
+    let source = s.image("src.raw", 32);
+    let target = s.path("dst.raw");
+    s.ok("PUT", "vm.create", Some(&vm(&s, "c", &source, 150, 3000)));
+
+    // Bad requests, before and after boot.
+    let body = |extra: Value| {
+        let mut b = json!({"job_id": "j", "disk": "d0", "target": {"path": target}});
+        if let (Some(b), Some(e)) = (b.as_object_mut(), extra.as_object()) {
+            b.extend(e.clone());
+        }
+        b
+    };
+    s.ok("PUT", "vm.boot?id=c", None);
+    expect(
+        &s.put("vm.disk-mirror?id=c", &body(json!({"disk": "nope"}))),
+        404,
+        &["nope"],
+    );
+    expect(
+        &s.put("vm.disk-mirror?id=nope", &body(json!({}))),
+        404,
+        &["nope"],
+    );
+    expect(
+        &s.put("vm.disk-mirror?id=c", &body(json!({"granularity": 1000}))),
+        400,
+        &["granularity"],
+    );
+    expect(
+        &s.put("vm.disk-mirror?id=c", &body(json!({"sync": "top"}))),
+        400,
+        &["qcow2"],
+    );
+    expect(
+        &s.put("vm.disk-mirror?id=c", &body(json!({"bogus": 1}))),
+        400,
+        &["bogus"],
+    );
+    expect(
+        &s.put(
+            "vm.disk-mirror?id=c",
+            &body(json!({"target": {"path": source}})),
+        ),
+        409,
+        &["image of disk d0"],
+    );
+    let small = s.path("small.raw");
+    std::fs::File::create(&small)
+        .and_then(|f| f.set_len(1 << 20))
+        .unwrap_or_else(|e| panic!("{e}"));
+    expect(
+        &s.put(
+            "vm.disk-mirror?id=c",
+            &body(json!({"target": {"path": small}})),
+        ),
+        400,
+        &["less than"],
+    );
+    expect(
+        &s.put("vm.job-complete?id=c", &json!({"job_id": "nope"})),
+        404,
+        &["nope"],
+    );
+
+    // A slow job cannot complete before ready; its speed changes live.
+    wait_generation(&s, "c", 2);
+    s.ok(
+        "PUT",
+        "vm.disk-mirror?id=c",
+        Some(&body(json!({"speed": 1048576}))),
+    );
+    let r = s.put("vm.job-complete?id=c", &json!({"job_id": "j"}));
+    expect(&r, 409, &["ready"]);
+    s.ok(
+        "PUT",
+        "vm.job-set-speed?id=c",
+        Some(&json!({"job_id": "j", "speed": 0})),
+    );
+    assert_eq!(job(&s, "c", "j")["speed"], 0);
+    wait_state(&s, "c", "j", "ready", Duration::from_secs(60));
+
+    // Cancel in ready with the guest paused: the target is the disk at that moment.
+    s.ok("PUT", "vm.pause?id=c", None);
+    s.ok("PUT", "vm.job-cancel?id=c", Some(&json!({"job_id": "j"})));
+    events.wait_for("c", "job-cancelled", Duration::from_secs(5));
+    let (a, b) = (
+        std::fs::read(&source).unwrap_or_default(),
+        std::fs::read(&target).unwrap_or_default(),
+    );
+    assert!(a == b, "the target differs from the disk at cancel time");
+    assert_eq!(disk_path(&s, "c"), source, "the disk stays on its image");
+    let pid = s.vm_pid("c").unwrap_or(0);
+    assert!(!holds(pid, &target), "the target is closed");
+    expect(
+        &s.put("vm.job-cancel?id=c", &json!({"job_id": "j"})),
+        409,
+        &["cancelled"],
+    );
+    s.ok("PUT", "vm.resume?id=c", None);
+    check_guest_and_image(&s, &events, "c", &source);
+    // A shut-down VM has no process to run a job.
+    expect(
+        &s.put("vm.disk-mirror?id=c", &body(json!({}))),
+        409,
+        &["mirror a disk of VM c"],
+    );
+    s.ok("PUT", "vm.delete?id=c", None);
+}

@@ -106,6 +106,54 @@ impl Event {
     }
 }
 
+/// What was last told of each block job: its state, bytes done and dirty bytes.
+pub type JobsSeen = std::collections::BTreeMap<String, (block::jobs::JobState, u64, u64)>;
+
+/// The events `jobs` (of VM `vm`, empty for a vhost-user backend) call for since
+/// `seen`, which they update: a job's start and every state change at once, progress
+/// when its bytes moved.
+pub fn job_events(vm: &str, jobs: &[block::jobs::JobInfo], seen: &mut JobsSeen) -> Vec<Event> {
+    use block::jobs::JobState;
+    let mut out = Vec::new();
+    for job in jobs {
+        let before = seen.get(&job.id).copied();
+        let now = (job.state, job.bytes_done, job.dirty_bytes);
+        if before == Some(now) {
+            continue;
+        }
+        seen.insert(job.id.clone(), now);
+        let event = |kind| {
+            let mut e = Event::now(vm, kind)
+                .with("job", job.id.clone())
+                .with("disk", job.disk.clone())
+                .with("state", job.state.as_str())
+                .with("bytes_done", job.bytes_done)
+                .with("bytes_total", job.bytes_total)
+                .with("dirty_bytes", job.dirty_bytes)
+                .with("rate", job.rate);
+            if let Some(err) = &job.error {
+                e = e.with("error", err.clone());
+            }
+            e
+        };
+        if before.is_none() {
+            // A job seen for the first time started, whatever state it reached since.
+            out.push(event(EventKind::JobStarted));
+        }
+        let kind = match job.state {
+            JobState::Created | JobState::Running if before.is_none() => continue,
+            _ if before.is_some_and(|s| s.0 == job.state) => EventKind::JobProgress,
+            JobState::Created | JobState::Running => EventKind::JobProgress,
+            JobState::Ready => EventKind::JobReady,
+            JobState::Completed => EventKind::JobCompleted,
+            JobState::Cancelled => EventKind::JobCancelled,
+            JobState::Failed => EventKind::JobFailed,
+        };
+        out.push(event(kind));
+    }
+    out
+}
+
 /// Where a process's events go; every subscriber gets each event sent after it
 /// subscribed. A bus made by [`EventBus::keeping_early`] keeps the events sent before
 /// anyone subscribed (up to [`EARLY_MAX`]) for the first subscriber: a VM process's

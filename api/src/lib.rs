@@ -8,6 +8,7 @@
 pub mod backend;
 pub mod client;
 pub mod daemon;
+pub mod disk_api;
 pub mod events;
 pub mod fake;
 pub mod handover;

@@ -451,9 +451,13 @@ async fn prometheus(State(state): State<AppState>) -> Result<Response, ApiError>
         line (`{\"time\", \"vm\", \"event\", ...}`)", body = Event,
         content_type = "application/x-ndjson")))]
 async fn events(State(state): State<AppState>) -> Response {
+    event_stream(&state.events, state.shutdown.subscribe())
+}
+
+/// `bus`'s events as an ndjson response that ends when `stop` turns true.
+pub(crate) fn event_stream(bus: &EventBus, stop: watch::Receiver<bool>) -> Response {
     use futures_util::StreamExt;
-    let (early, rx) = state.events.subscribe();
-    let stop = state.shutdown.subscribe();
+    let (early, rx) = bus.subscribe();
     let early = futures_util::stream::iter(
         early
             .iter()
@@ -501,11 +505,11 @@ async fn events(State(state): State<AppState>) -> Response {
         .into_response()
 }
 
-async fn not_found(req: Request) -> ApiError {
+pub(crate) async fn not_found(req: Request) -> ApiError {
     ApiError::not_found(format!("no endpoint {} {}", req.method(), req.uri().path()))
 }
 
-async fn method_not_allowed(req: Request) -> ApiError {
+pub(crate) async fn method_not_allowed(req: Request) -> ApiError {
     ApiError::new(
         ErrorKind::MethodNotAllowed,
         format!("{} is not allowed on {}", req.method(), req.uri().path()),

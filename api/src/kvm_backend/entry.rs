@@ -30,7 +30,7 @@ pub(super) struct Entry {
     /// Guest resets turned into reboots, counted within a window.
     pub(super) resets: ResetGuard,
     /// What the control loop last told of each block job.
-    pub(super) jobs_seen: super::jobs::JobsSeen,
+    pub(super) jobs_seen: crate::events::JobsSeen,
     /// Built once (until then, calls over every VM leave it out).
     pub(super) built: bool,
     /// Taken out of the service (deleted, or its creation failed): calls that were

@@ -2,18 +2,12 @@
 //! job events its control loop sends (state changes at once, progress at most once a
 //! second while a job copies).
 
-use std::collections::BTreeMap;
-
 use block::jobs::{JobInfo, JobState};
 use devices::mirror::MirrorConfig;
 
 use super::KvmBackend;
 use super::entry::Entry;
 use crate::backend::{ApiError, JobCancel, JobRef, JobSpeed, job_error};
-use crate::events::{Event, EventKind};
-
-/// What the control loop last told of each job: its state and bytes done.
-pub(super) type JobsSeen = BTreeMap<String, (JobState, u64, u64)>;
 
 fn running_vm<'a>(id: &str, e: &'a mut Entry) -> Result<&'a mut vmm::vm::Vm, ApiError> {
     match e.vm.as_mut() {
@@ -94,47 +88,19 @@ impl Entry {
     pub(super) fn job_events(&mut self) {
         let id = self.config.id.clone();
         let Some(vm) = self.vm.as_ref() else { return };
-        for job in vm.reap_jobs() {
-            let seen = self.jobs_seen.get(&job.id).copied();
-            let now = (job.state, job.bytes_done, job.dirty_bytes);
-            if seen == Some(now) {
-                continue;
-            }
-            let kind = match job.state {
-                _ if seen.is_some_and(|s| s.0 == job.state) => EventKind::JobProgress,
-                JobState::Created | JobState::Running if seen.is_none() => EventKind::JobStarted,
-                JobState::Created | JobState::Running => EventKind::JobProgress,
-                JobState::Ready => EventKind::JobReady,
-                JobState::Completed => EventKind::JobCompleted,
-                JobState::Cancelled => EventKind::JobCancelled,
-                JobState::Failed => EventKind::JobFailed,
-            };
-            self.jobs_seen.insert(job.id.clone(), now);
+        let jobs = vm.reap_jobs();
+        for job in jobs.iter().filter(|j| {
+            j.state.is_final()
+                && j.state != JobState::Completed
+                && self.jobs_seen.get(&j.id).is_none_or(|s| s.0 != j.state)
+        }) {
             let target = std::path::Path::new(&job.target);
-            if job.state.is_final()
-                && job.state != JobState::Completed
-                && !self.config.disks.iter().any(|d| d.path == target)
-            {
+            if !self.config.disks.iter().any(|d| d.path == target) {
                 // A target handed over to this process goes, and with it its lock.
                 block::host_file::forget_handed(target);
             }
-            self.outbox.push(job_event(&id, kind, &job));
         }
+        let events = crate::events::job_events(&id, &jobs, &mut self.jobs_seen);
+        self.outbox.extend(events);
     }
-}
-
-/// The event of `kind` about `job` of VM `vm`.
-fn job_event(vm: &str, kind: EventKind, job: &JobInfo) -> Event {
-    let mut e = Event::now(vm, kind)
-        .with("job", job.id.clone())
-        .with("disk", job.disk.clone())
-        .with("state", job.state.as_str())
-        .with("bytes_done", job.bytes_done)
-        .with("bytes_total", job.bytes_total)
-        .with("dirty_bytes", job.dirty_bytes)
-        .with("rate", job.rate);
-    if let Some(err) = &job.error {
-        e = e.with("error", err.clone());
-    }
-    e
 }

@@ -4,7 +4,8 @@
 //! ```text
 //! vhost-user-blk --socket /run/disk0.sock \
 //!     --disk path=/img.raw,cache=none,aio=io_uring,num_queues=2 \
-//!     --iothread id=io0,poll_max_ns=32768 --counters /run/disk0.json
+//!     --iothread id=io0,poll_max_ns=32768 --counters /run/disk0.json \
+//!     --api-socket /run/disk0.api
 //! ```
 
 use std::io::{IsTerminal, Write};
@@ -50,6 +51,11 @@ struct Args {
     /// Write the counters as JSON to this file every second and at exit.
     #[arg(long, value_name = "FILE")]
     counters: Option<PathBuf>,
+    /// Serve the disk-level API here (a Unix socket, created 0600): `disk.info`,
+    /// `disk.counters`, `disk.update`, `iothread.update`, `disk.mirror`, `jobs`,
+    /// `job-complete`, `job-cancel`, `job-set-speed`, `events` under `/api/v1/`.
+    #[arg(long, value_name = "PATH")]
+    api_socket: Option<PathBuf>,
     /// Exit after the first frontend disconnects.
     #[arg(long)]
     once: bool,
@@ -156,9 +162,20 @@ fn main() -> ExitCode {
         let _ = writeln!(std::io::stderr(), "vhost-user-blk: {e}");
         ExitCode::from(1)
     };
+    // The API socket first: its mode is set through the process-wide umask.
+    let api_listener = match args.api_socket.as_deref().map(api::disk_api::DiskApi::bind) {
+        Some(Err(e)) => return fail(format!("--api-socket: {e}")),
+        Some(Ok(l)) => Some(l),
+        None => None,
+    };
     let backend = match Backend::new(config) {
         Ok(b) => b,
         Err(e) => return fail(e),
+    };
+    let api = match api_listener.map(|l| api::disk_api::DiskApi::start(l, backend.clone())) {
+        Some(Err(e)) => return fail(format!("--api-socket: {e}")),
+        Some(Ok(a)) => Some(a),
+        None => None,
     };
     let mut listener = match bind(&args.socket) {
         Ok(l) => l,
@@ -187,6 +204,12 @@ fn main() -> ExitCode {
         })
     });
     let result = serve(&backend, &mut listener, &stop, args.once);
+    // A mirror still running ends (its target closed); then the API stops.
+    backend.abandon_jobs();
+    drop(api);
+    if let Some(path) = &args.api_socket {
+        let _ = std::fs::remove_file(path);
+    }
     done.store(true, Ordering::Relaxed);
     if let Some(w) = writer {
         let _ = w.join();

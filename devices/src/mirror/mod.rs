@@ -10,6 +10,7 @@
 //! completion eventfd), resume. The guest sees a pause of a few milliseconds, no error.
 
 pub mod config;
+pub mod list;
 pub mod source;
 
 use std::path::Path;
@@ -21,6 +22,7 @@ use block::{Disk, DiskOptions};
 use vmm_sys_util::eventfd::EventFd;
 
 pub use config::{MirrorConfig, MirrorTarget, TargetFormat};
+pub use list::JobList;
 
 use crate::iothread::source::{EngineSet, NotifierList};
 use crate::iothread::{IoThread, SourceOp};
@@ -78,6 +80,19 @@ pub fn open_target(blk: &BlkDevice, config: &MirrorConfig) -> Result<Arc<Disk>, 
     Ok(Arc::new(disk))
 }
 
+/// Whoever serves some of a disk's queues and can run a [`SourceOp`] on them between two
+/// passes: our [`IoThread`], or a vhost-user backend's thread.
+pub trait QueueVisitor: Send + Sync {
+    /// Does `op` on every queue of `device` served here; returns how many there were.
+    fn visit(&self, device: &str, op: SourceOp) -> Result<usize, String>;
+}
+
+impl QueueVisitor for IoThread {
+    fn visit(&self, device: &str, op: SourceOp) -> Result<usize, String> {
+        IoThread::visit(self, device, op)
+    }
+}
+
 /// One mirror job of a disk, as the control plane holds it.
 pub struct Mirror {
     config: MirrorConfig,
@@ -86,8 +101,8 @@ pub struct Mirror {
     link: Option<Arc<MirrorLink>>,
     /// The iothread running the job (the one of the disk's first queue).
     job_thread: Arc<IoThread>,
-    /// Every iothread serving a queue of the disk.
-    threads: Vec<Arc<IoThread>>,
+    /// Whoever serves the disk's queues.
+    threads: Vec<Arc<dyn QueueVisitor>>,
     /// The job's source was taken off its iothread and the disk let go of the link.
     ended: bool,
 }
@@ -103,13 +118,32 @@ impl Mirror {
         target: Arc<Disk>,
         notify: Option<Arc<EventFd>>,
     ) -> Result<Mirror, JobError> {
-        config
-            .validate()
-            .map_err(|e| JobError::Invalid(e.join("; ")))?;
         let job_thread = threads
             .first()
             .cloned()
             .ok_or_else(|| JobError::Conflict(format!("disk {} has no iothread", blk.id())))?;
+        let queues = threads
+            .into_iter()
+            .map(|t| t as Arc<dyn QueueVisitor>)
+            .collect();
+        Self::start_on(blk, queues, job_thread, config, target, notify)
+    }
+
+    /// As [`Mirror::start`], with the disk's queues served by `queues` and the job run by
+    /// `job_thread` (a vhost-user backend, whose queue threads live only while a frontend
+    /// is connected, gives the job a thread of its own).
+    pub fn start_on(
+        blk: &Arc<BlkDevice>,
+        queues: Vec<Arc<dyn QueueVisitor>>,
+        job_thread: Arc<IoThread>,
+        config: MirrorConfig,
+        target: Arc<Disk>,
+        notify: Option<Arc<EventFd>>,
+    ) -> Result<Mirror, JobError> {
+        config
+            .validate()
+            .map_err(|e| JobError::Invalid(e.join("; ")))?;
+        let threads = queues;
         if blk.config().readonly {
             // Nothing would ever be written; still a valid copy.
             tracing::info!(disk = blk.id(), "mirroring a read-only disk");

@@ -26,8 +26,11 @@ pub(super) type Handler = VringEpollHandler<Arc<Backend>>;
 pub struct Backend {
     pub(super) config: BackendConfig,
     /// The disk, its config space, throttle group and counters; it makes the workers.
-    pub(super) device: BlkDevice,
-    pub(super) threads: Vec<Thread>,
+    pub(super) device: Arc<BlkDevice>,
+    pub(super) threads: Vec<Arc<Thread>>,
+    /// Block jobs (live mirror) and the thread they run on (made at the first job).
+    pub(super) jobs: std::sync::Mutex<crate::mirror::JobList>,
+    pub(super) job_thread: std::sync::Mutex<Option<Arc<crate::iothread::IoThread>>>,
     /// Where each queue lives: (thread index, index within the thread).
     pub(super) placement: Vec<(usize, usize)>,
     acked_features: AtomicU64,
@@ -58,7 +61,7 @@ impl Backend {
         }
         let threads = plan
             .into_iter()
-            .map(Thread::new)
+            .map(|p| Thread::new(p).map(Arc::new))
             .collect::<io::Result<Vec<_>>>()
             .map_err(|e| format!("cannot create an iothread: {e}"))?;
         let disk = device.disk();
@@ -66,7 +69,9 @@ impl Backend {
             readonly = device.shared().limits.readonly, cache = %d.cache, aio = %d.aio,
             queues = d.num_queues, "disk ready");
         Ok(Arc::new(Backend {
-            device,
+            device: Arc::new(device),
+            jobs: std::sync::Mutex::default(),
+            job_thread: std::sync::Mutex::new(None),
             threads,
             placement,
             acked_features: AtomicU64::new(0),
@@ -82,7 +87,7 @@ impl Backend {
     }
 
     /// The device it serves (disk, config space, throttle, counters).
-    pub fn device(&self) -> &BlkDevice {
+    pub fn device(&self) -> &Arc<BlkDevice> {
         &self.device
     }
 
@@ -113,6 +118,11 @@ impl Backend {
             .ok_or_else(|| format!("no iothread {}", config.id))?;
         thread.update(config);
         Ok(())
+    }
+
+    /// The current settings of every iothread.
+    pub fn iothread_configs(&self) -> Vec<IoThreadConfig> {
+        self.threads.iter().map(|t| t.config()).collect()
     }
 
     /// The kernel id of the thread serving iothread `id` now (None: no frontend, or no
@@ -239,7 +249,7 @@ impl VhostUserBackend for Backend {
     }
 
     fn queues_per_thread(&self) -> Vec<u64> {
-        self.threads.iter().map(Thread::mask).collect()
+        self.threads.iter().map(|t| t.mask()).collect()
     }
 
     fn exit_event(&self, _thread_index: usize) -> Option<(EventConsumer, EventNotifier)> {

@@ -83,6 +83,24 @@ impl Thread {
         &self.id
     }
 
+    /// Runs a block job's `op` on this thread's queues of `device` (under the state
+    /// lock: between two of the library thread's passes).
+    pub(super) fn visit_queues(
+        &self,
+        device: &str,
+        op: &crate::iothread::SourceOp,
+    ) -> Result<usize, String> {
+        lock(&self.state).core.visit(device, op)
+    }
+
+    /// Makes the library's thread look at its queues again (through the control
+    /// eventfd).
+    pub(super) fn wake(&self) {
+        if let Err(e) = self.control.write(1) {
+            tracing::error!(iothread = %self.id, error = %e, "cannot wake the iothread");
+        }
+    }
+
     /// The queue bitmask for `queues_per_thread`.
     pub(super) fn mask(&self) -> u64 {
         self.queues.iter().fold(0u64, |m, &q| {
@@ -97,6 +115,11 @@ impl Thread {
         if let Err(e) = self.control.write(1) {
             tracing::error!(iothread = %self.id, error = %e, "cannot signal new settings");
         }
+    }
+
+    /// Its current settings.
+    pub(super) fn config(&self) -> IoThreadConfig {
+        lock(&self.config).clone()
     }
 
     /// The kernel id of the library thread serving this iothread now (in a session).

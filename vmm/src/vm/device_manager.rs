@@ -434,7 +434,7 @@ impl DeviceManager {
     }
 
     /// The VM's block jobs.
-    pub(super) fn jobs(&self) -> std::sync::MutexGuard<'_, Vec<devices::mirror::Mirror>> {
+    pub(super) fn jobs(&self) -> std::sync::MutexGuard<'_, devices::mirror::JobList> {
         self.set.lock_jobs()
     }
 }

@@ -23,7 +23,7 @@ pub(super) struct DiskSet {
     dedicated: Mutex<BTreeMap<String, Arc<IoThread>>>,
     ejected: Mutex<Vec<String>>,
     /// Block jobs, running and finished (see [`super::jobs`]).
-    jobs: Mutex<Vec<devices::mirror::Mirror>>,
+    jobs: Mutex<devices::mirror::JobList>,
     /// Written when the guest ejects a disk (see [`super::Vm::set_notifier`]).
     notify: Mutex<Option<Arc<EventFd>>>,
 }
@@ -36,7 +36,7 @@ impl DiskSet {
             disks: Mutex::new(Vec::new()),
             dedicated: Mutex::new(BTreeMap::new()),
             ejected: Mutex::new(Vec::new()),
-            jobs: Mutex::new(Vec::new()),
+            jobs: Mutex::new(devices::mirror::JobList::default()),
             notify: Mutex::new(None),
         }
     }
@@ -49,7 +49,7 @@ impl DiskSet {
         lock(&self.dedicated)
     }
 
-    pub(super) fn lock_jobs(&self) -> MutexGuard<'_, Vec<devices::mirror::Mirror>> {
+    pub(super) fn lock_jobs(&self) -> MutexGuard<'_, devices::mirror::JobList> {
         lock(&self.jobs)
     }
 

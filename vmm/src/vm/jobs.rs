@@ -1,14 +1,14 @@
-//! A VM's block jobs (live disk mirror, ARCHITECTURE.md section 4b): at most one running
-//! job per disk; finished jobs stay listed (the last [`KEEP_FINISHED`]) until a new job
-//! takes their id. The job itself runs on the disk's iothread ([`devices::mirror`]).
+//! A VM's block jobs (live disk mirror, ARCHITECTURE.md section 4b), kept in a
+//! [`devices::mirror::JobList`]; the job itself runs on the disk's iothread
+//! ([`devices::mirror`]).
+
+use std::sync::Arc;
 
 use block::jobs::JobInfo;
 use devices::mirror::{JobError, Mirror, MirrorConfig, open_target};
+use devices::virtio_blk::device::BlkDevice;
 
 use super::{Vm, VmState};
-
-/// Finished jobs kept for `vm.jobs`.
-pub const KEEP_FINISHED: usize = 16;
 
 impl Vm {
     /// Starts mirroring a disk per `config`: the target is opened (a local one created
@@ -23,24 +23,11 @@ impl Vm {
                 self.config.id
             )));
         }
-        let id = config.job_id();
         let (blk, threads) = self.devices.disk_threads(&config.disk).ok_or_else(|| {
             JobError::NotFound(format!("VM {} has no disk {}", self.config.id, config.disk))
         })?;
         let mut jobs = self.devices.jobs();
-        if let Some(j) = jobs
-            .iter()
-            .find(|j| !j.is_over() && j.disk() == config.disk)
-        {
-            return Err(JobError::Conflict(format!(
-                "disk {} has a running job already ({})",
-                config.disk,
-                j.id()
-            )));
-        }
-        if jobs.iter().any(|j| !j.is_over() && j.id() == id) {
-            return Err(JobError::Conflict(format!("job {id} exists and runs")));
-        }
+        jobs.check_new(&config)?;
         if let Some(path) = devices::mirror::local_target(&config)
             && let Some(d) = self.config.disks.iter().find(|d| d.path == path)
         {
@@ -53,21 +40,13 @@ impl Vm {
         let target = open_target(&blk, &config)?;
         let mirror = Mirror::start(&blk, threads, config, target, self.notify.clone())?;
         let info = mirror.info();
-        jobs.retain(|j| j.id() != id);
-        jobs.push(mirror);
-        let finished = jobs.iter().filter(|j| j.is_over()).count();
-        let mut extra = finished.saturating_sub(KEEP_FINISHED);
-        jobs.retain(|j| {
-            let drop = extra > 0 && j.is_over();
-            extra -= usize::from(drop);
-            !drop
-        });
+        jobs.insert(mirror);
         Ok(info)
     }
 
     /// Every job of the VM, running and finished, oldest first.
     pub fn jobs(&self) -> Vec<JobInfo> {
-        self.devices.jobs().iter().map(Mirror::info).collect()
+        self.devices.jobs().infos()
     }
 
     /// Pivots the disk of job `id` onto its target (the job must be ready); the VM's
@@ -103,19 +82,18 @@ impl Vm {
                 job.reap_if_over(&blk);
             }
         }
-        jobs.iter().map(Mirror::info).collect()
+        jobs.infos()
     }
 
     fn with_job<R>(
         &self,
         id: &str,
-        f: impl FnOnce(&mut Mirror, &std::sync::Arc<devices::virtio_blk::device::BlkDevice>) -> R,
+        f: impl FnOnce(&mut Mirror, &Arc<BlkDevice>) -> R,
     ) -> Result<R, JobError> {
         let mut jobs = self.devices.jobs();
         let job = jobs
-            .iter_mut()
-            .find(|j| j.id() == id)
-            .ok_or_else(|| JobError::NotFound(format!("VM {} has no job {id}", self.config.id)))?;
+            .get_mut(id)
+            .map_err(|_| JobError::NotFound(format!("VM {} has no job {id}", self.config.id)))?;
         let blk = self
             .devices
             .disk(job.disk())

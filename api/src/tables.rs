@@ -1,5 +1,7 @@
-//! `vmctl`'s human tables: aligned columns, and the counters of `vm.counters` read from
-//! the typed [`VmCounters`].
+//! `vmctl`'s human tables: aligned columns, the counters of `vm.counters` read from the
+//! typed [`VmCounters`], and the block jobs of `vm.jobs` read from the typed [`JobInfo`].
+
+use block::jobs::JobInfo;
 
 use crate::backend::VmCounters;
 
@@ -148,6 +150,57 @@ pub fn counters(c: &VmCounters) -> String {
     out
 }
 
+/// `bytes` in MiB with one decimal, rounded down (`1.5`): a figure short of a whole
+/// never shows as the whole.
+pub fn mib(bytes: u64) -> String {
+    let tenths = (u128::from(bytes) * 10) >> 20;
+    format!("{}.{}", tenths / 10, tenths % 10)
+}
+
+/// The table of `vmctl jobs`: one row per job, oldest first, sizes in MiB.
+pub fn jobs(jobs: &[JobInfo]) -> String {
+    let rows: Vec<Vec<String>> = jobs
+        .iter()
+        .map(|j| {
+            vec![
+                j.id.clone(),
+                j.kind.clone(),
+                j.disk.clone(),
+                j.state.as_str().to_string(),
+                format!("{}/{} MiB", mib(j.bytes_done), mib(j.bytes_total)),
+                format!("{} MiB", mib(j.dirty_bytes)),
+                if j.state.is_final() {
+                    "-".to_string()
+                } else {
+                    format!("{} MiB/s", mib(j.rate))
+                },
+                if j.speed == 0 {
+                    "unlimited".to_string()
+                } else {
+                    format!("{} MiB/s", mib(j.speed))
+                },
+                j.target.clone(),
+                j.error.clone().unwrap_or_else(|| "-".to_string()),
+            ]
+        })
+        .collect();
+    table(
+        &[
+            "ID",
+            "TYPE",
+            "DISK",
+            "STATE",
+            "DONE/TOTAL",
+            "DIRTY",
+            "RATE",
+            "SPEED",
+            "TARGET",
+            "ERROR",
+        ],
+        &rows,
+    )
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -261,5 +314,78 @@ mod tests {
             ],
         );
         assert_eq!(text, "A        B\nlong-id  1\nx        22\n");
+    }
+
+    #[test]
+    fn mib_rounds_down_to_a_tenth() {
+        assert_eq!(mib(0), "0.0");
+        assert_eq!(mib(1 << 20), "1.0");
+        assert_eq!(mib(3 << 19), "1.5");
+        assert_eq!(mib((1 << 20) - 1), "0.9");
+        assert_eq!(mib(u64::MAX), "17592186044415.9");
+    }
+
+    #[test]
+    fn jobs_table_shows_progress_in_mib() {
+        use block::jobs::{CopyMode, JobState, SyncMode};
+        let job = |id: &str, state, error: Option<&str>| JobInfo {
+            id: id.into(),
+            kind: "mirror".into(),
+            disk: "disk0".into(),
+            target: "/new.raw".into(),
+            state,
+            bytes_done: 3 << 19,
+            bytes_total: 4 << 20,
+            dirty_bytes: 1 << 19,
+            rate: 1 << 20,
+            speed: 0,
+            sync: SyncMode::Full,
+            copy_mode: CopyMode::Background,
+            error: error.map(str::to_string),
+        };
+        let mut slow = job("m0", JobState::Running, None);
+        slow.speed = 5 << 20;
+        let text = jobs(&[slow, job("m1", JobState::Failed, Some("target: EIO"))]);
+        let rows: Vec<Vec<&str>> = text
+            .lines()
+            .map(|l| l.split_whitespace().collect())
+            .collect();
+        assert_eq!(
+            rows,
+            [
+                vec![
+                    "ID",
+                    "TYPE",
+                    "DISK",
+                    "STATE",
+                    "DONE/TOTAL",
+                    "DIRTY",
+                    "RATE",
+                    "SPEED",
+                    "TARGET",
+                    "ERROR"
+                ],
+                vec![
+                    "m0", "mirror", "disk0", "running", "1.5/4.0", "MiB", "0.5", "MiB", "1.0",
+                    "MiB/s", "5.0", "MiB/s", "/new.raw", "-"
+                ],
+                vec![
+                    "m1",
+                    "mirror",
+                    "disk0",
+                    "failed",
+                    "1.5/4.0",
+                    "MiB",
+                    "0.5",
+                    "MiB",
+                    "-",
+                    "unlimited",
+                    "/new.raw",
+                    "target:",
+                    "EIO"
+                ],
+            ],
+            "{text}"
+        );
     }
 }

@@ -1,8 +1,12 @@
 //! `vmctl`: the command-line client of `vmmd`. Human tables by default, `--json` for the
 //! service's JSON; a non-zero exit with the service's message on error.
 
+// A crate root finds its modules beside it: the job commands live in vmctl/.
+#[path = "vmctl/jobs.rs"]
+mod jobs;
+
 use std::io::Read;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
 use api::backend::VmCounters;
@@ -87,6 +91,37 @@ enum Cmd {
         #[arg(long)]
         count: Option<u64>,
     },
+    /// Mirror DISK to TARGET while the VM runs and follow the job until it is ready.
+    ///
+    /// The progress is a line on standard error; once ready, the target is a copy of
+    /// the disk kept up to date, and `--complete` switches the disk to it. Stopping
+    /// vmctl leaves the job running (`vmctl jobs`, `vmctl job-cancel`).
+    Mirror(jobs::MirrorArgs),
+    /// List the VM's block jobs, running and finished, with their progress.
+    Jobs,
+    /// Complete a ready mirror: the disk switches to its target.
+    JobComplete {
+        /// The job id.
+        job: String,
+    },
+    /// Cancel a job; the disk stays on its image.
+    ///
+    /// A ready mirror's target is first made a consistent copy of the disk (unless
+    /// --force); an earlier one is left partial.
+    JobCancel {
+        /// The job id.
+        job: String,
+        /// Stop at once, also in ready.
+        #[arg(long)]
+        force: bool,
+    },
+    /// Change a running job's copy rate limit.
+    JobSetSpeed {
+        /// The job id.
+        job: String,
+        /// The new limit in bytes/s (0: unlimited).
+        speed: u64,
+    },
     /// Print shell completions.
     Completions {
         /// The shell.
@@ -103,6 +138,7 @@ impl<E: std::fmt::Display> From<E> for Failure {
     }
 }
 
+/// The default socket: `$XDG_RUNTIME_DIR/vmmd.sock`, else `/run/vmmd.sock`.
 fn default_socket() -> PathBuf {
     match std::env::var_os("XDG_RUNTIME_DIR") {
         Some(dir) if !dir.is_empty() => PathBuf::from(dir).join("vmmd.sock"),
@@ -120,6 +156,34 @@ fn spec_json(spec: &str, hints: &Hints<'_>) -> Result<Vec<u8>, Failure> {
     Ok(serde_json::to_vec(&value)?)
 }
 
+/// The service's socket: `--api-socket`, else the default.
+fn socket(cli: &Cli) -> PathBuf {
+    cli.api_socket.clone().unwrap_or_else(default_socket)
+}
+
+/// Sends `method /api/v1/<path>` and returns the reply's JSON (`Null` when it has no
+/// body); an error reply becomes a [`Failure`] with the service's message (and HTTP
+/// status) and details.
+fn call(socket: &Path, method: &str, path: &str, body: Option<Vec<u8>>) -> Result<Value, Failure> {
+    let reply = Client::new(socket).request_blocking(method, &format!("/api/v1/{path}"), body)?;
+    let v = reply.json();
+    if !reply.ok() {
+        let message = v["error"].as_str().map_or_else(
+            || format!("HTTP {}: {}", reply.status, reply.text()),
+            |m| format!("{m} (HTTP {})", reply.status),
+        );
+        let details = v["details"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .map(s)
+            .collect();
+        return Err(Failure(message, details));
+    }
+    Ok(v)
+}
+
+/// The `?id=` query selecting the VM of `--id` (empty without one).
 fn query(id: &Option<String>) -> String {
     match id {
         // Ids are [A-Za-z0-9._-]; anything else is sent as is and refused by the service.
@@ -138,6 +202,7 @@ fn table(headers: &[&str], rows: Vec<Vec<String>>) {
     print!("{}", tables::table(headers, &rows));
 }
 
+/// A JSON value as a table cell: strings without quotes, `null` as `-`.
 fn s(v: &Value) -> String {
     match v {
         Value::String(s) => s.clone(),
@@ -146,6 +211,7 @@ fn s(v: &Value) -> String {
     }
 }
 
+/// Prints the reply `v` of `cmd` for people.
 fn human(cmd: &Cmd, v: &Value) -> Result<(), Failure> {
     match cmd {
         Cmd::List => table(
@@ -221,6 +287,7 @@ fn human(cmd: &Cmd, v: &Value) -> Result<(), Failure> {
                 .map_err(|e| format!("unexpected vm.counters reply: {e}"))?;
             print!("{}", tables::counters(&counters));
         }
+        Cmd::Jobs => jobs::print_table(v)?,
         Cmd::Ping => println!(
             "vmmd {} (backend {}, pid {})",
             s(&v["version"]),
@@ -301,6 +368,7 @@ fn follow_events(socket: &std::path::Path, cli: &Cli, count: Option<u64>) -> Res
     })
 }
 
+/// Runs the command of `cli`.
 fn run(cli: Cli) -> Result<(), Failure> {
     let q = query(&cli.id);
     let (method, path, body): (&str, String, Option<Vec<u8>>) = match &cli.command {
@@ -348,27 +416,26 @@ fn run(cli: Cli) -> Result<(), Failure> {
         Cmd::Delete => ("PUT", format!("vm.delete{q}"), None),
         Cmd::Ping => ("GET", "vmm.ping".into(), None),
         Cmd::ShutdownVmm => ("PUT", "vmm.shutdown".into(), None),
-        Cmd::Events { count } => {
-            let socket = cli.api_socket.clone().unwrap_or_else(default_socket);
-            return follow_events(&socket, &cli, *count);
-        }
+        Cmd::Events { count } => return follow_events(&socket(&cli), &cli, *count),
+        Cmd::Mirror(args) => return jobs::mirror(&cli, args),
+        Cmd::Jobs => ("GET", format!("vm.jobs{q}"), None),
+        Cmd::JobComplete { job } => return jobs::complete(&cli, job),
+        Cmd::JobCancel { job, force } => (
+            "PUT",
+            format!("vm.job-cancel{q}"),
+            Some(serde_json::to_vec(
+                &serde_json::json!({ "job_id": job, "force": force }),
+            )?),
+        ),
+        Cmd::JobSetSpeed { job, speed } => (
+            "PUT",
+            format!("vm.job-set-speed{q}"),
+            Some(serde_json::to_vec(
+                &serde_json::json!({ "job_id": job, "speed": speed }),
+            )?),
+        ),
     };
-    let socket = cli.api_socket.clone().unwrap_or_else(default_socket);
-    let reply = Client::new(&socket).request_blocking(method, &format!("/api/v1/{path}"), body)?;
-    let v = reply.json();
-    if !reply.ok() {
-        let message = v["error"].as_str().map_or_else(
-            || format!("HTTP {}: {}", reply.status, reply.text()),
-            |m| format!("{m} (HTTP {})", reply.status),
-        );
-        let details = v["details"]
-            .as_array()
-            .into_iter()
-            .flatten()
-            .map(s)
-            .collect();
-        return Err(Failure(message, details));
-    }
+    let v = call(&socket(&cli), method, &path, body)?;
     if cli.json {
         if !v.is_null() {
             println!("{}", serde_json::to_string_pretty(&v)?);
@@ -379,6 +446,7 @@ fn run(cli: Cli) -> Result<(), Failure> {
     Ok(())
 }
 
+/// Runs vmctl; on failure prints `vmctl: <message>` and each detail on standard error.
 fn main() -> ExitCode {
     match run(Cli::parse()) {
         Ok(()) => ExitCode::SUCCESS,

@@ -141,3 +141,150 @@ fn fio_verifies(test: &str, nbd: Option<()>) {
         .count();
     assert_eq!(unstamped, 0, "blocks without a fio header");
 }
+
+/// A live mirror under a real Linux guest: the backend (`--api-socket`) mirrors its disk
+/// to a new image and pivots while the guest's fio writes with `--verify=crc32c`; fio
+/// verifies its pass, then, caches dropped, reads everything back once more, now from
+/// the new image. The backend no longer has the old image open, and the new one holds
+/// fio's blocks.
+#[test]
+fn fio_verifies_through_a_mirror_and_pivot_under_the_guests_writes() {
+    let test = "fio_verifies_through_a_mirror_and_pivot_under_the_guests_writes";
+    let tools = match Tools::find() {
+        Ok(t) => t,
+        Err(skip) => return skip.print(test),
+    };
+    let initramfs = Initramfs::build(&tools, Path::new(env!("CARGO_TARGET_TMPDIR")))
+        .unwrap_or_else(|e| panic!("initramfs: {e}"));
+    let dir = tempfile::Builder::new()
+        .prefix("linux-guest-mirror-")
+        .tempdir_in(env!("CARGO_TARGET_TMPDIR"))
+        .unwrap();
+    let image = dir.path().join("disk.raw");
+    let target = dir.path().join("new.raw");
+    let disk_size: u64 = 64 << 20;
+    std::fs::File::create(&image)
+        .and_then(|f| f.set_len(disk_size))
+        .unwrap();
+    let socket = dir.path().join("vu.sock");
+    let api = dir.path().join("api.sock");
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_vhost-user-blk"));
+    // A throttle keeps the guest writing long enough for the mirror to run and pivot.
+    cmd.arg("--socket")
+        .arg(&socket)
+        .arg("--disk")
+        .arg(format!(
+            "id=vda,path={},cache=none,aio=io_uring,num_queues=1,throttle.iops_total=1500",
+            image.display()
+        ))
+        .arg("--api-socket")
+        .arg(&api);
+    let mut backend = BackendProcess::spawn(cmd, socket, 1, Duration::from_secs(10))
+        .unwrap_or_else(|e| panic!("vhost-user-blk: {e}"));
+    let pid = backend.pid();
+
+    // The host side: once fio writes, mirror; once ready and more writes came, pivot.
+    let host = {
+        let (api, target, image) = (api.clone(), target.clone(), image.clone());
+        std::thread::spawn(move || -> Result<String, String> {
+            let http = api::client::Client::new(&api);
+            let call = |method: &str, path: &str, body: Option<serde_json::Value>| {
+                http.request_blocking(
+                    method,
+                    &format!("/api/v1/{path}"),
+                    body.map(|b| b.to_string().into_bytes()),
+                )
+                .map_err(|e| e.to_string())
+                .and_then(|r| {
+                    if r.ok() {
+                        Ok(r.json())
+                    } else {
+                        Err(format!("{method} {path}: {} {}", r.status, r.text()))
+                    }
+                })
+            };
+            let writes = || -> u64 {
+                call("GET", "disk.counters", None)
+                    .ok()
+                    .and_then(|c| c["disks"]["vda"]["write"]["ops"].as_u64())
+                    .unwrap_or(0)
+            };
+            let wait = |what: &str, f: &dyn Fn() -> bool| -> Result<(), String> {
+                let deadline = std::time::Instant::now() + Duration::from_secs(200);
+                while !f() {
+                    if std::time::Instant::now() > deadline {
+                        return Err(format!("timed out waiting for {what}"));
+                    }
+                    std::thread::sleep(Duration::from_millis(50));
+                }
+                Ok(())
+            };
+            wait("fio's writes", &|| writes() > 300)?;
+            call(
+                "PUT",
+                "disk.mirror",
+                Some(serde_json::json!({"job_id": "m", "target": {"path": target}})),
+            )?;
+            let state = || {
+                call("GET", "jobs", None)
+                    .ok()
+                    .and_then(|j| j[0]["state"].as_str().map(str::to_string))
+                    .unwrap_or_default()
+            };
+            wait("ready", &|| state() == "ready")?;
+            let at = writes();
+            wait("writes in ready", &|| writes() > at + 300)?;
+            call(
+                "PUT",
+                "job-complete",
+                Some(serde_json::json!({"job_id": "m"})),
+            )?;
+            let info = call("GET", "disk.info", None)?;
+            let _ = image;
+            Ok(format!(
+                "pivoted at {} writes: {}",
+                writes(),
+                info["disk"]["path"]
+            ))
+        })
+    };
+
+    let job = FioVerifyJob {
+        verify_again: true,
+        ..FioVerifyJob::default()
+    };
+    let result = linux_guest::fio::run_verify(&tools, &initramfs, &backend, &job);
+    let pivot = host.join().unwrap();
+    let (fio, run) = result.unwrap_or_else(|e| panic!("{e}\n--- backend log:\n{}", backend.log()));
+    let pivot = pivot.unwrap_or_else(|e| panic!("{e}\n{}\n{}", run.report(), backend.log()));
+    println!(
+        "guest fio through a mirror: {pivot}; {} writes",
+        fio.write_ios
+    );
+    assert!(
+        fio.verified_cleanly(job.size),
+        "{fio:?}\n{}\n--- backend log:\n{}",
+        run.report(),
+        backend.log()
+    );
+    let (error, read) = linux_guest::fio::parse_again(&run.script_output)
+        .unwrap_or_else(|e| panic!("{e}\n{}", run.report()));
+    assert_eq!((error, read), (0, job.size), "{}", run.report());
+    // The old image is closed; the new one is open and holds fio's blocks.
+    let open = |p: &Path| {
+        std::fs::read_dir(format!("/proc/{pid}/fd")).is_ok_and(|d| {
+            d.flatten()
+                .any(|e| std::fs::read_link(e.path()).is_ok_and(|l| l == p))
+        })
+    };
+    assert!(!open(&image), "the backend still has the old image open");
+    assert!(open(&target));
+    let data = std::fs::read(&target).unwrap();
+    let unstamped = data[..job.size as usize]
+        .chunks(job.block_size as usize)
+        .filter(|b| b[..2] != [0xca, 0xac])
+        .count();
+    assert_eq!(unstamped, 0, "blocks without a fio header on the new image");
+    let status = backend.stop(Duration::from_secs(10));
+    assert!(status.is_some_and(|s| s.success()), "{}", backend.log());
+}

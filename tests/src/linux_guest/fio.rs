@@ -37,9 +37,18 @@ pub struct FioVerifyJob {
     /// Self-test of the verdict: write, overwrite this block with random bytes, then run a
     /// verify-only pass, which must fail.
     pub corrupt_block: Option<u64>,
+    /// After the write-and-verify pass, drop the guest's caches and read everything back
+    /// once more (`--verify_only`); its JSON comes between [`AGAIN_BEGIN`] and
+    /// [`AGAIN_END`] (see [`parse_again`]) and its status joins the script's.
+    pub verify_again: bool,
     /// Kill the guest after this long.
     pub timeout: Duration,
 }
+
+/// Marks the start of the second verify pass's JSON.
+pub const AGAIN_BEGIN: &str = "@@FIO_AGAIN_BEGIN@@";
+/// Marks its end.
+pub const AGAIN_END: &str = "@@FIO_AGAIN_END@@";
 
 impl Default for FioVerifyJob {
     /// 32 MiB of `/dev/vda` in 4 KiB random O_DIRECT writes at QD8 through libaio by one
@@ -56,6 +65,7 @@ impl Default for FioVerifyJob {
             cpus: 1,
             ioengine: "libaio".into(),
             corrupt_block: None,
+            verify_again: false,
             timeout: Duration::from_secs(240),
         }
     }
@@ -103,9 +113,21 @@ impl FioVerifyJob {
                 bs = self.block_size,
             )),
         }
+        script.push_str("rc=$?\n");
+        if self.verify_again {
+            script.push_str(&format!(
+                "sync; echo 3 > /proc/sys/vm/drop_caches\n\
+                 {fio} --verify_only --output=/tmp/fio-again.json\n\
+                 rc2=$?\n\
+                 echo \"{AGAIN_BEGIN}\"\n\
+                 cat /tmp/fio-again.json\n\
+                 echo \"{AGAIN_END}\"\n\
+                 echo \"fio again exit status $rc2\"\n\
+                 if [ $rc -eq 0 ]; then rc=$rc2; fi\n"
+            ));
+        }
         script.push_str(&format!(
-            "rc=$?\n\
-             echo \"{JSON_BEGIN}\"\n\
+            "echo \"{JSON_BEGIN}\"\n\
              cat /tmp/fio.json\n\
              echo \"{JSON_END}\"\n\
              echo \"fio exit status $rc\"\n\
@@ -149,6 +171,35 @@ impl FioVerify {
             && self.write_bytes == expected_bytes
             && self.read_bytes == expected_bytes
     }
+}
+
+/// The second verify pass of a job with [`FioVerifyJob::verify_again`]: fio's job
+/// error and the bytes it read.
+pub fn parse_again(script_output: &str) -> Result<(i64, u64), String> {
+    let v = json_between(script_output, AGAIN_BEGIN, AGAIN_END)?;
+    let job = v
+        .get("jobs")
+        .and_then(|j| j.get(0))
+        .ok_or("fio JSON has no job")?;
+    let error = job.get("error").and_then(Value::as_i64).unwrap_or(-1);
+    let read = job
+        .get("read")
+        .and_then(|d| d.get("io_bytes"))
+        .and_then(Value::as_u64)
+        .unwrap_or(0);
+    Ok((error, read))
+}
+
+/// The JSON object fio printed between `begin` and `end`.
+fn json_between(script_output: &str, begin: &str, end: &str) -> Result<Value, String> {
+    let at = script_output
+        .find(begin)
+        .ok_or("no fio JSON in the output")?;
+    let json = &script_output[at + begin.len()..];
+    let json = &json[..json.find(end).ok_or("fio JSON not terminated")?];
+    // fio may print warnings before the JSON object.
+    let json = &json[json.find('{').ok_or("fio printed no JSON object")?..];
+    serde_json::from_str(json).map_err(|e| format!("fio JSON: {e}"))
 }
 
 /// Parses the script output of [`FioVerifyJob::script`].

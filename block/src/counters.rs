@@ -175,6 +175,17 @@ impl DiskCounters {
         self.counts.throttled_ns.fetch_add(ns, Relaxed);
     }
 
+    /// Requests submitted so far, over every queue (cheaper than a snapshot: a block
+    /// job that yields to the guest watches it move).
+    pub fn submitted(&self) -> u64 {
+        let queues = lock(&self.queues);
+        self.counts.submitted.load(Relaxed)
+            + queues
+                .iter()
+                .map(|q| q.submitted.load(Relaxed))
+                .sum::<u64>()
+    }
+
     /// A copy of every counter (the disk's plus its live queues').
     pub fn snapshot(&self) -> CountersSnapshot {
         let total = Counts::default();

@@ -175,7 +175,8 @@ impl Backend {
         Self::spawn(name_of("qsd", target), socket, cmd)
     }
 
-    fn spawn(name: String, socket: &Path, mut cmd: Command) -> Result<Backend, String> {
+    /// Starts `cmd` (a backend serving `socket`) as `name` and waits until it listens.
+    pub fn spawn(name: String, socket: &Path, mut cmd: Command) -> Result<Backend, String> {
         let _ = std::fs::remove_file(socket);
         let child = cmd
             .stdin(Stdio::null())

@@ -63,6 +63,8 @@ pub struct Copier {
     in_flight: BTreeSet<u64>,
     bytes_done: u64,
     error: Option<String>,
+    /// At most this many chunks in flight for now (the guest is busy), within the budget.
+    cap: Option<u64>,
 }
 
 impl Copier {
@@ -89,6 +91,7 @@ impl Copier {
             in_flight: BTreeSet::new(),
             bytes_done: 0,
             error: None,
+            cap: None,
         })
     }
 
@@ -113,7 +116,8 @@ impl Copier {
     /// The next thing to do at `now`.
     pub fn next(&mut self, now: Instant) -> Step {
         if !matches!(self.state, JobState::Running | JobState::Ready)
-            || u64::try_from(self.in_flight.len()).unwrap_or(u64::MAX) >= self.options.max_chunks()
+            || u64::try_from(self.in_flight.len()).unwrap_or(u64::MAX)
+                >= self.options.max_chunks().min(self.cap.unwrap_or(u64::MAX))
             || self.bitmap.dirty_chunks() == 0
         {
             return Step::Idle;
@@ -148,6 +152,12 @@ impl Copier {
                 self.fail(e);
             }
         }
+    }
+
+    /// Keeps at most `cap` chunks in flight (`None`: the whole budget) from the next
+    /// chunk on: the job yields to a busy guest.
+    pub fn set_in_flight_cap(&mut self, cap: Option<u64>) {
+        self.cap = cap.map(|c| c.max(1));
     }
 
     /// Gives up chunk `chunk`'s copy (the job is stopping): it is dirty again.

@@ -23,6 +23,17 @@ use crate::error::Error;
 use crate::queue::{Completion, DiskQueue};
 use crate::throttle::ThrottleTimer;
 
+/// Chunks a job keeps in flight at most while the guest is busy (it submitted a request
+/// within [`BUSY_GUEST_WINDOW`]), and the least time between two chunks then: the guest's I/O goes first and the copy goes on
+/// at a trickle (one 64 KiB chunk per 250 us, at most 256 MiB/s at the default
+/// granularity); the whole budget again once the guest is idle. A sync before a pivot
+/// (the guest paused) takes the whole budget.
+pub const BUSY_GUEST_CHUNKS: u64 = 1;
+/// See [`BUSY_GUEST_CHUNKS`].
+pub const BUSY_GUEST_GAP: Duration = Duration::from_micros(250);
+/// See [`BUSY_GUEST_CHUNKS`].
+pub const BUSY_GUEST_WINDOW: Duration = Duration::from_millis(20);
+
 /// How long [`MirrorJob::sync_target`] and [`MirrorJob::stop`] wait at most.
 pub const SYNC_TIMEOUT: Duration = Duration::from_secs(60);
 
@@ -52,6 +63,12 @@ pub struct MirrorJob {
     done: Vec<Completion>,
     /// Copies are being given up: reads that finish are not written.
     stopping: bool,
+    /// The guest's counters, the requests it had submitted at the last look and when
+    /// that count last moved: while it is busy the job yields.
+    guest: Option<Arc<DiskCounters>>,
+    guest_seen: (u64, Option<Instant>),
+    /// When the last chunk's copy started.
+    last_start: Option<Instant>,
 }
 
 // SAFETY: the raw pointers the job's queues hold point into its own buffers (`copies`),
@@ -104,7 +121,16 @@ impl MirrorJob {
             flushing: None,
             done: Vec::new(),
             stopping: false,
+            guest: None,
+            guest_seen: (0, None),
+            last_start: None,
         })
+    }
+
+    /// Makes the job yield to the guest whose requests `counters` counts (see
+    /// [`BUSY_GUEST_CHUNKS`]).
+    pub fn yield_to(&mut self, counters: Arc<DiskCounters>) {
+        self.guest = Some(counters);
     }
 
     /// Starts copying (created -> running).
@@ -177,7 +203,19 @@ impl MirrorJob {
         }
         let mut work = self.reap();
         if !self.copier.state().is_final() {
-            work += self.start_copies(now);
+            let busy = self.guest_busy(now);
+            self.copier
+                .set_in_flight_cap(busy.then_some(BUSY_GUEST_CHUNKS));
+            let next = self.last_start.map(|t| t + BUSY_GUEST_GAP);
+            match next.filter(|&at| busy && at > now) {
+                // The guest is busy and a chunk started lately: come back after the gap.
+                Some(at) => {
+                    if self.timer.arm_at(at).is_ok() {
+                        self.timer_armed = true;
+                    }
+                }
+                None => work += self.start_copies(now, busy),
+            }
         }
         self.submit();
         self.publish();
@@ -190,7 +228,9 @@ impl MirrorJob {
     pub fn sync_target(&mut self) -> Result<(), String> {
         let speed = self.copier.speed();
         self.copier.set_speed(0);
+        let guest = self.guest.take();
         let result = self.sync_inner();
+        self.guest = guest;
         self.copier.set_speed(speed);
         if let Err(e) = &result {
             self.copier.fail(e.clone());
@@ -355,9 +395,22 @@ impl MirrorJob {
         self.free.push(idx);
     }
 
-    fn start_copies(&mut self, now: Instant) -> usize {
+    /// Whether the guest submitted a request within [`BUSY_GUEST_WINDOW`].
+    fn guest_busy(&mut self, now: Instant) -> bool {
+        let Some(g) = &self.guest else { return false };
+        let submitted = g.submitted();
+        if submitted != self.guest_seen.0 {
+            self.guest_seen = (submitted, Some(now));
+        }
+        self.guest_seen
+            .1
+            .is_some_and(|t| now.saturating_duration_since(t) < BUSY_GUEST_WINDOW)
+    }
+
+    /// Starts the chunks the copier picks (one while the guest is `busy`).
+    fn start_copies(&mut self, now: Instant, busy: bool) -> usize {
         let mut started = 0;
-        loop {
+        while !(busy && started > 0) {
             match self.copier.next(now) {
                 Step::Copy { chunk, offset, len } => {
                     let Some(buf) = self.buffer(len) else {
@@ -376,6 +429,7 @@ impl MirrorJob {
                     // completion has been reaped.
                     unsafe { self.source.read(idx as u64, offset, &iov) };
                     started += 1;
+                    self.last_start = Some(now);
                 }
                 Step::Wait(d) => {
                     if self.timer.arm_at(now + d).is_ok() {

@@ -182,6 +182,8 @@ impl Mirror {
             status.clone(),
         )
         .map_err(|e| JobError::Failed(e.to_string()))?;
+        let mut job = job;
+        job.yield_to(blk.disk_counters().clone());
         let mut mirror = Mirror {
             config,
             status,

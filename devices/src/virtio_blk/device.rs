@@ -352,6 +352,11 @@ impl BlkDevice {
         lock(&self.group).group.clone()
     }
 
+    /// The disk's live counters (a block job watches the guest's requests in flight).
+    pub fn disk_counters(&self) -> &Arc<DiskCounters> {
+        &self.counters
+    }
+
     /// A copy of the disk's counters.
     pub fn counters(&self) -> BlkCounters {
         BlkCounters {

@@ -106,7 +106,7 @@ fn cancel(api: &Path) {
 }
 
 fn mib_s(bytes: u64, d: Duration) -> f64 {
-    bytes as f64 / (1 << 20) as f64 / d.as_secs_f64().max(1e-9)
+    bytes as f64 / 1_048_576.0 / d.as_secs_f64().max(1e-9)
 }
 
 fn main() -> Result<(), String> {

@@ -389,3 +389,65 @@ fn cancel_in_ready_leaves_a_point_in_time_copy_and_bad_requests_are_refused() {
     );
     s.ok("PUT", "vm.delete?id=c", None);
 }
+
+/// With the guest writing faster than the job's speed limit, a `background` mirror does
+/// not converge (it stays running, and the bytes to copy keep growing); a
+/// `write-blocking` one with the same limit reaches ready.
+#[test]
+fn write_blocking_converges_where_background_cannot() {
+    let test = "write_blocking_converges_where_background_cannot";
+    if !tests::skip::kvm_or_skip(test) {
+        return;
+    }
+    let s = Service::start(&seccomp_args());
+    let elf = support::guest();
+    let tsc = support::tsc_khz();
+    let source = s.image("small.raw", 8);
+    // Writes without end over the first 4 MiB, 3000 a second.
+    let config = json!({
+        "id": "v",
+        "memory": {"size_mib": 64},
+        "payload": {"kernel": elf, "cmdline": format!(
+            "exit=acpi pci=auto tsc_khz={tsc} blocks=1 seed={SEED} gens=60000 gen_writes=32 gen_span_mib=4")},
+        "serial": {"mode": "file", "path": s.path("v.serial")},
+        "disks": [{"id": "d0", "path": source, "cache": "none", "throttle": {"iops_total": 3000}}]
+    });
+    s.ok("PUT", "vm.create", Some(&config));
+    s.ok("PUT", "vm.boot?id=v", None);
+    wait_generation(&s, "v", 3);
+    let mirror = |id: &str, mode: &str, target: &str| {
+        json!({"job_id": id, "disk": "d0", "target": {"path": s.path(target)},
+               "copy_mode": mode, "speed": 2097152, "granularity": 4096})
+    };
+    s.ok(
+        "PUT",
+        "vm.disk-mirror?id=v",
+        Some(&mirror("bg", "background", "bg.raw")),
+    );
+    std::thread::sleep(Duration::from_secs(2));
+    let first = job(&s, "v", "bg");
+    std::thread::sleep(Duration::from_secs(3));
+    let later = job(&s, "v", "bg");
+    assert_eq!(later["state"], "running", "{later}");
+    assert!(
+        later["dirty_bytes"].as_u64() >= Some(1 << 20),
+        "far from converging: {later}"
+    );
+    assert!(
+        later["bytes_total"].as_u64() > first["bytes_total"].as_u64(),
+        "the bytes to copy keep growing: {first} then {later}"
+    );
+    s.ok(
+        "PUT",
+        "vm.job-cancel?id=v",
+        Some(&json!({"job_id": "bg", "force": true})),
+    );
+    s.ok(
+        "PUT",
+        "vm.disk-mirror?id=v",
+        Some(&mirror("wb", "write-blocking", "wb.raw")),
+    );
+    let ready = wait_state(&s, "v", "wb", "ready", Duration::from_secs(60));
+    assert!(ready["bytes_done"].as_u64() >= Some(8 << 20), "{ready}");
+    s.ok("PUT", "vm.delete?id=v", None);
+}

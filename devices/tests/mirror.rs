@@ -198,3 +198,29 @@ fn a_target_smaller_than_the_disk_or_the_disk_itself_is_refused() {
     assert!(e.to_string().contains("own image"), "{e}");
     let _ = Arc::clone(&blk);
 }
+
+/// The disk going away (hot unplug, shutdown) cancels its job at once: the job leaves
+/// its iothread, the disk's queues let go of it and the target is closed.
+#[test]
+fn a_disk_going_away_cancels_its_job_and_closes_the_target() {
+    let rig = rig();
+    let blk = rig.disks[0].device.clone();
+    let cfg = config(&rig, CopyMode::WriteBlocking, 64 << 10);
+    let target_path = cfg.target.path.clone();
+    let target = open_target(&blk, &cfg).unwrap();
+    let mut mirror = Mirror::start(&blk, rig.iothreads.clone(), cfg, target, None).unwrap();
+    wait_for(&mirror, JobState::Running, 5);
+    assert!(is_open(&target_path));
+    mirror.abandon(&blk);
+    assert_eq!(mirror.info().state, JobState::Cancelled);
+    assert!(blk.mirror().is_none());
+    assert!(!is_open(&target_path), "the target is closed");
+    for t in &rig.iothreads {
+        assert_eq!(
+            t.visit("job:m0", devices::iothread::SourceOp::Resume)
+                .unwrap(),
+            0,
+            "the job left its iothread"
+        );
+    }
+}

@@ -621,6 +621,19 @@ fn allowed_dirs_confine_client_paths() {
     );
     expect(&r, 403, &["resolves to"]);
     s.ok("PUT", "vm.boot?id=a", None);
+    // A mirror target follows the same rules.
+    for (path, needle) in [
+        (outside.join("copy.raw"), "is outside the allowed directories"),
+        (escape.clone(), "resolves to"),
+    ] {
+        let r = s.req(
+            "PUT",
+            "vm.disk-mirror?id=a",
+            Some(&json!({"disk": "d0", "target": {"path": path}})),
+        );
+        expect(&r, 403, &["target.path", needle]);
+    }
+    assert!(!outside.join("copy.raw").exists(), "nothing was created outside");
     drop(s);
     let mut log = String::new();
     if let Some(p) = stderr_path {

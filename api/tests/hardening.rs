@@ -623,7 +623,10 @@ fn allowed_dirs_confine_client_paths() {
     s.ok("PUT", "vm.boot?id=a", None);
     // A mirror target follows the same rules.
     for (path, needle) in [
-        (outside.join("copy.raw"), "is outside the allowed directories"),
+        (
+            outside.join("copy.raw"),
+            "is outside the allowed directories",
+        ),
         (escape.clone(), "resolves to"),
     ] {
         let r = s.req(
@@ -633,7 +636,10 @@ fn allowed_dirs_confine_client_paths() {
         );
         expect(&r, 403, &["target.path", needle]);
     }
-    assert!(!outside.join("copy.raw").exists(), "nothing was created outside");
+    assert!(
+        !outside.join("copy.raw").exists(),
+        "nothing was created outside"
+    );
     drop(s);
     let mut log = String::new();
     if let Some(p) = stderr_path {

@@ -215,13 +215,17 @@ impl<Q: QueueHost> IoSource for QueueWorker<Q> {
                     .map(|()| PassWork::default())
             }
             SourceOp::SwitchDisk(disk, engines) => {
-                let engine = engines.take(self.index()).ok_or_else(|| {
-                    format!(
+                let Some(engine) = engines.take(self.index()) else {
+                    // A queue made after the engines were: it opened the new disk.
+                    if Arc::ptr_eq(QueueWorker::disk(self), disk) {
+                        return Ok(PassWork::default());
+                    }
+                    return Err(format!(
                         "disk {} queue {}: no engine made for it",
                         self.device(),
                         self.index()
-                    )
-                })?;
+                    ));
+                };
                 self.switch_disk(disk.clone(), engine)
                     .map(|()| PassWork::default())
             }

@@ -281,18 +281,8 @@ impl Mirror {
         let Some(target) = self.link.as_ref().map(|l| l.target().clone()) else {
             return Err(JobError::Conflict(format!("job {} has ended", self.id())));
         };
-        let path = self.config.target.path.clone();
-        let switched = self
-            .visit_queues(blk, SourceOp::AttachMirror(None, Arc::default()))
-            .and_then(|()| self.engines_for(blk, &target))
-            .and_then(|engines| {
-                self.visit_queues(blk, SourceOp::SwitchDisk(target.clone(), engines))
-            });
-        blk.set_mirror(None);
-        if let Err(e) = switched {
-            // Queues that switched stay on the target (it holds the same data); the
-            // others keep the source. Say so loudly: the operator must look.
-            tracing::error!(job = %self.id(), error = %e, "pivot failed part way");
+        let (source, source_path) = (blk.disk(), blk.config().path);
+        if let Err(e) = self.visit_queues(blk, SourceOp::AttachMirror(None, Arc::default())) {
             self.resume_queues(blk);
             self.end(blk);
             return Err(JobError::Failed(format!(
@@ -300,7 +290,30 @@ impl Mirror {
                 self.id()
             )));
         }
-        blk.switch_disk(target, path);
+        blk.set_mirror(None);
+        // Queues made from now on open the target; those there now switch to it.
+        blk.switch_disk(target.clone(), self.config.target.path.clone());
+        let switched = self
+            .engines_for(blk, &target)
+            .and_then(|engines| self.visit_queues(blk, SourceOp::SwitchDisk(target, engines)));
+        if let Err(e) = switched {
+            // Every queue goes back to the source (the disk is still held: nothing was
+            // written since the sync), so no queue writes where the others do not.
+            tracing::error!(job = %self.id(), error = %e, "pivot failed: switching back to the source");
+            blk.switch_disk(source.clone(), source_path);
+            let back = self
+                .engines_for(blk, &source)
+                .and_then(|engines| self.visit_queues(blk, SourceOp::SwitchDisk(source, engines)));
+            if let Err(e) = back {
+                tracing::error!(job = %self.id(), error = %e, "switching back failed: queues may be on either image");
+            }
+            self.resume_queues(blk);
+            self.end(blk);
+            return Err(JobError::Failed(format!(
+                "job {}: pivot failed: {e}",
+                self.id()
+            )));
+        }
         self.resume_queues(blk);
         let stopped = self.visit_job(SourceOp::StopJob(JobState::Completed));
         self.end(blk);
@@ -370,7 +383,12 @@ impl Mirror {
         Ok(())
     }
 
+    /// Holds the disk (no queue takes a new request, queues made meanwhile included) and
+    /// waits until each queue has nothing in flight.
     fn pause_queues(&self, blk: &Arc<BlkDevice>) -> Result<(), JobError> {
+        blk.shared()
+            .held
+            .store(true, std::sync::atomic::Ordering::Release);
         if let Err(e) = self.visit_queues(blk, SourceOp::Pause) {
             self.resume_queues(blk);
             return Err(JobError::Failed(format!(
@@ -383,6 +401,9 @@ impl Mirror {
     }
 
     fn resume_queues(&self, blk: &Arc<BlkDevice>) {
+        blk.shared()
+            .held
+            .store(false, std::sync::atomic::Ordering::Release);
         if let Err(e) = self.visit_queues(blk, SourceOp::Resume) {
             tracing::error!(job = %self.id(), disk = blk.id(), error = %e, "cannot resume the disk's queues");
         }

@@ -150,6 +150,7 @@ impl BlkDevice {
             writeback: AtomicBool::new(writeback),
             invalid_requests: AtomicU64::new(0),
             signals: AtomicU64::new(0),
+            held: AtomicBool::new(false),
         });
         let own_group = ThrottleGroup::new(
             config.id.clone(),

@@ -101,6 +101,10 @@ pub struct BlkShared {
     pub invalid_requests: AtomicU64,
     /// Interrupts sent to the driver.
     pub signals: AtomicU64,
+    /// The disk's queues take no new request (a block job switches the disk): each
+    /// finishes what it started; requests wait in the ring and the throttle's pen, in
+    /// order. Queues made meanwhile start held too.
+    pub held: AtomicBool,
 }
 
 /// A request between popping and completion.
@@ -172,9 +176,6 @@ pub struct QueueWorker<Q: QueueHost> {
     /// not yet counted in a pass's work.
     early: PassWork,
     stopping: bool,
-    /// Paused for a block job's switch ([`QueueWorker::pause`]): no new chains are taken
-    /// and no throttled request starts; what is in flight finishes.
-    paused: bool,
     /// The avail index was found out of range and said so in the log (once, until the
     /// driver fixes it: a guest must not flood the log by kicking).
     corrupt_logged: bool,
@@ -224,7 +225,6 @@ impl<Q: QueueHost> QueueWorker<Q> {
             needs_signal: false,
             early: PassWork::default(),
             stopping: false,
-            paused: false,
             corrupt_logged: false,
             armed: true,
             now: Instant::now(),
@@ -355,7 +355,7 @@ impl<Q: QueueHost> QueueWorker<Q> {
         if self.disk.has_completions() {
             return true;
         }
-        if self.stopping || self.paused || self.in_flight() >= self.max_slots {
+        if self.stopping || self.is_held() || self.in_flight() >= self.max_slots {
             return false;
         }
         let guard = self.mem.memory();

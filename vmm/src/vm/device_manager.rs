@@ -433,6 +433,16 @@ impl DeviceManager {
             .map(|d| (d.blk.clone(), d.iothreads.clone()))
     }
 
+    /// The PCI function of disk `id` (its lock keeps the guest from starting or
+    /// resetting the device meanwhile).
+    pub(super) fn disk_pci(&self, id: &str) -> Option<Arc<Mutex<BlkPciDevice>>> {
+        self.set
+            .lock_disks()
+            .iter()
+            .find(|d| d.blk.id() == id)
+            .map(|d| d.pci.clone())
+    }
+
     /// The VM's block jobs.
     pub(super) fn jobs(&self) -> std::sync::MutexGuard<'_, devices::mirror::JobList> {
         self.set.lock_jobs()

@@ -38,7 +38,12 @@ impl Vm {
             )));
         }
         let target = open_target(&blk, &config)?;
+        // Every queue of the disk must mark the job's bitmap: the guest cannot start
+        // queues the job would not see while it attaches.
+        let pci = self.devices.disk_pci(&config.disk);
+        let device = pci.as_ref().map(|p| block::sync::lock(p));
         let mirror = Mirror::start(&blk, threads, config, target, self.notify.clone())?;
+        drop(device);
         let info = mirror.info();
         jobs.insert(mirror);
         Ok(info)
@@ -52,8 +57,13 @@ impl Vm {
     /// Pivots the disk of job `id` onto its target (the job must be ready); the VM's
     /// config names the target from then on.
     pub fn complete_job(&mut self, id: &str) -> Result<(), JobError> {
-        let (disk, result) =
-            self.with_job(id, |job, blk| (job.disk().to_string(), job.complete(blk)))?;
+        let (disk, result) = self.with_job(id, |job, blk| {
+            // The disk's PCI function is held while its queues switch: the guest cannot
+            // start (or reset) them in the middle, so every queue is one the job saw.
+            let pci = self.devices.disk_pci(job.disk());
+            let _device = pci.as_ref().map(|p| block::sync::lock(p));
+            (job.disk().to_string(), job.complete(blk))
+        })?;
         let path = self.devices.disk(&disk).map(|blk| blk.config().path);
         if let (Some(path), Some(d)) = (path, self.config.disks.iter_mut().find(|d| d.id == disk)) {
             d.path = path;
@@ -63,7 +73,11 @@ impl Vm {
 
     /// Cancels job `id` (see [`Mirror::cancel`]).
     pub fn cancel_job(&mut self, id: &str, force: bool) -> Result<(), JobError> {
-        self.with_job(id, |job, blk| job.cancel(blk, force))?
+        self.with_job(id, |job, blk| {
+            let pci = self.devices.disk_pci(job.disk());
+            let _device = pci.as_ref().map(|p| block::sync::lock(p));
+            job.cancel(blk, force)
+        })?
     }
 
     /// Changes the speed limit of job `id`.

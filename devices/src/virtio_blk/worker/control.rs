@@ -1,9 +1,12 @@
 //! What a block job asks of a queue worker, on the worker's thread between two passes:
-//! pause (finish what is in flight, take nothing new), attach a mirror, switch to
-//! another disk (a mirror's pivot), go on.
+//! settle while its disk is held (finish what is in flight; [`BlkShared::held`] keeps new
+//! requests out), attach a mirror, switch to another disk (a mirror's pivot), go on.
+//!
+//! [`BlkShared::held`]: super::BlkShared::held
 
 use std::io;
 use std::sync::Arc;
+use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
 use block::jobs::MirrorLink;
@@ -12,23 +15,28 @@ use block::{Disk, IoEngine};
 use super::{PassWork, QueueHost, QueueWorker};
 
 impl<Q: QueueHost> QueueWorker<Q> {
-    /// Stops taking new chains and starting throttled requests, and waits (at most
-    /// `timeout`) until the disk has nothing in flight; the guest's requests wait in the
-    /// ring and the throttle's pen, in order.
+    /// With its disk held ([`super::BlkShared::held`]: no new chain is taken and no
+    /// throttled request starts), waits at most `timeout` until the disk has nothing in
+    /// flight; the guest's requests wait in the ring and the throttle's pen, in order.
     pub fn pause(&mut self, timeout: Duration) -> io::Result<()> {
-        self.paused = true;
+        if !self.is_held() {
+            return Err(io::Error::other(format!(
+                "queue {}: its disk is not held",
+                self.index
+            )));
+        }
         self.quiesce(timeout)
     }
 
-    /// Whether the worker is paused.
-    pub fn is_paused(&self) -> bool {
-        self.paused
+    /// Whether the disk is held: the worker takes no new request.
+    pub fn is_held(&self) -> bool {
+        self.shared.held.load(Ordering::Acquire)
     }
 
-    /// Goes on after [`QueueWorker::pause`]: starts what the throttle admits and takes
-    /// the chains that came meanwhile.
+    /// Goes on once the disk is no longer held: starts what the throttle admits and
+    /// takes the chains that came meanwhile.
     pub fn resume(&mut self) -> PassWork {
-        if !std::mem::take(&mut self.paused) {
+        if self.is_held() {
             return PassWork::default();
         }
         self.tick();
@@ -38,6 +46,11 @@ impl<Q: QueueHost> QueueWorker<Q> {
         } else {
             self.process_completions()
         }
+    }
+
+    /// The disk the worker's requests go to.
+    pub fn disk(&self) -> &Arc<Disk> {
+        self.disk.disk()
     }
 
     /// The completion eventfd of the worker's disk queue (engines made for the queue
@@ -69,14 +82,14 @@ impl<Q: QueueHost> QueueWorker<Q> {
     }
 
     /// Sends every later request to `disk` through `engine` (made on this queue's
-    /// notifier); the worker must be paused, its mirror detached.
+    /// notifier); its disk must be held and settled, its mirror detached.
     pub fn switch_disk(
         &mut self,
         disk: Arc<Disk>,
         engine: Box<dyn IoEngine>,
     ) -> Result<(), String> {
-        if !self.paused {
-            return Err(format!("queue {}: not paused", self.index));
+        if !self.is_held() {
+            return Err(format!("queue {}: its disk is not held", self.index));
         }
         self.disk
             .switch_disk(disk, engine)

@@ -24,7 +24,7 @@ impl<Q: QueueHost> QueueWorker<Q> {
     /// first if they were on), then starts the requests and publishes the rejected ones.
     pub(super) fn pop_avail(&mut self) -> PassWork {
         let mut work = PassWork::default();
-        if self.stopping || self.paused {
+        if self.stopping || self.is_held() {
             return work;
         }
         let mem = self.mem.memory().into_inner();
@@ -164,7 +164,7 @@ impl<Q: QueueHost> QueueWorker<Q> {
     /// Moves admitted requests from the throttle pen to the block layer, submits, and
     /// arms the timer for the rest.
     pub(super) fn start_admitted(&mut self) {
-        if self.paused {
+        if self.is_held() {
             return;
         }
         let writeback = self.shared.writeback.load(Ordering::Relaxed);

@@ -106,22 +106,35 @@ impl Event {
     }
 }
 
-/// What was last told of each block job: its state, bytes done and dirty bytes.
-pub type JobsSeen = std::collections::BTreeMap<String, (block::jobs::JobState, u64, u64)>;
+/// What was last told of one block job.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct JobSeen {
+    /// Its state.
+    pub state: block::jobs::JobState,
+    /// Its bytes done and dirty.
+    pub bytes: (u64, u64),
+    /// When its last progress event went out.
+    pub told: std::time::Instant,
+}
+
+/// What was last told of each block job, by id.
+pub type JobsSeen = std::collections::BTreeMap<String, JobSeen>;
 
 /// The events `jobs` (of VM `vm`, empty for a vhost-user backend) call for since
-/// `seen`, which they update: a job's start and every state change at once, progress
-/// when its bytes moved.
+/// `seen`, which they update: a job's start and every state change at once, progress at
+/// most once a second while its bytes move. A job id seen over (final) and now running
+/// again is a new job; ids no longer listed are forgotten.
 pub fn job_events(vm: &str, jobs: &[block::jobs::JobInfo], seen: &mut JobsSeen) -> Vec<Event> {
     use block::jobs::JobState;
+    let now = std::time::Instant::now();
+    seen.retain(|id, _| jobs.iter().any(|j| &j.id == id));
     let mut out = Vec::new();
     for job in jobs {
-        let before = seen.get(&job.id).copied();
-        let now = (job.state, job.bytes_done, job.dirty_bytes);
-        if before == Some(now) {
-            continue;
-        }
-        seen.insert(job.id.clone(), now);
+        let before = seen
+            .get(&job.id)
+            .copied()
+            .filter(|b| !(b.state.is_final() && !job.state.is_final()));
+        let bytes = (job.bytes_done, job.dirty_bytes);
         let event = |kind| {
             let mut e = Event::now(vm, kind)
                 .with("job", job.id.clone())
@@ -136,22 +149,54 @@ pub fn job_events(vm: &str, jobs: &[block::jobs::JobInfo], seen: &mut JobsSeen) 
             }
             e
         };
-        if before.is_none() {
+        let kind = match (before, job.state) {
             // A job seen for the first time started, whatever state it reached since.
-            out.push(event(EventKind::JobStarted));
-        }
-        let kind = match job.state {
-            JobState::Created | JobState::Running if before.is_none() => continue,
-            _ if before.is_some_and(|s| s.0 == job.state) => EventKind::JobProgress,
-            JobState::Created | JobState::Running => EventKind::JobProgress,
-            JobState::Ready => EventKind::JobReady,
-            JobState::Completed => EventKind::JobCompleted,
-            JobState::Cancelled => EventKind::JobCancelled,
-            JobState::Failed => EventKind::JobFailed,
+            (None, _) => {
+                out.push(event(EventKind::JobStarted));
+                match job.state {
+                    JobState::Created | JobState::Running => None,
+                    s => Some(state_event(s)),
+                }
+            }
+            (Some(b), s) if b.state != s => Some(state_event(s)),
+            (Some(b), _)
+                if b.bytes != bytes && now.saturating_duration_since(b.told) >= PROGRESS_EVERY =>
+            {
+                Some(EventKind::JobProgress)
+            }
+            (Some(_), _) => {
+                // Nothing to tell yet: keep the last told state and time.
+                continue;
+            }
         };
-        out.push(event(kind));
+        if let Some(kind) = kind {
+            out.push(event(kind));
+        }
+        seen.insert(
+            job.id.clone(),
+            JobSeen {
+                state: job.state,
+                bytes,
+                told: now,
+            },
+        );
     }
     out
+}
+
+/// The least time between two progress events of one job.
+const PROGRESS_EVERY: std::time::Duration = std::time::Duration::from_secs(1);
+
+/// The event a job's new state `state` sends.
+fn state_event(state: block::jobs::JobState) -> EventKind {
+    use block::jobs::JobState;
+    match state {
+        JobState::Created | JobState::Running => EventKind::JobProgress,
+        JobState::Ready => EventKind::JobReady,
+        JobState::Completed => EventKind::JobCompleted,
+        JobState::Cancelled => EventKind::JobCancelled,
+        JobState::Failed => EventKind::JobFailed,
+    }
 }
 
 /// Where a process's events go; every subscriber gets each event sent after it
@@ -278,5 +323,66 @@ mod tests {
             bus.emit(Event::now("a", EventKind::Paused));
         }
         assert_eq!(bus.subscribe().0.len(), EARLY_MAX);
+    }
+
+    #[test]
+    fn job_events_tell_starts_and_changes_at_once_and_progress_once_a_second() {
+        use block::jobs::{CopyMode, JobInfo, JobState, SyncMode};
+        let job = |state, done| JobInfo {
+            id: "m".into(),
+            kind: "mirror".into(),
+            disk: "d".into(),
+            target: "/t".into(),
+            state,
+            bytes_done: done,
+            bytes_total: 100,
+            dirty_bytes: 0,
+            rate: 0,
+            speed: 0,
+            sync: SyncMode::Full,
+            copy_mode: CopyMode::Background,
+            error: None,
+        };
+        let kinds = |jobs: &[JobInfo], seen: &mut JobsSeen| -> Vec<EventKind> {
+            job_events("vm", jobs, seen)
+                .into_iter()
+                .map(|e| e.event)
+                .collect()
+        };
+        let mut seen = JobsSeen::new();
+        assert_eq!(
+            kinds(&[job(JobState::Running, 0)], &mut seen),
+            [EventKind::JobStarted]
+        );
+        // Progress within the second: held back; a state change: at once.
+        assert!(kinds(&[job(JobState::Running, 10)], &mut seen).is_empty());
+        assert_eq!(
+            kinds(&[job(JobState::Ready, 100)], &mut seen),
+            [EventKind::JobReady]
+        );
+        if let Some(s) = seen.get_mut("m") {
+            s.told -= Duration::from_secs(2);
+        }
+        assert_eq!(
+            kinds(&[job(JobState::Ready, 120)], &mut seen),
+            [EventKind::JobProgress]
+        );
+        assert_eq!(
+            kinds(&[job(JobState::Cancelled, 120)], &mut seen),
+            [EventKind::JobCancelled]
+        );
+        // The same id running again is a new job; a job ready at its first look started.
+        assert_eq!(
+            kinds(&[job(JobState::Running, 0)], &mut seen),
+            [EventKind::JobStarted]
+        );
+        let mut fresh = JobsSeen::new();
+        assert_eq!(
+            kinds(&[job(JobState::Ready, 100)], &mut fresh),
+            [EventKind::JobStarted, EventKind::JobReady]
+        );
+        // Ids no longer listed are forgotten.
+        assert!(kinds(&[], &mut fresh).is_empty());
+        assert!(fresh.is_empty());
     }
 }

@@ -74,6 +74,10 @@ impl FakeVmm {
                 )));
             }
             vm.state = to;
+            if to == VmState::Shutdown {
+                // As the real backend: a VM that is shut down has no jobs.
+                vm.jobs.clear();
+            }
             Ok(())
         })
     }
@@ -370,6 +374,7 @@ impl VmmBackend for FakeVmm {
     fn shutdown_vmm(&self) -> Result<(), ApiError> {
         for vm in lock(&self.vms).values_mut() {
             vm.state = VmState::Shutdown;
+            vm.jobs.clear();
         }
         Ok(())
     }

@@ -14,15 +14,15 @@ pub(super) fn start(
     jobs: &mut Vec<JobInfo>,
     config: MirrorConfig,
 ) -> Result<JobInfo, ApiError> {
-    config
-        .validate()
-        .map_err(|e| ApiError::bad_request("invalid mirror").with_details(e))?;
     let Some(disk) = vm.disks.iter().find(|d| d.id == config.disk) else {
         return Err(ApiError::not_found(format!(
-            "VM {} has no disk {}",
+            "VM {} has no disk {:?}",
             vm.id, config.disk
         )));
     };
+    config
+        .validate()
+        .map_err(|e| ApiError::bad_request("invalid mirror").with_details(e))?;
     if state == VmState::Shutdown {
         return Err(ApiError::conflict(format!(
             "VM {} is shut down: boot it to mirror its disks",
@@ -39,13 +39,12 @@ pub(super) fn start(
             config.disk, j.id
         )));
     }
-    if disk.path == config.target.path {
-        return Err(
-            ApiError::bad_request("invalid mirror").with_details(vec![format!(
-                "target {} is the disk's own image",
-                disk.path.display()
-            )]),
-        );
+    if let Some(d) = vm.disks.iter().find(|d| d.path == config.target.path) {
+        return Err(ApiError::conflict(format!(
+            "target {} is the image of disk {}",
+            config.target.path.display(),
+            d.id
+        )));
     }
     let size = disk
         .host_path()

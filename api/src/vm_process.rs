@@ -183,8 +183,19 @@ impl VmmBackend for OneVm {
         let target = config.target.path.clone();
         let result = self.inner.disk_mirror(id, config);
         if result.is_err() {
-            // A target handed over for it is not kept (nor its lock).
-            block::host_file::forget_handed(&target);
+            // A target handed over for it is not kept (nor its lock), unless a disk or
+            // another job of the VM uses that path.
+            let disk = self
+                .inner
+                .info(id)
+                .is_ok_and(|i| i.config.disks.iter().any(|d| d.path == target));
+            let job = self.inner.jobs(id).is_ok_and(|jobs| {
+                jobs.iter()
+                    .any(|j| !j.state.is_final() && std::path::Path::new(&j.target) == target)
+            });
+            if !disk && !job {
+                block::host_file::forget_handed(&target);
+            }
         }
         result
     }

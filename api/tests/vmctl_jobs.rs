@@ -272,11 +272,7 @@ fn bad_mirrors_are_refused() {
         &s,
         &["mirror", "disk0", &old.display().to_string()],
         1,
-        &[
-            "vmctl: invalid mirror (HTTP 400)",
-            "  - target ",
-            "is the disk's own image",
-        ],
+        &["(HTTP 409)", "is the image of disk disk0"],
     );
     fails(
         &s,

@@ -130,6 +130,9 @@ impl Entry {
         if let Some(mut vm) = self.vm.take() {
             vm.shutdown();
             self.last_counters = counters_of(&vm);
+            // Its jobs were cancelled with it: they say so, and let go of their targets.
+            let jobs = vm.reap_jobs();
+            self.note_jobs(&jobs);
         }
     }
 

@@ -86,21 +86,26 @@ impl Entry {
     /// Lets go of jobs that ended on their own and puts their events in the outbox: a
     /// state change at once, progress when bytes moved since the last look.
     pub(super) fn job_events(&mut self) {
-        let id = self.config.id.clone();
         let Some(vm) = self.vm.as_ref() else { return };
         let jobs = vm.reap_jobs();
+        self.note_jobs(&jobs);
+    }
+
+    /// Events for `jobs` as they are now; targets of jobs that ended without a pivot are
+    /// let go (a descriptor handed over for one, and with it its lock).
+    pub(super) fn note_jobs(&mut self, jobs: &[JobInfo]) {
         for job in jobs.iter().filter(|j| {
             j.state.is_final()
                 && j.state != JobState::Completed
-                && self.jobs_seen.get(&j.id).is_none_or(|s| s.0 != j.state)
+                && self.jobs_seen.get(&j.id).is_none_or(|s| s.state != j.state)
         }) {
             let target = std::path::Path::new(&job.target);
             if !self.config.disks.iter().any(|d| d.path == target) {
-                // A target handed over to this process goes, and with it its lock.
                 block::host_file::forget_handed(target);
             }
         }
-        let events = crate::events::job_events(&id, &jobs, &mut self.jobs_seen);
+        let id = self.config.id.clone();
+        let events = crate::events::job_events(&id, jobs, &mut self.jobs_seen);
         self.outbox.extend(events);
     }
 }

@@ -11,8 +11,8 @@ use block::jobs::target::{Prepared, prepare_local_target};
 use devices::config::DiskConfig;
 use devices::mirror::MirrorConfig;
 
-use super::{Managed, ProcessBackend};
-use crate::backend::{ApiError, JobCancel, JobRef, JobSpeed};
+use super::{Managed, ProcessBackend, clash};
+use crate::backend::{ApiError, ErrorKind, JobCancel, JobRef, JobSpeed};
 
 /// The size of the image at `path` (a regular file or a block device).
 fn image_size(path: &Path) -> std::io::Result<u64> {
@@ -64,6 +64,7 @@ impl ProcessBackend {
     }
 
     pub(super) fn mirror_disk(&self, id: &str, config: MirrorConfig) -> Result<JobInfo, ApiError> {
+        let others = self.other_configs(id);
         self.route(
             id,
             |m, live| {
@@ -80,23 +81,44 @@ impl ProcessBackend {
                 config
                     .validate()
                     .map_err(|e| ApiError::bad_request("invalid mirror").with_details(e))?;
+                // Another VM's image (running or not) is not a target.
+                let mut as_disk = disk.clone();
+                as_disk.path.clone_from(&config.target.path);
+                as_disk.readonly = false;
+                if let Some(e) = clash(id, [&as_disk], None, &others) {
+                    return Err(e);
+                }
                 let created = if self.shared.opts.fake {
                     false
                 } else {
                     self.prepare_target(m, &disk, &config)?
                 };
-                match self.forward(
+                // The one path change of this disk its process may report by itself.
+                m.status()
+                    .pivots
+                    .insert(disk.id.clone(), config.target.path.clone());
+                let sent = self.forward(
                     m,
                     live,
                     "PUT",
                     "/api/v1/vm.disk-mirror",
                     Some(body(&config)?),
-                ) {
+                );
+                match sent {
                     Ok(reply) => serde_json::from_slice(&reply.body)
                         .map_err(|e| ApiError::internal(format!("VM {id}: unreadable job: {e}"))),
                     Err(e) => {
-                        if created {
-                            let _ = std::fs::remove_file(&config.target.path);
+                        // Refused by the process: no job uses the target. (After a
+                        // timeout one may: the file and the pivot stay known.)
+                        let refused = matches!(
+                            e.kind,
+                            ErrorKind::BadRequest | ErrorKind::NotFound | ErrorKind::Conflict
+                        );
+                        if refused {
+                            m.status().pivots.remove(&disk.id);
+                            if created {
+                                let _ = std::fs::remove_file(&config.target.path);
+                            }
                         }
                         Err(e)
                     }
@@ -119,21 +141,32 @@ impl ProcessBackend {
     }
 
     pub(super) fn complete_job(&self, id: &str, job: &JobRef) -> Result<(), ApiError> {
-        let info = self
-            .list_jobs(id)?
-            .into_iter()
-            .find(|j| j.id == job.job_id)
-            .ok_or_else(|| ApiError::not_found(format!("VM {id} has no job {}", job.job_id)))?;
         self.route(
             id,
             |m, live| {
-                self.change(m, live, "/api/v1/vm.job-complete", body(job)?, |c| {
+                let reply = self.forward(m, live, "GET", "/api/v1/vm.jobs", None)?;
+                let jobs: Vec<JobInfo> = serde_json::from_slice(&reply.body)
+                    .map_err(|e| ApiError::internal(format!("VM {id}: unreadable jobs: {e}")))?;
+                let info = jobs
+                    .into_iter()
+                    .find(|j| j.id == job.job_id)
+                    .ok_or_else(|| {
+                        ApiError::not_found(format!("VM {id} has no job {}", job.job_id))
+                    })?;
+                let result = self.change(m, live, "/api/v1/vm.job-complete", body(job)?, |c| {
                     // The disk uses the target from now on (a reboot keeps it).
                     if let Some(d) = c.disks.iter_mut().find(|d| d.id == info.disk) {
                         d.path = info.target.clone().into();
                     }
                     Ok(())
-                })
+                });
+                if result.is_err() {
+                    // A pivot that happened all the same (a late answer, a failure after
+                    // the switch) is read back: the process reports the disk on its
+                    // target, which vmmd let it use.
+                    self.live_info(m, live, super::CALL_TIMEOUT);
+                }
+                result
             },
             |m| Err(m.not_running("complete a job of")),
         )

@@ -98,6 +98,9 @@ struct Status {
     /// The generation being started: if it ends before its start has answered, its end
     /// is the failed start's (no crash report, nothing adopted).
     starting: Option<u64>,
+    /// Mirror targets vmmd let a disk's process use, by disk id: the one path change of
+    /// a disk a process may report by itself (its pivot).
+    pivots: BTreeMap<String, PathBuf>,
 }
 
 /// One VM of the service.
@@ -267,7 +270,8 @@ impl ProcessBackend {
         {
             st.state = info.state;
             // A report older than a change vmmd made since is not taken.
-            if st.changes == changes && adopt_ejects(&mut st.config, &info.config) {
+            let pivots = st.pivots.clone();
+            if st.changes == changes && adopt_ejects(&mut st.config, &info.config, &pivots) {
                 m.save_config(&st.config);
             }
             // What vmmd answers is its own config: a process cannot widen it.
@@ -495,6 +499,7 @@ impl ProcessBackend {
                     ready: true,
                     removed: false,
                     changes: 0,
+                    pivots: BTreeMap::new(),
                     starting: None,
                 }),
                 ended: Condvar::new(),
@@ -741,17 +746,27 @@ fn on_exit(m: &Managed, live: &Live, exit: Exit, events: &EventBus) {
 }
 
 /// Takes from a config a VM process `reported` only what a process may change by
-/// itself: disks its guest ejected (gone from the report). Everything else of vmmd's
+/// itself: disks its guest ejected (gone from the report), and a disk's move to the
+/// mirror target vmmd let it use (`pivots`, by disk id). Everything else of vmmd's
 /// `config` stays: a process cannot add a file or a setting. Returns whether it changed.
-fn adopt_ejects(config: &mut VmConfig, reported: &VmConfig) -> bool {
-    let before = config.disks.len();
-    config.disks.retain(|d| {
-        reported
-            .disks
-            .iter()
-            .any(|r| r.id == d.id && r.path == d.path)
-    });
-    config.disks.len() != before
+fn adopt_ejects(
+    config: &mut VmConfig,
+    reported: &VmConfig,
+    pivots: &BTreeMap<String, PathBuf>,
+) -> bool {
+    let before = config.clone();
+    config
+        .disks
+        .retain(|d| reported.disks.iter().any(|r| r.id == d.id));
+    for d in &mut config.disks {
+        let Some(r) = reported.disks.iter().find(|r| r.id == d.id) else {
+            continue;
+        };
+        if r.path != d.path && pivots.get(&d.id) == Some(&r.path) {
+            d.path.clone_from(&r.path);
+        }
+    }
+    *config != before
 }
 
 /// Records how VM `m`'s process ended, from what it left in its directory; returns the
@@ -764,7 +779,8 @@ fn settle_ended(m: &Managed, exit: Exit, pid: Option<u32>) -> Option<Event> {
         st.state = VmState::Shutdown;
         st.crash = None;
         if let Some(c) = &last.config {
-            adopt_ejects(&mut st.config, c);
+            let pivots = std::mem::take(&mut st.pivots);
+            adopt_ejects(&mut st.config, c, &pivots);
         }
         st.counters = last.counters;
         m.save_config(&st.config);
@@ -914,6 +930,7 @@ impl VmmBackend for ProcessBackend {
                 ready: false,
                 removed: false,
                 changes: 0,
+                pivots: BTreeMap::new(),
                 starting: None,
             }),
             ended: Condvar::new(),

@@ -124,6 +124,15 @@ fn parse_iothreads(args: &Args) -> Result<Vec<IoThreadConfig>, String> {
     Ok(out)
 }
 
+/// A file removed when this is dropped.
+struct RemoveOnDrop(PathBuf);
+
+impl Drop for RemoveOnDrop {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.0);
+    }
+}
+
 /// Writes the counters atomically (temp file, then rename).
 fn write_counters(backend: &Backend, path: &Path) {
     let tmp = path.with_extension("tmp");
@@ -168,6 +177,8 @@ fn main() -> ExitCode {
         Some(Ok(l)) => Some(l),
         None => None,
     };
+    // The API socket goes when the process does, whichever way it ends.
+    let _api_file = args.api_socket.clone().map(RemoveOnDrop);
     let backend = match Backend::new(config) {
         Ok(b) => b,
         Err(e) => return fail(e),
@@ -207,9 +218,6 @@ fn main() -> ExitCode {
     // A mirror still running ends (its target closed); then the API stops.
     backend.abandon_jobs();
     drop(api);
-    if let Some(path) = &args.api_socket {
-        let _ = std::fs::remove_file(path);
-    }
     done.store(true, Ordering::Relaxed);
     if let Some(w) = writer {
         let _ = w.join();

@@ -51,9 +51,18 @@ pub fn open_target(blk: &BlkDevice, config: &MirrorConfig) -> Result<Arc<Disk>, 
     let disk_config = blk.config();
     let source = blk.disk();
     let path = &config.target.path;
+    // A target another user holds is a conflict (409); anything else about it is the
+    // request's mistake (400).
+    let locked = |e: &block::Error| matches!(e, block::Error::Locked { .. });
     if !config.target.is_nbd() {
-        prepare_local_target(path, disk_config.host_path(), source.capacity())
-            .map_err(|e| JobError::Invalid(e.to_string()))?;
+        prepare_local_target(path, disk_config.host_path(), source.capacity()).map_err(
+            |e| match &e {
+                block::jobs::target::TargetError::Open(inner) if locked(inner) => {
+                    JobError::Conflict(e.to_string())
+                }
+                _ => JobError::Invalid(e.to_string()),
+            },
+        )?;
     }
     let disk = Disk::open(&DiskOptions {
         readonly: false,
@@ -62,7 +71,14 @@ pub fn open_target(blk: &BlkDevice, config: &MirrorConfig) -> Result<Arc<Disk>, 
         connections: 1,
         ..DiskOptions::new(path.clone())
     })
-    .map_err(|e| JobError::Invalid(format!("target {}: {e}", path.display())))?;
+    .map_err(|e| {
+        let msg = format!("target {}: {e}", path.display());
+        if locked(&e) {
+            JobError::Conflict(msg)
+        } else {
+            JobError::Invalid(msg)
+        }
+    })?;
     if disk.readonly() {
         return Err(JobError::Invalid(format!(
             "target {} is read-only",

@@ -26,8 +26,7 @@ impl Vm {
         let (blk, threads) = self.devices.disk_threads(&config.disk).ok_or_else(|| {
             JobError::NotFound(format!("VM {} has no disk {}", self.config.id, config.disk))
         })?;
-        let mut jobs = self.devices.jobs();
-        jobs.check_new(&config)?;
+        self.devices.jobs().check_new(&config)?;
         if let Some(path) = devices::mirror::local_target(&config)
             && let Some(d) = self.config.disks.iter().find(|d| d.path == path)
         {
@@ -37,11 +36,22 @@ impl Vm {
                 d.id
             )));
         }
+        // Opening the target may take a while (an NBD server's handshake): not under
+        // the jobs' lock, which a guest's eject takes on its vCPU.
         let target = open_target(&blk, &config)?;
+        let mut jobs = self.devices.jobs();
+        jobs.check_new(&config)?;
         // Every queue of the disk must mark the job's bitmap: the guest cannot start
         // queues the job would not see while it attaches.
         let pci = self.devices.disk_pci(&config.disk);
         let device = pci.as_ref().map(|p| block::sync::lock(p));
+        if device.is_none() {
+            // Ejected meanwhile (its eject cancels jobs under this lock, after us).
+            return Err(JobError::NotFound(format!(
+                "VM {} has no disk {}",
+                self.config.id, config.disk
+            )));
+        }
         let mirror = Mirror::start(&blk, threads, config, target, self.notify.clone())?;
         drop(device);
         let info = mirror.info();

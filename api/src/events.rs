@@ -133,7 +133,7 @@ pub fn job_events(vm: &str, jobs: &[block::jobs::JobInfo], seen: &mut JobsSeen) 
         let before = seen
             .get(&job.id)
             .copied()
-            .filter(|b| !(b.state.is_final() && !job.state.is_final()));
+            .filter(|b| !b.state.is_final() || job.state.is_final());
         let bytes = (job.bytes_done, job.dirty_bytes);
         let event = |kind| {
             let mut e = Event::now(vm, kind)

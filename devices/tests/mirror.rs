@@ -224,3 +224,43 @@ fn a_disk_going_away_cancels_its_job_and_closes_the_target() {
         );
     }
 }
+
+/// A job in ready copies what the guest dirties by itself (nothing else wakes it):
+/// once the guest stops, the target catches up without a sync, so a forced cancel
+/// (which syncs nothing) leaves it equal to the disk.
+#[test]
+fn a_ready_job_copies_later_writes_by_itself() {
+    let mut rig = rig();
+    let blk = rig.disks[0].device.clone();
+    let source = rig.disks[0].image.clone();
+    let cfg = config(&rig, CopyMode::Background, 0);
+    let target_path = cfg.target.path.clone();
+    let target = open_target(&blk, &cfg).unwrap();
+    let mut mirror = Mirror::start(&blk, rig.iothreads.clone(), cfg, target, None).unwrap();
+    wait_for(&mirror, JobState::Ready, 60);
+    let at_ready = mirror.info().bytes_done;
+    // Writes after ready, then quiet.
+    let mut drv = rig.disks[0].drivers.remove(0);
+    let (shadow, _) = mixed_load(&mut drv, 0, SIZE / 512 / 2, 300, 9);
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        let info = mirror.info();
+        if info.dirty_bytes == 0 && info.bytes_done > at_ready {
+            break;
+        }
+        assert!(Instant::now() < deadline, "the job did not copy: {info:?}");
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    // Copies in flight end within the job's next looks.
+    std::thread::sleep(Duration::from_millis(100));
+    mirror.cancel(&blk, true).unwrap();
+    let (s, t) = (
+        std::fs::read(&source).unwrap(),
+        std::fs::read(&target_path).unwrap(),
+    );
+    check_image(&s, &[(0, shadow)]);
+    assert!(
+        s == t,
+        "the target did not catch up with the disk by itself"
+    );
+}

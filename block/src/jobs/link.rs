@@ -7,7 +7,9 @@
 //! older read could then land on the target after the write. Per-chunk copy epochs tell:
 //! the copier bumps a chunk's epoch when its copy starts and again when it ends (odd:
 //! being copied); a mirrored write notes the epochs before it starts and marks the chunk
-//! dirty when they changed or were odd when it ended.
+//! dirty when they changed or were odd when it ended. Chunks share [`EPOCH_SLOTS`]
+//! epochs (chunk modulo the table): a shared epoch can only mark a chunk needlessly,
+//! never miss one, and the table's memory stays bounded whatever the disk's size.
 
 use std::sync::atomic::{AtomicBool, AtomicU8, Ordering};
 use std::sync::{Arc, Mutex};
@@ -16,11 +18,14 @@ use super::dirty::DirtyBitmap;
 use crate::disk::Disk;
 use crate::sync::lock;
 
+/// Epochs kept at most (64 KiB).
+pub const EPOCH_SLOTS: u64 = 1 << 16;
+
 /// The link between a mirror job and its disk's queues.
 #[derive(Debug)]
 pub struct MirrorLink {
     bitmap: Arc<DirtyBitmap>,
-    /// Per chunk, in write-blocking mode only (empty otherwise).
+    /// By chunk modulo their count, in write-blocking mode only (empty otherwise).
     epochs: Vec<AtomicU8>,
     target: Arc<Disk>,
     write_blocking: bool,
@@ -33,7 +38,7 @@ impl MirrorLink {
     /// to the target as well.
     pub fn new(bitmap: Arc<DirtyBitmap>, target: Arc<Disk>, write_blocking: bool) -> MirrorLink {
         let chunks = if write_blocking {
-            usize::try_from(bitmap.chunks()).unwrap_or(0)
+            usize::try_from(bitmap.chunks().min(EPOCH_SLOTS)).unwrap_or(0)
         } else {
             0
         };
@@ -111,7 +116,8 @@ impl MirrorLink {
     }
 
     fn epoch(&self, chunk: u64) -> Option<&AtomicU8> {
-        self.epochs.get(usize::try_from(chunk).ok()?)
+        let slots = u64::try_from(self.epochs.len()).ok().filter(|&n| n > 0)?;
+        self.epochs.get(usize::try_from(chunk % slots).ok()?)
     }
 
     fn chunks_of(&self, offset: u64, len: u64) -> std::ops::Range<u64> {

@@ -34,6 +34,15 @@ pub const BUSY_GUEST_GAP: Duration = Duration::from_micros(250);
 /// See [`BUSY_GUEST_CHUNKS`].
 pub const BUSY_GUEST_WINDOW: Duration = Duration::from_millis(20);
 
+/// How often a job with nothing in flight looks at the bitmap again: guest writes mark
+/// it without waking the job, so a job that copied everything comes back for what the
+/// guest dirtied since (and publishes it) within this.
+pub const IDLE_LOOK: Duration = Duration::from_millis(10);
+
+/// The token of the target's flush (copies use tokens below
+/// [`super::state::MAX_COPIES`]).
+const FLUSH_TOKEN: u64 = crate::queue::MAX_TOKENS - 1;
+
 /// How long [`MirrorJob::sync_target`] and [`MirrorJob::stop`] wait at most.
 pub const SYNC_TIMEOUT: Duration = Duration::from_secs(60);
 
@@ -218,7 +227,17 @@ impl MirrorJob {
             }
         }
         self.submit();
+        if !self.copier.state().is_final() && !self.timer_armed && self.in_flight() == 0 {
+            // Nothing of ours will wake us: look again shortly.
+            if self.timer.arm_at(now + IDLE_LOOK).is_ok() {
+                self.timer_armed = true;
+            }
+        }
         self.publish();
+        if self.has_completions() {
+            // Finished while we were busy: the eventfd may have been read meanwhile.
+            self.wake();
+        }
         work
     }
 
@@ -311,18 +330,20 @@ impl MirrorJob {
     }
 
     fn flush_token(&self) -> u64 {
-        self.copies.len() as u64
+        FLUSH_TOKEN
     }
 
     /// Reaps both queues; returns how many copies finished a step.
     fn reap(&mut self) -> usize {
         let mut done = std::mem::take(&mut self.done);
+        // One read of the shared eventfd, before either queue's completions are taken:
+        // a completion signalled after it is taken now or wakes the thread again.
         let _ = self.source.reap(|c| done.push(c));
         let reads = done.len();
         for c in done.drain(..) {
             self.read_done(c);
         }
-        let _ = self.target.reap(|c| done.push(c));
+        let _ = self.target.reap_ready(|c| done.push(c));
         let writes = done.len();
         for c in done.drain(..) {
             self.write_done(c);

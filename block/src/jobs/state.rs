@@ -103,6 +103,11 @@ pub struct MirrorOptions {
 pub const DEFAULT_BUFFER_SIZE: u64 = 16 << 20;
 /// The largest copy buffer accepted (1 GiB).
 pub const MAX_BUFFER_SIZE: u64 = 1 << 30;
+/// The most chunks in flight whatever the buffer (each copy is a request token).
+pub const MAX_COPIES: u64 = 4096;
+
+// Copy tokens stay below the queue's limit, and below the flush's token (the last one).
+const _: () = assert!(MAX_COPIES < crate::queue::MAX_TOKENS - 1);
 
 impl Default for MirrorOptions {
     fn default() -> Self {
@@ -139,9 +144,10 @@ impl MirrorOptions {
         Ok(())
     }
 
-    /// Chunks the copier keeps in flight at most.
+    /// Chunks the copier keeps in flight at most (the buffer's worth, up to
+    /// [`MAX_COPIES`]).
     pub fn max_chunks(&self) -> u64 {
-        (self.buffer_size / self.granularity).max(1)
+        (self.buffer_size / self.granularity).clamp(1, MAX_COPIES)
     }
 }
 
@@ -183,6 +189,14 @@ mod tests {
         let ok = MirrorOptions::default();
         ok.validate().unwrap();
         assert_eq!(ok.max_chunks(), 256);
+        // Each chunk in flight is a request token: the budget has a ceiling.
+        let big = MirrorOptions {
+            granularity: 4096,
+            buffer_size: MAX_BUFFER_SIZE,
+            ..MirrorOptions::default()
+        };
+        big.validate().unwrap();
+        assert_eq!(big.max_chunks(), MAX_COPIES);
         let bad = |f: fn(&mut MirrorOptions), needle: &str| {
             let mut o = MirrorOptions::default();
             f(&mut o);

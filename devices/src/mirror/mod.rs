@@ -85,6 +85,25 @@ pub fn open_target(blk: &BlkDevice, config: &MirrorConfig) -> Result<Arc<Disk>, 
             path.display()
         )));
     }
+    // Guest requests that suit the disk must suit the target: they go there as they are
+    // (write-blocking) or after the pivot.
+    let (t, src) = (&disk, &source);
+    for (what, theirs, ours) in [
+        (
+            "logical block size",
+            t.logical_block_size(),
+            src.logical_block_size(),
+        ),
+        ("offset alignment", t.offset_align(), src.offset_align()),
+        ("memory alignment", t.mem_align(), src.mem_align()),
+    ] {
+        if theirs > ours {
+            return Err(JobError::Invalid(format!(
+                "target {} needs a {what} of {theirs} bytes, more than the disk's {ours}",
+                path.display()
+            )));
+        }
+    }
     if disk.capacity() < source.capacity() {
         return Err(JobError::Invalid(format!(
             "target {} has {} bytes, less than the disk's {}",
@@ -209,6 +228,7 @@ impl Mirror {
             ended: true,
         };
         // Every queue marks the bitmap before the first chunk is read.
+        let switching = blk.lock_switch();
         blk.set_mirror(Some(link.clone()));
         let engines = if link.write_blocking() {
             match mirror.engines_for(blk, link.target()) {
@@ -233,6 +253,7 @@ impl Mirror {
             return Err(JobError::Failed(format!("job {id}: {e}")));
         }
         mirror.ended = false;
+        drop(switching);
         if let Err(e) = mirror.visit_job(SourceOp::StartJob) {
             mirror.end(blk);
             return Err(JobError::Failed(e));
@@ -285,28 +306,32 @@ impl Mirror {
     /// queues use the target and the source is let go.
     pub fn complete(&mut self, blk: &Arc<BlkDevice>) -> Result<(), JobError> {
         self.check_state(JobState::Ready, "complete")?;
+        let Some(target) = self.link.as_ref().map(|l| l.target().clone()) else {
+            return Err(JobError::Conflict(format!("job {} has ended", self.id())));
+        };
+        let _switching = blk.lock_switch();
         self.pause_queues(blk)?;
         if let Err(e) = self.visit_job(SourceOp::SyncJob) {
-            self.resume_queues(blk);
             self.end(blk);
+            self.resume_queues(blk);
             return Err(JobError::Failed(format!(
                 "job {}: the last copy failed, the disk stays on its image: {e}",
                 self.id()
             )));
         }
-        let Some(target) = self.link.as_ref().map(|l| l.target().clone()) else {
-            return Err(JobError::Conflict(format!("job {} has ended", self.id())));
-        };
+        // The target holds what the source holds, and nothing changes while the disk is
+        // held: the job ends and lets go of the queues before they switch.
+        let stopped = self.visit_job(SourceOp::StopJob(JobState::Completed));
         let (source, source_path) = (blk.disk(), blk.config().path);
+        blk.set_mirror(None);
         if let Err(e) = self.visit_queues(blk, SourceOp::AttachMirror(None, Arc::default())) {
-            self.resume_queues(blk);
             self.end(blk);
+            self.resume_queues(blk);
             return Err(JobError::Failed(format!(
                 "job {}: pivot failed: {e}",
                 self.id()
             )));
         }
-        blk.set_mirror(None);
         // Queues made from now on open the target; those there now switch to it.
         blk.switch_disk(target.clone(), self.config.target.path.clone());
         let switched = self
@@ -320,19 +345,26 @@ impl Mirror {
             let back = self
                 .engines_for(blk, &source)
                 .and_then(|engines| self.visit_queues(blk, SourceOp::SwitchDisk(source, engines)));
-            if let Err(e) = back {
-                tracing::error!(job = %self.id(), error = %e, "switching back failed: queues may be on either image");
+            self.end(blk);
+            if let Err(back) = back {
+                // Some queues may be on either image: the disk stays held (its guest
+                // waits) rather than write to two images.
+                tracing::error!(job = %self.id(), disk = blk.id(), error = %back,
+                    "switching back failed: the disk stays held; its queues may be on either image");
+                return Err(JobError::Failed(format!(
+                    "job {}: pivot failed ({e}) and so did switching back ({back}): disk {} takes no more requests",
+                    self.id(),
+                    blk.id()
+                )));
             }
             self.resume_queues(blk);
-            self.end(blk);
             return Err(JobError::Failed(format!(
                 "job {}: pivot failed: {e}",
                 self.id()
             )));
         }
-        self.resume_queues(blk);
-        let stopped = self.visit_job(SourceOp::StopJob(JobState::Completed));
         self.end(blk);
+        self.resume_queues(blk);
         tracing::info!(job = %self.id(), disk = blk.id(), "mirror completed: the disk uses its target");
         stopped.map_err(JobError::Failed)
     }
@@ -349,20 +381,26 @@ impl Mirror {
                 state.as_str()
             )));
         }
+        let _switching = blk.lock_switch();
+        let consistent = state == JobState::Ready && !force;
         let mut result = Ok(());
-        if state == JobState::Ready && !force {
+        if consistent {
             self.pause_queues(blk)?;
             result = self.visit_job(SourceOp::SyncJob).map_err(|e| {
                 JobError::Failed(format!("job {}: the last copy failed: {e}", self.id()))
             });
-            self.resume_queues(blk);
         }
         if result.is_ok() {
             result = self
                 .visit_job(SourceOp::StopJob(JobState::Cancelled))
                 .map_err(JobError::Failed);
         }
+        // The job stops and lets go of the queues before the guest goes on: the target
+        // is the disk at this moment, no later write reaches it.
         self.end(blk);
+        if consistent {
+            self.resume_queues(blk);
+        }
         tracing::info!(job = %self.id(), disk = blk.id(), "mirror cancelled");
         result
     }
@@ -436,6 +474,11 @@ impl Mirror {
                 tracing::warn!(job = %self.id(), error = %e, "taking the job off its iothread");
             }
             self.ended = true;
+        }
+        if let Some(link) = &self.link {
+            // Queues stop writing to the target at once, whether the detach below
+            // reaches them or not.
+            link.fail("the job has ended".into());
         }
         self.detach(blk);
         self.link = None;

@@ -171,6 +171,8 @@ impl Backend {
     /// Ends the session: drains and drops every queue worker and forgets the daemon's
     /// handlers (they hold this backend: the cycle must be broken here).
     pub(super) fn end_session(&self) {
+        // Not in the middle of a block job's switch: its queues drain as they are.
+        let _switching = self.device.lock_switch();
         for thread in &self.threads {
             thread.end_session();
         }
@@ -184,6 +186,8 @@ impl Backend {
             return;
         };
         if let Some(thread) = self.threads.get(t) {
+            // Not in the middle of a block job's switch (see `end_session`).
+            let _switching = self.device.lock_switch();
             thread.stop_queue(local);
         }
     }

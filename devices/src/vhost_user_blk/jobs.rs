@@ -43,6 +43,10 @@ impl Backend {
             )));
         }
         let mut jobs = lock(&self.jobs);
+        // A job that ended on its own is let go first (its id may be taken again).
+        for job in jobs.iter_mut() {
+            job.reap_if_over(&self.device);
+        }
         jobs.check_new(&config)?;
         let target = open_target(&self.device, &config)?;
         let job_thread = self.job_thread().map_err(JobError::Failed)?;

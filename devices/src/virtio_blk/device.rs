@@ -74,6 +74,9 @@ pub struct BlkDevice {
     current: Mutex<(Arc<Disk>, std::path::PathBuf)>,
     /// A running mirror job's link, attached to every queue made while it runs.
     mirror: Mutex<Option<Arc<block::jobs::MirrorLink>>>,
+    /// Held while a block job attaches to or switches the disk's queues; whoever stops
+    /// queues outside the VMM's device lock (a vhost-user session's end) takes it too.
+    switching: Mutex<()>,
     counters: Arc<DiskCounters>,
     shared: Arc<BlkShared>,
     config_space: Mutex<ConfigSpace>,
@@ -163,6 +166,7 @@ impl BlkDevice {
         Ok(BlkDevice {
             current: Mutex::new((Arc::new(disk), config.path.clone())),
             mirror: Mutex::new(None),
+            switching: Mutex::new(()),
             counters: Arc::default(),
             shared,
             config_space: Mutex::new(space),
@@ -201,6 +205,11 @@ impl BlkDevice {
     pub fn switch_disk(&self, disk: Arc<Disk>, path: std::path::PathBuf) {
         tracing::info!(disk = %self.config.id, path = %path.display(), "disk switched to a new image");
         *lock(&self.current) = (disk, path);
+    }
+
+    /// Held while a block job attaches to or switches the disk's queues (see the field).
+    pub fn lock_switch(&self) -> std::sync::MutexGuard<'_, ()> {
+        lock(&self.switching)
     }
 
     /// The mirror link queues made now attach.

@@ -26,6 +26,8 @@ impl Vm {
         let (blk, threads) = self.devices.disk_threads(&config.disk).ok_or_else(|| {
             JobError::NotFound(format!("VM {} has no disk {}", self.config.id, config.disk))
         })?;
+        // A job that ended on its own is let go first (its id may be taken again).
+        self.reap_jobs();
         self.devices.jobs().check_new(&config)?;
         if let Some(path) = devices::mirror::local_target(&config)
             && let Some(d) = self.config.disks.iter().find(|d| d.path == path)

@@ -50,21 +50,7 @@ pub(super) fn start(
         .host_path()
         .and_then(|p| std::fs::metadata(p).ok())
         .map_or(disk.null_size.unwrap_or(0), |m| m.len());
-    let info = JobInfo {
-        id: id.clone(),
-        kind: "mirror".into(),
-        disk: config.disk.clone(),
-        target: config.target.path.display().to_string(),
-        state: JobState::Ready,
-        bytes_done: size,
-        bytes_total: size,
-        dirty_bytes: 0,
-        rate: 0,
-        speed: config.speed,
-        sync: config.sync,
-        copy_mode: config.copy_mode,
-        error: None,
-    };
+    let info = config.job_info(&config.disk, size, JobState::Ready);
     jobs.retain(|j| j.id != id);
     jobs.push(info.clone());
     Ok(info)

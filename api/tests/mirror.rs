@@ -132,16 +132,6 @@ fn check_guest_and_image(s: &Service, events: &Events, id: &str, image: &Path) {
     }
 }
 
-/// Whether process `pid` has `path` open.
-fn holds(pid: u32, path: &Path) -> bool {
-    std::fs::read_dir(format!("/proc/{pid}/fd"))
-        .map(|d| {
-            d.flatten()
-                .any(|e| std::fs::read_link(e.path()).is_ok_and(|p| p == path))
-        })
-        .unwrap_or(false)
-}
-
 fn disk_path(s: &Service, id: &str) -> PathBuf {
     let info = s.ok("GET", &format!("vm.info?id={id}"), None).json();
     PathBuf::from(info["config"]["disks"][0]["path"].as_str().unwrap_or(""))
@@ -211,10 +201,10 @@ fn mirror_to_a_local_file_pivots_under_guest_writes() {
     // The old image is closed and its lock released; the new one is in use.
     let pid = s.vm_pid("m").unwrap_or(0);
     assert!(
-        !holds(pid, &source),
+        !tests::procfs::holds(pid, &source),
         "the VM process still has the old image open"
     );
-    assert!(holds(pid, &target));
+    assert!(tests::procfs::holds(pid, &target));
     let relock = block::Disk::open(&block::DiskOptions {
         cache: block::CacheMode::Writeback,
         ..block::DiskOptions::new(&source)
@@ -268,7 +258,10 @@ fn write_blocking_mirror_to_qemu_nbd_pivots_under_guest_writes() {
     let c = s.counters("w");
     assert_eq!(c["disks"]["d0"]["nbd"]["state"], "connected", "{c}");
     let pid = s.vm_pid("w").unwrap_or(0);
-    assert!(!holds(pid, &source), "the old image is closed");
+    assert!(
+        !tests::procfs::holds(pid, &source),
+        "the old image is closed"
+    );
     check_guest_and_image(&s, &events, "w", &behind);
     s.ok("PUT", "vm.delete?id=w", None);
 }
@@ -373,7 +366,7 @@ fn cancel_in_ready_leaves_a_point_in_time_copy_and_bad_requests_are_refused() {
     assert!(a == b, "the target differs from the disk at cancel time");
     assert_eq!(disk_path(&s, "c"), source, "the disk stays on its image");
     let pid = s.vm_pid("c").unwrap_or(0);
-    assert!(!holds(pid, &target), "the target is closed");
+    assert!(!tests::procfs::holds(pid, &target), "the target is closed");
     expect(
         &s.put("vm.job-cancel?id=c", &json!({"job_id": "j"})),
         409,

@@ -15,6 +15,7 @@ use block::jobs::{CopyMode, JobState};
 use common::{Rig, mixed_load};
 use devices::config::{DiskConfig, VqMapping};
 use devices::mirror::{JobError, Mirror, MirrorConfig, MirrorTarget, TargetFormat, open_target};
+use devices::virtio_blk::device::BlkDevice;
 
 const MIB: u64 = 1 << 20;
 const SIZE: u64 = 32 * MIB;
@@ -53,20 +54,23 @@ fn config(rig: &Rig, mode: CopyMode, speed: u64) -> MirrorConfig {
     }
 }
 
+/// Starts a mirror of the rig's disk per `mode` and `speed`; returns it with the disk
+/// and the target's path.
+fn start(rig: &Rig, mode: CopyMode, speed: u64) -> (Arc<BlkDevice>, std::path::PathBuf, Mirror) {
+    let blk = rig.disks[0].device.clone();
+    let cfg = config(rig, mode, speed);
+    let target_path = cfg.target.path.clone();
+    let target = open_target(&blk, &cfg).unwrap();
+    let mirror = Mirror::start(&blk, rig.iothreads.clone(), cfg, target, None).unwrap();
+    (blk, target_path, mirror)
+}
+
 fn wait_for(mirror: &Mirror, state: JobState, secs: u64) {
     let deadline = Instant::now() + Duration::from_secs(secs);
     while mirror.info().state != state {
         assert!(Instant::now() < deadline, "{:?}", mirror.info());
         std::thread::sleep(Duration::from_millis(2));
     }
-}
-
-/// Whether this process has `path` open.
-fn is_open(path: &std::path::Path) -> bool {
-    std::fs::read_dir("/proc/self/fd")
-        .unwrap()
-        .flatten()
-        .any(|e| std::fs::read_link(e.path()).is_ok_and(|p| p == path))
 }
 
 /// Runs the drivers' verified load in threads; returns their shadows.
@@ -117,8 +121,11 @@ fn pivot_under_load(mode: CopyMode) {
     // Everything the drivers wrote, before and after the pivot, is on the target; their
     // reads after the pivot (verified in the load) came from it.
     check_image(&std::fs::read(&target_path).unwrap(), &shadows);
-    assert!(!is_open(&source), "the old image is closed");
-    assert!(is_open(&target_path));
+    assert!(
+        !tests::procfs::self_holds(&source),
+        "the old image is closed"
+    );
+    assert!(tests::procfs::self_holds(&target_path));
     let info = mirror.info();
     assert!(info.bytes_done >= SIZE, "{info:?}");
     assert_eq!(blk.counters().io.in_flight, 0);
@@ -137,12 +144,8 @@ fn write_blocking_mirror_pivots_under_load_and_loses_nothing() {
 #[test]
 fn cancel_in_ready_leaves_a_consistent_copy_and_the_disk_on_its_image() {
     let mut rig = rig();
-    let blk = rig.disks[0].device.clone();
     let source = rig.disks[0].image.clone();
-    let cfg = config(&rig, CopyMode::Background, 0);
-    let target_path = cfg.target.path.clone();
-    let target = open_target(&blk, &cfg).unwrap();
-    let mut mirror = Mirror::start(&blk, rig.iothreads.clone(), cfg, target, None).unwrap();
+    let (blk, target_path, mut mirror) = start(&rig, CopyMode::Background, 0);
     let loads = load(&mut rig);
     wait_for(&mirror, JobState::Ready, 60);
     let shadows: Vec<_> = loads.into_iter().map(|t| t.join().unwrap()).collect();
@@ -155,18 +158,18 @@ fn cancel_in_ready_leaves_a_consistent_copy_and_the_disk_on_its_image() {
     );
     check_image(&s, &shadows);
     assert!(s == t, "the target is the disk at cancel time");
-    assert!(!is_open(&target_path), "the target is closed");
+    assert!(
+        !tests::procfs::self_holds(&target_path),
+        "the target is closed"
+    );
     assert!(matches!(mirror.complete(&blk), Err(JobError::Conflict(_))));
 }
 
 #[test]
 fn complete_before_ready_is_refused_and_cancel_leaves_the_disk_working() {
     let rig = rig();
-    let blk = rig.disks[0].device.clone();
     // 64 KiB/s: far from ready for a while.
-    let cfg = config(&rig, CopyMode::Background, 64 << 10);
-    let target = open_target(&blk, &cfg).unwrap();
-    let mut mirror = Mirror::start(&blk, rig.iothreads.clone(), cfg, target, None).unwrap();
+    let (blk, _, mut mirror) = start(&rig, CopyMode::Background, 64 << 10);
     wait_for(&mirror, JobState::Running, 5);
     let e = mirror.complete(&blk).unwrap_err();
     assert!(matches!(e, JobError::Conflict(_)), "{e}");
@@ -204,17 +207,16 @@ fn a_target_smaller_than_the_disk_or_the_disk_itself_is_refused() {
 #[test]
 fn a_disk_going_away_cancels_its_job_and_closes_the_target() {
     let rig = rig();
-    let blk = rig.disks[0].device.clone();
-    let cfg = config(&rig, CopyMode::WriteBlocking, 64 << 10);
-    let target_path = cfg.target.path.clone();
-    let target = open_target(&blk, &cfg).unwrap();
-    let mut mirror = Mirror::start(&blk, rig.iothreads.clone(), cfg, target, None).unwrap();
+    let (blk, target_path, mut mirror) = start(&rig, CopyMode::WriteBlocking, 64 << 10);
     wait_for(&mirror, JobState::Running, 5);
-    assert!(is_open(&target_path));
+    assert!(tests::procfs::self_holds(&target_path));
     mirror.abandon(&blk);
     assert_eq!(mirror.info().state, JobState::Cancelled);
     assert!(blk.mirror().is_none());
-    assert!(!is_open(&target_path), "the target is closed");
+    assert!(
+        !tests::procfs::self_holds(&target_path),
+        "the target is closed"
+    );
     for t in &rig.iothreads {
         assert_eq!(
             t.visit("job:m0", devices::iothread::SourceOp::Resume)
@@ -231,12 +233,8 @@ fn a_disk_going_away_cancels_its_job_and_closes_the_target() {
 #[test]
 fn a_ready_job_copies_later_writes_by_itself() {
     let mut rig = rig();
-    let blk = rig.disks[0].device.clone();
     let source = rig.disks[0].image.clone();
-    let cfg = config(&rig, CopyMode::Background, 0);
-    let target_path = cfg.target.path.clone();
-    let target = open_target(&blk, &cfg).unwrap();
-    let mut mirror = Mirror::start(&blk, rig.iothreads.clone(), cfg, target, None).unwrap();
+    let (blk, target_path, mut mirror) = start(&rig, CopyMode::Background, 0);
     wait_for(&mirror, JobState::Ready, 60);
     let at_ready = mirror.info().bytes_done;
     // Writes after ready, then quiet.

@@ -8,6 +8,7 @@ pub mod image;
 pub mod latency;
 pub mod linux_guest;
 pub mod nbd_server;
+pub mod procfs;
 pub mod skip;
 pub mod test_guest;
 pub mod vmlinux;

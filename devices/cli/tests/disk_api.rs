@@ -202,7 +202,7 @@ fn mirror_pivots_under_a_frontends_writes_and_the_api_answers() {
     // The old image is closed.
     let pid = server_pid(&server);
     assert!(
-        !holds(pid, &img),
+        !tests::procfs::holds(pid, &img),
         "the backend still has the old image open"
     );
     // More writes and reads on the new image.
@@ -255,7 +255,10 @@ fn mirror_pivots_under_a_frontends_writes_and_the_api_answers() {
     assert_eq!(job(&api, "m3")["state"], "cancelled");
     let info = ok(&api, "GET", "disk.info", None).json();
     assert_eq!(info["disk"]["path"], target.to_str().unwrap());
-    assert!(!holds(pid, &back), "the cancelled target is closed");
+    assert!(
+        !tests::procfs::holds(pid, &back),
+        "the cancelled target is closed"
+    );
 }
 
 fn server_pid(server: &Server) -> u32 {
@@ -273,13 +276,4 @@ fn server_pid(server: &Server) -> u32 {
         }
     }
     panic!("no backend process");
-}
-
-fn holds(pid: u32, path: &Path) -> bool {
-    std::fs::read_dir(format!("/proc/{pid}/fd"))
-        .map(|d| {
-            d.flatten()
-                .any(|e| std::fs::read_link(e.path()).is_ok_and(|p| p == path))
-        })
-        .unwrap_or(false)
 }

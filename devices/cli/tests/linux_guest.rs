@@ -271,12 +271,7 @@ fn fio_verifies_through_a_mirror_and_pivot_under_the_guests_writes() {
         .unwrap_or_else(|e| panic!("{e}\n{}", run.report()));
     assert_eq!((error, read), (0, job.size), "{}", run.report());
     // The old image is closed; the new one is open and holds fio's blocks.
-    let open = |p: &Path| {
-        std::fs::read_dir(format!("/proc/{pid}/fd")).is_ok_and(|d| {
-            d.flatten()
-                .any(|e| std::fs::read_link(e.path()).is_ok_and(|l| l == p))
-        })
-    };
+    let open = |p: &Path| tests::procfs::holds(pid, p);
     assert!(!open(&image), "the backend still has the old image open");
     assert!(open(&target));
     let data = std::fs::read(&target).unwrap();

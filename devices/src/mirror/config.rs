@@ -87,6 +87,36 @@ impl MirrorConfig {
             .unwrap_or_else(|| format!("mirror-{}", self.disk))
     }
 
+    /// What a job per these settings on disk `disk` (of `size` bytes) shows at first, in
+    /// `state`.
+    pub fn job_info(
+        &self,
+        disk: &str,
+        size: u64,
+        state: block::jobs::JobState,
+    ) -> block::jobs::JobInfo {
+        let done = if state == block::jobs::JobState::Ready {
+            size
+        } else {
+            0
+        };
+        block::jobs::JobInfo {
+            id: self.job_id(),
+            kind: "mirror".into(),
+            disk: disk.to_string(),
+            target: self.target.path.display().to_string(),
+            state,
+            bytes_done: done,
+            bytes_total: size,
+            dirty_bytes: 0,
+            rate: 0,
+            speed: self.speed,
+            sync: self.sync,
+            copy_mode: self.copy_mode,
+            error: None,
+        }
+    }
+
     /// The copier's settings.
     pub fn options(&self) -> MirrorOptions {
         MirrorOptions {

@@ -193,21 +193,8 @@ impl Mirror {
             config.copy_mode == block::jobs::CopyMode::WriteBlocking,
         ));
         let id = config.job_id();
-        let status = JobStatus::new(JobInfo {
-            id: id.clone(),
-            kind: "mirror".into(),
-            disk: blk.id().to_string(),
-            target: config.target.path.display().to_string(),
-            state: JobState::Created,
-            bytes_done: 0,
-            bytes_total: source.capacity(),
-            dirty_bytes: 0,
-            rate: 0,
-            speed: config.speed,
-            sync: config.sync,
-            copy_mode: config.copy_mode,
-            error: None,
-        });
+        let status =
+            JobStatus::new(config.job_info(blk.id(), source.capacity(), JobState::Created));
         status.set_notifier(notify);
         let job = MirrorJob::new(
             source,

@@ -444,3 +444,64 @@ fn write_blocking_converges_where_background_cannot() {
     assert!(ready["bytes_done"].as_u64() >= Some(8 << 20), "{ready}");
     s.ok("PUT", "vm.delete?id=v", None);
 }
+
+/// A target that fails every write (nbdkit's error filter) fails the job; the guest's
+/// I/O on its own image goes on, the job says why, a `job-failed` event goes out, and
+/// the disk stays on its image.
+#[test]
+fn a_failing_target_fails_the_job_and_not_the_guest() {
+    let test = "a_failing_target_fails_the_job_and_not_the_guest";
+    if !tests::skip::kvm_or_skip(test) || !have("nbdkit", test, "nbdkit") {
+        return;
+    }
+    let s = Service::start(&seccomp_args());
+    let events = Events::follow(&s.socket);
+    let source = s.image("src.raw", 32);
+    let failing = NbdServer::nbdkit(
+        &[
+            "--filter=error",
+            "memory",
+            "size=32M",
+            "error=EIO",
+            "error-pwrite-rate=100%",
+        ],
+        Listen::Unix(s.path("bad.sock")),
+    );
+    s.ok("PUT", "vm.create", Some(&vm(&s, "f", &source, 40, 3000)));
+    s.ok("PUT", "vm.boot?id=f", None);
+    wait_generation(&s, "f", 2);
+    s.ok(
+        "PUT",
+        "vm.disk-mirror?id=f",
+        Some(
+            &json!({"job_id": "j", "disk": "d0", "target": {"path": failing.uri()},
+                     "copy_mode": "write-blocking"}),
+        ),
+    );
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let failed = loop {
+        let j = job(&s, "f", "j");
+        if j["state"] == "failed" {
+            break j;
+        }
+        assert!(Instant::now() < deadline, "the job did not fail: {j}");
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    assert!(
+        failed["error"]
+            .as_str()
+            .unwrap_or("")
+            .contains("mirror target"),
+        "{failed}"
+    );
+    let (_, e) = events.wait_for("f", "job-failed", Duration::from_secs(5));
+    assert_eq!(e["job"], "j", "{e}");
+    expect(
+        &s.put("vm.job-complete?id=f", &json!({"job_id": "j"})),
+        409,
+        &["failed"],
+    );
+    assert_eq!(disk_path(&s, "f"), source);
+    check_guest_and_image(&s, &events, "f", &source);
+    s.ok("PUT", "vm.delete?id=f", None);
+}

@@ -242,6 +242,13 @@ impl Mirror {
         mirror.ended = false;
         drop(switching);
         if let Err(e) = mirror.visit_job(SourceOp::StartJob) {
+            if mirror.is_over() {
+                // Its target failed already (a write-blocking guest write reached it
+                // first): the job started and failed; it is listed so, and let go at the
+                // next look.
+                tracing::warn!(job = %id, error = ?mirror.info().error, "mirror failed as it started");
+                return Ok(mirror);
+            }
             mirror.end(blk);
             return Err(JobError::Failed(e));
         }

@@ -507,3 +507,85 @@ fn a_failing_target_fails_the_job_and_not_the_guest() {
     check_guest_and_image(&s, &events, "f", &source);
     s.ok("PUT", "vm.delete?id=f", None);
 }
+
+/// A disk hot unplugged while its mirror runs: the guest ejects it, its job is
+/// cancelled (a `job-cancelled` event) and its target closed; the VM goes on.
+#[test]
+fn hot_unplug_cancels_the_disks_mirror_and_closes_its_target() {
+    let test = "hot_unplug_cancels_the_disks_mirror_and_closes_its_target";
+    if !tests::skip::kvm_or_skip(test) {
+        return;
+    }
+    let s = Service::start(&seccomp_args());
+    let events = Events::follow(&s.socket);
+    let elf = support::guest();
+    let tsc = support::tsc_khz();
+    let d0 = s.image("d0.raw", 8);
+    let d1 = s.image("d1.raw", 16);
+    let target = s.path("d1-copy.raw");
+    // The guest acts as an OS's hot plug driver once its short phases are done.
+    let config = json!({
+        "id": "h",
+        "memory": {"size_mib": 64},
+        "payload": {"kernel": elf, "cmdline": format!(
+            "exit=acpi pci=auto tsc_khz={tsc} ms=50 blocks=1 hotplug=1 hp_wait_s=60")},
+        "serial": {"mode": "file", "path": s.path("h.serial")},
+        "disks": [{"id": "d0", "path": d0}, {"id": "d1", "path": d1}]
+    });
+    s.ok("PUT", "vm.create", Some(&config));
+    s.ok("PUT", "vm.boot?id=h", None);
+    // 64 KiB/s: the job still copies when the disk goes.
+    s.ok(
+        "PUT",
+        "vm.disk-mirror?id=h",
+        Some(&json!({"job_id": "j", "disk": "d1", "target": {"path": target}, "speed": 65536})),
+    );
+    let pid = s.vm_pid("h").unwrap_or(0);
+    assert!(tests::procfs::holds(pid, &target));
+    assert_eq!(job(&s, "h", "j")["state"], "running");
+    s.ok("PUT", "vm.remove-device?id=h", Some(&json!({"id": "d1"})));
+    // The job is cancelled as the disk goes (its event comes first).
+    let (_, e) = events.wait_for("h", "job-cancelled", Duration::from_secs(60));
+    assert_eq!(e["job"], "j", "{e}");
+    events.wait_for("h", "disk-ejected", Duration::from_secs(5));
+    assert_eq!(job(&s, "h", "j")["state"], "cancelled");
+    assert!(!tests::procfs::holds(pid, &target), "the target is closed");
+    assert!(
+        !tests::procfs::holds(pid, &d1),
+        "the ejected image is closed"
+    );
+    events.wait_for("h", "guest-poweroff", Duration::from_secs(60));
+    let out = console(&s, "h");
+    assert!(out.contains("hotplug.ejected"), "{out}");
+    s.ok("PUT", "vm.delete?id=h", None);
+}
+
+/// A VM shut down while a mirror runs: the job is cancelled and says so.
+#[test]
+fn shutdown_cancels_a_running_mirror() {
+    let test = "shutdown_cancels_a_running_mirror";
+    if !tests::skip::kvm_or_skip(test) {
+        return;
+    }
+    let s = Service::start(&seccomp_args());
+    let events = Events::follow(&s.socket);
+    let source = s.image("src.raw", 32);
+    s.ok("PUT", "vm.create", Some(&vm(&s, "s", &source, 60000, 3000)));
+    s.ok("PUT", "vm.boot?id=s", None);
+    wait_generation(&s, "s", 2);
+    s.ok(
+        "PUT",
+        "vm.disk-mirror?id=s",
+        Some(
+            &json!({"job_id": "j", "disk": "d0", "target": {"path": s.path("dst.raw")},
+                     "speed": 65536}),
+        ),
+    );
+    s.ok("PUT", "vm.shutdown?id=s", None);
+    let (_, e) = events.wait_for("s", "job-cancelled", Duration::from_secs(10));
+    assert_eq!(e["job"], "j", "{e}");
+    // A shut-down VM lists no jobs (they lived in its process).
+    let jobs = s.ok("GET", "vm.jobs?id=s", None).json();
+    assert_eq!(jobs, json!([]), "{jobs}");
+    s.ok("PUT", "vm.delete?id=s", None);
+}

@@ -31,6 +31,8 @@ pub struct Backend {
     /// Block jobs (live mirror) and the thread they run on (made at the first job).
     pub(super) jobs: std::sync::Mutex<crate::mirror::JobList>,
     pub(super) job_thread: std::sync::Mutex<Option<Arc<crate::iothread::IoThread>>>,
+    /// The backend is stopping: no new job starts.
+    pub(super) stopping: AtomicBool,
     /// Where each queue lives: (thread index, index within the thread).
     pub(super) placement: Vec<(usize, usize)>,
     acked_features: AtomicU64,
@@ -72,6 +74,7 @@ impl Backend {
             device: Arc::new(device),
             jobs: std::sync::Mutex::default(),
             job_thread: std::sync::Mutex::new(None),
+            stopping: AtomicBool::new(false),
             threads,
             placement,
             acked_features: AtomicU64::new(0),

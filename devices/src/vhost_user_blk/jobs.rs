@@ -43,6 +43,9 @@ impl Backend {
             )));
         }
         let mut jobs = lock(&self.jobs);
+        if self.stopping.load(std::sync::atomic::Ordering::SeqCst) {
+            return Err(JobError::Conflict("the backend is stopping".into()));
+        }
         // A job that ended on its own is let go first (its id may be taken again).
         for job in jobs.iter_mut() {
             job.reap_if_over(&self.device);
@@ -86,9 +89,12 @@ impl Backend {
         lock(&self.jobs).get_mut(id)?.set_speed(speed)
     }
 
-    /// Cancels every running job (the backend is stopping).
+    /// Cancels every running job; no job starts after this (the backend is stopping).
     pub fn abandon_jobs(&self) {
-        for job in lock(&self.jobs).iter_mut() {
+        let mut jobs = lock(&self.jobs);
+        self.stopping
+            .store(true, std::sync::atomic::Ordering::SeqCst);
+        for job in jobs.iter_mut() {
             job.abandon(&self.device);
         }
     }

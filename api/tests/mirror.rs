@@ -149,7 +149,7 @@ fn mirror_to_a_local_file_pivots_under_guest_writes() {
     let events = Events::follow(&s.socket);
     let source = s.image("src.raw", 32);
     let target = s.path("dst.raw");
-    s.ok("PUT", "vm.create", Some(&vm(&s, "m", &source, 400, 3000)));
+    s.ok("PUT", "vm.create", Some(&vm(&s, "m", &source, 400, 2000)));
     s.ok("PUT", "vm.boot?id=m", None);
     let _strace = std::env::var("MIRROR_STRACE").ok().map(|out| {
         let pid = s.vm_pid("m").unwrap_or(0);
@@ -239,7 +239,7 @@ fn write_blocking_mirror_to_qemu_nbd_pivots_under_guest_writes() {
         .and_then(|f| f.set_len(32 * MIB as u64))
         .unwrap_or_else(|e| panic!("{e}"));
     let server = NbdServer::qemu_nbd(&behind, "t", Listen::Unix(s.path("t.sock")));
-    s.ok("PUT", "vm.create", Some(&vm(&s, "w", &source, 400, 3000)));
+    s.ok("PUT", "vm.create", Some(&vm(&s, "w", &source, 400, 2000)));
     s.ok("PUT", "vm.boot?id=w", None);
     wait_generation(&s, "w", 3);
     let started = s.put(
@@ -278,7 +278,7 @@ fn cancel_in_ready_leaves_a_point_in_time_copy_and_bad_requests_are_refused() {
     let events = Events::follow(&s.socket);
     let source = s.image("src.raw", 32);
     let target = s.path("dst.raw");
-    s.ok("PUT", "vm.create", Some(&vm(&s, "c", &source, 400, 3000)));
+    s.ok("PUT", "vm.create", Some(&vm(&s, "c", &source, 400, 2000)));
 
     // Bad requests, before and after boot.
     let body = |extra: Value| {

@@ -24,11 +24,12 @@ use crate::queue::{Completion, DiskQueue};
 use crate::throttle::ThrottleTimer;
 
 /// Chunks a job keeps in flight at most while the guest is busy (it submitted a request
-/// within [`BUSY_GUEST_WINDOW`]), and the least time between two chunks then: the guest's I/O goes first and the copy goes on
-/// at a trickle (one 64 KiB chunk per 250 us, at most 256 MiB/s at the default
-/// granularity); the whole budget again once the guest is idle. A sync before a pivot
-/// (the guest paused) takes the whole budget.
-pub const BUSY_GUEST_CHUNKS: u64 = 1;
+/// within [`BUSY_GUEST_WINDOW`]), and the least time between two chunk starts then: the
+/// guest's I/O goes first and the copy goes on at a trickle (one 64 KiB chunk per
+/// 250 us, at most 256 MiB/s at the default granularity, a few in flight so that their
+/// latencies overlap); the whole budget again once the guest is idle. A sync before a
+/// pivot (the guest paused) takes the whole budget.
+pub const BUSY_GUEST_CHUNKS: u64 = 4;
 /// See [`BUSY_GUEST_CHUNKS`].
 pub const BUSY_GUEST_GAP: Duration = Duration::from_micros(250);
 /// See [`BUSY_GUEST_CHUNKS`].

@@ -357,8 +357,31 @@ fn cancel_in_ready_leaves_a_point_in_time_copy_and_bad_requests_are_refused() {
     assert_eq!(job(&s, "c", "j")["speed"], 0);
     wait_state(&s, "c", "j", "ready", Duration::from_secs(60));
 
-    // Cancel in ready with the guest paused: the target is the disk at that moment.
+    // Cancel in ready with the guest paused and its last requests done (pausing the
+    // vCPUs leaves what is in the rings to the iothread): the target is the disk at that
+    // moment, and the disk changes no more.
     s.ok("PUT", "vm.pause?id=c", None);
+    let writes = || {
+        let c = s.counters("c");
+        (
+            c["disks"]["d0"]["write"]["ops"].as_u64().unwrap_or(0),
+            c["disks"]["d0"]["in_flight"].as_u64().unwrap_or(0),
+        )
+    };
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let mut last = writes();
+    loop {
+        std::thread::sleep(Duration::from_millis(200));
+        let now = writes();
+        if now == last && now.1 == 0 {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the disk did not settle: {now:?}"
+        );
+        last = now;
+    }
     s.ok("PUT", "vm.job-cancel?id=c", Some(&json!({"job_id": "j"})));
     events.wait_for("c", "job-cancelled", Duration::from_secs(5));
     let (a, b) = (

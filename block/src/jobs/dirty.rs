@@ -26,6 +26,8 @@ pub struct DirtyBitmap {
     size: u64,
     chunks: u64,
     words: Vec<AtomicU64>,
+    /// Chunks that [`DirtyBitmap::mark`] turned from clean to dirty, ever.
+    newly_dirty: AtomicU64,
 }
 
 impl DirtyBitmap {
@@ -56,6 +58,7 @@ impl DirtyBitmap {
             size,
             chunks,
             words: (0..words).map(|_| AtomicU64::new(0)).collect(),
+            newly_dirty: AtomicU64::new(0),
         })
     }
 
@@ -89,15 +92,27 @@ impl DirtyBitmap {
         let end = offset.saturating_add(len).min(self.size);
         let first = offset >> self.shift;
         let last = (end - 1) >> self.shift;
-        self.set_bits(first, last + 1);
+        let newly = self.set_bits(first, last + 1);
+        if newly > 0 {
+            self.newly_dirty.fetch_add(newly, Ordering::Relaxed);
+        }
     }
 
-    /// Marks the whole disk (a full copy).
+    /// Marks the whole disk (a full copy; not counted in
+    /// [`DirtyBitmap::newly_dirty`]).
     pub fn mark_all(&self) {
         self.set_bits(0, self.chunks);
     }
 
-    fn set_bits(&self, from: u64, to: u64) {
+    /// How many chunks [`DirtyBitmap::mark`] has turned from clean to dirty since the
+    /// bitmap was made: how fast writes outrun a copy.
+    pub fn newly_dirty(&self) -> u64 {
+        self.newly_dirty.load(Ordering::Relaxed)
+    }
+
+    /// Sets the bits of chunks `from..to`; returns how many were clean.
+    fn set_bits(&self, from: u64, to: u64) -> u64 {
+        let mut newly = 0;
         let mut c = from;
         while c < to {
             let word = c / 64;
@@ -109,10 +124,12 @@ impl DirtyBitmap {
                 ((1u64 << n) - 1) << bit
             };
             if let Some(w) = usize::try_from(word).ok().and_then(|i| self.words.get(i)) {
-                w.fetch_or(mask, Ordering::AcqRel);
+                let old = w.fetch_or(mask, Ordering::AcqRel);
+                newly += u64::from((mask & !old).count_ones());
             }
             c += n;
         }
+        newly
     }
 
     /// Whether chunk `chunk` is dirty.
@@ -208,6 +225,9 @@ mod tests {
         b.mark(1 << 40, 4096); // past the end: nothing
         b.mark(5 * 4096, 0); // empty: nothing
         assert_eq!(b.dirty_chunks(), 4);
+        assert_eq!(b.newly_dirty(), 4);
+        b.mark(0, 4096); // dirty already: not new
+        assert_eq!(b.newly_dirty(), 4);
         assert_eq!(b.dirty_bytes(), 3 * 4096 + 2048);
         let mut taken = Vec::new();
         let mut at = 0;
@@ -219,6 +239,11 @@ mod tests {
         assert_eq!(b.dirty_bytes(), 0);
         // Taking wraps around: from the middle, an earlier chunk is found.
         b.mark(0, 1);
+        assert_eq!(
+            b.newly_dirty(),
+            5,
+            "a taken chunk dirtied again is new again"
+        );
         assert_eq!(b.take_next(7), Some(0));
         assert_eq!(b.take_next(0), None);
     }
@@ -230,6 +255,11 @@ mod tests {
         assert_eq!(b.dirty_chunks(), 200);
         b.mark(60 * 4096, 10 * 4096); // inside, across words 0 and 1: already set
         assert_eq!(b.dirty_chunks(), 200);
+        assert_eq!(
+            b.newly_dirty(),
+            0,
+            "neither a full copy nor marking dirty chunks"
+        );
         let mut n = 0;
         let mut at = 0;
         while let Some(c) = b.take_next(at) {

@@ -29,7 +29,18 @@ use crate::throttle::ThrottleTimer;
 /// 250 us, at most 256 MiB/s at the default granularity, a few in flight so that their
 /// latencies overlap); the whole budget again once the guest is idle. A sync before a
 /// pivot (the guest paused) takes the whole budget.
+///
+/// So that a job still converges under a guest that writes steadily, each chunk the
+/// guest's writes turn dirty earns the job [`CATCH_UP`] chunk starts that need not wait
+/// for the gap (at most [`MAX_CATCH_UP`] saved up), with up to twice
+/// [`BUSY_GUEST_CHUNKS`] in flight while it has some: the copy outruns the guest's
+/// writes by at least the trickle. A guest that writes faster than the disk can copy
+/// twice over does not converge in `background` mode (`write-blocking` does).
 pub const BUSY_GUEST_CHUNKS: u64 = 4;
+/// See [`BUSY_GUEST_CHUNKS`].
+pub const CATCH_UP: u64 = 2;
+/// See [`BUSY_GUEST_CHUNKS`].
+pub const MAX_CATCH_UP: u64 = 64;
 /// See [`BUSY_GUEST_CHUNKS`].
 pub const BUSY_GUEST_GAP: Duration = Duration::from_micros(250);
 /// See [`BUSY_GUEST_CHUNKS`].
@@ -79,6 +90,10 @@ pub struct MirrorJob {
     guest_seen: (u64, Option<Instant>),
     /// When the last chunk's copy started.
     last_start: Option<Instant>,
+    /// Chunk starts the guest's writes earned (see [`CATCH_UP`]), and the bitmap's
+    /// [`super::dirty::DirtyBitmap::newly_dirty`] when they were last counted.
+    catch_up: u64,
+    newly_dirty_seen: u64,
 }
 
 // SAFETY: the raw pointers the job's queues hold point into its own buffers (`copies`),
@@ -134,6 +149,8 @@ impl MirrorJob {
             guest: None,
             guest_seen: (0, None),
             last_start: None,
+            catch_up: 0,
+            newly_dirty_seen: 0,
         })
     }
 
@@ -214,17 +231,31 @@ impl MirrorJob {
         let mut work = self.reap();
         if !self.copier.state().is_final() {
             let busy = self.guest_busy(now);
-            self.copier
-                .set_in_flight_cap(busy.then_some(BUSY_GUEST_CHUNKS));
+            self.earn_catch_up(busy);
+            let cap = match self.catch_up {
+                0 => BUSY_GUEST_CHUNKS,
+                _ => 2 * BUSY_GUEST_CHUNKS,
+            };
+            self.copier.set_in_flight_cap(busy.then_some(cap));
             let next = self.last_start.map(|t| t + BUSY_GUEST_GAP);
-            match next.filter(|&at| busy && at > now) {
-                // The guest is busy and a chunk started lately: come back after the gap.
-                Some(at) => {
-                    if self.timer.arm_at(at).is_ok() {
-                        self.timer_armed = true;
-                    }
+            let waiting = next.filter(|&at| busy && at > now);
+            // Busy: one chunk once the gap is over, plus what the guest's writes earned.
+            let allowed = match (busy, waiting) {
+                (false, _) => u64::MAX,
+                (true, Some(_)) => self.catch_up,
+                (true, None) => self.catch_up + 1,
+            };
+            let started = self.start_copies(now, allowed);
+            if busy {
+                let free = u64::from(waiting.is_none());
+                self.catch_up -= started.saturating_sub(free).min(self.catch_up);
+            }
+            work += usize::try_from(started).unwrap_or(usize::MAX);
+            if let Some(at) = waiting.filter(|_| started == 0) {
+                // Nothing earned and a chunk started lately: come back after the gap.
+                if self.timer.arm_at(at).is_ok() {
+                    self.timer_armed = true;
                 }
-                None => work += self.start_copies(now, busy),
             }
         }
         self.submit();
@@ -429,10 +460,22 @@ impl MirrorJob {
             .is_some_and(|t| now.saturating_duration_since(t) < BUSY_GUEST_WINDOW)
     }
 
-    /// Starts the chunks the copier picks (one while the guest is `busy`).
-    fn start_copies(&mut self, now: Instant, busy: bool) -> usize {
+    /// Counts the chunks the guest's writes turned dirty since the last look into
+    /// the chunk starts it earned while the guest is `busy` (see [`CATCH_UP`]).
+    fn earn_catch_up(&mut self, busy: bool) {
+        let newly = self.link.bitmap().newly_dirty();
+        let earned = newly.wrapping_sub(self.newly_dirty_seen);
+        self.newly_dirty_seen = newly;
+        self.catch_up = match busy {
+            true => (self.catch_up + earned.saturating_mul(CATCH_UP)).min(MAX_CATCH_UP),
+            false => 0,
+        };
+    }
+
+    /// Starts the chunks the copier picks, `allowed` at most; returns how many.
+    fn start_copies(&mut self, now: Instant, allowed: u64) -> u64 {
         let mut started = 0;
-        while !(busy && started > 0) {
+        while started < allowed {
             match self.copier.next(now) {
                 Step::Copy { chunk, offset, len } => {
                     let Some(buf) = self.buffer(len) else {

@@ -145,7 +145,18 @@ pub fn mixed_load(
             issued += 1;
         }
         drv.kick().unwrap();
-        for c in drv.wait(Duration::from_secs(10)).unwrap() {
+        let completions = drv.wait(Duration::from_secs(10)).unwrap();
+        // Ten seconds without a completion while requests are in flight is a hang (a
+        // lost kick or interrupt), not a slow host: say so at once.
+        assert!(
+            !completions.is_empty() || drv.in_flight() == 0,
+            "no completion in 10 s: {done} of {n} done, {} in flight, avail {} used {}, {:?}",
+            drv.in_flight(),
+            drv.vq().avail_idx(),
+            drv.vq().last_used(),
+            drv.vq().stats()
+        );
+        for c in completions {
             let (write, start, data) = pending.remove(&c.id.0).expect("known request");
             assert_eq!(c.status, 0, "request failed: {c:?}");
             let off = (start * 512) as usize;

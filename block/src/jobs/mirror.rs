@@ -32,13 +32,16 @@ use crate::throttle::ThrottleTimer;
 ///
 /// So that a job still converges under a guest that writes steadily, each chunk the
 /// guest's writes turn dirty earns the job [`CATCH_UP`] chunk starts that need not wait
-/// for the gap (at most [`MAX_CATCH_UP`] saved up), with up to twice
-/// [`BUSY_GUEST_CHUNKS`] in flight while it has some: the copy outruns the guest's
-/// writes by at least the trickle. A guest that writes faster than the disk can copy
-/// twice over does not converge in `background` mode (`write-blocking` does).
+/// for the gap (at most [`MAX_CATCH_UP_RATE`] a second, [`MAX_CATCH_UP`] saved up), with
+/// up to twice [`BUSY_GUEST_CHUNKS`] in flight while it has some: the copy outruns a
+/// moderate writer (thousands of chunks a second) twice over. A guest that dirties
+/// chunks faster than that keeps most of its IOPS and does not converge in `background`
+/// mode (`write-blocking` does).
 pub const BUSY_GUEST_CHUNKS: u64 = 4;
 /// See [`BUSY_GUEST_CHUNKS`].
 pub const CATCH_UP: u64 = 2;
+/// See [`BUSY_GUEST_CHUNKS`].
+pub const MAX_CATCH_UP_RATE: u64 = 4000;
 /// See [`BUSY_GUEST_CHUNKS`].
 pub const MAX_CATCH_UP: u64 = 64;
 /// See [`BUSY_GUEST_CHUNKS`].
@@ -94,6 +97,10 @@ pub struct MirrorJob {
     /// [`super::dirty::DirtyBitmap::newly_dirty`] when they were last counted.
     catch_up: u64,
     newly_dirty_seen: u64,
+    /// When chunk starts were last earned, and how many (in millionths) the rate
+    /// limit still lets the guest's writes earn.
+    earned_at: Option<Instant>,
+    catch_up_bucket: u64,
 }
 
 // SAFETY: the raw pointers the job's queues hold point into its own buffers (`copies`),
@@ -151,6 +158,8 @@ impl MirrorJob {
             last_start: None,
             catch_up: 0,
             newly_dirty_seen: 0,
+            earned_at: None,
+            catch_up_bucket: 0,
         })
     }
 
@@ -231,7 +240,7 @@ impl MirrorJob {
         let mut work = self.reap();
         if !self.copier.state().is_final() {
             let busy = self.guest_busy(now);
-            self.earn_catch_up(busy);
+            self.earn_catch_up(now, busy);
             let cap = match self.catch_up {
                 0 => BUSY_GUEST_CHUNKS,
                 _ => 2 * BUSY_GUEST_CHUNKS,
@@ -462,14 +471,33 @@ impl MirrorJob {
 
     /// Counts the chunks the guest's writes turned dirty since the last look into
     /// the chunk starts it earned while the guest is `busy` (see [`CATCH_UP`]).
-    fn earn_catch_up(&mut self, busy: bool) {
+    fn earn_catch_up(&mut self, now: Instant, busy: bool) {
+        const MICRO: u64 = 1_000_000;
         let newly = self.link.bitmap().newly_dirty();
         let earned = newly.wrapping_sub(self.newly_dirty_seen);
         self.newly_dirty_seen = newly;
-        self.catch_up = match busy {
-            true => (self.catch_up + earned.saturating_mul(CATCH_UP)).min(MAX_CATCH_UP),
-            false => 0,
-        };
+        if !busy {
+            self.catch_up = 0;
+            self.earned_at = None;
+            return;
+        }
+        // The rate limit as a bucket of millionths of a chunk start.
+        let since = self
+            .earned_at
+            .map_or(Duration::ZERO, |t| now.saturating_duration_since(t));
+        self.earned_at = Some(now);
+        let refill = u64::try_from(since.as_micros())
+            .unwrap_or(u64::MAX)
+            .saturating_mul(MAX_CATCH_UP_RATE);
+        self.catch_up_bucket = self
+            .catch_up_bucket
+            .saturating_add(refill)
+            .min(MAX_CATCH_UP * MICRO);
+        let granted = earned
+            .saturating_mul(CATCH_UP)
+            .min(self.catch_up_bucket / MICRO);
+        self.catch_up_bucket -= granted * MICRO;
+        self.catch_up = (self.catch_up + granted).min(MAX_CATCH_UP);
     }
 
     /// Starts the chunks the copier picks, `allowed` at most; returns how many.

@@ -110,8 +110,13 @@ pub fn mixed_load(
     let mut pending: std::collections::HashMap<u64, (bool, u64, Vec<u8>)> = Default::default();
     let (mut issued, mut done) = (0, 0);
     let deadline = Instant::now() + Duration::from_secs(60);
+    // The longest wait for a completion: tells a slow host from a lost notification.
+    let mut longest = Duration::ZERO;
     while done < n {
-        assert!(Instant::now() < deadline, "load timed out: {done} of {n}");
+        assert!(
+            Instant::now() < deadline,
+            "load timed out: {done} of {n} (the longest wait for a completion took {longest:?})"
+        );
         while issued < n && drv.in_flight() < QD {
             let len_sectors = rng.random_range(8..=128u64);
             let start = rng.random_range(0..sectors - len_sectors);
@@ -145,7 +150,9 @@ pub fn mixed_load(
             issued += 1;
         }
         drv.kick().unwrap();
+        let waited = Instant::now();
         let completions = drv.wait(Duration::from_secs(10)).unwrap();
+        longest = longest.max(waited.elapsed());
         // Ten seconds without a completion while requests are in flight is a hang (a
         // lost kick or interrupt), not a slow host: say so at once.
         assert!(

@@ -17,6 +17,7 @@ use crate::cache::CacheMode;
 use crate::error::Error;
 use crate::host_file::{self, OpenFlags};
 use crate::nbd::{self, NbdClient, NbdOptions, NbdStatus};
+use crate::qcow2::{ImageFormat, Qcow2Image};
 
 /// What a disk is backed by.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -45,6 +46,8 @@ pub struct DiskOptions {
     pub reconnect_delay: Duration,
     /// NBD only: connections to open when the server allows multi-conn (the queue count).
     pub connections: usize,
+    /// The image's format (never probed).
+    pub format: ImageFormat,
 }
 
 impl DiskOptions {
@@ -56,6 +59,7 @@ impl DiskOptions {
             cache: CacheMode::default(),
             reconnect_delay: Duration::from_secs(crate::nbd::client::DEFAULT_RECONNECT_DELAY),
             connections: 1,
+            format: ImageFormat::Raw,
         }
     }
 }
@@ -74,6 +78,8 @@ pub struct Disk {
     offset_align: u32,
     readonly: bool,
     cache: CacheMode,
+    /// A qcow2 image: the guest's view (`capacity` is its size), over the file.
+    qcow2: Option<Arc<Qcow2Image>>,
 }
 
 // ioctl numbers from <linux/fs.h>.
@@ -86,7 +92,19 @@ impl Disk {
     /// locks it (exclusively when writable, shared when read-only).
     pub fn open(options: &DiskOptions) -> Result<Disk, Error> {
         if let Some(uri) = options.path.to_str().filter(|p| nbd::is_nbd_uri(p)) {
+            if options.format != ImageFormat::Raw {
+                return Err(Error::Image {
+                    path: options.path.clone(),
+                    msg: format!(
+                        "format {} over NBD is not supported (the server serves the disk)",
+                        options.format
+                    ),
+                });
+            }
             return Disk::open_nbd(uri, options);
+        }
+        if options.format == ImageFormat::Qcow2 {
+            return Disk::open_qcow2(options);
         }
         let path = options.path.clone();
         // Look before opening: a FIFO, socket or character device is refused without
@@ -156,7 +174,54 @@ impl Disk {
             offset_align: geometry.offset_align,
             readonly: options.readonly,
             cache: options.cache,
+            qcow2: None,
         })
+    }
+
+    /// Opens the qcow2 image at `options.path`: the file as a raw disk, then the image
+    /// and its backing chain over it; the disk's size is the image's.
+    fn open_qcow2(options: &DiskOptions) -> Result<Disk, Error> {
+        let file = Arc::new(Disk::open(&DiskOptions {
+            format: ImageFormat::Raw,
+            ..options.clone()
+        })?);
+        let image = Arc::new(Qcow2Image::open(file.clone())?);
+        let dup = file
+            .file
+            .as_ref()
+            .map(File::try_clone)
+            .transpose()
+            .map_err(|source| Error::Open {
+                path: options.path.clone(),
+                source,
+            })?;
+        Ok(Disk {
+            file: dup,
+            nbd: None,
+            path: file.path.clone(),
+            backend: file.backend,
+            capacity: image.size(),
+            logical_block_size: file.logical_block_size,
+            physical_block_size: file.physical_block_size,
+            mem_align: file.mem_align,
+            offset_align: file.offset_align,
+            readonly: file.readonly,
+            cache: file.cache,
+            qcow2: Some(image),
+        })
+    }
+
+    /// The qcow2 image of a qcow2 disk.
+    pub fn qcow2(&self) -> Option<&Arc<Qcow2Image>> {
+        self.qcow2.as_ref()
+    }
+
+    /// The image's format.
+    pub fn format(&self) -> ImageFormat {
+        match self.qcow2 {
+            Some(_) => ImageFormat::Qcow2,
+            None => ImageFormat::Raw,
+        }
     }
 
     /// Connects to the NBD export `uri` (see [`crate::nbd`]).
@@ -190,6 +255,7 @@ impl Disk {
             offset_align: if logical > 512 { logical } else { 1 },
             readonly: options.readonly,
             cache: options.cache,
+            qcow2: None,
         })
     }
 
@@ -217,6 +283,7 @@ impl Disk {
             offset_align: 1,
             readonly: false,
             cache: CacheMode::Writeback,
+            qcow2: None,
         }
     }
 

@@ -87,6 +87,15 @@ pub enum Error {
     /// or unusable export.
     #[error(transparent)]
     Nbd(#[from] crate::nbd::NbdOpenError),
+    /// An image file that its format cannot use: a broken or unsupported qcow2 header,
+    /// a backing chain that cannot be opened.
+    #[error("image {path}: {msg}")]
+    Image {
+        /// Path of the image.
+        path: PathBuf,
+        /// What is wrong, and what to do about it where something can be done.
+        msg: String,
+    },
     /// Submitting to the kernel failed in a way that is not one request's fault.
     #[error("the {engine} engine cannot submit: {source}")]
     Submit {

@@ -295,6 +295,14 @@ pub fn create_engine_sharing(
             options, notifier,
         )?));
     }
+    // A qcow2 disk's requests become imago's work, its files' I/O per `options`.
+    if let Some(image) = disk.qcow2() {
+        return Ok(Box::new(crate::qcow2::Qcow2Engine::new(
+            image.clone(),
+            options,
+            notifier,
+        )?));
+    }
     // An NBD disk's I/O is socket I/O on its connections, whatever `aio` says.
     if let Some(client) = disk.nbd() {
         return nbd::NbdEngine::with_notifier(client.connection(), notifier);

@@ -1,0 +1,291 @@
+//! [`Qcow2Engine`]: the engine of a qcow2 disk's queue. Each op the queue pushes
+//! becomes a future of imago's that the engine polls on the queue's thread: already
+//! allocated clusters are read and written straight from the guest's buffers by the
+//! thread's engine for the file, metadata through the same engine, allocation and
+//! copy-on-write from the backing chain by imago. Completions come back with the
+//! queue's tags, like any engine's.
+
+use std::future::Future;
+use std::io::{IoSlice, IoSliceMut};
+use std::pin::Pin;
+use std::sync::{Arc, Mutex};
+use std::task::{Context, Poll, Wake, Waker};
+use std::time::{Duration, Instant};
+
+use imago::io_buffers::{IoVector, IoVectorMut};
+use vmm_sys_util::eventfd::EventFd;
+
+use super::Qcow2Image;
+use super::executor::{Engines, with_engines};
+use crate::engine::{EngineOp, EngineOptions, IoEngine, IoVecs, notifier_or_new};
+use crate::error::Error;
+
+/// How long dropping an engine waits for its files' I/O at most.
+const DROP_DRAIN: Duration = Duration::from_secs(30);
+
+/// imago's futures are not `Send` (its format layer is `async_trait(?Send)`): a task
+/// lives and is polled on the thread that owns the engine.
+type OpFuture = Pin<Box<dyn Future<Output = std::io::Result<u64>>>>;
+
+struct Task {
+    tag: u64,
+    fut: OpFuture,
+    waker: Waker,
+}
+
+/// Tasks woken since the last poll, and the notifier that brings the thread back.
+struct Ready {
+    ids: Mutex<Vec<usize>>,
+    notifier: EventFd,
+}
+
+struct TaskWaker {
+    id: usize,
+    ready: Arc<Ready>,
+}
+
+impl Wake for TaskWaker {
+    fn wake(self: Arc<Self>) {
+        self.wake_by_ref();
+    }
+
+    fn wake_by_ref(self: &Arc<Self>) {
+        crate::sync::lock(&self.ready.ids).push(self.id);
+        let _ = self.ready.notifier.write(1);
+    }
+}
+
+/// A qcow2 disk's engine for one queue.
+pub struct Qcow2Engine {
+    image: Arc<Qcow2Image>,
+    engines: Engines,
+    tasks: Vec<Option<Task>>,
+    free: Vec<usize>,
+    live: usize,
+    ready: Arc<Ready>,
+    done: Vec<(u64, i64)>,
+}
+
+impl Qcow2Engine {
+    /// An engine for `image` whose files' I/O goes through engines per `options`,
+    /// signalling `notifier` (a duplicate of it) when given.
+    pub fn new(
+        image: Arc<Qcow2Image>,
+        options: &EngineOptions,
+        notifier: Option<&EventFd>,
+    ) -> Result<Qcow2Engine, Error> {
+        let setup = |source| Error::EngineSetup {
+            engine: "qcow2",
+            source,
+        };
+        let notifier = notifier_or_new(notifier).map_err(setup)?;
+        let engines = Engines::new(*options, &notifier).map_err(setup)?;
+        Ok(Qcow2Engine {
+            image,
+            engines,
+            tasks: Vec::new(),
+            free: Vec::new(),
+            live: 0,
+            ready: Arc::new(Ready {
+                ids: Mutex::new(Vec::new()),
+                notifier,
+            }),
+            done: Vec::new(),
+        })
+    }
+
+    /// The future of `op`.
+    ///
+    /// # Safety
+    /// As [`IoEngine::push`]: `op`'s buffers stay valid until its completion is reaped.
+    unsafe fn future(&self, op: EngineOp) -> OpFuture {
+        let image = self.image.clone();
+        match op {
+            EngineOp::Read { offset, iovecs } => {
+                // SAFETY: the caller keeps the buffers until the completion is reaped,
+                // which is after this future finished.
+                let bufs = unsafe { slices_mut(iovecs) };
+                Box::pin(async move {
+                    let bufv = IoVectorMut::from(bufs);
+                    let len = bufv.len();
+                    image.read(bufv, offset).await.map(|()| len)
+                })
+            }
+            EngineOp::Write {
+                offset,
+                iovecs,
+                fua,
+            } => {
+                // SAFETY: as for reads.
+                let bufs = unsafe { slices(iovecs) };
+                Box::pin(async move {
+                    let bufv = IoVector::from(bufs);
+                    let len = bufv.len();
+                    image.write(bufv, offset).await?;
+                    if fua {
+                        image.flush().await?;
+                    }
+                    Ok(len)
+                })
+            }
+            EngineOp::Flush => Box::pin(async move { image.flush().await.map(|()| 0) }),
+            EngineOp::Discard { offset, len } => {
+                Box::pin(async move { image.discard(offset, len).await.map(|()| 0) })
+            }
+            EngineOp::WriteZeroes { offset, len } => {
+                Box::pin(async move { image.write_zeroes(offset, len).await.map(|()| 0) })
+            }
+        }
+    }
+
+    /// Polls the woken tasks until none is; finished ones go to `done`. Then submits
+    /// what they queued.
+    fn run_ready(&mut self) {
+        loop {
+            let ids = std::mem::take(&mut *crate::sync::lock(&self.ready.ids));
+            if ids.is_empty() {
+                break;
+            }
+            let tasks = &mut self.tasks;
+            let done = &mut self.done;
+            let free = &mut self.free;
+            let live = &mut self.live;
+            with_engines(&mut self.engines, || {
+                for id in ids {
+                    let Some(Some(task)) = tasks.get_mut(id) else {
+                        continue;
+                    };
+                    let waker = task.waker.clone();
+                    let mut cx = Context::from_waker(&waker);
+                    if let Poll::Ready(result) = task.fut.as_mut().poll(&mut cx) {
+                        let result = match result {
+                            Ok(n) => i64::try_from(n).unwrap_or(i64::MAX),
+                            Err(e) => -i64::from(e.raw_os_error().unwrap_or(libc::EIO)),
+                        };
+                        done.push((task.tag, result));
+                        tasks[id] = None;
+                        free.push(id);
+                        *live -= 1;
+                    }
+                }
+            });
+        }
+        self.engines.submit();
+    }
+
+    fn slot(&mut self) -> usize {
+        match self.free.pop() {
+            Some(id) => id,
+            None => {
+                self.tasks.push(None);
+                self.tasks.len() - 1
+            }
+        }
+    }
+}
+
+/// The guest's buffers of a read as slices.
+///
+/// # Safety
+/// `iovecs` describe writable memory that stays valid, and is not otherwise accessed,
+/// until the op completes.
+unsafe fn slices_mut(iovecs: IoVecs) -> Vec<IoSliceMut<'static>> {
+    iovecs
+        .as_slice()
+        .iter()
+        .filter(|v| v.iov_len > 0)
+        .map(|v| {
+            // SAFETY: per this function's contract.
+            IoSliceMut::new(unsafe {
+                std::slice::from_raw_parts_mut(v.iov_base.cast::<u8>(), v.iov_len)
+            })
+        })
+        .collect()
+}
+
+/// The guest's buffers of a write as slices.
+///
+/// # Safety
+/// `iovecs` describe readable memory that stays valid until the op completes.
+unsafe fn slices(iovecs: IoVecs) -> Vec<IoSlice<'static>> {
+    iovecs
+        .as_slice()
+        .iter()
+        .filter(|v| v.iov_len > 0)
+        .map(|v| {
+            // SAFETY: per this function's contract.
+            IoSlice::new(unsafe {
+                std::slice::from_raw_parts(v.iov_base.cast::<u8>().cast_const(), v.iov_len)
+            })
+        })
+        .collect()
+}
+
+// SAFETY: the tasks' futures are not `Send`, but they only exist while requests are in
+// flight, and a queue's engine moves to another thread only when it has none: a queue is
+// made on one thread and handed to its iothread before its first request, and drained
+// before it is handed back (removal, reset, a mirror job's stop). Everything else in the
+// engine is `Send`.
+unsafe impl Send for Qcow2Engine {}
+
+impl IoEngine for Qcow2Engine {
+    fn name(&self) -> &'static str {
+        "qcow2"
+    }
+
+    unsafe fn push(&mut self, tag: u64, op: EngineOp) {
+        // SAFETY: our caller's contract is the one `future` needs.
+        let fut = unsafe { self.future(op) };
+        let id = self.slot();
+        let waker = Waker::from(Arc::new(TaskWaker {
+            id,
+            ready: self.ready.clone(),
+        }));
+        self.tasks[id] = Some(Task { tag, fut, waker });
+        self.live += 1;
+        crate::sync::lock(&self.ready.ids).push(id);
+    }
+
+    fn submit(&mut self) -> Result<(), Error> {
+        self.run_ready();
+        Ok(())
+    }
+
+    fn reap(&mut self, done: &mut dyn FnMut(u64, i64)) {
+        let _ = self.ready.notifier.read();
+        self.engines.reap();
+        self.run_ready();
+        for (tag, result) in self.done.drain(..) {
+            done(tag, result);
+        }
+    }
+
+    fn has_completions(&mut self) -> bool {
+        !self.done.is_empty()
+            || !crate::sync::lock(&self.ready.ids).is_empty()
+            || self.engines.has_completions()
+    }
+
+    fn notifier(&self) -> &EventFd {
+        &self.ready.notifier
+    }
+
+    fn in_flight(&self) -> usize {
+        self.live + self.done.len()
+    }
+
+    fn set_max_batch(&mut self, max_batch: u32) {
+        self.engines.set_max_batch(max_batch);
+    }
+}
+
+impl Drop for Qcow2Engine {
+    fn drop(&mut self) {
+        // Futures own buffers the kernel may still write: let their I/O finish first.
+        let deadline = Instant::now() + DROP_DRAIN;
+        while self.engines.in_flight() > 0 && Instant::now() < deadline {
+            self.engines.reap();
+            std::thread::sleep(Duration::from_micros(200));
+        }
+    }
+}

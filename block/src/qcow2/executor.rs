@@ -1,0 +1,194 @@
+//! The engines a thread uses for a qcow2 image's files, and how imago's futures reach
+//! them: while a [`super::Qcow2Engine`] polls its requests' futures it installs its
+//! [`Engines`] for the thread ([`with_engines`]); a storage access made meanwhile
+//! ([`submit`]) becomes an op of that thread's engine for the file, and its future
+//! waits for the completion, which [`Engines::reap`] hands over. No runtime, no
+//! blocking: the iothread polls the futures when their I/O completed.
+
+use std::cell::Cell;
+use std::collections::HashMap;
+use std::future::Future;
+use std::pin::Pin;
+use std::ptr::NonNull;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::task::{Context, Poll};
+
+use futures::channel::oneshot;
+use vmm_sys_util::eventfd::EventFd;
+
+use super::storage::EngineStorage;
+use crate::engine::{EngineOp, EngineOptions, IoEngine, create_engine_sharing};
+
+thread_local! {
+    /// The engines of the qcow2 engine polling futures on this thread right now.
+    static CURRENT: Cell<Option<NonNull<Engines>>> = const { Cell::new(None) };
+}
+
+/// One thread's engines for the files of an image, all waking one notifier.
+pub struct Engines {
+    options: EngineOptions,
+    notifier: EventFd,
+    /// By storage id.
+    engines: Vec<(usize, Box<dyn IoEngine>)>,
+    next_tag: u64,
+    waiting: HashMap<u64, (oneshot::Sender<i64>, Arc<InFlight>)>,
+}
+
+/// A storage's ops in flight on every thread, for [`EngineStorage`]'s `settle_writes`:
+/// imago drops a future on some error paths and then waits there before it lets go of
+/// the buffers.
+#[derive(Debug, Default)]
+pub struct InFlight {
+    count: AtomicUsize,
+    settled: tokio::sync::Notify,
+}
+
+impl InFlight {
+    /// Waits until no op of the storage is in flight.
+    pub async fn settle(&self) {
+        loop {
+            let settled = self.settled.notified();
+            if self.count.load(Ordering::Acquire) == 0 {
+                return;
+            }
+            settled.await;
+        }
+    }
+
+    fn done(&self) {
+        if self.count.fetch_sub(1, Ordering::AcqRel) == 1 {
+            self.settled.notify_waiters();
+        }
+    }
+}
+
+impl Engines {
+    /// Engines per `options`, signalling `notifier` (a duplicate of it).
+    pub fn new(options: EngineOptions, notifier: &EventFd) -> std::io::Result<Engines> {
+        Ok(Engines {
+            options,
+            notifier: notifier.try_clone()?,
+            engines: Vec::new(),
+            next_tag: 0,
+            waiting: HashMap::new(),
+        })
+    }
+
+    /// Submits what the futures queued.
+    pub fn submit(&mut self) {
+        for (_, e) in &mut self.engines {
+            if let Err(err) = e.submit() {
+                tracing::warn!(error = %err, "qcow2: submitting metadata or data I/O failed");
+            }
+        }
+    }
+
+    /// Hands every finished op's result to the future waiting for it; returns how many.
+    pub fn reap(&mut self) -> usize {
+        let mut n = 0;
+        let waiting = &mut self.waiting;
+        for (_, e) in &mut self.engines {
+            e.reap(&mut |tag, result| {
+                if let Some((tx, in_flight)) = waiting.remove(&tag) {
+                    in_flight.done();
+                    let _ = tx.send(result);
+                }
+                n += 1;
+            });
+        }
+        n
+    }
+
+    /// Whether an engine has completions waiting.
+    pub fn has_completions(&mut self) -> bool {
+        self.engines.iter_mut().any(|(_, e)| e.has_completions())
+    }
+
+    /// Ops in flight on every engine.
+    pub fn in_flight(&self) -> usize {
+        self.engines.iter().map(|(_, e)| e.in_flight()).sum()
+    }
+
+    /// Changes the batch size of every engine.
+    pub fn set_max_batch(&mut self, max_batch: u32) {
+        self.options.max_batch = max_batch;
+        for (_, e) in &mut self.engines {
+            e.set_max_batch(max_batch);
+        }
+    }
+
+    /// Queues `op` on the engine for `storage` (made on first use); returns its result's
+    /// receiver, or the errno of an engine that could not be made.
+    fn push(
+        &mut self,
+        storage: &EngineStorage,
+        op: EngineOp,
+    ) -> Result<oneshot::Receiver<i64>, i64> {
+        let idx = match self.engines.iter().position(|(id, _)| *id == storage.id()) {
+            Some(i) => i,
+            None => {
+                let e = create_engine_sharing(storage.disk(), &self.options, Some(&self.notifier))
+                    .map_err(|e| {
+                        tracing::warn!(error = %e, file = %storage, "qcow2: no engine for a file of the chain");
+                        -i64::from(libc::EIO)
+                    })?;
+                self.engines.push((storage.id(), e));
+                self.engines.len() - 1
+            }
+        };
+        let tag = self.next_tag;
+        self.next_tag = self.next_tag.wrapping_add(1);
+        let (tx, rx) = oneshot::channel();
+        storage.in_flight().count.fetch_add(1, Ordering::AcqRel);
+        self.waiting.insert(tag, (tx, storage.in_flight().clone()));
+        // SAFETY: the future awaiting `rx` owns the op's buffers (or borrows them from
+        // one that outlives it) until the result arrived; the owner of these engines
+        // drains them before dropping anything (see `Qcow2Engine`'s drop).
+        unsafe { self.engines[idx].1.push(tag, op) };
+        Ok(rx)
+    }
+}
+
+/// Runs `f` with `engines` as this thread's engines for storage accesses.
+pub fn with_engines<R>(engines: &mut Engines, f: impl FnOnce() -> R) -> R {
+    struct Restore(Option<NonNull<Engines>>);
+    impl Drop for Restore {
+        fn drop(&mut self) {
+            CURRENT.with(|c| c.set(self.0));
+        }
+    }
+    let previous = CURRENT.with(|c| c.replace(Some(NonNull::from(engines))));
+    let _restore = Restore(previous);
+    f()
+}
+
+/// The result of an op on an iothread's engine: the byte count or a negative errno.
+pub struct Wait {
+    rx: Result<oneshot::Receiver<i64>, i64>,
+}
+
+impl Future for Wait {
+    type Output = i64;
+
+    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<i64> {
+        match &mut self.rx {
+            Err(errno) => Poll::Ready(*errno),
+            Ok(rx) => Pin::new(rx)
+                .poll(cx)
+                .map(|r| r.unwrap_or(-i64::from(libc::ECANCELED))),
+        }
+    }
+}
+
+/// `op` on this thread's engine for `storage`, when a qcow2 engine is polling here;
+/// `None` off the data path (the caller does the op itself).
+pub fn submit(storage: &EngineStorage, op: EngineOp) -> Option<Wait> {
+    let engines = CURRENT.with(Cell::get)?;
+    // SAFETY: `with_engines` installed the pointer from a `&mut Engines` that outlives
+    // the call it wraps, and nothing else touches those engines during it (one thread).
+    let engines = unsafe { &mut *engines.as_ptr() };
+    Some(Wait {
+        rx: engines.push(storage, op),
+    })
+}

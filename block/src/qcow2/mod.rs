@@ -1,0 +1,238 @@
+//! qcow2 images (ARCHITECTURE.md section 4 "Formats") through the `imago` library,
+//! asynchronous on the disk's iothread: [`Qcow2Image`] is the open image (its backing
+//! chain of qcow2 and raw files included), [`Qcow2Engine`] the engine of each of its
+//! queues, [`EngineStorage`] the files as imago sees them.
+//!
+//! What imago does not check the way a VMM must is checked here before it opens
+//! anything ([`header`]): encryption, external data files, extended L2 entries,
+//! compression other than zlib, the dirty and corrupt bits, a backing file without a
+//! backing format, a backing chain that loops or runs too deep.
+
+use std::io;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use imago::format::Format;
+use imago::format::gate::ImplicitOpenGate;
+use imago::io_buffers::{IoVector, IoVectorMut};
+use imago::qcow2::Qcow2;
+use imago::{FormatAccess, FormatDriverBuilder, StorageOpenOptions};
+use serde::{Deserialize, Serialize};
+
+use crate::disk::Disk;
+use crate::error::Error;
+
+mod engine;
+mod executor;
+pub mod header;
+mod storage;
+
+pub use engine::Qcow2Engine;
+pub use storage::EngineStorage;
+
+/// The deepest backing chain opened (the image itself not counted).
+pub const MAX_CHAIN: usize = 32;
+
+/// An image's format, as the `format` field of a disk names it. Never probed: a raw
+/// image whose guest wrote a qcow2 header stays raw.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+#[serde(rename_all = "snake_case")]
+pub enum ImageFormat {
+    /// The file is the disk, byte for byte. The default.
+    #[default]
+    Raw,
+    /// qcow2 (version 2 or 3), with its backing chain.
+    Qcow2,
+}
+
+impl ImageFormat {
+    /// The name used in configs.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ImageFormat::Raw => "raw",
+            ImageFormat::Qcow2 => "qcow2",
+        }
+    }
+}
+
+impl std::fmt::Display for ImageFormat {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl std::str::FromStr for ImageFormat {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s {
+            "raw" => Ok(ImageFormat::Raw),
+            "qcow2" => Ok(ImageFormat::Qcow2),
+            _ => Err(format!("unknown image format {s:?}; expected raw or qcow2")),
+        }
+    }
+}
+
+/// An open qcow2 image, shared by the queues of its disk.
+pub struct Qcow2Image {
+    access: FormatAccess<EngineStorage>,
+    /// Discards take it exclusively: a discard may free clusters that a concurrent
+    /// request has mapped already (imago's rule for its `_unsafe` discard).
+    discard: tokio::sync::RwLock<()>,
+    size: u64,
+    chain: Vec<PathBuf>,
+}
+
+impl std::fmt::Debug for Qcow2Image {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Qcow2Image")
+            .field("size", &self.size)
+            .field("chain", &self.chain)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Qcow2Image {
+    /// Opens the qcow2 image in `file` (an open disk; writable unless `file` is
+    /// read-only) and its backing chain, each file read-only and locked shared, with the
+    /// cache mode of `file`.
+    pub fn open(file: Arc<Disk>) -> Result<Qcow2Image, Error> {
+        let path = file.path().to_path_buf();
+        let invalid = |msg: String| Error::Image {
+            path: path.clone(),
+            msg,
+        };
+        let info = header::read(&file).map_err(&invalid)?;
+        let chain = header::chain(&path, &info).map_err(&invalid)?;
+        let writable = !file.readonly();
+        let direct = file.cache().direct();
+        let storage = EngineStorage::new(file);
+        let gate = ChainGate {
+            seen: vec![canonical(&path)],
+            direct,
+        };
+        let access = futures::executor::block_on(async {
+            let q = Qcow2::<EngineStorage>::builder(storage)
+                .write(writable)
+                .open(gate)
+                .await?;
+            Ok::<_, io::Error>(FormatAccess::new(q))
+        })
+        .map_err(|e| invalid(e.to_string()))?;
+        Ok(Qcow2Image {
+            size: access.size(),
+            access,
+            discard: tokio::sync::RwLock::new(()),
+            chain,
+        })
+    }
+
+    /// The disk's size (from the header).
+    pub fn size(&self) -> u64 {
+        self.size
+    }
+
+    /// The backing files, nearest first.
+    pub fn chain(&self) -> &[PathBuf] {
+        &self.chain
+    }
+
+    /// Reads `bufv` from guest offset `offset`.
+    pub async fn read(&self, bufv: IoVectorMut<'_>, offset: u64) -> io::Result<()> {
+        let _shared = self.discard.read().await;
+        self.access.readv(bufv, offset).await
+    }
+
+    /// Writes `bufv` at guest offset `offset` (allocating clusters as needed).
+    pub async fn write(&self, bufv: IoVector<'_>, offset: u64) -> io::Result<()> {
+        let _shared = self.discard.read().await;
+        self.access.writev(bufv, offset).await
+    }
+
+    /// Makes `offset..offset + len` read as zeroes.
+    pub async fn write_zeroes(&self, offset: u64, len: u64) -> io::Result<()> {
+        let _shared = self.discard.read().await;
+        self.access.write_zeroes(offset, len).await
+    }
+
+    /// Discards `offset..offset + len` (what reads back is unspecified; whole clusters
+    /// are freed).
+    pub async fn discard(&self, offset: u64, len: u64) -> io::Result<()> {
+        let _alone = self.discard.write().await;
+        // SAFETY: no other request of this image runs while we hold the lock
+        // exclusively, so none holds a mapping the discard could invalidate.
+        unsafe { self.access.discard_to_any_unsafe(offset, len) }.await
+    }
+
+    /// Writes imago's cached metadata back, then makes everything durable.
+    pub async fn flush(&self) -> io::Result<()> {
+        self.access.flush().await?;
+        self.access.sync().await
+    }
+
+    /// Flushes with plain syscalls (closing the image off the data path).
+    pub fn flush_now(&self) -> io::Result<()> {
+        futures::executor::block_on(self.flush())
+    }
+}
+
+impl Drop for Qcow2Image {
+    /// imago keeps metadata it changed in its caches: written back when the image
+    /// closes (the last queue let go of it), as a guest's flush would.
+    fn drop(&mut self) {
+        if let Err(e) = self.flush_now() {
+            tracing::error!(chain = ?self.chain, error = %e, "qcow2: writing metadata back on close failed");
+        }
+    }
+}
+
+fn canonical(p: &Path) -> PathBuf {
+    std::fs::canonicalize(p).unwrap_or_else(|_| p.to_path_buf())
+}
+
+/// Opens the backing chain: qcow2 and raw only, each file once, at most [`MAX_CHAIN`]
+/// deep, read-only with the top image's cache mode.
+#[derive(Clone)]
+struct ChainGate {
+    seen: Vec<PathBuf>,
+    direct: bool,
+}
+
+impl ImplicitOpenGate<EngineStorage> for ChainGate {
+    async fn open_format<F: FormatDriverBuilder<EngineStorage>>(
+        &mut self,
+        builder: F,
+    ) -> io::Result<FormatAccess<EngineStorage>> {
+        let path = builder
+            .get_image_path()
+            .ok_or_else(|| io::Error::other("a backing image without a file name"))?;
+        let path = canonical(&path);
+        if self.seen.contains(&path) {
+            return Err(io::Error::other(format!(
+                "the backing chain loops back to {}",
+                path.display()
+            )));
+        }
+        if self.seen.len() > MAX_CHAIN {
+            return Err(io::Error::other(format!(
+                "the backing chain is deeper than {MAX_CHAIN} images"
+            )));
+        }
+        if !matches!(F::FORMAT, Format::Qcow2 | Format::Raw) {
+            return Err(io::Error::other(format!(
+                "backing image {}: only qcow2 and raw backing images are supported",
+                path.display()
+            )));
+        }
+        let mut next = self.clone();
+        next.seen.push(path);
+        let inner = Box::pin(builder.write(false).open(next)).await?;
+        Ok(FormatAccess::new(inner))
+    }
+
+    async fn open_storage(&mut self, opts: StorageOpenOptions) -> io::Result<EngineStorage> {
+        let opts = opts.write(false).direct(self.direct);
+        <EngineStorage as imago::Storage>::open(opts).await
+    }
+}

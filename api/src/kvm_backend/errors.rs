@@ -79,6 +79,7 @@ pub(crate) fn vm_error(id: &str, e: VmError) -> ApiError {
                 | DeviceError::Disk(
                     block::Error::Open { .. }
                     | block::Error::NotADisk { .. }
+                    | block::Error::Image { .. }
                     | block::Error::DirectNotSupported { .. }
                     | block::Error::NativeNeedsDirect { .. }
                     | block::Error::InvalidOption(_)

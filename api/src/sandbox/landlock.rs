@@ -48,6 +48,12 @@ impl FileSet {
             } else {
                 set.write.push(d.path.clone());
             }
+            // A qcow2 image's backing chain is read too. (A chain that cannot be read
+            // now fails the disk's open with its reason.)
+            if d.format == block::ImageFormat::Qcow2 {
+                set.read
+                    .extend(block::qcow2::header::backing_files(&d.path).unwrap_or_default());
+            }
         }
         if let Some(p) = &config.serial.path {
             match config.serial.mode {

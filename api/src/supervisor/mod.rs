@@ -659,12 +659,29 @@ impl ProcessBackend {
                 ApiError::bad_request("invalid disk").with_details(vec![msg])
             }
         })?;
-        crate::handover::send(&m.dir.fd_socket(), &disk.path, &file).map_err(|e| {
-            ApiError::internal(format!(
-                "VM {}: cannot hand the image of disk {} over: {e}",
-                m.id, disk.id
-            ))
-        })
+        let send = |path: &Path, file: &std::fs::File| {
+            crate::handover::send(&m.dir.fd_socket(), path, file).map_err(|e| {
+                ApiError::internal(format!(
+                    "VM {}: cannot hand the image of disk {} over: {e}",
+                    m.id, disk.id
+                ))
+            })
+        };
+        send(&disk.path, &file)?;
+        // A qcow2 image's backing chain, read-only. (A chain that cannot be read fails
+        // the disk's open in the process, with its reason.)
+        if disk.format == block::ImageFormat::Qcow2 {
+            let read = block::host_file::OpenFlags {
+                flags: libc::O_RDONLY,
+                mode: 0,
+            };
+            for path in block::qcow2::header::backing_files(&disk.path).unwrap_or_default() {
+                if let Ok(file) = block::host_file::open(&path, read) {
+                    send(&path, &file)?;
+                }
+            }
+        }
+        Ok(())
     }
 
     /// Shuts VM `m`'s process down (if any) and forgets the VM.

@@ -79,7 +79,7 @@ impl Qcow2Engine {
             source,
         };
         let notifier = notifier_or_new(notifier).map_err(setup)?;
-        let engines = Engines::new(*options, &notifier).map_err(setup)?;
+        let engines = Engines::new(*options, &notifier, image.files())?;
         Ok(Qcow2Engine {
             image,
             engines,

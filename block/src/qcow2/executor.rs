@@ -18,7 +18,9 @@ use futures::channel::oneshot;
 use vmm_sys_util::eventfd::EventFd;
 
 use super::storage::EngineStorage;
+use crate::disk::Disk;
 use crate::engine::{EngineOp, EngineOptions, IoEngine, create_engine_sharing};
+use crate::error::Error;
 
 thread_local! {
     /// The engines of the qcow2 engine polling futures on this thread right now.
@@ -28,8 +30,7 @@ thread_local! {
 /// One thread's engines for the files of an image, all waking one notifier.
 pub struct Engines {
     options: EngineOptions,
-    notifier: EventFd,
-    /// By storage id.
+    /// By file (the address of its `Disk`).
     engines: Vec<(usize, Box<dyn IoEngine>)>,
     next_tag: u64,
     waiting: HashMap<u64, (oneshot::Sender<i64>, Arc<InFlight>)>,
@@ -64,12 +65,23 @@ impl InFlight {
 }
 
 impl Engines {
-    /// Engines per `options`, signalling `notifier` (a duplicate of it).
-    pub fn new(options: EngineOptions, notifier: &EventFd) -> std::io::Result<Engines> {
+    /// Engines per `options` for `files` (made now: the thread that serves them may not
+    /// be allowed to make one), signalling `notifier` (a duplicate of it).
+    pub fn new(
+        options: EngineOptions,
+        notifier: &EventFd,
+        files: &[Arc<Disk>],
+    ) -> Result<Engines, Error> {
+        let mut engines = Vec::with_capacity(files.len());
+        for disk in files {
+            engines.push((
+                Arc::as_ptr(disk) as usize,
+                create_engine_sharing(disk, &options, Some(notifier))?,
+            ));
+        }
         Ok(Engines {
             options,
-            notifier: notifier.try_clone()?,
-            engines: Vec::new(),
+            engines,
             next_tag: 0,
             waiting: HashMap::new(),
         })
@@ -125,17 +137,10 @@ impl Engines {
         storage: &EngineStorage,
         op: EngineOp,
     ) -> Result<oneshot::Receiver<i64>, i64> {
-        let idx = match self.engines.iter().position(|(id, _)| *id == storage.id()) {
-            Some(i) => i,
-            None => {
-                let e = create_engine_sharing(storage.disk(), &self.options, Some(&self.notifier))
-                    .map_err(|e| {
-                        tracing::warn!(error = %e, file = %storage, "qcow2: no engine for a file of the chain");
-                        -i64::from(libc::EIO)
-                    })?;
-                self.engines.push((storage.id(), e));
-                self.engines.len() - 1
-            }
+        let key = Arc::as_ptr(storage.disk()) as usize;
+        let Some(idx) = self.engines.iter().position(|(k, _)| *k == key) else {
+            tracing::warn!(file = %storage, "qcow2: a file of the chain without an engine");
+            return Err(-i64::from(libc::EIO));
         };
         let tag = self.next_tag;
         self.next_tag = self.next_tag.wrapping_add(1);

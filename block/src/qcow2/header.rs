@@ -7,8 +7,7 @@
 use std::path::{Path, PathBuf};
 
 use crate::bounce::AlignedBuf;
-use crate::cache::CacheMode;
-use crate::disk::{Disk, DiskOptions};
+use crate::disk::Disk;
 use crate::engine::{EngineOp, IoVecs, sync_ops};
 
 /// The qcow2 magic, "QFI\xfb".
@@ -252,17 +251,48 @@ pub fn chain(path: &Path, top: &HeaderInfo) -> Result<Vec<PathBuf>, String> {
         seen.push(canonical);
         files.push(file.clone());
         if format == "qcow2" {
-            let disk = Disk::open(&DiskOptions {
-                readonly: true,
-                cache: CacheMode::Writeback,
-                ..DiskOptions::new(&file)
-            })
-            .map_err(|e| format!("backing file {}: {e}", file.display()))?;
-            let info = check(&first_bytes(&disk)?, disk.capacity(), false)
+            let (bytes, size) = read_file_header(&file)?;
+            let info = check(&bytes, size, false)
                 .map_err(|e| format!("backing file {}: {e}", file.display()))?;
             next = info.backing;
         }
         base = file;
     }
     Ok(files)
+}
+
+/// The backing files of the qcow2 image at `path`, nearest first (for the service to
+/// let a sandboxed VM process open them, or hand them over); the checks a guest's
+/// writable image needs come when it opens.
+pub fn backing_files(path: &Path) -> Result<Vec<PathBuf>, String> {
+    let (bytes, size) = read_file_header(path)?;
+    let info = check(&bytes, size, false)?;
+    chain(path, &info)
+}
+
+/// The first bytes of the file at `path` (zeroes past its end) and its size, read
+/// with plain syscalls (a file handed over to a sandboxed process included).
+fn read_file_header(path: &Path) -> Result<(Vec<u8>, u64), String> {
+    use std::io::{Seek, SeekFrom};
+    use std::os::unix::fs::FileExt;
+    let how = crate::host_file::OpenFlags {
+        flags: libc::O_RDONLY,
+        mode: 0,
+    };
+    let mut file = crate::host_file::open(path, how)
+        .map_err(|e| format!("backing file {}: {e}", path.display()))?;
+    let size = file
+        .seek(SeekFrom::End(0))
+        .map_err(|e| format!("backing file {}: {e}", path.display()))?;
+    let mut bytes = vec![0u8; READ];
+    let mut got = 0;
+    while got < READ {
+        match file.read_at(&mut bytes[got..], got as u64) {
+            Ok(0) => break,
+            Ok(n) => got += n,
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(format!("backing file {}: {e}", path.display())),
+        }
+    }
+    Ok((bytes, size))
 }

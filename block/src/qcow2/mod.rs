@@ -82,6 +82,9 @@ pub struct Qcow2Image {
     discard: tokio::sync::RwLock<()>,
     size: u64,
     chain: Vec<PathBuf>,
+    /// Every file of the chain (the image first), for queues to make their engines
+    /// for up front (an iothread may not be allowed to make one later).
+    files: Vec<Arc<Disk>>,
 }
 
 impl std::fmt::Debug for Qcow2Image {
@@ -107,10 +110,12 @@ impl Qcow2Image {
         let chain = header::chain(&path, &info).map_err(&invalid)?;
         let writable = !file.readonly();
         let direct = file.cache().direct();
-        let storage = EngineStorage::new(file);
+        let storage = EngineStorage::new(file.clone());
+        let opened = Arc::new(std::sync::Mutex::new(vec![file]));
         let gate = ChainGate {
             seen: vec![canonical(&path)],
             direct,
+            opened: opened.clone(),
         };
         let access = futures::executor::block_on(async {
             let q = Qcow2::<EngineStorage>::builder(storage)
@@ -120,11 +125,13 @@ impl Qcow2Image {
             Ok::<_, io::Error>(FormatAccess::new(q))
         })
         .map_err(|e| invalid(e.to_string()))?;
+        let files = std::mem::take(&mut *crate::sync::lock(&opened));
         Ok(Qcow2Image {
             size: access.size(),
             access,
             discard: tokio::sync::RwLock::new(()),
             chain,
+            files,
         })
     }
 
@@ -136,6 +143,11 @@ impl Qcow2Image {
     /// The backing files, nearest first.
     pub fn chain(&self) -> &[PathBuf] {
         &self.chain
+    }
+
+    /// Every open file of the image (the image's own first, then its chain's).
+    pub fn files(&self) -> &[Arc<Disk>] {
+        &self.files
     }
 
     /// Reads `bufv` from guest offset `offset`.
@@ -197,6 +209,8 @@ fn canonical(p: &Path) -> PathBuf {
 struct ChainGate {
     seen: Vec<PathBuf>,
     direct: bool,
+    /// The files opened so far.
+    opened: Arc<std::sync::Mutex<Vec<Arc<Disk>>>>,
 }
 
 impl ImplicitOpenGate<EngineStorage> for ChainGate {
@@ -233,6 +247,8 @@ impl ImplicitOpenGate<EngineStorage> for ChainGate {
 
     async fn open_storage(&mut self, opts: StorageOpenOptions) -> io::Result<EngineStorage> {
         let opts = opts.write(false).direct(self.direct);
-        <EngineStorage as imago::Storage>::open(opts).await
+        let storage = <EngineStorage as imago::Storage>::open(opts).await?;
+        crate::sync::lock(&self.opened).push(storage.disk().clone());
+        Ok(storage)
     }
 }

@@ -31,6 +31,7 @@ pub const DISK_HINTS: Hints<'static> = Hints {
         "throttle_group",
         "cache",
         "aio",
+        "format",
         "discard",
     ],
     lists: &[],

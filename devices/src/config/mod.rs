@@ -6,7 +6,7 @@ pub mod kv;
 use std::path::PathBuf;
 
 use block::throttle::ThrottleLimits;
-use block::{AioKind, CacheMode};
+use block::{AioKind, CacheMode, DiskOptions, ImageFormat};
 use serde::{Deserialize, Serialize};
 
 /// Largest queue size a disk may ask for (virtio split rings allow 32768).
@@ -230,6 +230,10 @@ pub struct DiskConfig {
     /// Read-only disk.
     #[serde(default)]
     pub readonly: bool,
+    /// Image format: `raw` (the default; never probed) or `qcow2` (with its backing
+    /// chain; the disk's size is the image's).
+    #[serde(default)]
+    pub format: ImageFormat,
     /// Cache mode.
     #[serde(default)]
     pub cache: CacheMode,
@@ -286,6 +290,7 @@ impl DiskConfig {
             path: path.into(),
             null_size: None,
             readonly: false,
+            format: ImageFormat::default(),
             cache: CacheMode::default(),
             aio: AioKind::default(),
             iothread: None,
@@ -329,6 +334,18 @@ impl DiskConfig {
         )
     }
 
+    /// How to open the disk's image (not for a null disk).
+    pub fn disk_options(&self) -> DiskOptions {
+        DiskOptions {
+            readonly: self.readonly,
+            cache: self.cache,
+            format: self.format,
+            reconnect_delay: self.reconnect_delay(),
+            connections: usize::from(self.num_queues),
+            ..DiskOptions::new(self.path.clone())
+        }
+    }
+
     /// Checks the settings that need no other object (iothread names are checked by
     /// whoever knows the iothreads).
     pub fn validate(&self) -> Result<(), String> {
@@ -340,6 +357,12 @@ impl DiskConfig {
         if !self.queue_size.is_power_of_two() || !(2..=MAX_QUEUE_SIZE).contains(&self.queue_size) {
             return Err(format!(
                 "disk {id}: queue_size must be a power of two in 2..={MAX_QUEUE_SIZE}"
+            ));
+        }
+        if self.format != ImageFormat::Raw && (self.is_null() || self.is_nbd()) {
+            return Err(format!(
+                "disk {id}: format {} needs an image file (a null disk or an NBD export is raw)",
+                self.format
             ));
         }
         if self.is_nbd() {
@@ -470,6 +493,7 @@ mod tests {
         let d: DiskConfig = serde_json::from_str(r#"{"id":"disk0","path":"/tmp/a.raw"}"#).unwrap();
         assert_eq!((d.num_queues, d.queue_size), (1, 256));
         assert_eq!((d.cache, d.aio), (CacheMode::None, AioKind::IoUring));
+        assert_eq!(d.format, ImageFormat::Raw, "never probed");
         assert_eq!(d.serial(), "disk0");
         d.validate().unwrap();
         let back: DiskConfig = serde_json::from_str(&serde_json::to_string(&d).unwrap()).unwrap();
@@ -492,6 +516,18 @@ mod tests {
         bad(r#"{"id":"d","path":"a","queue_size":100}"#, "power of two");
         bad(r#"{"id":"d","path":"a","num_queues":0}"#, "num_queues");
         bad(r#"{"id":"d","path":"a","cache":"fast"}"#, "unknown variant");
+        bad(
+            r#"{"id":"d","path":"a","format":"vmdk"}"#,
+            "unknown variant",
+        );
+        bad(
+            r#"{"id":"d","path":"null","null_size":4096,"format":"qcow2"}"#,
+            "needs an image file",
+        );
+        bad(
+            r#"{"id":"d","path":"nbd://h/e","format":"qcow2"}"#,
+            "needs an image file",
+        );
         bad(
             r#"{"id":"d","path":"a","serial":"123456789012345678901"}"#,
             "serial",

@@ -8,7 +8,7 @@ use std::sync::{Arc, Mutex, Weak};
 
 use block::sync::lock;
 use block::throttle::{GroupSwitch, MemberWaker, Throttle, ThrottleGroup, ThrottleLimits};
-use block::{AioKind, CountersSnapshot, Disk, DiskCounters, DiskOptions, DiskQueue, EngineOptions};
+use block::{AioKind, CountersSnapshot, Disk, DiskCounters, DiskQueue, EngineOptions};
 use serde::{Deserialize, Serialize};
 use vmm_sys_util::eventfd::EventFd;
 
@@ -119,13 +119,7 @@ impl BlkDevice {
         let disk = if config.is_null() {
             Disk::null(config.null_size.unwrap_or(0))
         } else {
-            Disk::open(&DiskOptions {
-                readonly: config.readonly,
-                cache: config.cache,
-                reconnect_delay: config.reconnect_delay(),
-                connections: usize::from(config.num_queues),
-                ..DiskOptions::new(config.path.clone())
-            })?
+            Disk::open(&config.disk_options())?
         };
         let readonly = config.readonly || disk.readonly();
         // Discard and write-zeroes are offered (features, config limits) only when writable.

@@ -55,7 +55,16 @@ impl Rig {
         let mut disks = Vec::new();
         for mut config in configs {
             let image = dir.path().join(&config.path);
-            if !config.is_null() {
+            if config.format == block::ImageFormat::Qcow2 {
+                let out = std::process::Command::new("qemu-img")
+                    .args(["create", "-q", "-f", "qcow2"])
+                    .arg(&image)
+                    .arg(size.to_string())
+                    .output()
+                    .unwrap();
+                assert!(out.status.success(), "{out:?}");
+                config.path = image.clone();
+            } else if !config.is_null() {
                 std::fs::File::create(&image)
                     .unwrap()
                     .set_len(size)

@@ -73,12 +73,7 @@ pub fn probe_disk(disk: &DiskConfig) -> Result<(), VmError> {
     if disk.is_null() {
         return Ok(());
     }
-    let options = block::DiskOptions {
-        readonly: disk.readonly,
-        cache: disk.cache,
-        ..block::DiskOptions::new(disk.path.clone())
-    };
-    block::Disk::open(&options)
+    block::Disk::open(&disk.disk_options())
         .map(drop)
         .map_err(|e| VmError::Disk {
             id: disk.id.clone(),

@@ -64,6 +64,13 @@ impl Server {
         self.socket.to_str().unwrap()
     }
 
+    /// SIGKILL (no chance to write anything back), then waits for the exit.
+    #[allow(dead_code)] // For the crash tests (qcow2_crash.rs), which share this file.
+    pub fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
     /// SIGTERM, then waits for the exit.
     pub fn stop(&mut self) -> ExitStatus {
         let pid = libc::pid_t::try_from(self.child.id()).unwrap();

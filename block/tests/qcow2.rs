@@ -383,3 +383,63 @@ fn hostile_and_unsupported_images_are_refused_clearly() {
     patch(&o, ext, &[0, 0, 0, 0]);
     refused(&o, "no backing format");
 }
+
+#[test]
+fn hostile_metadata_costs_the_guest_errors_or_zeroes_never_a_panic() {
+    let test = "hostile_metadata_costs_the_guest_errors_or_zeroes_never_a_panic";
+    if !have("qemu-img", test, "qemu-utils") {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    // 64 KiB clusters: one L2 table per 512 MiB, so a 2 GiB disk has four L1 entries.
+    let path = create(dir.path(), "h.qcow2", 2048 * MIB, &[]);
+    let data = std::fs::read(&path).unwrap();
+    let be64 = |at: usize| u64::from_be_bytes(data[at..at + 8].try_into().unwrap());
+    let l1 = be64(40) as usize;
+    let refcount_table = be64(48);
+    let copied = 1u64 << 63;
+    // An unaligned L2 offset is refused at open.
+    patch(&path, l1 + 16, &(copied | 0x1_0200).to_be_bytes());
+    let e = open(&path, CacheMode::Writeback, false).unwrap_err();
+    assert!(e.to_string().contains("not aligned"), "{e}");
+    patch(&path, l1 + 16, &0u64.to_be_bytes());
+    // L1[0]: an L2 table far past the end of the file; L1[1]: the refcount table taken
+    // for an L2 table. Both open; the guest's I/O there must not hurt anything else.
+    patch(&path, l1, &(copied | (1 << 40)).to_be_bytes());
+    patch(&path, l1 + 8, &(copied | refcount_table).to_be_bytes());
+    let disk = open(&path, CacheMode::Writeback, false).unwrap();
+    let mut q = queue(disk, AioKind::IoUring);
+    let mut buf = vec![0xa5u8; 65536];
+    for (n, region) in [0u64, 512, 1024].into_iter().enumerate() {
+        let offset = region * MIB + 4096;
+        let iov = [libc::iovec {
+            iov_base: buf.as_mut_ptr().cast(),
+            iov_len: buf.len(),
+        }];
+        // SAFETY: `buf` outlives the requests (waited for below).
+        unsafe { q.read(n as u64, offset, &iov) };
+        // Each completes (`wait` fails the test after 30 s), with data or an error.
+        let _ = wait(&mut q, 1);
+        // SAFETY: as above.
+        unsafe { q.write(n as u64, offset, &iov, false) };
+        let _ = wait(&mut q, 1);
+    }
+    // The disk still works where its metadata is sound (L1[3]).
+    let mut model = vec![0u8; 65536];
+    rand::rng().fill(&mut model[..]);
+    let iov = [libc::iovec {
+        iov_base: model.as_mut_ptr().cast(),
+        iov_len: model.len(),
+    }];
+    // SAFETY: `model` outlives the request.
+    unsafe { q.write(9, 1536 * MIB, &iov, false) };
+    assert!(wait(&mut q, 1)[0].result.is_ok());
+    let iov = [libc::iovec {
+        iov_base: buf.as_mut_ptr().cast(),
+        iov_len: buf.len(),
+    }];
+    // SAFETY: `buf` outlives the request.
+    unsafe { q.read(10, 1536 * MIB, &iov) };
+    assert!(wait(&mut q, 1)[0].result.is_ok());
+    assert!(buf == model);
+}

@@ -34,6 +34,11 @@ pub enum Target {
     },
     /// An export on an NBD server.
     Nbd(block::nbd::NbdUri),
+    /// A qcow2 image with O_DIRECT and io_uring.
+    Qcow2 {
+        /// The image.
+        path: PathBuf,
+    },
 }
 
 /// Where `/work/shared/tools/qemu10.sh` unpacks QEMU 10.0's binaries (without installing
@@ -125,6 +130,10 @@ impl Backend {
             Target::Nbd(uri) => {
                 format!("path={uri},cache=none,num_queues={queues},queue_size=1024")
             }
+            Target::Qcow2 { path } => format!(
+                "path={},format=qcow2,cache=none,aio=io_uring,num_queues={queues},queue_size=1024",
+                path.display()
+            ),
         };
         let mut cmd = Command::new(binary);
         cmd.arg("--socket").arg(socket).arg("--disk").arg(disk);
@@ -166,6 +175,10 @@ impl Backend {
                 let export = uri.export.replace(',', ",,");
                 format!("driver=nbd,node-name=disk,{server},export={export}")
             }
+            Target::Qcow2 { path } => format!(
+                "driver=qcow2,node-name=disk,file.driver=file,file.filename={},file.cache.direct=on,file.aio=io_uring",
+                path.display()
+            ),
         };
         let mut cmd = Command::new(binary);
         cmd.args(["--blockdev", &blockdev, "--object", "iothread,id=io0", "--export"]).arg(format!(
@@ -235,6 +248,7 @@ fn name_of(who: &str, target: &Target) -> String {
         Target::File { aio, .. } => format!("{who} file {aio}"),
         Target::Null { .. } => format!("{who} null"),
         Target::Nbd { .. } => format!("{who} nbd"),
+        Target::Qcow2 { .. } => format!("{who} qcow2"),
     }
 }
 

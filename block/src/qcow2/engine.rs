@@ -30,7 +30,6 @@ type OpFuture = Pin<Box<dyn Future<Output = std::io::Result<u64>>>>;
 struct Task {
     tag: u64,
     fut: OpFuture,
-    waker: Waker,
 }
 
 /// Tasks woken since the last poll, and the notifier that brings the thread back.
@@ -51,8 +50,27 @@ impl Wake for TaskWaker {
 
     fn wake_by_ref(self: &Arc<Self>) {
         crate::sync::lock(&self.ready.ids).push(self.id);
-        let _ = self.ready.notifier.write(1);
+        // Woken by the engine's own reap or poll (its I/O completed, a lock it released):
+        // the engine looks at the list before it returns. From elsewhere (another
+        // iothread released a lock this task waits for), the eventfd brings it back.
+        let here = POLLING.with(|p| std::ptr::eq(p.get(), Arc::as_ptr(&self.ready)));
+        if !here {
+            let _ = self.ready.notifier.write(1);
+        }
     }
+}
+
+thread_local! {
+    /// The tasks of the engine reaping or polling on this thread right now.
+    static POLLING: std::cell::Cell<*const Ready> = const { std::cell::Cell::new(std::ptr::null()) };
+}
+
+/// Marks `ready`'s engine as the one working on this thread while `f` runs.
+fn polling<R>(ready: &Arc<Ready>, f: impl FnOnce() -> R) -> R {
+    let previous = POLLING.with(|p| p.replace(Arc::as_ptr(ready)));
+    let result = f();
+    POLLING.with(|p| p.set(previous));
+    result
 }
 
 /// A qcow2 disk's engine for one queue.
@@ -60,6 +78,8 @@ pub struct Qcow2Engine {
     image: Arc<Qcow2Image>,
     engines: Engines,
     tasks: Vec<Option<Task>>,
+    /// One per task slot, made with the slot.
+    wakers: Vec<Waker>,
     free: Vec<usize>,
     live: usize,
     ready: Arc<Ready>,
@@ -84,6 +104,7 @@ impl Qcow2Engine {
             image,
             engines,
             tasks: Vec::new(),
+            wakers: Vec::new(),
             free: Vec::new(),
             live: 0,
             ready: Arc::new(Ready {
@@ -147,6 +168,7 @@ impl Qcow2Engine {
                 break;
             }
             let tasks = &mut self.tasks;
+            let wakers = &self.wakers;
             let done = &mut self.done;
             let free = &mut self.free;
             let live = &mut self.live;
@@ -155,8 +177,10 @@ impl Qcow2Engine {
                     let Some(Some(task)) = tasks.get_mut(id) else {
                         continue;
                     };
-                    let waker = task.waker.clone();
-                    let mut cx = Context::from_waker(&waker);
+                    let Some(waker) = wakers.get(id) else {
+                        continue;
+                    };
+                    let mut cx = Context::from_waker(waker);
                     if let Poll::Ready(result) = task.fut.as_mut().poll(&mut cx) {
                         let result = match result {
                             Ok(n) => i64::try_from(n).unwrap_or(i64::MAX),
@@ -177,8 +201,13 @@ impl Qcow2Engine {
         match self.free.pop() {
             Some(id) => id,
             None => {
+                let id = self.tasks.len();
                 self.tasks.push(None);
-                self.tasks.len() - 1
+                self.wakers.push(Waker::from(Arc::new(TaskWaker {
+                    id,
+                    ready: self.ready.clone(),
+                })));
+                id
             }
         }
     }
@@ -237,24 +266,24 @@ impl IoEngine for Qcow2Engine {
         // SAFETY: our caller's contract is the one `future` needs.
         let fut = unsafe { self.future(op) };
         let id = self.slot();
-        let waker = Waker::from(Arc::new(TaskWaker {
-            id,
-            ready: self.ready.clone(),
-        }));
-        self.tasks[id] = Some(Task { tag, fut, waker });
+        self.tasks[id] = Some(Task { tag, fut });
         self.live += 1;
         crate::sync::lock(&self.ready.ids).push(id);
     }
 
     fn submit(&mut self) -> Result<(), Error> {
-        self.run_ready();
+        let ready = self.ready.clone();
+        polling(&ready, || self.run_ready());
         Ok(())
     }
 
     fn reap(&mut self, done: &mut dyn FnMut(u64, i64)) {
         let _ = self.ready.notifier.read();
-        self.engines.reap();
-        self.run_ready();
+        let ready = self.ready.clone();
+        polling(&ready, || {
+            self.engines.reap();
+            self.run_ready();
+        });
         for (tag, result) in self.done.drain(..) {
             done(tag, result);
         }

@@ -33,6 +33,13 @@ pub enum Storage {
     /// The benchmark file behind `qemu-nbd` (its own process, started per run), reached
     /// by the contender's NBD client over a Unix socket.
     Nbd,
+    /// A qcow2 image (O_DIRECT, io_uring): with `fresh`, a new empty one per run (every
+    /// write allocates), else one made from the benchmark file with every cluster
+    /// allocated (made once, next to the file).
+    Qcow2 {
+        /// A new, empty image per run.
+        fresh: bool,
+    },
 }
 
 /// One column of the benchmark.
@@ -49,7 +56,10 @@ pub struct Contender {
 impl Contender {
     /// Whether its I/O reaches the benchmark file (directly or through an NBD server).
     pub fn uses_file(&self) -> bool {
-        matches!(self.storage, Storage::File(_) | Storage::Nbd)
+        matches!(
+            self.storage,
+            Storage::File(_) | Storage::Nbd | Storage::Qcow2 { fresh: false }
+        )
     }
 
     /// What backs it, as tables, JSON and ratios group them: `file`, `null` or `nbd`.
@@ -58,6 +68,8 @@ impl Contender {
             Storage::File(_) => "file",
             Storage::Null => "null",
             Storage::Nbd => "nbd",
+            Storage::Qcow2 { fresh: false } => "qcow2",
+            Storage::Qcow2 { fresh: true } => "qcow2-fresh",
         }
     }
 }
@@ -72,7 +84,7 @@ const fn c(name: &'static str, server: Server, storage: Storage) -> Contender {
 
 /// Every contender, in run and table order: ours and qsd alternate so that each pair of
 /// runs sees the same conditions.
-pub const ALL: [Contender; 9] = [
+pub const ALL: [Contender; 13] = [
     c("limit", Server::Host, Storage::File("io_uring")),
     c("ours-io_uring", Server::Ours, Storage::File("io_uring")),
     c("qsd-io_uring", Server::Qsd, Storage::File("io_uring")),
@@ -82,6 +94,18 @@ pub const ALL: [Contender; 9] = [
     c("qsd-null", Server::Qsd, Storage::Null),
     c("ours-nbd", Server::Ours, Storage::Nbd),
     c("qsd-nbd", Server::Qsd, Storage::Nbd),
+    c("ours-qcow2", Server::Ours, Storage::Qcow2 { fresh: false }),
+    c("qsd-qcow2", Server::Qsd, Storage::Qcow2 { fresh: false }),
+    c(
+        "ours-qcow2-fresh",
+        Server::Ours,
+        Storage::Qcow2 { fresh: true },
+    ),
+    c(
+        "qsd-qcow2-fresh",
+        Server::Qsd,
+        Storage::Qcow2 { fresh: true },
+    ),
 ];
 
 /// Looks a contender up by name.
@@ -108,11 +132,16 @@ pub fn parse_list(names: &[String]) -> Result<Vec<Contender>, String> {
                 .filter(|c| c.storage == Storage::Nbd)
                 .map(|c| c.name)
                 .collect(),
+            "qcow2" => ALL
+                .iter()
+                .filter(|c| matches!(c.storage, Storage::Qcow2 { .. }))
+                .map(|c| c.name)
+                .collect(),
             _ => match by_name(name) {
                 Some(c) => vec![c.name],
                 None => {
                     return Err(format!(
-                        "unknown contender {name:?}; known: all, ours, qsd, nbd, {}",
+                        "unknown contender {name:?}; known: all, ours, qsd, nbd, qcow2, {}",
                         names_of_all()
                     ));
                 }
@@ -180,6 +209,7 @@ pub fn measure(
             Some(uri) => (Target::Nbd(uri.clone()), None),
             None => nbd_on_the_file(setup)?,
         },
+        Storage::Qcow2 { fresh } => (qcow2_image(setup, fresh)?, None),
     };
     let socket = setup.sockets.join(format!("{}.sock", contender.name));
     let backend = match contender.server {
@@ -209,6 +239,65 @@ pub fn measure(
         &mut || crate::contender::cpu_time_of(pid),
     )
     .map_err(|e| format!("{}: {e}", backend.name))
+}
+
+/// The qcow2 image of a qcow2 contender: a new empty one (`fresh`), or the benchmark
+/// file converted once, every cluster allocated (`<file>.qcow2`, kept for later runs).
+fn qcow2_image(setup: &Setup, fresh: bool) -> Result<Target, String> {
+    let run = |args: &[&std::ffi::OsStr]| -> Result<(), String> {
+        let out = std::process::Command::new("qemu-img")
+            .args(args)
+            .output()
+            .map_err(|e| format!("qemu-img: {e} (apt-get install qemu-utils)"))?;
+        if out.status.success() {
+            Ok(())
+        } else {
+            Err(format!(
+                "qemu-img {args:?}: {}",
+                String::from_utf8_lossy(&out.stderr)
+            ))
+        }
+    };
+    let size = std::fs::metadata(&setup.file)
+        .map_err(|e| format!("{}: {e}", setup.file.display()))?
+        .len();
+    let path = if fresh {
+        let path = setup.sockets.join("fresh.qcow2");
+        let _ = std::fs::remove_file(&path);
+        run(&[
+            "create".as_ref(),
+            "-q".as_ref(),
+            "-f".as_ref(),
+            "qcow2".as_ref(),
+            path.as_os_str(),
+            size.to_string().as_ref(),
+        ])?;
+        path
+    } else {
+        let path = setup.file.with_extension("qcow2");
+        if !path.exists() {
+            eprintln!(
+                "converting {} to qcow2 (every cluster allocated)...",
+                setup.file.display()
+            );
+            run(&[
+                "convert".as_ref(),
+                "-q".as_ref(),
+                "-t".as_ref(),
+                "none".as_ref(),
+                "-S".as_ref(),
+                "0".as_ref(),
+                "-f".as_ref(),
+                "raw".as_ref(),
+                "-O".as_ref(),
+                "qcow2".as_ref(),
+                setup.file.as_os_str(),
+                path.as_os_str(),
+            ])?;
+        }
+        path
+    };
+    Ok(Target::Qcow2 { path })
 }
 
 /// Starts qemu-nbd serving the benchmark file (O_DIRECT, native AIO) on a Unix socket:
@@ -243,7 +332,15 @@ mod tests {
         let names: Vec<_> = got.iter().map(|c| c.name).collect();
         assert_eq!(
             names,
-            ["limit", "qsd-io_uring", "qsd-native", "qsd-null", "qsd-nbd"]
+            [
+                "limit",
+                "qsd-io_uring",
+                "qsd-native",
+                "qsd-null",
+                "qsd-nbd",
+                "qsd-qcow2",
+                "qsd-qcow2-fresh"
+            ]
         );
         let nbd: Vec<_> = parse_list(&["nbd".into()])
             .unwrap()
@@ -251,6 +348,20 @@ mod tests {
             .map(|c| c.name)
             .collect();
         assert_eq!(nbd, ["ours-nbd", "qsd-nbd"]);
+        let qcow2: Vec<_> = parse_list(&["qcow2".into()])
+            .unwrap()
+            .iter()
+            .map(|c| c.name)
+            .collect();
+        assert_eq!(
+            qcow2,
+            [
+                "ours-qcow2",
+                "qsd-qcow2",
+                "ours-qcow2-fresh",
+                "qsd-qcow2-fresh"
+            ]
+        );
         assert_eq!(parse_list(&["all".into()]).unwrap().len(), ALL.len());
         assert!(parse_list(&["theirs".into()]).is_err());
     }

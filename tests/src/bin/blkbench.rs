@@ -25,9 +25,13 @@ const AFTER_HELP: &str = "\
 Workloads: randread-4k-qd1, randread-4k-qd32, randwrite-4k-qd1, randwrite-4k-qd32, \
 read-128k-qd8, write-128k-qd8, randread-4k-qd32-2q, randread-4k-qd32-4q (or all).
 Contenders: limit (host io_uring on the file, O_DIRECT), ours-io_uring, ours-native, \
-ours-null, qsd-io_uring, qsd-native, qsd-null, ours-nbd, qsd-nbd (or all, ours, qsd, nbd). \
+ours-null, qsd-io_uring, qsd-native, qsd-null, ours-nbd, qsd-nbd, ours-qcow2, qsd-qcow2, \
+ours-qcow2-fresh, qsd-qcow2-fresh (or all, ours, qsd, nbd, qcow2). \
 The nbd contenders are NBD clients (our engine; qsd's driver=nbd) of one qemu-nbd serving \
-the file (--cache=none --aio=native) on a Unix socket, started per run.
+the file (--cache=none --aio=native) on a Unix socket, started per run. The qcow2 contenders \
+serve a qcow2 image (O_DIRECT, io_uring; qsd: driver=qcow2 over driver=file): the file \
+converted once with every cluster allocated (<file>.qcow2), or with -fresh a new empty \
+image per run (every write allocates).
 In-VM contenders (--in-vm): vm-ours-null, vm-qemu-iothread-null, vm-qemu-null, and \
 likewise with -io_uring and -native for -null (or all, ours, qemu, null, io_uring, native).
 Patterns (of the libblkio client; every ours-* and qsd-* contender runs with each): \

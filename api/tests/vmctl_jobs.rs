@@ -276,9 +276,12 @@ fn bad_mirrors_are_refused() {
     );
     fails(
         &s,
-        &["mirror", "disk0", "/t.raw", "--format", "qcow2"],
+        &["mirror", "disk0", "nbd://h/e", "--format", "qcow2"],
         1,
-        &["invalid mirror (HTTP 400)", "  - target.format: qcow2"],
+        &[
+            "invalid mirror (HTTP 400)",
+            "  - target.format: an NBD target is raw",
+        ],
     );
     fails(
         &s,

@@ -49,6 +49,7 @@ impl KvmBackend {
             for d in &mut e.config.disks {
                 if let Some(now) = disks.iter().find(|n| n.id == d.id) {
                     d.path.clone_from(&now.path);
+                    d.format = now.format;
                 }
             }
             // An old image handed over to this process goes, and with it its lock.

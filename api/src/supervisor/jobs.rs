@@ -45,14 +45,39 @@ impl ProcessBackend {
                     disk.id
                 )));
             };
-            let size = image_size(source)
-                .map_err(|e| invalid(format!("disk {}: {}: {e}", disk.id, source.display())))?;
-            created = prepare_local_target(target, Some(source), size)
-                .map_err(|e| invalid(e.to_string()))?
+            let about = |e: String| invalid(format!("disk {}: {}: {e}", disk.id, source.display()));
+            // A qcow2 disk's size is its header's; a `sync: top` target gets its backing
+            // file.
+            let (size, backing) = match disk.format {
+                block::ImageFormat::Raw => {
+                    (image_size(source).map_err(|e| about(e.to_string()))?, None)
+                }
+                block::ImageFormat::Qcow2 => {
+                    let (info, chain) = block::qcow2::header::inspect(source).map_err(about)?;
+                    let format = info.backing.as_ref().and_then(|(_, f)| f.parse().ok());
+                    (info.size, chain.into_iter().next().zip(format))
+                }
+            };
+            let backing = backing.filter(|_| config.sync == block::jobs::SyncMode::Top);
+            if config.sync == block::jobs::SyncMode::Top && backing.is_none() {
+                return Err(invalid(format!(
+                    "sync \"top\" copies the top layer of a qcow2 disk with a backing file; disk {} has none: use \"full\"",
+                    disk.id
+                )));
+            }
+            created = prepare_local_target(
+                target,
+                Some(source),
+                size,
+                config.target.format,
+                backing.as_ref().map(|(p, f)| (p.as_path(), *f)),
+            )
+            .map_err(|e| invalid(e.to_string()))?
                 == Prepared::Created;
         }
         let mut as_disk = disk.clone();
         as_disk.path = target.to_path_buf();
+        as_disk.format = config.target.format;
         as_disk.readonly = false;
         if let Err(e) = self.hand_over_image(m, &as_disk) {
             if created {
@@ -94,9 +119,10 @@ impl ProcessBackend {
                     self.prepare_target(m, &disk, &config)?
                 };
                 // The one path change of this disk its process may report by itself.
-                m.status()
-                    .pivots
-                    .insert(disk.id.clone(), config.target.path.clone());
+                m.status().pivots.insert(
+                    disk.id.clone(),
+                    (config.target.path.clone(), config.target.format),
+                );
                 let sent = self.forward(
                     m,
                     live,
@@ -153,10 +179,17 @@ impl ProcessBackend {
                     .ok_or_else(|| {
                         ApiError::not_found(format!("VM {id} has no job {}", job.job_id))
                     })?;
+                // The target's format, as vmmd let the job make or open it.
+                let pivot = m.status().pivots.get(&info.disk).cloned();
                 let result = self.change(m, live, "/api/v1/vm.job-complete", body(job)?, |c| {
                     // The disk uses the target from now on (a reboot keeps it).
                     if let Some(d) = c.disks.iter_mut().find(|d| d.id == info.disk) {
                         d.path = info.target.clone().into();
+                        if let Some((path, format)) = &pivot
+                            && *path == d.path
+                        {
+                            d.format = *format;
+                        }
                     }
                     Ok(())
                 });

@@ -100,7 +100,7 @@ struct Status {
     starting: Option<u64>,
     /// Mirror targets vmmd let a disk's process use, by disk id: the one path change of
     /// a disk a process may report by itself (its pivot).
-    pivots: BTreeMap<String, PathBuf>,
+    pivots: BTreeMap<String, (PathBuf, block::ImageFormat)>,
 }
 
 /// One VM of the service.
@@ -769,7 +769,7 @@ fn on_exit(m: &Managed, live: &Live, exit: Exit, events: &EventBus) {
 fn adopt_ejects(
     config: &mut VmConfig,
     reported: &VmConfig,
-    pivots: &BTreeMap<String, PathBuf>,
+    pivots: &BTreeMap<String, (PathBuf, block::ImageFormat)>,
 ) -> bool {
     let before = config.clone();
     config
@@ -779,8 +779,14 @@ fn adopt_ejects(
         let Some(r) = reported.disks.iter().find(|r| r.id == d.id) else {
             continue;
         };
-        if r.path != d.path && pivots.get(&d.id) == Some(&r.path) {
+        // The format is vmmd's (the target's, as the mirror named it), never the
+        // process's word.
+        if let Some((path, format)) = pivots.get(&d.id)
+            && r.path != d.path
+            && *path == r.path
+        {
             d.path.clone_from(&r.path);
+            d.format = *format;
         }
     }
     *config != before

@@ -136,11 +136,6 @@ impl MirrorOptions {
                 self.buffer_size
             ));
         }
-        if self.sync == SyncMode::Top {
-            return Err(
-                "sync \"top\" copies a qcow2 image's top layer; raw disks have no backing file: use \"full\" or \"none\"".into(),
-            );
-        }
         Ok(())
     }
 
@@ -207,7 +202,6 @@ mod tests {
         bad(|o| o.granularity = 128 << 20, "granularity");
         bad(|o| o.buffer_size = 4096, "buffer_size");
         bad(|o| o.buffer_size = 2 << 30, "buffer_size");
-        bad(|o| o.sync = SyncMode::Top, "qcow2");
         assert_eq!(
             serde_json::to_value(CopyMode::WriteBlocking).unwrap(),
             "write-blocking"

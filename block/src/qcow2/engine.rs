@@ -84,6 +84,8 @@ pub struct Qcow2Engine {
     live: usize,
     ready: Arc<Ready>,
     done: Vec<(u64, i64)>,
+    /// Whether the caller may sleep on the notifier (see [`IoEngine::set_notify`]).
+    notify: bool,
 }
 
 impl Qcow2Engine {
@@ -112,6 +114,7 @@ impl Qcow2Engine {
                 notifier,
             }),
             done: Vec::new(),
+            notify: true,
         })
     }
 
@@ -274,7 +277,17 @@ impl IoEngine for Qcow2Engine {
     fn submit(&mut self) -> Result<(), Error> {
         let ready = self.ready.clone();
         polling(&ready, || self.run_ready());
+        // Requests that finished without I/O (zeroes of an unallocated cluster, an
+        // error) wait in `done`: a caller sleeping on the notifier must hear of them.
+        if self.notify && !self.done.is_empty() {
+            let _ = self.ready.notifier.write(1);
+        }
         Ok(())
+    }
+
+    fn set_notify(&mut self, enabled: bool) {
+        self.notify = enabled;
+        self.engines.set_notify(enabled);
     }
 
     fn reap(&mut self, done: &mut dyn FnMut(u64, i64)) {
@@ -310,9 +323,13 @@ impl IoEngine for Qcow2Engine {
 
 impl Drop for Qcow2Engine {
     fn drop(&mut self) {
-        // Futures own buffers the kernel may still write: let their I/O finish first.
+        // Futures own buffers the kernel may still write: let their I/O finish first
+        // (what waits in an engine's backlog goes out, as the engine only takes it there
+        // on a submit).
         let deadline = Instant::now() + DROP_DRAIN;
         while self.engines.in_flight() > 0 && Instant::now() < deadline {
+            self.engines.submit();
+            let _ = self.ready.notifier.read();
             self.engines.reap();
             std::thread::sleep(Duration::from_micros(200));
         }

@@ -33,12 +33,14 @@ pub struct Engines {
     /// By file (the address of its `Disk`).
     engines: Vec<(usize, Box<dyn IoEngine>)>,
     next_tag: u64,
-    waiting: HashMap<u64, (oneshot::Sender<i64>, Arc<InFlight>)>,
+    /// By tag: who waits for the result, and the file's writes in flight (writes only).
+    waiting: HashMap<u64, (oneshot::Sender<i64>, Option<Arc<InFlight>>)>,
 }
 
-/// A storage's ops in flight on every thread, for [`EngineStorage`]'s `settle_writes`:
-/// imago drops a future on some error paths and then waits there before it lets go of
-/// the buffers.
+/// A storage's writes in flight on every thread, for [`EngineStorage`]'s
+/// `settle_writes`: imago drops a write's future on some error paths and waits there
+/// before it lets go of the buffers. (Reads are not counted: a file streaming reads on
+/// other queues must not hold up imago, which settles under its allocator lock.)
 #[derive(Debug, Default)]
 pub struct InFlight {
     count: AtomicUsize,
@@ -97,13 +99,18 @@ impl Engines {
     }
 
     /// Hands every finished op's result to the future waiting for it; returns how many.
+    /// The engines share one notifier, which the caller reads once before: each engine
+    /// is reaped without reading it again (a read for one could swallow another's
+    /// signal).
     pub fn reap(&mut self) -> usize {
         let mut n = 0;
         let waiting = &mut self.waiting;
         for (_, e) in &mut self.engines {
-            e.reap(&mut |tag, result| {
+            e.reap_ready(&mut |tag, result| {
                 if let Some((tx, in_flight)) = waiting.remove(&tag) {
-                    in_flight.done();
+                    if let Some(writes) = in_flight {
+                        writes.done();
+                    }
                     let _ = tx.send(result);
                 }
                 n += 1;
@@ -120,6 +127,13 @@ impl Engines {
     /// Ops in flight on every engine.
     pub fn in_flight(&self) -> usize {
         self.engines.iter().map(|(_, e)| e.in_flight()).sum()
+    }
+
+    /// Tells every engine whether its caller may sleep on the notifier.
+    pub fn set_notify(&mut self, enabled: bool) {
+        for (_, e) in &mut self.engines {
+            e.set_notify(enabled);
+        }
     }
 
     /// Changes the batch size of every engine.
@@ -145,13 +159,31 @@ impl Engines {
         let tag = self.next_tag;
         self.next_tag = self.next_tag.wrapping_add(1);
         let (tx, rx) = oneshot::channel();
-        storage.in_flight().count.fetch_add(1, Ordering::AcqRel);
-        self.waiting.insert(tag, (tx, storage.in_flight().clone()));
+        let writes = match op {
+            EngineOp::Read { .. } | EngineOp::Flush => None,
+            _ => {
+                storage.in_flight().count.fetch_add(1, Ordering::AcqRel);
+                Some(storage.in_flight().clone())
+            }
+        };
+        self.waiting.insert(tag, (tx, writes));
         // SAFETY: the future awaiting `rx` owns the op's buffers (or borrows them from
         // one that outlives it) until the result arrived; the owner of these engines
         // drains them before dropping anything (see `Qcow2Engine`'s drop).
         unsafe { self.engines[idx].1.push(tag, op) };
         Ok(rx)
+    }
+}
+
+impl Drop for Engines {
+    /// Ops never reaped (the owner gave up waiting for them) no longer count as the
+    /// file's writes in flight: another queue's `settle_writes` must not wait for them.
+    fn drop(&mut self) {
+        for (_, (_, writes)) in self.waiting.drain() {
+            if let Some(w) = writes {
+                w.done();
+            }
+        }
     }
 }
 

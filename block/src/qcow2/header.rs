@@ -261,13 +261,21 @@ pub fn chain(path: &Path, top: &HeaderInfo) -> Result<Vec<PathBuf>, String> {
     Ok(files)
 }
 
+/// The header of the qcow2 image at `path` (checked as a backing file would be) and its
+/// backing chain, nearest first: for the service, which sees images without opening
+/// them as disks.
+pub fn inspect(path: &Path) -> Result<(HeaderInfo, Vec<PathBuf>), String> {
+    let (bytes, size) = read_file_header(path)?;
+    let info = check(&bytes, size, false)?;
+    let chain = chain(path, &info)?;
+    Ok((info, chain))
+}
+
 /// The backing files of the qcow2 image at `path`, nearest first (for the service to
 /// let a sandboxed VM process open them, or hand them over); the checks a guest's
 /// writable image needs come when it opens.
 pub fn backing_files(path: &Path) -> Result<Vec<PathBuf>, String> {
-    let (bytes, size) = read_file_header(path)?;
-    let info = check(&bytes, size, false)?;
-    chain(path, &info)
+    inspect(path).map(|(_, chain)| chain)
 }
 
 /// The first bytes of the file at `path` (zeroes past its end) and its size, read

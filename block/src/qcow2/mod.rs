@@ -22,11 +22,13 @@ use serde::{Deserialize, Serialize};
 use crate::disk::Disk;
 use crate::error::Error;
 
+mod create;
 mod engine;
 mod executor;
 pub mod header;
 mod storage;
 
+pub use create::create;
 pub use engine::Qcow2Engine;
 pub use storage::EngineStorage;
 
@@ -82,6 +84,8 @@ pub struct Qcow2Image {
     discard: tokio::sync::RwLock<()>,
     size: u64,
     chain: Vec<PathBuf>,
+    /// The first backing file's format (`chain[0]`'s), from the header.
+    backing_format: Option<ImageFormat>,
     /// Every file of the chain (the image first), for queues to make their engines
     /// for up front (an iothread may not be allowed to make one later).
     files: Vec<Arc<Disk>>,
@@ -108,6 +112,10 @@ impl Qcow2Image {
         };
         let info = header::read(&file).map_err(&invalid)?;
         let chain = header::chain(&path, &info).map_err(&invalid)?;
+        let backing_format = info
+            .backing
+            .as_ref()
+            .and_then(|(_, f)| f.parse::<ImageFormat>().ok());
         let writable = !file.readonly();
         let direct = file.cache().direct();
         let storage = EngineStorage::new(file.clone());
@@ -131,6 +139,7 @@ impl Qcow2Image {
             access,
             discard: tokio::sync::RwLock::new(()),
             chain,
+            backing_format,
             files,
         })
     }
@@ -143,6 +152,50 @@ impl Qcow2Image {
     /// The backing files, nearest first.
     pub fn chain(&self) -> &[PathBuf] {
         &self.chain
+    }
+
+    /// The backing file (resolved, as opened) and its format, if the image has one.
+    pub fn backing(&self) -> Option<(&Path, ImageFormat)> {
+        Some((self.chain.first()?.as_path(), self.backing_format?))
+    }
+
+    /// The ranges of the disk whose data this image holds itself (allocated clusters,
+    /// and clusters that read as zeroes whatever the backing file holds), not its
+    /// backing chain: what a `sync: top` mirror copies. Runs with plain syscalls (the
+    /// control plane), alongside the queues.
+    pub fn top_ranges(&self) -> io::Result<Vec<(u64, u64)>> {
+        futures::executor::block_on(async {
+            let mut ranges: Vec<(u64, u64)> = Vec::new();
+            let mut offset = 0;
+            while offset < self.size {
+                let (mapping, len) = self
+                    .access
+                    .get_shallow_mapping(offset, self.size - offset)
+                    .await?;
+                if len == 0 {
+                    break;
+                }
+                let own = match mapping {
+                    imago::ShallowMapping::Raw { .. } | imago::ShallowMapping::Special { .. } => {
+                        true
+                    }
+                    imago::ShallowMapping::Zero { explicit, .. } => explicit,
+                    imago::ShallowMapping::Eof { .. } => break,
+                    // From the backing chain (and whatever later imago versions add:
+                    // copying too little would lose data, so those count as ours).
+                    imago::ShallowMapping::Indirect { .. } => false,
+                    _ => true,
+                };
+                if own {
+                    match ranges.last_mut() {
+                        Some((start, l)) if *start + *l == offset => *l += len,
+                        _ => ranges.push((offset, len)),
+                    }
+                }
+                offset += len;
+            }
+            Ok(ranges)
+        })
     }
 
     /// Every open file of the image (the image's own first, then its chain's).

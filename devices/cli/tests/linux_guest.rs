@@ -17,8 +17,19 @@ use tests::nbd_server::{Listen, NbdServer};
 fn fio_verifies_through_our_backend_and_our_counters_saw_it() {
     fio_verifies(
         "fio_verifies_through_our_backend_and_our_counters_saw_it",
-        None,
+        Backing::File,
     );
+}
+
+/// The same on a fresh qcow2 image: every block fio writes allocates a cluster, from two
+/// iothreads at once; `qemu-img check` then finds no error.
+#[test]
+fn fio_verifies_on_a_fresh_qcow2_image() {
+    let test = "fio_verifies_on_a_fresh_qcow2_image";
+    if !tests::nbd_server::have("qemu-img", test, "qemu-utils") {
+        return;
+    }
+    fio_verifies(test, Backing::Qcow2);
 }
 
 /// The same with the disk on an NBD server (`qemu-nbd` serving the image): the guest's
@@ -29,13 +40,24 @@ fn fio_verifies_on_an_nbd_disk_served_by_qemu_nbd() {
     if !tests::nbd_server::have("qemu-nbd", test, "qemu-utils") {
         return;
     }
-    fio_verifies(test, Some(()));
+    fio_verifies(test, Backing::Nbd);
+}
+
+/// What the guest's disk is.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Backing {
+    /// The raw image file.
+    File,
+    /// The raw image behind `qemu-nbd`.
+    Nbd,
+    /// A fresh qcow2 image.
+    Qcow2,
 }
 
 /// Boots the guest against a backend serving a 64 MiB image on two queues (from the file
-/// itself, or through `qemu-nbd` when `nbd`), runs fio's verify jobs, and checks the
-/// counters and the image.
-fn fio_verifies(test: &str, nbd: Option<()>) {
+/// itself, through `qemu-nbd`, or a qcow2 image, per `backing`), runs fio's verify jobs,
+/// and checks the counters and the image.
+fn fio_verifies(test: &str, backing: Backing) {
     let tools = match Tools::find() {
         Ok(t) => t,
         Err(skip) => return skip.print(test),
@@ -47,13 +69,31 @@ fn fio_verifies(test: &str, nbd: Option<()>) {
         .prefix("linux-guest-ours-")
         .tempdir_in(env!("CARGO_TARGET_TMPDIR"))
         .unwrap();
-    let image = dir.path().join("disk.raw");
     let disk_size: u64 = 64 << 20;
-    std::fs::File::create(&image)
-        .and_then(|f| f.set_len(disk_size))
-        .unwrap();
-    let server =
-        nbd.map(|()| NbdServer::qemu_nbd(&image, "vda", Listen::Unix(dir.path().join("nbd.sock"))));
+    let image = if backing == Backing::Qcow2 {
+        let image = dir.path().join("disk.qcow2");
+        let out = Command::new("qemu-img")
+            .args(["create", "-q", "-f", "qcow2"])
+            .arg(&image)
+            .arg(disk_size.to_string())
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{out:?}");
+        image
+    } else {
+        let image = dir.path().join("disk.raw");
+        std::fs::File::create(&image)
+            .and_then(|f| f.set_len(disk_size))
+            .unwrap();
+        image
+    };
+    let server = (backing == Backing::Nbd)
+        .then(|| NbdServer::qemu_nbd(&image, "vda", Listen::Unix(dir.path().join("nbd.sock"))));
+    let format = if backing == Backing::Qcow2 {
+        "qcow2"
+    } else {
+        "raw"
+    };
     let path = server
         .as_ref()
         .map_or_else(|| image.display().to_string(), NbdServer::uri);
@@ -65,7 +105,7 @@ fn fio_verifies(test: &str, nbd: Option<()>) {
         .arg("--disk-json")
         .arg(
             serde_json::json!({
-                "id": "vda", "path": path, "cache": "none", "aio": "io_uring",
+                "id": "vda", "path": path, "format": format, "cache": "none", "aio": "io_uring",
                 "num_queues": 2, "queue_size": 256,
                 "iothread_vq_mapping": [
                     {"iothread": "io0", "vqs": [0]}, {"iothread": "io1", "vqs": [1]}
@@ -134,7 +174,26 @@ fn fio_verifies(test: &str, nbd: Option<()>) {
         assert!(t.requests > 0, "each iothread served its queue:\n{text}");
     }
     // The data reached the image: every block fio wrote starts with its header magic.
-    let data = std::fs::read(&image).unwrap();
+    let data = if backing == Backing::Qcow2 {
+        let out = Command::new("qemu-img")
+            .args(["check", "-f", "qcow2"])
+            .arg(&image)
+            .output()
+            .unwrap();
+        let report = String::from_utf8_lossy(&out.stdout);
+        assert!(report.contains("No errors were found"), "{report}{out:?}");
+        let raw = dir.path().join("converted.raw");
+        let out = Command::new("qemu-img")
+            .args(["convert", "-f", "qcow2", "-O", "raw"])
+            .arg(&image)
+            .arg(&raw)
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{out:?}");
+        std::fs::read(&raw).unwrap()
+    } else {
+        std::fs::read(&image).unwrap()
+    };
     let unstamped = data[..job.size as usize]
         .chunks(job.block_size as usize)
         .filter(|b| b[..2] != [0xca, 0xac])

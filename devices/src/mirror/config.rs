@@ -9,17 +9,8 @@ use serde::{Deserialize, Serialize};
 
 use crate::config::check_id;
 
-/// The image format of a mirror target.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
-#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
-#[serde(rename_all = "snake_case")]
-pub enum TargetFormat {
-    /// Raw: the disk's bytes as they are. The default.
-    #[default]
-    Raw,
-    /// qcow2 (not supported yet: refused with a clear message).
-    Qcow2,
-}
+/// The image format of a mirror target: the disks' own ([`block::ImageFormat`]).
+pub use block::ImageFormat as TargetFormat;
 
 /// Where a mirror copies to.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -30,7 +21,8 @@ pub struct MirrorTarget {
     /// NBD URI (`nbd://host[:port]/export`, `nbd+unix:///export?socket=PATH`).
     #[cfg_attr(feature = "openapi", schema(value_type = String))]
     pub path: PathBuf,
-    /// The target's format [raw].
+    /// The target's format [raw]; a qcow2 target the job creates gets the disk's size
+    /// (and with `sync: top`, the disk's backing file).
     #[serde(default)]
     pub format: TargetFormat,
 }
@@ -151,9 +143,14 @@ impl MirrorConfig {
         {
             errors.push(format!("target.path: {e}"));
         }
-        if self.target.format == TargetFormat::Qcow2 {
+        if self.target.format == TargetFormat::Qcow2 && self.target.is_nbd() {
             errors.push(
-                "target.format: qcow2 targets are not supported yet (qcow2 support is issue 16); use \"raw\"".into(),
+                "target.format: an NBD target is raw (the server serves the disk's bytes)".into(),
+            );
+        }
+        if self.sync == SyncMode::Top && self.target.format != TargetFormat::Qcow2 {
+            errors.push(
+                "sync: \"top\" copies only the disk's top layer, so the target must be qcow2 (it gets the disk's backing file): set target.format to \"qcow2\"".into(),
             );
         }
         if let Err(e) = self.options().validate() {
@@ -210,8 +207,14 @@ mod tests {
         );
         bad(r#"{"disk": "d", "target": {"path": ""}}"#, "target.path");
         bad(
-            r#"{"disk": "d", "target": {"path": "/a", "format": "qcow2"}}"#,
-            "qcow2",
+            r#"{"disk": "d", "target": {"path": "nbd://h/e", "format": "qcow2"}}"#,
+            "NBD target is raw",
+        );
+        assert!(
+            serde_json::from_str::<MirrorConfig>(
+                r#"{"disk": "d", "target": {"path": "/a", "format": "vmdk"}}"#
+            )
+            .is_err()
         );
         bad(
             r#"{"disk": "d", "target": {"path": "/a"}, "granularity": 1000}"#,
@@ -219,7 +222,7 @@ mod tests {
         );
         bad(
             r#"{"disk": "d", "target": {"path": "/a"}, "sync": "top"}"#,
-            "top",
+            "target must be qcow2",
         );
         bad(
             r#"{"job_id": "a b", "disk": "d", "target": {"path": "/a"}}"#,

@@ -45,6 +45,34 @@ pub enum JobError {
     Failed(String),
 }
 
+/// The backing file a `sync: top` target gets: the disk's own (a qcow2 disk with a
+/// backing file, or the request is refused).
+fn top_backing(
+    blk: &BlkDevice,
+    config: &MirrorConfig,
+) -> Result<Option<(std::path::PathBuf, block::ImageFormat)>, JobError> {
+    if config.sync != block::jobs::SyncMode::Top {
+        return Ok(None);
+    }
+    let disk = blk.disk();
+    let backing = disk
+        .qcow2()
+        .and_then(|image| image.backing())
+        .map(|(p, f)| (p.to_path_buf(), f));
+    match backing {
+        Some(b) => Ok(Some(b)),
+        None => Err(JobError::Invalid(format!(
+            "sync \"top\" copies the top layer of a qcow2 disk with a backing file; disk {} is {}: use \"full\"",
+            blk.id(),
+            if disk.qcow2().is_some() {
+                "qcow2 without a backing file"
+            } else {
+                "raw"
+            }
+        ))),
+    }
+}
+
 /// Opens `config`'s target for `blk`: an NBD export, or a local file or block device,
 /// created with the disk's size when missing. The target takes the disk's cache mode.
 pub fn open_target(blk: &BlkDevice, config: &MirrorConfig) -> Result<Arc<Disk>, JobError> {
@@ -54,19 +82,26 @@ pub fn open_target(blk: &BlkDevice, config: &MirrorConfig) -> Result<Arc<Disk>, 
     // A target another user holds is a conflict (409); anything else about it is the
     // request's mistake (400).
     let locked = |e: &block::Error| matches!(e, block::Error::Locked { .. });
+    let backing = top_backing(blk, config)?;
     if !config.target.is_nbd() {
-        prepare_local_target(path, disk_config.host_path(), source.capacity()).map_err(
-            |e| match &e {
-                block::jobs::target::TargetError::Open(inner) if locked(inner) => {
-                    JobError::Conflict(e.to_string())
-                }
-                _ => JobError::Invalid(e.to_string()),
-            },
-        )?;
+        prepare_local_target(
+            path,
+            disk_config.host_path(),
+            source.capacity(),
+            config.target.format,
+            backing.as_ref().map(|(p, f)| (p.as_path(), *f)),
+        )
+        .map_err(|e| match &e {
+            block::jobs::target::TargetError::Open(inner) if locked(inner) => {
+                JobError::Conflict(e.to_string())
+            }
+            _ => JobError::Invalid(e.to_string()),
+        })?;
     }
     let disk = Disk::open(&DiskOptions {
         readonly: false,
         cache: disk_config.cache,
+        format: config.target.format,
         reconnect_delay: disk_config.reconnect_delay(),
         connections: 1,
         ..DiskOptions::new(path.clone())
@@ -184,6 +219,8 @@ impl Mirror {
             tracing::info!(disk = blk.id(), "mirroring a read-only disk");
         }
         let source = blk.disk();
+        // `sync: top` copies what the disk's qcow2 image holds itself.
+        let top = (config.sync == block::jobs::SyncMode::Top).then(|| source.clone());
         let bitmap = Arc::new(
             DirtyBitmap::new(source.capacity(), config.granularity).map_err(JobError::Invalid)?,
         );
@@ -228,9 +265,28 @@ impl Mirror {
         } else {
             Arc::default()
         };
+        let bitmap = link.bitmap().clone();
         if let Err(e) = mirror.visit_queues(blk, SourceOp::AttachMirror(Some(link), engines)) {
             mirror.detach(blk);
             return Err(JobError::Failed(e));
+        }
+        // The queues mark what the guest writes from now on; the image's own clusters
+        // before that are marked here (a cluster both ways is copied once more).
+        if let Some(image) = top.as_ref().and_then(|d| d.qcow2()) {
+            match image.top_ranges() {
+                Ok(ranges) => {
+                    for (offset, len) in ranges {
+                        bitmap.mark(offset, len);
+                    }
+                }
+                Err(e) => {
+                    mirror.detach(blk);
+                    return Err(JobError::Failed(format!(
+                        "reading the allocation of disk {}: {e}",
+                        blk.id()
+                    )));
+                }
+            }
         }
         if let Err(e) = mirror
             .job_thread

@@ -182,7 +182,14 @@ impl BlkDevice {
     /// Its settings (throttle and throttle group as last set).
     pub fn config(&self) -> DiskConfig {
         let mut c = self.config.clone();
-        c.path = lock(&self.current).1.clone();
+        {
+            let current = lock(&self.current);
+            c.path = current.1.clone();
+            // A pivot may change the format (a raw disk mirrored to a qcow2 target).
+            if current.0.backend() != block::BackendKind::Null && current.0.nbd().is_none() {
+                c.format = current.0.format();
+            }
+        }
         let limits = self.own_group.limits();
         c.throttle = limits.is_enabled().then_some(limits);
         c.throttle_group = self.shared_group().map(|g| g.id().to_string());

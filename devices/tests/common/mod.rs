@@ -42,8 +42,9 @@ pub fn driver_config() -> BlkDriverConfig {
 
 impl Rig {
     /// Iothreads named `io0..ioN`; disks from `configs` (paths relative to the temp dir
-    /// are created with `size` bytes of zeroes); each queue handed to the iothread its
-    /// config names (`io0` when none).
+    /// are created with `size` bytes of zeroes, an empty qcow2 image of that size for
+    /// `format: qcow2`; an existing absolute path is used as it is); each queue handed
+    /// to the iothread its config names (`io0` when none).
     pub fn new(iothreads: usize, configs: Vec<DiskConfig>, size: u64) -> Rig {
         let dir = tempfile::tempdir().unwrap();
         let queues: usize = configs.iter().map(|c| usize::from(c.num_queues)).sum();
@@ -55,7 +56,10 @@ impl Rig {
         let mut disks = Vec::new();
         for mut config in configs {
             let image = dir.path().join(&config.path);
-            if config.format == block::ImageFormat::Qcow2 {
+            if image.exists() {
+                // An image the test made itself (an absolute path).
+                config.path = image.clone();
+            } else if config.format == block::ImageFormat::Qcow2 {
                 let out = std::process::Command::new("qemu-img")
                     .args(["create", "-q", "-f", "qcow2"])
                     .arg(&image)

@@ -248,6 +248,14 @@ fn binaries(args: &Args, asked: &[Contender]) -> Result<Binaries, Failure> {
             skipped.push((c.name, why.clone()));
         }
     }
+    let is_qcow2 = |c: &Contender| matches!(c.storage, Storage::Qcow2 { .. });
+    if tests::nbd_server::which("qemu-img").is_none() && asked.iter().any(is_qcow2) {
+        let why = "qemu-img is not installed (apt-get install qemu-utils)".to_string();
+        eprintln!("blkbench: {why}; the qcow2 columns are skipped.");
+        for c in asked.iter().filter(|c| is_qcow2(c)) {
+            skipped.push((c.name, why.clone()));
+        }
+    }
     if qsd.is_none() && wants_qsd {
         eprintln!(
             "blkbench: {}; the qsd columns are skipped.{}",

@@ -76,9 +76,10 @@ impl Vm {
             let _device = pci.as_ref().map(|p| block::sync::lock(p));
             (job.disk().to_string(), job.complete(blk))
         })?;
-        let path = self.devices.disk(&disk).map(|blk| blk.config().path);
-        if let (Some(path), Some(d)) = (path, self.config.disks.iter_mut().find(|d| d.id == disk)) {
-            d.path = path;
+        let now = self.devices.disk(&disk).map(|blk| blk.config());
+        if let (Some(now), Some(d)) = (now, self.config.disks.iter_mut().find(|d| d.id == disk)) {
+            d.path = now.path;
+            d.format = now.format;
         }
         result
     }

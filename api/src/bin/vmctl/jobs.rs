@@ -61,7 +61,7 @@ pub(crate) struct MirrorArgs {
 enum FormatArg {
     /// The disk's bytes as they are.
     Raw,
-    /// qcow2 (the service refuses it for now).
+    /// qcow2 (a missing target is made as a new qcow2 image of the disk's size).
     Qcow2,
 }
 

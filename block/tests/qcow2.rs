@@ -443,3 +443,31 @@ fn hostile_metadata_costs_the_guest_errors_or_zeroes_never_a_panic() {
     assert!(wait(&mut q, 1)[0].result.is_ok());
     assert!(buf == model);
 }
+
+#[test]
+fn a_version_2_image_takes_writes_and_write_zeroes() {
+    let test = "a_version_2_image_takes_writes_and_write_zeroes";
+    if !have("qemu-img", test, "qemu-utils") {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let image = create(dir.path(), "v2.qcow2", 4 * MIB, &["-o", "compat=0.10"]);
+    assert_eq!(std::fs::read(&image).unwrap()[7], 2, "a version 2 header");
+    let mut q = queue(
+        open(&image, CacheMode::None, false).unwrap(),
+        AioKind::IoUring,
+    );
+    let mut model = vec![0u8; (4 * MIB) as usize];
+    let mut rng = StdRng::seed_from_u64(11);
+    random_writes(&mut q, &mut model, &mut rng, 6);
+    // No zero clusters in version 2: zeroes are written; a discard does nothing.
+    q.write_zeroes(1, 100 * 1024, 300 * 1024);
+    assert!(wait(&mut q, 1)[0].result.is_ok());
+    model[100 * 1024..400 * 1024].fill(0);
+    q.discard(2, MIB, MIB);
+    assert!(wait(&mut q, 1)[0].result.is_ok());
+    flush(&mut q);
+    read_back(&mut q, &model);
+    drop(q);
+    judge(dir.path(), &image, &model);
+}

@@ -32,6 +32,10 @@ pub use create::create;
 pub use engine::Qcow2Engine;
 pub use storage::EngineStorage;
 
+/// The largest buffer of zeroes written at once where a version 2 image has no zero
+/// clusters.
+const ZERO_CHUNK: u64 = 1 << 20;
+
 /// The deepest backing chain opened (the image itself not counted).
 pub const MAX_CHAIN: usize = 32;
 
@@ -83,6 +87,8 @@ pub struct Qcow2Image {
     /// request has mapped already (imago's rule for its `_unsafe` discard).
     discard: tokio::sync::RwLock<()>,
     size: u64,
+    /// The qcow2 version (2 or 3).
+    version: u32,
     chain: Vec<PathBuf>,
     /// The first backing file's format (`chain[0]`'s), from the header.
     backing_format: Option<ImageFormat>,
@@ -138,6 +144,7 @@ impl Qcow2Image {
             size: access.size(),
             access,
             discard: tokio::sync::RwLock::new(()),
+            version: info.version,
             chain,
             backing_format,
             files,
@@ -216,14 +223,31 @@ impl Qcow2Image {
     }
 
     /// Makes `offset..offset + len` read as zeroes.
+    /// (Version 2 images have no zero clusters: zeroes are written there.)
     pub async fn write_zeroes(&self, offset: u64, len: u64) -> io::Result<()> {
         let _shared = self.discard.read().await;
-        self.access.write_zeroes(offset, len).await
+        if self.version >= 3 {
+            return self.access.write_zeroes(offset, len).await;
+        }
+        let zeroes = vec![0u8; usize::try_from(len.min(ZERO_CHUNK)).unwrap_or(0)];
+        let mut at = offset;
+        let end = offset.saturating_add(len);
+        while at < end {
+            let n = usize::try_from((end - at).min(ZERO_CHUNK)).unwrap_or(0);
+            self.access.writev(IoVector::from(&zeroes[..n]), at).await?;
+            at += n as u64;
+        }
+        Ok(())
     }
 
     /// Discards `offset..offset + len` (what reads back is unspecified; whole clusters
     /// are freed).
+    /// (A version 2 image cannot free clusters this way: the discard, advisory, does
+    /// nothing there.)
     pub async fn discard(&self, offset: u64, len: u64) -> io::Result<()> {
+        if self.version < 3 {
+            return Ok(());
+        }
         let _alone = self.discard.write().await;
         // SAFETY: no other request of this image runs while we hold the lock
         // exclusively, so none holds a mapping the discard could invalidate.

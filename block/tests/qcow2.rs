@@ -471,3 +471,49 @@ fn a_version_2_image_takes_writes_and_write_zeroes() {
     drop(q);
     judge(dir.path(), &image, &model);
 }
+
+#[test]
+fn a_write_that_an_l2_entry_sends_into_the_images_metadata_is_refused() {
+    let test = "a_write_that_an_l2_entry_sends_into_the_images_metadata_is_refused";
+    if !have("qemu-img", test, "qemu-utils") {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let path = create(dir.path(), "m.qcow2", 8 * MIB, &[]);
+    // Guest cluster 0 allocated (so it has an L2 entry), then pointed at the refcount
+    // table.
+    let out = Command::new("qemu-io")
+        .args(["-f", "qcow2", "-c", "write -P 0x11 0 64k"])
+        .arg(&path)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{out:?}");
+    let data = std::fs::read(&path).unwrap();
+    let be64 = |at: usize| u64::from_be_bytes(data[at..at + 8].try_into().unwrap());
+    let l2 = (be64(be64(40) as usize) & 0x00ff_ffff_ffff_fe00) as usize;
+    let refcount_table = be64(48);
+    patch(&path, l2, &((1u64 << 63) | refcount_table).to_be_bytes());
+    let before = std::fs::read(&path).unwrap();
+    let disk = open(&path, CacheMode::Writeback, false).unwrap();
+    let mut q = queue(disk, AioKind::Threads);
+    let mut buf = vec![0xeeu8; 4096];
+    let iov = [libc::iovec {
+        iov_base: buf.as_mut_ptr().cast(),
+        iov_len: buf.len(),
+    }];
+    // SAFETY: `buf` outlives the request.
+    unsafe { q.write(1, 0, &iov, false) };
+    let c = wait(&mut q, 1);
+    assert_eq!(c[0].result.map_err(|e| e.errno()), Err(libc::EIO), "{c:?}");
+    // Elsewhere the disk works.
+    // SAFETY: as above.
+    unsafe { q.write(2, 4 * MIB, &iov, false) };
+    assert!(wait(&mut q, 1)[0].result.is_ok());
+    drop(q);
+    let after = std::fs::read(&path).unwrap();
+    let rt = refcount_table as usize;
+    assert!(
+        after[rt..rt + 65536] == before[rt..rt + 65536],
+        "the refcount table is untouched"
+    );
+}

@@ -38,6 +38,9 @@ pub struct HeaderInfo {
     pub cluster_bits: u32,
     /// The backing file as named in the header, and its format.
     pub backing: Option<(String, String)>,
+    /// Where the header cluster, the L1 table and the refcount table lie in the file
+    /// (offset, length), as the header says at open.
+    pub metadata: Vec<(u64, u64)>,
 }
 
 fn be32(b: &[u8], at: usize) -> u32 {
@@ -159,11 +162,18 @@ pub fn check(b: &[u8], file_size: u64, top: bool) -> Result<HeaderInfo, String> 
         }
         Some((name, format))
     };
+    let cluster = 1u64 << cluster_bits;
+    let metadata = vec![
+        (0, cluster),
+        (be64(b, 40), u64::from(be32(b, 36)) * 8),
+        (be64(b, 48), u64::from(be32(b, 56)) << cluster_bits),
+    ];
     Ok(HeaderInfo {
         version,
         size,
         cluster_bits,
         backing,
+        metadata,
     })
 }
 

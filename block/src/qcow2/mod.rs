@@ -89,6 +89,8 @@ pub struct Qcow2Image {
     size: u64,
     /// The qcow2 version (2 or 3).
     version: u32,
+    /// The header cluster, L1 and refcount tables (offset, length) at open.
+    metadata: Vec<(u64, u64)>,
     chain: Vec<PathBuf>,
     /// The first backing file's format (`chain[0]`'s), from the header.
     backing_format: Option<ImageFormat>,
@@ -145,6 +147,7 @@ impl Qcow2Image {
             access,
             discard: tokio::sync::RwLock::new(()),
             version: info.version,
+            metadata: info.metadata.clone(),
             chain,
             backing_format,
             files,
@@ -216,10 +219,44 @@ impl Qcow2Image {
         self.access.readv(bufv, offset).await
     }
 
-    /// Writes `bufv` at guest offset `offset` (allocating clusters as needed).
+    /// Writes `bufv` at guest offset `offset` (allocating clusters as needed). A write
+    /// that an image's L2 entries would send into its own header cluster, L1 table or
+    /// refcount table (a hostile or broken image) fails with EIO instead.
     pub async fn write(&self, bufv: IoVector<'_>, offset: u64) -> io::Result<()> {
         let _shared = self.discard.read().await;
+        self.refuse_metadata_overlap(offset, bufv.len()).await?;
         self.access.writev(bufv, offset).await
+    }
+
+    /// EIO if writing guest range `offset..offset + len` in place would overwrite the
+    /// metadata the header named at open.
+    async fn refuse_metadata_overlap(&self, offset: u64, len: u64) -> io::Result<()> {
+        let end = offset.saturating_add(len).min(self.size);
+        let mut at = offset;
+        while at < end {
+            let (mapping, n) = self.access.get_shallow_mapping(at, end - at).await?;
+            if n == 0 {
+                break;
+            }
+            if let imago::ShallowMapping::Raw {
+                offset: host,
+                writable: true,
+                ..
+            } = mapping
+                && let Some((m, l)) = self
+                    .metadata
+                    .iter()
+                    .find(|(m, l)| host < m.saturating_add(*l) && *m < host.saturating_add(n))
+            {
+                tracing::error!(
+                    chain = ?self.chain, guest = at, host, metadata = m, len = l,
+                    "qcow2: an L2 entry points a guest cluster at the image's own metadata; the write is refused"
+                );
+                return Err(io::Error::from_raw_os_error(libc::EIO));
+            }
+            at += n;
+        }
+        Ok(())
     }
 
     /// Makes `offset..offset + len` read as zeroes.

@@ -60,7 +60,42 @@ fn two_iothreads_share_a_fresh_qcow2_image_and_qemu_img_agrees() {
             })
         })
         .collect();
-    let shadows: Vec<_> = loads.into_iter().map(|t| t.join().unwrap()).collect();
+    let joined: Vec<_> = loads.into_iter().map(|t| t.join()).collect();
+    if joined.iter().any(Result::is_err) {
+        // What the device side saw when the load gave up: a hang is in the engine when
+        // its requests are in flight there, else in the rings.
+        let threads: Vec<_> = rig.iothreads.iter().map(|t| t.counters()).collect();
+        // Where each thread is: its state, and the syscall it sleeps in, if any.
+        let mut tasks = String::new();
+        for t in std::fs::read_dir("/proc/self/task")
+            .into_iter()
+            .flatten()
+            .flatten()
+        {
+            let p = t.path();
+            let read = |f: &str| std::fs::read_to_string(p.join(f)).unwrap_or_default();
+            let stat = read("stat");
+            let state = stat
+                .rsplit(") ")
+                .next()
+                .unwrap_or("")
+                .split(' ')
+                .next()
+                .unwrap_or("");
+            tasks += &format!(
+                "{} {}: state {state}, syscall {}, wchan {}\n",
+                t.file_name().to_string_lossy(),
+                read("comm").trim(),
+                read("syscall").split(' ').next().unwrap_or("").trim(),
+                read("wchan")
+            );
+        }
+        panic!(
+            "the load failed (above); the disk: {:?}\nthe iothreads: {threads:?}\n{tasks}",
+            rig.disks[0].device.counters()
+        );
+    }
+    let shadows: Vec<_> = joined.into_iter().flatten().collect();
     let image = rig.disks[0].image.clone();
     let dir = rig.dir.path().to_path_buf();
     let raw = dir.join("d0.raw");

@@ -262,6 +262,11 @@ impl<S: IoSource + ?Sized> Core<S> {
     /// Arms every source for the sleep and does the work some already have (true if
     /// any). With `defer`, a source with work is not run but wakes its own completion
     /// fd, so the thread comes back to it from its wait.
+    ///
+    /// A source whose run did nothing visible (its `arm` saw completions that were not
+    /// there yet, as an engine may say spuriously, or a request that went on waiting)
+    /// may have turned its kicks off again in that pass: it is armed once more before
+    /// the thread sleeps, and with work showing still, it wakes its completion fd.
     fn arm(&mut self, defer: bool) -> bool {
         let mut found = false;
         for (idx, slot) in self.sources.iter_mut().enumerate() {
@@ -274,11 +279,16 @@ impl<S: IoSource + ?Sized> Core<S> {
             } else if ran(&self.counters, source.run_ready()) {
                 self.touched[idx] = true;
                 found = true;
+            } else if source.arm() {
+                source.wake();
             }
         }
         found
     }
 }
+
+#[cfg(test)]
+mod tests;
 
 /// Finishes every request `source` has in flight, logging a failure (removal, stop).
 pub fn drain<S: IoSource + ?Sized>(source: &mut S, timeout: Duration) -> std::io::Result<()> {

@@ -170,10 +170,12 @@ pub fn mixed_load(
         // lost kick or interrupt), not a slow host: say so at once.
         assert!(
             !completions.is_empty() || drv.in_flight() == 0,
-            "no completion in 10 s: {done} of {n} done, {} in flight, avail {} used {}, {:?}",
+            "no completion in 10 s: {done} of {n} done, {} in flight, avail {} used {}, \
+             (avail_event, last kick at) {:?}, {:?}",
             drv.in_flight(),
             drv.vq().avail_idx(),
             drv.vq().last_used(),
+            drv.vq().kick_state(),
             drv.vq().stats()
         );
         for c in completions {

@@ -189,6 +189,12 @@ impl VirtqDriver {
         self.avail_idx
     }
 
+    /// The device's `avail_event` as the driver sees it now, and the avail index of the
+    /// driver's last kick decision (for diagnosing a lost kick).
+    pub fn kick_state(&self) -> (u16, u16) {
+        (self.ring.avail_event(), self.kicked_idx)
+    }
+
     /// The used index the driver has consumed up to.
     pub fn last_used(&self) -> u16 {
         self.last_used

@@ -100,19 +100,7 @@ fn the_test_guest_writes_and_verifies_a_qcow2_overlay() {
     assert_eq!(value(&out, "disk0.capacity_sectors"), "65536", "{out}");
     s.ok("PUT", "vm.delete?id=q", None);
 
-    let check = qemu_img(&["check", "-f", "qcow2", overlay.to_str().unwrap()]);
-    assert!(check.contains("No errors were found"), "{check}");
-    let raw = s.path("d0.converted.raw");
-    qemu_img(&[
-        "convert",
-        "-f",
-        "qcow2",
-        "-O",
-        "raw",
-        overlay.to_str().unwrap(),
-        raw.to_str().unwrap(),
-    ]);
-    let data = std::fs::read(&raw).unwrap();
+    let data = tests::image::qcow2_bytes(&overlay);
     let untouched = |b: u64| -> Vec<u8> {
         let off = ((b + 1) * 4096) as usize;
         (off..off + 4096).map(|i| (i % 251) as u8).collect()

@@ -13,7 +13,7 @@
 mod common;
 mod support;
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use block::ImageFormat;
@@ -25,15 +25,9 @@ use support::BlkOp;
 
 const SIZE: u64 = 32 << 20;
 
-#[test]
-fn two_iothreads_share_a_fresh_qcow2_image_and_qemu_img_agrees() {
-    let test = "two_iothreads_share_a_fresh_qcow2_image_and_qemu_img_agrees";
-    if !tests::nbd_server::have("qemu-img", test, "qemu-utils") {
-        return;
-    }
-    let mut d = DiskConfig::new("d0", "d0.qcow2");
-    d.format = ImageFormat::Qcow2;
-    d.cache = block::CacheMode::None;
+/// Disk d0 at `path` with two queues, one on each of `io0` and `io1`.
+fn two_queues(path: &str) -> DiskConfig {
+    let mut d = DiskConfig::new("d0", path);
     d.num_queues = 2;
     d.queue_size = 128;
     d.iothread_vq_mapping = Some(vec![
@@ -46,6 +40,18 @@ fn two_iothreads_share_a_fresh_qcow2_image_and_qemu_img_agrees() {
             vqs: vec![1],
         },
     ]);
+    d
+}
+
+#[test]
+fn two_iothreads_share_a_fresh_qcow2_image_and_qemu_img_agrees() {
+    let test = "two_iothreads_share_a_fresh_qcow2_image_and_qemu_img_agrees";
+    if !tests::nbd_server::have("qemu-img", test, "qemu-utils") {
+        return;
+    }
+    let mut d = two_queues("d0.qcow2");
+    d.format = ImageFormat::Qcow2;
+    d.cache = block::CacheMode::None;
     let mut rig = Rig::new(2, vec![d], SIZE);
     assert_eq!(rig.disks[0].device.disk().capacity(), SIZE);
     let region = SIZE / 512 / 2;
@@ -97,8 +103,6 @@ fn two_iothreads_share_a_fresh_qcow2_image_and_qemu_img_agrees() {
     }
     let shadows: Vec<_> = joined.into_iter().flatten().collect();
     let image = rig.disks[0].image.clone();
-    let dir = rig.dir.path().to_path_buf();
-    let raw = dir.join("d0.raw");
     // The disk closes with the rig (its metadata written back).
     let Rig {
         disks,
@@ -110,21 +114,7 @@ fn two_iothreads_share_a_fresh_qcow2_image_and_qemu_img_agrees() {
     for t in iothreads {
         drop(t);
     }
-    let out = std::process::Command::new("qemu-img")
-        .args(["check", "-f", "qcow2"])
-        .arg(&image)
-        .output()
-        .unwrap();
-    let text = String::from_utf8_lossy(&out.stdout);
-    assert!(text.contains("No errors were found"), "{text}{out:?}");
-    let out = std::process::Command::new("qemu-img")
-        .args(["convert", "-f", "qcow2", "-O", "raw"])
-        .arg(&image)
-        .arg(&raw)
-        .output()
-        .unwrap();
-    assert!(out.status.success(), "{out:?}");
-    let data = std::fs::read(&raw).unwrap();
+    let data = tests::image::qcow2_bytes(&image);
     for (off, shadow) in &shadows {
         let off = *off as usize;
         assert!(
@@ -143,30 +133,6 @@ fn qemu_img(args: &[&std::ffi::OsStr]) -> String {
     let text = String::from_utf8_lossy(&out.stdout).into_owned();
     assert!(out.status.success(), "qemu-img {args:?}: {text}{out:?}");
     text
-}
-
-/// `qemu-img check` finds no error in `image`; returns what `qemu-img convert` reads
-/// from it (its backing chain included).
-fn checked_bytes(image: &Path, dir: &Path) -> Vec<u8> {
-    let check = qemu_img(&[
-        "check".as_ref(),
-        "-f".as_ref(),
-        "qcow2".as_ref(),
-        image.as_os_str(),
-    ]);
-    assert!(check.contains("No errors were found"), "{check}");
-    let raw = dir.join("converted.raw");
-    let _ = std::fs::remove_file(&raw);
-    qemu_img(&[
-        "convert".as_ref(),
-        "-f".as_ref(),
-        "qcow2".as_ref(),
-        "-O".as_ref(),
-        "raw".as_ref(),
-        image.as_os_str(),
-        raw.as_os_str(),
-    ]);
-    std::fs::read(&raw).unwrap()
 }
 
 fn mirror_config(target: PathBuf, sync: SyncMode) -> MirrorConfig {
@@ -192,20 +158,7 @@ fn a_raw_disk_mirrors_to_a_new_qcow2_image_and_pivots_under_load() {
     if !tests::nbd_server::have("qemu-img", test, "qemu-utils") {
         return;
     }
-    let mut d = DiskConfig::new("d0", "d0.raw");
-    d.num_queues = 2;
-    d.queue_size = 128;
-    d.iothread_vq_mapping = Some(vec![
-        VqMapping {
-            iothread: "io0".into(),
-            vqs: vec![0],
-        },
-        VqMapping {
-            iothread: "io1".into(),
-            vqs: vec![1],
-        },
-    ]);
-    let mut rig = Rig::new(2, vec![d], SIZE);
+    let mut rig = Rig::new(2, vec![two_queues("d0.raw")], SIZE);
     let blk = rig.disks[0].device.clone();
     let region = SIZE / 512 / 2;
     let loads: Vec<_> = std::mem::take(&mut rig.disks[0].drivers)
@@ -231,7 +184,6 @@ fn a_raw_disk_mirrors_to_a_new_qcow2_image_and_pivots_under_load() {
         (target.as_path(), ImageFormat::Qcow2)
     );
     let shadows: Vec<_> = loads.into_iter().map(|t| t.join().unwrap()).collect();
-    let dir = rig.dir.path().to_path_buf();
     let Rig {
         disks,
         iothreads,
@@ -239,7 +191,7 @@ fn a_raw_disk_mirrors_to_a_new_qcow2_image_and_pivots_under_load() {
         ..
     } = rig;
     drop((mirror, blk, disks, iothreads));
-    let data = checked_bytes(&target, &dir);
+    let data = tests::image::qcow2_bytes(&target);
     for (off, shadow) in &shadows {
         let off = *off as usize;
         assert!(
@@ -320,7 +272,7 @@ fn sync_top_copies_only_the_overlays_clusters_and_keeps_the_backing_file() {
         ..
     } = rig;
     drop((mirror, blk, drv, disks, iothreads, keep));
-    let data = checked_bytes(&target, images.path());
+    let data = tests::image::qcow2_bytes(&target);
     let first_bad = data.iter().zip(&model).position(|(a, b)| a != b);
     assert_eq!(first_bad, None, "the pivoted disk reads as the model");
     assert!(

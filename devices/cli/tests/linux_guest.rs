@@ -175,22 +175,7 @@ fn fio_verifies(test: &str, backing: Backing) {
     }
     // The data reached the image: every block fio wrote starts with its header magic.
     let data = if backing == Backing::Qcow2 {
-        let out = Command::new("qemu-img")
-            .args(["check", "-f", "qcow2"])
-            .arg(&image)
-            .output()
-            .unwrap();
-        let report = String::from_utf8_lossy(&out.stdout);
-        assert!(report.contains("No errors were found"), "{report}{out:?}");
-        let raw = dir.path().join("converted.raw");
-        let out = Command::new("qemu-img")
-            .args(["convert", "-f", "qcow2", "-O", "raw"])
-            .arg(&image)
-            .arg(&raw)
-            .output()
-            .unwrap();
-        assert!(out.status.success(), "{out:?}");
-        std::fs::read(&raw).unwrap()
+        tests::image::qcow2_bytes(&image)
     } else {
         std::fs::read(&image).unwrap()
     };

@@ -517,3 +517,46 @@ fn a_write_that_an_l2_entry_sends_into_the_images_metadata_is_refused() {
         "the refcount table is untouched"
     );
 }
+
+#[test]
+fn compressed_clusters_read_back_and_take_writes() {
+    let test = "compressed_clusters_read_back_and_take_writes";
+    if !have("qemu-img", test, "qemu-utils") {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    // Compressible data (a pattern), made into a compressed image by qemu-img.
+    let mut model: Vec<u8> = (0..(4 * MIB) as usize)
+        .map(|i| (i / 512 % 251) as u8)
+        .collect();
+    let raw = dir.path().join("src.raw");
+    std::fs::write(&raw, &model).unwrap();
+    let image = dir.path().join("c.qcow2");
+    qemu_img(&[
+        "convert",
+        "-q",
+        "-c",
+        "-f",
+        "raw",
+        "-O",
+        "qcow2",
+        raw.to_str().unwrap(),
+        image.to_str().unwrap(),
+    ]);
+    assert!(
+        std::fs::metadata(&image).unwrap().len() < 2 * MIB,
+        "qemu-img compressed the clusters"
+    );
+    let mut q = queue(
+        open(&image, CacheMode::None, false).unwrap(),
+        AioKind::IoUring,
+    );
+    read_back(&mut q, &model);
+    // Writes into compressed clusters: each is rewritten uncompressed around the write.
+    let mut rng = StdRng::seed_from_u64(13);
+    random_writes(&mut q, &mut model, &mut rng, 4);
+    flush(&mut q);
+    read_back(&mut q, &model);
+    drop(q);
+    judge(dir.path(), &image, &model);
+}

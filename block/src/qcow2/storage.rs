@@ -181,7 +181,7 @@ impl Storage for EngineStorage {
                 self.disk.path().display()
             )));
         }
-        self.grew_to(offset + len);
+        self.grew_to(offset.saturating_add(len));
         Ok(())
     }
 
@@ -191,7 +191,7 @@ impl Storage for EngineStorage {
             len: length,
         })
         .await?;
-        self.grew_to(offset + length);
+        self.grew_to(offset.saturating_add(length));
         Ok(())
     }
 

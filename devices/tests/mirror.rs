@@ -12,8 +12,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use block::jobs::{CopyMode, JobState};
-use common::{Rig, mixed_load};
-use devices::config::{DiskConfig, VqMapping};
+use common::{Rig, check_image, mixed_load, spawn_loads, two_queue_disk};
 use devices::mirror::{JobError, Mirror, MirrorConfig, MirrorTarget, TargetFormat, open_target};
 use devices::virtio_blk::device::BlkDevice;
 
@@ -22,20 +21,7 @@ const SIZE: u64 = 32 * MIB;
 const REQUESTS: usize = 6000;
 
 fn rig() -> Rig {
-    let mut d = DiskConfig::new("d0", "d0.raw");
-    d.num_queues = 2;
-    d.queue_size = 128;
-    d.iothread_vq_mapping = Some(vec![
-        VqMapping {
-            iothread: "io0".into(),
-            vqs: vec![0],
-        },
-        VqMapping {
-            iothread: "io1".into(),
-            vqs: vec![1],
-        },
-    ]);
-    Rig::new(2, vec![d], SIZE)
+    Rig::new(2, vec![two_queue_disk("d0.raw")], SIZE)
 }
 
 fn config(rig: &Rig, mode: CopyMode, speed: u64) -> MirrorConfig {
@@ -75,29 +61,7 @@ fn wait_for(mirror: &Mirror, state: JobState, secs: u64) {
 
 /// Runs the drivers' verified load in threads; returns their shadows.
 fn load(rig: &mut Rig) -> Vec<std::thread::JoinHandle<(u64, Vec<u8>)>> {
-    let region = SIZE / 512 / 2;
-    let disk = &mut rig.disks[0];
-    std::mem::take(&mut disk.drivers)
-        .into_iter()
-        .enumerate()
-        .map(|(q, mut drv)| {
-            std::thread::spawn(move || {
-                let (shadow, _) =
-                    mixed_load(&mut drv, q as u64 * region, region, REQUESTS, q as u64);
-                (q as u64 * region * 512, shadow)
-            })
-        })
-        .collect()
-}
-
-fn check_image(image: &[u8], shadows: &[(u64, Vec<u8>)]) {
-    for (off, shadow) in shadows {
-        let off = *off as usize;
-        assert!(
-            image[off..off + shadow.len()] == shadow[..],
-            "the image differs from what the driver at {off} wrote"
-        );
-    }
+    spawn_loads(rig, SIZE, REQUESTS)
 }
 
 fn pivot_under_load(mode: CopyMode) {

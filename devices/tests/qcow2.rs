@@ -18,30 +18,12 @@ use std::time::{Duration, Instant};
 
 use block::ImageFormat;
 use block::jobs::{JobState, SyncMode};
-use common::{Rig, mixed_load, run1};
-use devices::config::{DiskConfig, VqMapping};
+use common::{Rig, check_image, run1, spawn_loads, two_queue_disk};
+use devices::config::DiskConfig;
 use devices::mirror::{Mirror, MirrorConfig, open_target};
 use support::BlkOp;
 
 const SIZE: u64 = 32 << 20;
-
-/// Disk d0 at `path` with two queues, one on each of `io0` and `io1`.
-fn two_queues(path: &str) -> DiskConfig {
-    let mut d = DiskConfig::new("d0", path);
-    d.num_queues = 2;
-    d.queue_size = 128;
-    d.iothread_vq_mapping = Some(vec![
-        VqMapping {
-            iothread: "io0".into(),
-            vqs: vec![0],
-        },
-        VqMapping {
-            iothread: "io1".into(),
-            vqs: vec![1],
-        },
-    ]);
-    d
-}
 
 #[test]
 fn two_iothreads_share_a_fresh_qcow2_image_and_qemu_img_agrees() {
@@ -49,23 +31,12 @@ fn two_iothreads_share_a_fresh_qcow2_image_and_qemu_img_agrees() {
     if !tests::nbd_server::have("qemu-img", test, "qemu-utils") {
         return;
     }
-    let mut d = two_queues("d0.qcow2");
+    let mut d = two_queue_disk("d0.qcow2");
     d.format = ImageFormat::Qcow2;
     d.cache = block::CacheMode::None;
     let mut rig = Rig::new(2, vec![d], SIZE);
     assert_eq!(rig.disks[0].device.disk().capacity(), SIZE);
-    let region = SIZE / 512 / 2;
-    let drivers = std::mem::take(&mut rig.disks[0].drivers);
-    let loads: Vec<_> = drivers
-        .into_iter()
-        .enumerate()
-        .map(|(q, mut drv)| {
-            std::thread::spawn(move || {
-                let (shadow, _) = mixed_load(&mut drv, q as u64 * region, region, 3000, q as u64);
-                (q as u64 * region * 512, shadow)
-            })
-        })
-        .collect();
+    let loads = spawn_loads(&mut rig, SIZE, 3000);
     let joined: Vec<_> = loads.into_iter().map(|t| t.join()).collect();
     if joined.iter().any(Result::is_err) {
         // What the device side saw when the load gave up: a hang is in the engine when
@@ -115,13 +86,7 @@ fn two_iothreads_share_a_fresh_qcow2_image_and_qemu_img_agrees() {
         drop(t);
     }
     let data = tests::image::qcow2_bytes(&image);
-    for (off, shadow) in &shadows {
-        let off = *off as usize;
-        assert!(
-            data[off..off + shadow.len()] == shadow[..],
-            "the image differs from what the driver at {off} wrote"
-        );
-    }
+    check_image(&data, &shadows);
     drop(keep);
 }
 
@@ -158,19 +123,9 @@ fn a_raw_disk_mirrors_to_a_new_qcow2_image_and_pivots_under_load() {
     if !tests::nbd_server::have("qemu-img", test, "qemu-utils") {
         return;
     }
-    let mut rig = Rig::new(2, vec![two_queues("d0.raw")], SIZE);
+    let mut rig = Rig::new(2, vec![two_queue_disk("d0.raw")], SIZE);
     let blk = rig.disks[0].device.clone();
-    let region = SIZE / 512 / 2;
-    let loads: Vec<_> = std::mem::take(&mut rig.disks[0].drivers)
-        .into_iter()
-        .enumerate()
-        .map(|(q, mut drv)| {
-            std::thread::spawn(move || {
-                let (shadow, _) = mixed_load(&mut drv, q as u64 * region, region, 3000, q as u64);
-                (q as u64 * region * 512, shadow)
-            })
-        })
-        .collect();
+    let loads = spawn_loads(&mut rig, SIZE, 3000);
     let target = rig.dir.path().join("t.qcow2");
     let config = mirror_config(target.clone(), SyncMode::Full);
     let disk = open_target(&blk, &config).unwrap();
@@ -192,13 +147,7 @@ fn a_raw_disk_mirrors_to_a_new_qcow2_image_and_pivots_under_load() {
     } = rig;
     drop((mirror, blk, disks, iothreads));
     let data = tests::image::qcow2_bytes(&target);
-    for (off, shadow) in &shadows {
-        let off = *off as usize;
-        assert!(
-            data[off..off + shadow.len()] == shadow[..],
-            "the target differs from what the driver at {off} wrote"
-        );
-    }
+    check_image(&data, &shadows);
     drop(keep);
 }
 

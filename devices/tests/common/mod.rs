@@ -216,3 +216,54 @@ pub fn run1(drv: &mut BlkDriver, op: crate::support::BlkOp) -> Completion {
     };
     drv.run(op, opts, Duration::from_secs(10)).unwrap()
 }
+
+/// Disk d0 at `path` with two queues, one on each of iothreads `io0` and `io1`.
+pub fn two_queue_disk(path: &str) -> devices::config::DiskConfig {
+    let mut d = devices::config::DiskConfig::new("d0", path);
+    d.num_queues = 2;
+    d.queue_size = 128;
+    d.iothread_vq_mapping = Some(vec![
+        devices::config::VqMapping {
+            iothread: "io0".into(),
+            vqs: vec![0],
+        },
+        devices::config::VqMapping {
+            iothread: "io1".into(),
+            vqs: vec![1],
+        },
+    ]);
+    d
+}
+
+/// Runs [`mixed_load`] of `requests` on each driver of the rig's first disk (of `size`
+/// bytes), each in its own half, in threads; each returns its region's byte offset and
+/// shadow.
+pub fn spawn_loads(
+    rig: &mut Rig,
+    size: u64,
+    requests: usize,
+) -> Vec<std::thread::JoinHandle<(u64, Vec<u8>)>> {
+    let region = size / 512 / 2;
+    std::mem::take(&mut rig.disks[0].drivers)
+        .into_iter()
+        .enumerate()
+        .map(|(q, mut drv)| {
+            std::thread::spawn(move || {
+                let (shadow, _) =
+                    mixed_load(&mut drv, q as u64 * region, region, requests, q as u64);
+                (q as u64 * region * 512, shadow)
+            })
+        })
+        .collect()
+}
+
+/// Asserts that `image` holds what each load's shadow says at its offset.
+pub fn check_image(image: &[u8], shadows: &[(u64, Vec<u8>)]) {
+    for (off, shadow) in shadows {
+        let off = *off as usize;
+        assert!(
+            image[off..off + shadow.len()] == shadow[..],
+            "the image differs from what the driver at {off} wrote"
+        );
+    }
+}

@@ -99,7 +99,17 @@ impl PathRules {
             return self.check_nbd(field, disk);
         }
         self.check_own(field, &disk.path)?;
-        self.check(field, &mut disk.path)
+        self.check(field, &mut disk.path)?;
+        // A qcow2 image names its backing files itself: they follow the rules too, or
+        // an image inside an allowed directory could read any file through its chain.
+        // (A chain that cannot be read fails the disk's open, with its reason.)
+        if self.restricted() && disk.format == block::ImageFormat::Qcow2 {
+            let field = format!("{field} (backing file)");
+            for mut backing in block::qcow2::header::backing_files(&disk.path).unwrap_or_default() {
+                self.check(&field, &mut backing)?;
+            }
+        }
+        Ok(())
     }
 
     /// An NBD disk: a TCP server is not a host path; a Unix socket is, and follows the
@@ -257,6 +267,21 @@ mod tests {
             let mut d = DiskConfig::new("d1", &bad);
             assert_eq!(rules.check_disk(&mut d).unwrap_err().kind.status(), 403);
         }
+        // A qcow2 image inside whose backing file lies outside.
+        let overlay = allowed.join("overlay.qcow2");
+        std::fs::File::create(&overlay).unwrap();
+        block::qcow2::create(&overlay, 512, Some((&secret, block::ImageFormat::Raw))).unwrap();
+        let mut d = DiskConfig::new("q", &overlay);
+        d.format = block::ImageFormat::Qcow2;
+        let err = rules.check_disk(&mut d).unwrap_err();
+        assert_eq!(err.kind.status(), 403, "{err:?}");
+        assert!(err.message.contains("backing file"), "{}", err.message);
+        let inside = allowed.join("inside.qcow2");
+        std::fs::File::create(&inside).unwrap();
+        block::qcow2::create(&inside, 512, Some((&img, block::ImageFormat::Raw))).unwrap();
+        let mut d = DiskConfig::new("q", &inside);
+        d.format = block::ImageFormat::Qcow2;
+        rules.check_disk(&mut d).unwrap();
         // Kernel and serial output too.
         let mut c = vm(&outside, &kernel, &img);
         assert!(

@@ -187,7 +187,10 @@ impl Qcow2Engine {
                     if let Poll::Ready(result) = task.fut.as_mut().poll(&mut cx) {
                         let result = match result {
                             Ok(n) => i64::try_from(n).unwrap_or(i64::MAX),
-                            Err(e) => -i64::from(e.raw_os_error().unwrap_or(libc::EIO)),
+                            Err(e) => {
+                                tracing::warn!(tag = task.tag, error = %e, "qcow2: a request failed");
+                                -i64::from(e.raw_os_error().unwrap_or(libc::EIO))
+                            }
                         };
                         done.push((task.tag, result));
                         tasks[id] = None;

@@ -176,10 +176,9 @@ impl Storage for EngineStorage {
             .await?;
         drop(iov);
         if n != len {
-            return Err(io::Error::other(format!(
-                "{}: short write at {offset}: {n} of {len} bytes",
-                self.disk.path().display()
-            )));
+            // As the disk queue treats a raw disk's short write: out of space.
+            tracing::warn!(file = %self, offset, written = n, len, "qcow2: short write");
+            return Err(io::Error::from_raw_os_error(libc::ENOSPC));
         }
         self.grew_to(offset.saturating_add(len));
         Ok(())

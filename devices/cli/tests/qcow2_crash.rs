@@ -96,7 +96,17 @@ fn write_then_crash(
         for c in &cs[..n] {
             // SAFETY: do_io initialized the first n completions.
             let c = unsafe { c.assume_init_read() };
-            assert_eq!(c.ret, 0, "request {} failed", c.user_data);
+            if c.ret != 0 {
+                let log = server.log();
+                let tail: Vec<&str> = log.lines().rev().take(40).collect();
+                let tail: Vec<&str> = tail.into_iter().rev().collect();
+                panic!(
+                    "request {} failed ({}); backend log ends:\n{}",
+                    c.user_data,
+                    c.ret,
+                    tail.join("\n")
+                );
+            }
             if c.user_data == QD {
                 for w in flushing.take().unwrap_or_default() {
                     writes[w].durable = true;

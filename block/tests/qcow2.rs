@@ -307,6 +307,86 @@ fn write_zeroes_and_discard_read_back_zeroes() {
     judge(dir.path(), &image, &model);
 }
 
+/// Writes `data` at `offset` (one request) and waits for it.
+fn write_at(q: &mut DiskQueue, offset: u64, data: &[u8]) {
+    let iov = [libc::iovec {
+        iov_base: data.as_ptr().cast_mut().cast(),
+        iov_len: data.len(),
+    }];
+    // SAFETY: `data` outlives the request (waited for below).
+    unsafe { q.write(1, offset, &iov, false) };
+    let c = wait(q, 1);
+    assert!(c[0].result.is_ok(), "write at {offset}: {c:?}");
+}
+
+/// Reads `len` bytes at `offset` (one request).
+fn read_at(q: &mut DiskQueue, offset: u64, len: usize) -> Vec<u8> {
+    let mut buf = vec![0u8; len];
+    let iov = [libc::iovec {
+        iov_base: buf.as_mut_ptr().cast(),
+        iov_len: len,
+    }];
+    // SAFETY: `buf` outlives the request (waited for below).
+    unsafe { q.read(2, offset, &iov) };
+    let c = wait(q, 1);
+    assert_eq!(c[0].result, Ok(len as u64), "read at {offset}");
+    buf
+}
+
+/// A queue reads and writes clusters it saw allocated straight in the file (the
+/// direct path). A discard or write-zeroes must void what it knew: a freed cluster
+/// that the image hands to other data is never read or written for the old one.
+#[test]
+fn freed_clusters_taken_by_other_data_are_not_reached_through_old_mappings() {
+    let test = "freed_clusters_taken_by_other_data_are_not_reached_through_old_mappings";
+    if !have("qemu-img", test, "qemu-utils") {
+        return;
+    }
+    const C: u64 = 64 * 1024;
+    let dir = tempfile::tempdir().unwrap();
+    let image = create(dir.path(), "reuse.qcow2", 64 * C, &[]);
+    let mut model = vec![0u8; 64 * C as usize];
+    for (round, zeroes) in [(0u8, false), (1, true)] {
+        let mut q = queue(
+            open(&image, CacheMode::None, false).unwrap(),
+            AioKind::IoUring,
+        );
+        let (a, b) = (u64::from(round) * 8 * C, u64::from(round) * 8 * C + 4 * C);
+        let a_data = vec![0xa0 | round; C as usize];
+        write_at(&mut q, a, &a_data);
+        // Read once, so that the queue knows the mapping for sure.
+        assert!(read_at(&mut q, a, 4096) == a_data[..4096]);
+        if zeroes {
+            q.write_zeroes(3, a, C);
+        } else {
+            q.discard(3, a, C);
+        }
+        assert!(wait(&mut q, 1)[0].result.is_ok());
+        // New data elsewhere: it may be given the cluster `a` had.
+        let b_data = vec![0xb0 | round; C as usize];
+        write_at(&mut q, b, &b_data);
+        assert!(
+            read_at(&mut q, a, C as usize).iter().all(|&x| x == 0),
+            "round {round}: a freed cluster still reads its old data, or another's"
+        );
+        // Writing `a` again must not land on `b`'s cluster.
+        let a_again = vec![0xc0 | round; C as usize];
+        write_at(&mut q, a, &a_again);
+        assert!(
+            read_at(&mut q, b, C as usize) == b_data,
+            "round {round}: b changed"
+        );
+        assert!(
+            read_at(&mut q, a, C as usize) == a_again,
+            "round {round}: a"
+        );
+        model[a as usize..(a + C) as usize].copy_from_slice(&a_again);
+        model[b as usize..(b + C) as usize].copy_from_slice(&b_data);
+        flush(&mut q);
+    }
+    judge(dir.path(), &image, &model);
+}
+
 /// Patches `bytes` at `at` in the file at `path`.
 fn patch(path: &Path, at: usize, bytes: &[u8]) {
     let mut data = std::fs::read(path).unwrap();

@@ -4,6 +4,9 @@
 //! thread's engine for the file, metadata through the same engine, allocation and
 //! copy-on-write from the backing chain by imago. Completions come back with the
 //! queue's tags, like any engine's.
+//!
+//! A read or write of clusters the queue already saw allocated in place skips all of
+//! that: it goes to the image file's engine as it came (see [`super::direct`]).
 
 use std::future::Future;
 use std::io::{IoSlice, IoSliceMut};
@@ -16,6 +19,7 @@ use imago::io_buffers::{IoVector, IoVectorMut};
 use vmm_sys_util::eventfd::EventFd;
 
 use super::Qcow2Image;
+use super::direct::{Learned, MapCache};
 use super::executor::{Engines, with_engines};
 use crate::engine::{EngineOp, EngineOptions, IoEngine, IoVecs, notifier_or_new};
 use crate::error::Error;
@@ -25,7 +29,8 @@ const DROP_DRAIN: Duration = Duration::from_secs(30);
 
 /// imago's futures are not `Send` (its format layer is `async_trait(?Send)`): a task
 /// lives and is polled on the thread that owns the engine.
-type OpFuture = Pin<Box<dyn Future<Output = std::io::Result<u64>>>>;
+/// Its output: the byte count and what the op learned of the mapping.
+type OpFuture = Pin<Box<dyn Future<Output = std::io::Result<(u64, Option<Learned>)>>>>;
 
 struct Task {
     tag: u64,
@@ -86,6 +91,13 @@ pub struct Qcow2Engine {
     done: Vec<(u64, i64)>,
     /// Whether the caller may sleep on the notifier (see [`IoEngine::set_notify`]).
     notify: bool,
+    /// Clusters this queue saw allocated in place, for the direct path.
+    map: MapCache,
+    /// Requests on the direct path, by id: the caller's tag, and the image's lock
+    /// held shared until the request completed.
+    direct: Vec<Option<(u64, tokio::sync::OwnedRwLockReadGuard<()>)>>,
+    direct_free: Vec<usize>,
+    direct_live: usize,
 }
 
 impl Qcow2Engine {
@@ -102,6 +114,7 @@ impl Qcow2Engine {
         };
         let notifier = notifier_or_new(notifier).map_err(setup)?;
         let engines = Engines::new(*options, &notifier, image.files())?;
+        let cluster_bits = image.cluster_bits;
         Ok(Qcow2Engine {
             image,
             engines,
@@ -115,7 +128,71 @@ impl Qcow2Engine {
             }),
             done: Vec::new(),
             notify: true,
+            map: MapCache::new(cluster_bits),
+            direct: Vec::new(),
+            direct_free: Vec::new(),
+            direct_live: 0,
         })
+    }
+
+    /// Sends a read or a non-FUA write whose clusters the queue saw allocated in place
+    /// straight to the image file's engine; false (nothing done) otherwise. A FUA
+    /// write takes the full path: the mapping it writes through must be durable too.
+    fn try_direct(&mut self, tag: u64, op: EngineOp) -> bool {
+        let (offset, iovecs) = match op {
+            EngineOp::Read { offset, iovecs }
+            | EngineOp::Write {
+                offset,
+                iovecs,
+                fua: false,
+            } => (offset, iovecs),
+            _ => return false,
+        };
+        let Some(shared) = self.image.try_share() else {
+            return false;
+        };
+        self.map.sync_generation(self.image.generation());
+        let Some(host) = self.map.host_range(offset, iovecs.total_len()) else {
+            return false;
+        };
+        let id = match self.direct_free.pop() {
+            Some(id) => id,
+            None => {
+                self.direct.push(None);
+                self.direct.len() - 1
+            }
+        };
+        self.direct[id] = Some((tag, shared));
+        self.direct_live += 1;
+        let op = match op {
+            EngineOp::Read { .. } => EngineOp::Read {
+                offset: host,
+                iovecs,
+            },
+            _ => EngineOp::Write {
+                offset: host,
+                iovecs,
+                fua: false,
+            },
+        };
+        // SAFETY: our caller's contract (`IoEngine::push`): the buffers stay valid until
+        // the completion, which `reap` hands back only once the file's engine finished.
+        unsafe { self.engines.push_direct(id as u64, op) };
+        true
+    }
+
+    /// Hands the direct path's finished requests to `done`, letting go of their locks.
+    fn reap_direct(&mut self) {
+        for (id, result) in self.engines.take_direct_done() {
+            let Ok(id) = usize::try_from(id) else {
+                continue;
+            };
+            if let Some((tag, _shared)) = self.direct.get_mut(id).and_then(Option::take) {
+                self.done.push((tag, result));
+                self.direct_free.push(id);
+                self.direct_live -= 1;
+            }
+        }
     }
 
     /// The future of `op`.
@@ -132,7 +209,7 @@ impl Qcow2Engine {
                 Box::pin(async move {
                     let bufv = IoVectorMut::from(bufs);
                     let len = bufv.len();
-                    image.read(bufv, offset).await.map(|()| len)
+                    image.read(bufv, offset).await.map(|learned| (len, learned))
                 })
             }
             EngineOp::Write {
@@ -145,19 +222,19 @@ impl Qcow2Engine {
                 Box::pin(async move {
                     let bufv = IoVector::from(bufs);
                     let len = bufv.len();
-                    image.write(bufv, offset).await?;
+                    let learned = image.write(bufv, offset).await?;
                     if fua {
                         image.flush().await?;
                     }
-                    Ok(len)
+                    Ok((len, learned))
                 })
             }
-            EngineOp::Flush => Box::pin(async move { image.flush().await.map(|()| 0) }),
+            EngineOp::Flush => Box::pin(async move { image.flush().await.map(|()| (0, None)) }),
             EngineOp::Discard { offset, len } => {
-                Box::pin(async move { image.discard(offset, len).await.map(|()| 0) })
+                Box::pin(async move { image.discard(offset, len).await.map(|()| (0, None)) })
             }
             EngineOp::WriteZeroes { offset, len } => {
-                Box::pin(async move { image.write_zeroes(offset, len).await.map(|()| 0) })
+                Box::pin(async move { image.write_zeroes(offset, len).await.map(|()| (0, None)) })
             }
         }
     }
@@ -175,6 +252,8 @@ impl Qcow2Engine {
             let done = &mut self.done;
             let free = &mut self.free;
             let live = &mut self.live;
+            let map = &mut self.map;
+            let image = &self.image;
             with_engines(&mut self.engines, || {
                 for id in ids {
                     let Some(Some(task)) = tasks.get_mut(id) else {
@@ -186,7 +265,12 @@ impl Qcow2Engine {
                     let mut cx = Context::from_waker(waker);
                     if let Poll::Ready(result) = task.fut.as_mut().poll(&mut cx) {
                         let result = match result {
-                            Ok(n) => i64::try_from(n).unwrap_or(i64::MAX),
+                            Ok((n, learned)) => {
+                                if let Some(learned) = learned {
+                                    map.learn(learned, image.generation());
+                                }
+                                i64::try_from(n).unwrap_or(i64::MAX)
+                            }
                             Err(e) => {
                                 tracing::warn!(tag = task.tag, error = %e, "qcow2: a request failed");
                                 -i64::from(e.raw_os_error().unwrap_or(libc::EIO))
@@ -269,6 +353,9 @@ impl IoEngine for Qcow2Engine {
     }
 
     unsafe fn push(&mut self, tag: u64, op: EngineOp) {
+        if self.try_direct(tag, op) {
+            return;
+        }
         // SAFETY: our caller's contract is the one `future` needs.
         let fut = unsafe { self.future(op) };
         let id = self.slot();
@@ -295,9 +382,14 @@ impl IoEngine for Qcow2Engine {
 
     fn reap(&mut self, done: &mut dyn FnMut(u64, i64)) {
         let _ = self.ready.notifier.read();
+        self.reap_ready(done);
+    }
+
+    fn reap_ready(&mut self, done: &mut dyn FnMut(u64, i64)) {
         let ready = self.ready.clone();
         polling(&ready, || {
             self.engines.reap();
+            self.reap_direct();
             self.run_ready();
         });
         for (tag, result) in self.done.drain(..) {
@@ -316,7 +408,7 @@ impl IoEngine for Qcow2Engine {
     }
 
     fn in_flight(&self) -> usize {
-        self.live + self.done.len()
+        self.live + self.direct_live + self.done.len()
     }
 
     fn set_max_batch(&mut self, max_batch: u32) {

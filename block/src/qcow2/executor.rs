@@ -35,7 +35,12 @@ pub struct Engines {
     next_tag: u64,
     /// By tag: who waits for the result, and the file's writes in flight (writes only).
     waiting: HashMap<u64, (oneshot::Sender<i64>, Option<Arc<InFlight>>)>,
+    /// Finished ops of the direct path: their ids (tags without [`DIRECT`]) and results.
+    direct_done: Vec<(u64, i64)>,
 }
+
+/// The tag bit of an op of the direct path (see [`Engines::push_direct`]).
+const DIRECT: u64 = 1 << 63;
 
 /// A storage's writes in flight on every thread, for [`EngineStorage`]'s
 /// `settle_writes`: imago drops a write's future on some error paths and waits there
@@ -86,6 +91,7 @@ impl Engines {
             engines,
             next_tag: 0,
             waiting: HashMap::new(),
+            direct_done: Vec::new(),
         })
     }
 
@@ -105,9 +111,12 @@ impl Engines {
     pub fn reap(&mut self) -> usize {
         let mut n = 0;
         let waiting = &mut self.waiting;
+        let direct_done = &mut self.direct_done;
         for (_, e) in &mut self.engines {
             e.reap_ready(&mut |tag, result| {
-                if let Some((tx, in_flight)) = waiting.remove(&tag) {
+                if tag & DIRECT != 0 {
+                    direct_done.push((tag & !DIRECT, result));
+                } else if let Some((tx, in_flight)) = waiting.remove(&tag) {
                     if let Some(writes) = in_flight {
                         writes.done();
                     }
@@ -119,9 +128,28 @@ impl Engines {
         n
     }
 
+    /// Queues `op` of the direct path, as id `id` (below 2^63), on the image file's
+    /// engine; its result comes back through [`Engines::take_direct_done`], not to a
+    /// future.
+    ///
+    /// # Safety
+    /// As [`IoEngine::push`]: `op`'s buffers stay valid until the result was taken.
+    pub unsafe fn push_direct(&mut self, id: u64, op: EngineOp) {
+        match self.engines.first_mut() {
+            // SAFETY: per this function's contract.
+            Some((_, engine)) => unsafe { engine.push(id | DIRECT, op) },
+            None => self.direct_done.push((id, -i64::from(libc::EIO))),
+        }
+    }
+
+    /// The direct path's finished ops since the last call: (id, result).
+    pub fn take_direct_done(&mut self) -> std::vec::Drain<'_, (u64, i64)> {
+        self.direct_done.drain(..)
+    }
+
     /// Whether an engine has completions waiting.
     pub fn has_completions(&mut self) -> bool {
-        self.engines.iter_mut().any(|(_, e)| e.has_completions())
+        !self.direct_done.is_empty() || self.engines.iter_mut().any(|(_, e)| e.has_completions())
     }
 
     /// Ops in flight on every engine.

@@ -11,6 +11,7 @@
 use std::io;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 
 use imago::format::Format;
 use imago::format::gate::ImplicitOpenGate;
@@ -23,12 +24,14 @@ use crate::disk::Disk;
 use crate::error::Error;
 
 mod create;
+mod direct;
 mod engine;
 mod executor;
 pub mod header;
 mod storage;
 
 pub use create::create;
+pub use direct::Learned;
 pub use engine::Qcow2Engine;
 pub use storage::EngineStorage;
 
@@ -83,9 +86,14 @@ impl std::str::FromStr for ImageFormat {
 /// An open qcow2 image, shared by the queues of its disk.
 pub struct Qcow2Image {
     access: FormatAccess<EngineStorage>,
-    /// Discards take it exclusively: a discard may free clusters that a concurrent
-    /// request has mapped already (imago's rule for its `_unsafe` discard).
-    discard: tokio::sync::RwLock<()>,
+    /// Discards and write-zeroes take it exclusively: they may free or zero clusters
+    /// that a concurrent request has mapped already (imago's rule for its `_unsafe`
+    /// discard; the queues' direct path, which holds it shared per request).
+    discard: Arc<tokio::sync::RwLock<()>>,
+    /// Bumped (under `discard`, exclusively) before clusters may be freed or zeroed:
+    /// what a queue learned of the mapping before is void (see [`direct`]).
+    generation: AtomicU64,
+    cluster_bits: u32,
     size: u64,
     /// The qcow2 version (2 or 3).
     version: u32,
@@ -145,7 +153,9 @@ impl Qcow2Image {
         Ok(Qcow2Image {
             size: access.size(),
             access,
-            discard: tokio::sync::RwLock::new(()),
+            discard: Arc::new(tokio::sync::RwLock::new(())),
+            generation: AtomicU64::new(0),
+            cluster_bits: info.cluster_bits,
             version: info.version,
             metadata: info.metadata.clone(),
             chain,
@@ -213,19 +223,77 @@ impl Qcow2Image {
         &self.files
     }
 
-    /// Reads `bufv` from guest offset `offset`.
-    pub async fn read(&self, bufv: IoVectorMut<'_>, offset: u64) -> io::Result<()> {
+    /// Reads `bufv` from guest offset `offset`; returns what the range's mapping
+    /// showed of clusters held in place (for the queue's direct path).
+    pub async fn read(&self, bufv: IoVectorMut<'_>, offset: u64) -> io::Result<Option<Learned>> {
         let _shared = self.discard.read().await;
-        self.access.readv(bufv, offset).await
+        let len = bufv.len();
+        self.access.readv(bufv, offset).await?;
+        Ok(self.learn(offset, len).await)
     }
 
-    /// Writes `bufv` at guest offset `offset` (allocating clusters as needed). A write
+    /// Writes `bufv` at guest offset `offset` (allocating clusters as needed); returns
+    /// what the range's mapping showed afterwards, as [`Qcow2Image::read`]. A write
     /// that an image's L2 entries would send into its own header cluster, L1 table or
     /// refcount table (a hostile or broken image) fails with EIO instead.
-    pub async fn write(&self, bufv: IoVector<'_>, offset: u64) -> io::Result<()> {
+    pub async fn write(&self, bufv: IoVector<'_>, offset: u64) -> io::Result<Option<Learned>> {
         let _shared = self.discard.read().await;
-        self.refuse_metadata_overlap(offset, bufv.len()).await?;
-        self.access.writev(bufv, offset).await
+        let len = bufv.len();
+        self.refuse_metadata_overlap(offset, len).await?;
+        self.access.writev(bufv, offset).await?;
+        Ok(self.learn(offset, len).await)
+    }
+
+    /// The image's generation (see [`direct`]).
+    pub(crate) fn generation(&self) -> u64 {
+        self.generation.load(Ordering::Acquire)
+    }
+
+    /// The lock discards take exclusively, shared, if nothing holds or waits for it
+    /// exclusively.
+    pub(crate) fn try_share(&self) -> Option<tokio::sync::OwnedRwLockReadGuard<()>> {
+        self.discard.clone().try_read_owned().ok()
+    }
+
+    /// The first piece of `offset..offset + len`'s mapping, if the image's own file
+    /// holds it in place, writable, and clear of the metadata the header named. Called
+    /// with `discard` held shared, so the generation cannot change meanwhile.
+    async fn learn(&self, offset: u64, len: u64) -> Option<Learned> {
+        let generation = self.generation();
+        let (mapping, n) = self.access.get_shallow_mapping(offset, len).await.ok()?;
+        let imago::ShallowMapping::Raw {
+            offset: host,
+            writable: true,
+            ..
+        } = mapping
+        else {
+            return None;
+        };
+        let mask = (1u64 << self.cluster_bits) - 1;
+        let within = offset & mask;
+        if n == 0 || host & mask != within {
+            return None;
+        }
+        let clusters = (within + n).div_ceil(mask + 1);
+        let (guest, host) = (offset - within, host - within);
+        let bytes = clusters << self.cluster_bits;
+        let clear = !self
+            .metadata
+            .iter()
+            .any(|(m, l)| host < m.saturating_add(*l) && *m < host.saturating_add(bytes));
+        clear.then_some(Learned {
+            generation,
+            guest,
+            host,
+            clusters,
+        })
+    }
+
+    /// Takes `discard` exclusively and voids what the queues learned of the mapping.
+    async fn alone(&self) -> tokio::sync::RwLockWriteGuard<'_, ()> {
+        let alone = self.discard.write().await;
+        self.generation.fetch_add(1, Ordering::AcqRel);
+        alone
     }
 
     /// EIO if writing guest range `offset..offset + len` in place would overwrite the
@@ -262,10 +330,12 @@ impl Qcow2Image {
     /// Makes `offset..offset + len` read as zeroes.
     /// (Version 2 images have no zero clusters: zeroes are written there.)
     pub async fn write_zeroes(&self, offset: u64, len: u64) -> io::Result<()> {
-        let _shared = self.discard.read().await;
         if self.version >= 3 {
+            // Zero clusters: a mapping the queues learned may no longer hold.
+            let _alone = self.alone().await;
             return self.access.write_zeroes(offset, len).await;
         }
+        let _shared = self.discard.read().await;
         let zeroes = vec![0u8; usize::try_from(len.min(ZERO_CHUNK)).unwrap_or(0)];
         let mut at = offset;
         let end = offset.saturating_add(len);
@@ -285,7 +355,7 @@ impl Qcow2Image {
         if self.version < 3 {
             return Ok(());
         }
-        let _alone = self.discard.write().await;
+        let _alone = self.alone().await;
         // SAFETY: no other request of this image runs while we hold the lock
         // exclusively, so none holds a mapping the discard could invalidate.
         unsafe { self.access.discard_to_any_unsafe(offset, len) }.await

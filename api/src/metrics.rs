@@ -11,6 +11,7 @@ use std::fmt::Write;
 use block::counters::{CountersSnapshot, KindSnapshot};
 use devices::iothread::IoThreadCounters;
 use devices::virtio_blk::device::BlkCounters;
+use devices::virtio_blk::io_error::IoErrorCounts;
 
 use crate::backend::{VmCounters, VmState};
 
@@ -56,6 +57,7 @@ fn disk_samples(c: &BlkCounters) -> Vec<Sample> {
             },
         invalid_requests,
         signals,
+        io_errors,
         nbd,
     } = c;
     let mut out = Vec::new();
@@ -103,6 +105,26 @@ fn disk_samples(c: &BlkCounters) -> Vec<Sample> {
         "Interrupts the disk sent to the driver.",
         *signals,
     ));
+    let IoErrorCounts {
+        reported,
+        stopped,
+        ignored,
+    } = *io_errors;
+    for (action, what, n) in [
+        ("reported", "completed with an I/O error", reported),
+        ("stopped", "held for a retry, stopping the disk", stopped),
+        (
+            "ignored",
+            "completed as successful although they failed",
+            ignored,
+        ),
+    ] {
+        out.push(counter(
+            format!("io_errors_{action}"),
+            format!("Failed disk requests {what} (the error policy's action)."),
+            n,
+        ));
+    }
     if let Some(n) = nbd {
         out.push(gauge(
             "nbd_connections",
@@ -258,6 +280,11 @@ mod tests {
             },
             invalid_requests: 18,
             signals: 19,
+            io_errors: IoErrorCounts {
+                reported: 30,
+                stopped: 31,
+                ignored: 32,
+            },
             nbd: Some(block::nbd::NbdStatus {
                 server: "unix:/run/nbd.sock".into(),
                 export: "e".into(),
@@ -332,6 +359,9 @@ mod tests {
             format!("vmm_disk_throttled_ns_total{d0} 17"),
             format!("vmm_disk_invalid_requests_total{d0} 18"),
             format!("vmm_disk_signals_total{d0} 19"),
+            format!("vmm_disk_io_errors_reported_total{d0} 30"),
+            format!("vmm_disk_io_errors_stopped_total{d0} 31"),
+            format!("vmm_disk_io_errors_ignored_total{d0} 32"),
             format!("vmm_disk_nbd_connections{d0} 20"),
             format!("vmm_disk_nbd_reconnects_total{d0} 21"),
             format!("vmm_disk_nbd_failed{d0} 0"),
@@ -347,14 +377,14 @@ mod tests {
         for w in &want {
             assert!(lines.contains(&w.as_str()), "no line {w:?} in:\n{text}");
         }
-        // 22 disk families (3 of them for NBD disks only), 8 iothread families and
-        // vmm_vm_running, each with HELP and TYPE; 19 disk samples per disk and 3 more for
+        // 25 disk families (3 of them for NBD disks only), 8 iothread families and
+        // vmm_vm_running, each with HELP and TYPE; 22 disk samples per disk and 3 more for
         // the NBD one, 8 per iothread, one per VM; nothing else (the histogram is not
         // exported).
         let samples = lines.iter().filter(|l| !l.starts_with('#')).count();
-        assert_eq!(samples, 2 * 19 + 3 + 8 + 2, "{text}");
+        assert_eq!(samples, 2 * 22 + 3 + 8 + 2, "{text}");
         let types = lines.iter().filter(|l| l.starts_with("# TYPE")).count();
-        assert_eq!(types, 22 + 8 + 1, "{text}");
+        assert_eq!(types, 25 + 8 + 1, "{text}");
         let helps = lines.iter().filter(|l| l.starts_with("# HELP")).count();
         assert_eq!(helps, types, "{text}");
     }

@@ -33,6 +33,8 @@ pub const DISK_HINTS: Hints<'static> = Hints {
         "aio",
         "format",
         "discard",
+        "on_write_error",
+        "on_read_error",
     ],
     lists: &[],
 };

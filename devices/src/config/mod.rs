@@ -1,6 +1,7 @@
 //! The JSON settings of disks and iothreads (ARCHITECTURE.md section 7). Field names are
 //! the contract; unknown fields are rejected.
 
+mod error_policy;
 pub mod kv;
 
 use std::path::PathBuf;
@@ -8,6 +9,8 @@ use std::path::PathBuf;
 use block::throttle::ThrottleLimits;
 use block::{AioKind, CacheMode, DiskOptions, ImageFormat};
 use serde::{Deserialize, Serialize};
+
+pub use error_policy::{ErrorAction, ReadErrorPolicy, WriteErrorPolicy};
 
 /// Largest queue size a disk may ask for (virtio split rings allow 32768).
 pub const MAX_QUEUE_SIZE: u16 = 1024;
@@ -269,6 +272,16 @@ pub struct DiskConfig {
     /// they fail (reconnecting goes on); 0 never reconnects. Default 5.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub reconnect_delay: Option<u64>,
+    /// What a failed write, flush, discard or write-zeroes becomes (QEMU's `werror`):
+    /// `report`, `stop`, `enospc` (stop when out of space, else report; the default) or
+    /// `ignore`. A stop holds requests only where the control plane can resume the
+    /// disk; elsewhere it acts as `report`.
+    #[serde(default, skip_serializing_if = "WriteErrorPolicy::is_default")]
+    pub on_write_error: WriteErrorPolicy,
+    /// What a failed read becomes (QEMU's `rerror`): `report` (the default), `stop` or
+    /// `ignore`.
+    #[serde(default, skip_serializing_if = "ReadErrorPolicy::is_default")]
+    pub on_read_error: ReadErrorPolicy,
 }
 
 /// The longest `reconnect_delay` accepted (an hour).
@@ -302,6 +315,8 @@ impl DiskConfig {
             throttle_group: None,
             serial: None,
             reconnect_delay: None,
+            on_write_error: WriteErrorPolicy::default(),
+            on_read_error: ReadErrorPolicy::default(),
         }
     }
 
@@ -504,6 +519,27 @@ mod tests {
     }
 
     #[test]
+    fn error_policies_default_to_qemus_and_parse_from_the_shorthand() {
+        let d: DiskConfig = serde_json::from_str(r#"{"id":"d","path":"a"}"#).unwrap();
+        assert_eq!(
+            (d.on_write_error, d.on_read_error),
+            (WriteErrorPolicy::Enospc, ReadErrorPolicy::Report)
+        );
+        // Defaults are left out of what is shown.
+        assert!(!serde_json::to_string(&d).unwrap().contains("on_"));
+        let map = kv::parse_kv_with(
+            "id=d,path=a,on_write_error=stop,on_read_error=ignore",
+            &kv::DISK_HINTS,
+        )
+        .unwrap();
+        let d: DiskConfig = serde_json::from_value(serde_json::Value::Object(map)).unwrap();
+        assert_eq!(
+            (d.on_write_error, d.on_read_error),
+            (WriteErrorPolicy::Stop, ReadErrorPolicy::Ignore)
+        );
+    }
+
+    #[test]
     fn rejects_bad_settings_with_clear_messages() {
         let bad = |json: &str, needle: &str| {
             let err = match serde_json::from_str::<DiskConfig>(json) {
@@ -516,6 +552,11 @@ mod tests {
         bad(r#"{"id":"d","path":"a","queue_size":100}"#, "power of two");
         bad(r#"{"id":"d","path":"a","num_queues":0}"#, "num_queues");
         bad(r#"{"id":"d","path":"a","cache":"fast"}"#, "unknown variant");
+        // A read cannot run out of space: no `enospc` for reads.
+        bad(
+            r#"{"id":"d","path":"a","on_read_error":"enospc"}"#,
+            "unknown variant",
+        );
         bad(
             r#"{"id":"d","path":"a","format":"vmdk"}"#,
             "unknown variant",

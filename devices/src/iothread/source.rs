@@ -71,6 +71,9 @@ pub enum SourceOp {
     Pause,
     /// A paused queue goes on.
     Resume,
+    /// A queue whose disk was stopped by an I/O error, and resumed since, sends the
+    /// requests it held again, oldest first, then goes on.
+    RetryHeld,
     /// A queue adds its index and a duplicate of its completion eventfd to the list
     /// (for the engines of [`SourceOp::AttachMirror`] and [`SourceOp::SwitchDisk`]).
     Notifiers(NotifierList),
@@ -201,6 +204,7 @@ impl<Q: QueueHost> IoSource for QueueWorker<Q> {
                 .map(|()| PassWork::default())
                 .map_err(|e| format!("disk {} queue {}: {e}", self.device(), self.index())),
             SourceOp::Resume => Ok(self.resume()),
+            SourceOp::RetryHeld => Ok(self.retry_held()),
             SourceOp::Notifiers(list) => {
                 let fd = self
                     .notifier()

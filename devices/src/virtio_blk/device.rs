@@ -14,6 +14,7 @@ use vmm_sys_util::eventfd::EventFd;
 
 use super::GuestMem;
 use super::config_space::{ConfigParams, ConfigSpace, device_features};
+use super::io_error::{IoErrorCounts, IoErrorState};
 use super::worker::{BlkShared, QueueHost, QueueWorker};
 use crate::config::{DiscardMode, DiskConfig};
 
@@ -62,6 +63,9 @@ pub struct BlkCounters {
     pub invalid_requests: u64,
     /// Interrupts sent to the driver.
     pub signals: u64,
+    /// Failed requests per error-policy action.
+    #[serde(default)]
+    pub io_errors: IoErrorCounts,
     /// An NBD disk's connections: state, count, reconnects, last error.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub nbd: Option<block::nbd::NbdStatus>,
@@ -148,6 +152,12 @@ impl BlkDevice {
             invalid_requests: AtomicU64::new(0),
             signals: AtomicU64::new(0),
             held: AtomicBool::new(false),
+            io_error: IoErrorState::new(config.on_write_error, config.on_read_error).map_err(
+                |source| DeviceError::Io {
+                    disk: config.id.clone(),
+                    source,
+                },
+            )?,
         });
         let own_group = ThrottleGroup::new(
             config.id.clone(),
@@ -374,6 +384,7 @@ impl BlkDevice {
             io: self.counters.snapshot(),
             invalid_requests: self.shared.invalid_requests.load(Ordering::Relaxed),
             signals: self.shared.signals.load(Ordering::Relaxed),
+            io_errors: self.shared.io_error.counts(),
             nbd: self.disk().nbd_status(),
         }
     }

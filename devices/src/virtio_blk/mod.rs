@@ -10,6 +10,7 @@
 
 pub mod config_space;
 pub mod device;
+pub mod io_error;
 pub mod request;
 pub mod worker;
 

@@ -105,11 +105,16 @@ pub struct BlkShared {
     /// finishes what it started; requests wait in the ring and the throttle's pen, in
     /// order. Queues made meanwhile start held too.
     pub held: AtomicBool,
+    /// The disk's error policy, and whether a failure stopped it (its queues hold
+    /// their failed requests and take no new ones until resumed).
+    pub io_error: super::io_error::IoErrorState,
 }
 
 /// A request between popping and completion.
 struct Slot {
     req: Request,
+    /// Its place in the order the queue took requests (held ones retry in it).
+    seq: u64,
     /// The memory map the request's buffers point into, kept mapped until completion.
     mem: Arc<GuestMemMmap>,
 }
@@ -165,6 +170,10 @@ pub struct QueueWorker<Q: QueueHost> {
     free: Vec<usize>,
     spare_iovecs: Vec<Vec<libc::iovec>>,
     completions: Vec<Completion>,
+    /// The next request's `seq`.
+    next_seq: u64,
+    /// Requests the error policy held (`stop`): (seq, slot), for a retry on resume.
+    failed: Vec<(u64, usize)>,
     /// Chains parsed under the queue lock, handled after it (a reused buffer).
     parsed: Vec<Result<Request, Rejected>>,
     /// Used entries (head, length) published under one queue lock (a reused buffer).
@@ -218,6 +227,8 @@ impl<Q: QueueHost> QueueWorker<Q> {
             slots: Vec::new(),
             free: Vec::new(),
             spare_iovecs: Vec::new(),
+            next_seq: 0,
+            failed: Vec::new(),
             completions: Vec::with_capacity(queue_size),
             parsed: Vec::with_capacity(queue_size),
             used: Vec::with_capacity(queue_size),
@@ -355,7 +366,11 @@ impl<Q: QueueHost> QueueWorker<Q> {
         if self.disk.has_completions() {
             return true;
         }
-        if self.stopping || self.is_held() || self.in_flight() >= self.max_slots {
+        if self.stopping
+            || self.is_held()
+            || self.is_io_stopped()
+            || self.in_flight() >= self.max_slots
+        {
             return false;
         }
         let guard = self.mem.memory();
@@ -394,6 +409,8 @@ impl<Q: QueueHost> QueueWorker<Q> {
     pub fn drain(&mut self, timeout: Duration) -> io::Result<()> {
         self.stopping = true;
         self.tick();
+        // Requests an I/O error holds get their error now: nothing will retry them.
+        self.fail_held();
         self.disk.set_notify(true);
         self.throttle.withdraw();
         let mut unthrottled = Throttle::default();

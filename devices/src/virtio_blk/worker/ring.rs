@@ -8,6 +8,7 @@ use virtio_queue::{Error as QueueError, Queue, QueueOwnedT, QueueT};
 use vm_memory::{Bytes, GuestAddress, GuestAddressSpace};
 
 use super::{PassWork, QueueHost, QueueWorker, Slot};
+use crate::config::ErrorAction;
 use crate::virtio_blk::request::{self, Op, Request};
 use crate::virtio_blk::{GuestMemMmap, SECTOR_SIZE, status};
 use block::throttle::Direction;
@@ -24,7 +25,7 @@ impl<Q: QueueHost> QueueWorker<Q> {
     /// first if they were on), then starts the requests and publishes the rejected ones.
     pub(super) fn pop_avail(&mut self) -> PassWork {
         let mut work = PassWork::default();
-        if self.stopping || self.is_held() {
+        if self.stopping || self.is_held() || self.is_io_stopped() {
             return work;
         }
         let mem = self.mem.memory().into_inner();
@@ -113,16 +114,32 @@ impl<Q: QueueHost> QueueWorker<Q> {
         if !completions.is_empty() {
             let mem = self.mem.memory();
             for c in completions.drain(..) {
+                // Tokens are our slot indexes (see `start`), so they fit a usize.
+                let idx = usize::try_from(c.token).unwrap_or(usize::MAX);
                 let code = match &c.result {
                     Ok(_) => status::OK,
                     Err(e) if e.errno() == libc::EOPNOTSUPP => status::UNSUPP,
-                    Err(e) => {
-                        tracing::debug!(disk = %self.shared.id, queue = self.index, error = %e, "I/O error");
-                        status::IOERR
-                    }
+                    Err(e) => match self.shared.io_error.on_failure(c.kind, e.errno()) {
+                        ErrorAction::Report => {
+                            tracing::debug!(disk = %self.shared.id, queue = self.index, error = %e, "I/O error");
+                            status::IOERR
+                        }
+                        ErrorAction::Ignore => {
+                            tracing::debug!(disk = %self.shared.id, queue = self.index, error = %e, "I/O error ignored (on_*_error: ignore)");
+                            status::OK
+                        }
+                        ErrorAction::Stop => {
+                            // Bounded: the disk takes no new request until resumed.
+                            tracing::warn!(disk = %self.shared.id, queue = self.index, error = %e,
+                                op = ?c.kind, "I/O error: request held, disk stopped until resumed");
+                            let seq = self.slots.get(idx).and_then(Option::as_ref).map(|s| s.seq);
+                            if let Some(seq) = seq {
+                                self.failed.push((seq, idx));
+                            }
+                            continue;
+                        }
+                    },
                 };
-                // Tokens are our slot indexes (see `start`), so they fit a usize.
-                let idx = usize::try_from(c.token).unwrap_or(usize::MAX);
                 self.complete(idx, code);
                 work.completed += 1;
             }
@@ -143,8 +160,10 @@ impl<Q: QueueHost> QueueWorker<Q> {
         };
         let slot = Slot {
             req,
+            seq: self.next_seq,
             mem: mem.clone(),
         };
+        self.next_seq += 1;
         let idx = match self.free.pop() {
             Some(idx) => {
                 self.slots[idx] = Some(slot);
@@ -164,7 +183,7 @@ impl<Q: QueueHost> QueueWorker<Q> {
     /// Moves admitted requests from the throttle pen to the block layer, submits, and
     /// arms the timer for the rest.
     pub(super) fn start_admitted(&mut self) {
-        if self.is_held() {
+        if self.is_held() || self.is_io_stopped() {
             return;
         }
         let writeback = self.shared.writeback.load(Ordering::Relaxed);
@@ -256,6 +275,47 @@ impl<Q: QueueHost> QueueWorker<Q> {
         }
     }
 
+    /// Whether the disk is stopped on an I/O error (see [`crate::virtio_blk::io_error`]).
+    pub(super) fn is_io_stopped(&self) -> bool {
+        self.shared.io_error.is_stopped()
+    }
+
+    /// Sends the requests the error policy held again, oldest first, once the disk is
+    /// no longer stopped; then takes what waited behind them. Returns the pass's work.
+    pub fn retry_held(&mut self) -> PassWork {
+        if self.is_io_stopped() || self.is_held() {
+            return PassWork::default();
+        }
+        self.tick();
+        let mut failed = std::mem::take(&mut self.failed);
+        failed.sort_unstable();
+        for &(_, idx) in &failed {
+            self.start(idx);
+        }
+        failed.clear();
+        self.failed = failed;
+        // Throttled requests behind them go next (this submits), then new chains.
+        self.start_admitted();
+        let mut work = if self.host.is_live() {
+            self.run_pass()
+        } else {
+            self.process_completions()
+        };
+        let mem = self.mem.memory();
+        self.flush_used(&mem);
+        work.add(std::mem::take(&mut self.early));
+        work
+    }
+
+    /// Completes the held requests with an I/O error (the queue is going away).
+    pub(super) fn fail_held(&mut self) {
+        let mut failed = std::mem::take(&mut self.failed);
+        failed.sort_unstable();
+        for (_, idx) in failed {
+            self.complete(idx, status::IOERR);
+        }
+    }
+
     /// Writes the status, queues the chain for the used ring and frees the slot.
     fn complete(&mut self, idx: usize, code: u8) {
         let Some(slot) = self.slots.get_mut(idx).and_then(Option::take) else {
@@ -263,7 +323,7 @@ impl<Q: QueueHost> QueueWorker<Q> {
             return;
         };
         self.free.push(idx);
-        let Slot { mut req, mem } = slot;
+        let Slot { mut req, mem, .. } = slot;
         let written = request::write_status(&mem, req.status, code);
         let len = if !written {
             0

@@ -5,7 +5,7 @@
 
 use std::io::Write;
 
-use virtio_bindings::bindings::virtio_blk::VIRTIO_BLK_T_IN;
+use virtio_bindings::bindings::virtio_blk::{VIRTIO_BLK_T_IN, VIRTIO_BLK_T_OUT};
 use virtio_bindings::bindings::virtio_ring::{VRING_DESC_F_NEXT, VRING_DESC_F_WRITE};
 use virtio_queue::desc::RawDescriptor;
 use virtio_queue::desc::split::Descriptor as SplitDescriptor;
@@ -15,6 +15,8 @@ use vm_memory::{Bytes, GuestAddress, GuestMemoryAtomic, GuestMemoryMmap};
 use super::*;
 use crate::config::DiskConfig;
 use crate::virtio_blk::device::BlkDevice;
+
+mod io_error;
 
 const QSIZE: u16 = 16;
 /// Chains' buffers start here, above the rings.
@@ -103,12 +105,24 @@ impl Rig {
     /// Publishes a read of `len` bytes of sector `n` into `data` as the next avail entry
     /// (header and status in the chain's own 4 KiB at `BUFS`).
     fn publish_read_into(&mut self, data: u64, len: u32) {
+        self.publish(false, u64::from(self.published), data, len);
+    }
+
+    /// Publishes a read (or a write) of `len` bytes at `sector` from `data` as the next
+    /// avail entry (header and status in the chain's own 4 KiB at `BUFS`, status at
+    /// +0x400).
+    fn publish(&mut self, write: bool, sector: u64, data: u64, len: u32) {
         let n = self.published;
         let base = BUFS + u64::from(n) * 0x1000;
         let m = self.mem.memory();
         let mut header = [0u8; 16];
-        header[..4].copy_from_slice(&VIRTIO_BLK_T_IN.to_le_bytes());
-        header[8..].copy_from_slice(&u64::from(n).to_le_bytes());
+        let kind = if write {
+            VIRTIO_BLK_T_OUT
+        } else {
+            VIRTIO_BLK_T_IN
+        };
+        header[..4].copy_from_slice(&kind.to_le_bytes());
+        header[8..].copy_from_slice(&sector.to_le_bytes());
         m.write_slice(&header, GuestAddress(base)).unwrap();
         let first = (n * 3) % QSIZE;
         let descs = [
@@ -116,7 +130,11 @@ impl Rig {
             (
                 data,
                 len,
-                (VRING_DESC_F_NEXT | VRING_DESC_F_WRITE) as u16,
+                if write {
+                    VRING_DESC_F_NEXT as u16
+                } else {
+                    (VRING_DESC_F_NEXT | VRING_DESC_F_WRITE) as u16
+                },
                 first + 2,
             ),
             (base + 0x400, 1, VRING_DESC_F_WRITE as u16, 0),

@@ -36,17 +36,9 @@ fn qemu_img(args: &[&str]) -> String {
     text
 }
 
-#[test]
-fn the_test_guest_writes_and_verifies_a_qcow2_overlay() {
-    let test = "the_test_guest_writes_and_verifies_a_qcow2_overlay";
-    if !tests::skip::kvm_or_skip(test) || !tests::nbd_server::have("qemu-img", test, "qemu-utils") {
-        return;
-    }
-    let s = Service::start(&[]);
-    let events = Events::follow(&s.socket);
-    let base = s.image("base.raw", 32);
-    let before = std::fs::read(&base).unwrap();
-    let overlay = s.path("d0.qcow2");
+/// A qcow2 overlay named `name` in the service's directory over the raw `base`.
+fn overlay_on(s: &Service, base: &std::path::Path, name: &str) -> std::path::PathBuf {
+    let overlay = s.path(name);
     qemu_img(&[
         "create",
         "-q",
@@ -58,6 +50,20 @@ fn the_test_guest_writes_and_verifies_a_qcow2_overlay() {
         "raw",
         overlay.to_str().unwrap(),
     ]);
+    overlay
+}
+
+#[test]
+fn the_test_guest_writes_and_verifies_a_qcow2_overlay() {
+    let test = "the_test_guest_writes_and_verifies_a_qcow2_overlay";
+    if !tests::skip::kvm_or_skip(test) || !tests::nbd_server::have("qemu-img", test, "qemu-utils") {
+        return;
+    }
+    let s = Service::start(&[]);
+    let events = Events::follow(&s.socket);
+    let base = s.image("base.raw", 32);
+    let before = std::fs::read(&base).unwrap();
+    let overlay = overlay_on(&s, &base, "d0.qcow2");
     let elf = support::guest();
     let tsc = support::tsc_khz();
     let vm = |id: &str, path: &std::path::Path| {
@@ -155,18 +161,7 @@ fn a_qcow2_overlay_hot_plugs_into_a_running_vm_and_out_again() {
     let s = Service::start(&[]);
     let base = s.image("hot-base.raw", 8);
     let before = std::fs::read(&base).unwrap();
-    let overlay = s.path("hot.qcow2");
-    qemu_img(&[
-        "create",
-        "-q",
-        "-f",
-        "qcow2",
-        "-b",
-        base.to_str().unwrap(),
-        "-F",
-        "raw",
-        overlay.to_str().unwrap(),
-    ]);
+    let overlay = overlay_on(&s, &base, "hot.qcow2");
     let elf = support::guest();
     let tsc = support::tsc_khz();
     let d0 = s.sparse_image("h-0.raw", 8);

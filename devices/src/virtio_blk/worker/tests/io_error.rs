@@ -127,6 +127,26 @@ fn settle(r: &mut Rig, want: u16) {
     }
 }
 
+/// Publishes [`WRITES`] writes, write `n` of byte `first + n` to block `n`, and runs a
+/// pass.
+fn publish_writes(r: &mut Rig, first: u8) {
+    for n in 0..WRITES {
+        fill(r, n, first + n as u8);
+        r.publish(true, u64::from(n) * STRIDE, data_addr(n), LEN);
+    }
+    r.worker.run_pass();
+}
+
+/// Completes what finishes until the disk stopped with nothing left in the engine.
+fn wait_stopped(r: &mut Rig) {
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while !r.worker.shared().io_error.is_stopped() || r.worker.disk.in_flight() > 0 {
+        assert!(Instant::now() < deadline, "the disk did not stop");
+        r.wait_completion_fd(50);
+        r.worker.process_completions();
+    }
+}
+
 #[test]
 fn writes_out_of_space_are_held_and_retried_in_order_once_the_storage_grew() {
     let test = "writes_out_of_space_are_held_and_retried_in_order_once_the_storage_grew";
@@ -135,17 +155,8 @@ fn writes_out_of_space_are_held_and_retried_in_order_once_the_storage_grew() {
     };
     let mut r = rig(&fs, WriteErrorPolicy::Enospc);
     // Four 32 KiB writes (128 KiB) to blocks 0..4 of a 64 KiB filesystem.
-    for n in 0..WRITES {
-        fill(&r, n, 0x10 + n as u8);
-        r.publish(true, u64::from(n) * STRIDE, data_addr(n), LEN);
-    }
-    r.worker.run_pass();
-    let deadline = Instant::now() + Duration::from_secs(5);
-    while !r.worker.shared().io_error.is_stopped() || r.worker.disk.in_flight() > 0 {
-        assert!(Instant::now() < deadline, "the disk did not stop");
-        r.wait_completion_fd(50);
-        r.worker.process_completions();
-    }
+    publish_writes(&mut r, 0x10);
+    wait_stopped(&mut r);
     let done = r.used_idx();
     assert!(done < WRITES, "some writes must have run out of space");
     let held = r.worker.in_flight();
@@ -212,11 +223,7 @@ fn report_fails_exactly_the_writes_that_failed_and_a_dropped_queue_fails_what_it
         return;
     };
     let mut r = rig(&fs, WriteErrorPolicy::Report);
-    for n in 0..WRITES {
-        fill(&r, n, 0x20 + n as u8);
-        r.publish(true, u64::from(n) * STRIDE, data_addr(n), LEN);
-    }
-    r.worker.run_pass();
+    publish_writes(&mut r, 0x20);
     settle(&mut r, WRITES);
     assert_eq!(r.used_idx(), WRITES, "report completes everything");
     assert!(!r.worker.shared().io_error.is_stopped());
@@ -239,17 +246,8 @@ fn report_fails_exactly_the_writes_that_failed_and_a_dropped_queue_fails_what_it
     // `stop`, then the queue goes away while stopped: the held writes get IOERR.
     let fs2 = SmallFs::mount(test, "64k").unwrap();
     let mut r = rig(&fs2, WriteErrorPolicy::Stop);
-    for n in 0..WRITES {
-        fill(&r, n, 0x30);
-        r.publish(true, u64::from(n) * STRIDE, data_addr(n), LEN);
-    }
-    r.worker.run_pass();
-    let deadline = Instant::now() + Duration::from_secs(5);
-    while !r.worker.shared().io_error.is_stopped() || r.worker.disk.in_flight() > 0 {
-        assert!(Instant::now() < deadline, "the disk did not stop");
-        r.wait_completion_fd(50);
-        r.worker.process_completions();
-    }
+    publish_writes(&mut r, 0x30);
+    wait_stopped(&mut r);
     let held = r.worker.in_flight();
     assert!(held > 0);
     r.worker.drain(Duration::from_secs(5)).unwrap();

@@ -387,6 +387,52 @@ fn freed_clusters_taken_by_other_data_are_not_reached_through_old_mappings() {
     judge(dir.path(), &image, &model);
 }
 
+/// A cluster zeroed (keeping its place in the file) or discarded, then written again
+/// in part: the rest reads as zeroes, also where the direct path had written data past
+/// what imago itself had written to the file (imago zeroes a reused cluster only up to
+/// the end of everything written, which the direct path must grow too).
+#[test]
+fn a_reused_cluster_reads_zeroes_where_the_direct_path_had_written() {
+    let test = "a_reused_cluster_reads_zeroes_where_the_direct_path_had_written";
+    if !have("qemu-img", test, "qemu-utils") {
+        return;
+    }
+    const C: u64 = 64 * 1024;
+    let dir = tempfile::tempdir().unwrap();
+    let image = create(dir.path(), "tail.qcow2", 16 * C, &[]);
+    let mut model = vec![0u8; 16 * C as usize];
+    let mut q = queue(
+        open(&image, CacheMode::None, false).unwrap(),
+        AioKind::IoUring,
+    );
+    for (i, zeroes) in [(0u64, true), (1, false)] {
+        let at = i * 4 * C;
+        // A new cluster at the end of the file, written in its first 4 KiB (the queue
+        // learns where it is), then at 32 KiB (the direct path).
+        write_at(&mut q, at, &[0x11; 4096]);
+        write_at(&mut q, at + 32 * 1024, &[0x22; 4096]);
+        if zeroes {
+            q.write_zeroes(3, at, C);
+        } else {
+            q.discard(3, at, C);
+        }
+        assert!(wait(&mut q, 1)[0].result.is_ok());
+        // Written again in its first 4 KiB: imago reuses the cluster and zeroes the rest.
+        write_at(&mut q, at, &[0x33; 4096]);
+        let back = read_at(&mut q, at, C as usize);
+        assert!(back[..4096].iter().all(|&b| b == 0x33), "round {i}");
+        assert!(
+            back[4096..].iter().all(|&b| b == 0),
+            "round {i}: old data at {} of the reused cluster",
+            back[4096..].iter().position(|&b| b != 0).unwrap_or(0) + 4096
+        );
+        model[at as usize..at as usize + 4096].fill(0x33);
+    }
+    flush(&mut q);
+    drop(q);
+    judge(dir.path(), &image, &model);
+}
+
 /// Patches `bytes` at `at` in the file at `path`.
 fn patch(path: &Path, at: usize, bytes: &[u8]) {
     let mut data = std::fs::read(path).unwrap();

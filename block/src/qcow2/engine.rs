@@ -152,9 +152,23 @@ impl Qcow2Engine {
             return false;
         };
         self.map.sync_generation(self.image.generation());
-        let Some(host) = self.map.host_range(offset, iovecs.total_len()) else {
+        let len = iovecs.total_len();
+        let Some(host) = self.map.host_range(offset, len) else {
             return false;
         };
+        // O_DIRECT: clusters smaller than the file's alignment can put an aligned guest
+        // range at a misaligned place in the file; imago's path handles that.
+        let align = self
+            .image
+            .files()
+            .first()
+            .map_or(1, |f| u64::from(f.offset_align().max(1)));
+        if host % align != 0 || len % align != 0 {
+            return false;
+        }
+        if matches!(op, EngineOp::Write { .. }) {
+            self.image.grow_file(host.saturating_add(len));
+        }
         let id = match self.direct_free.pop() {
             Some(id) => id,
             None => {

@@ -94,6 +94,9 @@ pub struct Qcow2Image {
     /// what a queue learned of the mapping before is void (see [`direct`]).
     generation: AtomicU64,
     cluster_bits: u32,
+    /// The image file's size as its storage keeps it (see `EngineStorage::size_counter`):
+    /// the direct path grows it for its writes.
+    file_size: Arc<AtomicU64>,
     size: u64,
     /// The qcow2 version (2 or 3).
     version: u32,
@@ -135,6 +138,7 @@ impl Qcow2Image {
         let writable = !file.readonly();
         let direct = file.cache().direct();
         let storage = EngineStorage::new(file.clone());
+        let file_size = storage.size_counter();
         let opened = Arc::new(std::sync::Mutex::new(vec![file]));
         let gate = ChainGate {
             seen: vec![canonical(&path)],
@@ -156,6 +160,7 @@ impl Qcow2Image {
             discard: Arc::new(tokio::sync::RwLock::new(())),
             generation: AtomicU64::new(0),
             cluster_bits: info.cluster_bits,
+            file_size,
             version: info.version,
             metadata: info.metadata.clone(),
             chain,
@@ -242,6 +247,12 @@ impl Qcow2Image {
         self.refuse_metadata_overlap(offset, len).await?;
         self.access.writev(bufv, offset).await?;
         Ok(self.learn(offset, len).await)
+    }
+
+    /// Notes a write of the image file up to `end` that bypasses imago (the direct
+    /// path), before it is submitted.
+    pub(crate) fn grow_file(&self, end: u64) {
+        self.file_size.fetch_max(end, Ordering::Relaxed);
     }
 
     /// The image's generation (see [`direct`]).

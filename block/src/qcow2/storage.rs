@@ -26,8 +26,10 @@ static NEXT_ID: AtomicUsize = AtomicUsize::new(1);
 pub struct EngineStorage {
     disk: Arc<Disk>,
     id: usize,
-    /// The file's size, grown by writes past its end (cluster allocation).
-    size: AtomicU64,
+    /// The file's size, grown by writes past its end (cluster allocation) as they are
+    /// submitted: past it, nothing was ever written (see `pure_write_zeroes`). Shared
+    /// with the image's direct path, which writes the file without us.
+    size: Arc<AtomicU64>,
     helper: CommonStorageHelper,
     in_flight: Arc<InFlight>,
 }
@@ -36,7 +38,7 @@ impl EngineStorage {
     /// Storage over `disk` (an open file or block device).
     pub fn new(disk: Arc<Disk>) -> EngineStorage {
         EngineStorage {
-            size: AtomicU64::new(disk.capacity()),
+            size: Arc::new(AtomicU64::new(disk.capacity())),
             disk,
             id: NEXT_ID.fetch_add(1, Ordering::Relaxed),
             helper: CommonStorageHelper::default(),
@@ -52,6 +54,12 @@ impl EngineStorage {
     /// This storage's id (unique in the process).
     pub fn id(&self) -> usize {
         self.id
+    }
+
+    /// Where the file's size is kept: whoever writes the file other than through this
+    /// storage grows it (`fetch_max`) before the write is submitted.
+    pub fn size_counter(&self) -> Arc<AtomicU64> {
+        self.size.clone()
     }
 
     /// Its ops in flight on the iothreads' engines.
@@ -167,6 +175,8 @@ impl Storage for EngineStorage {
         let iov = unsafe { bufv.as_iovec() }.to_vec();
         // SAFETY: `iov` lives in this future until the op completed.
         let iovecs = unsafe { IoVecs::new(iov.as_ptr(), iov.len()) };
+        // Before the write: even one that fails or comes up short may leave data there.
+        self.grew_to(offset.saturating_add(len));
         let n = self
             .run(EngineOp::Write {
                 offset,
@@ -180,12 +190,12 @@ impl Storage for EngineStorage {
             tracing::warn!(file = %self, offset, written = n, len, "qcow2: short write");
             return Err(io::Error::from_raw_os_error(libc::ENOSPC));
         }
-        self.grew_to(offset.saturating_add(len));
         Ok(())
     }
 
     /// Past the end of everything written to the file (its size at open, or the end
-    /// of a write or zeroing since), nothing is done: the file never held data there,
+    /// of any write submitted since, ours or the direct path's), nothing is done: the
+    /// file never held data there,
     /// and reads there return zeroes. imago zeroes a newly allocated cluster around a
     /// guest write that does not fill it; with the cluster at the end of the file, as
     /// on a fresh image, that costs a `fallocate` per allocation otherwise.

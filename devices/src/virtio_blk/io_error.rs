@@ -162,6 +162,7 @@ impl IoErrorState {
             }
             ErrorAction::Stop => {
                 self.held.fetch_add(1, Ordering::Relaxed);
+                // The status and the flag change together (see `resume`).
                 let mut status = block::sync::lock(&self.status);
                 match status.as_mut() {
                     Some(s) => s.count += 1,
@@ -204,9 +205,15 @@ impl IoErrorState {
     /// Clears the stop (the caller then has each queue retry what it holds: see
     /// `QueueWorker::retry_held`); returns what had stopped the disk.
     pub fn resume(&self) -> Option<IoStatus> {
-        let status = block::sync::lock(&self.status).take();
+        let mut status = block::sync::lock(&self.status);
         self.stopped.store(false, Ordering::Release);
-        status
+        status.take()
+    }
+
+    /// Counts `n` requests completed with an I/O error outside [`IoErrorState::on_failure`]
+    /// (held ones failed because their queue went away).
+    pub fn count_reported(&self, n: u64) {
+        self.reported.fetch_add(n, Ordering::Relaxed);
     }
 
     /// Readable after the disk stopped (edge: one write per stop; the reader clears it).

@@ -39,6 +39,10 @@ impl<Q: QueueHost> QueueWorker<Q> {
         if self.is_held() {
             return PassWork::default();
         }
+        if self.holds_failed() && !self.is_io_stopped() {
+            // The I/O error's resume came while the job held the disk: retry now.
+            return self.retry_held();
+        }
         self.tick();
         self.start_admitted();
         if self.host.is_live() {

@@ -119,6 +119,11 @@ impl<Q: QueueHost> QueueWorker<Q> {
                 let code = match &c.result {
                     Ok(_) => status::OK,
                     Err(e) if e.errno() == libc::EOPNOTSUPP => status::UNSUPP,
+                    // A queue going away retries nothing: the error goes to the guest.
+                    Err(_) if self.stopping => {
+                        self.shared.io_error.count_reported(1);
+                        status::IOERR
+                    }
                     Err(e) => match self.shared.io_error.on_failure(c.kind, e.errno()) {
                         ErrorAction::Report => {
                             tracing::debug!(disk = %self.shared.id, queue = self.index, error = %e, "I/O error");
@@ -311,9 +316,15 @@ impl<Q: QueueHost> QueueWorker<Q> {
     pub(super) fn fail_held(&mut self) {
         let mut failed = std::mem::take(&mut self.failed);
         failed.sort_unstable();
+        self.shared.io_error.count_reported(failed.len() as u64);
         for (_, idx) in failed {
             self.complete(idx, status::IOERR);
         }
+    }
+
+    /// Whether requests an I/O error held wait for a retry.
+    pub(super) fn holds_failed(&self) -> bool {
+        !self.failed.is_empty()
     }
 
     /// Writes the status, queues the chain for the used ring and frees the slot.

@@ -259,3 +259,36 @@ fn report_fails_exactly_the_writes_that_failed_and_a_dropped_queue_fails_what_it
     let errors = (0..WRITES).filter(|&n| status_of(&r, n) == 1).count();
     assert_eq!(errors, held, "exactly the held writes failed");
 }
+
+/// The I/O error's resume comes while a block job holds the disk: the retry waits for
+/// the job and happens when it lets go, not never.
+#[test]
+fn a_retry_held_off_by_a_block_job_happens_when_the_job_lets_go() {
+    let test = "a_retry_held_off_by_a_block_job_happens_when_the_job_lets_go";
+    let Some(fs) = SmallFs::mount(test, "64k") else {
+        return;
+    };
+    let mut r = rig(&fs, WriteErrorPolicy::Stop);
+    publish_writes(&mut r, 0x40);
+    wait_stopped(&mut r);
+    let done = r.used_idx();
+    assert!(done < WRITES);
+    fs.resize("4m");
+    let shared = r.worker.shared().clone();
+    shared
+        .held
+        .store(true, std::sync::atomic::Ordering::Release);
+    assert!(shared.io_error.resume().is_some());
+    assert_eq!(
+        r.worker.retry_held(),
+        PassWork::default(),
+        "held by the job"
+    );
+    shared
+        .held
+        .store(false, std::sync::atomic::Ordering::Release);
+    r.worker.resume();
+    settle(&mut r, WRITES);
+    assert_eq!(r.used_idx(), WRITES, "retried once the job let go");
+    assert!((0..WRITES).all(|n| status_of(&r, n) == 0));
+}

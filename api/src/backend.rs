@@ -173,6 +173,14 @@ pub struct VmInfo {
     /// How its process ended, when the state is `Crashed`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub crash: Option<CrashReport>,
+    /// Why a paused VM is paused: `user` (`vm.pause`) or `io-error` (a disk's error
+    /// policy stopped it; `vm.resume` retries the held requests).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pause_reason: Option<String>,
+    /// Disks an I/O error stopped, by id: the failed operation, its errno and how many
+    /// requests are held.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub io_status: BTreeMap<String, devices::virtio_blk::io_error::IoStatus>,
 }
 
 /// How a VM process ended without being asked.

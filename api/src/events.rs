@@ -62,6 +62,9 @@ pub enum EventKind {
     JobCancelled,
     /// A job failed (`error`); the disk stays on its image.
     JobFailed,
+    /// A disk stopped on an I/O error its error policy holds (`disk`, `op`, `errno`,
+    /// `error`); the VM pauses (`paused` with `reason: io-error`) until resumed.
+    IoError,
     /// This reader fell behind and missed `missed` events.
     Lagged,
 }

@@ -221,6 +221,8 @@ impl VmmBackend for FakeVmm {
                 pending_removals: Vec::new(),
                 pid: Some(std::process::id()),
                 crash: None,
+                pause_reason: None,
+                io_status: Default::default(),
             })
         })
     }

@@ -31,6 +31,11 @@ pub(super) struct Entry {
     pub(super) resets: ResetGuard,
     /// What the control loop last told of each block job.
     pub(super) jobs_seen: crate::events::JobsSeen,
+    /// Why the VM is paused (`user`, `io-error`), while it is.
+    pub(super) pause_reason: Option<&'static str>,
+    /// Disks whose stop on an I/O error was told (an `io-error` event each), until the
+    /// VM resumes.
+    pub(super) io_stops_told: std::collections::BTreeSet<String>,
     /// Built once (until then, calls over every VM leave it out).
     pub(super) built: bool,
     /// Taken out of the service (deleted, or its creation failed): calls that were
@@ -49,6 +54,8 @@ impl Entry {
             outbox: Vec::new(),
             resets: ResetGuard::default(),
             jobs_seen: Default::default(),
+            pause_reason: None,
+            io_stops_told: Default::default(),
             built: false,
             removed: false,
         }
@@ -68,6 +75,30 @@ impl Entry {
             for d in gone {
                 self.outbox
                     .push(Event::now(&id, EventKind::DiskEjected).with("disk", d));
+            }
+        }
+        let stops = vm.devices().io_error_stops();
+        for (disk, status) in &stops {
+            if self.io_stops_told.insert(disk.clone()) {
+                tracing::warn!(%id, %disk, op = %status.op, error = %status.error,
+                    "a disk stopped on an I/O error; the VM pauses until resumed");
+                self.outbox.push(
+                    Event::now(&id, EventKind::IoError)
+                        .with("disk", disk.clone())
+                        .with("op", status.op.clone())
+                        .with("errno", status.errno)
+                        .with("error", status.error.clone()),
+                );
+            }
+        }
+        if !stops.is_empty() && vm.state() == vmm::vm::VmState::Running {
+            match vm.pause() {
+                Ok(()) => {
+                    self.pause_reason = Some("io-error");
+                    self.outbox
+                        .push(Event::now(&id, EventKind::Paused).with("reason", "io-error"));
+                }
+                Err(e) => tracing::error!(%id, error = %e, "cannot pause the VM on an I/O error"),
             }
         }
         if vm.state() != vmm::vm::VmState::Running {

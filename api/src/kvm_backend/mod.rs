@@ -265,14 +265,20 @@ impl VmmBackend for KvmBackend {
     fn pause(&self, id: &str) -> Result<(), ApiError> {
         self.with(id, |e| {
             e.require("pause", &[VmState::Running])?;
-            e.vm()?.pause().map_err(|err| vm_error(id, err))
+            e.vm()?.pause().map_err(|err| vm_error(id, err))?;
+            e.pause_reason = Some("user");
+            Ok(())
         })
     }
 
     fn resume(&self, id: &str) -> Result<(), ApiError> {
         self.with(id, |e| {
             e.require("resume", &[VmState::Paused])?;
-            e.vm()?.resume().map_err(|err| vm_error(id, err))
+            // Disks an I/O error stopped retry what they hold first (`Vm::resume`).
+            e.vm()?.resume().map_err(|err| vm_error(id, err))?;
+            e.pause_reason = None;
+            e.io_stops_told.clear();
+            Ok(())
         })
     }
 
@@ -311,6 +317,13 @@ impl VmmBackend for KvmBackend {
                 pending_removals: e.vm.as_ref().map(Vm::pending_removals).unwrap_or_default(),
                 pid: Some(std::process::id()),
                 crash: None,
+                pause_reason: (state == VmState::Paused)
+                    .then(|| e.pause_reason.unwrap_or("user").to_string()),
+                io_status: e
+                    .vm
+                    .as_ref()
+                    .map(|vm| vm.devices().io_error_stops().into_iter().collect())
+                    .unwrap_or_default(),
             })
         })
     }

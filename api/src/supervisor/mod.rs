@@ -289,6 +289,8 @@ impl ProcessBackend {
             pending_removals: Vec::new(),
             pid: st.live.as_ref().map(|l| l.pid),
             crash: st.crash.clone(),
+            pause_reason: None,
+            io_status: Default::default(),
         }
     }
 

@@ -378,6 +378,11 @@ impl BlkDevice {
         &self.counters
     }
 
+    /// The disk's error policy and stopped state (see [`super::io_error`]).
+    pub fn io_error(&self) -> &IoErrorState {
+        &self.shared.io_error
+    }
+
     /// A copy of the disk's counters.
     pub fn counters(&self) -> BlkCounters {
         BlkCounters {

@@ -14,8 +14,8 @@
 //! ([`IoErrorState::set_resumable`]); elsewhere `stop` acts as `report` (a held request
 //! nobody can retry would hang the guest).
 
-use std::sync::Mutex;
 use std::sync::atomic::{AtomicBool, AtomicU8, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
 
 use block::RequestKind;
 use serde::{Deserialize, Serialize};
@@ -63,6 +63,8 @@ pub struct IoErrorState {
     ignored: AtomicU64,
     /// Written each time the disk stops.
     notifier: EventFd,
+    /// Also written each time the disk stops: the control plane's wake-up.
+    watcher: Mutex<Option<Arc<EventFd>>>,
 }
 
 fn op_name(kind: RequestKind) -> &'static str {
@@ -118,6 +120,7 @@ impl IoErrorState {
             held: AtomicU64::new(0),
             ignored: AtomicU64::new(0),
             notifier: EventFd::new(libc::EFD_NONBLOCK | libc::EFD_CLOEXEC)?,
+            watcher: Mutex::new(None),
         })
     }
 
@@ -133,6 +136,13 @@ impl IoErrorState {
     pub fn set_policies(&self, write: WriteErrorPolicy, read: ReadErrorPolicy) {
         self.write_policy.store(write.to_u8(), Ordering::Relaxed);
         self.read_policy.store(read.to_u8(), Ordering::Relaxed);
+    }
+
+    /// Has every later stop write `fd` too, and makes the disk resumable: the control
+    /// plane that owns `fd` pauses the VM and resumes the disk.
+    pub fn set_watcher(&self, fd: Arc<EventFd>) {
+        *block::sync::lock(&self.watcher) = Some(fd);
+        self.set_resumable(true);
     }
 
     /// Says whether a control plane watches [`IoErrorState::notifier`] and will
@@ -177,6 +187,9 @@ impl IoErrorState {
                 }
                 if !self.stopped.swap(true, Ordering::AcqRel) {
                     let _ = self.notifier.write(1);
+                    if let Some(fd) = block::sync::lock(&self.watcher).as_ref() {
+                        let _ = fd.write(1);
+                    }
                 }
             }
         }

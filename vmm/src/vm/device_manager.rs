@@ -9,10 +9,11 @@ use std::time::Duration;
 use block::sync::lock;
 use block::throttle::ThrottleGroup;
 use devices::config::DiskConfig;
-use devices::iothread::IoThread;
+use devices::iothread::{IoThread, SourceOp};
 use devices::pci::{DEVICES_PER_BUS, HOTPLUG_REGS_SIZE, HotplugController, PciBus};
 use devices::virtio_blk::GuestMem;
 use devices::virtio_blk::device::BlkDevice;
+use devices::virtio_blk::io_error::IoStatus;
 use devices::virtio_blk::worker::{LocalQueue, QueueWorker};
 use devices::virtio_pci::{BAR_SIZE, BlkQueueSink, VirtioBlk, VirtioPciDevice};
 
@@ -272,6 +273,9 @@ impl DeviceManager {
                 .add_device_at(slot, dev.clone())
                 .map_err(|e| fail("PCI", Box::new(e)))?;
             tracing::info!(disk = %disk.id, slot, bar = format_args!("{bar:#x}"), "virtio-blk on PCI");
+            if let Some(fd) = self.set.notifier() {
+                blk.io_error().set_watcher(fd);
+            }
             self.set.lock_disks().push(DiskEntry {
                 blk,
                 pci: dev,
@@ -403,6 +407,42 @@ impl DeviceManager {
                 .map(|(disk, v)| (devices::config::dedicated_iothread_name(disk), v.clone())),
         );
         all
+    }
+
+    /// The disks an I/O error stopped (see `devices::virtio_blk::io_error`), with what
+    /// stopped each.
+    pub fn io_error_stops(&self) -> Vec<(String, IoStatus)> {
+        self.set
+            .lock_disks()
+            .iter()
+            .filter_map(|d| Some((d.blk.id().to_string(), d.blk.io_error().status()?)))
+            .collect()
+    }
+
+    /// Resumes every disk an I/O error stopped: each of its queues retries what it holds,
+    /// oldest first, before anything newer. Returns the disks resumed.
+    pub fn resume_io_errors(&self) -> Vec<String> {
+        let stopped: Vec<(Arc<BlkDevice>, Vec<Arc<IoThread>>)> = self
+            .set
+            .lock_disks()
+            .iter()
+            .filter(|d| d.blk.io_error().is_stopped())
+            .map(|d| (d.blk.clone(), d.iothreads.clone()))
+            .collect();
+        let mut resumed = Vec::new();
+        for (blk, threads) in stopped {
+            if let Some(status) = blk.io_error().resume() {
+                tracing::info!(disk = %blk.id(), op = %status.op, error = %status.error,
+                    held = status.count, "resuming a disk stopped on an I/O error");
+            }
+            for t in &threads {
+                if let Err(e) = t.visit(blk.id(), SourceOp::RetryHeld) {
+                    tracing::warn!(disk = %blk.id(), iothread = t.id(), error = %e, "retry after an I/O error");
+                }
+            }
+            resumed.push(blk.id().to_string());
+        }
+        resumed
     }
 
     /// The hot plug controller (register block and pending bits).

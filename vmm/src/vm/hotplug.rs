@@ -64,9 +64,17 @@ impl DiskSet {
         lock(&self.ejected)
     }
 
-    /// Makes every later eject write `fd`.
+    /// Makes every later eject, and every disk's stop on an I/O error, write `fd`.
     pub(super) fn set_notifier(&self, fd: Arc<EventFd>) {
+        for d in self.lock_disks().iter() {
+            d.blk.io_error().set_watcher(fd.clone());
+        }
         *lock(&self.notify) = Some(fd);
+    }
+
+    /// The owner's wake-up, once set.
+    pub(super) fn notifier(&self) -> Option<Arc<EventFd>> {
+        lock(&self.notify).clone()
     }
 
     /// The dedicated iothread of `disk`, started on first use.

@@ -347,7 +347,8 @@ impl Vm {
         Ok(())
     }
 
-    /// Lets paused vCPUs run again.
+    /// Lets paused vCPUs run again. Disks an I/O error stopped go on first: each
+    /// retries the requests it held, oldest first, before anything newer.
     pub fn resume(&mut self) -> Result<(), VmError> {
         if self.state != VmState::Paused {
             return Err(VmError::State {
@@ -355,6 +356,7 @@ impl Vm {
                 state: self.state,
             });
         }
+        self.devices.resume_io_errors();
         for v in &self.vcpus {
             v.resume();
         }

@@ -5,7 +5,7 @@ use std::collections::BTreeMap;
 
 use block::jobs::JobInfo;
 use block::throttle::ThrottleLimits;
-use devices::config::{DiskConfig, IoThreadUpdate};
+use devices::config::{DiskConfig, IoThreadUpdate, ReadErrorPolicy, WriteErrorPolicy};
 use devices::iothread::IoThreadCounters;
 use devices::mirror::MirrorConfig;
 use devices::virtio_blk::device::BlkCounters;
@@ -258,6 +258,12 @@ pub struct UpdateDisk {
     /// New throttle group (one of the VM's `throttle_groups`; `""` leaves any group).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub throttle_group: Option<String>,
+    /// New write error policy (the next failure follows it).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub on_write_error: Option<WriteErrorPolicy>,
+    /// New read error policy.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub on_read_error: Option<ReadErrorPolicy>,
 }
 
 /// What a [`UpdateDisk`] changes: `Some(None)` removes the limits or leaves the group.
@@ -267,6 +273,8 @@ pub struct DiskChange {
     pub throttle: Option<Option<ThrottleLimits>>,
     /// New throttle group.
     pub throttle_group: Option<Option<String>>,
+    /// New error policies (both, as the disk has them after the update).
+    pub error_policy: Option<(WriteErrorPolicy, ReadErrorPolicy)>,
 }
 
 impl UpdateDisk {
@@ -283,7 +291,7 @@ impl UpdateDisk {
                 ApiError::not_found(format!("VM {vm} has no disk with id {:?}", self.id))
             })?;
         let disk = &mut config.disks[index];
-        let change = DiskChange {
+        let mut change = DiskChange {
             throttle: self
                 .throttle
                 .clone()
@@ -292,12 +300,22 @@ impl UpdateDisk {
                 .throttle_group
                 .clone()
                 .map(|g| (!g.is_empty()).then_some(g)),
+            error_policy: None,
         };
         if let Some(l) = &change.throttle {
             disk.throttle = l.clone();
         }
         if let Some(g) = &change.throttle_group {
             disk.throttle_group = g.clone();
+        }
+        if let Some(p) = self.on_write_error {
+            disk.on_write_error = p;
+        }
+        if let Some(p) = self.on_read_error {
+            disk.on_read_error = p;
+        }
+        if self.on_write_error.is_some() || self.on_read_error.is_some() {
+            change.error_policy = Some((disk.on_write_error, disk.on_read_error));
         }
         let problems = config.disk_problems(index);
         if !problems.is_empty() {

@@ -4,7 +4,8 @@
 //! default, `enospc`) holds the failed writes and the VM pauses with reason `io-error`
 //! (an `io-error` event, `vm.info` naming the op and errno). The test grows the tmpfs
 //! and resumes: the guest finishes without a write error and verifies every block, and
-//! the image holds exactly what the guest wrote.
+//! the image holds exactly what the guest wrote. The policy is set live on the way
+//! (`vm.update-disk`).
 //!
 //! Needs root (it mounts a tmpfs) and `/dev/kvm`; skips, saying why, otherwise.
 
@@ -92,9 +93,24 @@ fn out_of_space_pauses_the_vm_and_resume_loses_nothing() {
             "payload": {"kernel": elf, "cmdline": format!(
                 "exit=acpi pci=auto tsc_khz={tsc} ms=50 blocks=1 seed={SEED} gens=20 gen_writes=64 gen_span_mib={SPAN_MIB}")},
             "serial": {"mode": "file", "path": s.path("e.serial")},
-            "disks": [{"id": "d0", "path": image, "cache": "writeback"}]
+            "disks": [{"id": "d0", "path": image, "cache": "writeback",
+                       "on_write_error": "report"}]
         })),
     );
+    // The policy changes live: back to the default, `enospc`, on the built VM (with
+    // `report` the guest would see errors and the VM would not pause).
+    s.ok(
+        "PUT",
+        "vm.update-disk?id=e",
+        Some(&json!({"id": "d0", "on_write_error": "enospc", "on_read_error": "stop"})),
+    );
+    let info = s.ok("GET", "vm.info?id=e", None).json();
+    let d0 = &info["config"]["disks"][0];
+    assert!(
+        d0.get("on_write_error").is_none(),
+        "the default is not shown: {d0}"
+    );
+    assert_eq!(d0["on_read_error"], "stop", "{d0}");
     s.ok("PUT", "vm.boot?id=e", None);
     let console = || std::fs::read_to_string(s.path("e.serial")).unwrap_or_default();
 

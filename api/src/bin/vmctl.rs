@@ -59,7 +59,8 @@ enum Cmd {
         /// The device id.
         device: String,
     },
-    /// Change a disk's throttle live: `id=d0,throttle.iops_total=500` or JSON.
+    /// Change a disk live: `id=d0,throttle.iops_total=500`, `id=d0,on_write_error=stop`
+    /// or JSON.
     UpdateDisk {
         /// The update.
         spec: String,

@@ -404,6 +404,9 @@ impl VmmBackend for KvmBackend {
                     vm.set_disk_throttle_group(&update.id, g.as_deref())
                         .map_err(|err| vm_error(id, err))?;
                 }
+                if let Some((write, read)) = change.error_policy {
+                    blk.io_error().set_policies(write, read);
+                }
             }
             e.config = config;
             Ok(())

@@ -1,9 +1,10 @@
 //! The disk-level API of `vhost-user-blk --api-socket` (ARCHITECTURE.md section 7): a
 //! frontend's guest (QEMU, Cloud Hypervisor) on our backend gets live throttling,
 //! counters and storage migration the way qemu-storage-daemon offers them over QMP.
-//! `GET disk.info`, `GET disk.counters`, `PUT disk.update`, `PUT iothread.update`,
-//! `PUT disk.mirror`, `GET jobs`, `PUT job-complete`, `PUT job-cancel`,
-//! `PUT job-set-speed`, `GET events`; errors and status codes as the VM API's.
+//! `GET disk.info`, `GET disk.counters`, `PUT disk.update`, `PUT disk.resume`,
+//! `PUT iothread.update`, `PUT disk.mirror`, `GET jobs`, `PUT job-complete`,
+//! `PUT job-cancel`, `PUT job-set-speed`, `GET events`; errors and status codes as the
+//! VM API's.
 
 use std::path::Path;
 use std::sync::Arc;
@@ -16,14 +17,17 @@ use axum::response::Response;
 use axum::routing::{get, put};
 use block::jobs::JobInfo;
 use block::throttle::ThrottleLimits;
-use devices::config::{DiskConfig, IoThreadConfig, IoThreadUpdate};
+use devices::config::{
+    DiskConfig, IoThreadConfig, IoThreadUpdate, ReadErrorPolicy, WriteErrorPolicy,
+};
 use devices::mirror::MirrorConfig;
 use devices::vhost_user_blk::{Backend, BackendCounters};
+use devices::virtio_blk::io_error::IoStatus;
 use serde::{Deserialize, Serialize};
 use tokio::sync::watch;
 
 use crate::backend::{ApiError, JobCancel, JobRef, JobSpeed, job_error};
-use crate::events::{EventBus, JobsSeen, job_events};
+use crate::events::{Event, EventBus, EventKind, JobsSeen, job_events};
 use crate::server::{JsonBody, MAX_BODY_BYTES, event_stream, method_not_allowed, not_found};
 
 /// How often job progress is looked at for events.
@@ -38,9 +42,14 @@ pub struct DiskInfo {
     pub iothreads: Vec<IoThreadConfig>,
     /// Frontend sessions so far.
     pub sessions: u64,
+    /// What stopped the disk, while an I/O error keeps it stopped (`PUT disk.resume`
+    /// serves it again).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub io_status: Option<IoStatus>,
 }
 
-/// `PUT disk.update`: the disk's throttle limits (`{}` removes them).
+/// `PUT disk.update`: the disk's throttle limits (`{}` removes them) and error policy;
+/// what is left out stays.
 #[derive(Clone, Debug, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct DiskUpdate {
@@ -48,7 +57,14 @@ pub struct DiskUpdate {
     #[serde(default)]
     pub id: Option<String>,
     /// New limits.
-    pub throttle: ThrottleLimits,
+    #[serde(default)]
+    pub throttle: Option<ThrottleLimits>,
+    /// New write error policy.
+    #[serde(default)]
+    pub on_write_error: Option<WriteErrorPolicy>,
+    /// New read error policy.
+    #[serde(default)]
+    pub on_read_error: Option<ReadErrorPolicy>,
 }
 
 #[derive(Clone)]
@@ -83,6 +99,7 @@ async fn disk_info(State(s): State<DiskState>) -> Json<DiskInfo> {
         disk: b.device().config(),
         iothreads: b.iothread_configs(),
         sessions: b.counters().sessions,
+        io_status: b.io_status(),
     })
 }
 
@@ -95,10 +112,53 @@ async fn disk_update(
     JsonBody(update): JsonBody<DiskUpdate>,
 ) -> Result<StatusCode, ApiError> {
     check_disk(&s.backend, update.id.as_deref())?;
-    s.backend
-        .set_throttle(update.throttle)
-        .map_err(|e| ApiError::bad_request("invalid disk update").with_details(vec![e]))?;
+    if let Some(limits) = update.throttle {
+        s.backend
+            .set_throttle(limits)
+            .map_err(|e| ApiError::bad_request("invalid disk update").with_details(vec![e]))?;
+    }
+    let io_error = s.backend.device().io_error();
+    let (write, read) = io_error.policies();
+    io_error.set_policies(
+        update.on_write_error.unwrap_or(write),
+        update.on_read_error.unwrap_or(read),
+    );
     Ok(StatusCode::NO_CONTENT)
+}
+
+/// `PUT disk.resume`: the disk an I/O error stopped is served again, its held requests
+/// first.
+async fn disk_resume(
+    State(s): State<DiskState>,
+    body: axum::body::Bytes,
+) -> Result<StatusCode, ApiError> {
+    // The body is optional: `{"id": ...}` names the disk.
+    if !body.iter().all(u8::is_ascii_whitespace) {
+        let r: DiskRef = serde_json::from_slice(&body).map_err(|e| {
+            ApiError::bad_request("invalid disk reference").with_details(vec![e.to_string()])
+        })?;
+        check_disk(&s.backend, r.id.as_deref())?;
+    }
+    let backend = s.backend.clone();
+    blocking(move || {
+        backend.resume_io_error().map(|_| ()).ok_or_else(|| {
+            ApiError::conflict(format!(
+                "disk {} is not stopped on an I/O error",
+                backend.device().id()
+            ))
+        })
+    })
+    .await?;
+    Ok(StatusCode::NO_CONTENT)
+}
+
+/// A disk named in a request body (optional: the backend serves one).
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DiskRef {
+    /// The disk's id.
+    #[serde(default)]
+    pub id: Option<String>,
 }
 
 async fn iothread_update(
@@ -186,6 +246,7 @@ fn router(state: DiskState) -> axum::Router {
         .route("/api/v1/disk.info", get(disk_info))
         .route("/api/v1/disk.counters", get(disk_counters))
         .route("/api/v1/disk.update", put(disk_update))
+        .route("/api/v1/disk.resume", put(disk_resume))
         .route("/api/v1/iothread.update", put(iothread_update))
         .route("/api/v1/disk.mirror", put(disk_mirror))
         .route("/api/v1/jobs", get(jobs))
@@ -223,6 +284,8 @@ impl DiskApi {
             .enable_all()
             .build()
             .map_err(|e| format!("cannot start the API runtime: {e}"))?;
+        // This API resumes the disk: its error policy may stop it.
+        backend.enable_io_error_stops();
         let (stop, stopped) = watch::channel(false);
         let state = DiskState {
             backend,
@@ -263,9 +326,11 @@ impl Drop for DiskApi {
     }
 }
 
-/// Sends the jobs' events: state changes within [`JOB_LOOK`], progress as it comes.
+/// Sends the jobs' events (state changes within [`JOB_LOOK`], progress as it comes)
+/// and an `io-error` event each time an I/O error stops the disk.
 async fn send_job_events(state: DiskState, mut stop: watch::Receiver<bool>) {
     let mut seen = JobsSeen::new();
+    let mut stop_told = false;
     let mut tick = tokio::time::interval(JOB_LOOK);
     loop {
         tokio::select! {
@@ -278,6 +343,20 @@ async fn send_job_events(state: DiskState, mut stop: watch::Receiver<bool>) {
         };
         for event in job_events("", &jobs, &mut seen) {
             state.events.emit(event);
+        }
+        match state.backend.io_status() {
+            Some(status) if !stop_told => {
+                stop_told = true;
+                state.events.emit(
+                    Event::now("", EventKind::IoError)
+                        .with("disk", state.backend.device().id())
+                        .with("op", status.op)
+                        .with("errno", status.errno)
+                        .with("error", status.error),
+                );
+            }
+            Some(_) => {}
+            None => stop_told = false,
         }
     }
 }

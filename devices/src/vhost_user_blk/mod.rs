@@ -16,6 +16,7 @@
 
 mod backend;
 mod host;
+mod io_error;
 mod jobs;
 mod serve;
 mod threads;

@@ -1,0 +1,206 @@
+//! The error policy in `vhost-user-blk --api-socket`: libblkio (a real vhost-user
+//! frontend) writes to an image on a small tmpfs until it fills. The disk's default
+//! policy (`enospc`) holds the failed write and stops serving the disk: the client's
+//! write does not complete, `disk.info` names the stop and an `io-error` event goes out
+//! (the first on the event stream).
+//! The test grows the tmpfs and sends `PUT disk.resume`: the held write completes
+//! without an error, the client goes on, and every byte it wrote reads back.
+//!
+//! Needs root (it mounts a tmpfs); skips, saying so, otherwise.
+
+// Test data and figures, not guest input.
+#![allow(clippy::cast_possible_truncation)]
+
+#[path = "vhost_user_blkio/support.rs"]
+#[allow(dead_code)]
+mod support;
+
+use std::ffi::CString;
+use std::os::unix::ffi::OsStrExt;
+use std::path::Path;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use api::client::{Client as Http, Reply};
+use blkio::ReqFlags;
+use serde_json::{Value, json};
+use support::{Client, MIB, Server, fill_random, wait_one};
+
+/// Writes of 64 KiB, 4 MiB in all, on a tmpfs of 1 MiB.
+const CHUNK: usize = 64 * 1024;
+const CHUNKS: usize = 64;
+
+fn call(api: &Path, method: &str, path: &str, body: Option<Value>) -> Reply {
+    Http::new(api)
+        .request_blocking(
+            method,
+            &format!("/api/v1/{path}"),
+            body.map(|b| b.to_string().into_bytes()),
+        )
+        .unwrap_or_else(|e| panic!("{method} {path}: {e}"))
+}
+
+/// `mount -t tmpfs -o [remount,]size=SIZE tmpfs DIR`.
+fn mount_tmpfs(dir: &Path, size: &str, remount: bool) {
+    let target = CString::new(dir.as_os_str().as_bytes()).unwrap();
+    let options = CString::new(format!("size={size}")).unwrap();
+    let flags = if remount { libc::MS_REMOUNT } else { 0 };
+    // SAFETY: every pointer is a NUL-terminated string that outlives the call.
+    let rc = unsafe {
+        libc::mount(
+            c"tmpfs".as_ptr(),
+            target.as_ptr(),
+            c"tmpfs".as_ptr(),
+            flags,
+            options.as_ptr().cast(),
+        )
+    };
+    assert_eq!(rc, 0, "mount tmpfs: {}", std::io::Error::last_os_error());
+}
+
+/// Unmounts the tmpfs when dropped.
+struct Unmount(std::path::PathBuf);
+
+impl Drop for Unmount {
+    fn drop(&mut self) {
+        if let Ok(target) = CString::new(self.0.as_os_str().as_bytes()) {
+            // SAFETY: a NUL-terminated path that outlives the call.
+            unsafe { libc::umount2(target.as_ptr(), libc::MNT_DETACH) };
+        }
+    }
+}
+
+#[test]
+fn a_full_disk_stops_the_backend_and_disk_resume_loses_nothing() {
+    let test = "a_full_disk_stops_the_backend_and_disk_resume_loses_nothing";
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } != 0 {
+        tests::skip::skip(test, "mounting a tmpfs needs root");
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let small = dir.path().join("small");
+    std::fs::create_dir(&small).unwrap();
+    mount_tmpfs(&small, "1m", false);
+    let _unmount = Unmount(small.clone());
+    let img = small.join("disk.raw");
+    std::fs::File::create(&img)
+        .unwrap()
+        .set_len((CHUNK * CHUNKS) as u64)
+        .unwrap();
+    let api = dir.path().join("api.sock");
+    let disk = format!("id=vd,path={},cache=writeback,aio=io_uring", img.display());
+    let server = Server::start(
+        dir.path(),
+        &["--disk", &disk, "--api-socket", api.to_str().unwrap()],
+    );
+
+    let follower = Http::new(&api);
+    let (tx, events) = std::sync::mpsc::channel::<String>();
+    std::thread::spawn(move || {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        rt.block_on(async {
+            let (_, mut lines) = follower.stream("/api/v1/events").await.unwrap();
+            while let Ok(Some(l)) = lines.next_line().await {
+                if tx.send(l).is_err() {
+                    return;
+                }
+            }
+        });
+    });
+
+    // The client writes chunk after chunk, each checked.
+    let done = Arc::new(AtomicUsize::new(0));
+    let written = Arc::new(Mutex::new(vec![0u8; CHUNK * CHUNKS]));
+    let writer = {
+        let (socket, done, written) = (server.path().to_string(), done.clone(), written.clone());
+        std::thread::spawn(move || {
+            let mut c = Client::connect(&socket, 1, false, MIB).unwrap();
+            for n in 0..CHUNKS {
+                fill_random(&mut c.buf()[..CHUNK], n as u64 + 1);
+                let data = c.buf()[..CHUNK].to_vec();
+                let p = c.ptr(0);
+                c.queues[0].write((n * CHUNK) as u64, p, CHUNK, 0, ReqFlags::empty());
+                assert_eq!(
+                    wait_one(&mut c.queues[0]),
+                    0,
+                    "write {n}: the client saw an error"
+                );
+                written.lock().unwrap()[n * CHUNK..(n + 1) * CHUNK].copy_from_slice(&data);
+                done.fetch_add(1, Ordering::SeqCst);
+            }
+            c
+        })
+    };
+
+    // The tmpfs fills: the disk stops, the client's write waits.
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let info = loop {
+        let info = call(&api, "GET", "disk.info", None).json();
+        if info.get("io_status").is_some() {
+            break info;
+        }
+        assert!(
+            Instant::now() < deadline && !writer.is_finished(),
+            "the disk did not stop: {info}\n{}",
+            server.log()
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    assert_eq!(info["io_status"]["op"], "write", "{info}");
+    assert_eq!(info["io_status"]["errno"], libc::ENOSPC, "{info}");
+    let event = events
+        .recv_timeout(Duration::from_secs(5))
+        .expect("an io-error event");
+    let event: Value = serde_json::from_str(&event).unwrap();
+    assert_eq!(
+        (&event["event"], &event["disk"], &event["errno"]),
+        (&json!("io-error"), &json!("vd"), &json!(libc::ENOSPC)),
+        "{event}"
+    );
+    let stalled = done.load(Ordering::SeqCst);
+    assert!(stalled < CHUNKS, "{stalled}");
+    std::thread::sleep(Duration::from_millis(300));
+    assert_eq!(
+        done.load(Ordering::SeqCst),
+        stalled,
+        "stopped: nothing completes"
+    );
+    // Nothing to resume twice, and a wrong disk is refused.
+    let r = call(&api, "PUT", "disk.resume", Some(json!({"id": "other"})));
+    assert_eq!(r.status, 404, "{}", r.text());
+
+    mount_tmpfs(&small, "16m", true);
+    let r = call(&api, "PUT", "disk.resume", None);
+    assert!(r.ok(), "{} {}", r.status, r.text());
+    let r = call(&api, "PUT", "disk.resume", None);
+    assert_eq!(r.status, 409, "not stopped any more: {}", r.text());
+    let mut c = writer.join().expect("the client saw an error");
+    assert_eq!(done.load(Ordering::SeqCst), CHUNKS);
+    let counters = call(&api, "GET", "disk.counters", None).json();
+    assert!(counters.to_string().contains("\"io_errors\""), "{counters}");
+
+    // Every byte reads back, through the backend and in the file.
+    let written = written.lock().unwrap().clone();
+    for n in 0..CHUNKS {
+        let p = c.ptr(0);
+        c.queues[0].read((n * CHUNK) as u64, p, CHUNK, 0, ReqFlags::empty());
+        assert_eq!(wait_one(&mut c.queues[0]), 0);
+        assert!(
+            c.buf()[..CHUNK] == written[n * CHUNK..(n + 1) * CHUNK],
+            "chunk {n} differs"
+        );
+    }
+    drop(c);
+    assert!(
+        std::fs::read(&img).unwrap() == written,
+        "the image holds every write"
+    );
+    let info = call(&api, "GET", "disk.info", None).json();
+    assert!(info.get("io_status").is_none(), "{info}");
+    drop(server);
+}

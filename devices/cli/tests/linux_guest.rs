@@ -327,3 +327,125 @@ fn fio_verifies_through_a_mirror_and_pivot_under_the_guests_writes() {
     let status = backend.stop(Duration::from_secs(10));
     assert!(status.is_some_and(|s| s.success()), "{}", backend.log());
 }
+
+/// The error policy under a real Linux guest: the backend's image sits on a tmpfs that
+/// fills while fio writes; the disk (`on_write_error` at its default, `enospc`) stops,
+/// the host grows the tmpfs and sends `PUT disk.resume`, and fio, which never saw an
+/// I/O error, verifies everything it wrote.
+///
+/// Needs root (it mounts a tmpfs); skips, saying so, otherwise.
+#[test]
+fn fio_sees_no_error_when_the_disk_fills_and_the_host_resumes_it() {
+    let test = "fio_sees_no_error_when_the_disk_fills_and_the_host_resumes_it";
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } != 0 {
+        return tests::skip::skip(test, "mounting a tmpfs needs root");
+    }
+    let tools = match Tools::find() {
+        Ok(t) => t,
+        Err(skip) => return skip.print(test),
+    };
+    let initramfs = Initramfs::build(&tools, Path::new(env!("CARGO_TARGET_TMPDIR")))
+        .unwrap_or_else(|e| panic!("initramfs: {e}"));
+    let dir = tempfile::Builder::new()
+        .prefix("linux-guest-enospc-")
+        .tempdir_in(env!("CARGO_TARGET_TMPDIR"))
+        .unwrap();
+    let small = dir.path().join("small");
+    std::fs::create_dir(&small).unwrap();
+    let mount_point = small.clone();
+    let mount = move |size: &str, flags: libc::c_ulong| {
+        let target = std::ffi::CString::new(mount_point.to_str().unwrap()).unwrap();
+        let options = std::ffi::CString::new(format!("size={size}")).unwrap();
+        // SAFETY: every pointer is a NUL-terminated string that outlives the call.
+        let rc = unsafe {
+            libc::mount(
+                c"tmpfs".as_ptr(),
+                target.as_ptr(),
+                c"tmpfs".as_ptr(),
+                flags,
+                options.as_ptr().cast(),
+            )
+        };
+        assert_eq!(rc, 0, "mount: {}", std::io::Error::last_os_error());
+    };
+    // fio writes 32 MiB: the tmpfs holds 8.
+    mount("8m", 0);
+    struct Unmount(std::path::PathBuf);
+    impl Drop for Unmount {
+        fn drop(&mut self) {
+            if let Ok(t) = std::ffi::CString::new(self.0.to_str().unwrap_or_default()) {
+                // SAFETY: a NUL-terminated path that outlives the call.
+                unsafe { libc::umount2(t.as_ptr(), libc::MNT_DETACH) };
+            }
+        }
+    }
+    let _unmount = Unmount(small.clone());
+    let image = small.join("disk.raw");
+    std::fs::File::create(&image)
+        .and_then(|f| f.set_len(64 << 20))
+        .unwrap();
+    let socket = dir.path().join("vu.sock");
+    let api = dir.path().join("api.sock");
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_vhost-user-blk"));
+    // tmpfs has no O_DIRECT.
+    cmd.arg("--socket")
+        .arg(&socket)
+        .arg("--disk")
+        .arg(format!(
+            "id=vda,path={},cache=writeback,aio=io_uring,num_queues=1",
+            image.display()
+        ))
+        .arg("--api-socket")
+        .arg(&api);
+    let mut backend = BackendProcess::spawn(cmd, socket, 1, Duration::from_secs(10))
+        .unwrap_or_else(|e| panic!("vhost-user-blk: {e}"));
+
+    // The host side: once the disk stops, grow the tmpfs and resume it.
+    let host = {
+        let api = api.clone();
+        std::thread::spawn(move || -> Result<serde_json::Value, String> {
+            let http = api::client::Client::new(&api);
+            let deadline = std::time::Instant::now() + Duration::from_secs(300);
+            loop {
+                let info = http
+                    .request_blocking("GET", "/api/v1/disk.info", None)
+                    .map_err(|e| e.to_string())?
+                    .json();
+                if info.get("io_status").is_some() {
+                    mount("128m", libc::MS_REMOUNT);
+                    let r = http
+                        .request_blocking("PUT", "/api/v1/disk.resume", None)
+                        .map_err(|e| e.to_string())?;
+                    return if r.ok() {
+                        Ok(info)
+                    } else {
+                        Err(format!("disk.resume: {} {}", r.status, r.text()))
+                    };
+                }
+                if std::time::Instant::now() > deadline {
+                    return Err(format!("the disk never stopped: {info}"));
+                }
+                std::thread::sleep(Duration::from_millis(20));
+            }
+        })
+    };
+    let job = FioVerifyJob::default();
+    let result = linux_guest::fio::run_verify(&tools, &initramfs, &backend, &job);
+    let stopped = host.join().unwrap();
+    let (fio, run) = result.unwrap_or_else(|e| panic!("{e}\n--- backend log:\n{}", backend.log()));
+    let stopped = stopped.unwrap_or_else(|e| panic!("{e}\n{}\n{}", run.report(), backend.log()));
+    println!(
+        "guest fio on a filling disk: stopped on {}, {} writes",
+        stopped["io_status"], fio.write_ios
+    );
+    assert_eq!(stopped["io_status"]["errno"], libc::ENOSPC, "{stopped}");
+    assert!(
+        fio.verified_cleanly(job.size),
+        "{fio:?}\n{}\n--- backend log:\n{}",
+        run.report(),
+        backend.log()
+    );
+    let status = backend.stop(Duration::from_secs(10));
+    assert!(status.is_some_and(|s| s.success()), "{}", backend.log());
+}

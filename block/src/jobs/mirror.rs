@@ -101,6 +101,8 @@ pub struct MirrorJob {
     /// limit still lets the guest's writes earn.
     earned_at: Option<Instant>,
     catch_up_bucket: u64,
+    /// The disk's error policy for the job's reads (none: a failed read fails the job).
+    source_errors: Option<Arc<dyn super::SourceErrors>>,
 }
 
 // SAFETY: the raw pointers the job's queues hold point into its own buffers (`copies`),
@@ -160,7 +162,15 @@ impl MirrorJob {
             newly_dirty_seen: 0,
             earned_at: None,
             catch_up_bucket: 0,
+            source_errors: None,
         })
+    }
+
+    /// Has the job's failed reads follow the disk's error policy: a read the policy
+    /// holds makes its chunk dirty again, and no copy starts while the disk is stopped
+    /// (the job waits, [`IDLE_LOOK`] at a time, and goes on once the disk is resumed).
+    pub fn follow_source_errors(&mut self, policy: Arc<dyn super::SourceErrors>) {
+        self.source_errors = Some(policy);
     }
 
     /// Makes the job yield to the guest whose requests `counters` counts (see
@@ -249,7 +259,9 @@ impl MirrorJob {
             let next = self.last_start.map(|t| t + BUSY_GUEST_GAP);
             let waiting = next.filter(|&at| busy && at > now);
             // Busy: one chunk once the gap is over, plus what the guest's writes earned.
+            let stopped = self.source_errors.as_ref().is_some_and(|p| p.stopped());
             let allowed = match (busy, waiting) {
+                _ if stopped => 0,
                 (false, _) => u64::MAX,
                 (true, Some(_)) => self.catch_up,
                 (true, None) => self.catch_up + 1,
@@ -413,6 +425,18 @@ impl MirrorJob {
                 unsafe { self.target.write(c.token, copy.offset, &iov, false) };
             }
             Ok(_) => self.release(idx, Some(Ok(()))),
+            Err(e)
+                if self
+                    .source_errors
+                    .as_ref()
+                    .is_some_and(|p| p.hold(e.errno())) =>
+            {
+                // The disk stopped on it: the chunk waits for the resume, dirty again.
+                tracing::warn!(offset = copy.offset, error = %e, "mirror source: read held until the disk is resumed");
+                let chunk = copy.chunk;
+                self.release(idx, None);
+                self.copier.abandon(chunk);
+            }
             Err(e) => {
                 let msg = format!("mirror source: read at {}: {e}", copy.offset);
                 self.release(idx, Some(Err(msg)));

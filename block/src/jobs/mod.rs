@@ -22,3 +22,13 @@ pub use mirror::MirrorJob;
 pub use speed::RateLimit;
 pub use state::{CopyMode, JobState, MirrorOptions, SyncMode};
 pub use status::{JobInfo, JobStatus};
+
+/// How a job treats failed reads of its disk: the disk's I/O error policy decides,
+/// which the layer above the block layer keeps.
+pub trait SourceErrors: Send + Sync {
+    /// Whether a read of the disk that failed with `errno` waits for the disk to be
+    /// resumed (the policy stopped the disk) rather than failing the job.
+    fn hold(&self, errno: i32) -> bool;
+    /// Whether the disk is stopped on an I/O error: the job starts no copy meanwhile.
+    fn stopped(&self) -> bool;
+}

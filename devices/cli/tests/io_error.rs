@@ -256,3 +256,97 @@ fn full_disk_stops_and_resumes(test: &str, qcow2: bool) {
     };
     assert!(data == written, "the image holds every write");
 }
+
+/// A mirror whose reads of the disk fail (EIO from `nbdkit`'s error filter, switched on
+/// by a file) follows the disk's policy (`on_read_error: stop`): the disk stops, the job
+/// waits instead of failing; after `disk.resume` it copies on, reaches ready and pivots,
+/// and the new image holds what the client wrote.
+#[test]
+fn a_mirror_waits_out_source_errors_that_stop_the_disk() {
+    let test = "a_mirror_waits_out_source_errors_that_stop_the_disk";
+    if !tests::nbd_server::have("nbdkit", test, "nbdkit") {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let trigger = dir.path().join("fail-now");
+    let server_nbd = tests::nbd_server::NbdServer::nbdkit(
+        &[
+            "--filter=error",
+            "memory",
+            "size=4M",
+            "error=EIO",
+            "error-pread-rate=100%",
+            &format!("error-file={}", trigger.display()),
+        ],
+        tests::nbd_server::Listen::Unix(dir.path().join("nbd.sock")),
+    );
+    let api = dir.path().join("api.sock");
+    let disk = format!(
+        "id=vd,path={},cache=writeback,on_read_error=stop",
+        server_nbd.uri()
+    );
+    let server = Server::start(
+        dir.path(),
+        &["--disk", &disk, "--api-socket", api.to_str().unwrap()],
+    );
+    let mut c = Client::connect(server.path(), 1, false, MIB).unwrap();
+    let mut written = vec![0u8; 4 * MIB];
+    for n in 0..8 {
+        fill_random(&mut c.buf()[..CHUNK], 100 + n as u64);
+        let at = n * 7 * CHUNK;
+        written[at..at + CHUNK].copy_from_slice(&c.buf()[..CHUNK]);
+        let p = c.ptr(0);
+        c.queues[0].write(at as u64, p, CHUNK, 0, ReqFlags::empty());
+        assert_eq!(wait_one(&mut c.queues[0]), 0);
+    }
+
+    std::fs::write(&trigger, b"").unwrap();
+    let target = dir.path().join("new.raw");
+    let r = call(
+        &api,
+        "PUT",
+        "disk.mirror",
+        Some(json!({"job_id": "m", "target": {"path": target}})),
+    );
+    assert!(r.ok(), "{} {}", r.status, r.text());
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let info = loop {
+        let info = call(&api, "GET", "disk.info", None).json();
+        if info.get("io_status").is_some() {
+            break info;
+        }
+        assert!(Instant::now() < deadline, "the disk did not stop: {info}");
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    assert_eq!(info["io_status"]["op"], "read", "{info}");
+    assert_eq!(info["io_status"]["errno"], libc::EIO, "{info}");
+    std::thread::sleep(Duration::from_millis(100));
+    let jobs = call(&api, "GET", "jobs", None).json();
+    assert_eq!(jobs[0]["state"], "running", "the job waits: {jobs}");
+
+    std::fs::remove_file(&trigger).unwrap();
+    let r = call(&api, "PUT", "disk.resume", None);
+    assert!(r.ok(), "{} {}", r.status, r.text());
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let jobs = call(&api, "GET", "jobs", None).json();
+        if jobs[0]["state"] == "ready" {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline && jobs[0]["state"] == "running",
+            "{jobs}\n{}",
+            server.log()
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let r = call(&api, "PUT", "job-complete", Some(json!({"job_id": "m"})));
+    assert!(r.ok(), "{} {}", r.status, r.text());
+    let info = call(&api, "GET", "disk.info", None).json();
+    assert_eq!(info["disk"]["path"], target.to_str().unwrap(), "{info}");
+    drop(c);
+    assert!(
+        std::fs::read(&target).unwrap() == written,
+        "the new image holds what the client wrote"
+    );
+}

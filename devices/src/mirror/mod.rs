@@ -243,6 +243,7 @@ impl Mirror {
         .map_err(|e| JobError::Failed(e.to_string()))?;
         let mut job = job;
         job.yield_to(blk.disk_counters().clone());
+        job.follow_source_errors(blk.job_source_errors());
         let mut mirror = Mirror {
             config,
             status,

@@ -378,6 +378,11 @@ impl BlkDevice {
         &self.counters
     }
 
+    /// The disk's error policy as its block jobs follow it.
+    pub fn job_source_errors(&self) -> Arc<dyn block::jobs::SourceErrors> {
+        Arc::new(super::io_error::JobSourceErrors(self.shared.clone()))
+    }
+
     /// The disk's error policy and stopped state (see [`super::io_error`]).
     pub fn io_error(&self) -> &IoErrorState {
         &self.shared.io_error

@@ -235,6 +235,20 @@ impl IoErrorState {
     }
 }
 
+/// A disk's policy as a block job sees it: the job's failed reads count as the disk's
+/// own (`on_read_error`), and a stop holds the job too.
+pub struct JobSourceErrors(pub Arc<super::worker::BlkShared>);
+
+impl block::jobs::SourceErrors for JobSourceErrors {
+    fn hold(&self, errno: i32) -> bool {
+        self.0.io_error.on_failure(RequestKind::Read, errno) == ErrorAction::Stop
+    }
+
+    fn stopped(&self) -> bool {
+        self.0.io_error.is_stopped()
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

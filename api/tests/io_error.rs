@@ -5,7 +5,8 @@
 //! (an `io-error` event, `vm.info` naming the op and errno). The test grows the tmpfs
 //! and resumes: the guest finishes without a write error and verifies every block, and
 //! the image holds exactly what the guest wrote. The policy is set live on the way
-//! (`vm.update-disk`).
+//! (`vm.update-disk`); the disk is throttled (held requests were charged once and go
+//! first; what waits behind them in the throttle's queue keeps its order).
 //!
 //! Needs root (it mounts a tmpfs) and `/dev/kvm`; skips, saying why, otherwise.
 
@@ -94,7 +95,7 @@ fn out_of_space_pauses_the_vm_and_resume_loses_nothing() {
                 "exit=acpi pci=auto tsc_khz={tsc} ms=50 blocks=1 seed={SEED} gens=20 gen_writes=64 gen_span_mib={SPAN_MIB}")},
             "serial": {"mode": "file", "path": s.path("e.serial")},
             "disks": [{"id": "d0", "path": image, "cache": "writeback",
-                       "on_write_error": "report"}]
+                       "on_write_error": "report", "throttle": {"iops_total": 5000}}]
         })),
     );
     // The policy changes live: back to the default, `enospc`, on the built VM (with

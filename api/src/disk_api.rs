@@ -330,7 +330,7 @@ impl Drop for DiskApi {
 /// and an `io-error` event each time an I/O error stops the disk.
 async fn send_job_events(state: DiskState, mut stop: watch::Receiver<bool>) {
     let mut seen = JobsSeen::new();
-    let mut stop_told = false;
+    let mut stops_told = 0;
     let mut tick = tokio::time::interval(JOB_LOOK);
     loop {
         tokio::select! {
@@ -344,19 +344,20 @@ async fn send_job_events(state: DiskState, mut stop: watch::Receiver<bool>) {
         for event in job_events("", &jobs, &mut seen) {
             state.events.emit(event);
         }
-        match state.backend.io_status() {
-            Some(status) if !stop_told => {
-                stop_told = true;
-                state.events.emit(
-                    Event::now("", EventKind::IoError)
-                        .with("disk", state.backend.device().id())
-                        .with("op", status.op)
-                        .with("errno", status.errno)
-                        .with("error", status.error),
-                );
-            }
-            Some(_) => {}
-            None => stop_told = false,
+        // One event per look that found new stops (`stops`: how many since the last).
+        let (stops, last) = state.backend.device().io_error().stops();
+        if stops > stops_told
+            && let Some(status) = last
+        {
+            state.events.emit(
+                Event::now("", EventKind::IoError)
+                    .with("disk", state.backend.device().id())
+                    .with("op", status.op)
+                    .with("errno", status.errno)
+                    .with("error", status.error)
+                    .with("stops", stops - stops_told),
+            );
         }
+        stops_told = stops;
     }
 }

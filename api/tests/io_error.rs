@@ -10,55 +10,32 @@
 //!
 //! Needs root (it mounts a tmpfs) and `/dev/kvm`; skips, saying why, otherwise.
 
-use std::ffi::CString;
-use std::os::unix::ffi::OsStrExt;
 use std::time::{Duration, Instant};
 
 mod support;
 
 use serde_json::json;
 use support::{Events, Service};
+use tests::tmpfs::Tmpfs;
 
 const SEED: u64 = 11;
 const SPAN_MIB: u64 = 8;
 
-fn value(console: &str, key: &str) -> String {
-    console
-        .lines()
-        .filter_map(|l| l.strip_prefix(&format!("{key}=")))
-        .next_back()
-        .unwrap_or("")
-        .to_string()
-}
+use support::console_value as value;
 
-/// `mount -t tmpfs -o [remount,]size=SIZE tmpfs DIR`.
-fn mount_tmpfs(dir: &std::path::Path, size: &str, remount: bool) {
-    let target = CString::new(dir.as_os_str().as_bytes()).unwrap();
-    let options = CString::new(format!("size={size}")).unwrap();
-    let flags = if remount { libc::MS_REMOUNT } else { 0 };
-    // SAFETY: every pointer is a NUL-terminated string that outlives the call.
-    let rc = unsafe {
-        libc::mount(
-            c"tmpfs".as_ptr(),
-            target.as_ptr(),
-            c"tmpfs".as_ptr(),
-            flags,
-            options.as_ptr().cast(),
-        )
-    };
-    assert_eq!(rc, 0, "mount tmpfs: {}", std::io::Error::last_os_error());
-}
-
-/// Unmounts the tmpfs when dropped.
-struct Unmount(std::path::PathBuf);
-
-impl Drop for Unmount {
-    fn drop(&mut self) {
-        if let Ok(target) = CString::new(self.0.as_os_str().as_bytes()) {
-            // SAFETY: a NUL-terminated path that outlives the call.
-            unsafe { libc::umount2(target.as_ptr(), libc::MNT_DETACH) };
-        }
-    }
+/// A test-guest VM `id` whose one disk (`disk`) takes `gens` passes of 64 random
+/// writes over [`SPAN_MIB`], then verifies them; its console goes to `<id>.serial`.
+fn gens_vm(s: &Service, id: &str, gens: u64, disk: serde_json::Value) -> serde_json::Value {
+    let elf = support::guest();
+    let tsc = support::tsc_khz();
+    json!({
+        "id": id,
+        "memory": {"size_mib": 64},
+        "payload": {"kernel": elf, "cmdline": format!(
+            "exit=acpi pci=auto tsc_khz={tsc} ms=50 blocks=1 seed={SEED} gens={gens} gen_writes=64 gen_span_mib={SPAN_MIB}")},
+        "serial": {"mode": "file", "path": s.path(&format!("{id}.serial"))},
+        "disks": [disk]
+    })
 }
 
 #[test]
@@ -67,37 +44,19 @@ fn out_of_space_pauses_the_vm_and_resume_loses_nothing() {
     if !tests::skip::kvm_or_skip(test) {
         return;
     }
-    // SAFETY: geteuid has no preconditions.
-    if unsafe { libc::geteuid() } != 0 {
-        tests::skip::skip(test, "mounting a tmpfs needs root");
-        return;
-    }
     let s = Service::start(&[]);
+    let Some(small) = Tmpfs::mount(test, &s.path("small"), "1m") else {
+        return;
+    };
     let events = Events::follow(&s.socket);
-    let small = s.path("small");
-    std::fs::create_dir(&small).unwrap();
-    mount_tmpfs(&small, "1m", false);
-    let _unmount = Unmount(small.clone());
-    let image = small.join("d0.raw");
+    let image = small.path().join("d0.raw");
     std::fs::File::create(&image)
         .unwrap()
         .set_len((SPAN_MIB + 1) << 20)
         .unwrap();
-    let elf = support::guest();
-    let tsc = support::tsc_khz();
-    s.ok(
-        "PUT",
-        "vm.create",
-        Some(&json!({
-            "id": "e",
-            "memory": {"size_mib": 64},
-            "payload": {"kernel": elf, "cmdline": format!(
-                "exit=acpi pci=auto tsc_khz={tsc} ms=50 blocks=1 seed={SEED} gens=20 gen_writes=64 gen_span_mib={SPAN_MIB}")},
-            "serial": {"mode": "file", "path": s.path("e.serial")},
-            "disks": [{"id": "d0", "path": image, "cache": "writeback",
-                       "on_write_error": "report", "throttle": {"iops_total": 5000}}]
-        })),
-    );
+    let disk = json!({"id": "d0", "path": image, "cache": "writeback",
+                      "on_write_error": "report", "throttle": {"iops_total": 5000}});
+    s.ok("PUT", "vm.create", Some(&gens_vm(&s, "e", 20, disk)));
     // The policy changes live: back to the default, `enospc`, on the built VM (with
     // `report` the guest would see errors and the VM would not pause).
     s.ok(
@@ -149,7 +108,7 @@ fn out_of_space_pauses_the_vm_and_resume_loses_nothing() {
     );
 
     // The operator grows the storage and resumes: the held writes go first.
-    mount_tmpfs(&small, "64m", true);
+    small.resize("64m");
     s.ok("PUT", "vm.resume?id=e", None);
     let (_, _) = events.wait_for("e", "guest-poweroff", Duration::from_secs(60));
     let out = console();
@@ -232,21 +191,9 @@ fn eio_cycles_from_an_nbd_server_pause_and_resume_without_loss_or_leaks() {
         ],
         tests::nbd_server::Listen::Unix(s.path("nbd.sock")),
     );
-    let elf = support::guest();
-    let tsc = support::tsc_khz();
-    s.ok(
-        "PUT",
-        "vm.create",
-        Some(&json!({
-            "id": "n",
-            "memory": {"size_mib": 64},
-            "payload": {"kernel": elf, "cmdline": format!(
-                "exit=acpi pci=auto tsc_khz={tsc} ms=50 blocks=1 seed={SEED} gens=400 gen_writes=64 gen_span_mib={SPAN_MIB}")},
-            "serial": {"mode": "file", "path": s.path("n.serial")},
-            "disks": [{"id": "d0", "path": server.uri(), "cache": "writeback",
-                       "on_write_error": "stop", "on_read_error": "stop"}]
-        })),
-    );
+    let disk = json!({"id": "d0", "path": server.uri(), "cache": "writeback",
+                      "on_write_error": "stop", "on_read_error": "stop"});
+    s.ok("PUT", "vm.create", Some(&gens_vm(&s, "n", 400, disk)));
     s.ok("PUT", "vm.boot?id=n", None);
     let console = || std::fs::read_to_string(s.path("n.serial")).unwrap_or_default();
     let pid = s.ok("GET", "vm.info?id=n", None).json()["pid"]

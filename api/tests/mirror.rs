@@ -51,14 +51,7 @@ fn console(s: &Service, id: &str) -> String {
     std::fs::read_to_string(s.path(&format!("{id}.serial"))).unwrap_or_default()
 }
 
-fn value(console: &str, key: &str) -> String {
-    console
-        .lines()
-        .filter_map(|l| l.strip_prefix(&format!("{key}=")))
-        .next_back()
-        .unwrap_or("")
-        .to_string()
-}
+use support::console_value as value;
 
 /// The guest's last finished generation.
 fn generation(s: &Service, id: &str) -> u64 {

@@ -20,14 +20,7 @@ use support::{Events, Service, expect};
 const SEED: u64 = 3;
 const SPAN_MIB: u64 = 16;
 
-fn value(console: &str, key: &str) -> String {
-    console
-        .lines()
-        .filter_map(|l| l.strip_prefix(&format!("{key}=")))
-        .next_back()
-        .unwrap_or("")
-        .to_string()
-}
+use support::console_value as value;
 
 fn qemu_img(args: &[&str]) -> String {
     let out = Command::new("qemu-img").args(args).output().unwrap();

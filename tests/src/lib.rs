@@ -11,4 +11,5 @@ pub mod nbd_server;
 pub mod procfs;
 pub mod skip;
 pub mod test_guest;
+pub mod tmpfs;
 pub mod vmlinux;

@@ -262,6 +262,9 @@ impl Entry {
         if let Some(fd) = &self.notify {
             vm.set_notifier(fd.clone());
         }
+        // A new VM: nothing of the old one's pause or stops is told.
+        self.pause_reason = None;
+        self.io_stops_told.clear();
         self.vm = Some(vm);
     }
 

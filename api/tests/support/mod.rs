@@ -290,3 +290,13 @@ pub fn wait_exit(child: &mut Child, limit: Duration) -> bool {
     }
     false
 }
+
+/// The last value the test guest printed for `key` (`key=value` lines) on `console`.
+pub fn console_value(console: &str, key: &str) -> String {
+    console
+        .lines()
+        .filter_map(|l| l.strip_prefix(&format!("{key}=")))
+        .next_back()
+        .unwrap_or("")
+        .to_string()
+}

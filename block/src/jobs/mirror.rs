@@ -318,6 +318,10 @@ impl MirrorJob {
             if let Some(e) = self.status.info().error {
                 return Err(e);
             }
+            if self.source_errors.as_ref().is_some_and(|p| p.stopped()) && self.in_flight() == 0 {
+                // Nothing copies until the disk is resumed: the job stays as it is.
+                return Err("the disk is stopped on an I/O error".into());
+            }
             if self.copier.in_sync() && self.in_flight() == 0 {
                 break;
             }
@@ -426,10 +430,11 @@ impl MirrorJob {
             }
             Ok(_) => self.release(idx, Some(Ok(()))),
             Err(e)
-                if self
-                    .source_errors
-                    .as_ref()
-                    .is_some_and(|p| p.hold(e.errno())) =>
+                if !self.copier.state().is_final()
+                    && self
+                        .source_errors
+                        .as_ref()
+                        .is_some_and(|p| p.hold(e.errno())) =>
             {
                 // The disk stopped on it: the chunk waits for the resume, dirty again.
                 tracing::warn!(offset = copy.offset, error = %e, "mirror source: read held until the disk is resumed");

@@ -15,8 +15,6 @@
 #[allow(dead_code)]
 mod support;
 
-use std::ffi::CString;
-use std::os::unix::ffi::OsStrExt;
 use std::path::Path;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
@@ -26,6 +24,7 @@ use api::client::{Client as Http, Reply};
 use blkio::ReqFlags;
 use serde_json::{Value, json};
 use support::{Client, MIB, Server, fill_random, wait_one};
+use tests::tmpfs::Tmpfs;
 
 /// Writes of 64 KiB, 4 MiB in all, on a tmpfs of 1 MiB.
 const CHUNK: usize = 64 * 1024;
@@ -39,36 +38,6 @@ fn call(api: &Path, method: &str, path: &str, body: Option<Value>) -> Reply {
             body.map(|b| b.to_string().into_bytes()),
         )
         .unwrap_or_else(|e| panic!("{method} {path}: {e}"))
-}
-
-/// `mount -t tmpfs -o [remount,]size=SIZE tmpfs DIR`.
-fn mount_tmpfs(dir: &Path, size: &str, remount: bool) {
-    let target = CString::new(dir.as_os_str().as_bytes()).unwrap();
-    let options = CString::new(format!("size={size}")).unwrap();
-    let flags = if remount { libc::MS_REMOUNT } else { 0 };
-    // SAFETY: every pointer is a NUL-terminated string that outlives the call.
-    let rc = unsafe {
-        libc::mount(
-            c"tmpfs".as_ptr(),
-            target.as_ptr(),
-            c"tmpfs".as_ptr(),
-            flags,
-            options.as_ptr().cast(),
-        )
-    };
-    assert_eq!(rc, 0, "mount tmpfs: {}", std::io::Error::last_os_error());
-}
-
-/// Unmounts the tmpfs when dropped.
-struct Unmount(std::path::PathBuf);
-
-impl Drop for Unmount {
-    fn drop(&mut self) {
-        if let Ok(target) = CString::new(self.0.as_os_str().as_bytes()) {
-            // SAFETY: a NUL-terminated path that outlives the call.
-            unsafe { libc::umount2(target.as_ptr(), libc::MNT_DETACH) };
-        }
-    }
 }
 
 #[test]
@@ -91,17 +60,11 @@ fn a_full_qcow2_image_stops_the_backend_and_disk_resume_loses_nothing() {
 }
 
 fn full_disk_stops_and_resumes(test: &str, qcow2: bool) {
-    // SAFETY: geteuid has no preconditions.
-    if unsafe { libc::geteuid() } != 0 {
-        tests::skip::skip(test, "mounting a tmpfs needs root");
-        return;
-    }
     let dir = tempfile::tempdir().unwrap();
-    let small = dir.path().join("small");
-    std::fs::create_dir(&small).unwrap();
-    mount_tmpfs(&small, "1m", false);
-    let _unmount = Unmount(small.clone());
-    let img = small.join("disk.img");
+    let Some(small) = Tmpfs::mount(test, &dir.path().join("small"), "1m") else {
+        return;
+    };
+    let img = small.path().join("disk.img");
     if qcow2 {
         let out = std::process::Command::new("qemu-img")
             .args(["create", "-q", "-f", "qcow2"])
@@ -205,7 +168,7 @@ fn full_disk_stops_and_resumes(test: &str, qcow2: bool) {
     let r = call(&api, "PUT", "disk.resume", Some(json!({"id": "other"})));
     assert_eq!(r.status, 404, "{}", r.text());
 
-    mount_tmpfs(&small, "16m", true);
+    small.resize("16m");
     let r = call(&api, "PUT", "disk.resume", None);
     assert!(r.ok(), "{} {}", r.status, r.text());
     let r = call(&api, "PUT", "disk.resume", None);
@@ -259,8 +222,10 @@ fn full_disk_stops_and_resumes(test: &str, qcow2: bool) {
 
 /// A mirror whose reads of the disk fail (EIO from `nbdkit`'s error filter, switched on
 /// by a file) follows the disk's policy (`on_read_error: stop`): the disk stops, the job
-/// waits instead of failing; after `disk.resume` it copies on, reaches ready and pivots,
-/// and the new image holds what the client wrote.
+/// waits instead of failing; after `disk.resume` it copies on and reaches ready. A
+/// client read that stops the disk in ready makes the pivot wait (409, the job stays
+/// ready); after the resume the read completes and the pivot goes through; the new
+/// image holds what the client wrote.
 #[test]
 fn a_mirror_waits_out_source_errors_that_stop_the_disk() {
     let test = "a_mirror_waits_out_source_errors_that_stop_the_disk";
@@ -340,6 +305,36 @@ fn a_mirror_waits_out_source_errors_that_stop_the_disk() {
         );
         std::thread::sleep(Duration::from_millis(20));
     }
+
+    // In ready, a read of the client's fails and stops the disk: the pivot is refused
+    // (its last copy could not run) and the job stays ready; after the resume the held
+    // read completes and the pivot goes through.
+    std::fs::write(&trigger, b"").unwrap();
+    let reader = std::thread::spawn(move || {
+        let p = c.ptr(0);
+        c.queues[0].read(0, p, CHUNK, 0, ReqFlags::empty());
+        let ret = wait_one(&mut c.queues[0]);
+        (ret, c.buf()[..CHUNK].to_vec(), c)
+    });
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while call(&api, "GET", "disk.info", None)
+        .json()
+        .get("io_status")
+        .is_none()
+    {
+        assert!(Instant::now() < deadline, "the read did not stop the disk");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let r = call(&api, "PUT", "job-complete", Some(json!({"job_id": "m"})));
+    assert_eq!(r.status, 409, "{}", r.text());
+    assert!(r.text().contains("stopped on an I/O error"), "{}", r.text());
+    assert_eq!(call(&api, "GET", "jobs", None).json()[0]["state"], "ready");
+    std::fs::remove_file(&trigger).unwrap();
+    assert!(call(&api, "PUT", "disk.resume", None).ok());
+    let (ret, data, c) = reader.join().unwrap();
+    assert_eq!(ret, 0, "the held read saw no error");
+    assert!(data == written[..CHUNK], "the held read's data");
+
     let r = call(&api, "PUT", "job-complete", Some(json!({"job_id": "m"})));
     assert!(r.ok(), "{} {}", r.status, r.text());
     let info = call(&api, "GET", "disk.info", None).json();

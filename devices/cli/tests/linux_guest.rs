@@ -337,10 +337,6 @@ fn fio_verifies_through_a_mirror_and_pivot_under_the_guests_writes() {
 #[test]
 fn fio_sees_no_error_when_the_disk_fills_and_the_host_resumes_it() {
     let test = "fio_sees_no_error_when_the_disk_fills_and_the_host_resumes_it";
-    // SAFETY: geteuid has no preconditions.
-    if unsafe { libc::geteuid() } != 0 {
-        return tests::skip::skip(test, "mounting a tmpfs needs root");
-    }
     let tools = match Tools::find() {
         Ok(t) => t,
         Err(skip) => return skip.print(test),
@@ -351,37 +347,11 @@ fn fio_sees_no_error_when_the_disk_fills_and_the_host_resumes_it() {
         .prefix("linux-guest-enospc-")
         .tempdir_in(env!("CARGO_TARGET_TMPDIR"))
         .unwrap();
-    let small = dir.path().join("small");
-    std::fs::create_dir(&small).unwrap();
-    let mount_point = small.clone();
-    let mount = move |size: &str, flags: libc::c_ulong| {
-        let target = std::ffi::CString::new(mount_point.to_str().unwrap()).unwrap();
-        let options = std::ffi::CString::new(format!("size={size}")).unwrap();
-        // SAFETY: every pointer is a NUL-terminated string that outlives the call.
-        let rc = unsafe {
-            libc::mount(
-                c"tmpfs".as_ptr(),
-                target.as_ptr(),
-                c"tmpfs".as_ptr(),
-                flags,
-                options.as_ptr().cast(),
-            )
-        };
-        assert_eq!(rc, 0, "mount: {}", std::io::Error::last_os_error());
-    };
     // fio writes 32 MiB: the tmpfs holds 8.
-    mount("8m", 0);
-    struct Unmount(std::path::PathBuf);
-    impl Drop for Unmount {
-        fn drop(&mut self) {
-            if let Ok(t) = std::ffi::CString::new(self.0.to_str().unwrap_or_default()) {
-                // SAFETY: a NUL-terminated path that outlives the call.
-                unsafe { libc::umount2(t.as_ptr(), libc::MNT_DETACH) };
-            }
-        }
-    }
-    let _unmount = Unmount(small.clone());
-    let image = small.join("disk.raw");
+    let Some(small) = tests::tmpfs::Tmpfs::mount(test, &dir.path().join("small"), "8m") else {
+        return;
+    };
+    let image = small.path().join("disk.raw");
     std::fs::File::create(&image)
         .and_then(|f| f.set_len(64 << 20))
         .unwrap();
@@ -403,7 +373,7 @@ fn fio_sees_no_error_when_the_disk_fills_and_the_host_resumes_it() {
 
     // The host side: once the disk stops, grow the tmpfs and resume it.
     let host = {
-        let api = api.clone();
+        let (api, mount_point) = (api.clone(), small.path().to_path_buf());
         std::thread::spawn(move || -> Result<serde_json::Value, String> {
             let http = api::client::Client::new(&api);
             let deadline = std::time::Instant::now() + Duration::from_secs(300);
@@ -413,7 +383,7 @@ fn fio_sees_no_error_when_the_disk_fills_and_the_host_resumes_it() {
                     .map_err(|e| e.to_string())?
                     .json();
                 if info.get("io_status").is_some() {
-                    mount("128m", libc::MS_REMOUNT);
+                    tests::tmpfs::resize(&mount_point, "128m");
                     let r = http
                         .request_blocking("PUT", "/api/v1/disk.resume", None)
                         .map_err(|e| e.to_string())?;

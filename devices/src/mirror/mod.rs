@@ -360,9 +360,15 @@ impl Mirror {
         let Some(target) = self.link.as_ref().map(|l| l.target().clone()) else {
             return Err(JobError::Conflict(format!("job {} has ended", self.id())));
         };
+        refuse_while_stopped(blk, "complete")?;
         let _switching = blk.lock_switch();
         self.pause_queues(blk)?;
         if let Err(e) = self.visit_job(SourceOp::SyncJob) {
+            if blk.io_error().is_stopped() {
+                // The job waits for the disk; it goes on after the resume.
+                self.resume_queues(blk);
+                return Err(stopped_conflict(blk, "complete"));
+            }
             self.end(blk);
             self.resume_queues(blk);
             return Err(JobError::Failed(format!(
@@ -432,14 +438,21 @@ impl Mirror {
                 state.as_str()
             )));
         }
-        let _switching = blk.lock_switch();
         let consistent = state == JobState::Ready && !force;
+        if consistent {
+            refuse_while_stopped(blk, "cancel (without force)")?;
+        }
+        let _switching = blk.lock_switch();
         let mut result = Ok(());
         if consistent {
             self.pause_queues(blk)?;
             result = self.visit_job(SourceOp::SyncJob).map_err(|e| {
                 JobError::Failed(format!("job {}: the last copy failed: {e}", self.id()))
             });
+            if result.is_err() && blk.io_error().is_stopped() {
+                self.resume_queues(blk);
+                return Err(stopped_conflict(blk, "cancel (without force)"));
+            }
         }
         if result.is_ok() {
             result = self
@@ -584,6 +597,21 @@ impl Mirror {
             _ => Ok(()),
         }
     }
+}
+
+/// 409 while `blk` is stopped on an I/O error: a job's last copy cannot run then.
+fn refuse_while_stopped(blk: &BlkDevice, what: &str) -> Result<(), JobError> {
+    if blk.io_error().is_stopped() {
+        return Err(stopped_conflict(blk, what));
+    }
+    Ok(())
+}
+
+fn stopped_conflict(blk: &BlkDevice, what: &str) -> JobError {
+    JobError::Conflict(format!(
+        "cannot {what}: disk {} is stopped on an I/O error; resume it first",
+        blk.id()
+    ))
 }
 
 /// The local image a mirror target names, if it is one (not an NBD server).

@@ -57,6 +57,9 @@ pub struct IoErrorState {
     /// A control plane will resume the disk after a stop.
     resumable: AtomicBool,
     stopped: AtomicBool,
+    /// Stops so far, and what the last one was (kept after its resume).
+    stops: AtomicU64,
+    last: Mutex<Option<IoStatus>>,
     status: Mutex<Option<IoStatus>>,
     reported: AtomicU64,
     held: AtomicU64,
@@ -115,6 +118,8 @@ impl IoErrorState {
             read_policy: AtomicU8::new(read.to_u8()),
             resumable: AtomicBool::new(false),
             stopped: AtomicBool::new(false),
+            stops: AtomicU64::new(0),
+            last: Mutex::new(None),
             status: Mutex::new(None),
             reported: AtomicU64::new(0),
             held: AtomicU64::new(0),
@@ -186,6 +191,8 @@ impl IoErrorState {
                     }
                 }
                 if !self.stopped.swap(true, Ordering::AcqRel) {
+                    *block::sync::lock(&self.last) = status.clone();
+                    self.stops.fetch_add(1, Ordering::AcqRel);
                     let _ = self.notifier.write(1);
                     if let Some(fd) = block::sync::lock(&self.watcher).as_ref() {
                         let _ = fd.write(1);
@@ -204,6 +211,13 @@ impl IoErrorState {
     /// What stopped the disk, while it is stopped.
     pub fn status(&self) -> Option<IoStatus> {
         block::sync::lock(&self.status).clone()
+    }
+
+    /// Stops so far, and what stopped the disk the last time (also once resumed): a
+    /// watcher that looks now and then misses none.
+    pub fn stops(&self) -> (u64, Option<IoStatus>) {
+        let last = block::sync::lock(&self.last).clone();
+        (self.stops.load(Ordering::Acquire), last)
     }
 
     /// Failed requests per action so far.

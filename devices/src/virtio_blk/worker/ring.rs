@@ -28,6 +28,8 @@ impl<Q: QueueHost> QueueWorker<Q> {
         if self.stopping || self.is_held() || self.is_io_stopped() {
             return work;
         }
+        // Whatever woke this queue after a resume, what it held goes before anything new.
+        self.restart_held();
         let mem = self.mem.memory().into_inner();
         let budget = self.max_slots.saturating_sub(self.in_flight());
         let disarm = std::mem::replace(&mut self.armed, false);
@@ -191,6 +193,7 @@ impl<Q: QueueHost> QueueWorker<Q> {
         if self.is_held() || self.is_io_stopped() {
             return;
         }
+        self.restart_held();
         let writeback = self.shared.writeback.load(Ordering::Relaxed);
         if self.disk.write_cache() != writeback {
             self.disk.set_write_cache(writeback);
@@ -292,14 +295,8 @@ impl<Q: QueueHost> QueueWorker<Q> {
             return PassWork::default();
         }
         self.tick();
-        let mut failed = std::mem::take(&mut self.failed);
-        failed.sort_unstable();
-        for &(_, idx) in &failed {
-            self.start(idx);
-        }
-        failed.clear();
-        self.failed = failed;
-        // Throttled requests behind them go next (this submits), then new chains.
+        // The held requests first, then throttled ones behind them (this submits), then
+        // new chains.
         self.start_admitted();
         let mut work = if self.host.is_live() {
             self.run_pass()
@@ -310,6 +307,22 @@ impl<Q: QueueHost> QueueWorker<Q> {
         self.flush_used(&mem);
         work.add(std::mem::take(&mut self.early));
         work
+    }
+
+    /// Starts the held requests again, oldest first, and submits them (the disk is no
+    /// longer stopped; the caller checked).
+    fn restart_held(&mut self) {
+        if self.failed.is_empty() {
+            return;
+        }
+        let mut failed = std::mem::take(&mut self.failed);
+        failed.sort_unstable();
+        for &(_, idx) in &failed {
+            self.start(idx);
+        }
+        failed.clear();
+        self.failed = failed;
+        self.submit();
     }
 
     /// Completes the held requests with an I/O error (the queue is going away).

@@ -7,64 +7,29 @@
 //!
 //! Needs root (it mounts a tmpfs); skips, saying so, otherwise.
 
-use std::ffi::CString;
-use std::os::unix::ffi::OsStrExt;
-
 use super::*;
 use crate::config::WriteErrorPolicy;
 
-/// A tmpfs mounted on a new temporary directory, unmounted when dropped.
+/// A tmpfs mounted on a new temporary directory.
 struct SmallFs {
-    dir: tempfile::TempDir,
+    fs: ::tests::tmpfs::Tmpfs,
+    _dir: tempfile::TempDir,
 }
 
 impl SmallFs {
-    /// A tmpfs of `size` (as `mount -o size=` takes it), or `None` (skipped) if not root.
+    /// A tmpfs of `size`, or `None` (skipped) if not root.
     fn mount(test: &str, size: &str) -> Option<SmallFs> {
-        // SAFETY: geteuid has no preconditions.
-        if unsafe { libc::geteuid() } != 0 {
-            ::tests::skip::skip(test, "mounting a tmpfs needs root");
-            return None;
-        }
-        let fs = SmallFs {
-            dir: tempfile::tempdir().unwrap(),
-        };
-        fs.mount_with(0, size);
-        Some(fs)
+        let dir = tempfile::tempdir().unwrap();
+        let fs = ::tests::tmpfs::Tmpfs::mount(test, &dir.path().join("fs"), size)?;
+        Some(SmallFs { fs, _dir: dir })
     }
 
-    fn mount_with(&self, flags: libc::c_ulong, size: &str) {
-        let target = CString::new(self.dir.path().as_os_str().as_bytes()).unwrap();
-        let options = CString::new(format!("size={size}")).unwrap();
-        // SAFETY: every pointer is a NUL-terminated string that outlives the call.
-        let rc = unsafe {
-            libc::mount(
-                c"tmpfs".as_ptr(),
-                target.as_ptr(),
-                c"tmpfs".as_ptr(),
-                flags,
-                options.as_ptr().cast(),
-            )
-        };
-        assert_eq!(rc, 0, "mount tmpfs: {}", std::io::Error::last_os_error());
-    }
-
-    /// `mount -o remount,size=`.
     fn resize(&self, size: &str) {
-        self.mount_with(libc::MS_REMOUNT, size);
+        self.fs.resize(size);
     }
 
     fn path(&self, name: &str) -> std::path::PathBuf {
-        self.dir.path().join(name)
-    }
-}
-
-impl Drop for SmallFs {
-    fn drop(&mut self) {
-        if let Ok(target) = CString::new(self.dir.path().as_os_str().as_bytes()) {
-            // SAFETY: a NUL-terminated path that outlives the call.
-            unsafe { libc::umount2(target.as_ptr(), libc::MNT_DETACH) };
-        }
+        self.fs.path().join(name)
     }
 }
 

@@ -19,19 +19,9 @@ use std::time::{Duration, Instant};
 use api::client::{Client as Http, Reply};
 use blkio::ReqFlags;
 use serde_json::{Value, json};
-use support::{Client, MIB, Server, fill_random, image, wait_one, xorshift};
+use support::{Client, MIB, Server, api_call as call, fill_random, image, wait_one, xorshift};
 
 const SIZE: usize = 32 * MIB;
-
-fn call(api: &Path, method: &str, path: &str, body: Option<Value>) -> Reply {
-    Http::new(api)
-        .request_blocking(
-            method,
-            &format!("/api/v1/{path}"),
-            body.map(|b| b.to_string().into_bytes()),
-        )
-        .unwrap_or_else(|e| panic!("{method} {path}: {e}"))
-}
 
 #[track_caller]
 fn ok(api: &Path, method: &str, path: &str, body: Option<Value>) -> Reply {

@@ -15,30 +15,19 @@
 #[allow(dead_code)]
 mod support;
 
-use std::path::Path;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use api::client::{Client as Http, Reply};
+use api::client::Client as Http;
 use blkio::ReqFlags;
 use serde_json::{Value, json};
-use support::{Client, MIB, Server, fill_random, wait_one};
+use support::{Client, MIB, Server, api_call as call, fill_random, wait_one};
 use tests::tmpfs::Tmpfs;
 
 /// Writes of 64 KiB, 4 MiB in all, on a tmpfs of 1 MiB.
 const CHUNK: usize = 64 * 1024;
 const CHUNKS: usize = 64;
-
-fn call(api: &Path, method: &str, path: &str, body: Option<Value>) -> Reply {
-    Http::new(api)
-        .request_blocking(
-            method,
-            &format!("/api/v1/{path}"),
-            body.map(|b| b.to_string().into_bytes()),
-        )
-        .unwrap_or_else(|e| panic!("{method} {path}: {e}"))
-}
 
 #[test]
 fn a_full_disk_stops_the_backend_and_disk_resume_loses_nothing() {

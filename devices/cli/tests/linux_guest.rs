@@ -43,6 +43,26 @@ fn fio_verifies_on_an_nbd_disk_served_by_qemu_nbd() {
     fio_verifies(test, Backing::Nbd);
 }
 
+/// The guest's tools and initramfs, and a temporary directory named `prefix...` on a
+/// disk filesystem (O_DIRECT works there); `None`, with a SKIP line for `test`, when a
+/// tool is missing.
+fn setup(test: &str, prefix: &str) -> Option<(Tools, Initramfs, tempfile::TempDir)> {
+    let tools = match Tools::find() {
+        Ok(t) => t,
+        Err(skip) => {
+            skip.print(test);
+            return None;
+        }
+    };
+    let initramfs = Initramfs::build(&tools, Path::new(env!("CARGO_TARGET_TMPDIR")))
+        .unwrap_or_else(|e| panic!("initramfs: {e}"));
+    let dir = tempfile::Builder::new()
+        .prefix(prefix)
+        .tempdir_in(env!("CARGO_TARGET_TMPDIR"))
+        .unwrap();
+    Some((tools, initramfs, dir))
+}
+
 /// What the guest's disk is.
 #[derive(Clone, Copy, PartialEq, Eq)]
 enum Backing {
@@ -58,17 +78,10 @@ enum Backing {
 /// itself, through `qemu-nbd`, or a qcow2 image, per `backing`), runs fio's verify jobs,
 /// and checks the counters and the image.
 fn fio_verifies(test: &str, backing: Backing) {
-    let tools = match Tools::find() {
-        Ok(t) => t,
-        Err(skip) => return skip.print(test),
+    let Some((tools, initramfs, dir)) = setup(test, "linux-guest-ours-") else {
+        return;
     };
-    let initramfs = Initramfs::build(&tools, Path::new(env!("CARGO_TARGET_TMPDIR")))
-        .unwrap_or_else(|e| panic!("initramfs: {e}"));
     // Not tmpfs: the disk uses O_DIRECT.
-    let dir = tempfile::Builder::new()
-        .prefix("linux-guest-ours-")
-        .tempdir_in(env!("CARGO_TARGET_TMPDIR"))
-        .unwrap();
     let disk_size: u64 = 64 << 20;
     let image = if backing == Backing::Qcow2 {
         let image = dir.path().join("disk.qcow2");
@@ -194,16 +207,9 @@ fn fio_verifies(test: &str, backing: Backing) {
 #[test]
 fn fio_verifies_through_a_mirror_and_pivot_under_the_guests_writes() {
     let test = "fio_verifies_through_a_mirror_and_pivot_under_the_guests_writes";
-    let tools = match Tools::find() {
-        Ok(t) => t,
-        Err(skip) => return skip.print(test),
+    let Some((tools, initramfs, dir)) = setup(test, "linux-guest-mirror-") else {
+        return;
     };
-    let initramfs = Initramfs::build(&tools, Path::new(env!("CARGO_TARGET_TMPDIR")))
-        .unwrap_or_else(|e| panic!("initramfs: {e}"));
-    let dir = tempfile::Builder::new()
-        .prefix("linux-guest-mirror-")
-        .tempdir_in(env!("CARGO_TARGET_TMPDIR"))
-        .unwrap();
     let image = dir.path().join("disk.raw");
     let target = dir.path().join("new.raw");
     let disk_size: u64 = 64 << 20;
@@ -337,16 +343,9 @@ fn fio_verifies_through_a_mirror_and_pivot_under_the_guests_writes() {
 #[test]
 fn fio_sees_no_error_when_the_disk_fills_and_the_host_resumes_it() {
     let test = "fio_sees_no_error_when_the_disk_fills_and_the_host_resumes_it";
-    let tools = match Tools::find() {
-        Ok(t) => t,
-        Err(skip) => return skip.print(test),
+    let Some((tools, initramfs, dir)) = setup(test, "linux-guest-enospc-") else {
+        return;
     };
-    let initramfs = Initramfs::build(&tools, Path::new(env!("CARGO_TARGET_TMPDIR")))
-        .unwrap_or_else(|e| panic!("initramfs: {e}"));
-    let dir = tempfile::Builder::new()
-        .prefix("linux-guest-enospc-")
-        .tempdir_in(env!("CARGO_TARGET_TMPDIR"))
-        .unwrap();
     // fio writes 32 MiB: the tmpfs holds 8.
     let Some(small) = tests::tmpfs::Tmpfs::mount(test, &dir.path().join("small"), "8m") else {
         return;

@@ -213,3 +213,21 @@ pub fn read_counters(path: &Path) -> BackendCounters {
         .unwrap();
     serde_json::from_str(&s).unwrap_or_else(|e| panic!("{}: {e}\n{s}", path.display()))
 }
+
+/// `METHOD /api/v1/PATH` with a JSON `body` on a `--api-socket` (panics if it cannot be
+/// sent; the reply may be an error).
+#[allow(dead_code)] // For the API tests (disk_api.rs, io_error.rs), which share this file.
+pub fn api_call(
+    api: &Path,
+    method: &str,
+    path: &str,
+    body: Option<serde_json::Value>,
+) -> api::client::Reply {
+    api::client::Client::new(api)
+        .request_blocking(
+            method,
+            &format!("/api/v1/{path}"),
+            body.map(|b| b.to_string().into_bytes()),
+        )
+        .unwrap_or_else(|e| panic!("{method} {path}: {e}"))
+}

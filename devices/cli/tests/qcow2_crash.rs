@@ -58,7 +58,11 @@ fn write_then_crash(
     let mut flushing: Option<Vec<usize>> = None;
     let mut cs = comps(QD + 1);
     let start = Instant::now();
-    while start.elapsed() < run_for {
+    // Past `run_for`, it goes on until a flush completed (a slow host may not get to
+    // one in time): the check needs writes a completed flush covers.
+    let mut flushed_once = false;
+    while start.elapsed() < run_for || !flushed_once {
+        let late = start.elapsed() >= run_for;
         for (slot, in_flight) in slot_write.iter_mut().enumerate() {
             if in_flight.is_some() || extents.is_empty() {
                 continue;
@@ -83,12 +87,15 @@ fn write_then_crash(
         let writing = slot_write.iter().flatten().count();
         // Flushes seldom on the ascending runs: new tables wait long for the next one.
         let every = if ascending { 16 * QD } else { QD };
-        if flushing.is_none() && (completed.len() >= every || writing == 0) {
-            if completed.is_empty() {
-                break; // Every extent written and flushed.
-            }
+        if flushing.is_none()
+            && !completed.is_empty()
+            && (completed.len() >= every || writing == 0 || late)
+        {
             flushing = Some(std::mem::take(&mut completed));
             q.flush(QD, ReqFlags::empty());
+        }
+        if flushing.is_none() && completed.is_empty() && writing == 0 {
+            break; // Every extent written and flushed.
         }
         let n = q
             .do_io(&mut cs, 1, Some(&mut Duration::from_secs(10)), None)
@@ -108,6 +115,7 @@ fn write_then_crash(
                 );
             }
             if c.user_data == QD {
+                flushed_once = true;
                 for w in flushing.take().unwrap_or_default() {
                     writes[w].durable = true;
                 }

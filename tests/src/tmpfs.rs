@@ -12,7 +12,8 @@ pub struct Tmpfs {
 
 impl Tmpfs {
     /// Mounts a tmpfs of `size` (as `mount -o size=` takes it: `1m`, `64k`) on `dir`
-    /// (created if missing). `None`, with a SKIP line for `test`, when not root.
+    /// (created if missing). `None`, with a SKIP line for `test`, when not root or when
+    /// the kernel refuses (a container without `CAP_SYS_ADMIN`).
     pub fn mount(test: &str, dir: &Path, size: &str) -> Option<Tmpfs> {
         // SAFETY: geteuid has no preconditions.
         if unsafe { libc::geteuid() } != 0 {
@@ -20,10 +21,16 @@ impl Tmpfs {
             return None;
         }
         std::fs::create_dir_all(dir).unwrap_or_else(|e| panic!("{}: {e}", dir.display()));
-        mount(dir, size, 0);
-        Some(Tmpfs {
-            dir: dir.to_path_buf(),
-        })
+        match try_mount(dir, size, 0) {
+            Ok(()) => Some(Tmpfs {
+                dir: dir.to_path_buf(),
+            }),
+            Err(e) if matches!(e.raw_os_error(), Some(libc::EPERM | libc::EACCES)) => {
+                crate::skip::skip(test, &format!("the kernel refuses to mount a tmpfs: {e}"));
+                None
+            }
+            Err(e) => panic!("mount tmpfs on {}: {e}", dir.display()),
+        }
     }
 
     /// `mount -o remount,size=SIZE`.
@@ -48,10 +55,11 @@ impl Drop for Tmpfs {
 
 /// Resizes the tmpfs mounted on `dir` (`mount -o remount,size=SIZE`), from any thread.
 pub fn resize(dir: &Path, size: &str) {
-    mount(dir, size, libc::MS_REMOUNT);
+    try_mount(dir, size, libc::MS_REMOUNT)
+        .unwrap_or_else(|e| panic!("remount tmpfs on {}: {e}", dir.display()));
 }
 
-fn mount(dir: &Path, size: &str, flags: libc::c_ulong) {
+fn try_mount(dir: &Path, size: &str, flags: libc::c_ulong) -> std::io::Result<()> {
     let target = CString::new(dir.as_os_str().as_bytes()).expect("a path without NUL");
     let options = CString::new(format!("size={size}")).expect("a size without NUL");
     // SAFETY: every pointer is a NUL-terminated string that outlives the call.
@@ -64,11 +72,9 @@ fn mount(dir: &Path, size: &str, flags: libc::c_ulong) {
             options.as_ptr().cast(),
         )
     };
-    assert_eq!(
-        rc,
-        0,
-        "mount tmpfs on {}: {}",
-        dir.display(),
-        std::io::Error::last_os_error()
-    );
+    if rc == 0 {
+        Ok(())
+    } else {
+        Err(std::io::Error::last_os_error())
+    }
 }

@@ -12,6 +12,7 @@ pub mod disk_api;
 pub mod events;
 pub mod fake;
 pub mod handover;
+pub mod import_libvirt;
 pub mod job_routes;
 pub mod kvm_backend;
 pub mod metrics;

@@ -123,6 +123,18 @@ enum Cmd {
         /// The new limit in bytes/s (0: unlimited).
         speed: u64,
     },
+    /// Turn a libvirt domain XML into our VM config: prints the JSON (or, with
+    /// `--create`, creates the VM); what it leaves out is listed on standard error.
+    ImportLibvirt {
+        /// The domain XML (`virsh dumpxml NAME > FILE`), or `-` for standard input.
+        file: String,
+        /// Anything left out is an error.
+        #[arg(long)]
+        strict: bool,
+        /// Create the VM on the service instead of printing the JSON.
+        #[arg(long)]
+        create: bool,
+    },
     /// Print shell completions.
     Completions {
         /// The shell.
@@ -369,6 +381,17 @@ fn follow_events(socket: &std::path::Path, cli: &Cli, count: Option<u64>) -> Res
     })
 }
 
+/// The text of `file`, or of standard input for `-`.
+fn read_input(file: &str) -> Result<String, Failure> {
+    let mut text = String::new();
+    if file == "-" {
+        std::io::stdin().read_to_string(&mut text)?;
+    } else {
+        text = std::fs::read_to_string(file).map_err(|e| format!("{file}: {e}"))?;
+    }
+    Ok(text)
+}
+
 /// Runs the command of `cli`.
 fn run(cli: Cli) -> Result<(), Failure> {
     let q = query(&cli.id);
@@ -377,15 +400,37 @@ fn run(cli: Cli) -> Result<(), Failure> {
             clap_complete::generate(*shell, &mut Cli::command(), "vmctl", &mut std::io::stdout());
             return Ok(());
         }
-        Cmd::Create { file } => {
-            let mut text = String::new();
-            if file == "-" {
-                std::io::stdin().read_to_string(&mut text)?;
-            } else {
-                text = std::fs::read_to_string(file).map_err(|e| format!("{file}: {e}"))?;
+        Cmd::ImportLibvirt {
+            file,
+            strict,
+            create,
+        } => {
+            let xml = read_input(file)?;
+            let imported = api::import_libvirt::import(&xml).map_err(|e| format!("{file}: {e}"))?;
+            for i in &imported.ignored {
+                eprintln!("vmctl: ignored: {i}");
             }
-            ("PUT", "vm.create".into(), Some(text.into_bytes()))
+            if *strict && !imported.ignored.is_empty() {
+                return Err(Failure(
+                    format!(
+                        "{file}: {} element(s) not supported (--strict)",
+                        imported.ignored.len()
+                    ),
+                    imported.ignored,
+                ));
+            }
+            let json = serde_json::to_vec_pretty(&imported.config)?;
+            if !*create {
+                println!("{}", String::from_utf8_lossy(&json));
+                return Ok(());
+            }
+            ("PUT", "vm.create".into(), Some(json))
         }
+        Cmd::Create { file } => (
+            "PUT",
+            "vm.create".into(),
+            Some(read_input(file)?.into_bytes()),
+        ),
         Cmd::Boot => ("PUT", format!("vm.boot{q}"), None),
         Cmd::Info => ("GET", format!("vm.info{q}"), None),
         Cmd::List => ("GET", "vms".into(), None),

@@ -1,0 +1,455 @@
+//! `vmctl import-libvirt`: a libvirt domain XML turned into our VM config. What maps
+//! (name, memory, vCPUs, direct kernel boot, iothreads and their pinning, virtio disks
+//! with their driver, source, iotune, read-only and serial, the first serial port to a
+//! file or socket) becomes JSON that
+//! `vm.create` takes unchanged; everything else is listed as ignored, so the caller can
+//! show it (or, with `--strict`, refuse). Parsed with a real XML parser (`roxmltree`):
+//! bad XML is an error naming its line and column.
+
+use std::collections::BTreeMap;
+
+use block::throttle::ThrottleLimits;
+use block::{AioKind, CacheMode, ImageFormat};
+use devices::config::{
+    DiscardMode, DiskConfig, IoThreadConfig, ReadErrorPolicy, VqMapping, WriteErrorPolicy,
+};
+use roxmltree::{Document, Node};
+use vmm::config::{SerialMode, ThrottleGroupConfig, VmConfig};
+
+/// What an import made: the config, and what the domain had that it left out.
+#[derive(Debug)]
+pub struct Imported {
+    /// The VM config.
+    pub config: VmConfig,
+    /// Elements and attributes ignored, one line each (`devices/interface: ...`).
+    pub ignored: Vec<String>,
+}
+
+/// Why an import failed.
+#[derive(Debug, thiserror::Error)]
+pub enum ImportError {
+    /// Not well-formed XML.
+    #[error("bad XML at line {line}, column {column}: {message}")]
+    Xml {
+        /// 1-based line.
+        line: u32,
+        /// 1-based column.
+        column: u32,
+        /// What the parser said.
+        message: String,
+    },
+    /// Well-formed, but not a domain we can import.
+    #[error("{0}")]
+    Domain(String),
+}
+
+/// The `iothread` id we give libvirt's iothread `n`.
+fn iothread_id(n: &str) -> String {
+    format!("iothread{n}")
+}
+
+/// Imports the domain XML `xml`.
+pub fn import(xml: &str) -> Result<Imported, ImportError> {
+    let doc = Document::parse(xml).map_err(|e| {
+        let pos = e.pos();
+        ImportError::Xml {
+            line: pos.row,
+            column: pos.col,
+            message: e.to_string(),
+        }
+    })?;
+    let domain = doc.root_element();
+    if domain.tag_name().name() != "domain" {
+        return Err(ImportError::Domain(format!(
+            "the root element is <{}>, not <domain>",
+            domain.tag_name().name()
+        )));
+    }
+    let mut ignored = Vec::new();
+    let name = child_text(domain, "name")
+        .ok_or_else(|| ImportError::Domain("the domain has no <name>".into()))?;
+    let mut config: VmConfig = serde_json::from_value(serde_json::json!({
+        "id": name,
+        "payload": {"kernel": ""},
+    }))
+    .map_err(|e| ImportError::Domain(e.to_string()))?;
+    for el in domain.children().filter(Node::is_element) {
+        match el.tag_name().name() {
+            "name" | "devices" | "os" | "iothreadids" | "cputune" => {}
+            "memory" => config.memory.size_mib = memory_mib(el)?,
+            "vcpu" => config.cpus.boot_vcpus = number(el, "<vcpu>")?,
+            "iothreads" => {
+                let n: u32 = number(el, "<iothreads>")?;
+                if child(domain, "iothreadids").is_none() {
+                    config.iothreads = (1..=n)
+                        .map(|i| IoThreadConfig::new(iothread_id(&i.to_string())))
+                        .collect();
+                }
+            }
+            "memoryBacking" => {
+                for m in el.children().filter(Node::is_element) {
+                    match m.tag_name().name() {
+                        "hugepages" => config.memory.hugepages = true,
+                        other => ignored.push(format!("memoryBacking/{other}")),
+                    }
+                }
+            }
+            other => ignored.push(other.to_string()),
+        }
+    }
+    if let Some(ids) = child(domain, "iothreadids") {
+        for t in ids.children().filter(|n| n.has_tag_name("iothread")) {
+            let id = t
+                .attribute("id")
+                .ok_or_else(|| ImportError::Domain("<iothread> without an id".into()))?;
+            config.iothreads.push(IoThreadConfig::new(iothread_id(id)));
+        }
+    }
+    if let Some(tune) = child(domain, "cputune") {
+        for el in tune.children().filter(Node::is_element) {
+            if el.has_tag_name("iothreadpin") {
+                let (Some(id), Some(set)) = (el.attribute("iothread"), el.attribute("cpuset"))
+                else {
+                    return Err(ImportError::Domain(
+                        "<iothreadpin> needs iothread= and cpuset=".into(),
+                    ));
+                };
+                let cpus = cpu_set(set)?;
+                let id = iothread_id(id);
+                match config.iothreads.iter_mut().find(|t| t.id == id) {
+                    Some(t) => t.cpu_affinity = cpus,
+                    None => ignored.push(format!("cputune/iothreadpin: no iothread {id}")),
+                }
+            } else {
+                ignored.push(format!("cputune/{}", el.tag_name().name()));
+            }
+        }
+    }
+    if let Some(os) = child(domain, "os") {
+        for el in os.children().filter(Node::is_element) {
+            let text = el.text().unwrap_or_default().trim().to_string();
+            match el.tag_name().name() {
+                "kernel" => config.payload.kernel = text.into(),
+                "initrd" => config.payload.initramfs = Some(text.into()),
+                "cmdline" => config.payload.cmdline = text,
+                "type" => {}
+                other => ignored.push(format!("os/{other}")),
+            }
+        }
+    }
+    if config.payload.kernel.as_os_str().is_empty() {
+        ignored.push("os: no <kernel> (we boot a kernel directly; set payload.kernel)".into());
+    }
+    let mut groups: BTreeMap<String, ThrottleLimits> = BTreeMap::new();
+    if let Some(devices) = child(domain, "devices") {
+        for el in devices.children().filter(Node::is_element) {
+            if el.has_tag_name("disk") {
+                if let Some(disk) = import_disk(el, &mut ignored, &mut groups)? {
+                    config.disks.push(disk);
+                }
+            } else if el.has_tag_name("serial")
+                && matches!(el.attribute("type"), Some("file" | "unix"))
+                && config.serial.mode == SerialMode::Null
+            {
+                // The first serial port, to a file or a Unix socket (COM1).
+                let source = child(el, "source").and_then(|s| s.attribute("path"));
+                let Some(path) = source else {
+                    ignored.push("devices/serial: no <source path=>".into());
+                    continue;
+                };
+                config.serial.mode = if el.attribute("type") == Some("file") {
+                    SerialMode::File
+                } else {
+                    SerialMode::Socket
+                };
+                config.serial.path = Some(path.into());
+            } else {
+                ignored.push(format!("devices/{}", el.tag_name().name()));
+            }
+        }
+    }
+    config.throttle_groups = groups
+        .into_iter()
+        .map(|(id, limits)| ThrottleGroupConfig { id, limits })
+        .collect();
+    Ok(Imported { config, ignored })
+}
+
+/// One `<disk>`: `None` (listed as ignored) unless a virtio disk.
+fn import_disk(
+    el: Node,
+    ignored: &mut Vec<String>,
+    groups: &mut BTreeMap<String, ThrottleLimits>,
+) -> Result<Option<DiskConfig>, ImportError> {
+    let device = el.attribute("device").unwrap_or("disk");
+    let target = child(el, "target");
+    let dev = target.and_then(|t| t.attribute("dev")).unwrap_or("disk");
+    let bus = target.and_then(|t| t.attribute("bus")).unwrap_or("");
+    if device != "disk" || bus != "virtio" {
+        ignored.push(format!(
+            "devices/disk {dev}: device='{device}' bus='{bus}' (only virtio disks)"
+        ));
+        return Ok(None);
+    }
+    let kind = el.attribute("type").unwrap_or("file");
+    let source = child(el, "source");
+    let path = match (kind, source) {
+        ("file", Some(s)) => s.attribute("file").map(str::to_string),
+        ("block", Some(s)) => s.attribute("dev").map(str::to_string),
+        ("network", Some(s)) if s.attribute("protocol") == Some("nbd") => Some(nbd_uri(s)?),
+        ("network", Some(s)) => {
+            ignored.push(format!(
+                "devices/disk {dev}: network protocol {:?} (only nbd)",
+                s.attribute("protocol").unwrap_or("")
+            ));
+            return Ok(None);
+        }
+        _ => None,
+    };
+    let Some(path) = path else {
+        ignored.push(format!(
+            "devices/disk {dev}: type='{kind}' without a source"
+        ));
+        return Ok(None);
+    };
+    let mut disk = DiskConfig::new(dev, path);
+    for c in el.children().filter(Node::is_element) {
+        match c.tag_name().name() {
+            "source" | "target" => {}
+            "driver" => driver(c, &mut disk, ignored)?,
+            "readonly" => disk.readonly = true,
+            "serial" => disk.serial = c.text().map(|t| t.trim().to_string()),
+            "iotune" => iotune(c, &mut disk, groups, ignored)?,
+            other => ignored.push(format!("devices/disk {dev}/{other}")),
+        }
+    }
+    Ok(Some(disk))
+}
+
+/// `<source protocol='nbd' name='EXPORT'><host name= port=/>` or `<host transport='unix'
+/// socket=/>` as our NBD URI.
+fn nbd_uri(source: Node) -> Result<String, ImportError> {
+    let export = source.attribute("name").unwrap_or("");
+    let host = child(source, "host")
+        .ok_or_else(|| ImportError::Domain("an nbd <source> without a <host>".into()))?;
+    if host.attribute("transport") == Some("unix") {
+        let socket = host
+            .attribute("socket")
+            .ok_or_else(|| ImportError::Domain("a unix nbd <host> without socket=".into()))?;
+        return Ok(format!("nbd+unix:///{export}?socket={socket}"));
+    }
+    let name = host
+        .attribute("name")
+        .ok_or_else(|| ImportError::Domain("an nbd <host> without name=".into()))?;
+    let port = host.attribute("port").unwrap_or("10809");
+    Ok(format!("nbd://{name}:{port}/{export}"))
+}
+
+/// `<driver>`'s attributes and `<iothreads>` child on `disk`.
+fn driver(d: Node, disk: &mut DiskConfig, ignored: &mut Vec<String>) -> Result<(), ImportError> {
+    let bad = |what: &str, v: &str| ImportError::Domain(format!("disk {}: {what}='{v}'", disk.id));
+    for a in d.attributes() {
+        let v = a.value();
+        match a.name() {
+            "name" => {}
+            "type" => {
+                disk.format = v
+                    .parse::<ImageFormat>()
+                    .map_err(|_| bad("driver type", v))?;
+            }
+            "cache" if v == "default" => {}
+            "cache" => {
+                disk.cache =
+                    serde_json::from_value(serde_json::json!(v)).map_err(|_| bad("cache", v))?;
+            }
+            "io" => {
+                disk.aio = match v {
+                    "native" => AioKind::Native,
+                    "threads" => AioKind::Threads,
+                    "io_uring" => AioKind::IoUring,
+                    "default" => disk.aio,
+                    _ => return Err(bad("io", v)),
+                };
+            }
+            "iothread" => disk.iothread = Some(iothread_id(v)),
+            "error_policy" => {
+                disk.on_write_error =
+                    serde_json::from_value::<WriteErrorPolicy>(serde_json::json!(v))
+                        .map_err(|_| bad("error_policy", v))?;
+            }
+            "rerror_policy" => {
+                disk.on_read_error =
+                    serde_json::from_value::<ReadErrorPolicy>(serde_json::json!(v))
+                        .map_err(|_| bad("rerror_policy", v))?;
+            }
+            "discard" => {
+                disk.discard = match v {
+                    "unmap" => DiscardMode::Unmap,
+                    "ignore" => DiscardMode::Ignore,
+                    _ => return Err(bad("discard", v)),
+                };
+            }
+            "queues" => disk.num_queues = v.parse().map_err(|_| bad("queues", v))?,
+            "queue_size" => disk.queue_size = v.parse().map_err(|_| bad("queue_size", v))?,
+            other => ignored.push(format!("devices/disk {}/driver@{other}", disk.id)),
+        }
+    }
+    if disk.cache == CacheMode::Writeback && disk.aio == AioKind::Native {
+        // QEMU's `io=native` needs O_DIRECT too; libvirt would have refused it.
+        return Err(ImportError::Domain(format!(
+            "disk {}: io='native' needs cache='none' or 'directsync'",
+            disk.id
+        )));
+    }
+    if let Some(threads) = child(d, "iothreads") {
+        let mut mapping = Vec::new();
+        for t in threads.children().filter(|n| n.has_tag_name("iothread")) {
+            let id = t.attribute("id").unwrap_or("");
+            let vqs = t
+                .children()
+                .filter(|n| n.has_tag_name("queue"))
+                .map(|q| {
+                    let v = q.attribute("id").unwrap_or("");
+                    v.parse::<u16>().map_err(|_| bad("queue id", v))
+                })
+                .collect::<Result<Vec<_>, _>>()?;
+            mapping.push(VqMapping {
+                iothread: iothread_id(id),
+                vqs,
+            });
+        }
+        if d.attribute("queues").is_none() {
+            // Every queue the mapping names exists.
+            let top = mapping.iter().flat_map(|m| m.vqs.iter()).max().copied();
+            disk.num_queues = top.map_or(disk.num_queues, |q| q.saturating_add(1));
+        }
+        disk.iothread = None;
+        disk.iothread_vq_mapping = Some(mapping);
+    }
+    Ok(())
+}
+
+/// `<iotune>` as the disk's limits, or (with `<group_name>`) as a throttle group's.
+fn iotune(
+    t: Node,
+    disk: &mut DiskConfig,
+    groups: &mut BTreeMap<String, ThrottleLimits>,
+    ignored: &mut Vec<String>,
+) -> Result<(), ImportError> {
+    let mut limits = ThrottleLimits::default();
+    let mut group = None;
+    for el in t.children().filter(Node::is_element) {
+        let name = el.tag_name().name();
+        let text = el.text().unwrap_or_default().trim();
+        if name == "group_name" {
+            group = Some(text.to_string());
+            continue;
+        }
+        let Some(field) = limit_field(&mut limits, name) else {
+            ignored.push(format!("devices/disk {}/iotune/{name}", disk.id));
+            continue;
+        };
+        *field = text.parse().map_err(|_| {
+            ImportError::Domain(format!("disk {}: iotune {name}='{text}'", disk.id))
+        })?;
+    }
+    match group {
+        Some(g) => {
+            groups.insert(g.clone(), limits);
+            disk.throttle_group = Some(g);
+        }
+        None => disk.throttle = Some(limits),
+    }
+    Ok(())
+}
+
+/// Our limit field for libvirt's `<iotune>` child `name`.
+fn limit_field<'a>(l: &'a mut ThrottleLimits, name: &str) -> Option<&'a mut u64> {
+    Some(match name {
+        "total_bytes_sec" => &mut l.bps_total,
+        "read_bytes_sec" => &mut l.bps_read,
+        "write_bytes_sec" => &mut l.bps_write,
+        "total_iops_sec" => &mut l.iops_total,
+        "read_iops_sec" => &mut l.iops_read,
+        "write_iops_sec" => &mut l.iops_write,
+        "total_bytes_sec_max" => &mut l.bps_total_max,
+        "read_bytes_sec_max" => &mut l.bps_read_max,
+        "write_bytes_sec_max" => &mut l.bps_write_max,
+        "total_iops_sec_max" => &mut l.iops_total_max,
+        "read_iops_sec_max" => &mut l.iops_read_max,
+        "write_iops_sec_max" => &mut l.iops_write_max,
+        "total_bytes_sec_max_length" => &mut l.bps_total_max_length,
+        "read_bytes_sec_max_length" => &mut l.bps_read_max_length,
+        "write_bytes_sec_max_length" => &mut l.bps_write_max_length,
+        "total_iops_sec_max_length" => &mut l.iops_total_max_length,
+        "read_iops_sec_max_length" => &mut l.iops_read_max_length,
+        "write_iops_sec_max_length" => &mut l.iops_write_max_length,
+        "size_iops_sec" => &mut l.iops_size,
+        _ => return None,
+    })
+}
+
+fn child<'a, 'i>(n: Node<'a, 'i>, name: &str) -> Option<Node<'a, 'i>> {
+    n.children().find(|c| c.has_tag_name(name))
+}
+
+fn child_text(n: Node, name: &str) -> Option<String> {
+    child(n, name)
+        .and_then(|c| c.text())
+        .map(|t| t.trim().to_string())
+}
+
+fn number<T: std::str::FromStr>(el: Node, what: &str) -> Result<T, ImportError> {
+    let text = el.text().unwrap_or_default().trim();
+    text.parse()
+        .map_err(|_| ImportError::Domain(format!("{what} '{text}' is not a number")))
+}
+
+/// `<memory unit=>` in MiB (libvirt's default unit is KiB).
+fn memory_mib(el: Node) -> Result<u64, ImportError> {
+    let n: u64 = number(el, "<memory>")?;
+    let unit = el.attribute("unit").unwrap_or("KiB");
+    let bytes_per: u64 = match unit {
+        "b" | "bytes" => 1,
+        "KB" => 1000,
+        "k" | "KiB" => 1 << 10,
+        "MB" => 1_000_000,
+        "M" | "MiB" => 1 << 20,
+        "GB" => 1_000_000_000,
+        "G" | "GiB" => 1 << 30,
+        "TB" => 1_000_000_000_000,
+        "T" | "TiB" => 1 << 40,
+        _ => return Err(ImportError::Domain(format!("<memory unit='{unit}'>"))),
+    };
+    n.checked_mul(bytes_per)
+        .map(|b| b.div_ceil(1 << 20))
+        .ok_or_else(|| ImportError::Domain(format!("<memory> {n} {unit} is too large")))
+}
+
+/// libvirt's cpuset syntax (`0-3,6,^2`) as a CPU list.
+fn cpu_set(s: &str) -> Result<Vec<usize>, ImportError> {
+    let bad = || ImportError::Domain(format!("cpuset '{s}'"));
+    let mut cpus = std::collections::BTreeSet::new();
+    let mut excluded = Vec::new();
+    for part in s.split(',').map(str::trim).filter(|p| !p.is_empty()) {
+        if let Some(x) = part.strip_prefix('^') {
+            excluded.push(x.parse::<usize>().map_err(|_| bad())?);
+        } else if let Some((a, b)) = part.split_once('-') {
+            let (a, b): (usize, usize) =
+                (a.parse().map_err(|_| bad())?, b.parse().map_err(|_| bad())?);
+            if b < a || b - a > 4096 {
+                return Err(bad());
+            }
+            cpus.extend(a..=b);
+        } else {
+            cpus.insert(part.parse().map_err(|_| bad())?);
+        }
+    }
+    for x in excluded {
+        cpus.remove(&x);
+    }
+    Ok(cpus.into_iter().collect())
+}
+
+#[cfg(test)]
+mod tests;

@@ -76,6 +76,7 @@ pub fn import(xml: &str) -> Result<Imported, ImportError> {
     for el in domain.children().filter(Node::is_element) {
         match el.tag_name().name() {
             "name" | "devices" | "os" | "iothreadids" | "cputune" => {}
+            "commandline" if el.tag_name().namespace() == Some(QEMU_NS) => {}
             "memory" => config.memory.size_mib = memory_mib(el)?,
             "vcpu" => config.cpus.boot_vcpus = number(el, "<vcpu>")?,
             "iothreads" => {
@@ -168,11 +169,82 @@ pub fn import(xml: &str) -> Result<Imported, ImportError> {
             }
         }
     }
+    if let Some(cmd) = domain
+        .children()
+        .find(|n| n.has_tag_name((QEMU_NS, "commandline")))
+    {
+        qemu_commandline(cmd, domain, &mut config, &mut ignored);
+    }
     config.throttle_groups = groups
         .into_iter()
         .map(|(id, limits)| ThrottleGroupConfig { id, limits })
         .collect();
     Ok(Imported { config, ignored })
+}
+
+/// libvirt's namespace for `<qemu:commandline>`.
+const QEMU_NS: &str = "http://libvirt.org/schemas/domain/qemu/1.0";
+
+/// `<qemu:commandline>`: `-set device.ALIAS.x-data-plane=on` (the old data plane: the
+/// disk gets a dedicated iothread) and `-set device.ALIAS.config-wce=off` (no write
+/// cache shown to the guest: the closest cache mode, said in `ignored`); other
+/// arguments are listed as ignored.
+fn qemu_commandline(cmd: Node, domain: Node, config: &mut VmConfig, ignored: &mut Vec<String>) {
+    let args: Vec<&str> = cmd
+        .children()
+        .filter(|n| n.has_tag_name((QEMU_NS, "arg")))
+        .filter_map(|n| n.attribute("value"))
+        .collect();
+    // Disk aliases (`<alias name='virtio-disk0'/>`) by target dev.
+    let aliases: Vec<(String, String)> = child(domain, "devices")
+        .into_iter()
+        .flat_map(|d| d.children().filter(|n| n.has_tag_name("disk")))
+        .filter_map(|d| {
+            let alias = child(d, "alias")?.attribute("name")?.to_string();
+            let dev = child(d, "target")?.attribute("dev")?.to_string();
+            Some((alias, dev))
+        })
+        .collect();
+    let mut i = 0;
+    while i < args.len() {
+        let (arg, value) = (args[i], args.get(i + 1).copied().unwrap_or(""));
+        let set = (arg == "-set")
+            .then(|| value.strip_prefix("device."))
+            .flatten()
+            .and_then(|rest| rest.split_once('.'))
+            .and_then(|(alias, prop)| Some((alias, prop.split_once('=')?)));
+        let disk = set.and_then(|(alias, _)| {
+            let dev = aliases.iter().find(|(a, _)| a == alias).map(|(_, d)| d)?;
+            config.disks.iter_mut().find(|d| &d.id == dev)
+        });
+        match (set, disk) {
+            (Some((_, ("x-data-plane", "on"))), Some(disk)) => {
+                // Our default: a dedicated iothread for the disk.
+                disk.iothread = None;
+                disk.iothread_vq_mapping = None;
+            }
+            (Some((_, ("config-wce", "off"))), Some(disk)) => {
+                disk.cache = if disk.cache.direct() {
+                    CacheMode::Directsync
+                } else {
+                    CacheMode::Writethrough
+                };
+                ignored.push(format!(
+                    "qemu:commandline config-wce=off on disk {}: no write cache shown; cache set to {} (every write durable)",
+                    disk.id,
+                    serde_json::to_value(disk.cache).ok().and_then(|v| v.as_str().map(str::to_string)).unwrap_or_default()
+                ));
+            }
+            _ => {
+                ignored.push(
+                    format!("qemu:commandline {arg} {value}")
+                        .trim_end()
+                        .to_string(),
+                );
+            }
+        }
+        i += if arg == "-set" { 2 } else { 1 };
+    }
 }
 
 /// One `<disk>`: `None` (listed as ignored) unless a virtio disk.
@@ -215,7 +287,7 @@ fn import_disk(
     let mut disk = DiskConfig::new(dev, path);
     for c in el.children().filter(Node::is_element) {
         match c.tag_name().name() {
-            "source" | "target" => {}
+            "source" | "target" | "alias" => {}
             "driver" => driver(c, &mut disk, ignored)?,
             "readonly" => disk.readonly = true,
             "serial" => disk.serial = c.text().map(|t| t.trim().to_string()),

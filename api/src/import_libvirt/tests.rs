@@ -319,3 +319,58 @@ fn bad_xml_names_its_line_and_column_and_bad_values_their_field() {
     assert!(cpu_set("3-1").is_err() && cpu_set("x").is_err());
     assert_eq!(cpu_set("0-2,^1,5").unwrap(), vec![0, 2, 5]);
 }
+
+#[test]
+fn qemu_commandline_data_plane_and_write_cache_settings_map() {
+    let xml = r#"<domain type='kvm' xmlns:qemu='http://libvirt.org/schemas/domain/qemu/1.0'>
+  <name>old</name>
+  <memory unit='MiB'>512</memory>
+  <vcpu>2</vcpu>
+  <iothreads>1</iothreads>
+  <os><type>hvm</type><kernel>/k</kernel></os>
+  <devices>
+    <disk type='file' device='disk'>
+      <driver name='qemu' type='raw' cache='none' io='native' iothread='1'/>
+      <source file='/img/a.raw'/><target dev='vda' bus='virtio'/>
+      <alias name='virtio-disk0'/>
+      <address type='pci' domain='0x0000' bus='0x00' slot='0x04' function='0x0'/>
+    </disk>
+    <disk type='file' device='disk'>
+      <driver name='qemu' type='raw' cache='writeback'/>
+      <source file='/img/b.raw'/><target dev='vdb' bus='virtio'/>
+      <alias name='virtio-disk1'/>
+    </disk>
+  </devices>
+  <qemu:commandline>
+    <qemu:arg value='-set'/>
+    <qemu:arg value='device.virtio-disk0.x-data-plane=on'/>
+    <qemu:arg value='-set'/>
+    <qemu:arg value='device.virtio-disk1.config-wce=off'/>
+    <qemu:arg value='-set'/>
+    <qemu:arg value='device.virtio-disk1.scsi=off'/>
+    <qemu:arg value='-no-hpet'/>
+  </qemu:commandline>
+</domain>"#;
+    let Imported { config, ignored } = import(xml).unwrap();
+    let (a, b) = (&config.disks[0], &config.disks[1]);
+    assert_eq!(a.iothread, None, "x-data-plane=on: a dedicated iothread");
+    assert_eq!(a.cache, CacheMode::None);
+    assert_eq!(b.cache, CacheMode::Writethrough, "config-wce=off");
+    assert!(
+        ignored
+            .iter()
+            .any(|i| i.contains("config-wce=off on disk vdb")),
+        "the change is said: {ignored:?}"
+    );
+    for want in [
+        "qemu:commandline -set device.virtio-disk1.scsi=off",
+        "qemu:commandline -no-hpet",
+        "devices/disk vda/address",
+    ] {
+        assert!(ignored.iter().any(|i| i == want), "{want} in {ignored:?}");
+    }
+    assert!(
+        !ignored.iter().any(|i| i.contains("x-data-plane")),
+        "{ignored:?}"
+    );
+}

@@ -16,10 +16,12 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use api::client::{Client as Http, Reply};
+use api::client::Reply;
 use blkio::ReqFlags;
 use serde_json::{Value, json};
-use support::{Client, MIB, Server, api_call as call, fill_random, image, wait_one, xorshift};
+use support::{
+    Client, MIB, Server, api_call as call, fill_random, follow_events, image, wait_one, xorshift,
+};
 
 const SIZE: usize = 32 * MIB;
 
@@ -102,22 +104,7 @@ fn mirror_pivots_under_a_frontends_writes_and_the_api_answers() {
         std::os::unix::fs::PermissionsExt::mode(&mode.permissions()) & 0o777,
         0o600
     );
-    let events = Http::new(&api);
-    let (tx, rx) = std::sync::mpsc::channel();
-    std::thread::spawn(move || {
-        let rt = tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()
-            .unwrap();
-        rt.block_on(async {
-            let (_, mut lines) = events.stream("/api/v1/events").await.unwrap();
-            while let Ok(Some(l)) = lines.next_line().await {
-                if tx.send(l).is_err() {
-                    return;
-                }
-            }
-        });
-    });
+    let rx = follow_events(&api);
 
     let info = ok(&api, "GET", "disk.info", None).json();
     assert_eq!(info["disk"]["path"], img.to_str().unwrap(), "{info}");

@@ -19,10 +19,9 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use api::client::Client as Http;
 use blkio::ReqFlags;
 use serde_json::{Value, json};
-use support::{Client, MIB, Server, api_call as call, fill_random, wait_one};
+use support::{Client, MIB, Server, api_call as call, fill_random, follow_events, wait_one};
 use tests::tmpfs::Tmpfs;
 
 /// Writes of 64 KiB, 4 MiB in all, on a tmpfs of 1 MiB.
@@ -79,22 +78,7 @@ fn full_disk_stops_and_resumes(test: &str, qcow2: bool) {
         &["--disk", &disk, "--api-socket", api.to_str().unwrap()],
     );
 
-    let follower = Http::new(&api);
-    let (tx, events) = std::sync::mpsc::channel::<String>();
-    std::thread::spawn(move || {
-        let rt = tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()
-            .unwrap();
-        rt.block_on(async {
-            let (_, mut lines) = follower.stream("/api/v1/events").await.unwrap();
-            while let Ok(Some(l)) = lines.next_line().await {
-                if tx.send(l).is_err() {
-                    return;
-                }
-            }
-        });
-    });
+    let events = follow_events(&api);
 
     // The client writes chunk after chunk, each checked.
     let done = Arc::new(AtomicUsize::new(0));

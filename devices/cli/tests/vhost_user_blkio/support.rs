@@ -231,3 +231,26 @@ pub fn api_call(
         )
         .unwrap_or_else(|e| panic!("{method} {path}: {e}"))
 }
+
+/// The lines of `GET /api/v1/events` on a `--api-socket`, as they come (a thread reads
+/// the stream until the receiver goes).
+#[allow(dead_code)] // For the API tests (disk_api.rs, io_error.rs), which share this file.
+pub fn follow_events(api: &Path) -> std::sync::mpsc::Receiver<String> {
+    let client = api::client::Client::new(api);
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        rt.block_on(async {
+            let (_, mut lines) = client.stream("/api/v1/events").await.unwrap();
+            while let Ok(Some(l)) = lines.next_line().await {
+                if tx.send(l).is_err() {
+                    return;
+                }
+            }
+        });
+    });
+    rx
+}

@@ -48,6 +48,22 @@ fn iothread_id(n: &str) -> String {
     format!("iothread{n}")
 }
 
+/// Our id for a libvirt iothread id attribute (a number: `01` is `1`).
+fn libvirt_iothread(id: Option<&str>) -> Result<String, ImportError> {
+    let id = id.ok_or_else(|| ImportError::Domain("an <iothread> without an id".into()))?;
+    let n: u32 = id
+        .trim()
+        .parse()
+        .map_err(|_| ImportError::Domain(format!("iothread id '{id}' is not a number")))?;
+    Ok(iothread_id(&n.to_string()))
+}
+
+/// The most iothreads an import makes.
+const MAX_IOTHREADS: u32 = 64;
+
+/// The highest CPU number a cpuset may name.
+const MAX_CPU: usize = 8191;
+
 /// Imports the domain XML `xml`.
 pub fn import(xml: &str) -> Result<Imported, ImportError> {
     let doc = Document::parse(xml).map_err(|e| {
@@ -73,14 +89,37 @@ pub fn import(xml: &str) -> Result<Imported, ImportError> {
         "payload": {"kernel": ""},
     }))
     .map_err(|e| ImportError::Domain(e.to_string()))?;
+    let mut seen = std::collections::BTreeSet::new();
     for el in domain.children().filter(Node::is_element) {
-        match el.tag_name().name() {
+        let tag = el.tag_name().name();
+        if !seen.insert((el.tag_name().namespace().unwrap_or(""), tag)) {
+            // Only the first of each is read.
+            ignored.push(format!("{tag} (a second one)"));
+            continue;
+        }
+        match tag {
             "name" | "devices" | "os" | "iothreadids" | "cputune" => {}
             "commandline" if el.tag_name().namespace() == Some(QEMU_NS) => {}
             "memory" => config.memory.size_mib = memory_mib(el)?,
-            "vcpu" => config.cpus.boot_vcpus = number(el, "<vcpu>")?,
+            "vcpu" => {
+                // libvirt boots `current` vCPUs (the text is the most it may hot plug).
+                config.cpus.boot_vcpus = match el.attribute("current") {
+                    Some(c) => c.parse().map_err(|_| {
+                        ImportError::Domain(format!("<vcpu current='{c}'> is not a number"))
+                    })?,
+                    None => number(el, "<vcpu>")?,
+                };
+                if el.attribute("cpuset").is_some() {
+                    ignored.push("vcpu@cpuset".into());
+                }
+            }
             "iothreads" => {
                 let n: u32 = number(el, "<iothreads>")?;
+                if n > MAX_IOTHREADS {
+                    return Err(ImportError::Domain(format!(
+                        "<iothreads>{n}</iothreads>: at most {MAX_IOTHREADS}"
+                    )));
+                }
                 if child(domain, "iothreadids").is_none() {
                     config.iothreads = (1..=n)
                         .map(|i| IoThreadConfig::new(iothread_id(&i.to_string())))
@@ -90,7 +129,14 @@ pub fn import(xml: &str) -> Result<Imported, ImportError> {
             "memoryBacking" => {
                 for m in el.children().filter(Node::is_element) {
                     match m.tag_name().name() {
-                        "hugepages" => config.memory.hugepages = true,
+                        "hugepages" => {
+                            config.memory.hugepages = true;
+                            if m.children().any(|p| p.has_tag_name("page")) {
+                                ignored.push(
+                                    "memoryBacking/hugepages/page (we use 2 MiB pages)".into(),
+                                );
+                            }
+                        }
                         other => ignored.push(format!("memoryBacking/{other}")),
                     }
                 }
@@ -100,10 +146,13 @@ pub fn import(xml: &str) -> Result<Imported, ImportError> {
     }
     if let Some(ids) = child(domain, "iothreadids") {
         for t in ids.children().filter(|n| n.has_tag_name("iothread")) {
-            let id = t
-                .attribute("id")
-                .ok_or_else(|| ImportError::Domain("<iothread> without an id".into()))?;
-            config.iothreads.push(IoThreadConfig::new(iothread_id(id)));
+            let id = libvirt_iothread(t.attribute("id"))?;
+            if config.iothreads.len() >= MAX_IOTHREADS as usize {
+                return Err(ImportError::Domain(format!(
+                    "<iothreadids>: at most {MAX_IOTHREADS} iothreads"
+                )));
+            }
+            config.iothreads.push(IoThreadConfig::new(id));
         }
     }
     if let Some(tune) = child(domain, "cputune") {
@@ -116,7 +165,7 @@ pub fn import(xml: &str) -> Result<Imported, ImportError> {
                     ));
                 };
                 let cpus = cpu_set(set)?;
-                let id = iothread_id(id);
+                let id = libvirt_iothread(Some(id))?;
                 match config.iothreads.iter_mut().find(|t| t.id == id) {
                     Some(t) => t.cpu_affinity = cpus,
                     None => ignored.push(format!("cputune/iothreadpin: no iothread {id}")),
@@ -151,8 +200,14 @@ pub fn import(xml: &str) -> Result<Imported, ImportError> {
             } else if el.has_tag_name("serial")
                 && matches!(el.attribute("type"), Some("file" | "unix"))
                 && config.serial.mode == SerialMode::Null
+                && child(el, "target")
+                    .and_then(|t| t.attribute("port"))
+                    .is_none_or(|p| p == "0")
+                && child(el, "source")
+                    .and_then(|s| s.attribute("mode"))
+                    .is_none_or(|m| m == "bind")
             {
-                // The first serial port, to a file or a Unix socket (COM1).
+                // The first serial port (COM1), to a file or a Unix socket we listen on.
                 let source = child(el, "source").and_then(|s| s.attribute("path"));
                 let Some(path) = source else {
                     ignored.push("devices/serial: no <source path=>".into());
@@ -190,11 +245,13 @@ const QEMU_NS: &str = "http://libvirt.org/schemas/domain/qemu/1.0";
 /// cache shown to the guest: the closest cache mode, said in `ignored`); other
 /// arguments are listed as ignored.
 fn qemu_commandline(cmd: Node, domain: Node, config: &mut VmConfig, ignored: &mut Vec<String>) {
-    let args: Vec<&str> = cmd
-        .children()
-        .filter(|n| n.has_tag_name((QEMU_NS, "arg")))
-        .filter_map(|n| n.attribute("value"))
-        .collect();
+    let mut args: Vec<&str> = Vec::new();
+    for n in cmd.children().filter(Node::is_element) {
+        match (n.tag_name().name(), n.attribute("value")) {
+            ("arg", Some(v)) => args.push(v),
+            (other, _) => ignored.push(format!("qemu:commandline/{other}")),
+        }
+    }
     // Disk aliases (`<alias name='virtio-disk0'/>`) by target dev.
     let aliases: Vec<(String, String)> = child(domain, "devices")
         .into_iter()
@@ -255,8 +312,13 @@ fn import_disk(
 ) -> Result<Option<DiskConfig>, ImportError> {
     let device = el.attribute("device").unwrap_or("disk");
     let target = child(el, "target");
-    let dev = target.and_then(|t| t.attribute("dev")).unwrap_or("disk");
+    let dev = target.and_then(|t| t.attribute("dev")).unwrap_or("");
     let bus = target.and_then(|t| t.attribute("bus")).unwrap_or("");
+    if device == "disk" && bus == "virtio" && dev.is_empty() {
+        return Err(ImportError::Domain(
+            "a virtio <disk> without <target dev=>".into(),
+        ));
+    }
     if device != "disk" || bus != "virtio" {
         ignored.push(format!(
             "devices/disk {dev}: device='{device}' bus='{bus}' (only virtio disks)"
@@ -268,7 +330,14 @@ fn import_disk(
     let path = match (kind, source) {
         ("file", Some(s)) => s.attribute("file").map(str::to_string),
         ("block", Some(s)) => s.attribute("dev").map(str::to_string),
-        ("network", Some(s)) if s.attribute("protocol") == Some("nbd") => Some(nbd_uri(s)?),
+        ("network", Some(s)) if s.attribute("protocol") == Some("nbd") => {
+            if s.attribute("tls") == Some("yes") {
+                return Err(ImportError::Domain(format!(
+                    "disk {dev}: NBD over TLS is not supported"
+                )));
+            }
+            Some(nbd_uri(s)?)
+        }
         ("network", Some(s)) => {
             ignored.push(format!(
                 "devices/disk {dev}: network protocol {:?} (only nbd)",
@@ -285,6 +354,13 @@ fn import_disk(
         return Ok(None);
     };
     let mut disk = DiskConfig::new(dev, path);
+    if let Some(r) = source.and_then(|s| child(s, "reconnect")) {
+        let v = r.attribute("delay").unwrap_or("");
+        disk.reconnect_delay = Some(
+            v.parse()
+                .map_err(|_| ImportError::Domain(format!("disk {dev}: reconnect delay='{v}'")))?,
+        );
+    }
     for c in el.children().filter(Node::is_element) {
         match c.tag_name().name() {
             "source" | "target" | "alias" => {}
@@ -299,22 +375,31 @@ fn import_disk(
 }
 
 /// `<source protocol='nbd' name='EXPORT'><host name= port=/>` or `<host transport='unix'
-/// socket=/>` as our NBD URI.
+/// socket=/>` as our NBD URI (escaped as the NBD URI format wants).
 fn nbd_uri(source: Node) -> Result<String, ImportError> {
-    let export = source.attribute("name").unwrap_or("");
+    use block::nbd::{NbdAddress, NbdUri};
+    let export = source.attribute("name").unwrap_or("").to_string();
     let host = child(source, "host")
         .ok_or_else(|| ImportError::Domain("an nbd <source> without a <host>".into()))?;
-    if host.attribute("transport") == Some("unix") {
+    let address = if host.attribute("transport") == Some("unix") {
         let socket = host
             .attribute("socket")
             .ok_or_else(|| ImportError::Domain("a unix nbd <host> without socket=".into()))?;
-        return Ok(format!("nbd+unix:///{export}?socket={socket}"));
-    }
-    let name = host
-        .attribute("name")
-        .ok_or_else(|| ImportError::Domain("an nbd <host> without name=".into()))?;
-    let port = host.attribute("port").unwrap_or("10809");
-    Ok(format!("nbd://{name}:{port}/{export}"))
+        NbdAddress::Unix(socket.into())
+    } else {
+        let name = host
+            .attribute("name")
+            .ok_or_else(|| ImportError::Domain("an nbd <host> without name=".into()))?;
+        let port = host.attribute("port").unwrap_or("10809");
+        let port = port
+            .parse()
+            .map_err(|_| ImportError::Domain(format!("nbd port '{port}'")))?;
+        NbdAddress::Tcp {
+            host: name.trim_matches(|c| c == '[' || c == ']').to_string(),
+            port,
+        }
+    };
+    Ok(NbdUri { address, export }.to_string())
 }
 
 /// `<driver>`'s attributes and `<iothreads>` child on `disk`.
@@ -329,7 +414,10 @@ fn driver(d: Node, disk: &mut DiskConfig, ignored: &mut Vec<String>) -> Result<(
                     .parse::<ImageFormat>()
                     .map_err(|_| bad("driver type", v))?;
             }
-            "cache" if v == "default" => {}
+            "cache" if v == "default" => ignored.push(format!(
+                "devices/disk {}: cache='default' (the hypervisor's: writeback) taken as ours, none",
+                disk.id
+            )),
             "cache" => {
                 disk.cache =
                     serde_json::from_value(serde_json::json!(v)).map_err(|_| bad("cache", v))?;
@@ -339,11 +427,17 @@ fn driver(d: Node, disk: &mut DiskConfig, ignored: &mut Vec<String>) -> Result<(
                     "native" => AioKind::Native,
                     "threads" => AioKind::Threads,
                     "io_uring" => AioKind::IoUring,
-                    "default" => disk.aio,
+                    "default" => {
+                        ignored.push(format!(
+                            "devices/disk {}: io='default' (QEMU's: threads) taken as ours, io_uring",
+                            disk.id
+                        ));
+                        disk.aio
+                    }
                     _ => return Err(bad("io", v)),
                 };
             }
-            "iothread" => disk.iothread = Some(iothread_id(v)),
+            "iothread" => disk.iothread = Some(libvirt_iothread(Some(v))?),
             "error_policy" => {
                 disk.on_write_error =
                     serde_json::from_value::<WriteErrorPolicy>(serde_json::json!(v))
@@ -366,7 +460,7 @@ fn driver(d: Node, disk: &mut DiskConfig, ignored: &mut Vec<String>) -> Result<(
             other => ignored.push(format!("devices/disk {}/driver@{other}", disk.id)),
         }
     }
-    if disk.cache == CacheMode::Writeback && disk.aio == AioKind::Native {
+    if !disk.cache.direct() && disk.aio == AioKind::Native && !disk.is_nbd() {
         // QEMU's `io=native` needs O_DIRECT too; libvirt would have refused it.
         return Err(ImportError::Domain(format!(
             "disk {}: io='native' needs cache='none' or 'directsync'",
@@ -376,7 +470,7 @@ fn driver(d: Node, disk: &mut DiskConfig, ignored: &mut Vec<String>) -> Result<(
     if let Some(threads) = child(d, "iothreads") {
         let mut mapping = Vec::new();
         for t in threads.children().filter(|n| n.has_tag_name("iothread")) {
-            let id = t.attribute("id").unwrap_or("");
+            let id = libvirt_iothread(t.attribute("id"))?;
             let vqs = t
                 .children()
                 .filter(|n| n.has_tag_name("queue"))
@@ -385,12 +479,16 @@ fn driver(d: Node, disk: &mut DiskConfig, ignored: &mut Vec<String>) -> Result<(
                     v.parse::<u16>().map_err(|_| bad("queue id", v))
                 })
                 .collect::<Result<Vec<_>, _>>()?;
-            mapping.push(VqMapping {
-                iothread: iothread_id(id),
-                vqs,
-            });
+            mapping.push(VqMapping { iothread: id, vqs });
         }
-        if d.attribute("queues").is_none() {
+        if mapping.iter().all(|m| m.vqs.is_empty()) && !mapping.is_empty() {
+            // No <queue> given: libvirt spreads the queues over the iothreads in turn.
+            let n = mapping.len();
+            for q in 0..disk.num_queues {
+                mapping[usize::from(q) % n].vqs.push(q);
+            }
+            mapping.retain(|m| !m.vqs.is_empty());
+        } else if d.attribute("queues").is_none() {
             // Every queue the mapping names exists.
             let top = mapping.iter().flat_map(|m| m.vqs.iter()).max().copied();
             disk.num_queues = top.map_or(disk.num_queues, |q| q.saturating_add(1));
@@ -427,7 +525,18 @@ fn iotune(
     }
     match group {
         Some(g) => {
-            groups.insert(g.clone(), limits);
+            // One group's limits, given on each of its disks: they must agree (a disk
+            // with none only joins).
+            let entry = groups.entry(g.clone()).or_default();
+            if limits != ThrottleLimits::default() {
+                if *entry != ThrottleLimits::default() && *entry != limits {
+                    return Err(ImportError::Domain(format!(
+                        "disk {}: throttle group {g} has other limits on another disk",
+                        disk.id
+                    )));
+                }
+                *entry = limits;
+            }
             disk.throttle_group = Some(g);
         }
         None => disk.throttle = Some(limits),
@@ -481,16 +590,22 @@ fn number<T: std::str::FromStr>(el: Node, what: &str) -> Result<T, ImportError> 
 fn memory_mib(el: Node) -> Result<u64, ImportError> {
     let n: u64 = number(el, "<memory>")?;
     let unit = el.attribute("unit").unwrap_or("KiB");
-    let bytes_per: u64 = match unit {
+    // libvirt's unit names, any case: a bare letter or `?iB` is a power of 1024, `?B`
+    // a power of 1000.
+    let bytes_per: u64 = match unit.to_ascii_lowercase().as_str() {
         "b" | "bytes" => 1,
-        "KB" => 1000,
-        "k" | "KiB" => 1 << 10,
-        "MB" => 1_000_000,
-        "M" | "MiB" => 1 << 20,
-        "GB" => 1_000_000_000,
-        "G" | "GiB" => 1 << 30,
-        "TB" => 1_000_000_000_000,
-        "T" | "TiB" => 1 << 40,
+        "kb" => 1000,
+        "k" | "kib" => 1 << 10,
+        "mb" => 1_000_000,
+        "m" | "mib" => 1 << 20,
+        "gb" => 1_000_000_000,
+        "g" | "gib" => 1 << 30,
+        "tb" => 1_000_000_000_000,
+        "t" | "tib" => 1 << 40,
+        "pb" => 1_000_000_000_000_000,
+        "p" | "pib" => 1 << 50,
+        "eb" => 1_000_000_000_000_000_000,
+        "e" | "eib" => 1 << 60,
         _ => return Err(ImportError::Domain(format!("<memory unit='{unit}'>"))),
     };
     n.checked_mul(bytes_per)
@@ -509,16 +624,23 @@ fn cpu_set(s: &str) -> Result<Vec<usize>, ImportError> {
         } else if let Some((a, b)) = part.split_once('-') {
             let (a, b): (usize, usize) =
                 (a.parse().map_err(|_| bad())?, b.parse().map_err(|_| bad())?);
-            if b < a || b - a > 4096 {
+            if b < a || b > MAX_CPU {
                 return Err(bad());
             }
             cpus.extend(a..=b);
         } else {
-            cpus.insert(part.parse().map_err(|_| bad())?);
+            let c: usize = part.parse().map_err(|_| bad())?;
+            if c > MAX_CPU {
+                return Err(bad());
+            }
+            cpus.insert(c);
         }
     }
     for x in excluded {
         cpus.remove(&x);
+    }
+    if cpus.is_empty() {
+        return Err(ImportError::Domain(format!("cpuset '{s}' names no CPU")));
     }
     Ok(cpus.into_iter().collect())
 }

@@ -407,8 +407,10 @@ fn run(cli: Cli) -> Result<(), Failure> {
         } => {
             let xml = read_input(file)?;
             let imported = api::import_libvirt::import(&xml).map_err(|e| format!("{file}: {e}"))?;
-            for i in &imported.ignored {
-                eprintln!("vmctl: ignored: {i}");
+            if !*strict {
+                for i in &imported.ignored {
+                    eprintln!("vmctl: ignored: {i}");
+                }
             }
             if *strict && !imported.ignored.is_empty() {
                 return Err(Failure(

@@ -374,3 +374,117 @@ fn qemu_commandline_data_plane_and_write_cache_settings_map() {
         "{ignored:?}"
     );
 }
+
+/// What a reviewer found libvirt to mean, each checked.
+#[test]
+fn libvirt_semantics_the_review_named() {
+    let domain = |body: &str| {
+        format!(
+            "<domain type='kvm' xmlns:qemu='http://libvirt.org/schemas/domain/qemu/1.0'>\
+             <name>r</name><os><kernel>/k</kernel></os>{body}</domain>"
+        )
+    };
+    // `current` vCPUs boot; units in any case; the vCPU cpuset is said.
+    let c = import(&domain(
+        "<vcpu current='2' cpuset='0-3'>8</vcpu><memory unit='g'>1</memory>",
+    ))
+    .unwrap();
+    assert_eq!(
+        (c.config.cpus.boot_vcpus, c.config.memory.size_mib),
+        (2, 1024)
+    );
+    assert!(
+        c.ignored.contains(&"vcpu@cpuset".to_string()),
+        "{:?}",
+        c.ignored
+    );
+    // Absurd iothread counts and cpusets are refused, not built.
+    assert!(import(&domain("<iothreads>4294967295</iothreads>")).is_err());
+    assert!(cpu_set("0-99999999").is_err() && cpu_set("^1").is_err());
+    // Iothreads without <queue> take the queues in turn; ids are numbers.
+    let disk = |driver: &str, extra: &str| {
+        domain(&format!(
+            "<iothreads>2</iothreads><devices><disk type='file' device='disk'>{driver}\
+             <source file='/a'/><target dev='vda' bus='virtio'/>{extra}</disk></devices>"
+        ))
+    };
+    let c = import(&disk(
+        "<driver name='qemu' queues='4'><iothreads><iothread id='01'/><iothread id='2'/>\
+         </iothreads></driver>",
+        "",
+    ))
+    .unwrap();
+    let m = c.config.disks[0].iothread_vq_mapping.clone().unwrap();
+    assert_eq!(
+        m.iter()
+            .map(|m| (m.iothread.as_str(), m.vqs.clone()))
+            .collect::<Vec<_>>(),
+        [("iothread1", vec![0, 2]), ("iothread2", vec![1, 3])]
+    );
+    // io='native' needs O_DIRECT whatever the cache mode.
+    assert!(import(&disk("<driver cache='writethrough' io='native'/>", "")).is_err());
+    // A virtio disk needs a target name.
+    let nameless = domain(
+        "<devices><disk type='file' device='disk'><source file='/a'/>\
+         <target bus='virtio'/></disk></devices>",
+    );
+    assert!(import(&nameless).is_err());
+    // NBD: the export name escaped, TLS refused, the reconnect delay kept.
+    let nbd = |attrs: &str, inner: &str| {
+        domain(&format!(
+            "<devices><disk type='network' device='disk'>\
+             <source protocol='nbd' name='a?b%c' {attrs}><host name='h'/>{inner}</source>\
+             <target dev='vda' bus='virtio'/></disk></devices>"
+        ))
+    };
+    let c = import(&nbd("", "<reconnect delay='30'/>")).unwrap();
+    let d = &c.config.disks[0];
+    let uri: block::nbd::NbdUri = d.path.to_str().unwrap().parse().unwrap();
+    assert_eq!(uri.export, "a?b%c", "{}", d.path.display());
+    assert_eq!(d.reconnect_delay, Some(30));
+    assert!(import(&nbd("tls='yes'", "")).is_err());
+    // One throttle group's limits on two disks must agree; a disk may just join.
+    let grouped = |a: &str, b: &str| {
+        domain(&format!(
+            "<devices>\
+             <disk type='file' device='disk'><source file='/a'/><target dev='vda' bus='virtio'/>\
+             <iotune>{a}<group_name>g</group_name></iotune></disk>\
+             <disk type='file' device='disk'><source file='/b'/><target dev='vdb' bus='virtio'/>\
+             <iotune>{b}<group_name>g</group_name></iotune></disk></devices>"
+        ))
+    };
+    let c = import(&grouped("<total_iops_sec>100</total_iops_sec>", "")).unwrap();
+    assert_eq!(c.config.throttle_groups[0].limits.iops_total, 100);
+    assert!(
+        import(&grouped(
+            "<total_iops_sec>100</total_iops_sec>",
+            "<total_iops_sec>200</total_iops_sec>"
+        ))
+        .is_err()
+    );
+    // A serial port the VM would connect out from, or COM2, is not ours: said.
+    let c = import(&domain(
+        "<devices><serial type='unix'><source mode='connect' path='/s'/></serial></devices>",
+    ))
+    .unwrap();
+    assert_eq!(c.config.serial.mode, SerialMode::Null);
+    assert!(
+        c.ignored.contains(&"devices/serial".to_string()),
+        "{:?}",
+        c.ignored
+    );
+    // Second elements and qemu:env are said, not dropped.
+    let c = import(&domain(
+        "<vcpu>1</vcpu><vcpu>2</vcpu>\
+         <qemu:commandline><qemu:env name='X' value='1'/></qemu:commandline>",
+    ))
+    .unwrap();
+    assert_eq!(c.config.cpus.boot_vcpus, 1);
+    for want in ["vcpu (a second one)", "qemu:commandline/env"] {
+        assert!(
+            c.ignored.iter().any(|i| i == want),
+            "{want} in {:?}",
+            c.ignored
+        );
+    }
+}

@@ -289,7 +289,7 @@ fn qemu_commandline(cmd: Node, domain: Node, config: &mut VmConfig, ignored: &mu
                 ignored.push(format!(
                     "qemu:commandline config-wce=off on disk {}: no write cache shown; cache set to {} (every write durable)",
                     disk.id,
-                    serde_json::to_value(disk.cache).ok().and_then(|v| v.as_str().map(str::to_string)).unwrap_or_default()
+                    disk.cache
                 ));
             }
             _ => {
@@ -419,8 +419,7 @@ fn driver(d: Node, disk: &mut DiskConfig, ignored: &mut Vec<String>) -> Result<(
                 disk.id
             )),
             "cache" => {
-                disk.cache =
-                    serde_json::from_value(serde_json::json!(v)).map_err(|_| bad("cache", v))?;
+                disk.cache = v.parse::<CacheMode>().map_err(|_| bad("cache", v))?;
             }
             "io" => {
                 disk.aio = match v {

@@ -98,6 +98,8 @@ pub struct Qcow2Engine {
     direct: Vec<Option<(u64, tokio::sync::OwnedRwLockReadGuard<()>)>>,
     direct_free: Vec<usize>,
     direct_live: usize,
+    /// The image file's offset alignment (O_DIRECT), for the direct path.
+    file_align: u64,
 }
 
 impl Qcow2Engine {
@@ -115,6 +117,10 @@ impl Qcow2Engine {
         let notifier = notifier_or_new(notifier).map_err(setup)?;
         let engines = Engines::new(*options, &notifier, image.files())?;
         let cluster_bits = image.cluster_bits;
+        let file_align = image
+            .files()
+            .first()
+            .map_or(1, |f| u64::from(f.offset_align().max(1)));
         Ok(Qcow2Engine {
             image,
             engines,
@@ -132,6 +138,7 @@ impl Qcow2Engine {
             direct: Vec::new(),
             direct_free: Vec::new(),
             direct_live: 0,
+            file_align,
         })
     }
 
@@ -158,11 +165,7 @@ impl Qcow2Engine {
         };
         // O_DIRECT: clusters smaller than the file's alignment can put an aligned guest
         // range at a misaligned place in the file; imago's path handles that.
-        let align = self
-            .image
-            .files()
-            .first()
-            .map_or(1, |f| u64::from(f.offset_align().max(1)));
+        let align = self.file_align;
         if host % align != 0 || len % align != 0 {
             return false;
         }

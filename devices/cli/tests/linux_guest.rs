@@ -63,6 +63,23 @@ fn setup(test: &str, prefix: &str) -> Option<(Tools, Initramfs, tempfile::TempDi
     Some((tools, initramfs, dir))
 }
 
+/// `vhost-user-blk` serving one queue of `disk` (`key=value`) on `dir/vu.sock`, with
+/// its API on `dir/api.sock` (returned).
+fn backend_with_api(dir: &Path, disk: &str) -> (BackendProcess, std::path::PathBuf) {
+    let socket = dir.join("vu.sock");
+    let api = dir.join("api.sock");
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_vhost-user-blk"));
+    cmd.arg("--socket")
+        .arg(&socket)
+        .arg("--disk")
+        .arg(disk)
+        .arg("--api-socket")
+        .arg(&api);
+    let backend = BackendProcess::spawn(cmd, socket, 1, Duration::from_secs(10))
+        .unwrap_or_else(|e| panic!("vhost-user-blk: {e}"));
+    (backend, api)
+}
+
 /// What the guest's disk is.
 #[derive(Clone, Copy, PartialEq, Eq)]
 enum Backing {
@@ -216,21 +233,14 @@ fn fio_verifies_through_a_mirror_and_pivot_under_the_guests_writes() {
     std::fs::File::create(&image)
         .and_then(|f| f.set_len(disk_size))
         .unwrap();
-    let socket = dir.path().join("vu.sock");
-    let api = dir.path().join("api.sock");
-    let mut cmd = Command::new(env!("CARGO_BIN_EXE_vhost-user-blk"));
     // A throttle keeps the guest writing long enough for the mirror to run and pivot.
-    cmd.arg("--socket")
-        .arg(&socket)
-        .arg("--disk")
-        .arg(format!(
+    let (mut backend, api) = backend_with_api(
+        dir.path(),
+        &format!(
             "id=vda,path={},cache=none,aio=io_uring,num_queues=1,throttle.iops_total=1500",
             image.display()
-        ))
-        .arg("--api-socket")
-        .arg(&api);
-    let mut backend = BackendProcess::spawn(cmd, socket, 1, Duration::from_secs(10))
-        .unwrap_or_else(|e| panic!("vhost-user-blk: {e}"));
+        ),
+    );
     let pid = backend.pid();
 
     // The host side: once fio writes, mirror; once ready and more writes came, pivot.
@@ -354,21 +364,14 @@ fn fio_sees_no_error_when_the_disk_fills_and_the_host_resumes_it() {
     std::fs::File::create(&image)
         .and_then(|f| f.set_len(64 << 20))
         .unwrap();
-    let socket = dir.path().join("vu.sock");
-    let api = dir.path().join("api.sock");
-    let mut cmd = Command::new(env!("CARGO_BIN_EXE_vhost-user-blk"));
     // tmpfs has no O_DIRECT.
-    cmd.arg("--socket")
-        .arg(&socket)
-        .arg("--disk")
-        .arg(format!(
+    let (mut backend, api) = backend_with_api(
+        dir.path(),
+        &format!(
             "id=vda,path={},cache=writeback,aio=io_uring,num_queues=1",
             image.display()
-        ))
-        .arg("--api-socket")
-        .arg(&api);
-    let mut backend = BackendProcess::spawn(cmd, socket, 1, Duration::from_secs(10))
-        .unwrap_or_else(|e| panic!("vhost-user-blk: {e}"));
+        ),
+    );
 
     // The host side: once the disk stops, grow the tmpfs and resume it.
     let host = {

@@ -12,7 +12,7 @@ pub mod disk_api;
 pub mod events;
 pub mod fake;
 pub mod handover;
-pub mod import_libvirt;
+pub mod import;
 pub mod job_routes;
 pub mod kvm_backend;
 pub mod metrics;

@@ -135,6 +135,26 @@ enum Cmd {
         #[arg(long)]
         create: bool,
     },
+    /// Turn a QEMU command line into our VM config: prints the JSON (or, with
+    /// `--create`, creates the VM); what it leaves out is listed on standard error.
+    ///
+    /// Give the command line after `--` (`vmctl import-qemu -- qemu-system-x86_64 -m 2G
+    /// ...`), or with `--file`: NUL-separated as in `/proc/PID/cmdline` of a running
+    /// QEMU, or shell words (quotes and `\` line continuations as a shell reads them).
+    ImportQemu {
+        /// Read the command line from this file (`-`: standard input).
+        #[arg(long, conflicts_with = "args")]
+        file: Option<String>,
+        /// Anything left out is an error.
+        #[arg(long)]
+        strict: bool,
+        /// Create the VM on the service instead of printing the JSON.
+        #[arg(long)]
+        create: bool,
+        /// The QEMU command line, after `--`.
+        #[arg(last = true, required_unless_present = "file")]
+        args: Vec<String>,
+    },
     /// Print shell completions.
     Completions {
         /// The shell.
@@ -392,6 +412,52 @@ fn read_input(file: &str) -> Result<String, Failure> {
     Ok(text)
 }
 
+/// A request to the service: method, path, body.
+type Request = (&'static str, String, Option<Vec<u8>>);
+
+/// What an import does next: with `create`, the `vm.create` request; else the JSON is
+/// printed (and `None` returned). What it left out goes to standard error, or fails
+/// the command with `strict`.
+fn import_request(
+    source: &str,
+    imported: api::import::Imported,
+    strict: bool,
+    create: bool,
+) -> Result<Option<Request>, Failure> {
+    if strict && !imported.ignored.is_empty() {
+        return Err(Failure(
+            format!(
+                "{source}: {} item(s) not supported (--strict)",
+                imported.ignored.len()
+            ),
+            imported.ignored,
+        ));
+    }
+    for i in &imported.ignored {
+        eprintln!("vmctl: ignored: {i}");
+    }
+    let json = serde_json::to_vec_pretty(&imported.config)?;
+    if !create {
+        println!("{}", String::from_utf8_lossy(&json));
+        return Ok(None);
+    }
+    Ok(Some(("PUT", "vm.create".into(), Some(json))))
+}
+
+/// A command line read from a file: NUL-separated words (`/proc/PID/cmdline`), or
+/// shell words.
+fn command_words(text: &str) -> Result<Vec<String>, String> {
+    if text.contains('\0') {
+        return Ok(text
+            .split('\0')
+            .filter(|w| !w.is_empty())
+            .map(str::to_string)
+            .collect());
+    }
+    shlex::split(&text.replace("\\\n", ""))
+        .ok_or_else(|| "unbalanced quotes or a trailing backslash".to_string())
+}
+
 /// Runs the command of `cli`.
 fn run(cli: Cli) -> Result<(), Failure> {
     let q = query(&cli.id);
@@ -406,27 +472,32 @@ fn run(cli: Cli) -> Result<(), Failure> {
             create,
         } => {
             let xml = read_input(file)?;
-            let imported = api::import_libvirt::import(&xml).map_err(|e| format!("{file}: {e}"))?;
-            if !*strict {
-                for i in &imported.ignored {
-                    eprintln!("vmctl: ignored: {i}");
-                }
+            let imported =
+                api::import::libvirt::import(&xml).map_err(|e| format!("{file}: {e}"))?;
+            match import_request(file, imported, *strict, *create)? {
+                Some(request) => request,
+                None => return Ok(()),
             }
-            if *strict && !imported.ignored.is_empty() {
-                return Err(Failure(
-                    format!(
-                        "{file}: {} element(s) not supported (--strict)",
-                        imported.ignored.len()
-                    ),
-                    imported.ignored,
-                ));
+        }
+        Cmd::ImportQemu {
+            file,
+            strict,
+            create,
+            args,
+        } => {
+            let (source, words) = match file {
+                Some(file) => (
+                    file.as_str(),
+                    command_words(&read_input(file)?).map_err(|e| format!("{file}: {e}"))?,
+                ),
+                None => ("the command line", args.clone()),
+            };
+            let imported =
+                api::import::qemu::import(&words).map_err(|e| format!("{source}: {e}"))?;
+            match import_request(source, imported, *strict, *create)? {
+                Some(request) => request,
+                None => return Ok(()),
             }
-            let json = serde_json::to_vec_pretty(&imported.config)?;
-            if !*create {
-                println!("{}", String::from_utf8_lossy(&json));
-                return Ok(());
-            }
-            ("PUT", "vm.create".into(), Some(json))
         }
         Cmd::Create { file } => (
             "PUT",

@@ -16,32 +16,7 @@ use devices::config::{
 use roxmltree::{Document, Node};
 use vmm::config::{SerialMode, ThrottleGroupConfig, VmConfig};
 
-/// What an import made: the config, and what the domain had that it left out.
-#[derive(Debug)]
-pub struct Imported {
-    /// The VM config.
-    pub config: VmConfig,
-    /// Elements and attributes ignored, one line each (`devices/interface: ...`).
-    pub ignored: Vec<String>,
-}
-
-/// Why an import failed.
-#[derive(Debug, thiserror::Error)]
-pub enum ImportError {
-    /// Not well-formed XML.
-    #[error("bad XML at line {line}, column {column}: {message}")]
-    Xml {
-        /// 1-based line.
-        line: u32,
-        /// 1-based column.
-        column: u32,
-        /// What the parser said.
-        message: String,
-    },
-    /// Well-formed, but not a domain we can import.
-    #[error("{0}")]
-    Domain(String),
-}
+use super::{ImportError, Imported, MAX_IOTHREADS, spread_queues};
 
 /// The `iothread` id we give libvirt's iothread `n`.
 fn iothread_id(n: &str) -> String {
@@ -50,16 +25,13 @@ fn iothread_id(n: &str) -> String {
 
 /// Our id for a libvirt iothread id attribute (a number: `01` is `1`).
 fn libvirt_iothread(id: Option<&str>) -> Result<String, ImportError> {
-    let id = id.ok_or_else(|| ImportError::Domain("an <iothread> without an id".into()))?;
+    let id = id.ok_or_else(|| ImportError::Invalid("an <iothread> without an id".into()))?;
     let n: u32 = id
         .trim()
         .parse()
-        .map_err(|_| ImportError::Domain(format!("iothread id '{id}' is not a number")))?;
+        .map_err(|_| ImportError::Invalid(format!("iothread id '{id}' is not a number")))?;
     Ok(iothread_id(&n.to_string()))
 }
-
-/// The most iothreads an import makes.
-const MAX_IOTHREADS: u32 = 64;
 
 /// The highest CPU number a cpuset may name.
 const MAX_CPU: usize = 8191;
@@ -76,19 +48,19 @@ pub fn import(xml: &str) -> Result<Imported, ImportError> {
     })?;
     let domain = doc.root_element();
     if domain.tag_name().name() != "domain" {
-        return Err(ImportError::Domain(format!(
+        return Err(ImportError::Invalid(format!(
             "the root element is <{}>, not <domain>",
             domain.tag_name().name()
         )));
     }
     let mut ignored = Vec::new();
     let name = child_text(domain, "name")
-        .ok_or_else(|| ImportError::Domain("the domain has no <name>".into()))?;
+        .ok_or_else(|| ImportError::Invalid("the domain has no <name>".into()))?;
     let mut config: VmConfig = serde_json::from_value(serde_json::json!({
         "id": name,
         "payload": {"kernel": ""},
     }))
-    .map_err(|e| ImportError::Domain(e.to_string()))?;
+    .map_err(|e| ImportError::Invalid(e.to_string()))?;
     let mut seen = std::collections::BTreeSet::new();
     for el in domain.children().filter(Node::is_element) {
         let tag = el.tag_name().name();
@@ -105,7 +77,7 @@ pub fn import(xml: &str) -> Result<Imported, ImportError> {
                 // libvirt boots `current` vCPUs (the text is the most it may hot plug).
                 config.cpus.boot_vcpus = match el.attribute("current") {
                     Some(c) => c.parse().map_err(|_| {
-                        ImportError::Domain(format!("<vcpu current='{c}'> is not a number"))
+                        ImportError::Invalid(format!("<vcpu current='{c}'> is not a number"))
                     })?,
                     None => number(el, "<vcpu>")?,
                 };
@@ -116,7 +88,7 @@ pub fn import(xml: &str) -> Result<Imported, ImportError> {
             "iothreads" => {
                 let n: u32 = number(el, "<iothreads>")?;
                 if n > MAX_IOTHREADS {
-                    return Err(ImportError::Domain(format!(
+                    return Err(ImportError::Invalid(format!(
                         "<iothreads>{n}</iothreads>: at most {MAX_IOTHREADS}"
                     )));
                 }
@@ -148,7 +120,7 @@ pub fn import(xml: &str) -> Result<Imported, ImportError> {
         for t in ids.children().filter(|n| n.has_tag_name("iothread")) {
             let id = libvirt_iothread(t.attribute("id"))?;
             if config.iothreads.len() >= MAX_IOTHREADS as usize {
-                return Err(ImportError::Domain(format!(
+                return Err(ImportError::Invalid(format!(
                     "<iothreadids>: at most {MAX_IOTHREADS} iothreads"
                 )));
             }
@@ -160,7 +132,7 @@ pub fn import(xml: &str) -> Result<Imported, ImportError> {
             if el.has_tag_name("iothreadpin") {
                 let (Some(id), Some(set)) = (el.attribute("iothread"), el.attribute("cpuset"))
                 else {
-                    return Err(ImportError::Domain(
+                    return Err(ImportError::Invalid(
                         "<iothreadpin> needs iothread= and cpuset=".into(),
                     ));
                 };
@@ -315,7 +287,7 @@ fn import_disk(
     let dev = target.and_then(|t| t.attribute("dev")).unwrap_or("");
     let bus = target.and_then(|t| t.attribute("bus")).unwrap_or("");
     if device == "disk" && bus == "virtio" && dev.is_empty() {
-        return Err(ImportError::Domain(
+        return Err(ImportError::Invalid(
             "a virtio <disk> without <target dev=>".into(),
         ));
     }
@@ -332,7 +304,7 @@ fn import_disk(
         ("block", Some(s)) => s.attribute("dev").map(str::to_string),
         ("network", Some(s)) if s.attribute("protocol") == Some("nbd") => {
             if s.attribute("tls") == Some("yes") {
-                return Err(ImportError::Domain(format!(
+                return Err(ImportError::Invalid(format!(
                     "disk {dev}: NBD over TLS is not supported"
                 )));
             }
@@ -358,7 +330,7 @@ fn import_disk(
         let v = r.attribute("delay").unwrap_or("");
         disk.reconnect_delay = Some(
             v.parse()
-                .map_err(|_| ImportError::Domain(format!("disk {dev}: reconnect delay='{v}'")))?,
+                .map_err(|_| ImportError::Invalid(format!("disk {dev}: reconnect delay='{v}'")))?,
         );
     }
     for c in el.children().filter(Node::is_element) {
@@ -380,20 +352,20 @@ fn nbd_uri(source: Node) -> Result<String, ImportError> {
     use block::nbd::{NbdAddress, NbdUri};
     let export = source.attribute("name").unwrap_or("").to_string();
     let host = child(source, "host")
-        .ok_or_else(|| ImportError::Domain("an nbd <source> without a <host>".into()))?;
+        .ok_or_else(|| ImportError::Invalid("an nbd <source> without a <host>".into()))?;
     let address = if host.attribute("transport") == Some("unix") {
         let socket = host
             .attribute("socket")
-            .ok_or_else(|| ImportError::Domain("a unix nbd <host> without socket=".into()))?;
+            .ok_or_else(|| ImportError::Invalid("a unix nbd <host> without socket=".into()))?;
         NbdAddress::Unix(socket.into())
     } else {
         let name = host
             .attribute("name")
-            .ok_or_else(|| ImportError::Domain("an nbd <host> without name=".into()))?;
+            .ok_or_else(|| ImportError::Invalid("an nbd <host> without name=".into()))?;
         let port = host.attribute("port").unwrap_or("10809");
         let port = port
             .parse()
-            .map_err(|_| ImportError::Domain(format!("nbd port '{port}'")))?;
+            .map_err(|_| ImportError::Invalid(format!("nbd port '{port}'")))?;
         NbdAddress::Tcp {
             host: name.trim_matches(|c| c == '[' || c == ']').to_string(),
             port,
@@ -404,7 +376,7 @@ fn nbd_uri(source: Node) -> Result<String, ImportError> {
 
 /// `<driver>`'s attributes and `<iothreads>` child on `disk`.
 fn driver(d: Node, disk: &mut DiskConfig, ignored: &mut Vec<String>) -> Result<(), ImportError> {
-    let bad = |what: &str, v: &str| ImportError::Domain(format!("disk {}: {what}='{v}'", disk.id));
+    let bad = |what: &str, v: &str| ImportError::Invalid(format!("disk {}: {what}='{v}'", disk.id));
     for a in d.attributes() {
         let v = a.value();
         match a.name() {
@@ -461,7 +433,7 @@ fn driver(d: Node, disk: &mut DiskConfig, ignored: &mut Vec<String>) -> Result<(
     }
     if !disk.cache.direct() && disk.aio == AioKind::Native && !disk.is_nbd() {
         // QEMU's `io=native` needs O_DIRECT too; libvirt would have refused it.
-        return Err(ImportError::Domain(format!(
+        return Err(ImportError::Invalid(format!(
             "disk {}: io='native' needs cache='none' or 'directsync'",
             disk.id
         )));
@@ -480,13 +452,10 @@ fn driver(d: Node, disk: &mut DiskConfig, ignored: &mut Vec<String>) -> Result<(
                 .collect::<Result<Vec<_>, _>>()?;
             mapping.push(VqMapping { iothread: id, vqs });
         }
-        if mapping.iter().all(|m| m.vqs.is_empty()) && !mapping.is_empty() {
+        let spread = mapping.iter().all(|m| m.vqs.is_empty());
+        if spread {
             // No <queue> given: libvirt spreads the queues over the iothreads in turn.
-            let n = mapping.len();
-            for q in 0..disk.num_queues {
-                mapping[usize::from(q) % n].vqs.push(q);
-            }
-            mapping.retain(|m| !m.vqs.is_empty());
+            mapping = spread_queues(mapping, disk.num_queues);
         } else if d.attribute("queues").is_none() {
             // Every queue the mapping names exists.
             let top = mapping.iter().flat_map(|m| m.vqs.iter()).max().copied();
@@ -519,7 +488,7 @@ fn iotune(
             continue;
         };
         *field = text.parse().map_err(|_| {
-            ImportError::Domain(format!("disk {}: iotune {name}='{text}'", disk.id))
+            ImportError::Invalid(format!("disk {}: iotune {name}='{text}'", disk.id))
         })?;
     }
     match group {
@@ -529,7 +498,7 @@ fn iotune(
             let entry = groups.entry(g.clone()).or_default();
             if limits != ThrottleLimits::default() {
                 if *entry != ThrottleLimits::default() && *entry != limits {
-                    return Err(ImportError::Domain(format!(
+                    return Err(ImportError::Invalid(format!(
                         "disk {}: throttle group {g} has other limits on another disk",
                         disk.id
                     )));
@@ -582,7 +551,7 @@ fn child_text(n: Node, name: &str) -> Option<String> {
 fn number<T: std::str::FromStr>(el: Node, what: &str) -> Result<T, ImportError> {
     let text = el.text().unwrap_or_default().trim();
     text.parse()
-        .map_err(|_| ImportError::Domain(format!("{what} '{text}' is not a number")))
+        .map_err(|_| ImportError::Invalid(format!("{what} '{text}' is not a number")))
 }
 
 /// `<memory unit=>` in MiB (libvirt's default unit is KiB).
@@ -605,16 +574,16 @@ fn memory_mib(el: Node) -> Result<u64, ImportError> {
         "p" | "pib" => 1 << 50,
         "eb" => 1_000_000_000_000_000_000,
         "e" | "eib" => 1 << 60,
-        _ => return Err(ImportError::Domain(format!("<memory unit='{unit}'>"))),
+        _ => return Err(ImportError::Invalid(format!("<memory unit='{unit}'>"))),
     };
     n.checked_mul(bytes_per)
         .map(|b| b.div_ceil(1 << 20))
-        .ok_or_else(|| ImportError::Domain(format!("<memory> {n} {unit} is too large")))
+        .ok_or_else(|| ImportError::Invalid(format!("<memory> {n} {unit} is too large")))
 }
 
 /// libvirt's cpuset syntax (`0-3,6,^2`) as a CPU list.
 fn cpu_set(s: &str) -> Result<Vec<usize>, ImportError> {
-    let bad = || ImportError::Domain(format!("cpuset '{s}'"));
+    let bad = || ImportError::Invalid(format!("cpuset '{s}'"));
     let mut cpus = std::collections::BTreeSet::new();
     let mut excluded = Vec::new();
     for part in s.split(',').map(str::trim).filter(|p| !p.is_empty()) {
@@ -639,7 +608,7 @@ fn cpu_set(s: &str) -> Result<Vec<usize>, ImportError> {
         cpus.remove(&x);
     }
     if cpus.is_empty() {
-        return Err(ImportError::Domain(format!("cpuset '{s}' names no CPU")));
+        return Err(ImportError::Invalid(format!("cpuset '{s}' names no CPU")));
     }
     Ok(cpus.into_iter().collect())
 }

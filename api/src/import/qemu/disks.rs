@@ -1,0 +1,737 @@
+//! QEMU's disks as ours: `-drive if=virtio`, and `-device virtio-blk-*` on a
+//! `-drive if=none` or on a `-blockdev` graph, walked from the device down (throttle,
+//! raw/qcow2, then file/host_device/nbd), with `-set` and `-global` applied first.
+
+use std::collections::{BTreeMap, BTreeSet};
+
+use block::nbd::is_nbd_uri;
+use block::throttle::ThrottleLimits;
+use block::{AioKind, CacheMode, ImageFormat};
+use devices::config::{DiscardMode, DiskConfig, ReadErrorPolicy, VqMapping, WriteErrorPolicy};
+
+use super::super::{ImportError, spread_queues};
+use super::opts::Opts;
+use super::{VIRTIO_BLK_PCI, list_untaken, set_limit};
+
+/// A disk's start on the command line, in order.
+#[derive(Debug)]
+pub enum DiskSource {
+    /// A `-drive` (a disk itself with `if=virtio`; with `if=none`, a device's back end).
+    Drive(Opts),
+    /// A `-device virtio-blk-*`.
+    Device(Opts),
+}
+
+/// The block options of a command line.
+#[derive(Debug, Default)]
+pub struct Graph {
+    /// Drives and devices, in order.
+    pub sources: Vec<DiskSource>,
+    /// `-blockdev` nodes, by position; `names` finds them.
+    nodes: Vec<Opts>,
+    names: BTreeMap<String, usize>,
+    used: BTreeSet<usize>,
+    /// `-global` (driver, property, value).
+    pub globals: Vec<(String, String, String)>,
+}
+
+/// The deepest nodes go this far.
+const MAX_DEPTH: u32 = 16;
+
+/// What the walk found for one disk.
+#[derive(Debug, Default)]
+struct Build {
+    path: Option<String>,
+    format: Option<ImageFormat>,
+    wce: Option<bool>,
+    direct: Option<bool>,
+    no_flush: Option<bool>,
+    aio: Option<AioKind>,
+    readonly: bool,
+    discard: Option<DiscardMode>,
+    throttle: Option<ThrottleLimits>,
+    group: Option<String>,
+    reconnect_delay: Option<u64>,
+    werror: Option<WriteErrorPolicy>,
+    rerror: Option<ReadErrorPolicy>,
+    serial: Option<String>,
+}
+
+fn invalid(s: String) -> ImportError {
+    ImportError::Invalid(s)
+}
+
+impl Graph {
+    /// Adds a `-blockdev` node (it must have a `node-name`, once).
+    pub fn add_node(&mut self, o: Opts) -> Result<(), ImportError> {
+        let name = o
+            .peek("node-name")
+            .ok_or_else(|| invalid("a -blockdev without node-name".into()))?
+            .to_string();
+        if self.names.insert(name.clone(), self.nodes.len()).is_some() {
+            return Err(invalid(format!(
+                "-blockdev node-name={name} is given twice"
+            )));
+        }
+        self.nodes.push(o);
+        Ok(())
+    }
+
+    /// `-set device.ID.PROP=VALUE` (or `drive.ID...`) on the device or drive with that id.
+    pub fn apply_set(&mut self, set: &str, ignored: &mut Vec<String>) -> Result<(), ImportError> {
+        let bad = || invalid(format!("-set {set}: expected GROUP.ID.PROPERTY=VALUE"));
+        let (lhs, value) = set.split_once('=').ok_or_else(bad)?;
+        let (group, rest) = lhs.split_once('.').ok_or_else(bad)?;
+        let (id, prop) = rest.rsplit_once('.').ok_or_else(bad)?;
+        let target = self.sources.iter_mut().find_map(|s| match (s, group) {
+            (DiskSource::Device(o), "device") | (DiskSource::Drive(o), "drive")
+                if o.peek("id") == Some(id) =>
+            {
+                Some(o)
+            }
+            _ => None,
+        });
+        match target {
+            Some(o) => o.set(prop, value, false),
+            None => ignored.push(format!("-set {set} (no virtio disk has that id)")),
+        }
+        Ok(())
+    }
+
+    /// Every virtio disk, in command-line order; `queues` is the PCI devices' default
+    /// queue count (QEMU's: one per vCPU).
+    pub fn disks(
+        &mut self,
+        queues: u16,
+        groups: &mut BTreeMap<String, ThrottleLimits>,
+        ignored: &mut Vec<String>,
+    ) -> Result<Vec<DiskConfig>, ImportError> {
+        let mut disks = Vec::new();
+        let mut used_drives = BTreeSet::new();
+        let mut virtio_drives = 0;
+        for i in 0..self.sources.len() {
+            match &self.sources[i] {
+                DiskSource::Drive(o) => {
+                    match o.peek("if").unwrap_or("ide") {
+                        "none" => continue,
+                        "virtio" => {}
+                        other => {
+                            ignored.push(format!("-drive if={other} (only virtio disks)"));
+                            used_drives.insert(i);
+                            continue;
+                        }
+                    }
+                    used_drives.insert(i);
+                    let mut o = self.take_source(i);
+                    let id = o
+                        .peek("id")
+                        .map_or_else(|| format!("virtio{virtio_drives}"), str::to_string);
+                    virtio_drives += 1;
+                    let mut b = Build::default();
+                    let r = self.drive(&mut o, &mut b, groups, ignored);
+                    self.put_source(i, o);
+                    r?;
+                    let mut disk = b.finish(&id, ignored)?;
+                    disk.num_queues = queues;
+                    disk.validate().map_err(invalid)?;
+                    disks.push(disk);
+                }
+                DiskSource::Device(_) => {
+                    let mut dev = self.take_source(i);
+                    let r = self.device(&mut dev, queues, &mut used_drives, groups, ignored);
+                    self.put_source(i, dev);
+                    disks.push(r?);
+                }
+            }
+        }
+        for (i, s) in self.sources.iter().enumerate() {
+            match s {
+                DiskSource::Drive(o) if !used_drives.contains(&i) => ignored.push(format!(
+                    "-drive id={}: no virtio-blk device uses it",
+                    o.peek("id").unwrap_or("")
+                )),
+                DiskSource::Drive(o) => {
+                    list_untaken(
+                        o,
+                        &format!("-drive id={}", o.peek("id").unwrap_or("")),
+                        ignored,
+                    );
+                }
+                DiskSource::Device(o) => list_untaken(
+                    o,
+                    &format!(
+                        "-device {} id={}",
+                        o.peek("driver").unwrap_or(""),
+                        o.peek("id").unwrap_or("")
+                    ),
+                    ignored,
+                ),
+            }
+        }
+        for (name, &i) in &self.names {
+            if self.used.contains(&i) {
+                list_untaken(
+                    &self.nodes[i],
+                    &format!("-blockdev node-name={name}"),
+                    ignored,
+                );
+            } else {
+                ignored.push(format!(
+                    "-blockdev node-name={name}: no virtio-blk device uses it"
+                ));
+            }
+        }
+        Ok(disks)
+    }
+
+    fn take_source(&mut self, i: usize) -> Opts {
+        match &mut self.sources[i] {
+            DiskSource::Drive(o) | DiskSource::Device(o) => std::mem::take(o),
+        }
+    }
+
+    fn put_source(&mut self, i: usize, back: Opts) {
+        match &mut self.sources[i] {
+            DiskSource::Drive(o) | DiskSource::Device(o) => *o = back,
+        }
+    }
+
+    /// A `-device virtio-blk-*` and the drive or node it names.
+    fn device(
+        &mut self,
+        dev: &mut Opts,
+        queues: u16,
+        used_drives: &mut BTreeSet<usize>,
+        groups: &mut BTreeMap<String, ThrottleLimits>,
+        ignored: &mut Vec<String>,
+    ) -> Result<DiskConfig, ImportError> {
+        let driver = dev.take("driver").unwrap_or_default();
+        for (d, prop, v) in &self.globals {
+            if *d == driver {
+                dev.set(prop, v, true);
+            }
+        }
+        let drive = dev
+            .take("drive")
+            .ok_or_else(|| invalid(format!("-device {driver}: no drive= (an empty disk)")))?;
+        let mut b = Build::default();
+        let drive_at = self.sources.iter().position(
+            |s| matches!(s, DiskSource::Drive(o) if o.peek("id") == Some(drive.as_str())),
+        );
+        if let Some(j) = drive_at {
+            let DiskSource::Drive(o) = &self.sources[j] else {
+                unreachable!("drive_at finds drives")
+            };
+            let kind = o.peek("if").unwrap_or("ide");
+            if kind != "none" {
+                return Err(invalid(format!(
+                    "-drive id={drive}: if={kind} cannot back a -device (use if=none)"
+                )));
+            }
+            if !used_drives.insert(j) {
+                return Err(invalid(format!("-drive id={drive} is used by two devices")));
+            }
+            let mut o = self.take_source(j);
+            o.accept(&["if"]);
+            let r = self.drive(&mut o, &mut b, groups, ignored);
+            self.put_source(j, o);
+            r?;
+        } else if let Some(&n) = self.names.get(&drive) {
+            self.named_node(n, &mut b, 0)?;
+        } else {
+            return Err(invalid(format!(
+                "-device {driver}: drive={drive} names no -drive id= or -blockdev node-name="
+            )));
+        }
+        let id = dev.take("id").unwrap_or_else(|| drive.clone());
+        if let Some(wce) = dev.take("write-cache") {
+            b.wce = match wce.as_str() {
+                "on" => Some(true),
+                "off" => Some(false),
+                "auto" => b.wce,
+                _ => return Err(invalid(format!("disk {id}: write-cache={wce}"))),
+            };
+        }
+        if dev.take_bool("config-wce")? == Some(false) {
+            b.wce = Some(false);
+            ignored.push(format!(
+                "disk {id}: config-wce=off: no write cache shown; every write is made durable"
+            ));
+        }
+        if let Some(v) = dev.take("werror") {
+            b.werror = Some(policy(&id, "werror", &v)?);
+        }
+        if let Some(v) = dev.take("rerror") {
+            b.rerror = Some(policy(&id, "rerror", &v)?);
+        }
+        if let Some(s) = dev.take("serial") {
+            b.serial = Some(s);
+        }
+        if dev.take_bool("discard")? == Some(false) {
+            b.discard = Some(DiscardMode::Ignore);
+            ignored.push(format!(
+                "disk {id}: discard=off: we offer discard and drop it (discard: ignore)"
+            ));
+        }
+        dev.take_bool("scsi")?;
+        let mut disk = b.finish(&id, ignored)?;
+        disk.num_queues = match dev.take_number("num-queues")? {
+            Some(n) => n,
+            None if VIRTIO_BLK_PCI.contains(&driver.as_str()) => queues,
+            None => 1,
+        };
+        if let Some(n) = dev.take_number("queue-size")? {
+            disk.queue_size = n;
+        }
+        // The old data plane (`x-data-plane=on`) gave the disk a thread of its own, as
+        // we do by default when no iothread is named.
+        dev.take_bool("x-data-plane")?;
+        disk.iothread = dev.take("iothread");
+        let mapping = vq_mapping(dev)?;
+        if !mapping.is_empty() {
+            if disk.iothread.is_some() {
+                return Err(invalid(format!(
+                    "disk {id}: iothread= and iothread-vq-mapping are exclusive"
+                )));
+            }
+            disk.iothread_vq_mapping = Some(spread_queues(mapping, disk.num_queues));
+        }
+        disk.validate().map_err(invalid)?;
+        Ok(disk)
+    }
+
+    /// A `-drive`'s options (its `file` a file name, or an inline `file.*` node).
+    fn drive(
+        &mut self,
+        o: &mut Opts,
+        b: &mut Build,
+        groups: &mut BTreeMap<String, ThrottleLimits>,
+        ignored: &mut Vec<String>,
+    ) -> Result<(), ImportError> {
+        let id = o.peek("id").unwrap_or("").to_string();
+        o.accept(&["id", "if", "index"]);
+        if let Some(m) = o.take("media")
+            && m != "disk"
+        {
+            return Err(invalid(format!("-drive id={id}: media={m} is not a disk")));
+        }
+        if let Some(f) = o.take("format") {
+            b.format = Some(format(&f)?);
+        }
+        if o.has_prefix("file.") {
+            self.node(o, "file.", b, 1)?;
+        } else if let Some(f) = o.take("file") {
+            file_name(&f, b)?;
+        } else {
+            return Err(invalid(format!(
+                "-drive id={id}: no file= (an empty drive)"
+            )));
+        }
+        if b.format.is_none() {
+            let local = b.path.as_deref().filter(|p| !is_nbd_uri(p));
+            let probed = probe(local);
+            b.format = Some(probed);
+            ignored.push(format!(
+                "-drive id={id}: no format= (QEMU probes; found {probed}: say format= to be sure)"
+            ));
+        }
+        if let Some(c) = o.take("cache") {
+            let (wce, direct, no_flush) = match c.as_str() {
+                "none" | "off" => (true, true, false),
+                "writeback" => (true, false, false),
+                "writethrough" => (false, false, false),
+                "directsync" => (false, true, false),
+                "unsafe" => (true, false, true),
+                _ => return Err(invalid(format!("-drive id={id}: cache={c}"))),
+            };
+            (b.wce, b.direct, b.no_flush) = (Some(wce), Some(direct), Some(no_flush));
+        }
+        common(o, "", b)?;
+        if let Some(v) = o.take("werror") {
+            b.werror = Some(policy(&id, "werror", &v)?);
+        }
+        if let Some(v) = o.take("rerror") {
+            b.rerror = Some(policy(&id, "rerror", &v)?);
+        }
+        if let Some(s) = o.take("serial") {
+            b.serial = Some(s);
+        }
+        if let Some(a) = o.take("aio") {
+            b.aio = Some(a.parse().map_err(invalid)?);
+        }
+        if let Some(r) = o.take_bool("readonly")? {
+            b.readonly |= r;
+        }
+        let mut limits = ThrottleLimits::default();
+        let mut group = o.take("group");
+        for (k, v) in o.take_prefix("throttling.") {
+            if k == "group" {
+                group = Some(v);
+            } else if !set_limit(&mut limits, &k.replace('-', "_"), &v)? {
+                ignored.push(format!("-drive id={id}: throttling.{k}"));
+            }
+        }
+        for (k, v) in o.clone().untaken_pairs() {
+            if let Some(name) = legacy_limit(&k) {
+                o.take(&k);
+                if !set_limit(&mut limits, &name, &v)? {
+                    ignored.push(format!("-drive id={id}: {k}"));
+                }
+            }
+        }
+        match group {
+            Some(g) => {
+                let entry = groups.entry(g.clone()).or_default();
+                if limits != ThrottleLimits::default() {
+                    if *entry != ThrottleLimits::default() && *entry != limits {
+                        return Err(invalid(format!(
+                            "-drive id={id}: throttle group {g} has other limits on another drive"
+                        )));
+                    }
+                    *entry = limits;
+                }
+                b.group = Some(g);
+            }
+            None if limits != ThrottleLimits::default() => b.throttle = Some(limits),
+            None => {}
+        }
+        Ok(())
+    }
+
+    /// The `-blockdev` node at `n`, for a disk.
+    fn named_node(&mut self, n: usize, b: &mut Build, depth: u32) -> Result<(), ImportError> {
+        if !self.used.insert(n) {
+            return Err(invalid(format!(
+                "-blockdev node-name={}: used twice (by two devices, or a loop)",
+                self.nodes[n].peek("node-name").unwrap_or("")
+            )));
+        }
+        let mut o = std::mem::take(&mut self.nodes[n]);
+        let r = self.node(&mut o, "", b, depth);
+        self.nodes[n] = o;
+        r
+    }
+
+    /// The node whose keys start with `p` in `o`, and the nodes below it.
+    fn node(
+        &mut self,
+        o: &mut Opts,
+        p: &str,
+        b: &mut Build,
+        depth: u32,
+    ) -> Result<(), ImportError> {
+        let name = o.peek(&format!("{p}node-name")).unwrap_or("").to_string();
+        let here = if name.is_empty() {
+            format!("node {p}")
+        } else {
+            format!("node {name}")
+        };
+        if depth > MAX_DEPTH {
+            return Err(invalid(format!(
+                "{here}: block nodes nested deeper than {MAX_DEPTH}"
+            )));
+        }
+        let k = |key: &str| format!("{p}{key}");
+        o.accept(&[&k("node-name"), &k("auto-read-only")]);
+        common(o, p, b)?;
+        let driver = o
+            .take(&k("driver"))
+            .ok_or_else(|| invalid(format!("{here}: no driver=")))?;
+        match driver.as_str() {
+            "file" | "host_device" | "host_cdrom" => {
+                let f = o
+                    .take(&k("filename"))
+                    .ok_or_else(|| invalid(format!("{here}: no filename=")))?;
+                b.path = Some(f);
+                if let Some(a) = o.take(&k("aio")) {
+                    b.aio = Some(a.parse().map_err(invalid)?);
+                }
+                o.accept(&[&k("locking")]);
+                return Ok(());
+            }
+            "nbd" => return nbd_node(o, p, b, &here),
+            "throttle" => {
+                let g = o
+                    .take(&k("throttle-group"))
+                    .ok_or_else(|| invalid(format!("{here}: no throttle-group=")))?;
+                if b.group.replace(g).is_some() {
+                    return Err(invalid(format!(
+                        "{here}: a second throttle node on one disk"
+                    )));
+                }
+            }
+            "raw" => {
+                if o.peek(&k("offset")).is_some() || o.peek(&k("size")).is_some() {
+                    return Err(invalid(format!(
+                        "{here}: raw offset= and size= are not supported"
+                    )));
+                }
+                b.format.get_or_insert(ImageFormat::Raw);
+            }
+            "qcow2" => {
+                if b.format == Some(ImageFormat::Qcow2) {
+                    return Err(invalid(format!(
+                        "{here}: a qcow2 image inside a qcow2 image"
+                    )));
+                }
+                b.format = Some(ImageFormat::Qcow2);
+                if o.take(&k("backing")).is_some() {
+                    // The backing chain is opened from the image's header.
+                    o.accept(&[]);
+                }
+            }
+            other => {
+                return Err(invalid(format!(
+                    "{here}: driver={other} is not supported (file, host_device, nbd, raw, qcow2, throttle)"
+                )));
+            }
+        }
+        let child = k("file");
+        if o.has_prefix(&format!("{child}.")) {
+            self.node(o, &format!("{child}."), b, depth + 1)
+        } else if let Some(c) = o.take(&child) {
+            let n = *self
+                .names
+                .get(&c)
+                .ok_or_else(|| invalid(format!("{here}: file={c} names no -blockdev")))?;
+            self.named_node(n, b, depth + 1)
+        } else {
+            Err(invalid(format!("{here}: driver={driver} needs file=")))
+        }
+    }
+}
+
+impl Opts {
+    /// The pairs nothing took yet (copies).
+    fn untaken_pairs(&self) -> Vec<(String, String)> {
+        self.untaken()
+            .into_iter()
+            .filter_map(|kv| {
+                kv.split_once('=')
+                    .map(|(k, v)| (k.to_string(), v.to_string()))
+            })
+            .collect()
+    }
+}
+
+/// Keys every node (and a `-drive`) may carry: `read-only`, `discard`, `cache.direct`,
+/// `cache.no-flush`.
+fn common(o: &mut Opts, p: &str, b: &mut Build) -> Result<(), ImportError> {
+    if let Some(r) = o.take_bool(&format!("{p}read-only"))? {
+        b.readonly |= r;
+    }
+    if let Some(d) = o.take(&format!("{p}discard")) {
+        b.discard = Some(match d.as_str() {
+            "unmap" | "on" => DiscardMode::Unmap,
+            "ignore" | "off" => DiscardMode::Ignore,
+            _ => return Err(invalid(format!("discard={d}: expected unmap or ignore"))),
+        });
+    }
+    if let Some(v) = o.take_bool(&format!("{p}cache.direct"))? {
+        b.direct = Some(v);
+    }
+    if let Some(v) = o.take_bool(&format!("{p}cache.no-flush"))? {
+        b.no_flush = Some(v);
+    }
+    Ok(())
+}
+
+/// An `nbd` node: `server.type=inet,server.host=,server.port=` or
+/// `server.type=unix,server.path=` (or the older `host=`, `port=`, `path=`), `export=`,
+/// `reconnect-delay=`.
+fn nbd_node(o: &mut Opts, p: &str, b: &mut Build, here: &str) -> Result<(), ImportError> {
+    use block::nbd::{NbdAddress, NbdUri};
+    let mut get = |key: &str| {
+        o.take(&format!("{p}server.{key}"))
+            .or_else(|| o.take(&format!("{p}{key}")))
+    };
+    let kind = get("type");
+    let (host, port, path) = (get("host"), get("port"), get("path"));
+    let address = match (kind.as_deref(), path) {
+        (Some("unix") | None, Some(path)) => NbdAddress::Unix(path.into()),
+        (Some("inet") | None, None) => NbdAddress::Tcp {
+            host: host.ok_or_else(|| invalid(format!("{here}: nbd without a host")))?,
+            port: port
+                .as_deref()
+                .unwrap_or("10809")
+                .parse()
+                .map_err(|_| invalid(format!("{here}: nbd port {port:?}")))?,
+        },
+        (Some(t), _) => return Err(invalid(format!("{here}: nbd server type {t}"))),
+    };
+    if o.peek(&format!("{p}tls-creds")).is_some() {
+        return Err(invalid(format!("{here}: NBD over TLS is not supported")));
+    }
+    let export = o.take(&format!("{p}export")).unwrap_or_default();
+    b.reconnect_delay = o.take_number(&format!("{p}reconnect-delay"))?;
+    b.path = Some(NbdUri { address, export }.to_string());
+    b.format.get_or_insert(ImageFormat::Raw);
+    Ok(())
+}
+
+/// A `-drive file=`: a path, an NBD URI, or the older `nbd:HOST:PORT[:exportname=E]` /
+/// `nbd:unix:PATH[:exportname=E]`.
+fn file_name(f: &str, b: &mut Build) -> Result<(), ImportError> {
+    use block::nbd::{NbdAddress, NbdUri};
+    if f.contains("://") && is_nbd_uri(f) {
+        f.parse::<NbdUri>().map_err(invalid)?;
+        b.path = Some(f.to_string());
+    } else if let Some(rest) = f.strip_prefix("nbd:") {
+        let (addr, export) = match rest.split_once(":exportname=") {
+            Some((a, e)) => (a, e.to_string()),
+            None => (rest, String::new()),
+        };
+        let address = match addr.strip_prefix("unix:") {
+            Some(path) => NbdAddress::Unix(path.into()),
+            None => {
+                let (host, port) = addr.rsplit_once(':').unwrap_or((addr, "10809"));
+                NbdAddress::Tcp {
+                    host: host.trim_matches(|c| c == '[' || c == ']').to_string(),
+                    port: port
+                        .parse()
+                        .map_err(|_| invalid(format!("file={f}: port")))?,
+                }
+            }
+        };
+        b.path = Some(NbdUri { address, export }.to_string());
+    } else if f.starts_with("json:") || f.contains("://") {
+        return Err(invalid(format!(
+            "file={f}: only local files and NBD are supported"
+        )));
+    } else {
+        b.path = Some(f.to_string());
+    }
+    Ok(())
+}
+
+/// `format=`: raw or qcow2.
+fn format(f: &str) -> Result<ImageFormat, ImportError> {
+    f.parse()
+        .map_err(|_| invalid(format!("format={f} is not supported (raw or qcow2)")))
+}
+
+/// What QEMU's probe would find at `path` (qcow2 by its magic; raw otherwise, and for
+/// files we cannot read here).
+fn probe(path: Option<&str>) -> ImageFormat {
+    use std::io::Read;
+    let mut magic = [0u8; 4];
+    let qcow2 = path
+        .and_then(|p| std::fs::File::open(p).ok())
+        .is_some_and(|mut f| f.read_exact(&mut magic).is_ok() && magic == *b"QFI\xfb");
+    if qcow2 {
+        ImageFormat::Qcow2
+    } else {
+        ImageFormat::Raw
+    }
+}
+
+/// `werror=`/`rerror=` as our policy type.
+fn policy<T: serde::de::DeserializeOwned>(id: &str, what: &str, v: &str) -> Result<T, ImportError> {
+    serde_json::from_value(serde_json::json!(v))
+        .map_err(|_| invalid(format!("disk {id}: {what}={v}")))
+}
+
+/// `-drive`'s older throttle names (`bps_rd_max_length`) as ours (`bps_read_max_length`).
+fn legacy_limit(key: &str) -> Option<String> {
+    const BASES: [(&str, &str); 7] = [
+        ("bps_rd", "bps_read"),
+        ("bps_wr", "bps_write"),
+        ("bps", "bps_total"),
+        ("iops_size", "iops_size"),
+        ("iops_rd", "iops_read"),
+        ("iops_wr", "iops_write"),
+        ("iops", "iops_total"),
+    ];
+    BASES.iter().find_map(|(old, new)| {
+        let rest = key.strip_prefix(old)?;
+        matches!(rest, "" | "_max" | "_max_length").then(|| format!("{new}{rest}"))
+    })
+}
+
+/// `iothread-vq-mapping.N.iothread` and `.N.vqs.M` as mapping entries.
+fn vq_mapping(dev: &mut Opts) -> Result<Vec<VqMapping>, ImportError> {
+    let mut entries: BTreeMap<usize, VqMapping> = BTreeMap::new();
+    for (k, v) in dev.take_prefix("iothread-vq-mapping.") {
+        let bad = || invalid(format!("iothread-vq-mapping.{k}={v}"));
+        let (n, field) = k.split_once('.').ok_or_else(bad)?;
+        let n: usize = n.parse().map_err(|_| bad())?;
+        let e = entries.entry(n).or_insert_with(|| VqMapping {
+            iothread: String::new(),
+            vqs: Vec::new(),
+        });
+        match field {
+            "iothread" => e.iothread = v,
+            f if f.starts_with("vqs.") => e.vqs.push(v.parse().map_err(|_| bad())?),
+            _ => return Err(bad()),
+        }
+    }
+    let mapping: Vec<VqMapping> = entries.into_values().collect();
+    if mapping.iter().any(|m| m.iothread.is_empty()) {
+        return Err(invalid(
+            "an iothread-vq-mapping entry without iothread".into(),
+        ));
+    }
+    Ok(mapping)
+}
+
+impl Build {
+    /// The disk `id` from what the walk found.
+    fn finish(self, id: &str, ignored: &mut Vec<String>) -> Result<DiskConfig, ImportError> {
+        let path = self
+            .path
+            .ok_or_else(|| invalid(format!("disk {id}: no file")))?;
+        let mut disk = DiskConfig::new(id, path);
+        disk.format = self.format.unwrap_or(ImageFormat::Raw);
+        let (wce, direct) = (self.wce.unwrap_or(true), self.direct.unwrap_or(false));
+        disk.cache = if self.no_flush.unwrap_or(false) {
+            if direct {
+                ignored.push(format!(
+                    "disk {id}: cache.direct=on with cache.no-flush=on: taken as unsafe (buffered)"
+                ));
+            }
+            CacheMode::Unsafe
+        } else {
+            match (wce, direct) {
+                (true, true) => CacheMode::None,
+                (true, false) => CacheMode::Writeback,
+                (false, false) => CacheMode::Writethrough,
+                (false, true) => CacheMode::Directsync,
+            }
+        };
+        if disk.is_nbd() {
+            disk.reconnect_delay = self.reconnect_delay;
+            if self.reconnect_delay.is_none() {
+                ignored.push(format!(
+                    "disk {id}: no reconnect-delay (QEMU's: 0, fail at once): ours, 5 s"
+                ));
+            }
+        }
+        match self.aio {
+            Some(a) => disk.aio = a,
+            None if !disk.is_nbd() => ignored.push(format!(
+                "disk {id}: no aio= (QEMU's default: threads): ours, {}",
+                disk.aio
+            )),
+            None => {}
+        }
+        if disk.aio == AioKind::Native && !disk.cache.direct() && !disk.is_nbd() {
+            return Err(invalid(format!(
+                "disk {id}: aio=native needs cache=none or directsync (cache.direct=on)"
+            )));
+        }
+        disk.readonly = self.readonly;
+        if let Some(d) = self.discard {
+            disk.discard = d;
+        }
+        disk.throttle = self.throttle;
+        disk.throttle_group = self.group;
+        if let Some(p) = self.werror {
+            disk.on_write_error = p;
+        }
+        if let Some(p) = self.rerror {
+            disk.on_read_error = p;
+        }
+        disk.serial = self.serial;
+        Ok(disk)
+    }
+}

@@ -1,4 +1,4 @@
-//! The disk-level API of `vhost-user-blk --api-socket` (ARCHITECTURE.md section 7): a
+//! The disk-level API of `vhost-user-blk --api-socket` (docs/architecture.md): a
 //! frontend's guest (QEMU, Cloud Hypervisor) on our backend gets live throttling,
 //! counters and storage migration the way qemu-storage-daemon offers them over QMP.
 //! `GET disk.info`, `GET disk.counters`, `PUT disk.update`, `PUT disk.resume`,

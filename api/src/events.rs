@@ -1,4 +1,4 @@
-//! Events as things happen (ARCHITECTURE.md section 3): one [`EventBus`] per process,
+//! Events as things happen (docs/architecture.md): one [`EventBus`] per process,
 //! fed by the backend, read by `GET /api/v1/events` as newline-delimited JSON.
 
 use std::sync::{Arc, Mutex};

@@ -1,4 +1,4 @@
-//! Handing open files to a VM process (ARCHITECTURE.md section 10): a sandboxed VM
+//! Handing open files to a VM process (docs/architecture.md): a sandboxed VM
 //! process may open only the files its config named at start, so vmmd opens an image
 //! hot plugged later and sends the descriptor over the process's `fd.sock`
 //! (`SCM_RIGHTS`), naming the path it stands for; the process then uses it when it

@@ -1,4 +1,4 @@
-//! The block job endpoints (ARCHITECTURE.md section 7): `PUT vm.disk-mirror`,
+//! The block job endpoints: `PUT vm.disk-mirror`,
 //! `GET vm.jobs`, `PUT vm.job-complete`, `PUT vm.job-cancel`, `PUT vm.job-set-speed`.
 
 use axum::Json;

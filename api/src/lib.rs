@@ -1,4 +1,4 @@
-//! The REST service (`vmmd`) and its CLI (`vmctl`): ARCHITECTURE.md section 7.
+//! The REST service (`vmmd`) and its CLI (`vmctl`); the design is in docs/architecture.md.
 //!
 //! The service is written against [`backend::VmmBackend`]; [`kvm_backend::KvmBackend`]
 //! runs real VMs on KVM (the default), [`fake::FakeVmm`] is an in-memory test double of

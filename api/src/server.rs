@@ -1,4 +1,4 @@
-//! The HTTP service: axum handlers for every endpoint of ARCHITECTURE.md section 7, the
+//! The HTTP service: axum handlers for every endpoint (`openapi.yaml`), the
 //! OpenAPI description generated from them, and serving on a Unix socket (and optionally
 //! loopback TCP). Handlers run backend calls on the blocking pool, never on the runtime.
 
@@ -190,7 +190,7 @@ async fn vmm_shutdown(State(state): State<AppState>) -> Result<StatusCode, ApiEr
     Ok(StatusCode::NO_CONTENT)
 }
 
-/// Creates a VM from its config (ARCHITECTURE.md section 7).
+/// Creates a VM from its config.
 #[utoipa::path(put, path = "/api/v1/vm.create", tag = "vm",
     request_body(content = VmConfig, description = "A VM config. The examples boot the test guest \
         (`tests/guest`); their paths (kernel `/tmp/vmm-example/guest.elf`, images \

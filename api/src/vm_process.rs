@@ -1,4 +1,4 @@
-//! One VM per process (`vmm`, ARCHITECTURE.md section 3 "Processes"): the single-VM API
+//! One VM per process (`vmm`, docs/architecture.md): the single-VM API
 //! on `--api-socket` with the same handlers and JSON as vmmd, over a backend whose control
 //! loop handles what the guest does the moment it happens.
 //!

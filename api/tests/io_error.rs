@@ -1,4 +1,4 @@
-//! The error policy under `vmmd` (ARCHITECTURE.md section 4 "Error policy"): the test
+//! The error policy under `vmmd` (docs/architecture.md): the test
 //! guest writes a pattern with a per-pass generation number to random blocks of an
 //! image on a small tmpfs. The storage fills: the disk (`on_write_error` left at its
 //! default, `enospc`) holds the failed writes and the VM pauses with reason `io-error`

@@ -1,4 +1,4 @@
-//! One VM per process, on the real backend (ARCHITECTURE.md section 3 "Processes"):
+//! One VM per process, on the real backend (docs/architecture.md):
 //! - three test-guest VMs under one vmmd; `kill -9` of one VM process touches neither
 //!   the others (their I/O goes on) nor the service, and makes that VM `Crashed` with
 //!   signal 9, with an event within 1 s; `kill -9` of vmmd leaves the VM processes running

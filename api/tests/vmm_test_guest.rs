@@ -1,4 +1,4 @@
-//! The `vmm` binary runs the freestanding test guest (ARCHITECTURE.md test layer 4) under
+//! The `vmm` binary runs the freestanding test guest (docs/architecture.md, "Tests") under
 //! KVM and exits 0 when the guest powers off. Skips, saying why, when `/dev/kvm` is
 //! missing.
 

@@ -41,7 +41,7 @@ pub enum Target {
     },
 }
 
-/// Where `/work/shared/tools/qemu10.sh` unpacks QEMU 10.0's binaries (without installing
+/// Where `scripts/qemu10.sh` unpacks QEMU 10.0's binaries (without installing
 /// them): the newest qemu-storage-daemon the benchmarks can get.
 pub const NEWEST_QEMU_BIN: &str = "/var/tmp/qemu10/x/usr/bin";
 

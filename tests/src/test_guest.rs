@@ -1,4 +1,4 @@
-//! The freestanding test guest (`tests/guest`, ARCHITECTURE.md test layer 4): building it
+//! The freestanding test guest (`tests/guest`, docs/architecture.md, "Tests"): building it
 //! and booting it under QEMU.
 //!
 //! The guest is a static x86-64 ELF with a PVH note. It enumerates PCI, drives every

@@ -1,4 +1,4 @@
-//! Linux boot smoke (ARCHITECTURE.md test layer 5): the Debian cloud kernel, as the PVH
+//! Linux boot smoke (docs/architecture.md, "Tests"): the Debian cloud kernel, as the PVH
 //! `vmlinux` extracted from its bzImage, booted by our VMM with its ACPI tables, PCI root
 //! complex and serial port, prints its banner, command line, e820 map and the ACPI tables
 //! it found on our serial console. Guest kernel mode is emulated on these machines, so

@@ -1,4 +1,4 @@
-//! The freestanding test guest (ARCHITECTURE.md test layer 4) on our VMM under KVM:
+//! The freestanding test guest (docs/architecture.md, "Tests") on our VMM under KVM:
 //! PCI enumeration, virtio-blk through ioeventfd (notify) and irqfd (MSI-X), pattern
 //! checks, IOPS polled and with interrupts, a read-only disk, a throttled disk,
 //! pause/resume during I/O, ACPI poweroff, and the disk lock between two VMs.

@@ -1,4 +1,4 @@
-//! `vmm`: one VM per process (ARCHITECTURE.md section 3 "Processes").
+//! `vmm`: one VM per process (docs/architecture.md).
 //!
 //! - `vmm --config vm.json` runs the VM until its guest powers off (a reset reboots it);
 //!   `--check` only validates the config.
@@ -23,7 +23,7 @@ use vmm::config::VmConfig;
 #[derive(Debug, Parser)]
 #[command(name = "vmm", version, about)]
 struct Args {
-    /// The VM config (JSON; see ARCHITECTURE.md section 7).
+    /// The VM config (JSON; the schema `VmConfig` of openapi.yaml).
     #[arg(long, value_name = "FILE", required_unless_present = "api_socket")]
     config: Option<PathBuf>,
     /// Only validate the config, then exit.

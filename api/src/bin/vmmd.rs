@@ -1,5 +1,4 @@
-//! `vmmd`: the REST service managing VMs over a Unix socket (ARCHITECTURE.md sections 3
-//! and 7). Each VM runs in a `vmm` process of its own, which vmmd starts, supervises and
+//! `vmmd`: the REST service managing VMs over a Unix socket (docs/architecture.md). Each VM runs in a `vmm` process of its own, which vmmd starts, supervises and
 //! routes calls to ([`api::supervisor`]).
 //!
 //! `PUT vmm.shutdown` shuts every VM down and exits; SIGTERM or SIGINT make vmmd exit and

@@ -1,6 +1,6 @@
 //! The control loop: one thread, waiting in epoll on the eventfd every VM of the backend
 //! writes when its guest ends it (poweroff, reset, failure) or ejects a disk, and
-//! handling that at once (ARCHITECTURE.md section 3, "Processes").
+//! handling that at once (docs/architecture.md).
 
 use std::os::fd::AsRawFd;
 use std::sync::{Arc, Weak};

@@ -1,5 +1,5 @@
 //! Landlock: a VM process confines its own file access to the files its VM's config
-//! names (ARCHITECTURE.md section 10), before any other thread starts, so that every
+//! names (docs/architecture.md), before any other thread starts, so that every
 //! thread is confined. Images hot plugged later are handed over as descriptors
 //! ([`block::host_file::hand_over`]); nothing else is ever opened by path.
 

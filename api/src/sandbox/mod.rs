@@ -1,4 +1,4 @@
-//! A VM process confining itself (ARCHITECTURE.md section 10): its file access to the
+//! A VM process confining itself (docs/architecture.md): its file access to the
 //! files its VM's config names ([`landlock`]), and seccomp filters per thread class
 //! ([`seccomp`]). `docs/sandbox.md` lists what each class may do and why.
 

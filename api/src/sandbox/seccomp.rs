@@ -1,4 +1,4 @@
-//! Seccomp filters per thread class (ARCHITECTURE.md section 10). Every thread of a VM
+//! Seccomp filters per thread class (docs/architecture.md). Every thread of a VM
 //! process installs the filter of its class when it starts ([`block::thread_class`]);
 //! a thread inherits its creator's filter too, so a thread's allowed set is what its own
 //! class and the classes of the threads that made it allow.

@@ -1,5 +1,4 @@
-//! `ProcessBackend`: vmmd's [`VmmBackend`], one `vmm` process per VM (ARCHITECTURE.md
-//! section 3 "Processes").
+//! `ProcessBackend`: vmmd's [`VmmBackend`], one `vmm` process per VM (docs/architecture.md).
 //!
 //! - `vm.create` starts `vmm --api-socket <state_dir>/<id>/api.sock --exit-on-shutdown`
 //!   in a session of its own (vmmd's death does not take it), then passes the config to

@@ -1,4 +1,4 @@
-//! The dirty bitmap of a block job (ARCHITECTURE.md section 4b): one bit per
+//! The dirty bitmap of a block job (docs/architecture.md): one bit per
 //! `granularity` bytes of the disk, set by guest writes (from whichever iothread serves
 //! the queue) and taken, chunk by chunk, by the job's copier. Marking and taking are
 //! lock-free (atomic words), so a write on one iothread and the copier on another never

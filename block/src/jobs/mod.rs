@@ -1,4 +1,4 @@
-//! Block jobs (ARCHITECTURE.md section 4b): what a live disk mirror is made of, below
+//! Block jobs (docs/architecture.md): what a live disk mirror is made of, below
 //! virtio. [`dirty`] tracks the chunks guest writes touched while a job runs (a
 //! [`crate::DiskQueue`] marks it as its writes finish); [`speed`] paces the job's
 //! copying; [`state`] holds the job's states and settings; [`copier`] picks the chunks to

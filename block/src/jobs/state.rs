@@ -1,4 +1,4 @@
-//! A mirror job's states and settings (ARCHITECTURE.md section 4b), as `vm.jobs` shows
+//! A mirror job's states and settings (docs/architecture.md), as `vm.jobs` shows
 //! them and `vm.disk-mirror` takes them.
 
 use serde::{Deserialize, Serialize};

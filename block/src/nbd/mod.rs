@@ -5,7 +5,7 @@
 //! as a codec without I/O), [`stream`] connects and moves bytes, [`parts`] turns engine
 //! ops into requests, [`conn`] drives one connection with a sender and a receiver thread
 //! (reconnecting when it breaks), and [`client`] opens a disk's connections. The engine
-//! the iothread uses is [`crate::engine::nbd`] (ARCHITECTURE.md section 4, "NBD").
+//! the iothread uses is [`crate::engine::nbd`] (docs/architecture.md).
 
 pub mod client;
 pub mod conn;

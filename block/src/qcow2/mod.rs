@@ -1,4 +1,4 @@
-//! qcow2 images (ARCHITECTURE.md section 4 "Formats") through the `imago` library,
+//! qcow2 images (docs/architecture.md) through the `imago` library,
 //! asynchronous on the disk's iothread: [`Qcow2Image`] is the open image (its backing
 //! chain of qcow2 and raw files included), [`Qcow2Engine`] the engine of each of its
 //! queues, [`EngineStorage`] the files as imago sees them.

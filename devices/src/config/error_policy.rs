@@ -1,4 +1,4 @@
-//! A disk's I/O error policy (ARCHITECTURE.md section 4 "Error policy"), QEMU's
+//! A disk's I/O error policy (docs/architecture.md), QEMU's
 //! `werror`/`rerror` and libvirt's `error_policy`/`rerror_policy`: what a failed
 //! request becomes.
 

@@ -1,4 +1,4 @@
-//! The JSON settings of disks and iothreads (ARCHITECTURE.md section 7). Field names are
+//! The JSON settings of disks and iothreads (schema in openapi.yaml). Field names are
 //! the contract; unknown fields are rejected.
 
 mod error_policy;

@@ -1,6 +1,5 @@
 //! I/O threads: each runs one epoll loop over the kick, completion, throttle and control
-//! eventfds of the queues assigned to it, with adaptive polling (ARCHITECTURE.md
-//! section 3). Several disks may share one; one disk's queues may be spread over several.
+//! eventfds of the queues assigned to it, with adaptive polling (docs/architecture.md). Several disks may share one; one disk's queues may be spread over several.
 //! Settings change at runtime through the control eventfd.
 //!
 //! How a pass goes (poll, arm, finish, counters, settings) lives once, in [`loop_core`];

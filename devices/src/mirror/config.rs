@@ -34,7 +34,7 @@ impl MirrorTarget {
     }
 }
 
-/// A mirror job's settings (ARCHITECTURE.md section 7).
+/// A mirror job's settings (`PUT vm.disk-mirror`).
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[serde(deny_unknown_fields)]

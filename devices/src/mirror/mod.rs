@@ -1,4 +1,4 @@
-//! Live disk mirror (ARCHITECTURE.md section 4b), as the control plane drives it: the
+//! Live disk mirror (docs/architecture.md), as the control plane drives it: the
 //! job runs on the disk's iothread ([`source::JobSource`]), the disk's queues mark its
 //! dirty bitmap (or, write-blocking, write the target too), and [`Mirror`] does what
 //! needs every queue of the disk at once: start, complete (pivot) and cancel, each a

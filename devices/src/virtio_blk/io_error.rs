@@ -1,4 +1,4 @@
-//! A disk's I/O error policy at work (ARCHITECTURE.md section 4 "Error policy"): what
+//! A disk's I/O error policy at work (docs/architecture.md): what
 //! a failed request becomes, and the disk's stopped state, shared by its queues (which
 //! hold failed requests and take no new ones while it is stopped) and the control plane
 //! (which pauses the VM, or under vhost-user stops serving the disk, and later resumes).

@@ -336,7 +336,7 @@ fn run_to_end(cmd: Command) -> Result<String, String> {
     Ok(run.output)
 }
 
-/// `qemu-system-x86_64`: the QEMU 10 tree unpacked by `shared/tools/qemu10.sh` when it is
+/// `qemu-system-x86_64`: the QEMU 10 tree unpacked by `scripts/qemu10.sh` when it is
 /// at `qemu10_bin`, else the one on `PATH`; with its data directory when not the system's.
 pub fn find_qemu(qemu10_bin: &Path) -> Option<(PathBuf, Option<PathBuf>)> {
     let q10 = qemu10_bin.join("qemu-system-x86_64");

@@ -38,7 +38,7 @@ Patterns (of the libblkio client; every ours-* and qsd-* contender runs with eac
 batch (reap up to QD completions per do_io, send their replacements together), resubmit \
 (reap one, send its replacement at the next do_io: fio's default). limit always batches.
 qemu-storage-daemon: --qsd PATH, else the one in --qemu-bin DIR, else QEMU 10.0's in \
-/var/tmp/qemu10/x/usr/bin when /work/shared/tools/qemu10.sh has unpacked it, else PATH's; \
+/var/tmp/qemu10/x/usr/bin when scripts/qemu10.sh has unpacked it, else PATH's; \
 its version heads the table and is in the JSON.
 --quick: 0.5 s runs after 0.2 s warm-up, 1 run per cell, a 256M file unless --size is \
 given, both patterns, and the workloads randread-4k-qd1, randread-4k-qd32, \
@@ -93,7 +93,7 @@ struct Args {
     #[arg(long)]
     qsd: Option<PathBuf>,
     /// QEMU's bin directory, holding qemu-storage-daemon [default: /var/tmp/qemu10/x/usr/bin
-    /// (QEMU 10.0, unpacked by /work/shared/tools/qemu10.sh) when there, else PATH].
+    /// (QEMU 10.0, unpacked by scripts/qemu10.sh) when there, else PATH].
     #[arg(long, value_name = "DIR")]
     qemu_bin: Option<PathBuf>,
     /// The NBD server of the nbd contenders (an NBD URI: `nbd://host[:port]/export`,
@@ -301,11 +301,11 @@ fn find_qsd(args: &Args, wants: bool) -> Result<(Option<PathBuf>, (String, Strin
     if wants && qsd.is_some() {
         eprintln!(
             "blkbench: QEMU 10.0 is not unpacked in {NEWEST_QEMU_BIN} \
-             (/work/shared/tools/qemu10.sh does that); using qemu-storage-daemon from PATH."
+             (scripts/qemu10.sh does that); using qemu-storage-daemon from PATH."
         );
     }
     let hint = format!(
-        " Unpack QEMU 10.0 into {NEWEST_QEMU_BIN} with /work/shared/tools/qemu10.sh, or \
+        " Unpack QEMU 10.0 into {NEWEST_QEMU_BIN} with scripts/qemu10.sh, or \
          install the system's with `apt-get install qemu-system-x86` (Debian; the binary \
          itself is in qemu-system-common, not qemu-utils), or pass --qsd PATH."
     );

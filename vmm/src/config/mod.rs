@@ -1,4 +1,4 @@
-//! The VM config: the JSON of ARCHITECTURE.md section 7, shared by the `vmm` binary and
+//! The VM config: the JSON of `vm.create` (openapi.yaml), shared by the `vmm` binary and
 //! the API. Field names are the contract; unknown fields are rejected. `validate` reports
 //! every problem at once, each naming the field it is about.
 
@@ -10,8 +10,8 @@ use devices::config::{DiskConfig, IoThreadConfig};
 use serde::{Deserialize, Serialize};
 
 /// Why a disk and an iothread may not share an id.
-const SHARED_ID: &str = "a disk's id also names its dedicated iothread (vm.update-iothread \
-    takes it for `dedicated:<disk id>`), so disks and iothreads need different ids";
+const SHARED_ID: &str = "a disk's id also names its dedicated iothread \
+    (`dedicated:<disk id>`), so disks and iothreads need different ids";
 
 /// Most vCPUs a VM may have.
 pub const MAX_VCPUS: u16 = 255;

@@ -2,7 +2,7 @@ use std::io::Write;
 
 use super::*;
 
-/// The example of ARCHITECTURE.md section 7, verbatim.
+/// A VM config with every section, as the design first gave it.
 const EXAMPLE: &str = r#"{
   "id": "vm1",
   "cpus": {"boot_vcpus": 2},

@@ -1,4 +1,4 @@
-//! A VM's block jobs (live disk mirror, ARCHITECTURE.md section 4b), kept in a
+//! A VM's block jobs (live disk mirror, docs/architecture.md), kept in a
 //! [`devices::mirror::JobList`]; the job itself runs on the disk's iothread
 //! ([`devices::mirror`]).
 

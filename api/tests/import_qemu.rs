@@ -141,7 +141,7 @@ fn the_test_guest_boots_from_an_imported_command_line() {
     let append = format!("exit=acpi pci=auto tsc_khz={} ms=50", support::tsc_khz());
     let serial = format!("file:{}", s.path("g.serial").display());
     let file = format!(
-        r#"{{"driver":"file","node-name":"g-file","filename":"{}","aio":"io_uring"}}"#,
+        r#"{{"driver":"file","node-name":"g-file","filename":"{}","aio":"io_uring","discard":"unmap"}}"#,
         img.display()
     );
     let o = s.vmctl(&[
@@ -175,7 +175,8 @@ fn the_test_guest_boots_from_an_imported_command_line() {
         "virtio-blk-pci,drive=g-throttle,id=vda,iothread=io0",
     ]);
     let (out, err) = text(&o);
-    // --strict: QEMU's aio default is said, so it is given; nothing is left out.
+    // --strict: QEMU's aio and discard defaults are said, so both are given; nothing is
+    // left out.
     assert!(o.status.success(), "{out}{err}");
     s.ok("PUT", "vm.boot?id=g", None);
     events.wait_for("g", "guest-poweroff", std::time::Duration::from_secs(60));

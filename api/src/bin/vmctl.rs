@@ -448,14 +448,12 @@ fn import_request(
 /// shell words.
 fn command_words(text: &str) -> Result<Vec<String>, String> {
     if text.contains('\0') {
-        return Ok(text
-            .split('\0')
-            .filter(|w| !w.is_empty())
-            .map(str::to_string)
-            .collect());
+        // Every word ends in a NUL; an empty word (`-append ''`) is kept.
+        let text = text.strip_suffix('\0').unwrap_or(text);
+        return Ok(text.split('\0').map(str::to_string).collect());
     }
-    shlex::split(&text.replace("\\\n", ""))
-        .ok_or_else(|| "unbalanced quotes or a trailing backslash".to_string())
+    let text = text.replace("\r\n", "\n").replace("\\\n", "");
+    shlex::split(&text).ok_or_else(|| "unbalanced quotes or a trailing backslash".to_string())
 }
 
 /// Runs the command of `cli`.

@@ -213,9 +213,9 @@ pub fn import(xml: &str) -> Result<Imported, ImportError> {
 const QEMU_NS: &str = "http://libvirt.org/schemas/domain/qemu/1.0";
 
 /// `<qemu:commandline>`: `-set device.ALIAS.x-data-plane=on` (the old data plane: the
-/// disk gets a dedicated iothread) and `-set device.ALIAS.config-wce=off` (no write
-/// cache shown to the guest: the closest cache mode, said in `ignored`); other
-/// arguments are listed as ignored.
+/// disk gets a dedicated iothread) and `-set device.ALIAS.config-wce=off` (the guest may
+/// not switch the write cache; the cache mode stays, and that is said in `ignored`);
+/// other arguments are listed as ignored.
 fn qemu_commandline(cmd: Node, domain: Node, config: &mut VmConfig, ignored: &mut Vec<String>) {
     let mut args: Vec<&str> = Vec::new();
     for n in cmd.children().filter(Node::is_element) {
@@ -253,15 +253,10 @@ fn qemu_commandline(cmd: Node, domain: Node, config: &mut VmConfig, ignored: &mu
                 disk.iothread_vq_mapping = None;
             }
             (Some((_, ("config-wce", "off"))), Some(disk)) => {
-                disk.cache = if disk.cache.direct() {
-                    CacheMode::Directsync
-                } else {
-                    CacheMode::Writethrough
-                };
+                // QEMU keeps the cache mode; the guest only may not switch it.
                 ignored.push(format!(
-                    "qemu:commandline config-wce=off on disk {}: no write cache shown; cache set to {} (every write durable)",
-                    disk.id,
-                    disk.cache
+                    "qemu:commandline config-wce=off on disk {}: the guest may not switch the write cache in QEMU; ours may",
+                    disk.id
                 ));
             }
             _ => {

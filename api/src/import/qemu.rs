@@ -48,6 +48,17 @@ const FLAGS: &[&str] = &[
     "version",
     "help",
     "h",
+    "mem-prealloc",
+    "async-teardown",
+    "xen-attach",
+    "xen-domid-restrict",
+    "perfmap",
+    "jitdump",
+    "singlestep",
+    "sdl",
+    "curses",
+    "nodefconfig",
+    "no-kvm",
 ];
 
 /// The virtio-blk device models (PCI first: their queue count defaults to the vCPUs).
@@ -73,6 +84,8 @@ pub fn import<S: AsRef<str>>(args: &[S]) -> Result<Imported, ImportError> {
     }))
     .map_err(|e| ImportError::Invalid(e.to_string()))?;
     let mut named = false;
+    let mut sized = false;
+    let mut virtio_drives = 0;
     let mut serial_set = false;
     let mut graph = Graph::default();
     let mut groups: BTreeMap<String, ThrottleLimits> = BTreeMap::new();
@@ -85,6 +98,11 @@ pub fn import<S: AsRef<str>>(args: &[S]) -> Result<Imported, ImportError> {
             ignored.push(format!("{arg} (a bare image is an IDE disk)"));
             continue;
         };
+        if option == "snapshot" {
+            return Err(ImportError::Invalid(
+                "-snapshot (writes thrown away at exit) is not supported".into(),
+            ));
+        }
         if FLAGS.contains(&option) {
             if option != "enable-kvm" {
                 ignored.push(arg.to_string());
@@ -108,6 +126,7 @@ pub fn import<S: AsRef<str>>(args: &[S]) -> Result<Imported, ImportError> {
                 let mut o = Opts::parse(value, Some("size"))?;
                 if let Some(size) = o.take("size") {
                     config.memory.size_mib = size_bytes(&size, 1 << 20)?.div_ceil(1 << 20);
+                    sized = true;
                 }
                 list_untaken(&o, "-m", &mut ignored);
             }
@@ -117,13 +136,17 @@ pub fn import<S: AsRef<str>>(args: &[S]) -> Result<Imported, ImportError> {
             "kernel" => config.payload.kernel = value.into(),
             "initrd" => config.payload.initramfs = Some(value.into()),
             "append" => config.payload.cmdline = value.to_string(),
-            "mem-path" => {
+            "mem-path" if value.contains("huge") => {
                 config.memory.hugepages = true;
                 ignored.push(format!(
                     "-mem-path {value}: taken as huge pages (we use 2 MiB pages of our own)"
                 ));
             }
-            "accel" if value.split(',').next() == Some("kvm") => {}
+            "accel" if value.split(',').next() == Some("kvm") => {
+                if let Some((_, rest)) = value.split_once(',') {
+                    ignored.push(format!("-accel kvm: {rest}"));
+                }
+            }
             "serial" if !serial_set => {
                 serial_set = true;
                 serial(value, &mut config, &mut ignored);
@@ -154,15 +177,39 @@ pub fn import<S: AsRef<str>>(args: &[S]) -> Result<Imported, ImportError> {
                                 }
                             }
                         }
-                        groups.insert(id, limits);
+                        if groups.insert(id.clone(), limits).is_some() {
+                            return Err(ImportError::Invalid(format!(
+                                "-object throttle-group,id={id} is given twice"
+                            )));
+                        }
                         list_untaken(&o, "-object throttle-group", &mut ignored);
                     }
                     _ => ignored.push(format!("-object {value}")),
                 }
             }
-            "drive" => graph
-                .sources
-                .push(DiskSource::Drive(Opts::parse(value, None)?)),
+            "drive" => {
+                let mut o = Opts::parse(value, None)?;
+                match o.peek("if").unwrap_or("ide") {
+                    "none" => graph.sources.push(DiskSource::Drive(o)),
+                    "virtio" => {
+                        // QEMU makes it a virtio-blk-pci device on a drive of its own.
+                        let id = o
+                            .peek("id")
+                            .map_or_else(|| format!("virtio{virtio_drives}"), str::to_string);
+                        virtio_drives += 1;
+                        o.set("id", &id, true);
+                        o.set("if", "none", false);
+                        graph.sources.push(DiskSource::Drive(o));
+                        let mut dev = Opts::default();
+                        dev.set("driver", "virtio-blk-pci", false);
+                        dev.set("drive", &id, false);
+                        graph.sources.push(DiskSource::Device(dev));
+                    }
+                    other => {
+                        ignored.push(format!("-drive {value} (if={other}: only virtio disks)"))
+                    }
+                }
+            }
             "blockdev" => graph.add_node(Opts::parse(value, None)?)?,
             "device" => {
                 let o = Opts::parse(value, Some("driver"))?;
@@ -178,6 +225,10 @@ pub fn import<S: AsRef<str>>(args: &[S]) -> Result<Imported, ImportError> {
             _ => ignored.push(format!("{arg} {value}")),
         }
     }
+    if !sized {
+        config.memory.size_mib = 128;
+        ignored.push("no -m: QEMU's 128 MiB".into());
+    }
     if !named {
         ignored.push("no -name: the VM is called qemu-vm".into());
     }
@@ -187,7 +238,8 @@ pub fn import<S: AsRef<str>>(args: &[S]) -> Result<Imported, ImportError> {
     for s in sets {
         graph.apply_set(&s, &mut ignored)?;
     }
-    let default_queues = config.cpus.boot_vcpus.clamp(1, MAX_QUEUES);
+    let vcpus = config.cpus.boot_vcpus;
+    let default_queues = (vcpus.clamp(1, MAX_QUEUES), vcpus > MAX_QUEUES);
     config.disks = graph.disks(default_queues, &mut groups, &mut ignored)?;
     for d in &config.disks {
         let threads = d
@@ -222,6 +274,14 @@ fn list_untaken(o: &Opts, what: &str, ignored: &mut Vec<String>) {
 fn smp(value: &str, ignored: &mut Vec<String>) -> Result<u16, ImportError> {
     let mut o = Opts::parse(value, Some("cpus"))?;
     let cpus: Option<u16> = o.take_number("cpus")?;
+    // Without cpus=, QEMU boots maxcpus= vCPUs.
+    let cpus = match o.take_number::<u16>("maxcpus")? {
+        Some(max) if cpus.is_some_and(|c| c != max) => {
+            ignored.push(format!("-smp {value}: maxcpus={max} (no vCPU hot plug)"));
+            cpus
+        }
+        max => cpus.or(max),
+    };
     let mut product: Option<u32> = None;
     for k in [
         "sockets", "dies", "clusters", "cores", "threads", "books", "drawers",
@@ -258,7 +318,8 @@ fn iothread(o: &mut Opts) -> Result<IoThreadConfig, ImportError> {
     if let Some(v) = o.take_number("poll-shrink")? {
         t.poll_shrink = v;
     }
-    if let Some(v) = o.take_number("aio-max-batch")? {
+    // 0 is QEMU's "the engine's default", which ours is anyway.
+    if let Some(v) = o.take_number("aio-max-batch")?.filter(|&v| v != 0) {
         t.aio_max_batch = v;
     }
     Ok(t)

@@ -355,12 +355,16 @@ fn qemu_commandline_data_plane_and_write_cache_settings_map() {
     let (a, b) = (&config.disks[0], &config.disks[1]);
     assert_eq!(a.iothread, None, "x-data-plane=on: a dedicated iothread");
     assert_eq!(a.cache, CacheMode::None);
-    assert_eq!(b.cache, CacheMode::Writethrough, "config-wce=off");
+    assert_eq!(
+        b.cache,
+        CacheMode::Writeback,
+        "config-wce=off keeps the cache mode, as in QEMU"
+    );
     assert!(
         ignored
             .iter()
             .any(|i| i.contains("config-wce=off on disk vdb")),
-        "the change is said: {ignored:?}"
+        "the difference is said: {ignored:?}"
     );
     for want in [
         "qemu:commandline -set device.virtio-disk1.scsi=off",

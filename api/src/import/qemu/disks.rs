@@ -1,6 +1,7 @@
-//! QEMU's disks as ours: `-drive if=virtio`, and `-device virtio-blk-*` on a
-//! `-drive if=none` or on a `-blockdev` graph, walked from the device down (throttle,
-//! raw/qcow2, then file/host_device/nbd), with `-set` and `-global` applied first.
+//! QEMU's disks as ours: `-device virtio-blk-*` (and `-drive if=virtio`, which is one
+//! on a drive of its own) on a `-drive if=none` or on a `-blockdev` graph, walked from
+//! the device down (throttle, raw/qcow2, then file/host_device/nbd), with `-set` and
+//! `-global` applied first.
 
 use std::collections::{BTreeMap, BTreeSet};
 
@@ -31,8 +32,12 @@ pub struct Graph {
     nodes: Vec<Opts>,
     names: BTreeMap<String, usize>,
     used: BTreeSet<usize>,
+    /// Nodes of backing chains (opened from the image header, so not read here).
+    backing: BTreeSet<usize>,
     /// `-global` (driver, property, value).
     pub globals: Vec<(String, String, String)>,
+    /// Which globals some device took.
+    globals_used: BTreeSet<usize>,
 }
 
 /// The deepest nodes go this far.
@@ -55,6 +60,10 @@ struct Build {
     werror: Option<WriteErrorPolicy>,
     rerror: Option<ReadErrorPolicy>,
     serial: Option<String>,
+    /// What the walk noticed, for the ignored list.
+    notes: Vec<String>,
+    /// The device already said why discard is off.
+    discard_said: bool,
 }
 
 fn invalid(s: String) -> ImportError {
@@ -81,8 +90,9 @@ impl Graph {
     pub fn apply_set(&mut self, set: &str, ignored: &mut Vec<String>) -> Result<(), ImportError> {
         let bad = || invalid(format!("-set {set}: expected GROUP.ID.PROPERTY=VALUE"));
         let (lhs, value) = set.split_once('=').ok_or_else(bad)?;
+        // GROUP.ID.ARG: the argument is everything after the second dot.
         let (group, rest) = lhs.split_once('.').ok_or_else(bad)?;
-        let (id, prop) = rest.rsplit_once('.').ok_or_else(bad)?;
+        let (id, prop) = rest.split_once('.').ok_or_else(bad)?;
         let target = self.sources.iter_mut().find_map(|s| match (s, group) {
             (DiskSource::Device(o), "device") | (DiskSource::Drive(o), "drive")
                 if o.peek("id") == Some(id) =>
@@ -99,64 +109,29 @@ impl Graph {
     }
 
     /// Every virtio disk, in command-line order; `queues` is the PCI devices' default
-    /// queue count (QEMU's: one per vCPU).
+    /// queue count (QEMU's: one per vCPU) and whether it was capped at our most.
     pub fn disks(
         &mut self,
-        queues: u16,
+        queues: (u16, bool),
         groups: &mut BTreeMap<String, ThrottleLimits>,
         ignored: &mut Vec<String>,
     ) -> Result<Vec<DiskConfig>, ImportError> {
         let mut disks = Vec::new();
         let mut used_drives = BTreeSet::new();
-        let mut virtio_drives = 0;
         for i in 0..self.sources.len() {
-            match &self.sources[i] {
-                DiskSource::Drive(o) => {
-                    match o.peek("if").unwrap_or("ide") {
-                        "none" => continue,
-                        "virtio" => {}
-                        other => {
-                            ignored.push(format!("-drive if={other} (only virtio disks)"));
-                            used_drives.insert(i);
-                            continue;
-                        }
-                    }
-                    used_drives.insert(i);
-                    let mut o = self.take_source(i);
-                    let id = o
-                        .peek("id")
-                        .map_or_else(|| format!("virtio{virtio_drives}"), str::to_string);
-                    virtio_drives += 1;
-                    let mut b = Build::default();
-                    let r = self.drive(&mut o, &mut b, groups, ignored);
-                    self.put_source(i, o);
-                    r?;
-                    let mut disk = b.finish(&id, ignored)?;
-                    disk.num_queues = queues;
-                    disk.validate().map_err(invalid)?;
-                    disks.push(disk);
-                }
-                DiskSource::Device(_) => {
-                    let mut dev = self.take_source(i);
-                    let r = self.device(&mut dev, queues, &mut used_drives, groups, ignored);
-                    self.put_source(i, dev);
-                    disks.push(r?);
-                }
+            if let DiskSource::Device(_) = &self.sources[i] {
+                let mut dev = self.take_source(i);
+                let r = self.device(&mut dev, queues, &mut used_drives, groups, ignored);
+                self.put_source(i, dev);
+                disks.push(r?);
             }
         }
         for (i, s) in self.sources.iter().enumerate() {
             match s {
-                DiskSource::Drive(o) if !used_drives.contains(&i) => ignored.push(format!(
-                    "-drive id={}: no virtio-blk device uses it",
-                    o.peek("id").unwrap_or("")
-                )),
-                DiskSource::Drive(o) => {
-                    list_untaken(
-                        o,
-                        &format!("-drive id={}", o.peek("id").unwrap_or("")),
-                        ignored,
-                    );
+                DiskSource::Drive(o) if !used_drives.contains(&i) => {
+                    ignored.push(format!("{}: no virtio-blk device uses it", drive_label(o)))
                 }
+                DiskSource::Drive(o) => list_untaken(o, &drive_label(o), ignored),
                 DiskSource::Device(o) => list_untaken(
                     o,
                     &format!(
@@ -168,7 +143,15 @@ impl Graph {
                 ),
             }
         }
+        for (g, (d, p, v)) in self.globals.iter().enumerate() {
+            if !self.globals_used.contains(&g) {
+                ignored.push(format!("-global {d}.{p}={v} (no virtio-blk device)"));
+            }
+        }
         for (name, &i) in &self.names {
+            if self.backing.contains(&i) {
+                continue;
+            }
             if self.used.contains(&i) {
                 list_untaken(
                     &self.nodes[i],
@@ -200,15 +183,16 @@ impl Graph {
     fn device(
         &mut self,
         dev: &mut Opts,
-        queues: u16,
+        queues: (u16, bool),
         used_drives: &mut BTreeSet<usize>,
         groups: &mut BTreeMap<String, ThrottleLimits>,
         ignored: &mut Vec<String>,
     ) -> Result<DiskConfig, ImportError> {
         let driver = dev.take("driver").unwrap_or_default();
-        for (d, prop, v) in &self.globals {
-            if *d == driver {
+        for (g, (d, prop, v)) in self.globals.iter().enumerate() {
+            if global_applies(d, &driver) {
                 dev.set(prop, v, true);
+                self.globals_used.insert(g);
             }
         }
         let drive = dev
@@ -219,15 +203,6 @@ impl Graph {
             |s| matches!(s, DiskSource::Drive(o) if o.peek("id") == Some(drive.as_str())),
         );
         if let Some(j) = drive_at {
-            let DiskSource::Drive(o) = &self.sources[j] else {
-                unreachable!("drive_at finds drives")
-            };
-            let kind = o.peek("if").unwrap_or("ide");
-            if kind != "none" {
-                return Err(invalid(format!(
-                    "-drive id={drive}: if={kind} cannot back a -device (use if=none)"
-                )));
-            }
             if !used_drives.insert(j) {
                 return Err(invalid(format!("-drive id={drive} is used by two devices")));
             }
@@ -253,15 +228,14 @@ impl Graph {
             };
         }
         if dev.take_bool("config-wce")? == Some(false) {
-            b.wce = Some(false);
             ignored.push(format!(
-                "disk {id}: config-wce=off: no write cache shown; every write is made durable"
+                "disk {id}: config-wce=off (the guest may not switch the write cache): we let it"
             ));
         }
-        if let Some(v) = dev.take("werror") {
+        if let Some(v) = dev.take("werror").filter(|v| v != "auto") {
             b.werror = Some(policy(&id, "werror", &v)?);
         }
-        if let Some(v) = dev.take("rerror") {
+        if let Some(v) = dev.take("rerror").filter(|v| v != "auto") {
             b.rerror = Some(policy(&id, "rerror", &v)?);
         }
         if let Some(s) = dev.take("serial") {
@@ -269,15 +243,26 @@ impl Graph {
         }
         if dev.take_bool("discard")? == Some(false) {
             b.discard = Some(DiscardMode::Ignore);
+            b.discard_said = true;
             ignored.push(format!(
-                "disk {id}: discard=off: we offer discard and drop it (discard: ignore)"
+                "disk {id}: discard=off: discard not offered to the guest (discard: ignore)"
             ));
         }
-        dev.take_bool("scsi")?;
+        if dev.take_bool("scsi")? == Some(true) {
+            ignored.push(format!("disk {id}: scsi=on (no SCSI passthrough)"));
+        }
         let mut disk = b.finish(&id, ignored)?;
         disk.num_queues = match dev.take_number("num-queues")? {
             Some(n) => n,
-            None if VIRTIO_BLK_PCI.contains(&driver.as_str()) => queues,
+            None if VIRTIO_BLK_PCI.contains(&driver.as_str()) => {
+                if queues.1 {
+                    ignored.push(format!(
+                        "disk {id}: no num-queues (QEMU's: one per vCPU): {} (our most)",
+                        queues.0
+                    ));
+                }
+                queues.0
+            }
             None => 1,
         };
         if let Some(n) = dev.take_number("queue-size")? {
@@ -308,32 +293,44 @@ impl Graph {
         groups: &mut BTreeMap<String, ThrottleLimits>,
         ignored: &mut Vec<String>,
     ) -> Result<(), ImportError> {
-        let id = o.peek("id").unwrap_or("").to_string();
+        let id = drive_label(o);
         o.accept(&["id", "if", "index"]);
         if let Some(m) = o.take("media")
             && m != "disk"
         {
-            return Err(invalid(format!("-drive id={id}: media={m} is not a disk")));
+            return Err(invalid(format!("{id}: media={m} is not a disk")));
+        }
+        if o.take_bool("snapshot")? == Some(true) {
+            return Err(invalid(format!(
+                "{id}: snapshot=on (writes thrown away at exit) is not supported"
+            )));
         }
         if let Some(f) = o.take("format") {
             b.format = Some(format(&f)?);
+        }
+        for k in ["offset", "size"] {
+            if o.peek(k).is_some() {
+                return Err(invalid(format!("{id}: raw {k}= is not supported")));
+            }
+        }
+        if let Some(f) = o.peek("file").map(str::to_string)
+            && o.has_prefix("file.")
+        {
+            // `file=/x,file.locking=off`: the name, with options of its file node.
+            o.take("file");
+            o.set("file.filename", &f, true);
+            o.set("file.driver", "file", true);
         }
         if o.has_prefix("file.") {
             self.node(o, "file.", b, 1)?;
         } else if let Some(f) = o.take("file") {
             file_name(&f, b)?;
         } else {
-            return Err(invalid(format!(
-                "-drive id={id}: no file= (an empty drive)"
-            )));
+            return Err(invalid(format!("{id}: no file= (an empty drive)")));
         }
         if b.format.is_none() {
-            let local = b.path.as_deref().filter(|p| !is_nbd_uri(p));
-            let probed = probe(local);
-            b.format = Some(probed);
-            ignored.push(format!(
-                "-drive id={id}: no format= (QEMU probes; found {probed}: say format= to be sure)"
-            ));
+            let local = b.path.clone().filter(|p| !is_nbd_uri(p));
+            b.format = Some(probe(local.as_deref(), &id, ignored)?);
         }
         if let Some(c) = o.take("cache") {
             let (wce, direct, no_flush) = match c.as_str() {
@@ -342,7 +339,11 @@ impl Graph {
                 "writethrough" => (false, false, false),
                 "directsync" => (false, true, false),
                 "unsafe" => (true, false, true),
-                _ => return Err(invalid(format!("-drive id={id}: cache={c}"))),
+                _ => {
+                    return Err(invalid(format!(
+                        "{id}: cache={c} (none, writeback, writethrough, directsync or unsafe)"
+                    )));
+                }
             };
             (b.wce, b.direct, b.no_flush) = (Some(wce), Some(direct), Some(no_flush));
         }
@@ -357,7 +358,7 @@ impl Graph {
             b.serial = Some(s);
         }
         if let Some(a) = o.take("aio") {
-            b.aio = Some(a.parse().map_err(invalid)?);
+            b.aio = Some(a.parse().map_err(|e| invalid(format!("{id}: {e}")))?);
         }
         if let Some(r) = o.take_bool("readonly")? {
             b.readonly |= r;
@@ -368,34 +369,58 @@ impl Graph {
             if k == "group" {
                 group = Some(v);
             } else if !set_limit(&mut limits, &k.replace('-', "_"), &v)? {
-                ignored.push(format!("-drive id={id}: throttling.{k}"));
+                ignored.push(format!("{id}: throttling.{k}={v}"));
             }
         }
         for (k, v) in o.clone().untaken_pairs() {
             if let Some(name) = legacy_limit(&k) {
                 o.take(&k);
                 if !set_limit(&mut limits, &name, &v)? {
-                    ignored.push(format!("-drive id={id}: {k}"));
+                    ignored.push(format!("{id}: {k}={v}"));
                 }
             }
+        }
+        if limits == ThrottleLimits::default() {
+            // QEMU throttles a drive only when it sets a limit; a group alone is nothing.
+            if let Some(g) = group {
+                ignored.push(format!(
+                    "{id}: throttling.group={g} without limits (not throttled)"
+                ));
+            }
+            return Ok(());
         }
         match group {
             Some(g) => {
-                let entry = groups.entry(g.clone()).or_default();
-                if limits != ThrottleLimits::default() {
-                    if *entry != ThrottleLimits::default() && *entry != limits {
-                        return Err(invalid(format!(
-                            "-drive id={id}: throttle group {g} has other limits on another drive"
-                        )));
-                    }
-                    *entry = limits;
+                // The drive's limits become the group's, as in QEMU (the last set wins).
+                if let Some(old) = groups.insert(g.clone(), limits.clone())
+                    && old != ThrottleLimits::default()
+                    && old != limits
+                {
+                    ignored.push(format!(
+                        "{id}: throttle group {g} had other limits; this drive's replace them"
+                    ));
                 }
                 b.group = Some(g);
             }
-            None if limits != ThrottleLimits::default() => b.throttle = Some(limits),
-            None => {}
+            None => b.throttle = Some(limits),
         }
         Ok(())
+    }
+
+    /// Marks the `-blockdev` chain from `name` used (a qcow2 node's `backing=`).
+    fn mark_chain(&mut self, name: &str, depth: u32) {
+        let Some(&n) = self.names.get(name) else {
+            return;
+        };
+        if depth > MAX_DEPTH || !self.used.insert(n) {
+            return;
+        }
+        self.backing.insert(n);
+        for key in ["file", "backing"] {
+            if let Some(c) = self.nodes[n].peek(key).map(str::to_string) {
+                self.mark_chain(&c, depth + 1);
+            }
+        }
     }
 
     /// The `-blockdev` node at `n`, for a disk.
@@ -422,7 +447,7 @@ impl Graph {
     ) -> Result<(), ImportError> {
         let name = o.peek(&format!("{p}node-name")).unwrap_or("").to_string();
         let here = if name.is_empty() {
-            format!("node {p}")
+            format!("node {}", p.trim_end_matches('.'))
         } else {
             format!("node {name}")
         };
@@ -444,9 +469,15 @@ impl Graph {
                     .ok_or_else(|| invalid(format!("{here}: no filename=")))?;
                 b.path = Some(f);
                 if let Some(a) = o.take(&k("aio")) {
-                    b.aio = Some(a.parse().map_err(invalid)?);
+                    b.aio = Some(a.parse().map_err(|e| invalid(format!("{here}: {e}")))?);
                 }
-                o.accept(&[&k("locking")]);
+                if let Some(l) = o.take(&k("locking"))
+                    && l != "on"
+                    && l != "auto"
+                {
+                    b.notes
+                        .push(format!("{here}: locking={l} (we always lock the image)"));
+                }
                 return Ok(());
             }
             "nbd" => return nbd_node(o, p, b, &here),
@@ -475,9 +506,14 @@ impl Graph {
                     )));
                 }
                 b.format = Some(ImageFormat::Qcow2);
-                if o.take(&k("backing")).is_some() {
-                    // The backing chain is opened from the image's header.
-                    o.accept(&[]);
+                match o.take(&k("backing")).as_deref() {
+                    Some("null") => b.notes.push(format!(
+                        "{here}: backing=null (QEMU opens no backing file): we open the chain the image header names"
+                    )),
+                    // The backing chain is opened from the image's header; its nodes
+                    // are the same files.
+                    Some(name) => self.mark_chain(name, depth),
+                    None => {}
                 }
             }
             other => {
@@ -521,11 +557,15 @@ fn common(o: &mut Opts, p: &str, b: &mut Build) -> Result<(), ImportError> {
         b.readonly |= r;
     }
     if let Some(d) = o.take(&format!("{p}discard")) {
-        b.discard = Some(match d.as_str() {
-            "unmap" | "on" => DiscardMode::Unmap,
-            "ignore" | "off" => DiscardMode::Ignore,
+        // Any node that ignores discards stops them (as in QEMU).
+        match d.as_str() {
+            "unmap" | "on" if b.discard != Some(DiscardMode::Ignore) => {
+                b.discard = Some(DiscardMode::Unmap);
+            }
+            "unmap" | "on" => {}
+            "ignore" | "off" => b.discard = Some(DiscardMode::Ignore),
             _ => return Err(invalid(format!("discard={d}: expected unmap or ignore"))),
-        });
+        }
     }
     if let Some(v) = o.take_bool(&format!("{p}cache.direct"))? {
         b.direct = Some(v);
@@ -549,15 +589,30 @@ fn nbd_node(o: &mut Opts, p: &str, b: &mut Build, here: &str) -> Result<(), Impo
     let (host, port, path) = (get("host"), get("port"), get("path"));
     let address = match (kind.as_deref(), path) {
         (Some("unix") | None, Some(path)) => NbdAddress::Unix(path.into()),
-        (Some("inet") | None, None) => NbdAddress::Tcp {
-            host: host.ok_or_else(|| invalid(format!("{here}: nbd without a host")))?,
-            port: port
-                .as_deref()
-                .unwrap_or("10809")
-                .parse()
-                .map_err(|_| invalid(format!("{here}: nbd port {port:?}")))?,
-        },
-        (Some(t), _) => return Err(invalid(format!("{here}: nbd server type {t}"))),
+        (Some("inet") | None, None) => {
+            let port = port.unwrap_or_else(|| "10809".into());
+            NbdAddress::Tcp {
+                host: host.ok_or_else(|| invalid(format!("{here}: nbd needs server.host")))?,
+                port: port
+                    .parse()
+                    .map_err(|_| invalid(format!("{here}: bad NBD port {port:?}")))?,
+            }
+        }
+        (Some("unix"), None) => {
+            return Err(invalid(format!(
+                "{here}: server.type=unix needs server.path"
+            )));
+        }
+        (Some("inet"), Some(_)) => {
+            return Err(invalid(format!(
+                "{here}: server.type=inet takes host and port, not path"
+            )));
+        }
+        (Some(t), _) => {
+            return Err(invalid(format!(
+                "{here}: nbd server.type={t} (inet or unix)"
+            )));
+        }
     };
     if o.peek(&format!("{p}tls-creds")).is_some() {
         return Err(invalid(format!("{here}: NBD over TLS is not supported")));
@@ -589,7 +644,7 @@ fn file_name(f: &str, b: &mut Build) -> Result<(), ImportError> {
                     host: host.trim_matches(|c| c == '[' || c == ']').to_string(),
                     port: port
                         .parse()
-                        .map_err(|_| invalid(format!("file={f}: port")))?,
+                        .map_err(|_| invalid(format!("file={f}: bad NBD port {port:?}")))?,
                 }
             }
         };
@@ -610,19 +665,78 @@ fn format(f: &str) -> Result<ImageFormat, ImportError> {
         .map_err(|_| invalid(format!("format={f} is not supported (raw or qcow2)")))
 }
 
-/// What QEMU's probe would find at `path` (qcow2 by its magic; raw otherwise, and for
-/// files we cannot read here).
-fn probe(path: Option<&str>) -> ImageFormat {
+/// What QEMU's probe would find at `path` (said in `ignored`): qcow2 by its magic, raw
+/// for other data; another format's magic is refused, and a file that cannot be read
+/// here (or is no regular file or block device) is taken as raw, and said so.
+fn probe(
+    path: Option<&str>,
+    id: &str,
+    ignored: &mut Vec<String>,
+) -> Result<ImageFormat, ImportError> {
     use std::io::Read;
-    let mut magic = [0u8; 4];
-    let qcow2 = path
-        .and_then(|p| std::fs::File::open(p).ok())
-        .is_some_and(|mut f| f.read_exact(&mut magic).is_ok() && magic == *b"QFI\xfb");
-    if qcow2 {
+    use std::os::unix::fs::{FileTypeExt, OpenOptionsExt};
+    let Some(path) = path else {
+        ignored.push(format!("{id}: no format= (an NBD export): raw"));
+        return Ok(ImageFormat::Raw);
+    };
+    let mut magic = [0u8; 8];
+    // Never block on a FIFO or a terminal: only files and block devices are read.
+    let read = std::fs::metadata(path)
+        .ok()
+        .filter(|m| m.is_file() || m.file_type().is_block_device())
+        .and_then(|_| {
+            std::fs::OpenOptions::new()
+                .read(true)
+                .custom_flags(libc::O_NONBLOCK)
+                .open(path)
+                .ok()
+        })
+        .is_some_and(|mut f| f.read_exact(&mut magic).is_ok());
+    if !read {
+        ignored.push(format!(
+            "{id}: no format= and {path} cannot be read here: taken as raw (say format=)"
+        ));
+        return Ok(ImageFormat::Raw);
+    }
+    const OTHERS: [(&[u8], &str); 6] = [
+        (b"KDMV", "vmdk"),
+        (b"<<< ", "vdi"),
+        (b"vhdxfile", "vhdx"),
+        (b"QFI\0", "qed"),
+        (b"LUKS\xba\xbe", "luks"),
+        (b"conectix", "vpc"),
+    ];
+    if let Some((_, name)) = OTHERS.iter().find(|(m, _)| magic.starts_with(m)) {
+        return Err(invalid(format!(
+            "{id}: {path} is a {name} image (not supported: raw or qcow2)"
+        )));
+    }
+    let format = if magic.starts_with(b"QFI\xfb") {
         ImageFormat::Qcow2
     } else {
         ImageFormat::Raw
+    };
+    ignored.push(format!(
+        "{id}: no format= (QEMU probes; found {format}: say format= to be sure)"
+    ));
+    Ok(format)
+}
+
+/// A `-drive`'s name in messages: `-drive id=ID`, else `-drive file=FILE`.
+fn drive_label(o: &Opts) -> String {
+    match (o.peek("id"), o.peek("file")) {
+        (Some(id), _) => format!("-drive id={id}"),
+        (None, Some(f)) => format!("-drive file={f}"),
+        (None, None) => "-drive".into(),
     }
+}
+
+/// Whether `-global DRIVER.x=` reaches a device of model `model`: its own model, the
+/// `virtio-blk` alias of `virtio-blk-pci`, and `virtio-blk-device` (the device inside
+/// every virtio-blk model).
+fn global_applies(driver: &str, model: &str) -> bool {
+    let pci = |d: &str| d == "virtio-blk-pci" || d == "virtio-blk";
+    driver == model || (pci(driver) && pci(model)) || driver == "virtio-blk-device"
 }
 
 /// `werror=`/`rerror=` as our policy type.
@@ -631,7 +745,7 @@ fn policy<T: serde::de::DeserializeOwned>(id: &str, what: &str, v: &str) -> Resu
         .map_err(|_| invalid(format!("disk {id}: {what}={v}")))
 }
 
-/// `-drive`'s older throttle names (`bps_rd_max_length`) as ours (`bps_read_max_length`).
+/// `-drive`'s older throttle names (`bps_rd_max`) as ours (`bps_read_max`).
 fn legacy_limit(key: &str) -> Option<String> {
     const BASES: [(&str, &str); 7] = [
         ("bps_rd", "bps_read"),
@@ -644,7 +758,7 @@ fn legacy_limit(key: &str) -> Option<String> {
     ];
     BASES.iter().find_map(|(old, new)| {
         let rest = key.strip_prefix(old)?;
-        matches!(rest, "" | "_max" | "_max_length").then(|| format!("{new}{rest}"))
+        matches!(rest, "" | "_max").then(|| format!("{new}{rest}"))
     })
 }
 
@@ -698,12 +812,17 @@ impl Build {
                 (false, true) => CacheMode::Directsync,
             }
         };
+        ignored.extend(self.notes);
         if disk.is_nbd() {
             disk.reconnect_delay = self.reconnect_delay;
-            if self.reconnect_delay.is_none() {
-                ignored.push(format!(
+            match self.reconnect_delay {
+                None => ignored.push(format!(
                     "disk {id}: no reconnect-delay (QEMU's: 0, fail at once): ours, 5 s"
-                ));
+                )),
+                Some(0) => ignored.push(format!(
+                    "disk {id}: reconnect-delay=0: QEMU reconnects in the background, we do not"
+                )),
+                Some(_) => {}
             }
         }
         match self.aio {
@@ -720,6 +839,15 @@ impl Build {
             )));
         }
         disk.readonly = self.readonly;
+        match self.discard {
+            Some(DiscardMode::Ignore) if !self.discard_said => ignored.push(format!(
+                "disk {id}: discard=ignore: we do not offer discard to the guest (QEMU offers it and drops it)"
+            )),
+            None => ignored.push(format!(
+                "disk {id}: no discard= (QEMU's: ignore, requests dropped): ours, unmap"
+            )),
+            _ => {}
+        }
         if let Some(d) = self.discard {
             disk.discard = d;
         }

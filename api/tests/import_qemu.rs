@@ -178,17 +178,5 @@ fn the_test_guest_boots_from_an_imported_command_line() {
     // --strict: QEMU's aio and discard defaults are said, so both are given; nothing is
     // left out.
     assert!(o.status.success(), "{out}{err}");
-    s.ok("PUT", "vm.boot?id=g", None);
-    events.wait_for("g", "guest-poweroff", std::time::Duration::from_secs(60));
-    let console = std::fs::read_to_string(s.path("g.serial")).unwrap_or_default();
-    assert!(
-        console.contains("disk0.verify=ok"),
-        "the guest did not verify its disk:\n{console}"
-    );
-    let c = s.counters("g");
-    assert!(
-        c["disks"]["vda"]["write"]["ops"].as_u64().unwrap_or(0) > 0,
-        "{c}"
-    );
-    assert!(c["iothreads"].get("io0").is_some(), "{c}");
+    support::boot_and_verify(&s, &events, "g", &s.path("g.serial"), "vda", "io0");
 }

@@ -279,6 +279,32 @@ pub fn guest_vm(elf: &Path, id: &str, disks: Value) -> Value {
     })
 }
 
+/// Boots the created test-guest VM `vm` (its serial output in `serial`) and checks
+/// what an imported config must give: the guest verified its disk, disk `disk` took
+/// writes, iothread `iothread` served.
+pub fn boot_and_verify(
+    s: &Service,
+    events: &Events,
+    vm: &str,
+    serial: &Path,
+    disk: &str,
+    iothread: &str,
+) {
+    s.ok("PUT", &format!("vm.boot?id={vm}"), None);
+    events.wait_for(vm, "guest-poweroff", Duration::from_secs(60));
+    let console = std::fs::read_to_string(serial).unwrap_or_default();
+    assert!(
+        console.contains("disk0.verify=ok"),
+        "the guest did not verify its disk:\n{console}"
+    );
+    let c = s.counters(vm);
+    assert!(
+        c["disks"][disk]["write"]["ops"].as_u64().unwrap_or(0) > 0,
+        "{c}"
+    );
+    assert!(c["iothreads"].get(iothread).is_some(), "{c}");
+}
+
 /// Waits until `pid` has exited, up to `limit`; returns whether it did.
 pub fn wait_exit(child: &mut Child, limit: Duration) -> bool {
     let deadline = Instant::now() + limit;

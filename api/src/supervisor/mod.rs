@@ -10,8 +10,9 @@
 //!   a pidfd, and a `crashed` event.
 //! - `<state_dir>/<id>/` holds `config.json`, `pid`, `api.sock`, `vmm.log`, and what
 //!   the process left (`last.json`) or how it crashed (`crash.json`). A vmmd started on
-//!   the same state directory re-attaches to every VM process still alive (checking that
-//!   it answers as that VM) and lists the dead ones as `Shutdown` or `Crashed`.
+//!   the same state directory re-attaches to every VM process still alive (its pid
+//!   file's process, whose command line names the VM's API socket) and lists the dead
+//!   ones as `Shutdown` or `Crashed`.
 //! - Events of every VM process are relayed to vmmd's own stream.
 //! - Changes to a VM without a process (shut down, crashed) change its config only;
 //!   an added image is opened once here to check it.
@@ -309,6 +310,16 @@ impl ProcessBackend {
     /// when `boot`. On failure the process is ended and the error returned.
     fn start(&self, m: &Arc<Managed>, config: &VmConfig, boot: bool) -> Result<(), ApiError> {
         let sh = &self.shared;
+        // A process of this VM that vmmd did not attach (an earlier vmmd's, alive) keeps
+        // its socket and its images: a second one is not started beside it.
+        if m.live().is_none()
+            && let Some(other) = self.find_alive(m)
+        {
+            return Err(ApiError::conflict(format!(
+                "VM {}: its process {} from an earlier vmmd still runs; stop it first",
+                m.id, other.pid
+            )));
+        }
         // What the VM was, for a start that fails: it stays that.
         let before = {
             let st = m.status();
@@ -536,7 +547,9 @@ impl ProcessBackend {
     }
 
     /// The live process of VM `m` named by its pid file (written by vmmd), if that
-    /// process is the VM's `vmm`: its command line names the VM's socket. A process that
+    /// process is the VM's `vmm`: its command line says `--api-socket` with the VM's
+    /// socket (a path only this VM's process is given). Which binary it runs does not
+    /// matter, so a `vmm` installed elsewhere by an upgrade keeps its VMs. A process that
     /// is busy and does not answer now is still its VM's.
     fn find_alive(&self, m: &Managed) -> Option<Live> {
         let pid: u32 = std::fs::read_to_string(m.dir.pid())
@@ -547,10 +560,10 @@ impl ProcessBackend {
         let pidfd = process::pidfd_open(pid)?;
         let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).ok()?;
         let socket = m.dir.socket();
-        let mut args = cmdline.split(|b| *b == 0);
-        let binary = self.shared.opts.vmm_binary.as_os_str().as_encoded_bytes();
-        let ours = args.next() == Some(binary)
-            && args.any(|arg| arg == socket.as_os_str().as_encoded_bytes());
+        let args: Vec<&[u8]> = cmdline.split(|b| *b == 0).collect();
+        let ours = args.windows(2).any(|pair| {
+            pair[0] == b"--api-socket" && pair[1] == socket.as_os_str().as_encoded_bytes()
+        });
         // Checked after the pidfd was opened: the pidfd names this very process.
         (ours && process::alive(&pidfd)).then(|| Live {
             pid,

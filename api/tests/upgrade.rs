@@ -53,3 +53,34 @@ fn a_vmmd_from_a_new_install_re_attaches_the_running_vms() {
     );
     assert!(support::process_alive(pid));
 }
+
+/// A process of an earlier VM of the same id still running in the state directory (one
+/// this vmmd could not re-attach, its config unreadable) is left alone: a create of that
+/// id is refused, and its socket stays.
+#[test]
+fn a_create_never_starts_a_second_process_beside_a_live_one() {
+    let s = Service::start(&["--fake"]);
+    std::fs::write(s.path("vmlinuz"), b"kernel").unwrap();
+    let dir = s.state_dir().join("w");
+    std::fs::create_dir_all(&dir).unwrap();
+    let socket = dir.join("api.sock");
+    let mut earlier = std::process::Command::new(env!("CARGO_BIN_EXE_vmm"))
+        .args(["--fake", "--api-socket"])
+        .arg(&socket)
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    std::fs::write(dir.join("pid"), earlier.id().to_string()).unwrap();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    while !socket.exists() && std::time::Instant::now() < deadline {
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    let config = json!({"id": "w", "payload": {"kernel": s.path("vmlinuz")}});
+    let r = s.req("PUT", "vm.create", Some(&config));
+    let still = earlier.try_wait().unwrap().is_none();
+    earlier.kill().ok();
+    earlier.wait().ok();
+    assert_eq!(r.status, 409, "{}", String::from_utf8_lossy(&r.body));
+    assert!(still, "the earlier process was stopped");
+    assert!(socket.exists(), "its socket was removed");
+}

@@ -416,8 +416,8 @@ fn read_input(file: &str) -> Result<String, Failure> {
 type Request = (&'static str, String, Option<Vec<u8>>);
 
 /// What an import does next: with `create`, the `vm.create` request; else the JSON is
-/// printed (and `None` returned). What it left out goes to standard error, or fails
-/// the command with `strict`.
+/// printed (and `None` returned). Its notes go to standard error; what it left out goes
+/// there too, or fails the command with `strict`.
 fn import_request(
     source: &str,
     imported: api::import::Imported,
@@ -432,6 +432,9 @@ fn import_request(
             ),
             imported.ignored,
         ));
+    }
+    for n in &imported.notes {
+        eprintln!("vmctl: note: {n}");
     }
     for i in &imported.ignored {
         eprintln!("vmctl: ignored: {i}");

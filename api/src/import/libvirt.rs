@@ -16,7 +16,7 @@ use devices::config::{
 use roxmltree::{Document, Node};
 use vmm::config::{SerialMode, ThrottleGroupConfig, VmConfig};
 
-use super::{ImportError, Imported, MAX_IOTHREADS, spread_queues};
+use super::{ImportError, Imported, MAX_IOTHREADS, Said, spread_queues};
 
 /// The `iothread` id we give libvirt's iothread `n`.
 fn iothread_id(n: &str) -> String {
@@ -53,7 +53,7 @@ pub fn import(xml: &str) -> Result<Imported, ImportError> {
             domain.tag_name().name()
         )));
     }
-    let mut ignored = Vec::new();
+    let mut ignored = Said::default();
     let name = child_text(domain, "name")
         .ok_or_else(|| ImportError::Invalid("the domain has no <name>".into()))?;
     let mut config: VmConfig = serde_json::from_value(serde_json::json!({
@@ -206,7 +206,11 @@ pub fn import(xml: &str) -> Result<Imported, ImportError> {
         .into_iter()
         .map(|(id, limits)| ThrottleGroupConfig { id, limits })
         .collect();
-    Ok(Imported { config, ignored })
+    Ok(Imported {
+        config,
+        ignored: ignored.ignored,
+        notes: ignored.notes,
+    })
 }
 
 /// libvirt's namespace for `<qemu:commandline>`.
@@ -216,7 +220,7 @@ const QEMU_NS: &str = "http://libvirt.org/schemas/domain/qemu/1.0";
 /// disk gets a dedicated iothread) and `-set device.ALIAS.config-wce=off` (the guest may
 /// not switch the write cache; the cache mode stays, and that is said in `ignored`);
 /// other arguments are listed as ignored.
-fn qemu_commandline(cmd: Node, domain: Node, config: &mut VmConfig, ignored: &mut Vec<String>) {
+fn qemu_commandline(cmd: Node, domain: Node, config: &mut VmConfig, ignored: &mut Said) {
     let mut args: Vec<&str> = Vec::new();
     for n in cmd.children().filter(Node::is_element) {
         match (n.tag_name().name(), n.attribute("value")) {
@@ -254,7 +258,7 @@ fn qemu_commandline(cmd: Node, domain: Node, config: &mut VmConfig, ignored: &mu
             }
             (Some((_, ("config-wce", "off"))), Some(disk)) => {
                 // QEMU keeps the cache mode; the guest only may not switch it.
-                ignored.push(format!(
+                ignored.note(format!(
                     "qemu:commandline config-wce=off on disk {}: the guest may not switch the write cache in QEMU; ours may",
                     disk.id
                 ));
@@ -274,7 +278,7 @@ fn qemu_commandline(cmd: Node, domain: Node, config: &mut VmConfig, ignored: &mu
 /// One `<disk>`: `None` (listed as ignored) unless a virtio disk.
 fn import_disk(
     el: Node,
-    ignored: &mut Vec<String>,
+    ignored: &mut Said,
     groups: &mut BTreeMap<String, ThrottleLimits>,
 ) -> Result<Option<DiskConfig>, ImportError> {
     let device = el.attribute("device").unwrap_or("disk");
@@ -370,7 +374,7 @@ fn nbd_uri(source: Node) -> Result<String, ImportError> {
 }
 
 /// `<driver>`'s attributes and `<iothreads>` child on `disk`.
-fn driver(d: Node, disk: &mut DiskConfig, ignored: &mut Vec<String>) -> Result<(), ImportError> {
+fn driver(d: Node, disk: &mut DiskConfig, ignored: &mut Said) -> Result<(), ImportError> {
     let bad = |what: &str, v: &str| ImportError::Invalid(format!("disk {}: {what}='{v}'", disk.id));
     for a in d.attributes() {
         let v = a.value();
@@ -381,7 +385,7 @@ fn driver(d: Node, disk: &mut DiskConfig, ignored: &mut Vec<String>) -> Result<(
                     .parse::<ImageFormat>()
                     .map_err(|_| bad("driver type", v))?;
             }
-            "cache" if v == "default" => ignored.push(format!(
+            "cache" if v == "default" => ignored.note(format!(
                 "devices/disk {}: cache='default' (the hypervisor's: writeback) taken as ours, none",
                 disk.id
             )),
@@ -394,7 +398,7 @@ fn driver(d: Node, disk: &mut DiskConfig, ignored: &mut Vec<String>) -> Result<(
                     "threads" => AioKind::Threads,
                     "io_uring" => AioKind::IoUring,
                     "default" => {
-                        ignored.push(format!(
+                        ignored.note(format!(
                             "devices/disk {}: io='default' (QEMU's: threads) taken as ours, io_uring",
                             disk.id
                         ));
@@ -467,7 +471,7 @@ fn iotune(
     t: Node,
     disk: &mut DiskConfig,
     groups: &mut BTreeMap<String, ThrottleLimits>,
-    ignored: &mut Vec<String>,
+    ignored: &mut Said,
 ) -> Result<(), ImportError> {
     let mut limits = ThrottleLimits::default();
     let mut group = None;

@@ -9,13 +9,46 @@ pub mod qemu;
 use devices::config::VqMapping;
 use vmm::config::VmConfig;
 
-/// What an import made: the config, and what the source had that it left out.
+/// What an import made: the config, what the source had that it left out, and where
+/// it read the source in a way worth saying.
 #[derive(Debug)]
 pub struct Imported {
     /// The VM config.
     pub config: VmConfig,
-    /// What was ignored or changed, one line each (`devices/interface`, `-netdev ...`).
+    /// What was left out, one line each (`devices/interface`, `-netdev ...`): `--strict`
+    /// refuses an import with any.
     pub ignored: Vec<String>,
+    /// Defaults and readings said, not lost (`no aio= (QEMU's default: threads): ours,
+    /// io_uring`).
+    pub notes: Vec<String>,
+}
+
+/// What an import has to say, as it goes: what it left out, and notes.
+#[derive(Debug, Default)]
+pub struct Said {
+    /// Left out.
+    pub ignored: Vec<String>,
+    /// Said, not lost.
+    pub notes: Vec<String>,
+}
+
+impl Said {
+    /// Something left out.
+    pub fn push(&mut self, line: String) {
+        self.ignored.push(line);
+    }
+
+    /// A default or a reading worth saying.
+    pub fn note(&mut self, line: String) {
+        self.notes.push(line);
+    }
+}
+
+impl Extend<String> for Said {
+    /// Lines left out.
+    fn extend<I: IntoIterator<Item = String>>(&mut self, lines: I) {
+        self.ignored.extend(lines);
+    }
 }
 
 /// Why an import failed.

@@ -16,7 +16,7 @@ use block::throttle::ThrottleLimits;
 use devices::config::{IoThreadConfig, MAX_QUEUES};
 use vmm::config::{SerialMode, ThrottleGroupConfig, VmConfig};
 
-use super::{ImportError, Imported, MAX_IOTHREADS};
+use super::{ImportError, Imported, MAX_IOTHREADS, Said};
 use disks::{DiskSource, Graph};
 use opts::{Opts, size_bytes};
 
@@ -69,15 +69,22 @@ const VIRTIO_BLK_PCI: &[&str] = &[
     "virtio-blk-pci-transitional",
 ];
 
-/// Imports the QEMU command line `args` (the program name first is skipped).
+/// Imports the QEMU command line `args` (leading `VAR=value` words and the program name
+/// are skipped).
 pub fn import<S: AsRef<str>>(args: &[S]) -> Result<Imported, ImportError> {
     let mut args: Vec<&str> = args.iter().map(AsRef::as_ref).collect();
+    // A libvirt log line starts with the environment (`LC_ALL=C PATH=...`).
+    while args.first().is_some_and(|a| {
+        !a.starts_with('-') && a.split_once('=').is_some_and(|(k, _)| !k.contains('/'))
+    }) {
+        args.remove(0);
+    }
     if args.first().is_some_and(|a| {
         !a.starts_with('-') && a.rsplit('/').next().is_some_and(|b| b.starts_with("qemu"))
     }) {
         args.remove(0);
     }
-    let mut ignored = Vec::new();
+    let mut ignored = Said::default();
     let mut config: VmConfig = serde_json::from_value(serde_json::json!({
         "id": "qemu-vm",
         "payload": {"kernel": ""},
@@ -86,6 +93,7 @@ pub fn import<S: AsRef<str>>(args: &[S]) -> Result<Imported, ImportError> {
     let mut named = false;
     let mut sized = false;
     let mut virtio_drives = 0;
+    let mut drive_devices = Vec::new();
     let mut serial_set = false;
     let mut graph = Graph::default();
     let mut groups: BTreeMap<String, ThrottleLimits> = BTreeMap::new();
@@ -138,7 +146,7 @@ pub fn import<S: AsRef<str>>(args: &[S]) -> Result<Imported, ImportError> {
             "append" => config.payload.cmdline = value.to_string(),
             "mem-path" if value.contains("huge") => {
                 config.memory.hugepages = true;
-                ignored.push(format!(
+                ignored.note(format!(
                     "-mem-path {value}: taken as huge pages (we use 2 MiB pages of our own)"
                 ));
             }
@@ -200,10 +208,11 @@ pub fn import<S: AsRef<str>>(args: &[S]) -> Result<Imported, ImportError> {
                         o.set("id", &id, true);
                         o.set("if", "none", false);
                         graph.sources.push(DiskSource::Drive(o));
+                        // QEMU adds these devices after every -device.
                         let mut dev = Opts::default();
                         dev.set("driver", "virtio-blk-pci", false);
                         dev.set("drive", &id, false);
-                        graph.sources.push(DiskSource::Device(dev));
+                        drive_devices.push(DiskSource::Device(dev));
                     }
                     other => {
                         ignored.push(format!("-drive {value} (if={other}: only virtio disks)"))
@@ -225,12 +234,13 @@ pub fn import<S: AsRef<str>>(args: &[S]) -> Result<Imported, ImportError> {
             _ => ignored.push(format!("{arg} {value}")),
         }
     }
+    graph.sources.extend(drive_devices);
     if !sized {
         config.memory.size_mib = 128;
-        ignored.push("no -m: QEMU's 128 MiB".into());
+        ignored.note("no -m: QEMU's 128 MiB".into());
     }
     if !named {
-        ignored.push("no -name: the VM is called qemu-vm".into());
+        ignored.note("no -name: the VM is called qemu-vm".into());
     }
     if config.payload.kernel.as_os_str().is_empty() {
         ignored.push("no -kernel (we boot a kernel directly; set payload.kernel)".into());
@@ -259,11 +269,15 @@ pub fn import<S: AsRef<str>>(args: &[S]) -> Result<Imported, ImportError> {
         .into_iter()
         .map(|(id, limits)| ThrottleGroupConfig { id, limits })
         .collect();
-    Ok(Imported { config, ignored })
+    Ok(Imported {
+        config,
+        ignored: ignored.ignored,
+        notes: ignored.notes,
+    })
 }
 
 /// Lists the keys of `o` that nothing took, as `what: key=value`.
-fn list_untaken(o: &Opts, what: &str, ignored: &mut Vec<String>) {
+fn list_untaken(o: &Opts, what: &str, ignored: &mut Said) {
     for k in o.untaken() {
         ignored.push(format!("{what}: {k}"));
     }
@@ -271,7 +285,7 @@ fn list_untaken(o: &Opts, what: &str, ignored: &mut Vec<String>) {
 
 /// `-smp N` or `-smp cpus=N,sockets=,cores=,threads=`: the vCPUs booted (QEMU boots
 /// `cpus`, or the topology's product when only that is given).
-fn smp(value: &str, ignored: &mut Vec<String>) -> Result<u16, ImportError> {
+fn smp(value: &str, ignored: &mut Said) -> Result<u16, ImportError> {
     let mut o = Opts::parse(value, Some("cpus"))?;
     let cpus: Option<u16> = o.take_number("cpus")?;
     // Without cpus=, QEMU boots maxcpus= vCPUs.
@@ -327,7 +341,7 @@ fn iothread(o: &mut Opts) -> Result<IoThreadConfig, ImportError> {
 
 /// The first `-serial`: `file:PATH`, `unix:PATH,server=on,...` (we listen), `stdio`,
 /// `none`/`null`; other back ends are listed as ignored.
-fn serial(value: &str, config: &mut VmConfig, ignored: &mut Vec<String>) {
+fn serial(value: &str, config: &mut VmConfig, ignored: &mut Said) {
     if let Some(path) = value.strip_prefix("file:") {
         config.serial.mode = SerialMode::File;
         config.serial.path = Some(path.into());

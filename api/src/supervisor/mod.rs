@@ -547,10 +547,11 @@ impl ProcessBackend {
     }
 
     /// The live process of VM `m` named by its pid file (written by vmmd), if that
-    /// process is the VM's `vmm`: its command line says `--api-socket` with the VM's
-    /// socket (a path only this VM's process is given). Which binary it runs does not
-    /// matter, so a `vmm` installed elsewhere by an upgrade keeps its VMs. A process that
-    /// is busy and does not answer now is still its VM's.
+    /// process is the VM's `vmm`: it runs as vmmd's user, its command line says
+    /// `--api-socket` with the VM's socket (a path only this VM's process is given), and
+    /// it is not one of the clients that take the same option (`vmctl`, `vmmd`). Where
+    /// the binary lives does not matter, so a `vmm` installed elsewhere by an upgrade
+    /// keeps its VMs. A process that is busy and does not answer now is still its VM's.
     fn find_alive(&self, m: &Managed) -> Option<Live> {
         let pid: u32 = std::fs::read_to_string(m.dir.pid())
             .ok()?
@@ -561,9 +562,19 @@ impl ProcessBackend {
         let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).ok()?;
         let socket = m.dir.socket();
         let args: Vec<&[u8]> = cmdline.split(|b| *b == 0).collect();
-        let ours = args.windows(2).any(|pair| {
+        let names_socket = args.windows(2).any(|pair| {
             pair[0] == b"--api-socket" && pair[1] == socket.as_os_str().as_encoded_bytes()
         });
+        let exe = std::fs::read_link(format!("/proc/{pid}/exe")).ok()?;
+        let exe_name = exe.file_name()?.to_string_lossy();
+        let client = ["vmctl", "vmmd"]
+            .iter()
+            .any(|c| exe_name == *c || exe_name == format!("{c} (deleted)"));
+        // SAFETY: geteuid has no preconditions.
+        let same_user =
+            std::os::unix::fs::MetadataExt::uid(&std::fs::metadata(format!("/proc/{pid}")).ok()?)
+                == unsafe { libc::geteuid() };
+        let ours = names_socket && !client && same_user;
         // Checked after the pidfd was opened: the pidfd names this very process.
         (ours && process::alive(&pidfd)).then(|| Live {
             pid,
@@ -995,7 +1006,16 @@ impl VmmBackend for ProcessBackend {
             }
             vms.insert(id.clone(), m.clone());
         }
-        // A directory left by a VM this vmmd does not know (it could not read its config).
+        // A directory left by a VM this vmmd does not know (it could not read its config):
+        // removed, unless a process of it still runs there.
+        if let Some(other) = self.find_alive(&m) {
+            m.status().removed = true;
+            lock(&self.shared.vms).remove(&id);
+            return Err(ApiError::conflict(format!(
+                "VM {id}: a process of an earlier VM of that id (pid {}) still runs; stop it first",
+                other.pid
+            )));
+        }
         m.dir.remove();
         match self.start(&m, &config, false) {
             Ok(()) => {

@@ -356,9 +356,12 @@ impl IoEngine for UringEngine {
     }
 
     fn has_completions(&mut self) -> bool {
+        // The task-work flag before the completion queue: task work that runs between
+        // the two looks (a timer tick) clears the flag after filling the queue, so this
+        // order cannot miss it, and the other can.
         !self.ready.is_empty()
-            || !self.ring.completion().is_empty()
             || self.ring.submission().taskrun()
+            || !self.ring.completion().is_empty()
             || self.pool.as_ref().is_some_and(WorkerPool::has_completions)
     }
 

@@ -81,7 +81,9 @@ const FULL: &str = r#"<domain type='kvm' id='7'>
 
 #[test]
 fn every_mapped_field_arrives_with_its_value() {
-    let Imported { config: c, ignored } = import(FULL).unwrap();
+    let Imported {
+        config: c, ignored, ..
+    } = import(FULL).unwrap();
     assert_eq!(c.id, "db1");
     assert_eq!(c.memory.size_mib, 4096);
     assert!(c.memory.hugepages);
@@ -252,7 +254,9 @@ fn unsupported_elements_and_devices_are_listed() {
     <controller type='usb'/>
   </devices>
 </domain>"#;
-    let Imported { config, ignored } = import(xml).unwrap();
+    let Imported {
+        config, ignored, ..
+    } = import(xml).unwrap();
     assert_eq!(config.memory.size_mib, 512, "KiB by default");
     assert_eq!(config.disks.len(), 1);
     assert_eq!(config.disks[0].id, "vdc");
@@ -351,7 +355,11 @@ fn qemu_commandline_data_plane_and_write_cache_settings_map() {
     <qemu:arg value='-no-hpet'/>
   </qemu:commandline>
 </domain>"#;
-    let Imported { config, ignored } = import(xml).unwrap();
+    let Imported {
+        config,
+        ignored,
+        notes,
+    } = import(xml).unwrap();
     let (a, b) = (&config.disks[0], &config.disks[1]);
     assert_eq!(a.iothread, None, "x-data-plane=on: a dedicated iothread");
     assert_eq!(a.cache, CacheMode::None);
@@ -361,10 +369,10 @@ fn qemu_commandline_data_plane_and_write_cache_settings_map() {
         "config-wce=off keeps the cache mode, as in QEMU"
     );
     assert!(
-        ignored
+        notes
             .iter()
             .any(|i| i.contains("config-wce=off on disk vdb")),
-        "the difference is said: {ignored:?}"
+        "the difference is said: {notes:?}"
     );
     for want in [
         "qemu:commandline -set device.virtio-disk1.scsi=off",

@@ -10,7 +10,7 @@ use block::throttle::ThrottleLimits;
 use block::{AioKind, CacheMode, ImageFormat};
 use devices::config::{DiscardMode, DiskConfig, ReadErrorPolicy, VqMapping, WriteErrorPolicy};
 
-use super::super::{ImportError, spread_queues};
+use super::super::{ImportError, Said, spread_queues};
 use super::opts::Opts;
 use super::{VIRTIO_BLK_PCI, list_untaken, set_limit};
 
@@ -60,10 +60,13 @@ struct Build {
     werror: Option<WriteErrorPolicy>,
     rerror: Option<ReadErrorPolicy>,
     serial: Option<String>,
-    /// What the walk noticed, for the ignored list.
-    notes: Vec<String>,
+    /// What the walk left out (for the ignored list).
+    ignored: Vec<String>,
     /// The device already said why discard is off.
     discard_said: bool,
+    /// A -drive or a separately given node said nothing of discard (QEMU's default
+    /// there: ignore).
+    discard_default: bool,
 }
 
 fn invalid(s: String) -> ImportError {
@@ -87,7 +90,7 @@ impl Graph {
     }
 
     /// `-set device.ID.PROP=VALUE` (or `drive.ID...`) on the device or drive with that id.
-    pub fn apply_set(&mut self, set: &str, ignored: &mut Vec<String>) -> Result<(), ImportError> {
+    pub fn apply_set(&mut self, set: &str, ignored: &mut Said) -> Result<(), ImportError> {
         let bad = || invalid(format!("-set {set}: expected GROUP.ID.PROPERTY=VALUE"));
         let (lhs, value) = set.split_once('=').ok_or_else(bad)?;
         // GROUP.ID.ARG: the argument is everything after the second dot.
@@ -114,14 +117,15 @@ impl Graph {
         &mut self,
         queues: (u16, bool),
         groups: &mut BTreeMap<String, ThrottleLimits>,
-        ignored: &mut Vec<String>,
+        ignored: &mut Said,
     ) -> Result<Vec<DiskConfig>, ImportError> {
+        self.group_limits(groups, ignored);
         let mut disks = Vec::new();
         let mut used_drives = BTreeSet::new();
         for i in 0..self.sources.len() {
             if let DiskSource::Device(_) = &self.sources[i] {
                 let mut dev = self.take_source(i);
-                let r = self.device(&mut dev, queues, &mut used_drives, groups, ignored);
+                let r = self.device(&mut dev, queues, &mut used_drives, ignored);
                 self.put_source(i, dev);
                 disks.push(r?);
             }
@@ -149,7 +153,7 @@ impl Graph {
             }
         }
         for (name, &i) in &self.names {
-            if self.backing.contains(&i) {
+            if self.backing.contains(&i) && !self.used.contains(&i) {
                 continue;
             }
             if self.used.contains(&i) {
@@ -185,11 +189,11 @@ impl Graph {
         dev: &mut Opts,
         queues: (u16, bool),
         used_drives: &mut BTreeSet<usize>,
-        groups: &mut BTreeMap<String, ThrottleLimits>,
-        ignored: &mut Vec<String>,
+        ignored: &mut Said,
     ) -> Result<DiskConfig, ImportError> {
         let driver = dev.take("driver").unwrap_or_default();
-        for (g, (d, prop, v)) in self.globals.iter().enumerate() {
+        // The last -global of a property wins, as in QEMU.
+        for (g, (d, prop, v)) in self.globals.iter().enumerate().rev() {
             if global_applies(d, &driver) {
                 dev.set(prop, v, true);
                 self.globals_used.insert(g);
@@ -208,7 +212,7 @@ impl Graph {
             }
             let mut o = self.take_source(j);
             o.accept(&["if"]);
-            let r = self.drive(&mut o, &mut b, groups, ignored);
+            let r = self.drive(&mut o, &mut b, ignored);
             self.put_source(j, o);
             r?;
         } else if let Some(&n) = self.names.get(&drive) {
@@ -228,7 +232,7 @@ impl Graph {
             };
         }
         if dev.take_bool("config-wce")? == Some(false) {
-            ignored.push(format!(
+            ignored.note(format!(
                 "disk {id}: config-wce=off (the guest may not switch the write cache): we let it"
             ));
         }
@@ -244,7 +248,7 @@ impl Graph {
         if dev.take_bool("discard")? == Some(false) {
             b.discard = Some(DiscardMode::Ignore);
             b.discard_said = true;
-            ignored.push(format!(
+            ignored.note(format!(
                 "disk {id}: discard=off: discard not offered to the guest (discard: ignore)"
             ));
         }
@@ -256,7 +260,7 @@ impl Graph {
             Some(n) => n,
             None if VIRTIO_BLK_PCI.contains(&driver.as_str()) => {
                 if queues.1 {
-                    ignored.push(format!(
+                    ignored.note(format!(
                         "disk {id}: no num-queues (QEMU's: one per vCPU): {} (our most)",
                         queues.0
                     ));
@@ -290,11 +294,11 @@ impl Graph {
         &mut self,
         o: &mut Opts,
         b: &mut Build,
-        groups: &mut BTreeMap<String, ThrottleLimits>,
-        ignored: &mut Vec<String>,
+        ignored: &mut Said,
     ) -> Result<(), ImportError> {
         let id = drive_label(o);
         o.accept(&["id", "if", "index"]);
+        b.discard_default |= o.peek("discard").is_none();
         if let Some(m) = o.take("media")
             && m != "disk"
         {
@@ -308,6 +312,10 @@ impl Graph {
         if let Some(f) = o.take("format") {
             b.format = Some(format(&f)?);
         }
+        // `driver=` on a -drive names the format too (never probed).
+        if let Some(d) = o.take("driver") {
+            b.format = Some(format(&d)?);
+        }
         for k in ["offset", "size"] {
             if o.peek(k).is_some() {
                 return Err(invalid(format!("{id}: raw {k}= is not supported")));
@@ -315,6 +323,7 @@ impl Graph {
         }
         if let Some(f) = o.peek("file").map(str::to_string)
             && o.has_prefix("file.")
+            && !f.starts_with("nbd")
         {
             // `file=/x,file.locking=off`: the name, with options of its file node.
             o.take("file");
@@ -363,48 +372,46 @@ impl Graph {
         if let Some(r) = o.take_bool("readonly")? {
             b.readonly |= r;
         }
-        let mut limits = ThrottleLimits::default();
-        let mut group = o.take("group");
-        for (k, v) in o.take_prefix("throttling.") {
-            if k == "group" {
-                group = Some(v);
-            } else if !set_limit(&mut limits, &k.replace('-', "_"), &v)? {
-                ignored.push(format!("{id}: throttling.{k}={v}"));
-            }
-        }
-        for (k, v) in o.clone().untaken_pairs() {
-            if let Some(name) = legacy_limit(&k) {
-                o.take(&k);
-                if !set_limit(&mut limits, &name, &v)? {
-                    ignored.push(format!("{id}: {k}={v}"));
-                }
-            }
-        }
+        let (limits, group) = drive_limits(o, &id, ignored)?;
         if limits == ThrottleLimits::default() {
             // QEMU throttles a drive only when it sets a limit; a group alone is nothing.
             if let Some(g) = group {
-                ignored.push(format!(
+                ignored.note(format!(
                     "{id}: throttling.group={g} without limits (not throttled)"
                 ));
             }
-            return Ok(());
-        }
-        match group {
-            Some(g) => {
-                // The drive's limits become the group's, as in QEMU (the last set wins).
-                if let Some(old) = groups.insert(g.clone(), limits.clone())
-                    && old != ThrottleLimits::default()
-                    && old != limits
-                {
-                    ignored.push(format!(
-                        "{id}: throttle group {g} had other limits; this drive's replace them"
-                    ));
-                }
-                b.group = Some(g);
-            }
-            None => b.throttle = Some(limits),
+        } else if group.is_some() {
+            // The group's limits were set in -drive order (`group_limits`).
+            b.group = group;
+        } else {
+            b.throttle = Some(limits);
         }
         Ok(())
+    }
+
+    /// Throttle groups' limits from the `-drive`s that name one, in command-line order
+    /// (each drive's limits become its group's as QEMU creates it: the last one wins),
+    /// over the groups `-object throttle-group` defined.
+    fn group_limits(&self, groups: &mut BTreeMap<String, ThrottleLimits>, ignored: &mut Said) {
+        for s in &self.sources {
+            let DiskSource::Drive(o) = s else { continue };
+            let mut o = o.clone();
+            let id = drive_label(&o);
+            let Ok((limits, Some(g))) = drive_limits(&mut o, &id, &mut Said::default()) else {
+                continue;
+            };
+            if limits == ThrottleLimits::default() {
+                continue;
+            }
+            if let Some(old) = groups.insert(g.clone(), limits.clone())
+                && old != ThrottleLimits::default()
+                && old != limits
+            {
+                ignored.note(format!(
+                    "{id}: throttle group {g} had other limits; this drive's replace them"
+                ));
+            }
+        }
     }
 
     /// Marks the `-blockdev` chain from `name` used (a qcow2 node's `backing=`).
@@ -412,10 +419,9 @@ impl Graph {
         let Some(&n) = self.names.get(name) else {
             return;
         };
-        if depth > MAX_DEPTH || !self.used.insert(n) {
+        if depth > MAX_DEPTH || !self.backing.insert(n) {
             return;
         }
-        self.backing.insert(n);
         for key in ["file", "backing"] {
             if let Some(c) = self.nodes[n].peek(key).map(str::to_string) {
                 self.mark_chain(&c, depth + 1);
@@ -432,6 +438,7 @@ impl Graph {
             )));
         }
         let mut o = std::mem::take(&mut self.nodes[n]);
+        b.discard_default |= o.peek("discard").is_none();
         let r = self.node(&mut o, "", b, depth);
         self.nodes[n] = o;
         r
@@ -475,7 +482,7 @@ impl Graph {
                     && l != "on"
                     && l != "auto"
                 {
-                    b.notes
+                    b.ignored
                         .push(format!("{here}: locking={l} (we always lock the image)"));
                 }
                 return Ok(());
@@ -507,7 +514,7 @@ impl Graph {
                 }
                 b.format = Some(ImageFormat::Qcow2);
                 match o.take(&k("backing")).as_deref() {
-                    Some("null") => b.notes.push(format!(
+                    Some("null") => b.ignored.push(format!(
                         "{here}: backing=null (QEMU opens no backing file): we open the chain the image header names"
                     )),
                     // The backing chain is opened from the image's header; its nodes
@@ -649,9 +656,19 @@ fn file_name(f: &str, b: &mut Build) -> Result<(), ImportError> {
             }
         };
         b.path = Some(NbdUri { address, export }.to_string());
-    } else if f.starts_with("json:") || f.contains("://") {
+    } else if let Some(path) = f
+        .strip_prefix("file:")
+        .or_else(|| f.strip_prefix("host_device:"))
+    {
+        b.path = Some(path.to_string());
+    } else if f
+        .split_once(':')
+        .is_some_and(|(proto, _)| !proto.contains('/'))
+    {
+        // As QEMU reads it: a name before the first `:` with no `/` is a protocol.
         return Err(invalid(format!(
-            "file={f}: only local files and NBD are supported"
+            "file={f}: only local files and NBD are supported (a protocol prefix; \
+             ./{f} names a local file)"
         )));
     } else {
         b.path = Some(f.to_string());
@@ -665,18 +682,41 @@ fn format(f: &str) -> Result<ImageFormat, ImportError> {
         .map_err(|_| invalid(format!("format={f} is not supported (raw or qcow2)")))
 }
 
+/// A `-drive`'s own throttle limits (`throttling.*` and the older names) and the group
+/// it names; unknown limit names are listed.
+fn drive_limits(
+    o: &mut Opts,
+    id: &str,
+    ignored: &mut Said,
+) -> Result<(ThrottleLimits, Option<String>), ImportError> {
+    let mut limits = ThrottleLimits::default();
+    let mut group = o.take("group");
+    for (k, v) in o.take_prefix("throttling.") {
+        if k == "group" {
+            group = Some(v);
+        } else if !set_limit(&mut limits, &k.replace('-', "_"), &v)? {
+            ignored.push(format!("{id}: throttling.{k}={v}"));
+        }
+    }
+    for (k, v) in o.clone().untaken_pairs() {
+        if let Some(name) = legacy_limit(&k) {
+            o.take(&k);
+            if !set_limit(&mut limits, &name, &v)? {
+                ignored.push(format!("{id}: {k}={v}"));
+            }
+        }
+    }
+    Ok((limits, group))
+}
+
 /// What QEMU's probe would find at `path` (said in `ignored`): qcow2 by its magic, raw
 /// for other data; another format's magic is refused, and a file that cannot be read
 /// here (or is no regular file or block device) is taken as raw, and said so.
-fn probe(
-    path: Option<&str>,
-    id: &str,
-    ignored: &mut Vec<String>,
-) -> Result<ImageFormat, ImportError> {
+fn probe(path: Option<&str>, id: &str, ignored: &mut Said) -> Result<ImageFormat, ImportError> {
     use std::io::Read;
     use std::os::unix::fs::{FileTypeExt, OpenOptionsExt};
     let Some(path) = path else {
-        ignored.push(format!("{id}: no format= (an NBD export): raw"));
+        ignored.note(format!("{id}: no format= (an NBD export): raw"));
         return Ok(ImageFormat::Raw);
     };
     let mut magic = [0u8; 8];
@@ -712,11 +752,17 @@ fn probe(
         )));
     }
     let format = if magic.starts_with(b"QFI\xfb") {
+        let version = u32::from_be_bytes([magic[4], magic[5], magic[6], magic[7]]);
+        if version < 2 {
+            return Err(invalid(format!(
+                "{id}: {path} is a qcow version {version} image (not supported: qcow2 is)"
+            )));
+        }
         ImageFormat::Qcow2
     } else {
         ImageFormat::Raw
     };
-    ignored.push(format!(
+    ignored.note(format!(
         "{id}: no format= (QEMU probes; found {format}: say format= to be sure)"
     ));
     Ok(format)
@@ -731,12 +777,11 @@ fn drive_label(o: &Opts) -> String {
     }
 }
 
-/// Whether `-global DRIVER.x=` reaches a device of model `model`: its own model, the
-/// `virtio-blk` alias of `virtio-blk-pci`, and `virtio-blk-device` (the device inside
-/// every virtio-blk model).
+/// Whether `-global DRIVER.x=` reaches a device of model `model`: its own model, and
+/// `virtio-blk-device` (the device inside every virtio-blk model). QEMU matches type
+/// names, not aliases such as `virtio-blk`.
 fn global_applies(driver: &str, model: &str) -> bool {
-    let pci = |d: &str| d == "virtio-blk-pci" || d == "virtio-blk";
-    driver == model || (pci(driver) && pci(model)) || driver == "virtio-blk-device"
+    driver == model || driver == "virtio-blk-device"
 }
 
 /// `werror=`/`rerror=` as our policy type.
@@ -790,7 +835,7 @@ fn vq_mapping(dev: &mut Opts) -> Result<Vec<VqMapping>, ImportError> {
 
 impl Build {
     /// The disk `id` from what the walk found.
-    fn finish(self, id: &str, ignored: &mut Vec<String>) -> Result<DiskConfig, ImportError> {
+    fn finish(self, id: &str, ignored: &mut Said) -> Result<DiskConfig, ImportError> {
         let path = self
             .path
             .ok_or_else(|| invalid(format!("disk {id}: no file")))?;
@@ -799,7 +844,7 @@ impl Build {
         let (wce, direct) = (self.wce.unwrap_or(true), self.direct.unwrap_or(false));
         disk.cache = if self.no_flush.unwrap_or(false) {
             if direct {
-                ignored.push(format!(
+                ignored.note(format!(
                     "disk {id}: cache.direct=on with cache.no-flush=on: taken as unsafe (buffered)"
                 ));
             }
@@ -812,14 +857,14 @@ impl Build {
                 (false, true) => CacheMode::Directsync,
             }
         };
-        ignored.extend(self.notes);
+        ignored.extend(self.ignored);
         if disk.is_nbd() {
             disk.reconnect_delay = self.reconnect_delay;
             match self.reconnect_delay {
-                None => ignored.push(format!(
+                None => ignored.note(format!(
                     "disk {id}: no reconnect-delay (QEMU's: 0, fail at once): ours, 5 s"
                 )),
-                Some(0) => ignored.push(format!(
+                Some(0) => ignored.note(format!(
                     "disk {id}: reconnect-delay=0: QEMU reconnects in the background, we do not"
                 )),
                 Some(_) => {}
@@ -827,7 +872,7 @@ impl Build {
         }
         match self.aio {
             Some(a) => disk.aio = a,
-            None if !disk.is_nbd() => ignored.push(format!(
+            None if !disk.is_nbd() => ignored.note(format!(
                 "disk {id}: no aio= (QEMU's default: threads): ours, {}",
                 disk.aio
             )),
@@ -840,17 +885,19 @@ impl Build {
         }
         disk.readonly = self.readonly;
         match self.discard {
-            Some(DiscardMode::Ignore) if !self.discard_said => ignored.push(format!(
+            Some(DiscardMode::Ignore) if !self.discard_said => ignored.note(format!(
                 "disk {id}: discard=ignore: we do not offer discard to the guest (QEMU offers it and drops it)"
             )),
-            None => ignored.push(format!(
-                "disk {id}: no discard= (QEMU's: ignore, requests dropped): ours, unmap"
+            Some(DiscardMode::Ignore) => {}
+            _ if self.discard_default => ignored.note(format!(
+                "disk {id}: discard= not on every node (QEMU's default: ignore, requests dropped): ours, unmap"
             )),
             _ => {}
         }
-        if let Some(d) = self.discard {
-            disk.discard = d;
-        }
+        disk.discard = match self.discard {
+            Some(DiscardMode::Ignore) => DiscardMode::Ignore,
+            _ => DiscardMode::Unmap,
+        };
         disk.throttle = self.throttle;
         disk.throttle_group = self.group;
         if let Some(p) = self.werror {

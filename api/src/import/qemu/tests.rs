@@ -24,6 +24,15 @@ fn import_err(cmdline: &str) -> String {
     }
 }
 
+/// The disk `id` of `config`.
+fn disk<'a>(config: &'a VmConfig, id: &str) -> &'a devices::config::DiskConfig {
+    config
+        .disks
+        .iter()
+        .find(|d| d.id == id)
+        .unwrap_or_else(|| panic!("no disk {id}"))
+}
+
 /// What the service's `vm.create` parses and checks, applied to the imported JSON (but
 /// for the files and huge pages, which are not on this host).
 fn accepted(config: &VmConfig) {
@@ -115,9 +124,10 @@ fn every_mapped_option_lands_where_it_belongs() {
     assert_eq!(groups[1], ("tg1", &tg1));
 
     let ids: Vec<&str> = c.disks.iter().map(|d| d.id.as_str()).collect();
-    assert_eq!(ids, ["vda", "vdb", "d2", "d3", "vdd", "vde", "vdf"]);
+    // QEMU adds the devices of `-drive if=virtio` after every `-device`.
+    assert_eq!(ids, ["vda", "vdb", "vdd", "vde", "vdf", "d2", "d3"]);
 
-    let vda = &c.disks[0];
+    let vda = disk(c, "vda");
     assert_eq!(vda.path.to_str(), Some("/var/lib/vm/db1.qcow2"));
     assert_eq!(vda.format, ImageFormat::Qcow2);
     assert_eq!(vda.cache, CacheMode::None);
@@ -141,7 +151,7 @@ fn every_mapped_option_lands_where_it_belongs() {
         })
     );
 
-    let vdb = &c.disks[1];
+    let vdb = disk(c, "vdb");
     assert_eq!(vdb.format, ImageFormat::Raw);
     assert_eq!(vdb.cache, CacheMode::Writethrough);
     assert_eq!(vdb.aio, AioKind::Threads);
@@ -160,7 +170,7 @@ fn every_mapped_option_lands_where_it_belongs() {
         })
     );
 
-    let d2 = &c.disks[2];
+    let d2 = disk(c, "d2");
     assert_eq!(d2.path.to_str(), Some("nbd://nbd.example.com:10810/exp1"));
     assert_eq!(d2.cache, CacheMode::Directsync);
     assert_eq!(d2.aio, AioKind::IoUring);
@@ -168,7 +178,7 @@ fn every_mapped_option_lands_where_it_belongs() {
     assert_eq!(d2.throttle, None);
     assert_eq!(d2.num_queues, 4);
 
-    let d3 = &c.disks[3];
+    let d3 = disk(c, "d3");
     let uri: block::nbd::NbdUri = d3.path.to_str().unwrap().parse().unwrap();
     assert_eq!(
         uri.address,
@@ -180,7 +190,7 @@ fn every_mapped_option_lands_where_it_belongs() {
     assert_eq!(d3.throttle_group, None);
     assert_eq!(d3.throttle, None);
 
-    let vdd = &c.disks[4];
+    let vdd = disk(c, "vdd");
     assert_eq!(vdd.path.to_str(), Some("/dev/vg0/lv4"));
     assert_eq!(vdd.format, ImageFormat::Raw);
     assert_eq!(
@@ -194,7 +204,7 @@ fn every_mapped_option_lands_where_it_belongs() {
     assert_eq!(vdd.on_write_error, WriteErrorPolicy::Enospc);
     assert_eq!(vdd.on_read_error, ReadErrorPolicy::Ignore);
 
-    let vde = &c.disks[5];
+    let vde = disk(c, "vde");
     assert_eq!(vde.path.to_str(), Some("/var/lib/vm/scratch.qcow2"));
     assert_eq!(vde.format, ImageFormat::Qcow2);
     assert_eq!(vde.cache, CacheMode::None);
@@ -214,7 +224,7 @@ fn every_mapped_option_lands_where_it_belongs() {
         ])
     );
 
-    let vdf = &c.disks[6];
+    let vdf = disk(c, "vdf");
     let uri: block::nbd::NbdUri = vdf.path.to_str().unwrap().parse().unwrap();
     assert_eq!(
         uri.address,
@@ -237,30 +247,37 @@ fn every_mapped_option_lands_where_it_belongs() {
         ])
     );
 
-    // What is said, exactly: one unmapped key, the huge pages, QEMU's defaults where
-    // ours differ, and a group without limits.
-    let said: Vec<&str> = imported.ignored.iter().map(String::as_str).collect();
+    // What is said, exactly: one unmapped key left out; as notes the huge pages,
+    // QEMU's defaults where ours differ, and a group without limits.
     assert_eq!(
-        said,
+        imported.ignored,
+        ["-name guest=db1,debug-threads=on: debug-threads=on"]
+    );
+    let unmap =
+        "discard= not on every node (QEMU's default: ignore, requests dropped): ours, unmap";
+    let reconnect = "no reconnect-delay (QEMU's: 0, fail at once): ours, 5 s";
+    assert_eq!(
+        imported.notes,
         [
-            "-name guest=db1,debug-threads=on: debug-threads=on",
-            "-mem-path /dev/hugepages: taken as huge pages (we use 2 MiB pages of our own)",
-            "disk vdb: no discard= (QEMU's: ignore, requests dropped): ours, unmap",
-            "disk d2: no reconnect-delay (QEMU's: 0, fail at once): ours, 5 s",
-            "disk d2: no discard= (QEMU's: ignore, requests dropped): ours, unmap",
-            "-drive id=d3: throttling.group=tg1 without limits (not throttled)",
-            "disk d3: no reconnect-delay (QEMU's: 0, fail at once): ours, 5 s",
-            "disk d3: no discard= (QEMU's: ignore, requests dropped): ours, unmap",
-            "disk vdd: discard=ignore: we do not offer discard to the guest (QEMU offers it and drops it)",
-            "disk vde: no discard= (QEMU's: ignore, requests dropped): ours, unmap",
-            "disk vdf: no discard= (QEMU's: ignore, requests dropped): ours, unmap",
+            "-mem-path /dev/hugepages: taken as huge pages (we use 2 MiB pages of our own)"
+                .to_string(),
+            format!("disk vdb: {unmap}"),
+            "disk vdd: discard=ignore: we do not offer discard to the guest (QEMU offers it and drops it)"
+                .to_string(),
+            format!("disk vde: {unmap}"),
+            format!("disk vdf: {unmap}"),
+            format!("disk d2: {reconnect}"),
+            format!("disk d2: {unmap}"),
+            "-drive id=d3: throttling.group=tg1 without limits (not throttled)".to_string(),
+            format!("disk d3: {reconnect}"),
+            format!("disk d3: {unmap}"),
         ]
     );
 }
 
 /// What libvirt 9/10 writes: JSON objects, a blockdev graph per disk with a throttle
 /// node on a throttle group, `-m size=...k`, topology in `-smp`.
-const LIBVIRT_ARGV: &str = r#"/usr/bin/qemu-system-x86_64
+const LIBVIRT_ARGV: &str = r#"LC_ALL=C PATH=/usr/bin:/bin HOME=/var/lib/libvirt/qemu/domain-3-web1 /usr/bin/qemu-system-x86_64
     -name guest=web1,debug-threads=on -S
     -object '{"qom-type":"secret","id":"masterKey0","format":"raw","file":"/var/lib/libvirt/qemu/domain-3-web1/master-key.aes"}'
     -machine pc-q35-8.2,usb=off,vmport=off,dump-guest-core=off,memory-backend=pc.ram,hpet=off,acpi=on
@@ -346,7 +363,7 @@ fn a_libvirt_written_command_line_imports_and_lists_the_rest() {
 fn a_drive_without_format_is_probed_as_qemu_would() {
     let dir = tempfile::tempdir().unwrap();
     let q = dir.path().join("a.img");
-    let mut header = b"QFI\xfb".to_vec();
+    let mut header = b"QFI\xfb\0\0\0\x03".to_vec();
     header.resize(512, 0);
     std::fs::write(&q, header).unwrap();
     let r = dir.path().join("b.img");
@@ -367,11 +384,11 @@ fn a_drive_without_format_is_probed_as_qemu_would() {
     assert_eq!(ids, ["virtio0", "virtio1"]);
     assert!(
         imported
-            .ignored
+            .notes
             .iter()
             .any(|s| s.contains("no format= (QEMU probes; found qcow2")),
         "{:?}",
-        imported.ignored
+        imported.notes
     );
 }
 
@@ -391,12 +408,7 @@ fn set_and_global_change_devices_as_in_qemu() {
         "config-wce=off keeps the cache mode"
     );
     assert_eq!((d.queue_size, d.num_queues), (1024, 2));
-    assert!(
-        imported
-            .ignored
-            .iter()
-            .any(|s| s.contains("config-wce=off"))
-    );
+    assert!(imported.notes.iter().any(|s| s.contains("config-wce=off")));
 }
 
 #[test]
@@ -591,7 +603,8 @@ fn the_finer_points_follow_qemu() {
          -drive if=none,id=d2,file=/a.raw,format=raw,file.locking=off,cache=none,aio=native \
          -device virtio-blk-pci,drive=d2,id=v2,werror=auto,write-cache=auto \
          -set drive.d2.throttling.iops-total=90 \
-         -global virtio-blk-pci.queue-size=128 -global kvm-pit.lost_tick_policy=delay \
+         -global virtio-blk-pci.queue-size=128 -global virtio-blk-pci.queue-size=64 \
+         -global kvm-pit.lost_tick_policy=delay \
          -blockdev driver=nbd,node-name=n3,server.type=inet,server.host=10.0.0.3,server.port=10813 \
          -blockdev driver=raw,node-name=r3,file=n3,cache.no-flush=on \
          -device virtio-blk-pci,drive=r3,id=v3 \
@@ -610,25 +623,27 @@ fn the_finer_points_follow_qemu() {
     assert_eq!(c.cpus.boot_vcpus, 3, "maxcpus without cpus");
     assert_eq!(c.iothreads[0].aio_max_batch, 32, "0 is the default");
     let uri =
-        |n: usize| -> block::nbd::NbdUri { c.disks[n].path.to_str().unwrap().parse().unwrap() };
+        |id: &str| -> block::nbd::NbdUri { disk(c, id).path.to_str().unwrap().parse().unwrap() };
+    // The devices first, then those of -drive if=virtio, as QEMU makes them.
+    let ids: Vec<&str> = c.disks.iter().map(|d| d.id.as_str()).collect();
+    assert_eq!(ids, ["v2", "v3", "v4", "v5", "virtio0", "virtio1"]);
     assert_eq!(
-        uri(0).address,
+        uri("virtio0").address,
         block::nbd::NbdAddress::Tcp {
             host: "::1".into(),
             port: 10811
         }
     );
-    assert_eq!(uri(0).export, "e");
-    assert_eq!(c.disks[0].on_write_error, WriteErrorPolicy::Stop);
-    assert_eq!(c.disks[0].id, "virtio0");
+    assert_eq!(uri("virtio0").export, "e");
+    assert_eq!(disk(c, "virtio0").on_write_error, WriteErrorPolicy::Stop);
     assert_eq!(
-        uri(1).address,
+        uri("virtio1").address,
         block::nbd::NbdAddress::Tcp {
             host: "example.com".into(),
             port: 10812
         }
     );
-    let v2 = &c.disks[2];
+    let v2 = disk(c, "v2");
     assert_eq!(v2.path.to_str(), Some("/a.raw"));
     assert_eq!((v2.cache, v2.aio), (CacheMode::None, AioKind::Native));
     assert_eq!(
@@ -641,32 +656,37 @@ fn the_finer_points_follow_qemu() {
         Some(90),
         "-set with a dotted key"
     );
-    assert_eq!(v2.queue_size, 128, "-global");
+    assert_eq!(v2.queue_size, 64, "the last -global wins");
     assert_eq!(
-        c.disks[0].queue_size, 128,
+        disk(c, "virtio0").queue_size,
+        64,
         "-global reaches if=virtio disks too"
     );
-    let v3 = &c.disks[3];
+    let v3 = disk(c, "v3");
     assert_eq!(
-        uri(3).address,
+        uri("v3").address,
         block::nbd::NbdAddress::Tcp {
             host: "10.0.0.3".into(),
             port: 10813
         }
     );
     assert_eq!(v3.cache, CacheMode::Unsafe, "cache.no-flush=on");
-    assert_eq!(c.disks[4].path.to_str(), Some("/top.qcow2"));
-    assert_eq!(c.disks[4].format, ImageFormat::Qcow2);
+    assert_eq!(disk(c, "v4").path.to_str(), Some("/top.qcow2"));
+    assert_eq!(disk(c, "v4").format, ImageFormat::Qcow2);
     let said = i.ignored.join("\n");
     for item in [
         "-mem-prealloc",
-        "no -m: QEMU's 128 MiB",
         "node file: locking=off (we always lock the image)",
         "-global kvm-pit.lost_tick_policy=delay (no virtio-blk device)",
         "node lone: backing=null",
     ] {
         assert!(said.contains(item), "{item:?} not in:\n{said}");
     }
+    assert!(
+        i.notes.iter().any(|n| n == "no -m: QEMU's 128 MiB"),
+        "{:?}",
+        i.notes
+    );
     // The backing chain's nodes are the image header's: neither unused nor refused.
     assert!(!said.contains("node-name=base"), "{said}");
     assert!(!said.contains("queue-size"), "{said}");
@@ -681,6 +701,12 @@ fn probing_refuses_other_formats_and_never_blocks() {
     std::fs::write(&vmdk, header).unwrap();
     let err = import_err(&format!("-drive if=virtio,file={}", vmdk.display()));
     assert!(err.contains("is a vmdk image"), "{err}");
+    let qcow1 = dir.path().join("a.qcow");
+    let mut header = b"QFI\xfb\0\0\0\x01".to_vec();
+    header.resize(512, 0);
+    std::fs::write(&qcow1, header).unwrap();
+    let err = import_err(&format!("-drive if=virtio,file={}", qcow1.display()));
+    assert!(err.contains("qcow version 1"), "{err}");
 
     // A FIFO with no writer: opening it for reading would block.
     let fifo = dir.path().join("fifo");
@@ -700,4 +726,53 @@ fn probing_refuses_other_formats_and_never_blocks() {
         .filter(|s| s.contains("cannot be read here: taken as raw"))
         .count();
     assert_eq!(unread, 2, "{:?}", i.ignored);
+}
+
+#[test]
+fn groups_formats_and_protocols_read_as_qemu_creates_them() {
+    // Both drives name group g: the later -drive's limits are the group's, whatever
+    // order the devices come in.
+    let i = import_ok(
+        "-drive if=none,id=a,file=/a,format=raw,throttling.group=g,throttling.iops-total=100 \
+         -drive if=none,id=b,file=/b,format=raw,throttling.group=g,throttling.iops-total=200 \
+         -device virtio-blk-pci,drive=b,id=vb -device virtio-blk-pci,drive=a,id=va \
+         -drive if=virtio,id=c,file=/c.img,driver=raw \
+         -drive if=virtio,id=f,file=file:/var/f.img,format=raw",
+    );
+    let c = &i.config;
+    assert_eq!(c.throttle_groups.len(), 1);
+    assert_eq!(c.throttle_groups[0].limits.iops_total, 200);
+    assert_eq!(disk(c, "va").throttle_group.as_deref(), Some("g"));
+    assert!(
+        i.notes
+            .iter()
+            .any(|n| n.starts_with("-drive id=b: throttle group g had other limits")),
+        "{:?}",
+        i.notes
+    );
+    // driver= names the format: no probe.
+    assert_eq!(disk(c, "c").format, ImageFormat::Raw);
+    assert!(
+        !i.notes.iter().any(|n| n.contains("probes")),
+        "{:?}",
+        i.notes
+    );
+    assert_eq!(
+        disk(c, "f").path.to_str(),
+        Some("/var/f.img"),
+        "file: is a protocol"
+    );
+    for (cmdline, says) in [
+        (
+            "-drive if=virtio,file=rbd:pool/img,format=raw",
+            "only local files and NBD",
+        ),
+        (
+            "-drive if=virtio,file=/a,driver=vmdk",
+            "format=vmdk is not supported",
+        ),
+    ] {
+        let err = import_err(cmdline);
+        assert!(err.contains(says), "{cmdline}: {err}");
+    }
 }

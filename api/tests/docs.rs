@@ -189,8 +189,11 @@ fn the_readme_walk_through_runs_as_written() {
         .flatten()
     {
         let vm_pid = std::fs::read_to_string(vm.path().join("pid")).ok();
+        let state = d.join("state").display().to_string();
         if let Some(p) = vm_pid.and_then(|p| p.trim().parse::<u32>().ok())
             && support::process_alive(p)
+            && std::fs::read(format!("/proc/{p}/cmdline"))
+                .is_ok_and(|c| String::from_utf8_lossy(&c).contains(&state))
         {
             // SAFETY: as above, for a fake VM process of this test's vmmd.
             unsafe { libc::kill(p.cast_signed(), libc::SIGKILL) };

@@ -64,23 +64,33 @@ fn a_create_never_starts_a_second_process_beside_a_live_one() {
     let dir = s.state_dir().join("w");
     std::fs::create_dir_all(&dir).unwrap();
     let socket = dir.join("api.sock");
-    let mut earlier = std::process::Command::new(env!("CARGO_BIN_EXE_vmm"))
-        .args(["--fake", "--api-socket"])
-        .arg(&socket)
-        .stderr(std::process::Stdio::null())
-        .spawn()
-        .unwrap();
-    std::fs::write(dir.join("pid"), earlier.id().to_string()).unwrap();
+    let earlier = Earlier(
+        std::process::Command::new(env!("CARGO_BIN_EXE_vmm"))
+            .args(["--fake", "--api-socket"])
+            .arg(&socket)
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .unwrap(),
+    );
+    std::fs::write(dir.join("pid"), earlier.0.id().to_string()).unwrap();
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
     while !socket.exists() && std::time::Instant::now() < deadline {
         std::thread::sleep(std::time::Duration::from_millis(20));
     }
+    assert!(socket.exists(), "the earlier vmm did not start serving");
     let config = json!({"id": "w", "payload": {"kernel": s.path("vmlinuz")}});
     let r = s.req("PUT", "vm.create", Some(&config));
-    let still = earlier.try_wait().unwrap().is_none();
-    earlier.kill().ok();
-    earlier.wait().ok();
     assert_eq!(r.status, 409, "{}", String::from_utf8_lossy(&r.body));
-    assert!(still, "the earlier process was stopped");
     assert!(socket.exists(), "its socket was removed");
+    drop(earlier);
+}
+
+/// A process this test started, stopped when the test ends (also on a failed assert).
+struct Earlier(std::process::Child);
+
+impl Drop for Earlier {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
 }

@@ -258,7 +258,7 @@ fn qemu_commandline(cmd: Node, domain: Node, config: &mut VmConfig, ignored: &mu
             }
             (Some((_, ("config-wce", "off"))), Some(disk)) => {
                 // QEMU keeps the cache mode; the guest only may not switch it.
-                ignored.note(format!(
+                ignored.push(format!(
                     "qemu:commandline config-wce=off on disk {}: the guest may not switch the write cache in QEMU; ours may",
                     disk.id
                 ));

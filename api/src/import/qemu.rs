@@ -73,15 +73,27 @@ const VIRTIO_BLK_PCI: &[&str] = &[
 /// are skipped).
 pub fn import<S: AsRef<str>>(args: &[S]) -> Result<Imported, ImportError> {
     let mut args: Vec<&str> = args.iter().map(AsRef::as_ref).collect();
-    // A libvirt log line starts with the environment (`LC_ALL=C PATH=...`).
-    while args.first().is_some_and(|a| {
-        !a.starts_with('-') && a.split_once('=').is_some_and(|(k, _)| !k.contains('/'))
-    }) {
-        args.remove(0);
+    // A libvirt log line starts with the environment (`LC_ALL=C PATH=... qemu-...`).
+    let env_word = |a: &str| {
+        a.split_once('=').is_some_and(|(k, _)| {
+            k.starts_with(|c: char| c.is_ascii_alphabetic() || c == '_')
+                && k.chars().all(|c| c.is_ascii_alphanumeric() || c == '_')
+        })
+    };
+    let program = |a: &str| {
+        let base = a.rsplit('/').next().unwrap_or(a);
+        base.starts_with("qemu") || base.starts_with("kvm")
+    };
+    if let Some(p) = args.iter().position(|a| !env_word(a))
+        && p > 0
+        && program(args[p])
+    {
+        args.drain(..p);
     }
-    if args.first().is_some_and(|a| {
-        !a.starts_with('-') && a.rsplit('/').next().is_some_and(|b| b.starts_with("qemu"))
-    }) {
+    if args
+        .first()
+        .is_some_and(|a| !a.starts_with('-') && program(a))
+    {
         args.remove(0);
     }
     let mut ignored = Said::default();
@@ -94,6 +106,7 @@ pub fn import<S: AsRef<str>>(args: &[S]) -> Result<Imported, ImportError> {
     let mut sized = false;
     let mut virtio_drives = 0;
     let mut drive_devices = Vec::new();
+    let mut json_devices = Vec::new();
     let mut serial_set = false;
     let mut graph = Graph::default();
     let mut groups: BTreeMap<String, ThrottleLimits> = BTreeMap::new();
@@ -208,7 +221,7 @@ pub fn import<S: AsRef<str>>(args: &[S]) -> Result<Imported, ImportError> {
                         o.set("id", &id, true);
                         o.set("if", "none", false);
                         graph.sources.push(DiskSource::Drive(o));
-                        // QEMU adds these devices after every -device.
+                        // QEMU adds these devices after the key=value -devices.
                         let mut dev = Opts::default();
                         dev.set("driver", "virtio-blk-pci", false);
                         dev.set("drive", &id, false);
@@ -223,8 +236,14 @@ pub fn import<S: AsRef<str>>(args: &[S]) -> Result<Imported, ImportError> {
             "device" => {
                 let o = Opts::parse(value, Some("driver"))?;
                 match o.peek("driver") {
+                    // QEMU creates the key=value devices first, then those of
+                    // -drive if=virtio, then the JSON ones.
                     Some(d) if VIRTIO_BLK_PCI.contains(&d) || d == "virtio-blk-device" => {
-                        graph.sources.push(DiskSource::Device(o));
+                        if o.is_json() {
+                            json_devices.push(DiskSource::Device(o));
+                        } else {
+                            graph.sources.push(DiskSource::Device(o));
+                        }
                     }
                     _ => ignored.push(format!("-device {value}")),
                 }
@@ -235,6 +254,7 @@ pub fn import<S: AsRef<str>>(args: &[S]) -> Result<Imported, ImportError> {
         }
     }
     graph.sources.extend(drive_devices);
+    graph.sources.extend(json_devices);
     if !sized {
         config.memory.size_mib = 128;
         ignored.note("no -m: QEMU's 128 MiB".into());

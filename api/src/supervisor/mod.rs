@@ -313,7 +313,7 @@ impl ProcessBackend {
         // A process of this VM that vmmd did not attach (an earlier vmmd's, alive) keeps
         // its socket and its images: a second one is not started beside it.
         if m.live().is_none()
-            && let Some(other) = self.find_alive(m)
+            && let Some(other) = self.find_alive(m, false)
         {
             return Err(ApiError::conflict(format!(
                 "VM {}: its process {} from an earlier vmmd still runs; stop it first",
@@ -516,7 +516,7 @@ impl ProcessBackend {
                 }),
                 ended: Condvar::new(),
             });
-            match self.find_alive(&m) {
+            match self.find_alive(&m, true) {
                 Some(live) => {
                     {
                         let mut st = m.status();
@@ -547,12 +547,15 @@ impl ProcessBackend {
     }
 
     /// The live process of VM `m` named by its pid file (written by vmmd), if that
-    /// process is the VM's `vmm`: it runs as vmmd's user, its command line says
-    /// `--api-socket` with the VM's socket (a path only this VM's process is given), and
-    /// it is not one of the clients that take the same option (`vmctl`, `vmmd`). Where
-    /// the binary lives does not matter, so a `vmm` installed elsewhere by an upgrade
-    /// keeps its VMs. A process that is busy and does not answer now is still its VM's.
-    fn find_alive(&self, m: &Managed) -> Option<Live> {
+    /// process is the VM's `vmm`: its command line says `--api-socket` with the VM's
+    /// socket (a path only this VM's process is given). With `to_attach`, it must also
+    /// run as vmmd's user and not be one of the clients that take the same option
+    /// (`vmctl`, `vmmd`); a check that cannot be made counts against it. Without, any
+    /// such process counts, as the guards that keep a second process from starting
+    /// want. Where the binary lives does not matter, so a `vmm` installed elsewhere by
+    /// an upgrade keeps its VMs. A process that is busy and does not answer now is still
+    /// its VM's.
+    fn find_alive(&self, m: &Managed, to_attach: bool) -> Option<Live> {
         let pid: u32 = std::fs::read_to_string(m.dir.pid())
             .ok()?
             .trim()
@@ -565,16 +568,19 @@ impl ProcessBackend {
         let names_socket = args.windows(2).any(|pair| {
             pair[0] == b"--api-socket" && pair[1] == socket.as_os_str().as_encoded_bytes()
         });
-        let exe = std::fs::read_link(format!("/proc/{pid}/exe")).ok()?;
-        let exe_name = exe.file_name()?.to_string_lossy();
-        let client = ["vmctl", "vmmd"]
-            .iter()
-            .any(|c| exe_name == *c || exe_name == format!("{c} (deleted)"));
-        // SAFETY: geteuid has no preconditions.
-        let same_user =
-            std::os::unix::fs::MetadataExt::uid(&std::fs::metadata(format!("/proc/{pid}")).ok()?)
-                == unsafe { libc::geteuid() };
-        let ours = names_socket && !client && same_user;
+        let trusted = || {
+            let exe = std::fs::read_link(format!("/proc/{pid}/exe")).ok()?;
+            let exe_name = exe.file_name()?.to_string_lossy().into_owned();
+            let client = ["vmctl", "vmmd"]
+                .iter()
+                .any(|c| exe_name == *c || exe_name == format!("{c} (deleted)"));
+            let owner = std::fs::metadata(format!("/proc/{pid}")).ok()?;
+            // SAFETY: geteuid has no preconditions.
+            let same_user =
+                std::os::unix::fs::MetadataExt::uid(&owner) == unsafe { libc::geteuid() };
+            Some(!client && same_user)
+        };
+        let ours = names_socket && (!to_attach || trusted() == Some(true));
         // Checked after the pidfd was opened: the pidfd names this very process.
         (ours && process::alive(&pidfd)).then(|| Live {
             pid,
@@ -1008,7 +1014,7 @@ impl VmmBackend for ProcessBackend {
         }
         // A directory left by a VM this vmmd does not know (it could not read its config):
         // removed, unless a process of it still runs there.
-        if let Some(other) = self.find_alive(&m) {
+        if let Some(other) = self.find_alive(&m, false) {
             m.status().removed = true;
             lock(&self.shared.vms).remove(&id);
             return Err(ApiError::conflict(format!(

@@ -356,9 +356,7 @@ fn qemu_commandline_data_plane_and_write_cache_settings_map() {
   </qemu:commandline>
 </domain>"#;
     let Imported {
-        config,
-        ignored,
-        notes,
+        config, ignored, ..
     } = import(xml).unwrap();
     let (a, b) = (&config.disks[0], &config.disks[1]);
     assert_eq!(a.iothread, None, "x-data-plane=on: a dedicated iothread");
@@ -369,10 +367,10 @@ fn qemu_commandline_data_plane_and_write_cache_settings_map() {
         "config-wce=off keeps the cache mode, as in QEMU"
     );
     assert!(
-        notes
+        ignored
             .iter()
             .any(|i| i.contains("config-wce=off on disk vdb")),
-        "the difference is said: {notes:?}"
+        "the difference is said: {ignored:?}"
     );
     for want in [
         "qemu:commandline -set device.virtio-disk1.scsi=off",

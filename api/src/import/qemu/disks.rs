@@ -34,6 +34,8 @@ pub struct Graph {
     used: BTreeSet<usize>,
     /// Nodes of backing chains (opened from the image header, so not read here).
     backing: BTreeSet<usize>,
+    /// The nodes of each disk the guest may write (disk id, nodes).
+    written: Vec<(String, Vec<usize>)>,
     /// `-global` (driver, property, value).
     pub globals: Vec<(String, String, String)>,
     /// Which globals some device took.
@@ -64,6 +66,8 @@ struct Build {
     ignored: Vec<String>,
     /// The device already said why discard is off.
     discard_said: bool,
+    /// The `-blockdev` nodes the walk went through.
+    visited: Vec<usize>,
     /// A -drive or a separately given node said nothing of discard (QEMU's default
     /// there: ignore).
     discard_default: bool,
@@ -130,6 +134,16 @@ impl Graph {
                 disks.push(r?);
             }
         }
+        // A node one qcow2 image reads as its backing file may not be written by a disk
+        // (QEMU refuses it too: a backing child shares no write permission).
+        for (disk, nodes) in &self.written {
+            if let Some(n) = nodes.iter().find(|n| self.backing.contains(n)) {
+                let name = self.nodes[*n].peek("node-name").unwrap_or("");
+                return Err(invalid(format!(
+                    "disk {disk}: node {name} is a backing file of another image; make the disk read-only"
+                )));
+            }
+        }
         for (i, s) in self.sources.iter().enumerate() {
             match s {
                 DiskSource::Drive(o) if !used_drives.contains(&i) => {
@@ -192,11 +206,19 @@ impl Graph {
         ignored: &mut Said,
     ) -> Result<DiskConfig, ImportError> {
         let driver = dev.take("driver").unwrap_or_default();
-        // The last -global of a property wins, as in QEMU.
-        for (g, (d, prop, v)) in self.globals.iter().enumerate().rev() {
-            if global_applies(d, &driver) {
-                dev.set(prop, v, true);
-                self.globals_used.insert(g);
+        // The last -global of a property wins, as in QEMU, and the device model's own
+        // before those of the virtio-blk device inside it.
+        for inner in [false, true] {
+            for (g, (d, prop, v)) in self.globals.iter().enumerate().rev() {
+                let applies = if inner {
+                    d == "virtio-blk-device" && driver != "virtio-blk-device"
+                } else {
+                    *d == driver
+                };
+                if applies {
+                    dev.set(prop, v, true);
+                    self.globals_used.insert(g);
+                }
             }
         }
         let drive = dev
@@ -232,7 +254,7 @@ impl Graph {
             };
         }
         if dev.take_bool("config-wce")? == Some(false) {
-            ignored.note(format!(
+            ignored.push(format!(
                 "disk {id}: config-wce=off (the guest may not switch the write cache): we let it"
             ));
         }
@@ -255,6 +277,7 @@ impl Graph {
         if dev.take_bool("scsi")? == Some(true) {
             ignored.push(format!("disk {id}: scsi=on (no SCSI passthrough)"));
         }
+        let visited = std::mem::take(&mut b.visited);
         let mut disk = b.finish(&id, ignored)?;
         disk.num_queues = match dev.take_number("num-queues")? {
             Some(n) => n,
@@ -286,6 +309,9 @@ impl Graph {
             disk.iothread_vq_mapping = Some(spread_queues(mapping, disk.num_queues));
         }
         disk.validate().map_err(invalid)?;
+        if !disk.readonly {
+            self.written.push((disk.id.clone(), visited));
+        }
         Ok(disk)
     }
 
@@ -312,9 +338,18 @@ impl Graph {
         if let Some(f) = o.take("format") {
             b.format = Some(format(&f)?);
         }
-        // `driver=` on a -drive names the format too (never probed).
+        // `driver=` on a -drive names the format too (never probed); the protocol
+        // drivers mean raw data.
         if let Some(d) = o.take("driver") {
-            b.format = Some(format(&d)?);
+            if b.format.is_some() {
+                return Err(invalid(format!(
+                    "{id}: format= and driver= both given (QEMU refuses that too)"
+                )));
+            }
+            b.format = Some(match d.as_str() {
+                "file" | "host_device" => ImageFormat::Raw,
+                other => format(other)?,
+            });
         }
         for k in ["offset", "size"] {
             if o.peek(k).is_some() {
@@ -323,11 +358,16 @@ impl Graph {
         }
         if let Some(f) = o.peek("file").map(str::to_string)
             && o.has_prefix("file.")
-            && !f.starts_with("nbd")
         {
+            if is_nbd_file(&f) {
+                return Err(invalid(format!(
+                    "{id}: file={f} with file.* options: give the export as \
+                     file.driver=nbd,file.server.* instead"
+                )));
+            }
             // `file=/x,file.locking=off`: the name, with options of its file node.
             o.take("file");
-            o.set("file.filename", &f, true);
+            o.set("file.filename", &local_path(&f)?, true);
             o.set("file.driver", "file", true);
         }
         if o.has_prefix("file.") {
@@ -373,6 +413,7 @@ impl Graph {
             b.readonly |= r;
         }
         let (limits, group) = drive_limits(o, &id, ignored)?;
+        let group = group.or_else(|| self.own_group(o));
         if limits == ThrottleLimits::default() {
             // QEMU throttles a drive only when it sets a limit; a group alone is nothing.
             if let Some(g) = group {
@@ -389,6 +430,20 @@ impl Graph {
         Ok(())
     }
 
+    /// The group of a `-drive` with limits and no group: QEMU puts it in a group named
+    /// after its id, which another drive may join (`throttling.group=ID`).
+    fn own_group(&self, o: &Opts) -> Option<String> {
+        let id = o.peek("id")?;
+        let joined = self.sources.iter().any(|s| match s {
+            DiskSource::Drive(d) => {
+                d.peek("id") != Some(id)
+                    && (d.peek("throttling.group") == Some(id) || d.peek("group") == Some(id))
+            }
+            DiskSource::Device(_) => false,
+        });
+        joined.then(|| id.to_string())
+    }
+
     /// Throttle groups' limits from the `-drive`s that name one, in command-line order
     /// (each drive's limits become its group's as QEMU creates it: the last one wins),
     /// over the groups `-object throttle-group` defined.
@@ -397,7 +452,10 @@ impl Graph {
             let DiskSource::Drive(o) = s else { continue };
             let mut o = o.clone();
             let id = drive_label(&o);
-            let Ok((limits, Some(g))) = drive_limits(&mut o, &id, &mut Said::default()) else {
+            let Ok((limits, group)) = drive_limits(&mut o, &id, &mut Said::default()) else {
+                continue;
+            };
+            let Some(g) = group.or_else(|| self.own_group(&o)) else {
                 continue;
             };
             if limits == ThrottleLimits::default() {
@@ -439,6 +497,7 @@ impl Graph {
         }
         let mut o = std::mem::take(&mut self.nodes[n]);
         b.discard_default |= o.peek("discard").is_none();
+        b.visited.push(n);
         let r = self.node(&mut o, "", b, depth);
         self.nodes[n] = o;
         r
@@ -656,24 +715,36 @@ fn file_name(f: &str, b: &mut Build) -> Result<(), ImportError> {
             }
         };
         b.path = Some(NbdUri { address, export }.to_string());
-    } else if let Some(path) = f
+    } else {
+        b.path = Some(local_path(f)?);
+    }
+    Ok(())
+}
+
+/// Whether a `-drive file=` names an NBD export (the older `nbd:` syntax or a URI).
+fn is_nbd_file(f: &str) -> bool {
+    f.starts_with("nbd:") || (f.contains("://") && is_nbd_uri(f))
+}
+
+/// A `-drive file=` that is a local file: `file:`/`host_device:` prefixes taken off;
+/// any other protocol prefix refused (as QEMU reads it: a name before the first `:`
+/// with no `/` in it).
+fn local_path(f: &str) -> Result<String, ImportError> {
+    if let Some(path) = f
         .strip_prefix("file:")
         .or_else(|| f.strip_prefix("host_device:"))
     {
-        b.path = Some(path.to_string());
-    } else if f
-        .split_once(':')
+        return Ok(path.to_string());
+    }
+    if f.split_once(':')
         .is_some_and(|(proto, _)| !proto.contains('/'))
     {
-        // As QEMU reads it: a name before the first `:` with no `/` is a protocol.
         return Err(invalid(format!(
             "file={f}: only local files and NBD are supported (a protocol prefix; \
              ./{f} names a local file)"
         )));
-    } else {
-        b.path = Some(f.to_string());
     }
-    Ok(())
+    Ok(f.to_string())
 }
 
 /// `format=`: raw or qcow2.
@@ -777,13 +848,6 @@ fn drive_label(o: &Opts) -> String {
     }
 }
 
-/// Whether `-global DRIVER.x=` reaches a device of model `model`: its own model, and
-/// `virtio-blk-device` (the device inside every virtio-blk model). QEMU matches type
-/// names, not aliases such as `virtio-blk`.
-fn global_applies(driver: &str, model: &str) -> bool {
-    driver == model || driver == "virtio-blk-device"
-}
-
 /// `werror=`/`rerror=` as our policy type.
 fn policy<T: serde::de::DeserializeOwned>(id: &str, what: &str, v: &str) -> Result<T, ImportError> {
     serde_json::from_value(serde_json::json!(v))
@@ -844,7 +908,7 @@ impl Build {
         let (wce, direct) = (self.wce.unwrap_or(true), self.direct.unwrap_or(false));
         disk.cache = if self.no_flush.unwrap_or(false) {
             if direct {
-                ignored.note(format!(
+                ignored.push(format!(
                     "disk {id}: cache.direct=on with cache.no-flush=on: taken as unsafe (buffered)"
                 ));
             }
@@ -864,7 +928,7 @@ impl Build {
                 None => ignored.note(format!(
                     "disk {id}: no reconnect-delay (QEMU's: 0, fail at once): ours, 5 s"
                 )),
-                Some(0) => ignored.note(format!(
+                Some(0) => ignored.push(format!(
                     "disk {id}: reconnect-delay=0: QEMU reconnects in the background, we do not"
                 )),
                 Some(_) => {}

@@ -15,6 +15,7 @@ use super::super::ImportError;
 pub struct Opts {
     items: Vec<(String, String)>,
     taken: BTreeSet<String>,
+    json: bool,
 }
 
 impl Opts {
@@ -31,6 +32,7 @@ impl Opts {
                 )));
             }
             flatten("", &v, &mut opts.items);
+            opts.json = true;
             return Ok(opts);
         }
         for (i, part) in split_commas(text).into_iter().enumerate() {
@@ -47,6 +49,11 @@ impl Opts {
             }
         }
         Ok(opts)
+    }
+
+    /// Whether the option was given as JSON.
+    pub fn is_json(&self) -> bool {
+        self.json
     }
 
     /// The last value of `key` (QEMU keeps the last), marked taken.

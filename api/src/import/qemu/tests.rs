@@ -124,8 +124,9 @@ fn every_mapped_option_lands_where_it_belongs() {
     assert_eq!(groups[1], ("tg1", &tg1));
 
     let ids: Vec<&str> = c.disks.iter().map(|d| d.id.as_str()).collect();
-    // QEMU adds the devices of `-drive if=virtio` after every `-device`.
-    assert_eq!(ids, ["vda", "vdb", "vdd", "vde", "vdf", "d2", "d3"]);
+    // QEMU creates the key=value -devices, then those of `-drive if=virtio`, then the
+    // JSON -devices.
+    assert_eq!(ids, ["vda", "vdb", "vdd", "d2", "d3", "vde", "vdf"]);
 
     let vda = disk(c, "vda");
     assert_eq!(vda.path.to_str(), Some("/var/lib/vm/db1.qcow2"));
@@ -264,13 +265,13 @@ fn every_mapped_option_lands_where_it_belongs() {
             format!("disk vdb: {unmap}"),
             "disk vdd: discard=ignore: we do not offer discard to the guest (QEMU offers it and drops it)"
                 .to_string(),
-            format!("disk vde: {unmap}"),
-            format!("disk vdf: {unmap}"),
             format!("disk d2: {reconnect}"),
             format!("disk d2: {unmap}"),
             "-drive id=d3: throttling.group=tg1 without limits (not throttled)".to_string(),
             format!("disk d3: {reconnect}"),
             format!("disk d3: {unmap}"),
+            format!("disk vde: {unmap}"),
+            format!("disk vdf: {unmap}"),
         ]
     );
 }
@@ -354,7 +355,14 @@ fn a_libvirt_written_command_line_imports_and_lists_the_rest() {
         assert!(said.contains(item), "{item:?} not listed in:\n{said}");
     }
     // Taken, so not listed.
-    for item in ["-accel", "auto-read-only", "write-cache", "node-name"] {
+    for item in [
+        "-accel",
+        "auto-read-only",
+        "write-cache",
+        "node-name",
+        "LC_ALL",
+        "qemu-system",
+    ] {
         assert!(!said.contains(item), "{item:?} listed in:\n{said}");
     }
 }
@@ -408,7 +416,12 @@ fn set_and_global_change_devices_as_in_qemu() {
         "config-wce=off keeps the cache mode"
     );
     assert_eq!((d.queue_size, d.num_queues), (1024, 2));
-    assert!(imported.notes.iter().any(|s| s.contains("config-wce=off")));
+    assert!(
+        imported
+            .ignored
+            .iter()
+            .any(|s| s.contains("config-wce=off"))
+    );
 }
 
 #[test]
@@ -775,4 +788,68 @@ fn groups_formats_and_protocols_read_as_qemu_creates_them() {
         let err = import_err(cmdline);
         assert!(err.contains(says), "{cmdline}: {err}");
     }
+}
+
+#[test]
+fn the_third_read_of_qemu_semantics() {
+    // A drive with limits and no group is a group of its own id, which another joins.
+    let i = import_ok(
+        "-drive if=none,id=a,file=/a,format=raw,iops=100 \
+         -drive if=none,id=b,file=/b,format=raw,throttling.group=a,iops=200 \
+         -device virtio-blk-pci,drive=a,id=va -device virtio-blk-pci,drive=b,id=vb \
+         -drive if=virtio,id=h,file=/dev/sdb,driver=host_device \
+         -global virtio-blk-device.queue-size=64 -global virtio-blk-pci.queue-size=128",
+    );
+    let c = &i.config;
+    assert_eq!(disk(c, "va").throttle_group.as_deref(), Some("a"));
+    assert_eq!(disk(c, "vb").throttle_group.as_deref(), Some("a"));
+    assert_eq!(c.throttle_groups[0].limits.iops_total, 200);
+    assert_eq!(disk(c, "h").format, ImageFormat::Raw, "driver=host_device");
+    assert_eq!(
+        disk(c, "va").queue_size,
+        128,
+        "the model's own -global first"
+    );
+
+    // Words before the program are its environment only when a program follows.
+    let i = import_ok("a=b.img -m 1G");
+    assert!(
+        i.ignored.iter().any(|s| s.starts_with("a=b.img")),
+        "{:?}",
+        i.ignored
+    );
+
+    for (cmdline, says) in [
+        (
+            "-blockdev driver=file,node-name=bf,filename=/base.qcow2 \
+             -blockdev driver=qcow2,node-name=base,file=bf \
+             -blockdev driver=file,node-name=tf,filename=/top.qcow2 \
+             -blockdev driver=qcow2,node-name=top,file=tf,backing=base \
+             -device virtio-blk-pci,drive=top,id=t -device virtio-blk-pci,drive=base,id=b",
+            "is a backing file of another image",
+        ),
+        (
+            "-drive if=virtio,file=/a,format=raw,driver=raw",
+            "both given",
+        ),
+        (
+            "-drive if=virtio,file=nbd:h:1,file.reconnect-delay=5,format=raw",
+            "file.driver=nbd",
+        ),
+        (
+            "-drive if=virtio,file=rbd:pool/x,file.locking=off,format=raw",
+            "only local files and NBD",
+        ),
+    ] {
+        let err = import_err(cmdline);
+        assert!(err.contains(says), "{cmdline}: {err}");
+    }
+    // Read-only, the backing file may be a disk too.
+    import_ok(
+        "-blockdev driver=file,node-name=bf,filename=/base.qcow2 \
+         -blockdev driver=qcow2,node-name=base,file=bf,read-only=on \
+         -blockdev driver=file,node-name=tf,filename=/top.qcow2 \
+         -blockdev driver=qcow2,node-name=top,file=tf,backing=base \
+         -device virtio-blk-pci,drive=top,id=t -device virtio-blk-pci,drive=base,id=b",
+    );
 }

@@ -14,7 +14,7 @@ use devices::config::{
     DiscardMode, DiskConfig, IoThreadConfig, ReadErrorPolicy, VqMapping, WriteErrorPolicy,
 };
 use roxmltree::{Document, Node};
-use vmm::config::{SerialMode, ThrottleGroupConfig, VmConfig};
+use vmm::config::{SerialMode, VmConfig};
 
 use super::{ImportError, Imported, MAX_IOTHREADS, Said, spread_queues};
 
@@ -202,15 +202,7 @@ pub fn import(xml: &str) -> Result<Imported, ImportError> {
     {
         qemu_commandline(cmd, domain, &mut config, &mut ignored);
     }
-    config.throttle_groups = groups
-        .into_iter()
-        .map(|(id, limits)| ThrottleGroupConfig { id, limits })
-        .collect();
-    Ok(Imported {
-        config,
-        ignored: ignored.ignored,
-        notes: ignored.notes,
-    })
+    Ok(Imported::new(config, groups, ignored))
 }
 
 /// libvirt's namespace for `<qemu:commandline>`.

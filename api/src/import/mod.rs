@@ -6,8 +6,11 @@
 pub mod libvirt;
 pub mod qemu;
 
+use std::collections::BTreeMap;
+
+use block::throttle::ThrottleLimits;
 use devices::config::VqMapping;
-use vmm::config::VmConfig;
+use vmm::config::{ThrottleGroupConfig, VmConfig};
 
 /// What an import made: the config, what the source had that it left out, and where
 /// it read the source in a way worth saying.
@@ -67,6 +70,21 @@ pub enum ImportError {
     /// Well-formed, but not something we can import (the message says what and where).
     #[error("{0}")]
     Invalid(String),
+}
+
+impl Imported {
+    /// The import of `config` with the throttle `groups` it named and what was `said`.
+    fn new(mut config: VmConfig, groups: BTreeMap<String, ThrottleLimits>, said: Said) -> Self {
+        config.throttle_groups = groups
+            .into_iter()
+            .map(|(id, limits)| ThrottleGroupConfig { id, limits })
+            .collect();
+        Imported {
+            config,
+            ignored: said.ignored,
+            notes: said.notes,
+        }
+    }
 }
 
 /// The most iothreads an import makes.

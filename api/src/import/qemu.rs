@@ -14,7 +14,7 @@ use std::collections::BTreeMap;
 
 use block::throttle::ThrottleLimits;
 use devices::config::{IoThreadConfig, MAX_QUEUES};
-use vmm::config::{SerialMode, ThrottleGroupConfig, VmConfig};
+use vmm::config::{SerialMode, VmConfig};
 
 use super::{ImportError, Imported, MAX_IOTHREADS, Said};
 use disks::{DiskSource, Graph};
@@ -285,15 +285,7 @@ pub fn import<S: AsRef<str>>(args: &[S]) -> Result<Imported, ImportError> {
             }
         }
     }
-    config.throttle_groups = groups
-        .into_iter()
-        .map(|(id, limits)| ThrottleGroupConfig { id, limits })
-        .collect();
-    Ok(Imported {
-        config,
-        ignored: ignored.ignored,
-        notes: ignored.notes,
-    })
+    Ok(Imported::new(config, groups, ignored))
 }
 
 /// Lists the keys of `o` that nothing took, as `what: key=value`.

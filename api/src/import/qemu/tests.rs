@@ -17,6 +17,14 @@ fn import_ok(cmdline: &str) -> Imported {
     import(&words(cmdline)).unwrap_or_else(|e| panic!("{e}"))
 }
 
+/// Each command line of `cases` refused, saying its text.
+fn refused(cases: &[(&str, &str)]) {
+    for (cmdline, says) in cases {
+        let err = import_err(cmdline);
+        assert!(err.contains(says), "{cmdline}: {err}");
+    }
+}
+
 fn import_err(cmdline: &str) -> String {
     match import(&words(cmdline)) {
         Ok(i) => panic!("imported: {:?}", i.config),
@@ -487,7 +495,7 @@ fn unsupported_options_are_listed_once_each() {
 
 #[test]
 fn what_cannot_be_imported_is_refused_with_the_reason() {
-    for (cmdline, says) in [
+    refused(&[
         ("-m", "-m needs a value"),
         (
             "-drive if=virtio,format=vmdk,file=/a",
@@ -578,10 +586,7 @@ fn what_cannot_be_imported_is_refused_with_the_reason() {
         ("-smp 0", "no vCPU"),
         ("-m 12Q", "size \"12Q\""),
         ("-set device.x", "expected GROUP.ID.PROPERTY=VALUE"),
-    ] {
-        let err = import_err(cmdline);
-        assert!(err.contains(says), "{cmdline}: {err}");
-    }
+    ]);
 }
 
 #[test]
@@ -775,7 +780,7 @@ fn groups_formats_and_protocols_read_as_qemu_creates_them() {
         Some("/var/f.img"),
         "file: is a protocol"
     );
-    for (cmdline, says) in [
+    refused(&[
         (
             "-drive if=virtio,file=rbd:pool/img,format=raw",
             "only local files and NBD",
@@ -784,10 +789,7 @@ fn groups_formats_and_protocols_read_as_qemu_creates_them() {
             "-drive if=virtio,file=/a,driver=vmdk",
             "format=vmdk is not supported",
         ),
-    ] {
-        let err = import_err(cmdline);
-        assert!(err.contains(says), "{cmdline}: {err}");
-    }
+    ]);
 }
 
 #[test]
@@ -819,7 +821,7 @@ fn the_third_read_of_qemu_semantics() {
         i.ignored
     );
 
-    for (cmdline, says) in [
+    refused(&[
         (
             "-blockdev driver=file,node-name=bf,filename=/base.qcow2 \
              -blockdev driver=qcow2,node-name=base,file=bf \
@@ -840,10 +842,7 @@ fn the_third_read_of_qemu_semantics() {
             "-drive if=virtio,file=rbd:pool/x,file.locking=off,format=raw",
             "only local files and NBD",
         ),
-    ] {
-        let err = import_err(cmdline);
-        assert!(err.contains(says), "{cmdline}: {err}");
-    }
+    ]);
     // Read-only, the backing file may be a disk too.
     import_ok(
         "-blockdev driver=file,node-name=bf,filename=/base.qcow2 \

@@ -384,15 +384,24 @@ fn disks_move_between_throttle_groups_mid_io() {
         ("both in slow", 0.3, moved_at[0], [150.0, 150.0]),
         ("a in fast", moved_at[0] + 0.3, moved_at[1], [1200.0, 300.0]),
     ];
-    for (what, from, to, want) in phases {
+    for (i, (what, from, to, want)) in phases.into_iter().enumerate() {
         let got = [rate_in(a, t0, from, to), rate_in(b, t0, from, to)];
         println!("{what}: a {:.0} IOPS, b {:.0} IOPS", got[0], got[1]);
+        // Sharing one group, the group's limit holds to 12%; the members' turns are
+        // fair to 20% (a thread the host delays past a turn's grace loses that turn,
+        // and a loaded 2-core CI host delays them: once 170 : 149).
+        let each = if i == 0 { 0.20 } else { 0.12 };
         for (g, w) in got.iter().zip(want) {
             assert!(
-                (g - w).abs() <= w * 0.12,
+                (g - w).abs() <= w * each,
                 "{what}: measured {got:?}, want {want:?}"
             );
         }
+        let (sum, want_sum) = (got[0] + got[1], want[0] + want[1]);
+        assert!(
+            (sum - want_sum).abs() <= want_sum * 0.12,
+            "{what}: measured {sum:.0} IOPS in all, want {want_sum:.0}"
+        );
     }
     let from = moved_at[1] + 0.3;
     let (ra, rb) = (rate_in(a, t0, from, 3.6), rate_in(b, t0, from, 3.6));

@@ -458,7 +458,7 @@ fn reply_errno(error: u32) -> i32 {
 /// `nbd-recv`: reads replies while the link is up; when it breaks, recovers it.
 fn receiver(sh: &Shared) {
     loop {
-        let (fd, generation) = {
+        let link = {
             let mut st = lock(&sh.state);
             loop {
                 if st.stop {
@@ -467,10 +467,21 @@ fn receiver(sh: &Shared) {
                 if st.link == Link::Connected
                     && let Some(fd) = st.stream.clone()
                 {
-                    break (fd, st.generation);
+                    break Some((fd, st.generation));
+                }
+                // Broken before this thread read from it (a send failed first): nobody
+                // else recovers a link, so this thread does, now.
+                if st.link == Link::Down {
+                    break None;
                 }
                 st = wait(&sh.changed, st);
             }
+        };
+        let Some((fd, generation)) = link else {
+            if !recover(sh) {
+                return;
+            }
+            continue;
         };
         let why = receive_replies(sh, &fd);
         {

@@ -8,9 +8,9 @@
 //!
 //! libtest captures `print!`/`println!`/`eprint!` of a test and shows it only when the
 //! test fails; these lines are written to the process's stdout handle itself, which the
-//! capture does not reach. Each starts on a line of its own: where libtest may have left
-//! a line open (one test thread: `test <name> ... ` is out before the test runs; terse
-//! output: a line of dots), the line begins with a newline.
+//! capture does not reach. Each starts on a line of its own: libtest may have left a
+//! line open (`test <name> ... ` is out before the test runs with one thread, and at
+//! times with several; terse output is a line of dots), so the line begins with a newline.
 //!
 //! `VMM_TEST_NO_KVM=1` makes every KVM test skip as if `/dev/kvm` were missing
 //! ([`kvm_or_skip`]).
@@ -20,40 +20,12 @@ use std::io::Write;
 /// Set to `1` (any value but `0` or empty), every KVM test skips.
 pub const NO_KVM_ENV: &str = "VMM_TEST_NO_KVM";
 
-/// Whether libtest may have left a line open when a test runs: it runs tests one at a
-/// time (`--test-threads`, else `RUST_TEST_THREADS`, else the CPUs available), when it
-/// prints `test <name> ... ` before running the test, or its output is terse (`-q`,
-/// `--format terse`: a dot per test on one line). Only pretty output with several
-/// threads prints each name and result as one whole line.
-fn line_may_be_open() -> bool {
-    let args: Vec<String> = std::env::args().collect();
-    let option = |name: &str| {
-        args.iter().enumerate().find_map(|(i, a)| {
-            if a == name {
-                args.get(i + 1).cloned()
-            } else {
-                a.strip_prefix(name)
-                    .and_then(|rest| rest.strip_prefix('='))
-                    .map(str::to_string)
-            }
-        })
-    };
-    let terse = args.iter().any(|a| a == "-q" || a == "--quiet")
-        || option("--format").is_some_and(|f| f != "pretty");
-    let threads = option("--test-threads")
-        .or_else(|| std::env::var("RUST_TEST_THREADS").ok())
-        .and_then(|n| n.trim().parse::<usize>().ok())
-        .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()));
-    terse || threads == 1
-}
-
 fn line(text: &str) {
-    // One write, so lines of tests running in parallel do not interleave.
-    let text = if line_may_be_open() {
-        format!("\n{text}\n")
-    } else {
-        format!("{text}\n")
-    };
+    // One write, so lines of tests running in parallel do not interleave; a newline
+    // first, as libtest may have left a line open (`test <name> ... ` is out before the
+    // test runs with one thread, and at times with several; terse output is a line of
+    // dots). An empty line costs nothing: the counting reads lines starting `SKIP `.
+    let text = format!("\n{text}\n");
     let mut out = std::io::stdout().lock();
     let _ = out.write_all(text.as_bytes());
     let _ = out.flush();

@@ -103,6 +103,21 @@ impl Tools {
     }
 }
 
+/// The tools and the initramfs (built once into `cache_dir`, then cached), or `None`
+/// after printing why `test` skips.
+pub fn tools_and_initramfs(test: &str, cache_dir: &Path) -> Option<(Tools, Initramfs)> {
+    let tools = match Tools::find() {
+        Ok(t) => t,
+        Err(skip) => {
+            skip.print(test);
+            return None;
+        }
+    };
+    let initramfs =
+        Initramfs::build(&tools, cache_dir).unwrap_or_else(|e| panic!("initramfs: {e}"));
+    Some((tools, initramfs))
+}
+
 /// `name` on `$PATH`, if executable.
 pub fn find_program(name: &str) -> Option<PathBuf> {
     let path = std::env::var_os("PATH")?;

@@ -9,15 +9,8 @@ use tests::linux_guest::{self, BootOptions, FioVerifyJob, Initramfs, Tools, Vhos
 
 /// The tools and the (cached) initramfs, or the reason to skip.
 fn setup(test: &str) -> Option<(Tools, Initramfs)> {
-    let tools = match Tools::find() {
-        Ok(t) => t,
-        Err(skip) => {
-            skip.print(test);
-            return None;
-        }
-    };
-    let initramfs = Initramfs::build(&tools, Path::new(env!("CARGO_TARGET_TMPDIR")))
-        .unwrap_or_else(|e| panic!("initramfs: {e}"));
+    let (tools, initramfs) =
+        tests::linux_guest::tools_and_initramfs(test, Path::new(env!("CARGO_TARGET_TMPDIR")))?;
     eprintln!(
         "initramfs {} ({}, {:.2?})",
         initramfs.path.display(),

@@ -47,15 +47,8 @@ fn fio_verifies_on_an_nbd_disk_served_by_qemu_nbd() {
 /// disk filesystem (O_DIRECT works there); `None`, with a SKIP line for `test`, when a
 /// tool is missing.
 fn setup(test: &str, prefix: &str) -> Option<(Tools, Initramfs, tempfile::TempDir)> {
-    let tools = match Tools::find() {
-        Ok(t) => t,
-        Err(skip) => {
-            skip.print(test);
-            return None;
-        }
-    };
-    let initramfs = Initramfs::build(&tools, Path::new(env!("CARGO_TARGET_TMPDIR")))
-        .unwrap_or_else(|e| panic!("initramfs: {e}"));
+    let (tools, initramfs) =
+        tests::linux_guest::tools_and_initramfs(test, Path::new(env!("CARGO_TARGET_TMPDIR")))?;
     let dir = tempfile::Builder::new()
         .prefix(prefix)
         .tempdir_in(env!("CARGO_TARGET_TMPDIR"))
